@@ -1,0 +1,1 @@
+"""velotune: fast, memory-lean fine-tuning of open LLMs."""
