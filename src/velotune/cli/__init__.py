@@ -1,0 +1,45 @@
+"""The `velotune` command: one subcommand per module in this package.
+
+Each subcommand module exposes `register(subparsers)`, which adds its parser and sets
+`func(args) -> int` as the default; `main` only dispatches.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = ("train", "chat", "generate", "eval", "export", "estimate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="velotune",
+        description="Fine-tune open LLMs fast and lean: LoRA, QLoRA, full; SFT, DPO, ORPO, GRPO; export.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"velotune.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"velotune.cli.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
