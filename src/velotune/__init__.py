@@ -1,1 +1,10 @@
-"""velotune: fast, memory-lean fine-tuning of open LLMs."""
+"""velotune: fast, memory-lean fine-tuning of open LLMs.
+
+Public entry points: `load_model`, and the `velotune` command (`velotune --help`).
+"""
+from velotune.loaders import load_model
+from velotune.loaders.checkpoint import LoadError
+from velotune.models.config import ConfigError, ModelConfig
+
+__all__ = ["load_model", "LoadError", "ConfigError", "ModelConfig"]
+__version__ = "0.1.0"

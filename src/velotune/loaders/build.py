@@ -1,0 +1,70 @@
+"""Build a `Transformer` from a `Checkpoint`: allocate once, then copy tensors in as they stream.
+
+The model is created on the meta device (no memory), materialised empty on the target device in
+the target dtype, and every streamed tensor is checked (name, shape) and copied into its slot
+before the next is read, so peak host memory stays near one copy of the model.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from velotune.loaders.checkpoint import Checkpoint, LoadError
+from velotune.models.config import ModelConfig
+from velotune.models.transformer import Transformer
+
+# Tensors some checkpoints carry that the model derives itself.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def split_fused(name: str, tensor: torch.Tensor, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Phi-3 stores q/k/v and gate/up fused; the model keeps them apart so LoRA, kernels and the
+    other families share one code path. Exports fuse them again."""
+    if ".qkv_proj." in name:
+        q = config.num_attention_heads * config.head_dim
+        kv = config.num_key_value_heads * config.head_dim
+        if tensor.shape[0] != q + 2 * kv:
+            raise LoadError(f"tensor {name!r} has {tensor.shape[0]} rows, expected {q + 2 * kv} (q+k+v)")
+        for part, chunk in zip("qkv", tensor.split([q, kv, kv], dim=0)):
+            yield name.replace(".qkv_proj.", f".{part}_proj."), chunk
+    elif ".gate_up_proj." in name:
+        i = config.intermediate_size
+        if tensor.shape[0] != 2 * i:
+            raise LoadError(f"tensor {name!r} has {tensor.shape[0]} rows, expected {2 * i} (gate+up)")
+        gate, up = tensor.split([i, i], dim=0)
+        yield name.replace(".gate_up_proj.", ".gate_proj."), gate
+        yield name.replace(".gate_up_proj.", ".up_proj."), up
+    else:
+        yield name, tensor
+
+
+def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str) -> Transformer:
+    config = ckpt.config
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()
+    slots = dict(model.named_parameters(remove_duplicate=False))
+    tied = "lm_head.weight" if config.tie_word_embeddings else None
+    filled: set[str] = set()
+    for raw_name, tensor in ckpt.tensors():
+        if raw_name.endswith(IGNORED_SUFFIXES):
+            continue
+        for name, part in split_fused(raw_name, tensor, config):
+            if name == tied:
+                continue  # the head is the embedding; a copy in the file adds nothing
+            slot = slots.get(name)
+            if slot is None:
+                raise LoadError(f"{ckpt.source}: unexpected tensor {raw_name!r} for a {config.model_type} model")
+            if tuple(part.shape) != tuple(slot.shape):
+                raise LoadError(f"{ckpt.source}: tensor {raw_name!r} has shape {tuple(part.shape)}, "
+                                f"expected {tuple(slot.shape)} from the config")
+            with torch.no_grad():
+                slot.copy_(part)
+            filled.add(name)
+    missing = sorted(set(slots) - filled - ({tied} if tied else set()))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise LoadError(f"{ckpt.source}: missing tensors {shown}")
+    return model

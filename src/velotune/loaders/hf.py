@@ -1,0 +1,87 @@
+"""Hugging Face model folders: config.json, one or sharded *.safetensors (+ index), tokenizer
+files and generation_config.json. Tensors are read one at a time through safetensors' lazy
+`safe_open`, never through pickle."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from velotune.loaders.checkpoint import Checkpoint, LoadError
+from velotune.models.config import ModelConfig
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoadError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LoadError(f"{path}: not valid JSON ({exc})") from None
+
+
+def weight_files(folder: Path) -> dict[str, list[str] | None]:
+    """Safetensors files of a folder, each with the tensor names the index assigns it (None when
+    there is no index and the file's own header is the list)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LoadError(f"{index}: missing key 'weight_map'")
+        files: dict[str, list[str] | None] = {}
+        for name, file in weight_map.items():
+            files.setdefault(file, []).append(name)  # type: ignore[union-attr]
+        for file in files:
+            if not (folder / file).exists():
+                raise LoadError(f"{folder / file}: shard listed in {index.name} is missing")
+        return files
+    single = folder / "model.safetensors"
+    if single.exists():
+        return {single.name: None}
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not found:
+        names = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise LoadError(f"{folder}: no model.safetensors or model.safetensors.index.json (found {names}); "
+                        "only safetensors weights are read (never pickle .bin files)")
+    return {name: None for name in found}
+
+
+def iter_safetensors(folder: Path, files: dict[str, list[str] | None]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file, names in files.items():
+        path = folder / file
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in names if names is not None else f.keys():
+                    if name not in f.keys():
+                        raise LoadError(f"{path}: tensor {name!r} listed in the index is not in the file")
+                    yield name, f.get_tensor(name)
+        except SafetensorError as exc:
+            raise LoadError(f"{path}: unreadable safetensors file ({exc})") from None
+
+
+def open_hf_folder(path: str | Path) -> Checkpoint:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LoadError(f"{folder}: not a folder")
+    config_path = folder / "config.json"
+    config = ModelConfig.from_hf_config(read_json(config_path), str(config_path))
+    files = weight_files(folder)
+    for file in files:  # open every header now, so a damaged file fails before any work
+        try:
+            with safe_open(str(folder / file), framework="pt"):
+                pass
+        except SafetensorError as exc:
+            raise LoadError(f"{folder / file}: unreadable safetensors file ({exc})") from None
+    tokenizer = None
+    if (folder / "tokenizer.json").exists():
+        from velotune.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_hf_folder(folder)
+    gen_path = folder / "generation_config.json"
+    generation_config = read_json(gen_path) if gen_path.exists() else {}
+    return Checkpoint(config=config, tensors=lambda: iter_safetensors(folder, files), tokenizer=tokenizer,
+                      source=str(folder), generation_config=generation_config)

@@ -1,0 +1,273 @@
+"""One decoder-only transformer for every supported family, driven by `ModelConfig`.
+
+Design choices:
+- Parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so
+  checkpoints, PEFT adapters and exports map one to one without renaming tables.
+- Every hot piece (norm, rotary, GLU, loss) goes through `velotune.kernels`, which picks a Triton
+  kernel on CUDA and the PyTorch reference elsewhere; the model code is the same on both paths.
+- Family quirks are config fields read inside the blocks (bias, q/k norm, sandwich norms,
+  soft-caps, sliding windows, embedding scale); there are no per-family classes.
+- With labels, the loss is computed from hidden states of target positions only, through
+  `kernels.linear_cross_entropy`, which returns a sum and a token count: the trainer divides by
+  the token count of a whole optimizer step, making gradient accumulation exact. Logits are only
+  materialised when asked for.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from velotune import kernels
+from velotune.models.cache import KVCache
+from velotune.models.config import ModelConfig
+from velotune.models.masks import attention_mask_for, document_ids
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None        # summed token losses (for exact accumulation)
+    num_targets: torch.Tensor | None = None     # tokens that contributed to loss_sum
+    hidden_states: torch.Tensor | None = None   # final-norm output, [B, T, H]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+        super().__init__()
+        # Gemma stores w and scales by (1 + w): its neutral weight is zero.
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps, self.offset)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for per-token position ids (so packed sequences restart cleanly)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
+        return self._inv_freq[device]
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies, with Llama 3's frequency-dependent scaling or linear scaling."""
+    dim = config.rotary_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_len = scaling.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps, c.norm_weight_offset)
+            self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, c.norm_weight_offset)
+        self.qk_norm = c.qk_norm
+        self.scale = c.attention_scale
+        self.softcap = c.attn_logit_softcapping
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = kernels.apply_rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = self.attend(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        causal = mask is None and q.shape[2] > 1
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                  scale=self.scale, enable_gqa=True)
+        # Soft-capped scores (Gemma 2) are not expressible through SDPA: explicit attention.
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if causal:
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act = config.hidden_act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.glu(self.gate_proj(x), self.up_proj(x), self.act))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        eps, off = config.rms_norm_eps, config.norm_weight_offset
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, off)
+        # Llama-style: post_attention_layernorm is the norm before the MLP. Gemma 2 ("sandwich"):
+        # it normalises the attention output, and two more norms wrap the MLP.
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, off)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, off)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, off)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_weight_offset)
+        self.rotary = Rotary(config)
+
+
+class Transformer(nn.Module):
+    """The causal language model: `model` (the decoder stack) and `lm_head`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.max_seq_length = config.max_position_embeddings
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the config says so (call again after
+        anything that replaces parameters, such as `to_empty`)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        return_logits: bool = True,
+    ) -> ModelOutput:
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        out = ModelOutput(hidden_states=hidden)
+        if labels is not None:
+            out.loss_sum, out.num_targets = self.loss_from_hidden(hidden, labels)
+            out.loss = out.loss_sum / out.num_targets.clamp(min=1)
+        if return_logits:
+            out.logits = self.logits_from_hidden(hidden)
+        return out
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, H]."""
+        c = self.config
+        b, t = input_ids.shape
+        offset = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + t, device=input_ids.device).expand(b, t)
+        docs = document_ids(position_ids) if cache is None and attention_mask is None else None
+        x = self.model.embed_tokens(input_ids)
+        if c.embedding_multiplier != 1.0:
+            x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
+        cos, sin = self.model.rotary(position_ids, x.dtype)
+        masks = {
+            window: attention_mask_for(t, offset, attention_mask, docs, window, x.device)
+            for window in {c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)}
+        }
+        for i, layer in enumerate(self.model.layers):
+            mask = masks[c.sliding_window if c.is_sliding(i) else None]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(t)
+        return self.model.norm(x)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token loss and target count; labels are unshifted, -100 is ignored.
+        Only target positions go through the output head."""
+        targets = labels[:, 1:]
+        keep = targets != -100
+        h = hidden[:, :-1][keep]
+        return kernels.linear_cross_entropy(h, self.lm_head.weight, targets[keep],
+                                            softcap=self.config.final_logit_softcapping)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0, **kwargs) -> torch.Tensor:
+        """Prompt + generated ids; see `velotune.models.generate.generate` for the options."""
+        from velotune.models.generate import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, **kwargs)
