@@ -266,8 +266,15 @@ class Transformer(nn.Module):
                                             softcap=self.config.final_logit_softcapping)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0, **kwargs) -> torch.Tensor:
-        """Prompt + generated ids; see `velotune.models.generate.generate` for the options."""
-        from velotune.models.generate import generate
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0, *,
+                 attention_mask: torch.Tensor | None = None, stop_token_ids: list[int] | None = None,
+                 pad_token_id: int | None = None, **sampling) -> torch.Tensor:
+        """Prompt + generated ids [B, T + n] (greedy at temperature 0). Batched prompts are
+        left-padded with `attention_mask`; stop tokens default to the config's EOS. Other keyword
+        arguments are `SamplingParams` fields (top_k, top_p, min_p, repetition_penalty, seed)."""
+        from velotune.infer.engine import generate_tensor
+        from velotune.infer.sampling import SamplingParams
 
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, **kwargs)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
+        return generate_tensor(self, input_ids, params, attention_mask=attention_mask,
+                               stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)

@@ -1,0 +1,205 @@
+"""The generation engine: batched prompts of different lengths, one preallocated KV cache,
+sampling, stop tokens and stop strings, streaming.
+
+It runs the training model itself (LoRA adapters active and unmerged, 4-bit bases), so it never
+holds a second copy of the weights. Prompts are left-padded; positions count real tokens only.
+`GenerationRun` advances one token per `step()`, which serves three callers: `generate` (run to
+the end), `stream` (yield text as it comes, for `velotune chat`) and the RL trainer (completions
+with their token ids).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from velotune.infer.sampling import SamplingParams, sample
+from velotune.models.cache import KVCache
+
+if TYPE_CHECKING:
+    from velotune.models.transformer import Transformer
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]   # generated ids, the stop token included (it is trained in RL)
+    text: str              # decoded, without the stop token or stop string
+    finish_reason: str     # "stop" or "length"
+
+
+def default_stop_ids(model: Transformer, tokenizer: Any | None) -> list[int]:
+    if tokenizer is not None and getattr(tokenizer, "stop_token_ids", None):
+        return list(tokenizer.stop_token_ids)
+    eos = model.config.eos_token_id
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p))
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class GenerationRun:
+    """One batch being decoded. `step()` returns the next token of every row ([B]), or None once
+    every row has stopped or the token budget is spent."""
+
+    def __init__(self, model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 params: SamplingParams, stop_token_ids: Sequence[int], tokenizer: Any | None = None) -> None:
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        if params.stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode with")
+        b, t = input_ids.shape
+        device = input_ids.device
+        self.mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        self.stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+        self.pad_id = int(self.stops[0]) if len(self.stops) else 0
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+        self.seen = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(b, model.config.vocab_size, dtype=torch.bool, device=device)
+            self.seen.scatter_(1, input_ids, self.mask.bool())
+        dtype = next(model.parameters()).dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # 4-bit bases compute in bf16
+            dtype = torch.bfloat16
+        self.cache = KVCache(model.config, b, t + params.max_new_tokens, dtype, device)
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.next_pos = positions[:, -1:] + 1
+        self.done = torch.zeros(b, dtype=torch.bool, device=device)
+        self.stopped_by_string = [False] * b
+        self.columns: list[torch.Tensor] = []
+        with torch.no_grad():
+            self.hidden = model.hidden_states(input_ids, self.mask, positions, self.cache)[:, -1]
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor | None:
+        if len(self.columns) >= self.params.max_new_tokens or bool(self.done.all()):
+            return None
+        if self.columns:  # feed the previous token
+            last = self.columns[-1]
+            self.mask = torch.cat([self.mask, torch.ones_like(last)[:, None]], dim=1)
+            self.hidden = self.model.hidden_states(last[:, None], self.mask, self.next_pos, self.cache)[:, -1]
+            self.next_pos = self.next_pos + 1
+        logits = self.model.logits_from_hidden(self.hidden)
+        token = sample(logits, self.params, self.seen, self.generator)
+        token = torch.where(self.done, torch.full_like(token, self.pad_id), token)
+        if self.seen is not None:
+            self.seen.scatter_(1, token[:, None], True)
+        self.columns.append(token)
+        self.done = self.done | torch.isin(token, self.stops)
+        if self.params.stop_strings:
+            self._check_stop_strings()
+        return token
+
+    def _check_stop_strings(self) -> None:
+        for row in range(len(self.stopped_by_string)):
+            if self.done[row]:
+                continue
+            if any(s in self.raw_text(row) for s in self.params.stop_strings):
+                self.done[row] = True
+                self.stopped_by_string[row] = True
+
+    def token_ids(self, row: int) -> list[int]:
+        """Generated ids of one row, up to and including its stop token."""
+        ids = [int(c[row]) for c in self.columns]
+        for i, tok in enumerate(ids):
+            if tok in self.stops.tolist():
+                return ids[: i + 1]
+        return ids
+
+    def raw_text(self, row: int) -> str:
+        """Decoded generated text, stop tokens dropped, stop strings still in."""
+        ids = [t for t in self.token_ids(row) if t not in self.stops.tolist()]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def text(self, row: int) -> str:
+        """The completion as the user sees it: cut before the first stop string."""
+        text = self.raw_text(row)
+        for s in self.params.stop_strings:
+            cut = text.find(s)
+            if cut >= 0:
+                text = text[:cut]
+        return text
+
+    def finish_reason(self, row: int) -> str:
+        if self.stopped_by_string[row]:
+            return "stop"
+        ids = self.token_ids(row)
+        return "stop" if ids and ids[-1] in self.stops.tolist() else "length"
+
+
+def generate_tensor(model: Transformer, input_ids: torch.Tensor, params: SamplingParams, *,
+                    attention_mask: torch.Tensor | None = None, stop_token_ids: Sequence[int] | None = None,
+                    pad_token_id: int | None = None, tokenizer: Any | None = None) -> torch.Tensor:
+    """[B, prompt + generated] ids; rows that stopped early are filled with the pad id."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    stops = default_stop_ids(model, tokenizer) if stop_token_ids is None else list(stop_token_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        run = GenerationRun(model, input_ids, attention_mask, params, stops, tokenizer)
+        if pad_token_id is not None:
+            run.pad_id = pad_token_id
+        while run.step() is not None:
+            pass
+    finally:
+        model.train(was_training)
+    return torch.cat([input_ids, *[c[:, None] for c in run.columns]], dim=1)
+
+
+def generate(model: Transformer, tokenizer: Any, prompts: Sequence[Sequence[int] | str],
+             params: SamplingParams | None = None) -> list[Completion]:
+    """Completions for a batch of prompts (token ids, or strings encoded without chat template)."""
+    params = params or SamplingParams()
+    ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    device = next(model.parameters()).device
+    stops = params.stop_token_ids if params.stop_token_ids is not None else default_stop_ids(model, tokenizer)
+    input_ids, mask = left_pad(ids, stops[0] if stops else 0, device)
+    was_training = model.training
+    model.eval()
+    try:
+        run = GenerationRun(model, input_ids, mask, params, stops, tokenizer)
+        while run.step() is not None:
+            pass
+    finally:
+        model.train(was_training)
+    return [Completion(ids[r], run.token_ids(r), run.text(r), run.finish_reason(r)) for r in range(len(ids))]
+
+
+def stream(model: Transformer, tokenizer: Any, prompt_ids: Sequence[int],
+           params: SamplingParams | None = None) -> Iterator[str]:
+    """Yield the text of one completion piece by piece as it is generated."""
+    params = params or SamplingParams()
+    stops = params.stop_token_ids if params.stop_token_ids is not None else default_stop_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    input_ids, mask = left_pad([prompt_ids], stops[0] if stops else 0, device)
+    was_training = model.training
+    model.eval()
+    shown = ""
+    try:
+        run = GenerationRun(model, input_ids, mask, params, stops, tokenizer)
+        while run.step() is not None:
+            text = run.text(0)
+            # Hold back a possibly incomplete UTF-8 character or partial stop string.
+            if text.endswith("\ufffd"):
+                continue
+            if text.startswith(shown) and len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+        final = run.text(0)
+        if final.startswith(shown) and len(final) > len(shown):
+            yield final[len(shown):]
+    finally:
+        model.train(was_training)
