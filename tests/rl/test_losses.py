@@ -68,8 +68,8 @@ def test_group_advantages():
 def reference_grpo(logp, old, ref, adv, eps, beta):
     """The straightforward per-token loop."""
     out = torch.zeros(len(logp), len(logp[0]), dtype=torch.float64)
-    for i in range(logp.shape[0]):
-        for t in range(logp.shape[1]):
+    for i in range(len(logp)):
+        for t in range(len(logp[0])):
             ratio = math.exp(logp[i, t] - old[i, t])
             clipped = min(max(ratio, 1 - eps), 1 + eps)
             surrogate = min(ratio * adv[i], clipped * adv[i])
