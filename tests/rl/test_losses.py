@@ -70,10 +70,10 @@ def reference_grpo(logp, old, ref, adv, eps, beta):
     out = torch.zeros(len(logp), len(logp[0]), dtype=torch.float64)
     for i in range(len(logp)):
         for t in range(len(logp[0])):
-            ratio = math.exp(logp[i, t] - old[i, t])
+            ratio = math.exp(logp[i][t] - old[i][t])
             clipped = min(max(ratio, 1 - eps), 1 + eps)
             surrogate = min(ratio * adv[i], clipped * adv[i])
-            kl = math.exp(ref[i, t] - logp[i, t]) - (ref[i, t] - logp[i, t]) - 1
+            kl = math.exp(ref[i][t] - logp[i][t]) - (ref[i][t] - logp[i][t]) - 1
             out[i, t] = -surrogate + beta * kl
     return out
 
