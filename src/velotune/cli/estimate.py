@@ -1,0 +1,128 @@
+"""`velotune estimate MODEL`: how much GPU memory a fine-tune needs, and what fits on a GPU.
+
+Prints a table of weights, gradients, optimizer states and activations (with and without
+gradient checkpointing) in GiB, the activation formula term by term, what each memory saving
+does for this model, and with `--gpu-gib` the largest batch and sequence length that fit.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from velotune.estimate import (
+    GIB,
+    METHODS,
+    OPTIMIZERS,
+    RESERVED_GIB,
+    EstimateError,
+    Setup,
+    backward_terms,
+    checkpoint_term,
+    estimate,
+    layer_terms,
+    load_config,
+    model_terms,
+    savings,
+    what_fits,
+)
+from velotune.models.config import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "estimate", help="estimate GPU memory for a fine-tune",
+        description="Estimate the GPU memory of fine-tuning MODEL (a folder or config.json, a known name such "
+                    "as Llama-3-8B, or a Hub id when online) from its config alone.",
+    )
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--method", choices=METHODS, default="qlora")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--optim", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient checkpointing (default on)")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--gpu-gib", type=float, help="GPU memory in GiB: also report the largest batch and seq that fit")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(soft_wrap=True)
+    try:
+        config, source = load_config(args.model)
+        setup = Setup(method=args.method, batch=args.batch, seq=args.seq, optim=args.optim,
+                      checkpointing=args.checkpointing, lora_r=args.lora_r)
+        fit = what_fits(config, setup, args.gpu_gib) if args.gpu_gib is not None else None
+    except (EstimateError, ConfigError) as exc:
+        print(f"velotune estimate: error: {exc}", file=sys.stderr)
+        return 2
+    est = estimate(config, setup)
+    tokens = setup.batch * setup.seq
+
+    console.print(f"[bold]{source}[/bold]: {est.parameters:,} parameters, {est.trainable_parameters:,} trainable")
+    console.print(f"{setup.method}, batch {setup.batch} x seq {setup.seq} = {tokens:,} tokens, {setup.optim}, "
+                  f"checkpointing {'on' if setup.checkpointing else 'off'}")
+    table = Table(title="Peak GPU memory (GiB)")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    weights_note = {"full": "bf16", "lora": "bf16 base + fp32 adapters", "qlora": "NF4 projections + bf16 rest + fp32 adapters"}
+    rows = [
+        ("weights", est.weights, weights_note[setup.method]),
+        ("gradients", est.gradients, "bf16" if setup.method == "full" else "fp32 adapters"),
+        ("optimizer states", est.optimizer, "AdamW fp32 m, v" if setup.optim == "adamw" else "8-bit AdamW"),
+        ("activations, checkpointing", est.activations_checkpointed, "used" if setup.checkpointing else ""),
+        ("activations, no checkpointing", est.activations_full, "" if setup.checkpointing else "used"),
+        ("backward peak", est.backward_peak, "gradients + what is left of the activations"),
+    ]
+    table.add_column("")
+    for name, value, note in rows:
+        table.add_row(name, f"{value / GIB:.2f}", note)
+    table.add_row("[bold]total[/bold]", f"[bold]{est.total / GIB:.2f}[/bold]",
+                  "weights + optimizer + max(activations, backward peak)")
+    console.print(table)
+    console.print("Activations peak at the end of the forward pass, gradients at the end of the backward "
+                  "pass, so the two are not added.")
+
+    console.print(f"Activation formula, T = batch x seq = {tokens:,} tokens, bf16 (2 B), f32 (4 B); "
+                  "GiB for all layers:")
+    terms = Table(show_header=True, box=None, padding=(0, 1))
+    terms.add_column("kept for backward, per layer")
+    terms.add_column("GiB", justify="right")
+    layers = config.num_hidden_layers
+    for term in layer_terms(config, setup):
+        terms.add_row(term.what, f"{layers * term.bytes(tokens) / GIB:.2f}")
+    terms.add_row("[italic]model-wide[/italic]", "")
+    for term in model_terms(config, setup):
+        terms.add_row(term.what, f"{term.bytes(tokens) / GIB:.2f}")
+    terms.add_row("[italic]with checkpointing, instead of the per-layer terms[/italic]", "")
+    ckpt = checkpoint_term(config)
+    terms.add_row(ckpt.what, f"{ckpt.bytes(tokens) / GIB:.2f}")
+    terms.add_row("[italic]backward temporaries (Tmp)[/italic]", "")
+    for term in backward_terms(config, setup):
+        terms.add_row(term.what, f"{term.bytes(tokens) / GIB:.2f}")
+    console.print(terms)
+    console.print(f"  forward end: no checkpointing = L ({layers}) x per layer + model-wide; checkpointing = "
+                  "layer inputs + max(model-wide, one layer)")
+    console.print("  backward peak = max(saved + head gradient + Tmp (+ one recomputed layer), "
+                  "gradients - embedding gradient + one layer + Tmp, gradients)")
+
+    console.print("What each saving does here:")
+    for s in savings(config, setup):
+        mark = " (in use)" if s.in_use else ""
+        console.print(f"  {s.name}{mark}: {s.part} {s.without / GIB:.2f} -> {s.with_ / GIB:.2f} GiB; {s.how}")
+
+    if fit is not None:
+        budget = f"{fit.budget_gib:g} GiB GPU ({RESERVED_GIB:g} GiB kept for CUDA context and fragmentation)"
+        if fit.max_seq == 0:
+            console.print(f"[red]Does not fit[/red] on {budget}, not even batch 1 x seq 1.")
+            return 0
+        if fit.max_batch == 0:
+            console.print(f"On {budget}: batch 1 does not fit at seq {setup.seq}")
+        else:
+            console.print(f"On {budget}: largest batch at seq {setup.seq} = {fit.max_batch}")
+        capped = " (the model's max_position_embeddings)" if fit.seq_capped else ""
+        console.print(f"  largest seq at batch 1 = {fit.max_seq:,}{capped}")
+    return 0

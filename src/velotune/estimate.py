@@ -1,0 +1,385 @@
+"""GPU memory estimate for fine-tuning a model with velotune, from its config alone.
+
+Every number is bytes, computed from shapes; GiB = 2^30 bytes. The estimate is the peak that
+`torch.cuda.max_memory_allocated` reports (no CUDA context, no allocator slack). Weights and
+optimizer states live throughout; activations and gradients take turns, so the rest of the peak
+is the largest of three moments (symbols below):
+
+    total = weights + optimizer states + max(forward end, backward start, backward end)
+    forward end    = S + W                       (checkpointing: S + max(W, one layer))
+    backward start = S + head gradient + Tmp     (checkpointing: + one layer, recomputed)
+    backward end   = max(gradients - embedding gradient + one layer + Tmp, gradients)
+
+Weights. full, lora: every parameter in bf16 (2 B). qlora: the attention and MLP projection
+matrices in bitsandbytes' NF4 layout (ceil(n/2) code bytes + one uint8 absmax per 64 + one
+float32 per 256 absmax + the 16- and 256-entry float32 tables); embeddings, head, norms and
+biases stay bf16. LoRA adapters (lora, qlora) are float32: A [r, in] and B [out, r] on all seven
+projections (q, k, v, o, gate, up, down) of every layer.
+
+Gradients: bf16 for a full fine-tune (2 B per parameter), float32 for adapters (4 B).
+Optimizer: AdamW keeps two float32 moments (8 B per trainable parameter); 8-bit AdamW keeps two
+uint8 moments plus one float32 scale per 256 values for each (2 + 8/256 B). Both are assumed
+fused (no step temporaries), so the optimizer step never exceeds the backward peak.
+
+Activations at the end of the forward pass, T = batch x seq tokens, everything bf16 (2 B) unless
+marked f32 (4 B), h hidden, q = heads x head_dim, kv = kv_heads x head_dim, i intermediate,
+H heads. What the decoder keeps for backward with the fused kernels (RMSNorm saves its input and
+a f32 rstd per row, the GLU kernel saves gate and up, RoPE saves only cos/sin, SDPA flash
+attention saves q, k, v, its output and a f32 log-sum-exp per head; with LoRA and QLoRA the
+frozen base matmul saves nothing, the adapter saves its input, the same tensor, and x @ A):
+
+    per layer = T x [ 2 B x (x + norm1 + q + k + v + attn_out + x_mid + norm2 + gate + up + act)
+                      + 4 B x (2 rstd + H lse) ]
+              = T x [ 2 B x (4h + 2q + 2kv + 3i) + 4 B x (2 + H) ]        (Llama family)
+    + Qwen3 q/k norms: 2 B x (q + kv) + 4 B x (H + kv_heads)
+    + Gemma 2 sandwich norms: 2 B x 2h + 4 B x 2; its soft-capped attention is explicit, saving k
+      and v repeated to H heads (2 B x 2(q - kv)), tanh(scores) bf16, softmax f32 and probabilities
+      bf16 (8 B x batch x H x seq^2) and the causal mask (1 B x seq^2), and no log-sum-exp
+    + LoRA: 2 B x 7r (x @ A of the seven adapters)
+
+    S, saved:  no checkpointing L x per layer; checkpointing L x 2 B x T x h (layer inputs only)
+    W, model-wide at the end of the forward pass = RoPE cos and sin (2 B x 2 T x rotary_dim) + final
+        norm input, its output, the gathered target rows, the loss's hidden-gradient buffer and one
+        chunk of logits sized like the hidden states (2 B x 5 T h) + final norm rstd (4 B x T); a
+        full fine-tune adds the head gradient, which the fused loss computes in the forward pass: a
+        float32 accumulator and its bf16 rounding (6 B x V x h); QLoRA one dequantized projection
+        (2 B x largest out x in)
+    Tmp, one layer's activation gradients during its backward: 2 B x T x (2h + 2i); explicit
+        attention (Gemma 2) adds the float32 gradient of the scores, 4 B x batch x H x seq^2
+    The head gradient (2 B x V x h) exists from the forward pass on; the embedding gradient (an
+    untied, trained embedding) only after the last layer's backward.
+
+Measured on an H100 with the decoder of velotune.models.transformer (Llama-3.2-1B full, LoRA and
+QLoRA at batch 8 x 2048, full at 4 x 1024; small Gemma 2 and Qwen3 configs, full at 4 x 1024;
+checkpointing on and off), max(forward end, backward start, backward end) came within 4% of
+the measured peak above the weights; the weights came about 64 MiB under what was allocated
+before the step (buffers and workspaces outside the parameters, covered by RESERVED_GIB).
+Not counted: padding and packed-document attention masks (1 B x batch x seq^2 each) and the
+SDPA math fallback they can trigger; CUDA context and allocator fragmentation (`what_fits` keeps
+RESERVED_GIB aside for those).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from velotune.models.config import ModelConfig
+from velotune.models.known_configs import KNOWN_CONFIGS, known_config
+
+GIB = 2**30
+BF16, F32 = 2, 4
+METHODS = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "adamw8bit")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Memory a run needs beyond what PyTorch allocates: CUDA context, cuBLAS workspaces, fragmentation.
+RESERVED_GIB = 1.5
+NF4_BLOCKSIZE, NESTED_BLOCKSIZE = 64, 256
+ADAMW8BIT_BLOCKSIZE = 256
+
+
+class EstimateError(ValueError):
+    """A setting the estimator cannot work with (names the setting)."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the model is trained."""
+
+    method: str = "qlora"
+    batch: int = 1
+    seq: int = 2048
+    optim: str = "adamw"
+    checkpointing: bool = True
+    lora_r: int = 16
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise EstimateError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.optim not in OPTIMIZERS:
+            raise EstimateError(f"optim {self.optim!r} is not one of {', '.join(OPTIMIZERS)}")
+        for name in ("batch", "seq", "lora_r"):
+            if getattr(self, name) < 1:
+                raise EstimateError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes of each part of the peak; `activations` follows `setup.checkpointing`."""
+
+    config: ModelConfig
+    setup: Setup
+    parameters: int
+    trainable_parameters: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations_checkpointed: int   # at the end of the forward pass
+    activations_full: int
+    backward_peak: int              # gradients and what is left of the activations, for setup.checkpointing
+
+    @property
+    def activations(self) -> int:
+        return self.activations_checkpointed if self.setup.checkpointing else self.activations_full
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.optimizer + max(self.activations, self.backward_peak)
+
+
+def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each projection of one decoder layer."""
+    h, i = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def nf4_bytes(numel: int) -> int:
+    """Bytes of one matrix in bitsandbytes' nested NF4 layout (codes, absmax, tables)."""
+    blocks = -(-numel // NF4_BLOCKSIZE)
+    return -(-numel // 2) + blocks + F32 * -(-blocks // NESTED_BLOCKSIZE) + F32 * (16 + 256)
+
+
+def lora_parameters(config: ModelConfig, r: int) -> int:
+    return config.num_hidden_layers * sum(r * (o + i) for o, i in projection_shapes(config).values())
+
+
+def weight_bytes(config: ModelConfig, setup: Setup) -> int:
+    params = config.num_parameters()
+    if setup.method == "full":
+        return BF16 * params
+    adapters = F32 * lora_parameters(config, setup.lora_r)
+    if setup.method == "lora":
+        return BF16 * params + adapters
+    matrices = [o * i for o, i in projection_shapes(config).values()]
+    quantized = config.num_hidden_layers * sum(matrices)
+    return BF16 * (params - quantized) + config.num_hidden_layers * sum(map(nf4_bytes, matrices)) + adapters
+
+
+def optimizer_bytes(trainable: int, optim: str) -> int:
+    if optim == "adamw":
+        return 2 * F32 * trainable
+    return 2 * (trainable + F32 * -(-trainable // ADAMW8BIT_BLOCKSIZE))
+
+
+@dataclass(frozen=True)
+class Term:
+    """One thing kept in memory: `what` names it with its size in symbols; `per_token` bytes
+    for each of the T = batch x seq tokens, plus `fixed` bytes that do not scale with T."""
+
+    what: str
+    per_token: int
+    fixed: int = 0
+
+    def bytes(self, tokens: int) -> int:
+        return self.per_token * tokens + self.fixed
+
+
+def layer_terms(config: ModelConfig, setup: Setup) -> list[Term]:
+    """What one decoder layer keeps for backward without checkpointing (see module docstring)."""
+    h, i, heads, kv_heads = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                             config.num_key_value_heads)
+    q, kv = heads * config.head_dim, kv_heads * config.head_dim
+    explicit_attention = config.attn_logit_softcapping is not None
+    terms = [
+        Term("layer input x and input_layernorm output: 2 B x 2h", BF16 * 2 * h),
+        Term("q after RoPE and attention output: 2 B x 2q", BF16 * 2 * q),
+        Term("x_mid = x + attention and the MLP norm output: 2 B x 2h", BF16 * 2 * h),
+        Term("gate, up and act(gate) * up: 2 B x 3i", BF16 * 3 * i),
+        Term("RMSNorm rstd, 2 norms: 4 B x 2", F32 * 2),
+    ]
+    if explicit_attention:  # Gemma 2 soft-capping: matmul, tanh, softmax instead of SDPA
+        b, s = setup.batch, setup.seq
+        terms += [Term("k and v repeated to all heads: 2 B x 2q", BF16 * 2 * q),
+                  Term("tanh(scores) bf16, softmax f32, probs bf16, causal mask: (8 B x batch x H + 1 B) x seq^2",
+                       0, (8 * b * heads + 1) * s * s)]
+    else:
+        terms += [Term("k after RoPE and v: 2 B x 2kv", BF16 * 2 * kv),
+                  Term("flash-attention log-sum-exp: 4 B x H", F32 * heads)]
+    if config.qk_norm:
+        terms.append(Term("q and k before q_norm/k_norm, their rstd: 2 B x (q + kv) + 4 B x (H + Hkv)",
+                          BF16 * (q + kv) + F32 * (heads + kv_heads)))
+    if config.sandwich_norms:
+        terms.append(Term("attention and MLP outputs into the sandwich norms, rstd: 2 B x 2h + 4 B x 2",
+                          BF16 * 2 * h + F32 * 2))
+    if setup.method != "full":
+        terms.append(Term(f"x @ A of the {len(LORA_TARGETS)} adapters: 2 B x 7r",
+                          BF16 * len(LORA_TARGETS) * setup.lora_r))
+    return terms
+
+
+def model_terms(config: ModelConfig, setup: Setup) -> list[Term]:
+    """Model-wide activations and workspaces at the end of the forward pass."""
+    h = config.hidden_size
+    terms = [
+        Term("RoPE cos and sin: 2 B x 2 rotary_dim", BF16 * 2 * config.rotary_dim),
+        Term("final norm in/out, target rows, loss hidden-gradient, one logits chunk: 2 B x 5h + 4 B",
+             BF16 * 5 * h + F32),
+    ]
+    if setup.method == "full":
+        terms.append(Term("loss head gradient, f32 accumulator and bf16 copy: 6 B x V x h", 0,
+                          (F32 + BF16) * config.vocab_size * h))
+    if setup.method == "qlora":
+        largest = max(o * i for o, i in projection_shapes(config).values())
+        terms.append(Term("one dequantized projection: 2 B x largest out x in", 0, BF16 * largest))
+    return terms
+
+
+def backward_terms(config: ModelConfig, setup: Setup) -> list[Term]:
+    """Tmp: temporaries of one layer's backward, on top of its saved activations."""
+    terms = [Term("activation gradients of one layer: 2 B x (2h + 2i)",
+                  BF16 * (2 * config.hidden_size + 2 * config.intermediate_size))]
+    if config.attn_logit_softcapping is not None:
+        terms.append(Term("f32 gradient of the attention scores: 4 B x batch x H x seq^2", 0,
+                          F32 * setup.batch * config.num_attention_heads * setup.seq**2))
+    return terms
+
+
+def checkpoint_term(config: ModelConfig) -> Term:
+    return Term("checkpointed layer inputs: L x 2 B x h", BF16 * config.num_hidden_layers * config.hidden_size)
+
+
+def estimate(config: ModelConfig, setup: Setup) -> Estimate:
+    params = config.num_parameters()
+    trainable = params if setup.method == "full" else lora_parameters(config, setup.lora_r)
+    grad_bytes = BF16 if setup.method == "full" else F32
+    tokens = setup.batch * setup.seq
+    layer = sum(term.bytes(tokens) for term in layer_terms(config, setup))
+    model_wide = sum(term.bytes(tokens) for term in model_terms(config, setup))
+    temporaries = sum(term.bytes(tokens) for term in backward_terms(config, setup))
+    gradients = grad_bytes * trainable
+    full = setup.method == "full"
+    head_gradient = BF16 * config.vocab_size * config.hidden_size if full else 0
+    embedding_gradient = 0 if config.tie_word_embeddings else head_gradient
+    if setup.checkpointing:
+        saved = checkpoint_term(config).bytes(tokens)
+        backward_start = saved + head_gradient + temporaries + layer
+    else:
+        saved = config.num_hidden_layers * layer
+        backward_start = saved + head_gradient + temporaries
+    backward_end = max(gradients - embedding_gradient + layer + temporaries, gradients)
+    return Estimate(
+        config=config, setup=setup, parameters=params, trainable_parameters=trainable,
+        weights=weight_bytes(config, setup), gradients=gradients,
+        optimizer=optimizer_bytes(trainable, setup.optim),
+        activations_checkpointed=checkpoint_term(config).bytes(tokens) + max(model_wide, layer),
+        activations_full=config.num_hidden_layers * layer + model_wide,
+        backward_peak=max(backward_start, backward_end),
+    )
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The largest batch at `setup.seq`, and the largest seq at batch 1 (0: nothing fits)."""
+
+    budget_gib: float
+    max_batch: int
+    max_seq: int
+    seq_capped: bool    # max_seq stopped at the model's max_position_embeddings
+
+
+def fits(config: ModelConfig, setup: Setup, gpu_gib: float) -> bool:
+    return estimate(config, setup).total <= (gpu_gib - RESERVED_GIB) * GIB
+
+
+def _largest(ok, limit: int) -> int:
+    """Largest n in [1, limit] with ok(n) (ok is monotone: true up to some n), or 0."""
+    if not ok(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and ok(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:  # ok(lo), not ok(hi) (or hi past the limit)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def what_fits(config: ModelConfig, setup: Setup, gpu_gib: float, max_batch: int = 1 << 16) -> Fit:
+    if gpu_gib <= RESERVED_GIB:
+        raise EstimateError(f"gpu-gib must exceed the {RESERVED_GIB} GiB kept for the CUDA context, got {gpu_gib}")
+    seq_limit = config.max_position_embeddings
+    batch = _largest(lambda b: fits(config, replace(setup, batch=b), gpu_gib), max_batch)
+    seq = _largest(lambda s: fits(config, replace(setup, batch=1, seq=s), gpu_gib), seq_limit)
+    return Fit(budget_gib=gpu_gib, max_batch=batch, max_seq=seq, seq_capped=seq == seq_limit)
+
+
+def load_config(model: str) -> tuple[ModelConfig, str]:
+    """The config of `model` and where it came from. `model` is a folder holding config.json, a
+    config.json file, a name from the bundled table (`KNOWN_CONFIGS`), or a Hub id (online)."""
+    path = Path(model)
+    if path.exists():
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise EstimateError(f"{path}: no config.json in this folder")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise EstimateError(f"{file}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from exc
+        if not isinstance(data, dict):
+            raise EstimateError(f"{file}: expected a JSON object")
+        return ModelConfig.from_hf_config(data, str(file)), str(file)
+    found = known_config(model)
+    if found is not None:
+        name, entry = found
+        return ModelConfig.from_hf_config(entry["config"], f"bundled config {name}"), f"{name} ({entry['hub_id']}, bundled)"
+    if "/" in model:
+        return _hub_config(model)
+    close = difflib.get_close_matches(model.lower(), [n.lower() for n in KNOWN_CONFIGS], n=3, cutoff=0.4)
+    names = {n.lower(): n for n in KNOWN_CONFIGS}
+    hint = f" Did you mean {' or '.join(names[c] for c in close)}?" if close else ""
+    raise EstimateError(f"unknown model {model!r}: not a local path, a Hub id (owner/name) or a known name."
+                        f"{hint} Known: {', '.join(KNOWN_CONFIGS)}")
+
+
+def _hub_config(repo_id: str) -> tuple[ModelConfig, str]:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:
+        raise EstimateError(f"{repo_id}: reading a Hub id needs huggingface_hub (pip install velotune[hub])") from exc
+    try:
+        file = hf_hub_download(repo_id, "config.json")
+    except Exception as exc:  # offline, network, gated, missing repo: all end the same way for the user
+        raise EstimateError(f"{repo_id}: cannot fetch config.json from the Hugging Face Hub "
+                            f"({type(exc).__name__}: {exc}). Offline, pass a local folder or a known name "
+                            f"({', '.join(KNOWN_CONFIGS)})") from exc
+    with open(file, encoding="utf-8") as f:
+        return ModelConfig.from_hf_config(json.load(f), f"{repo_id}/config.json"), f"{repo_id} (Hub)"
+
+
+@dataclass(frozen=True)
+class Saving:
+    """What one memory saving does to the part of memory it acts on, for this model and setup."""
+
+    name: str
+    part: str
+    without: int
+    with_: int
+    how: str
+    in_use: bool
+
+
+def savings(config: ModelConfig, setup: Setup) -> list[Saving]:
+    full = estimate(config, replace(setup, method="full"))
+    lora = estimate(config, replace(setup, method="lora"))
+    current = estimate(config, setup)
+    r = setup.lora_r
+    return [
+        Saving("8-bit AdamW", "optimizer states", optimizer_bytes(current.trainable_parameters, "adamw"),
+               optimizer_bytes(current.trainable_parameters, "adamw8bit"),
+               "two uint8 moments with a float32 scale per 256 values instead of two float32 moments",
+               setup.optim == "adamw8bit"),
+        Saving("4-bit weights (QLoRA)", "weights", lora.weights, estimate(config, replace(setup, method="qlora")).weights,
+               "frozen projection matrices stored as NF4 (about 0.52 B per weight instead of 2 B)",
+               setup.method == "qlora"),
+        Saving("gradient checkpointing", "activations", current.activations_full, current.activations_checkpointed,
+               "each layer keeps only its input; backward recomputes one layer at a time (about 1/3 more compute)",
+               setup.checkpointing),
+        Saving(f"LoRA (r={r})", "gradients + optimizer states", full.gradients + full.optimizer,
+               lora.gradients + lora.optimizer,
+               f"trains {lora.trainable_parameters:,} adapter weights instead of all {full.parameters:,}",
+               setup.method != "full"),
+    ]

@@ -1,0 +1,103 @@
+"""A few published model configs, bundled so that `velotune estimate` works offline.
+
+Each entry is the Hub repository it was copied from and the shape-relevant keys of its
+`config.json`, numbers as published; `ModelConfig.from_hf_config` reads them like any other
+config. Names are matched case-insensitively.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_LLAMA3_ROPE_8B = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "Llama-3-8B": {
+        "hub_id": "meta-llama/Meta-Llama-3-8B",
+        "config": {
+            "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001,
+        },
+    },
+    "Llama-3.1-8B": {
+        "hub_id": "meta-llama/Llama-3.1-8B",
+        "config": {
+            "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "rope_scaling": _LLAMA3_ROPE_8B, "tie_word_embeddings": False, "hidden_act": "silu",
+            "bos_token_id": 128000, "eos_token_id": 128001,
+        },
+    },
+    "Llama-3.1-70B": {
+        "hub_id": "meta-llama/Llama-3.1-70B",
+        "config": {
+            "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+            "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "rope_scaling": _LLAMA3_ROPE_8B, "tie_word_embeddings": False, "hidden_act": "silu",
+            "bos_token_id": 128000, "eos_token_id": 128001,
+        },
+    },
+    "Llama-3.2-1B": {
+        "hub_id": "meta-llama/Llama-3.2-1B",
+        "config": {
+            "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+            "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "rope_scaling": {**_LLAMA3_ROPE_8B, "factor": 32.0}, "tie_word_embeddings": True,
+            "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001,
+        },
+    },
+    "Mistral-7B": {
+        "hub_id": "mistralai/Mistral-7B-v0.3",
+        "config": {
+            "model_type": "mistral", "vocab_size": 32768, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+            "sliding_window": None, "tie_word_embeddings": False, "hidden_act": "silu",
+            "bos_token_id": 1, "eos_token_id": 2,
+        },
+    },
+    "Qwen2.5-7B": {
+        "hub_id": "Qwen/Qwen2.5-7B",
+        "config": {
+            "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+            "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+            "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "sliding_window": 131072, "use_sliding_window": False, "max_window_layers": 28,
+            "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151643,
+        },
+    },
+    "Gemma-2-9B": {
+        "hub_id": "google/gemma-2-9b",
+        "config": {
+            "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 3584, "intermediate_size": 14336,
+            "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256, "sliding_window": 4096,
+            "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "tie_word_embeddings": True,
+            "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+        },
+    },
+    "Phi-3-mini": {
+        "hub_id": "microsoft/Phi-3-mini-4k-instruct",
+        "config": {
+            "model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "sliding_window": 2047, "tie_word_embeddings": False, "hidden_act": "silu",
+            "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
+        },
+    },
+}
+
+
+def known_config(name: str) -> tuple[str, dict[str, Any]] | None:
+    """(canonical name, entry) for `name` in any letter case, or None."""
+    for canonical, entry in KNOWN_CONFIGS.items():
+        if canonical.lower() == name.lower():
+            return canonical, entry
+    return None
