@@ -1,8 +1,14 @@
-"""Plain-PyTorch references of every fused operation: the CPU path and the kernels' oracle."""
+"""Plain-PyTorch references of every fused operation: the CPU path and the kernels' oracle.
+
+They are written for clarity, not speed or memory: `linear_cross_entropy_reference` materialises
+the full [N, V] logits, which the Triton path exists to avoid.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -12,6 +18,13 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
     if offset:
         return (y * (offset + weight.float())).to(x.dtype)
     return weight * y.to(x.dtype)
+
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                           offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the pre-norm block's residual add and next norm."""
+    new_residual = x + residual
+    return rms_norm_reference(new_residual, weight, eps, offset), new_residual
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +41,8 @@ def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     return torch.cat((rot * cos + _rotate_half(rot) * sin, keep), dim=-1)
 
 
-def apply_rope_reference(q, k, cos, sin):
+def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _rope_one(q, cos, sin), _rope_one(k, cos, sin)
 
 
@@ -37,10 +51,12 @@ def glu_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torc
         return F.silu(gate) * up
     if activation == "gelu_pytorch_tanh":
         return F.gelu(gate, approximate="tanh") * up
-    raise ValueError(f"unknown activation {activation!r}")
+    raise ValueError(f"glu: unknown activation {activation!r}, expected one of {ACTIVATIONS}")
 
 
-def linear_cross_entropy_reference(hidden, weight, labels, *, softcap=None, ignore_index=-100):
+def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                                   softcap: float | None = None,
+                                   ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     logits = (hidden @ weight.t()).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
