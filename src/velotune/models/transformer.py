@@ -172,8 +172,9 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        norm = self.post_attention_layernorm
+        normed, x = kernels.add_rms_norm(h, x, norm.weight, norm.eps, norm.offset)  # residual add fused
+        return x + self.mlp(normed)
 
 
 class Decoder(nn.Module):
