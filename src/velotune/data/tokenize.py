@@ -1,0 +1,212 @@
+"""Turn samples into token ids and labels, training only on what the model should learn to say.
+
+Labels are aligned with input_ids (NOT shifted; the model shifts): label = token id where the
+token is trained, IGNORE_INDEX (-100) elsewhere.
+
+Chat samples are rendered with the model's own chat template, and the assistant tokens are found
+from the template itself, so users never type marker strings such as "<|im_start|>assistant".
+For assistant turn i we render messages[:i] with the generation prompt and messages[:i+1]; if
+the first is a prefix of the second and the second a prefix of the whole conversation, the text
+between them is exactly that assistant turn: its content plus the template's end-of-turn token
+(trained, so the model learns to stop). Trailing whitespace after the end-of-turn token is not
+trained (the template's line break before the next turn). Character spans are mapped to tokens
+through the tokenizer's offsets: a token is trained when it overlaps a span.
+
+Some templates are not prefix-stable (for example ones that render the last assistant turn
+differently). Then each message's content is searched for in order in the full rendering, and
+the end-of-turn marker found by rendering a probe conversation is appended to each assistant
+span. If a content cannot be found either (the template rewrites it), a DataError names the row.
+
+Raw text samples: BOS (if the tokenizer adds one) + text + EOS, all trained.
+
+After truncation to max_seq_length, an example with no target left (no trained label after the
+model's shift, i.e. in labels[1:]) is dropped and counted; if every example is dropped, that is
+an error, because training would silently do nothing.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from velotune.data.files import DataError
+from velotune.data.formats import ChatSample, Conversation, Sample, TextSample
+
+IGNORE_INDEX = -100
+PROBE_ANSWER = "velotune probe answer"
+REPORTED_DROPS = 5
+
+
+class ChatTokenizer(Protocol):
+    """What this module needs from `velotune.tokenizer.Tokenizer`."""
+
+    eos_token_id: int | None
+    bos_token_id: int | None
+
+    def apply_chat_template(self, messages: Conversation, *, tokenize: bool = False,
+                            add_generation_prompt: bool = False) -> str: ...
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = False
+                            ) -> tuple[list[int], list[tuple[int, int]]]: ...
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]          # same length as input_ids; IGNORE_INDEX where not trained
+    where: str = ""            # provenance, for error messages
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_targets(self) -> int:
+        """Tokens the loss sees after the model's shift (labels[1:] that are trained)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+
+@dataclass
+class TokenizeReport:
+    total: int = 0
+    truncated: int = 0
+    dropped_no_targets: int = 0
+    target_tokens: int = 0
+    dropped_where: list[str] = field(default_factory=list)   # the first few dropped rows
+
+    @property
+    def kept(self) -> int:
+        return self.total - self.dropped_no_targets
+
+    def summary(self) -> str:
+        text = (f"{self.total} examples: {self.kept} kept, {self.truncated} truncated, "
+                f"{self.dropped_no_targets} dropped (no trainable tokens left), "
+                f"{self.target_tokens} target tokens")
+        if self.dropped_where:
+            text += f"; dropped e.g. {', '.join(self.dropped_where)}"
+        return text
+
+
+def tokenize_samples(samples: Sequence[Sample], tokenizer: ChatTokenizer, *,
+                     max_seq_length: int) -> tuple[list[Example], TokenizeReport]:
+    """Tokenize, label, truncate; drop examples with nothing left to train."""
+    if max_seq_length < 2:
+        raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}")
+    report = TokenizeReport()
+    examples = []
+    for sample in samples:
+        if isinstance(sample, TextSample):
+            example = tokenize_text(sample, tokenizer)
+        else:
+            example = tokenize_chat(sample, tokenizer)
+        report.total += 1
+        if len(example) > max_seq_length:
+            report.truncated += 1
+            example = Example(example.input_ids[:max_seq_length], example.labels[:max_seq_length],
+                              example.where)
+        if example.num_targets == 0:
+            report.dropped_no_targets += 1
+            if len(report.dropped_where) < REPORTED_DROPS:
+                report.dropped_where.append(example.where)
+            continue
+        report.target_tokens += example.num_targets
+        examples.append(example)
+    if not examples:
+        raise DataError(
+            f"all {report.total} examples have no trainable tokens left after truncation to "
+            f"max_seq_length={max_seq_length} (e.g. {', '.join(report.dropped_where)}); "
+            "raise max_seq_length or check that the rows have assistant answers"
+        )
+    return examples, report
+
+
+def tokenize_text(sample: TextSample, tokenizer: ChatTokenizer) -> Example:
+    ids = list(tokenizer.encode(sample.text, add_special_tokens=True))
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    return Example(ids, list(ids), sample.where)
+
+
+def tokenize_chat(sample: ChatSample, tokenizer: ChatTokenizer) -> Example:
+    text, spans = assistant_spans(sample, tokenizer)
+    ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=False)
+    return Example(list(ids), label_spans(ids, offsets, spans), sample.where)
+
+
+def assistant_spans(sample: ChatSample, tokenizer: ChatTokenizer
+                    ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans [start, end) of its assistant turns."""
+    messages = sample.messages
+    full = _render(tokenizer, messages, False, sample.where)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], True, sample.where)
+        upto = _render(tokenizer, messages[:i + 1], False, sample.where)
+        turn = upto[len(prompt):]
+        if not (upto.startswith(prompt) and full.startswith(upto)
+                and message["content"].strip() in turn):
+            return full, _spans_by_search(full, messages, probe_end_of_turn(tokenizer),
+                                          sample.where)
+        start = len(prompt)
+        spans.append((start, start + len(turn.rstrip())))
+    return full, spans
+
+
+def _spans_by_search(full: str, messages: Conversation, end_of_turn: str, where: str
+                     ) -> list[tuple[int, int]]:
+    """Fallback for templates that are not prefix-stable: find each content in order."""
+    spans, cursor = [], 0
+    for i, message in enumerate(messages):
+        content = message["content"].strip()
+        if message["role"] == "system":
+            continue
+        start = full.find(content, cursor)
+        if start < 0:
+            raise DataError(
+                f"{where}: the chat template is not prefix-stable and changes the text of "
+                f"messages[{i}] ({message['role']}), so its assistant tokens cannot be located"
+            )
+        end = start + len(content)
+        if message["role"] == "assistant":
+            after = end + (len(full[end:]) - len(full[end:].lstrip()))
+            if end_of_turn and full.startswith(end_of_turn, after):
+                end = after + len(end_of_turn)
+            spans.append((start, end))
+        cursor = end
+    return spans
+
+
+def probe_end_of_turn(tokenizer: ChatTokenizer) -> str:
+    """The marker the template writes after an assistant's content (e.g. "<|im_end|>"), or ""."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE_ANSWER}]
+    text = _render(tokenizer, probe, False, "a probe conversation")
+    after = text[text.rfind(PROBE_ANSWER) + len(PROBE_ANSWER):].split()
+    return after[0] if after else ""
+
+
+def label_spans(ids: Sequence[int], offsets: Sequence[tuple[int, int]],
+                spans: Sequence[tuple[int, int]]) -> list[int]:
+    """Labels: the token id for tokens overlapping any span, IGNORE_INDEX elsewhere."""
+    labels = [IGNORE_INDEX] * len(ids)
+    span_index = 0
+    for t, (start, end) in enumerate(offsets):
+        while span_index < len(spans) and spans[span_index][1] <= start:
+            span_index += 1
+        if span_index == len(spans):
+            break
+        span_start, span_end = spans[span_index]
+        if end > span_start and start < span_end:
+            labels[t] = ids[t]
+    return labels
+
+
+def _render(tokenizer: ChatTokenizer, messages: Conversation, generation_prompt: bool,
+            where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as error:   # template errors come from jinja2 or the template's own raise
+        raise DataError(f"{where}: the chat template failed: {error}") from error
