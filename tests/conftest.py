@@ -15,3 +15,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The default model's tokenizer, rebuilt from its GGUF (loaded once per test session)."""
+    import gguf
+
+    from velotune.loaders import default_model_path
+    from velotune.tokenizer import Tokenizer
+
+    path = default_model_path()
+    return Tokenizer.from_gguf(gguf.GGUFReader(str(path)), str(path))
