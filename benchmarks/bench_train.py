@@ -23,9 +23,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def hf_config(name: str) -> dict:
-    from velotune.models.known_configs import KNOWN_CONFIGS
+    from velotune.models.known_configs import known_config
 
-    return dict(KNOWN_CONFIGS[name])
+    found = known_config(name)
+    if found is None:
+        raise SystemExit(f"unknown model {name!r}; see velotune/models/known_configs.py")
+    return dict(found[1]["config"])
 
 
 def velotune_system(cfg: dict, qlora: bool):
@@ -37,9 +40,9 @@ def velotune_system(cfg: dict, qlora: bool):
     with torch.device("cuda"):
         model = Transformer(config).to(torch.bfloat16)
     if qlora:
-        from velotune.quant import quantize_model
+        from velotune.quant import quantize_linears
 
-        quantize_model(model)
+        quantize_linears(model, TARGETS)
     model.gradient_checkpointing = True
     apply_lora(model, LoraConfig(r=16, alpha=16, dropout=0.0, target_modules=TARGETS))
 
@@ -54,12 +57,13 @@ def transformers_system(cfg: dict, qlora: bool):
     import peft
     import transformers
 
-    config = transformers.AutoConfig.for_model(**cfg)
+    rest = {k: v for k, v in cfg.items() if k != "model_type"}
+    config = transformers.AutoConfig.for_model(cfg["model_type"], **rest)
     kwargs = dict(attn_implementation="sdpa", torch_dtype=torch.bfloat16)
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
     if qlora:
-        raise SystemExit("transformers QLoRA needs bitsandbytes with a saved 4-bit checkpoint; see --qlora notes")
+        raise SystemExit("the transformers QLoRA reference needs bitsandbytes and a saved checkpoint: not wired yet")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
