@@ -37,14 +37,20 @@ def velotune_system(cfg: dict, qlora: bool):
     from velotune.models.transformer import Transformer
 
     config = ModelConfig.from_hf_config(cfg, "bench")
-    with torch.device("cuda"):
-        model = Transformer(config).to(torch.bfloat16)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: no float32 copy of 8B weights
+    try:
+        with torch.device("cuda"):
+            model = Transformer(config)
+    finally:
+        torch.set_default_dtype(previous)
     if qlora:
         from velotune.quant import quantize_linears
 
         quantize_linears(model, TARGETS)
     model.gradient_checkpointing = True
-    apply_lora(model, LoraConfig(r=16, alpha=16, dropout=0.0, target_modules=TARGETS))
+    # float32 adapters over the bf16 base, as PEFT does by default (autocast_adapter_dtype)
+    apply_lora(model, LoraConfig(r=16, alpha=16, dropout=0.0, target_modules=TARGETS), dtype=torch.float32)
 
     def step(ids):
         out = model(ids, labels=ids, return_logits=False)
@@ -59,7 +65,7 @@ def transformers_system(cfg: dict, qlora: bool):
 
     rest = {k: v for k, v in cfg.items() if k != "model_type"}
     config = transformers.AutoConfig.for_model(cfg["model_type"], **rest)
-    kwargs = dict(attn_implementation="sdpa", torch_dtype=torch.bfloat16)
+    kwargs = dict(attn_implementation="sdpa", dtype=torch.bfloat16)
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
     if qlora:
@@ -76,9 +82,9 @@ def transformers_system(cfg: dict, qlora: bool):
 
 def measure(build, batch: int, seq: int, vocab: int, steps: int) -> dict:
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
     built = build()
     model, step = built[0], built[1]
+    torch.cuda.reset_peak_memory_stats()  # the loop's peak, not the one-off construction's
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     batches = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=g) for _ in range(steps + 2)]

@@ -22,7 +22,7 @@ def run(fast: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
         with torch.device("cuda"):
             model = Transformer(cfg).to(torch.bfloat16)
         model.gradient_checkpointing = True
-        apply_lora(model, LoraConfig(r=8, alpha=16))
+        apply_lora(model, LoraConfig(r=8, alpha=16), dtype=torch.float32)
         model.train()
         params = [p for _, p in lora_named_parameters(model)]
         opt = torch.optim.AdamW(params, lr=2e-3)
