@@ -1,0 +1,115 @@
+"""Export a trained model: merged Hugging Face folder, GGUF file, or GGUF + Ollama Modelfile.
+
+    export("runs/chat", to="gguf", quant="q8_0")              # -> runs/chat/export-gguf/model-q8_0.gguf
+    export(model, to="hf", out="merged", tokenizer=tokenizer)  # a live model (adapters merged on the fly)
+
+The source is a live `Transformer` (with `tokenizer=`), or a path: a training output folder
+holding adapter/ or model/, an adapter folder (adapter_config.json), a model folder
+(config.json) or a .gguf file, loaded on the CPU (float32, or bfloat16 for a bf16 export).
+Every request is checked before anything is loaded or written: the target, the quant type for
+that target, the path; then the architecture and the chat template (Ollama) before the first
+file is written.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from velotune.export.errors import ExportError
+from velotune.export.gguf import GGUF_QUANTS, check_architecture, save_gguf
+from velotune.export.hf import DEFAULT_SHARD_BYTES, HF_DTYPES, save_hf
+from velotune.export.ollama import save_ollama
+from velotune.export.weights import export_config
+from velotune.models.transformer import Transformer
+
+QUANTS = {"hf": tuple(HF_DTYPES), "gguf": tuple(GGUF_QUANTS), "ollama": tuple(GGUF_QUANTS)}
+DEFAULT_QUANT = {"gguf": "f16", "ollama": "q8_0"}
+RUN_SUBFOLDERS = ("adapter", "model")
+
+__all__ = ["ExportError", "QUANTS", "export", "resolve_source"]
+
+
+def check_request(to: str, quant: str | None) -> None:
+    if to not in QUANTS:
+        raise ExportError(f"unknown export target {to!r}; choose one of {', '.join(QUANTS)}")
+    if quant is not None and quant not in QUANTS[to]:
+        raise ExportError(f"quant type {quant!r} is not supported for --to {to}; choose one of "
+                          f"{', '.join(QUANTS[to])}")
+
+
+def resolve_source(path: str | Path) -> Path:
+    """The model or adapter a path names: a run folder's adapter/ or model/, or the path itself."""
+    p = Path(path)
+    if not p.exists():
+        raise ExportError(f"{p}: no such run folder, model folder or .gguf file")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ExportError(f"{p}: not a .gguf file or a folder")
+        return p
+    for sub in RUN_SUBFOLDERS:
+        if (p / sub).is_dir():
+            return p / sub
+    if (p / "adapter_config.json").is_file() or (p / "config.json").is_file():
+        return p
+    raise ExportError(f"{p}: not a run folder (no {' or '.join(s + '/' for s in RUN_SUBFOLDERS)} inside) and not "
+                      "a model or adapter folder (no config.json or adapter_config.json)")
+
+
+def load_source(path: Path, quant: str | None) -> tuple[Transformer, Any, dict[str, Any]]:
+    from velotune import load_model
+    from velotune.loaders.checkpoint import LoadError
+    from velotune.models.config import ConfigError
+
+    dtype = torch.bfloat16 if quant == "bf16" else torch.float32
+    try:
+        model, tokenizer = load_model(path, dtype=dtype, device="cpu")
+    except (LoadError, ConfigError) as exc:
+        raise ExportError(str(exc)) from None
+    return model, tokenizer, dict(getattr(model, "generation_config", None) or {})
+
+
+def default_out(source: Path, to: str) -> Path:
+    folder = source.parent if source.is_file() or source.name in RUN_SUBFOLDERS else source
+    return folder / f"export-{to}"
+
+
+def export(source: Transformer | str | Path, to: str = "hf", quant: str | None = None,
+           out: str | Path | None = None, *, tokenizer: Any = None,
+           generation_config: dict[str, Any] | None = None, max_shard_size: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Export and return what was written: the HF folder, the .gguf file, or the Modelfile."""
+    check_request(to, quant)
+    if isinstance(source, Transformer):
+        if out is None:
+            raise ExportError("exporting a live model needs out= (a folder, or a .gguf path for --to gguf)")
+        model = source
+        generation = dict(generation_config if generation_config is not None else
+                          getattr(model, "generation_config", None) or {})
+        out_path = Path(out)
+    else:
+        path = resolve_source(source)
+        out_path = Path(out) if out is not None else default_out(path, to)
+        model, loaded_tokenizer, generation = load_source(path, quant)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+        if generation_config is not None:
+            generation = dict(generation_config)
+    was_training = model.training
+    model.eval()  # adapter dropout off while merged weights are computed
+    try:
+        return write(model, tokenizer, to, quant, out_path, generation, max_shard_size)
+    finally:
+        model.train(was_training)
+
+
+def write(model: Transformer, tokenizer: Any, to: str, quant: str | None, out: Path,
+          generation: dict[str, Any], max_shard_size: int) -> Path:
+    if to == "hf":
+        dtype = HF_DTYPES[quant] if quant else model.model.embed_tokens.weight.dtype
+        return save_hf(model, tokenizer, out, dtype, generation, max_shard_size)
+    quant = quant or DEFAULT_QUANT[to]
+    check_architecture(export_config(model))
+    if to == "gguf":
+        target = out if out.suffix == ".gguf" else out / f"model-{quant}.gguf"
+        return save_gguf(model, tokenizer, target, quant)
+    return save_ollama(model, tokenizer, out, quant, generation)

@@ -1,0 +1,132 @@
+"""Merged export in Hugging Face layout: a folder transformers, vLLM and our own loader open.
+
+Writes, into one folder:
+- model.safetensors, or model-0000i-of-0000n.safetensors shards of at most `max_shard_size`
+  bytes plus model.safetensors.index.json (the weight map) when the model is larger;
+- config.json: the one the model was loaded from (`ModelConfig.source`) with the dtype updated,
+  or, for a model built from a config alone, one composed from the `ModelConfig` fields;
+- generation_config.json (the model's, with its BOS/EOS ids);
+- the tokenizer files (`Tokenizer.save`).
+Weights come from `weights.plan_tensors`: adapters merged, a 4-bit base dequantized first, Phi-3
+re-fused, no `lm_head` when it is tied to the embedding. A shard's tensors are computed just
+before the shard is written, so memory holds one shard, not the model twice.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from velotune.export.errors import ExportError
+from velotune.export.progress import track
+from velotune.export.weights import PlannedTensor, export_config, plan_tensors
+from velotune.models.config import ModelConfig
+from velotune.models.transformer import Transformer
+
+HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+ARCHITECTURE_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                      "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def composed_config(c: ModelConfig) -> dict[str, Any]:
+    """A config.json for a config that was not read from one."""
+    cfg: dict[str, Any] = {
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling, "tie_word_embeddings": c.tie_word_embeddings,
+        "hidden_act": c.hidden_act, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+        "pad_token_id": c.pad_token_id,
+    }
+    if c.partial_rotary_factor != 1.0:
+        cfg["partial_rotary_factor"] = c.partial_rotary_factor
+    if c.model_type in ("llama", "qwen3"):
+        cfg["attention_bias"] = c.qkv_bias
+    if c.model_type == "llama":
+        cfg["mlp_bias"] = c.mlp_bias
+    if c.sliding_window:
+        cfg["sliding_window"] = c.sliding_window
+        cfg["layer_types"] = list(c.layer_types)
+        if c.model_type in ("qwen2", "qwen3"):
+            cfg["use_sliding_window"] = True
+    if c.model_type == "gemma2":
+        cfg.update(hidden_activation=c.hidden_act, attn_logit_softcapping=c.attn_logit_softcapping,
+                   final_logit_softcapping=c.final_logit_softcapping,
+                   query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim)
+    return cfg
+
+
+def config_json(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    cfg = dict(config.source) if config.source else composed_config(config)
+    cfg["model_type"] = config.model_type
+    cfg["architectures"] = [ARCHITECTURE_NAMES[config.model_type]]
+    cfg["tie_word_embeddings"] = config.tie_word_embeddings
+    cfg["dtype" if "dtype" in cfg else "torch_dtype"] = DTYPE_NAMES[dtype]
+    return cfg
+
+
+def shard_plan(tensors: list[PlannedTensor], dtype: torch.dtype, max_bytes: int) -> list[list[PlannedTensor]]:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[PlannedTensor]] = [[]]
+    used = 0
+    for t in tensors:
+        size = itemsize * int(torch.Size(t.shape).numel())
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(t)
+        used += size
+    return shards
+
+
+def save_hf(model: Transformer, tokenizer: Any, out: Path, dtype: torch.dtype,
+            generation_config: dict[str, Any] | None = None, max_shard_size: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write the merged model into the folder `out`; returns it."""
+    if dtype not in DTYPE_NAMES:
+        raise ExportError(f"dtype {dtype} cannot be written; choose one of {', '.join(HF_DTYPES)}")
+    if max_shard_size <= 0:
+        raise ExportError(f"max_shard_size must be positive, got {max_shard_size}")
+    config = export_config(model)
+    tensors = plan_tensors(model)
+    shards = shard_plan(tensors, dtype, max_shard_size)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    shard_of = {t.name: i for i, shard in enumerate(shards) for t in shard}
+    pending: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for t in track(tensors, len(tensors), f"safetensors {DTYPE_NAMES[dtype]}"):
+            value = t.read().to(dtype).contiguous()
+            pending[t.name] = value
+            total += value.numel() * value.element_size()
+            index = shard_of[t.name]
+            weight_map[t.name] = names[index]
+            if t is shards[index][-1]:
+                save_file(pending, str(out / names[index]), metadata={"format": "pt"})
+                pending = {}
+    if len(shards) > 1:
+        index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index_json, indent=2) + "\n", encoding="utf-8")
+
+    (out / "config.json").write_text(json.dumps(config_json(config, dtype), indent=2) + "\n", encoding="utf-8")
+    generation = dict(generation_config or {})
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if generation.get(key) is None and getattr(config, key) is not None:
+            generation[key] = getattr(config, key)
+    if generation:
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
