@@ -1,0 +1,86 @@
+"""`velotune generate --prompt TEXT [--adapter DIR | --model PATH]`: answer prompts and exit.
+
+Each prompt is a user message rendered with the model's chat template (`--raw` feeds the text as
+is). Several --prompt options are answered together as one batch. The model options and
+`load_for_cli` are shared with `velotune chat`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from velotune.infer.sampling import SamplingParams
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (its base model is loaded with it)")
+    source.add_argument("--model", metavar="PATH", help="a model folder, .gguf file or Hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--system", metavar="TEXT", help="a system message (default: the chat template's own)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default); e.g. 0.7 to sample")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling threshold, e.g. 0.9")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the k most likely tokens")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="e.g. 1.1 (default 1.0: none)")
+    p.add_argument("--seed", type=int, default=None, metavar="N", help="seed for sampling")
+    p.add_argument("--device", default=None, metavar="DEVICE", help="cpu, cuda, cuda:1 (default: a GPU when there is one)")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def load_for_cli(args: argparse.Namespace):
+    """(model, tokenizer) named by --adapter / --model; raises LoadError with the path."""
+    import velotune
+    from velotune.loaders.checkpoint import LoadError
+
+    model, tokenizer = velotune.load_model(args.adapter or args.model, device=args.device)
+    if tokenizer is None:
+        raise LoadError(f"{args.adapter or args.model}: no tokenizer next to the model; cannot turn text into tokens")
+    model.eval()
+    return model, tokenizer
+
+
+def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def with_system(system: str | None, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate", help="answer one or more prompts with a model or adapter",
+        description="Answer each --prompt (as a user message in the model's chat template) and print the answers.")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a prompt; repeat for several")
+    p.add_argument("--raw", action="store_true", help="feed the prompt text as is, without the chat template")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from velotune.infer.engine import generate
+    from velotune.loaders.checkpoint import LoadError
+    from velotune.models.config import ConfigError
+
+    try:
+        params = sampling_params(args)
+        model, tokenizer = load_for_cli(args)
+    except (LoadError, ConfigError, ValueError) as exc:
+        print(f"velotune generate: error: {exc}", file=sys.stderr)
+        return 2
+    if args.raw:
+        prompts = [tokenizer.encode(text) for text in args.prompt]
+    else:
+        prompts = [prompt_ids(tokenizer, with_system(args.system, [{"role": "user", "content": text}]))
+                   for text in args.prompt]
+    completions = generate(model, tokenizer, prompts, params)
+    for text, completion in zip(args.prompt, completions):
+        if len(args.prompt) > 1:
+            print(f"### {text}")
+        print(completion.text.strip())
+    return 0

@@ -1,0 +1,61 @@
+"""`velotune train [CONFIG.yaml] [--key=value ...]`: fine-tune as the config says.
+
+Without a config it runs the bundled demo (LoRA on SmolLM2-135M-Instruct with the chatterbot
+dialogues, a few minutes on a CPU). Every YAML key can be overridden on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+
+from velotune.train.config import TrainConfigError, load_config
+
+DEMO_CONFIG = "demo.yaml"
+EPILOG = """\
+overrides: any config key as --key=value (values are YAML: --packing=true, --target_modules=[q_proj,v_proj]).
+common keys: model, dataset, dataset_format, output_dir, method (lora|qlora|full), max_steps, num_epochs,
+  micro_batch_size, gradient_accumulation_steps, learning_rate, lr_scheduler, warmup_steps, max_seq_length,
+  packing, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing, eval_split, eval_steps,
+  save_steps, resume, seed.  See examples/*.yaml for annotated configs.
+
+examples:
+  velotune train                                  # the demo
+  velotune train run.yaml --learning_rate=1e-4 --max_steps=200
+  velotune train run.yaml --resume=true           # continue from OUTPUT_DIR/checkpoints/latest
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="fine-tune a model (LoRA, QLoRA or full) from a YAML config",
+        usage="velotune train [-h] [--no-progress] [CONFIG.yaml] [--key=value ...]",
+        description="Fine-tune a model as CONFIG.yaml says; with no config, run the demo "
+                    "(LoRA on SmolLM2-135M-Instruct with the chatterbot-corpus dialogues).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="training config (default: the bundled demo)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and CI)")
+    p.set_defaults(func=run, accepts_extra=True)
+
+
+def demo_config_path() -> str:
+    return str(resources.files("velotune.configs").joinpath(DEMO_CONFIG))
+
+
+def run(args: argparse.Namespace) -> int:
+    from velotune.data import DataError
+    from velotune.loaders.checkpoint import LoadError
+    from velotune.models.config import ConfigError
+    from velotune.train.checkpoint import CheckpointError
+    from velotune.train.run import train_from_config
+
+    try:
+        config = load_config(args.config or demo_config_path(), args.extra)
+        train_from_config(config, show_progress=not args.no_progress)
+    except (TrainConfigError, DataError, LoadError, ConfigError, CheckpointError) as exc:
+        print(f"velotune train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("velotune train: interrupted; resume with --resume=true", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,211 @@
+"""Crash-safe training checkpoints: OUTPUT_DIR/checkpoints/step-N plus a `latest` pointer.
+
+A checkpoint is written into a hidden temporary folder next to its final place, its files are
+flushed to disk, and only then is the folder renamed (`os.replace`, atomic on one file system) to
+step-N; the `latest` pointer (a one-line file) is replaced last, the same way. A run killed at
+any moment therefore leaves complete step-N folders, possibly a stale temporary folder (removed
+by the next run), and a `latest` that names a complete checkpoint.
+
+What a checkpoint holds, and how it is read back:
+- weights.safetensors: the trainable tensors under the model's own parameter names (the LoRA
+  tensors, or every weight of a full fine-tune), restored by copying into the live model;
+- adapter/ (LoRA runs): the same adapter in PEFT format, usable at once by `velotune chat`;
+- optimizer.pt, scheduler.pt, rng.pt: state dicts written by this module and read back with
+  `torch.load(weights_only=True)` (plain tensors and numbers only, never arbitrary pickles);
+- state.json: step, data position (epoch, batch index in that epoch's sampler order), counters.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST = "latest"
+STEP_PREFIX = "step-"
+TEMP_PREFIX = ".tmp-"
+WEIGHTS_FILE = "weights.safetensors"
+FILES = ("state.json", WEIGHTS_FILE, "optimizer.pt", "scheduler.pt", "rng.pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot resume from; the message names the folder and the file or tensor."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0                 # optimizer steps done
+    epoch: int = 0                # data position: the epoch of the next micro-batch ...
+    batch_index: int = 0          # ... and its index in that epoch's sampler order
+    tokens_seen: int = 0          # input tokens (padding excluded) processed so far
+    target_tokens_seen: int = 0
+    elapsed_s: float = 0.0        # training wall time before this process
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS_DIR
+
+
+def write_atomically(output_dir: str | Path, step: int, write: Callable[[Path], None], keep: int = 0) -> Path:
+    """Run `write(folder)` into a temporary folder, then publish it as step-N and point `latest`
+    at it. `keep` > 0 removes all but the newest `keep` checkpoints afterwards."""
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{STEP_PREFIX}{step}"
+    temp = root / f"{TEMP_PREFIX}{STEP_PREFIX}{step}-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    try:
+        write(temp)
+        _flush_folder(temp)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    if final.exists():                    # the same step written again (a resumed run): swap it
+        old = root / f"{TEMP_PREFIX}old-{STEP_PREFIX}{step}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(temp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temp, final)
+    pointer = root / f"{TEMP_PREFIX}{LATEST}-{os.getpid()}"
+    pointer.write_text(final.name + "\n", encoding="utf-8")
+    os.replace(pointer, root / LATEST)
+    if keep > 0:
+        for stale in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _flush_folder(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb+") as handle:
+                os.fsync(handle.fileno())
+
+
+def remove_stale_temporaries(output_dir: str | Path) -> None:
+    """Temporary folders left by a run that was killed while writing."""
+    root = checkpoints_dir(output_dir)
+    if root.is_dir():
+        for path in root.glob(f"{TEMP_PREFIX}*"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoints_dir(output_dir)
+    found = [p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and p.name[len(STEP_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    pointer = checkpoints_dir(output_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    folder = checkpoints_dir(output_dir) / pointer.read_text(encoding="utf-8").strip()
+    if not folder.is_dir():
+        raise CheckpointError(f"{pointer}: names {folder.name}, which does not exist")
+    return folder
+
+
+def resolve_resume(resume: bool | str, output_dir: str | Path) -> Path | None:
+    """The checkpoint folder `resume` asks for: None for `false` (or `true` with none saved yet),
+    `latest` for `true`, or the given folder (a run's output_dir resumes from its latest)."""
+    if resume is False:
+        return None
+    if resume is True:
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if (path / CHECKPOINTS_DIR).is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{path}: has no checkpoints/latest to resume from")
+        return found
+    if not path.is_dir():
+        raise CheckpointError(f"resume: {path} is not a checkpoint folder")
+    return path
+
+
+# --- contents ---------------------------------------------------------------------------------
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name, each stored once (tied weights share one entry)."""
+    seen: set[int] = set()
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            out[name] = param.detach().contiguous().cpu()
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, words, gauss = random.getstate()
+    return {
+        "python": torch.tensor(words, dtype=torch.int64), "python_version": version, "python_gauss": gauss,
+        "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": pos, "numpy_has_gauss": has_gauss,
+        "numpy_cached": cached, "numpy_kind": kind,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state((state["numpy_kind"], state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_cached"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_contents(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   state: TrainState, extra: Callable[[Path], None] | None = None) -> None:
+    (folder / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n", encoding="utf-8")
+    save_file(trainable_tensors(model), str(folder / WEIGHTS_FILE))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    torch.save(rng_state(), folder / "rng.pt")
+    if extra is not None:
+        extra(folder)
+
+
+def read_contents(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG from `folder`; return the training state."""
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: incomplete checkpoint, missing {', '.join(missing)}")
+    saved = load_file(str(folder / WEIGHTS_FILE))
+    expected = trainable_tensors(model)
+    if set(saved) != set(expected):
+        extra, lacking = sorted(set(saved) - set(expected)), sorted(set(expected) - set(saved))
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: does not match this run's trainable weights "
+                              f"(unexpected: {extra[:3]}, missing: {lacking[:3]}); was it written with "
+                              "another method, model or target_modules?")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise CheckpointError(f"{folder / WEIGHTS_FILE}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                      f"the model's is {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+    device = next(model.parameters()).device
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
+    return TrainState(**json.loads((folder / "state.json").read_text(encoding="utf-8")))

@@ -1,0 +1,269 @@
+"""`TrainConfig`: every training setting, one field per YAML key, from a file plus overrides.
+
+    config = load_config("run.yaml", ["--learning_rate=1e-4", "--max_steps", "200"])
+
+Design choices:
+- The dataclass IS the schema: a YAML key is a field name, its annotation is the accepted type,
+  its default the default. There is no second list of keys to keep in sync.
+- Command-line values are parsed as YAML scalars (`--packing=true`, `--target_modules=[q_proj]`),
+  so the file and the command line accept the same spellings. Dashes in option names are read as
+  underscores (`--max-steps=10`).
+- PyYAML reads `2e-4` (no dot) as a string; a float field accepts any string `float()` reads, so
+  the spelling everybody writes for learning rates works.
+- Every error names the key and where it came from: the file and line, or the command line; an
+  unknown key gets a did-you-mean from difflib.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("lora", "qlora", "full")
+PLANNED_METHODS = ("dpo", "orpo", "grpo")
+SCHEDULERS = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adamw", "galore")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
+CHATTERBOT = "chatterbot"   # `dataset: chatterbot` (or `chatterbot:ai,greetings`) = the bundled corpus
+
+
+class TrainConfigError(ValueError):
+    """A training config we cannot run; the message names the key and the file/line or option."""
+
+
+@dataclass
+class TrainConfig:
+    # What to train, on what, and where the results go.
+    model: str | None = None                 # path, .gguf, Hub id; None = SmolLM2-135M-Instruct
+    dataset: str = CHATTERBOT                # a data file, or chatterbot[:category,...]
+    dataset_format: str = "auto"             # auto | alpaca | sharegpt | messages | text
+    eval_dataset: str | None = None          # a separate eval file (instead of eval_split)
+    eval_split: float = 0.1                  # fraction of the dataset held out for eval loss
+    output_dir: str = "runs/velotune"
+    method: str = "lora"                     # lora | qlora | full
+    # How long and how big.
+    max_steps: int = 0                       # optimizer steps; 0 = num_epochs over the data
+    num_epochs: int = 1
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_seq_length: int = 1024
+    packing: bool = False
+    # Optimizer and schedule.
+    optimizer: str = "adamw"                 # adamw | galore
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"             # linear | cosine | constant
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0                # used when warmup_steps is 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0               # 0 = no clipping
+    galore_rank: int = 128
+    galore_update_proj_gap: int = 200
+    galore_scale: float = 0.25
+    # LoRA.
+    lora_r: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    use_rslora: bool = False
+    use_dora: bool = False
+    # Memory and numerics.
+    gradient_checkpointing: bool = False
+    dtype: str = "auto"                      # auto: bf16 (autocast) on a GPU, float32 on the CPU
+    device: str = "auto"                     # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    # Evaluation, logging, checkpoints.
+    eval_steps: int = 0                      # 0 = eval loss only before and after training
+    sample_prompts: int = 0                  # held-out prompts answered before and after training
+    logging_steps: int = 1
+    save_steps: int = 0                      # 0 = no intermediate checkpoints
+    save_total_limit: int = 0                # keep the newest N checkpoints; 0 = keep all
+    resume: bool | str = False               # true = OUTPUT_DIR/checkpoints/latest, or a path
+    report: bool = True                      # OUTPUT_DIR/report.md + loss/lr plot
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+
+def field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                *, base: TrainConfig | None = None) -> TrainConfig:
+    """The config of `path` (or `base`, or the defaults), with `--key=value` overrides applied."""
+    cli_values, cli_origins = parse_overrides(overrides or [])    # first: typos there fail fast
+    values: dict[str, Any] = dataclasses.asdict(base) if base is not None else {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        file_values, file_origins = read_yaml(Path(path))
+        values.update(file_values)
+        origins.update(file_origins)
+    values.update(cli_values)
+    origins.update(cli_origins)
+    return build(values, origins)
+
+
+def build(values: dict[str, Any], origins: dict[str, str]) -> TrainConfig:
+    types_ = field_types()
+    checked = {key: coerce(key, value, types_[key], origins.get(key, "config"))
+               for key, value in values.items()}
+    config = TrainConfig(**checked)
+    check_values(config, origins)
+    return config
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Values and, per key, "FILE line N"; unknown keys fail here with a did-you-mean."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TrainConfigError(f"{path}: config file not found") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TrainConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise TrainConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    origins = {str(key.value): f"{path} line {key.start_mark.line + 1}" for key, _ in node.value}
+    for key in data:
+        check_known(str(key), origins.get(str(key), str(path)), option=False)
+    return {str(k): v for k, v in data.items()}, origins
+
+
+def parse_overrides(args: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """`--key=value` or `--key value` pairs, values read as YAML scalars."""
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise TrainConfigError(f"command line: unexpected argument {arg!r}; overrides look like --key=value")
+        name, sep, raw = arg[2:].partition("=")
+        key = name.replace("-", "_")
+        check_known(key, "command line", option=True)
+        if not sep:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise TrainConfigError(f"command line: --{name} needs a value (--{name}=VALUE)")
+            i += 1
+            raw = args[i]
+        try:
+            values[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            values[key] = raw
+        origins[key] = f"command line --{name}"
+        i += 1
+    return values, origins
+
+
+def check_known(key: str, where: str, *, option: bool) -> None:
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    if key in names:
+        return
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    shown = f"--{key}" if option else repr(key)
+    if close:
+        hint = f"did you mean {'--' + close[0] if option else repr(close[0])}?"
+    else:
+        hint = f"valid keys: {', '.join(names)}"
+    raise TrainConfigError(f"{where}: unknown {'option' if option else 'key'} {shown} ({hint})")
+
+
+def coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
+    """`value` as the field's type, or a TrainConfigError naming the key and its origin."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None and type(None) in options:
+        return None
+    for kind in options:
+        ok, converted = _convert(value, kind)
+        if ok:
+            return converted
+    wanted = " or ".join(_describe(kind) for kind in options)
+    raise TrainConfigError(f"{where}: key {key!r} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+def _convert(value: Any, kind: Any) -> tuple[bool, Any]:
+    if kind is bool:
+        return isinstance(value, bool), value
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if kind is str:
+        return isinstance(value, str), value
+    if typing.get_origin(kind) is list:
+        if isinstance(value, str):          # one name is a list of one: --target_modules=q_proj
+            value = [value]
+        return isinstance(value, list) and all(isinstance(v, str) for v in value), value
+    return False, None
+
+
+def _describe(kind: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(kind, "a list of strings")
+
+
+def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
+    """Range and choice checks, each naming the key and where its value came from."""
+    def where(key: str) -> str:
+        return origins if isinstance(origins, str) else origins.get(key, "default")
+
+    def fail(key: str, message: str) -> None:
+        raise TrainConfigError(f"{where(key)}: key {key!r} {message}, got {getattr(config, key)!r}")
+
+    if config.method in PLANNED_METHODS:
+        fail("method", f"is not available in this version; choose one of {', '.join(METHODS)}")
+    for key, choices in (("method", METHODS), ("lr_scheduler", SCHEDULERS), ("optimizer", OPTIMIZERS),
+                         ("dtype", DTYPES), ("dataset_format", DATASET_FORMATS)):
+        if getattr(config, key) not in choices:
+            fail(key, f"must be one of {', '.join(choices)}")
+    for key in ("num_epochs", "micro_batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps",
+                "galore_rank", "galore_update_proj_gap"):
+        if getattr(config, key) < 1:
+            fail(key, "must be at least 1")
+    for key in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "save_total_limit", "sample_prompts",
+                "weight_decay", "max_grad_norm", "lora_dropout"):
+        if getattr(config, key) < 0:
+            fail(key, "must not be negative")
+    if config.max_seq_length < 2:
+        fail("max_seq_length", "must be at least 2")
+    if config.learning_rate <= 0:
+        fail("learning_rate", "must be positive")
+    for key in ("warmup_ratio", "eval_split"):
+        if not 0.0 <= getattr(config, key) < 1.0:
+            fail(key, "must be in [0, 1)")
+    if config.lora_dropout >= 1.0:
+        fail("lora_dropout", "must be below 1")
+    if not config.target_modules and config.uses_lora:
+        fail("target_modules", "must name at least one module for LoRA")
+    if config.optimizer == "galore" and config.method != "full":
+        fail("optimizer", "galore needs method: full (it compresses full-weight gradients; use adamw with LoRA)")
+    if config.device != "auto" and not (config.device == "cpu" or config.device.startswith("cuda")):
+        fail("device", "must be auto, cpu, cuda or cuda:N")
+
+
+def config_yaml(config: TrainConfig) -> str:
+    """The config as YAML (written next to every run, so it can be replayed)."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)

@@ -1,0 +1,96 @@
+"""What each fine-tuning method trains and what it leaves behind.
+
+- lora: the base weights are frozen; adapters are added to `target_modules` and trained.
+- qlora: as lora, over a base whose adapted projections are stored in 4-bit NF4.
+- full: every weight is trained.
+
+Precision: trainable tensors are float32 (they are the optimizer's master copy): adapters are
+created in float32 over a base of any dtype, and a full fine-tune loads the model in float32. On a
+GPU the math runs in bf16 under autocast.
+
+Outputs: OUTPUT_DIR/adapter (PEFT format: adapter_config.json + adapter_model.safetensors) for
+lora/qlora, or OUTPUT_DIR/model (Hugging Face layout through `velotune.export.hf.save_hf`: safetensors
+(sharded when large), config.json, generation_config.json, tokenizer; Phi-3 re-fused) for full.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from velotune.train.config import TrainConfig, TrainConfigError
+
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+
+
+def lora_config(config: TrainConfig):
+    from velotune.lora.config import ALL_LINEAR, LoraConfig, LoraConfigError
+
+    targets = ALL_LINEAR if config.target_modules == [ALL_LINEAR] else list(config.target_modules)
+    try:
+        return LoraConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                          target_modules=targets, use_rslora=config.use_rslora, use_dora=config.use_dora)
+    except LoraConfigError as exc:
+        raise TrainConfigError(f"LoRA settings (lora_r, lora_alpha, lora_dropout, target_modules): {exc}") from None
+
+
+def load_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype the base model is loaded in (None = the loader's default for the device)."""
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    if config.method == "full" or device.type == "cpu":
+        return torch.float32
+    return None
+
+
+def prepare(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """Freeze/adapt `model` for the method (in place); returns it."""
+    if config.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    from velotune.lora.model import apply_lora
+
+    if config.method == "qlora":
+        quantize_projections(model)
+    return apply_lora(model, lora_config(config), dtype=torch.float32)
+
+
+def quantize_projections(model: nn.Module) -> int:
+    """Replace every decoder projection (q/k/v/o, gate/up/down) by a frozen NF4 `Linear4bit`, as
+    QLoRA does; embeddings, norms and the output head stay in their dtype. Returns the count."""
+    from velotune.lora.config import PROJECTIONS
+    from velotune.quant import Linear4bit
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        parent_name, _, short = name.rpartition(".")
+        if short in PROJECTIONS and isinstance(module, nn.Linear):
+            setattr(model.get_submodule(parent_name), short, Linear4bit.from_linear(module))
+            count += 1
+    return count
+
+
+def save_result(model: nn.Module, tokenizer, config: TrainConfig, folder: Path | None = None) -> Path:
+    """Write the run's result (adapter or full model) and return its folder."""
+    out = Path(config.output_dir)
+    if config.uses_lora:
+        from velotune.lora.peft_format import save_adapter
+
+        target = folder or out / ADAPTER_DIR
+        save_adapter(model, target, config.model)
+        return target
+    from velotune.export.hf import save_hf
+
+    target = folder or out / MODEL_DIR
+    return save_hf(model, tokenizer, target, save_dtype(model), getattr(model, "generation_config", None))
+
+
+def save_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a full fine-tune is written in: the source checkpoint's (config.json
+    `torch_dtype`/`dtype`), else float32, the dtype it was trained in."""
+    source = getattr(model.config, "source", {}) or {}
+    name = source.get("torch_dtype") or source.get("dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)

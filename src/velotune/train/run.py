@@ -1,0 +1,146 @@
+"""One training run from a `TrainConfig`, start to finish: what `velotune train` does.
+
+Load the model and data, adapt the model for the method, measure eval loss (and answer a few
+held-out prompts) before training, train, measure again, save the adapter or model, write the
+report, and print where everything went. A resumed run skips the "before" measurements (the
+model is already part-trained) and takes them from the interrupted run's metrics when present.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import velotune
+from velotune.loaders.checkpoint import LoadError
+from velotune.train import methods
+from velotune.train.checkpoint import resolve_resume
+from velotune.train.config import TrainConfig, TrainConfigError, check_values, config_yaml
+from velotune.train.data import TrainData, load_train_data
+from velotune.train.metrics import peak_memory_gib, read_metrics
+from velotune.train.report import RunSummary, write_report
+from velotune.train.samples import answer, sample_prompts
+from velotune.train.trainer import Trainer, TrainResult
+
+
+@dataclass
+class RunResult:
+    output: Path                                # the adapter or model folder
+    train: TrainResult
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    report: Path | None = None
+    samples: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainConfigError(f"key 'device' is {name!r}, but no CUDA GPU is available (use auto or cpu)")
+    return torch.device(name)
+
+
+def pad_id_of(tokenizer, model) -> int:
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                      model.config.pad_token_id):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def train_from_config(config: TrainConfig, *, console: Console | None = None, show_progress: bool = True) -> RunResult:
+    check_values(config, "config")
+    console = console or Console()
+    say = console.print
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config_yaml(config), encoding="utf-8")
+    resume_from = resolve_resume(config.resume, out)
+
+    say(f"[bold]velotune train[/bold]: {config.method} on {config.model or 'SmolLM2-135M-Instruct (default)'}, "
+        f"device {device}")
+    model, tokenizer = velotune.load_model(config.model, dtype=methods.load_dtype(config, device), device=device,
+                                           max_seq_length=config.max_seq_length)
+    if tokenizer is None:
+        raise LoadError(f"{config.model}: no tokenizer found next to the model (tokenizer.json); "
+                        "training data cannot be tokenized")
+    data: TrainData = load_train_data(config, tokenizer)
+    say(f"data: {config.dataset}: train {data.train_report.summary()}")
+    if data.eval_report is not None:
+        say(f"      eval  {data.eval_report.summary()}")
+    torch.manual_seed(config.seed)                       # adapter init does not depend on data loading
+    methods.prepare(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+    trainer = Trainer(model, config, data.train, data.eval, pad_id=pad_id_of(tokenizer, model), console=console,
+                      show_progress=show_progress, save_extra=_adapter_saver(model, tokenizer, config))
+    prompts = sample_prompts(data.eval_samples, tokenizer, config.sample_prompts)
+    result = RunResult(output=out, train=TrainResult())
+    before_answers: list[str] = []
+    if resume_from is not None:
+        trainer.resume_from(resume_from)
+        say(f"resumed from {resume_from} (step {trainer.state.step} of {trainer.total_steps})")
+    else:
+        if config.resume is True:
+            say(f"no checkpoint in {out / 'checkpoints'} yet: starting from step 0")
+        before_answers = answer(model, tokenizer, prompts)
+    say(f"training {trainer.total_steps} steps: {len(data.train)} examples, micro-batch {config.micro_batch_size} "
+        f"x {config.gradient_accumulation_steps} accumulation, max_seq_length {config.max_seq_length}"
+        f"{', packed' if config.packing else ''}")
+    result.train = trainer.train()
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r}
+    result.eval_loss_before = evals.get(0)
+    result.eval_loss_after = evals.get(trainer.state.step)
+    after_answers = answer(model, tokenizer, prompts)
+    result.output = methods.save_result(model, tokenizer, config)
+    if before_answers:
+        result.samples = [(p.prompt, b, a) for p, b, a in zip(prompts, before_answers, after_answers)]
+    print_outcome(console, result, prompts, after_answers)
+    if config.report:
+        summary = RunSummary(
+            model=config.model or "SmolLM2-135M-Instruct", method=config.method, dataset=config.dataset,
+            steps=result.train.steps, train_examples=len(data.train), eval_examples=len(data.eval),
+            trainable_parameters=trainable, total_parameters=total, train_seconds=trainer.state.elapsed_s,
+            tokens_per_s=result.train.tokens_per_s, peak_memory_gib=peak_memory_gib(device), device=str(device),
+            eval_loss_before=result.eval_loss_before, eval_loss_after=result.eval_loss_after,
+            saved={"adapter" if config.uses_lora else "model": str(result.output)}, samples=result.samples)
+        result.report = write_report(out, summary, read_metrics(out))
+        say(f"report: {result.report}")
+    say(f"done in {time.perf_counter() - started:.0f} s")
+    return result
+
+
+def _adapter_saver(model, tokenizer, config: TrainConfig):
+    """Checkpoints of LoRA runs carry a ready-to-use PEFT adapter folder."""
+    if not config.uses_lora:
+        return None
+    return lambda folder: methods.save_result(model, tokenizer, config, folder / methods.ADAPTER_DIR)
+
+
+def print_outcome(console: Console, result: RunResult, prompts, after_answers: list[str]) -> None:
+    r = result
+    if r.eval_loss_before is not None and r.eval_loss_after is not None:
+        change = 100 * (r.eval_loss_after - r.eval_loss_before) / r.eval_loss_before
+        console.print(f"[bold]eval loss: {r.eval_loss_before:.4f} -> {r.eval_loss_after:.4f} ({change:+.1f}%)[/bold]")
+    elif r.eval_loss_after is not None:
+        console.print(f"[bold]eval loss: {r.eval_loss_after:.4f}[/bold]")
+    if prompts:
+        table = Table(title="held-out prompts", show_lines=True)
+        for column in ("prompt", "dataset answer", *(("before",) if r.samples else ()), "after"):
+            table.add_column(column, overflow="fold")
+        for i, prompt in enumerate(prompts):
+            before = (r.samples[i][1],) if r.samples else ()
+            table.add_row(prompt.prompt, prompt.reference, *before, after_answers[i])
+        console.print(table)
+    console.print(f"saved: {r.output}  ({r.train.tokens_per_s:,.0f} tokens/s, {r.train.train_seconds:.0f} s training)")
+

@@ -1,0 +1,29 @@
+"""The trainer tests' fixture: tiny model folders, built once per test on demand."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.train.train_helpers import save_tiny
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path_factory):
+    """family -> folder of a saved tiny model (built once per test)."""
+    made = {}
+
+    def get(family: str = "llama"):
+        if family not in made:
+            made[family] = tmp_path_factory.mktemp(family)
+            save_tiny(family, made[family])
+        return made[family]
+    return get
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread: their ops are too small to split, and on a shared CPU
+    extra threads mostly wait for each other. Restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

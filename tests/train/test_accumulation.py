@@ -1,0 +1,47 @@
+"""Exact accumulation and packing: the trainer's step over k micro-batches, or over packed rows,
+gives the loss and gradients of one padded batch holding the same examples."""
+from __future__ import annotations
+
+import torch
+
+from tests.train.train_helpers import load_tiny, make_examples
+from velotune.data import collate_packed, collate_padded, pack_examples
+from velotune.train.config import TrainConfig
+from velotune.train.trainer import Trainer
+
+
+def step_grads(trainer: Trainer, micro_batches) -> tuple[float, dict[str, torch.Tensor]]:
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss, _ = trainer.accumulate(micro_batches)
+    return loss, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def make_trainer(folder, tmp_path, examples) -> Trainer:
+    config = TrainConfig(method="full", output_dir=str(tmp_path / "run"), micro_batch_size=2)
+    return Trainer(load_tiny(folder), config, examples, show_progress=False)
+
+
+def assert_same(a: tuple[float, dict], b: tuple[float, dict]) -> None:
+    assert abs(a[0] - b[0]) <= 1e-6 * abs(b[0])
+    assert a[1].keys() == b[1].keys() and len(a[1]) > 10
+    for name in a[1]:
+        err = (a[1][name] - b[1][name]).norm() / b[1][name].norm()
+        assert err <= 1e-5, f"{name}: relative gradient error {err:.2e}"
+
+
+def test_four_micro_batches_of_two_equal_one_batch_of_eight(tiny_model_dir, tmp_path):
+    examples = make_examples(8, seed=1)
+    trainer = make_trainer(tiny_model_dir("llama"), tmp_path, examples)
+    whole = step_grads(trainer, [collate_padded(examples, 0)])
+    split = step_grads(trainer, [collate_padded(examples[i:i + 2], 0) for i in range(0, 8, 2)])
+    assert_same(split, whole)
+
+
+def test_packed_rows_equal_padded_batch(tiny_model_dir, tmp_path):
+    examples = make_examples(8, seed=2)
+    trainer = make_trainer(tiny_model_dir("qwen2"), tmp_path, examples)
+    padded = step_grads(trainer, [collate_padded(examples, 0)])
+    rows = pack_examples(examples, 48)
+    assert len(rows) < len(examples)          # several examples really share a row
+    packed = step_grads(trainer, [collate_packed(rows, 0)])
+    assert_same(packed, padded)
