@@ -55,6 +55,8 @@ def test_unknown_option_on_command_line():
     ("eval_split: 1.5\n", "key 'eval_split' must be in [0, 1), got 1.5"),
     ("- a\n- b\n", "expected a mapping of keys to values"),
     ("max_steps: [\n", "not valid YAML"),
+    ("export: [gguf:q9_9]\n", "key 'export' has an entry 'gguf:q9_9' that cannot be exported"),
+    ("export: [zip]\n", "unknown export target 'zip'"),
 ])
 def test_bad_values_name_the_key_and_line(tmp_path, text, message):
     path = write(tmp_path, text)

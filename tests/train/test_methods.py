@@ -50,8 +50,21 @@ def test_qlora_trains_adapters_over_a_4bit_base(tmp_path):
     assert result.eval_loss_after < 0.95 * result.eval_loss_before
     model, _ = velotune.load_model(result.output, dtype=torch.float32, device="cpu")
     assert model.lora_config.r == 8
-    from velotune.train.methods import quantize_projections
+    from velotune.quant import quantize_linears
 
     base, _ = velotune.load_model(tmp_path / "model", dtype=torch.float32, device="cpu")
-    assert quantize_projections(base) == 2 * 7
+    assert len(quantize_linears(base)) == 2 * 7
     assert isinstance(base.model.layers[0].mlp.down_proj, Linear4bit)
+
+
+def test_run_ends_with_the_exports_it_was_asked_for(tmp_path):
+    # (the tiny test tokenizer has no llama.cpp pre-tokenizer name, so GGUF is covered in tests/export)
+    config = run_config(tmp_path, method="lora", learning_rate=2e-2, max_steps=2, export=["hf:f32"])
+    result = train_from_config(config, console=quiet(), show_progress=False)
+    [hf_dir] = result.exports
+    assert hf_dir == tmp_path / "run" / "export-hf-f32"
+    trained, tokenizer = velotune.load_model(result.output, dtype=torch.float32, device="cpu")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()
+    ids = torch.tensor([tokenizer.encode("Hello there, who are you?")])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, trained.eval()(ids).logits, atol=1e-5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from velotune.cli.generate import add_model_options, load_for_cli, prompt_ids, sampling_params, with_system
+from velotune.cli.generate import add_model_options, load_or_report, prompt_ids, with_system
 
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
@@ -27,15 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from velotune.infer.engine import stream
-    from velotune.loaders.checkpoint import LoadError
-    from velotune.models.config import ConfigError
 
-    try:
-        params = sampling_params(args)
-        model, tokenizer = load_for_cli(args)
-    except (LoadError, ConfigError, ValueError) as exc:
-        print(f"velotune chat: error: {exc}", file=sys.stderr)
+    loaded = load_or_report(args, "chat")
+    if loaded is None:
         return 2
+    model, tokenizer, params = loaded
     context = getattr(model, "max_seq_length", model.config.max_position_embeddings)
     interactive = sys.stdin.isatty()
     if interactive:

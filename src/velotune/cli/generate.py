@@ -43,6 +43,20 @@ def load_for_cli(args: argparse.Namespace):
     return model, tokenizer
 
 
+def load_or_report(args: argparse.Namespace, command: str):
+    """(model, tokenizer, sampling params), or None after printing the error for `command`."""
+    from velotune.loaders.checkpoint import LoadError
+    from velotune.models.config import ConfigError
+
+    try:
+        params = sampling_params(args)
+        model, tokenizer = load_for_cli(args)
+    except (LoadError, ConfigError, ValueError) as exc:
+        print(f"velotune {command}: error: {exc}", file=sys.stderr)
+        return None
+    return model, tokenizer, params
+
+
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
@@ -64,15 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from velotune.infer.engine import generate
-    from velotune.loaders.checkpoint import LoadError
-    from velotune.models.config import ConfigError
 
-    try:
-        params = sampling_params(args)
-        model, tokenizer = load_for_cli(args)
-    except (LoadError, ConfigError, ValueError) as exc:
-        print(f"velotune generate: error: {exc}", file=sys.stderr)
+    loaded = load_or_report(args, "generate")
+    if loaded is None:
         return 2
+    model, tokenizer, params = loaded
     if args.raw:
         prompts = [tokenizer.encode(text) for text in args.prompt]
     else:

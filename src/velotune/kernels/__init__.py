@@ -46,7 +46,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                  offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one pass: the residual add of a pre-norm block
-    fused with the next norm. x and residual must have the same shape and dtype."""
+    fused with the next norm. Under autocast the block output x is bf16 while the residual stream
+    stays float32: x is then cast to the residual's dtype, as the unfused add would promote it."""
+    if x.dtype != residual.dtype:
+        x = x.to(residual.dtype)
     if use_triton(x, residual, weight):
         from velotune.kernels.ops.rms_norm import add_rms_norm_triton
 

@@ -90,6 +90,9 @@ class TrainConfig:
     save_total_limit: int = 0                # keep the newest N checkpoints; 0 = keep all
     resume: bool | str = False               # true = OUTPUT_DIR/checkpoints/latest, or a path
     report: bool = True                      # OUTPUT_DIR/report.md + loss/lr plot
+    # Exports written at the end of the run, each "FORMAT" or "FORMAT:QUANT" (hf, gguf, ollama),
+    # e.g. [hf, "ollama:q8_0"]: a merged HF folder and a q8_0 GGUF with its Ollama Modelfile.
+    export: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def uses_lora(self) -> bool:
@@ -256,6 +259,14 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
             fail(key, "must be in [0, 1)")
     if config.lora_dropout >= 1.0:
         fail("lora_dropout", "must be below 1")
+    from velotune.export import ExportError, check_request
+
+    for entry in config.export:
+        to, _, quant = str(entry).partition(":")
+        try:
+            check_request(to, quant or None)
+        except ExportError as exc:
+            fail("export", f"has an entry {entry!r} that cannot be exported ({exc})")
     if not config.target_modules and config.uses_lora:
         fail("target_modules", "must name at least one module for LoRA")
     if config.optimizer == "galore" and config.method != "full":

@@ -54,23 +54,10 @@ def prepare(model: nn.Module, config: TrainConfig) -> nn.Module:
     from velotune.lora.model import apply_lora
 
     if config.method == "qlora":
-        quantize_projections(model)
+        from velotune.quant import quantize_linears
+
+        quantize_linears(model)
     return apply_lora(model, lora_config(config), dtype=torch.float32)
-
-
-def quantize_projections(model: nn.Module) -> int:
-    """Replace every decoder projection (q/k/v/o, gate/up/down) by a frozen NF4 `Linear4bit`, as
-    QLoRA does; embeddings, norms and the output head stay in their dtype. Returns the count."""
-    from velotune.lora.config import PROJECTIONS
-    from velotune.quant import Linear4bit
-
-    count = 0
-    for name, module in list(model.named_modules()):
-        parent_name, _, short = name.rpartition(".")
-        if short in PROJECTIONS and isinstance(module, nn.Linear):
-            setattr(model.get_submodule(parent_name), short, Linear4bit.from_linear(module))
-            count += 1
-    return count
 
 
 def save_result(model: nn.Module, tokenizer, config: TrainConfig, folder: Path | None = None) -> Path:

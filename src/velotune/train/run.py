@@ -35,6 +35,7 @@ class RunResult:
     eval_loss_after: float | None = None
     report: Path | None = None
     samples: list[tuple[str, str, str]] = field(default_factory=list)
+    exports: list[Path] = field(default_factory=list)
 
 
 def pick_device(name: str) -> torch.device:
@@ -116,8 +117,31 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
             saved={"adapter" if config.uses_lora else "model": str(result.output)}, samples=result.samples)
         result.report = write_report(out, summary, read_metrics(out))
         say(f"report: {result.report}")
+    for entry in config.export:
+        result.exports.append(export_result(model, tokenizer, out, entry, say))
     say(f"done in {time.perf_counter() - started:.0f} s")
     return result
+
+
+def export_result(model, tokenizer, out: Path, entry: str, say) -> Path:
+    """Export the trained model (adapters merged on the fly, the live model untouched) and say how
+    to run what was written."""
+    from velotune.export import export
+
+    to, _, quant = entry.partition(":")
+    target = out / (f"export-{to}-{quant}" if quant else f"export-{to}")
+    if to == "gguf":
+        target = target / "model.gguf"
+    path = export(model, to=to, quant=quant or None, out=target, tokenizer=tokenizer)
+    say(f"exported {entry}: {path}")
+    if to == "hf":
+        say(f"  transformers: AutoModelForCausalLM.from_pretrained('{path}')")
+    elif to == "gguf":
+        say(f"  llama.cpp: llama-cli -m {path} -cnv")
+    else:
+        say(f"  Ollama: ollama create velotune-demo -f {path} && ollama run velotune-demo")
+        say(f"  llama.cpp: llama-cli -m {path.parent / 'model.gguf'} -cnv")
+    return path
 
 
 def _adapter_saver(model, tokenizer, config: TrainConfig):
