@@ -68,3 +68,12 @@ def test_run_ends_with_the_exports_it_was_asked_for(tmp_path):
     ids = torch.tensor([tokenizer.encode("Hello there, who are you?")])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, trained.eval()(ids).logits, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_each_method_trains_on_the_gpu_with_bf16_autocast(tmp_path, method):
+    """The fast path under autocast: bf16 block outputs meet a float32 residual stream."""
+    config = run_config(tmp_path, method=method, learning_rate=3e-3 if method == "full" else 2e-2, device="cuda")
+    result = train_from_config(config, console=quiet(), show_progress=False)
+    assert result.eval_loss_after < 0.9 * result.eval_loss_before

@@ -90,7 +90,19 @@ def linear_cross_entropy(
     """Summed cross-entropy of (hidden [N, H] @ weight[V, H].T) against labels [N], and the number
     of target tokens (labels != ignore_index). Summing lets the trainer divide by the token count
     of a whole optimizer step, which makes gradient accumulation exact. The Triton path never
-    materialises the [N, V] logits; it computes the gradients during the forward."""
+    materialises the [N, V] logits; it computes the gradients during the forward. Mixed dtypes
+    (bf16 hidden states under autocast, a float32 trainable head) compute in the hidden states'
+    dtype, as autocast's matmul would; the head's gradient flows back through the cast."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        # The op manages its own precision: feed it autocast's matmul dtype, then run it with
+        # autocast off so its float32 accumulators are not cast down behind its back.
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return linear_cross_entropy(hidden.to(dtype), weight.to(dtype), labels,
+                                        softcap=softcap, ignore_index=ignore_index)
+    if weight.dtype != hidden.dtype and hidden.dtype in (torch.float16, torch.bfloat16):
+        weight = weight.to(hidden.dtype)
     if use_triton(hidden, weight, labels):
         from velotune.kernels.ops.linear_cross_entropy import linear_cross_entropy_triton
 
