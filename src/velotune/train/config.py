@@ -25,8 +25,9 @@ from typing import Any
 
 import yaml
 
-METHODS = ("lora", "qlora", "full")
-PLANNED_METHODS = ("dpo", "orpo", "grpo")
+METHODS = ("lora", "qlora", "full", "dpo", "orpo", "grpo")
+RL_METHODS = ("dpo", "orpo", "grpo")      # trained as LoRA adapters; the reference is adapters-off
+DPO_LOSSES = ("sigmoid", "ipo")
 SCHEDULERS = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "galore")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -90,13 +91,22 @@ class TrainConfig:
     save_total_limit: int = 0                # keep the newest N checkpoints; 0 = keep all
     resume: bool | str = False               # true = OUTPUT_DIR/checkpoints/latest, or a path
     report: bool = True                      # OUTPUT_DIR/report.md + loss/lr plot
+    # Preference and RL methods (dpo, orpo, grpo).
+    beta: float = 0.1                        # DPO/IPO/ORPO strength; GRPO's KL weight is grpo_beta
+    dpo_loss: str = "sigmoid"                # sigmoid (DPO) or ipo
+    rewards: list[str] = field(default_factory=list)  # GRPO: "module:function" each
+    num_generations: int = 8                 # GRPO: completions sampled per prompt
+    max_completion_length: int = 128         # GRPO
+    temperature: float = 1.0                 # GRPO sampling
+    grpo_beta: float = 0.04                  # GRPO: weight of the KL term to the reference
+    prompt_column: str = "prompt"            # GRPO: the dataset column holding the prompt
     # Exports written at the end of the run, each "FORMAT" or "FORMAT:QUANT" (hf, gguf, ollama),
     # e.g. [hf, "ollama:q8_0"]: a merged HF folder and a q8_0 GGUF with its Ollama Modelfile.
-    export: list[str] = dataclasses.field(default_factory=list)
+    export: list[str] = field(default_factory=list)
 
     @property
     def uses_lora(self) -> bool:
-        return self.method in ("lora", "qlora")
+        return self.method in ("lora", "qlora", *RL_METHODS)
 
 
 def field_types() -> dict[str, Any]:
@@ -236,8 +246,12 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
     def fail(key: str, message: str) -> None:
         raise TrainConfigError(f"{where(key)}: key {key!r} {message}, got {getattr(config, key)!r}")
 
-    if config.method in PLANNED_METHODS:
-        fail("method", f"is not available in this version; choose one of {', '.join(METHODS)}")
+    if config.dpo_loss not in DPO_LOSSES:
+        fail("dpo_loss", f"must be one of {', '.join(DPO_LOSSES)}")
+    if config.method == "grpo" and not config.rewards:
+        fail("method", "grpo needs at least one reward function in key 'rewards' ('module:function')")
+    if config.method == "grpo" and config.num_generations < 2:
+        fail("num_generations", "must be at least 2 (advantages compare completions of one prompt)")
     for key, choices in (("method", METHODS), ("lr_scheduler", SCHEDULERS), ("optimizer", OPTIMIZERS),
                          ("dtype", DTYPES), ("dataset_format", DATASET_FORMATS)):
         if getattr(config, key) not in choices:

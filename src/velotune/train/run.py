@@ -19,7 +19,7 @@ import velotune
 from velotune.loaders.checkpoint import LoadError
 from velotune.train import methods
 from velotune.train.checkpoint import resolve_resume
-from velotune.train.config import TrainConfig, TrainConfigError, check_values, config_yaml
+from velotune.train.config import RL_METHODS, TrainConfig, TrainConfigError, check_values, config_yaml
 from velotune.train.data import TrainData, load_train_data
 from velotune.train.metrics import peak_memory_gib, read_metrics
 from velotune.train.report import RunSummary, write_report
@@ -68,6 +68,12 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
 
     say(f"[bold]velotune train[/bold]: {config.method} on {config.model or 'SmolLM2-135M-Instruct (default)'}, "
         f"device {device}")
+    if config.method in RL_METHODS:
+        from velotune.train.rl_run import run_rl
+
+        rl = run_rl(config, console, device)
+        say(f"done in {time.perf_counter() - started:.0f} s")
+        return RunResult(output=rl.output, train=TrainResult(steps=len(rl.history)))
     model, tokenizer = velotune.load_model(config.model, dtype=methods.load_dtype(config, device), device=device,
                                            max_seq_length=config.max_seq_length)
     if tokenizer is None:
