@@ -10,6 +10,7 @@ with their token ids).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +31,25 @@ class Completion:
     finish_reason: str     # "stop" or "length"
 
 
-def default_stop_ids(model: Transformer, tokenizer: Any | None) -> list[int]:
+def stop_ids(model: Transformer, tokenizer: Any | None, requested: Sequence[int] | None) -> list[int]:
+    """The requested stop ids, else the tokenizer's (EOS and end of turn), else the config's EOS."""
+    if requested is not None:
+        return list(requested)
     if tokenizer is not None and getattr(tokenizer, "stop_token_ids", None):
         return list(tokenizer.stop_token_ids)
     eos = model.config.eos_token_id
     return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+@contextmanager
+def eval_mode(model: Transformer) -> Iterator[None]:
+    """Dropout off while decoding; the caller's train/eval mode comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,17 +160,13 @@ def generate_tensor(model: Transformer, input_ids: torch.Tensor, params: Samplin
     """[B, prompt + generated] ids; rows that stopped early are filled with the pad id."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    stops = default_stop_ids(model, tokenizer) if stop_token_ids is None else list(stop_token_ids)
-    was_training = model.training
-    model.eval()
-    try:
+    stops = stop_ids(model, tokenizer, stop_token_ids)
+    with eval_mode(model):
         run = GenerationRun(model, input_ids, attention_mask, params, stops, tokenizer)
         if pad_token_id is not None:
             run.pad_id = pad_token_id
         while run.step() is not None:
             pass
-    finally:
-        model.train(was_training)
     return torch.cat([input_ids, *[c[:, None] for c in run.columns]], dim=1)
 
 
@@ -165,16 +176,12 @@ def generate(model: Transformer, tokenizer: Any, prompts: Sequence[Sequence[int]
     params = params or SamplingParams()
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     device = next(model.parameters()).device
-    stops = params.stop_token_ids if params.stop_token_ids is not None else default_stop_ids(model, tokenizer)
+    stops = stop_ids(model, tokenizer, params.stop_token_ids)
     input_ids, mask = left_pad(ids, stops[0] if stops else 0, device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         run = GenerationRun(model, input_ids, mask, params, stops, tokenizer)
         while run.step() is not None:
             pass
-    finally:
-        model.train(was_training)
     return [Completion(ids[r], run.token_ids(r), run.text(r), run.finish_reason(r)) for r in range(len(ids))]
 
 
@@ -182,13 +189,11 @@ def stream(model: Transformer, tokenizer: Any, prompt_ids: Sequence[int],
            params: SamplingParams | None = None) -> Iterator[str]:
     """Yield the text of one completion piece by piece as it is generated."""
     params = params or SamplingParams()
-    stops = params.stop_token_ids if params.stop_token_ids is not None else default_stop_ids(model, tokenizer)
+    stops = stop_ids(model, tokenizer, params.stop_token_ids)
     device = next(model.parameters()).device
     input_ids, mask = left_pad([prompt_ids], stops[0] if stops else 0, device)
-    was_training = model.training
-    model.eval()
     shown = ""
-    try:
+    with eval_mode(model):
         run = GenerationRun(model, input_ids, mask, params, stops, tokenizer)
         while run.step() is not None:
             text = run.text(0)
@@ -201,5 +206,3 @@ def stream(model: Transformer, tokenizer: Any, prompt_ids: Sequence[int],
         final = run.text(0)
         if final.startswith(shown) and len(final) > len(shown):
             yield final[len(shown):]
-    finally:
-        model.train(was_training)
