@@ -7,13 +7,33 @@ velotune uses its defaults (kernels on, checkpointing on). Each row in RESULTS.m
 tokens/s, ms/step, peak allocated and reserved memory, MFU against the bf16 matmul rate measured
 in the same run, and velotune's ratios to transformers.
 
+QLoRA (--qlora): transformers cannot quantize a model built from a config, so the random bf16
+model is saved once to a folder on local disk (--workdir; 16 GB for 8B) and both systems load it:
+transformers with bitsandbytes NF4 (double quantization, bf16 compute) and the LoRA reference's
+set-up (gradient checkpointing with use_reentrant=False, inputs requiring grad; the embeddings and
+head stay bf16, as velotune's do), velotune with
+`load_model(..., load_in_4bit=True)`. Both then put r=16 adapters on the seven projections.
+
+Every velotune row also gets the memory estimator's prediction (`velotune.estimate`, same model,
+method, batch, seq, AdamW, checkpointing on) and the ratio measured/predicted, in the section
+"Estimator vs measured peak": the target is a ratio within 0.90-1.10.
+
     python benchmarks/bench_train.py --model Llama-3.1-8B --batch 1 4 --seq 2048 [--qlora]
+
+`--checkpointing auto` (velotune checkpoints only as many layers as the GPU's memory needs, and
+prints how many) and `--offload` (checkpointed inputs to pinned host memory) change velotune's
+side only; transformers keeps checkpointing on. Those rows skip the estimator comparison.
+
+    python benchmarks/bench_train.py --model Llama-3.1-8B --batch 4 --checkpointing auto
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,45 +51,79 @@ def hf_config(name: str) -> dict:
     return dict(found[1]["config"])
 
 
-def velotune_system(cfg: dict, qlora: bool):
+def transformers_config(cfg: dict):
+    import transformers
+
+    rest = {k: v for k, v in cfg.items() if k != "model_type"}
+    return transformers.AutoConfig.for_model(cfg["model_type"], **rest)
+
+
+def save_random_checkpoint(cfg: dict, folder: Path) -> Path:
+    """The random bf16 model both QLoRA systems load (transformers quantizes only while loading)."""
+    import transformers
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers_config(cfg), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return folder
+
+
+def velotune_system(cfg: dict, qlora: bool, folder: Path | None = None, checkpointing: str = "on",
+                    offload: bool = False):
+    import velotune
     from velotune.lora import LoraConfig, apply_lora
     from velotune.models.config import ModelConfig
     from velotune.models.transformer import Transformer
 
-    config = ModelConfig.from_hf_config(cfg, "bench")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: no float32 copy of 8B weights
-    try:
-        with torch.device("cuda"):
-            model = Transformer(config)
-    finally:
-        torch.set_default_dtype(previous)
-    if qlora:
-        from velotune.quant import quantize_linears
-
-        quantize_linears(model, TARGETS)
-    model.gradient_checkpointing = True
+    if qlora:  # quantized layer by layer while the saved checkpoint streams in
+        model, _ = velotune.load_model(folder, dtype=torch.bfloat16, device="cuda", load_in_4bit=True)
+        config = model.config
+    else:
+        config = ModelConfig.from_hf_config(cfg, "bench")
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: no float32 copy of 8B weights
+        try:
+            with torch.device("cuda"):
+                model = Transformer(config)
+        finally:
+            torch.set_default_dtype(previous)
+    # on | off | auto (as many layers as this GPU's memory needs; the choice is printed)
+    model.gradient_checkpointing = {"on": True, "off": False, "auto": "auto"}[checkpointing]
+    model.offload_checkpoints = offload
     # float32 adapters over the bf16 base, as PEFT does by default (autocast_adapter_dtype)
     apply_lora(model, LoraConfig(r=16, alpha=16, dropout=0.0, target_modules=TARGETS), dtype=torch.float32)
 
     def step(ids):
         out = model(ids, labels=ids, return_logits=False)
         (out.loss_sum / out.num_targets).backward()
+        if model.checkpoint_choice is not None and not getattr(step, "announced", False):
+            print(model.checkpoint_choice.describe())
+            step.announced = True
 
     return model, step, config
 
 
-def transformers_system(cfg: dict, qlora: bool):
+def transformers_system(cfg: dict, qlora: bool, folder: Path | None = None):
     import peft
     import transformers
 
-    rest = {k: v for k, v in cfg.items() if k != "model_type"}
-    config = transformers.AutoConfig.for_model(cfg["model_type"], **rest)
     kwargs = dict(attn_implementation="sdpa", dtype=torch.bfloat16)
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(config, **kwargs)
     if qlora:
-        raise SystemExit("the transformers QLoRA reference needs bitsandbytes and a saved checkpoint: not wired yet")
+        nf4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4,
+                                                                  device_map={"": 0}, **kwargs)
+    else:
+        with torch.device("cuda"):
+            model = transformers.AutoModelForCausalLM.from_config(transformers_config(cfg), **kwargs)
+    # The same set-up for LoRA and QLoRA. Not peft.prepare_model_for_kbit_training: it also
+    # upcasts the embeddings and head to float32 (a float32 [tokens x 128k] head matmul): the
+    # first QLoRA reference rows, made with it, ran at 2,632 tokens/s on 8B micro-batch 4,
+    # against 6,010 for the LoRA reference.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
@@ -81,9 +135,20 @@ def transformers_system(cfg: dict, qlora: bool):
 
 
 def measure(build, batch: int, seq: int, vocab: int, steps: int) -> dict:
+    gc.collect()
     torch.cuda.empty_cache()
+    # Memory still held when this system starts (nothing, unless an earlier system leaked) is
+    # not this system's: it is subtracted from the peaks and printed, so a leak shows up instead
+    # of inflating the next row.
+    leftover = torch.cuda.memory_allocated()
+    if leftover > 2**28:
+        print(f"note: {leftover / 2**30:.2f} GiB still allocated before building this system")
     built = build()
     model, step = built[0], built[1]
+    # Training mode for every system: from_pretrained returns an eval-mode model, and
+    # transformers checkpoints only in training mode (the first QLoRA reference rows, made
+    # without this, ran with checkpointing silently off).
+    model.train()
     torch.cuda.reset_peak_memory_stats()  # the loop's peak, not the one-off construction's
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -99,14 +164,23 @@ def measure(build, batch: int, seq: int, vocab: int, steps: int) -> dict:
         torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / steps
         return dict(ms=seconds * 1e3, tok_s=batch * seq / seconds,
-                    alloc=torch.cuda.max_memory_allocated() / 2**30,
-                    reserved=torch.cuda.max_memory_reserved() / 2**30)
+                    alloc=(torch.cuda.max_memory_allocated() - leftover) / 2**30,
+                    reserved=(torch.cuda.max_memory_reserved() - leftover) / 2**30)
     except torch.OutOfMemoryError:
         return dict(ms=float("nan"), tok_s=0.0, alloc=float("nan"), reserved=float("nan"), oom=True)
     finally:
-        del model, opt, built
+        del model, step, opt, built
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def estimator_row(config, method: str, batch: int, seq: int, measured_gib: float) -> tuple[float, str]:
+    """The estimator's peak for this run (AdamW, checkpointing on, r=16) and measured/predicted."""
+    from velotune.estimate import GIB, Setup, estimate
+
+    predicted = estimate(config, Setup(method=method, batch=batch, seq=seq, optim="adamw", checkpointing=True,
+                                       lora_r=16)).total / GIB
+    return predicted, f"{measured_gib / predicted:.3f}" if measured_gib == measured_gib else "OOM"
 
 
 def main() -> None:
@@ -117,27 +191,51 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--qlora", action="store_true")
+    p.add_argument("--checkpointing", choices=("on", "off", "auto"), default="on",
+                   help="velotune's checkpointing (transformers keeps it on); auto: as memory needs")
+    p.add_argument("--offload", action="store_true", help="velotune: checkpointed inputs to pinned host memory")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="--qlora: where the random bf16 checkpoint is saved (default: a temporary folder, removed after)")
     args = p.parse_args()
     cfg = hf_config(args.model)
     peak = bf16_matmul_tflops()
     from velotune.models.config import ModelConfig
 
-    flops_tok = train_flops_per_token(ModelConfig.from_hf_config(cfg, args.model), args.seq)
+    model_config = ModelConfig.from_hf_config(cfg, args.model)
+    flops_tok = train_flops_per_token(model_config, args.seq)
     method = "QLoRA" if args.qlora else "LoRA"
     cols = ["date", "machine", "config", "system", "tokens/s", "ms/step", "peak alloc GiB",
             "peak reserved GiB", "MFU", "speed ratio", "memory ratio"]
-    for batch in args.batch:
-        ref = measure(lambda: transformers_system(cfg, args.qlora), batch, args.seq, cfg["vocab_size"], args.steps)
-        ours = measure(lambda: velotune_system(cfg, args.qlora), batch, args.seq, cfg["vocab_size"], args.steps)
-        config = f"{args.model} {method} r16 seq {args.seq} micro-batch {batch} ckpt on, bf16 matmul {peak:.0f} TFLOP/s"
-        for name, r in (("transformers+PEFT", ref), ("velotune", ours)):
-            mfu = r["tok_s"] * flops_tok / (peak * 1e12)
-            ratio = (f"{ours['tok_s'] / ref['tok_s']:.2f}x" if ref["tok_s"] else "ref OOM") if name == "velotune" else "1.00x"
-            mem = f"{ours['alloc'] / ref['alloc']:.2f}x" if name == "velotune" and ref["tok_s"] else "1.00x"
-            row = [today(), machine(), config, name, f"{r['tok_s']:,.0f}", f"{r['ms']:.0f}", f"{r['alloc']:.1f}",
-                   f"{r['reserved']:.1f}", f"{mfu:.1%}", ratio, mem]
-            append_row(f"Training throughput ({method})", cols, row)
-            print(" | ".join(row[2:]))
+    est_cols = ["date", "machine", "config", "measured peak alloc GiB", "estimated GiB", "measured / estimated"]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="velotune-bench-"))
+    folder = save_random_checkpoint(cfg, workdir / args.model) if args.qlora else None
+    try:
+        for batch in args.batch:
+            ref = measure(lambda: transformers_system(cfg, args.qlora, folder), batch, args.seq, cfg["vocab_size"],
+                          args.steps)
+            ours = measure(lambda: velotune_system(cfg, args.qlora, folder, args.checkpointing, args.offload),
+                           batch, args.seq, cfg["vocab_size"], args.steps)
+            ckpt = f"ckpt {args.checkpointing}" + (" + offload" if args.offload else "")
+            config = (f"{args.model} {method} r16 seq {args.seq} micro-batch {batch} {ckpt}, "
+                      f"bf16 matmul {peak:.0f} TFLOP/s")
+            for name, r in (("transformers+PEFT", ref), ("velotune", ours)):
+                mfu = r["tok_s"] * flops_tok / (peak * 1e12)
+                ratio = ((f"{ours['tok_s'] / ref['tok_s']:.2f}x" if ref["tok_s"] else "ref OOM")
+                         if name == "velotune" else "1.00x")
+                mem = f"{ours['alloc'] / ref['alloc']:.2f}x" if name == "velotune" and ref["tok_s"] else "1.00x"
+                row = [today(), machine(), config, name, f"{r['tok_s']:,.0f}", f"{r['ms']:.0f}", f"{r['alloc']:.1f}",
+                       f"{r['reserved']:.1f}", f"{mfu:.1%}", ratio, mem]
+                append_row(f"Training throughput ({method})", cols, row)
+                print(" | ".join(row[2:]))
+            if args.checkpointing != "on" or args.offload:
+                continue   # the estimator's rows are for its own setting: every layer checkpointed, on the GPU
+            predicted, est_ratio = estimator_row(model_config, method.lower(), batch, args.seq, ours["alloc"])
+            est = [today(), machine(), f"velotune {config}", f"{ours['alloc']:.2f}", f"{predicted:.2f}", est_ratio]
+            append_row("Estimator vs measured peak", est_cols, est)
+            print(" | ".join(est[2:]))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""`python -m velotune ...` (and `torchrun -m velotune ...`) run the CLI."""
+"""`python -m velotune ...` is the `velotune` command; torchrun starts ranks this way
+(`torchrun --nproc-per-node N -m velotune train CONFIG`)."""
 import sys
 
 from velotune.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,9 +17,12 @@ biases stay bf16. LoRA adapters (lora, qlora) are float32: A [r, in] and B [out,
 projections (q, k, v, o, gate, up, down) of every layer.
 
 Gradients: bf16 for a full fine-tune (2 B per parameter), float32 for adapters (4 B).
-Optimizer: AdamW keeps two float32 moments (8 B per trainable parameter); 8-bit AdamW keeps two
-uint8 moments plus one float32 scale per 256 values for each (2 + 8/256 B). Both are assumed
-fused (no step temporaries), so the optimizer step never exceeds the backward peak.
+Optimizer: AdamW keeps two float32 moments (8 B per trainable parameter); 8-bit AdamW
+(bitsandbytes' AdamW8bit, what `optimizer: adamw8bit` trains with) keeps, per trainable tensor,
+two uint8 moments, one float32 absmax per 256 values for each, and its two 256-entry float32
+code tables (2 n + 8 ceil(n / 256) + 2 KiB); a tensor under 4,096 elements keeps float32 moments
+(bitsandbytes' min_8bit_size). Both are assumed fused (no step temporaries), so the optimizer
+step never exceeds the backward peak.
 
 Activations at the end of the forward pass, T = batch x seq tokens, everything bf16 (2 B) unless
 marked f32 (4 B), h hidden, q = heads x head_dim, kv = kv_heads x head_dim, i intermediate,
@@ -77,6 +80,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 RESERVED_GIB = 1.5
 NF4_BLOCKSIZE, NESTED_BLOCKSIZE = 64, 256
 ADAMW8BIT_BLOCKSIZE = 256
+ADAMW8BIT_MIN_SIZE = 4096      # smaller tensors keep float32 moments (bitsandbytes' min_8bit_size)
 
 
 class EstimateError(ValueError):
@@ -158,10 +162,30 @@ def weight_bytes(config: ModelConfig, setup: Setup) -> int:
     return BF16 * (params - quantized) + config.num_hidden_layers * sum(map(nf4_bytes, matrices)) + adapters
 
 
-def optimizer_bytes(trainable: int, optim: str) -> int:
+def trainable_tensors(config: ModelConfig, setup: Setup) -> list[int]:
+    """Element counts of the trainable tensors: the adapters' A and B, or for a full fine-tune
+    the matrices plus the vectors (norm weights; biases counted as hidden-size vectors)."""
+    shapes = projection_shapes(config).values()
+    if setup.method != "full":
+        r = setup.lora_r
+        return [n for o, i in shapes for n in (r * i, o * r)] * config.num_hidden_layers
+    matrices = [o * i for o, i in shapes] * config.num_hidden_layers
+    matrices += [config.vocab_size * config.hidden_size] * (1 if config.tie_word_embeddings else 2)
+    rest = config.num_parameters() - sum(matrices)
+    h = config.hidden_size
+    return matrices + [h] * (rest // h) + ([rest % h] if rest % h else [])
+
+
+def optimizer_bytes(tensors: list[int], optim: str) -> int:
     if optim == "adamw":
-        return 2 * F32 * trainable
-    return 2 * (trainable + F32 * -(-trainable // ADAMW8BIT_BLOCKSIZE))
+        return 2 * F32 * sum(tensors)
+    total = 0
+    for n in tensors:
+        if n < ADAMW8BIT_MIN_SIZE:
+            total += 2 * F32 * n
+        else:
+            total += 2 * (n + F32 * -(-n // ADAMW8BIT_BLOCKSIZE) + F32 * 256)
+    return total
 
 
 @dataclass(frozen=True)
@@ -263,7 +287,7 @@ def estimate(config: ModelConfig, setup: Setup) -> Estimate:
     return Estimate(
         config=config, setup=setup, parameters=params, trainable_parameters=trainable,
         weights=weight_bytes(config, setup), gradients=gradients,
-        optimizer=optimizer_bytes(trainable, setup.optim),
+        optimizer=optimizer_bytes(trainable_tensors(config, setup), setup.optim),
         activations_checkpointed=checkpoint_term(config).bytes(tokens) + max(model_wide, layer),
         activations_full=config.num_hidden_layers * layer + model_wide,
         backward_peak=max(backward_start, backward_end),
@@ -368,8 +392,8 @@ def savings(config: ModelConfig, setup: Setup) -> list[Saving]:
     current = estimate(config, setup)
     r = setup.lora_r
     return [
-        Saving("8-bit AdamW", "optimizer states", optimizer_bytes(current.trainable_parameters, "adamw"),
-               optimizer_bytes(current.trainable_parameters, "adamw8bit"),
+        Saving("8-bit AdamW", "optimizer states", optimizer_bytes(trainable_tensors(config, setup), "adamw"),
+               optimizer_bytes(trainable_tensors(config, setup), "adamw8bit"),
                "two uint8 moments with a float32 scale per 256 values instead of two float32 moments",
                setup.optim == "adamw8bit"),
         Saving("4-bit weights (QLoRA)", "weights", lora.weights, estimate(config, replace(setup, method="qlora")).weights,

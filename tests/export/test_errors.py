@@ -13,13 +13,23 @@ from velotune.export import ExportError, export
 
 
 @pytest.mark.parametrize(("to", "quant", "message"), [
-    ("gguf", "q4_k_m", "quant type 'q4_k_m' is not supported for --to gguf; choose one of f32, f16"),
+    ("gguf", "q4_k_x", "quant type 'q4_k_x' is not supported for --to gguf; choose one of f32, f16"),
+    ("ollama", "q3_k_m", "quant type 'q3_k_m' is not supported for --to ollama; choose one of f32, f16"),
     ("hf", "q8_0", "quant type 'q8_0' is not supported for --to hf; choose one of f32, f16, bf16"),
     ("onnx", None, "unknown export target 'onnx'; choose one of hf, gguf, ollama"),
 ])
 def test_bad_target_or_quant_before_the_path_is_read(tmp_path, to, quant, message):
     with pytest.raises(ExportError, match=message.replace("(", r"\(")):
         export(tmp_path / "does-not-exist", to=to, quant=quant)
+
+
+@pytest.mark.parametrize(("to", "quant", "message"), [
+    ("hf", None, "calibration applies to quantized GGUF/Ollama exports, not --to hf"),
+    ("gguf", "f16", "calibration applies to quantized types; f16 is not quantized"),
+])
+def test_calibration_of_an_unquantized_export_is_refused_first(tmp_path, to, quant, message):
+    with pytest.raises(ExportError, match=message.replace("(", r"\(")):
+        export(tmp_path / "does-not-exist", to=to, quant=quant, calibrate=True)
 
 
 def test_missing_run_folder(tmp_path):
@@ -58,6 +68,8 @@ def test_cli_reports_and_exits_2(tmp_path, capsys):
     assert "velotune export: error:" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--to", "gguf", "--quant", "iq2"]) == 2
     assert "quant type 'iq2' is not supported" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--to", "hf", "--no-calibration"]) == 2
+    assert "calibration applies to quantized GGUF/Ollama exports" in capsys.readouterr().err
 
 
 def test_cli_exports_a_run_folder(tmp_path, bpe_tokenizer, capsys):

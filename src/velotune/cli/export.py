@@ -1,4 +1,4 @@
-"""`velotune export RUN_DIR --to hf|gguf|ollama [--quant TYPE] [--out PATH]`.
+"""`velotune export RUN_DIR --to hf|gguf|ollama [--quant TYPE] [--out PATH] [--[no-]calibration]`.
 
 RUN_DIR is a training output folder (holding adapter/ or model/), an adapter or model folder,
 or a .gguf file. Bad requests (target, quant type, path, architecture, chat template) end with
@@ -24,12 +24,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"weight type: {', '.join(QUANTS['hf'])} for hf (default: the model's dtype); "
                         f"{', '.join(QUANTS['gguf'])} for gguf (default f16) and ollama (default q8_0)")
     p.add_argument("--out", help="output folder (or .gguf file for --to gguf); default RUN_DIR/export-FORMAT")
+    p.add_argument("--calibration", dest="calibrate", action=argparse.BooleanOptionalAction, default=None,
+                   help="round quantized GGUF weights to minimise each layer's output error on generic "
+                        "calibration text (default: on for the 4-bit types q4_k_m, q4_k_s, q4_1, q4_0)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        written = export(args.run_dir, to=args.to, quant=args.quant, out=args.out)
+        written = export(args.run_dir, to=args.to, quant=args.quant, out=args.out, calibrate=args.calibrate)
     except ExportError as exc:
         print(f"velotune export: error: {exc}", file=sys.stderr)
         return 2

@@ -2,10 +2,14 @@
 
 Without a config it runs the bundled demo (LoRA on SmolLM2-135M-Instruct with the chatterbot
 dialogues, a few minutes on a CPU). Every YAML key can be overridden on the command line.
+`--nproc-per-node N` starts the same command on N processes of this machine through torchrun;
+started by torchrun directly, every process runs this module as a rank.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from importlib import resources
 
@@ -23,18 +27,23 @@ examples:
   velotune train                                  # the demo
   velotune train run.yaml --learning_rate=1e-4 --max_steps=200
   velotune train run.yaml --resume=true           # continue from OUTPUT_DIR/checkpoints/latest
+  velotune train run.yaml --nproc-per-node 4      # 4 GPUs (DDP for LoRA/QLoRA, FSDP2 for full)
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+      -m velotune train run.yaml                  # several machines (docs/distributed.md)
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="fine-tune a model (LoRA, QLoRA or full) from a YAML config",
-        usage="velotune train [-h] [--no-progress] [CONFIG.yaml] [--key=value ...]",
+        usage="velotune train [-h] [--no-progress] [--nproc-per-node N] [CONFIG.yaml] [--key=value ...]",
         description="Fine-tune a model as CONFIG.yaml says; with no config, run the demo "
                     "(LoRA on SmolLM2-135M-Instruct with the chatterbot-corpus dialogues).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="training config (default: the bundled demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and CI)")
+    p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, metavar="N", dest="nproc_per_node",
+                   help="train on N processes of this machine (one per GPU) through torchrun")
     p.set_defaults(func=run, accepts_extra=True)
 
 
@@ -49,13 +58,38 @@ def run(args: argparse.Namespace) -> int:
     from velotune.train.checkpoint import CheckpointError
     from velotune.train.run import train_from_config
 
+    from velotune import distributed
+    from velotune.distributed.launch import LaunchError
+
     try:
         config = load_config(args.config or demo_config_path(), args.extra)
+        if args.nproc_per_node is not None:
+            return launch(args, config.device)
         train_from_config(config, show_progress=not args.no_progress)
-    except (TrainConfigError, DataError, LoadError, ConfigError, CheckpointError) as exc:
+    except (TrainConfigError, DataError, LoadError, ConfigError, CheckpointError, LaunchError) as exc:
         print(f"velotune train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("velotune train: interrupted; resume with --resume=true", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
     return 0
+
+
+def relaunch_args(args: argparse.Namespace) -> list[str]:
+    """This command line without --nproc-per-node: what every rank runs."""
+    return ["train", *([args.config] if args.config else []), *(["--no-progress"] if args.no_progress else []),
+            *args.extra]
+
+
+def launch(args: argparse.Namespace, device: str) -> int:
+    """Run this command on --nproc-per-node processes under torchrun; its exit status."""
+    import torch
+
+    from velotune.distributed.launch import check_launch, child_environment, torchrun_command
+
+    command = torchrun_command(args.nproc_per_node, relaunch_args(args))
+    check_launch(args.nproc_per_node, os.environ, torch.cuda.device_count(), device)
+    print(f"velotune train: starting {' '.join(command)}", file=sys.stderr)
+    return subprocess.run(command, env=child_environment(os.environ), check=False).returncode

@@ -1,6 +1,7 @@
 """Export a trained model: merged Hugging Face folder, GGUF file, or GGUF + Ollama Modelfile.
 
     export("runs/chat", to="gguf", quant="q8_0")              # -> runs/chat/export-gguf/model-q8_0.gguf
+    export("runs/chat", to="gguf", quant="q4_k_m")            # llama.cpp's Q4_K_M mix, calibrated rounding
     export(model, to="hf", out="merged", tokenizer=tokenizer)  # a live model (adapters merged on the fly)
 
 The source is a live `Transformer` (with `tokenizer=`), or a path: a training output folder
@@ -9,6 +10,11 @@ holding adapter/ or model/, an adapter folder (adapter_config.json), a model fol
 Every request is checked before anything is loaded or written: the target, the quant type for
 that target, the path; then the architecture and the chat template (Ollama) before the first
 file is written.
+
+`calibrate` (GGUF and Ollama): round quantized weights to minimise each layer's output error on
+generic calibration conversations instead of to the nearest grid point (`export/calibration.py`).
+None, the default, turns it on for the 4-bit types (q4_k_m, q4_k_s, q4_1, q4_0), where
+round-to-nearest measurably loses the fine-tune; False gives plain round-to-nearest.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from typing import Any
 import torch
 
 from velotune.export.errors import ExportError
-from velotune.export.gguf import GGUF_QUANTS, check_architecture, save_gguf
+from velotune.export.gguf import GGUF_QUANTS, check_architecture, check_calibrate, save_gguf
 from velotune.export.hf import DEFAULT_SHARD_BYTES, HF_DTYPES, save_hf
 from velotune.export.ollama import save_ollama
 from velotune.export.weights import export_config
@@ -31,12 +37,16 @@ RUN_SUBFOLDERS = ("adapter", "model")
 __all__ = ["ExportError", "QUANTS", "export", "resolve_source"]
 
 
-def check_request(to: str, quant: str | None) -> None:
+def check_request(to: str, quant: str | None, calibrate: bool | None = None) -> None:
     if to not in QUANTS:
         raise ExportError(f"unknown export target {to!r}; choose one of {', '.join(QUANTS)}")
     if quant is not None and quant not in QUANTS[to]:
         raise ExportError(f"quant type {quant!r} is not supported for --to {to}; choose one of "
                           f"{', '.join(QUANTS[to])}")
+    if calibrate is not None and to == "hf":
+        raise ExportError("calibration applies to quantized GGUF/Ollama exports, not --to hf")
+    if to != "hf":
+        check_calibrate(quant or DEFAULT_QUANT[to], calibrate)
 
 
 def resolve_source(path: str | Path) -> Path:
@@ -77,9 +87,10 @@ def default_out(source: Path, to: str) -> Path:
 
 def export(source: Transformer | str | Path, to: str = "hf", quant: str | None = None,
            out: str | Path | None = None, *, tokenizer: Any = None,
-           generation_config: dict[str, Any] | None = None, max_shard_size: int = DEFAULT_SHARD_BYTES) -> Path:
+           generation_config: dict[str, Any] | None = None, max_shard_size: int = DEFAULT_SHARD_BYTES,
+           calibrate: bool | None = None) -> Path:
     """Export and return what was written: the HF folder, the .gguf file, or the Modelfile."""
-    check_request(to, quant)
+    check_request(to, quant, calibrate)
     if isinstance(source, Transformer):
         if out is None:
             raise ExportError("exporting a live model needs out= (a folder, or a .gguf path for --to gguf)")
@@ -97,13 +108,13 @@ def export(source: Transformer | str | Path, to: str = "hf", quant: str | None =
     was_training = model.training
     model.eval()  # adapter dropout off while merged weights are computed
     try:
-        return write(model, tokenizer, to, quant, out_path, generation, max_shard_size)
+        return write(model, tokenizer, to, quant, out_path, generation, max_shard_size, calibrate)
     finally:
         model.train(was_training)
 
 
 def write(model: Transformer, tokenizer: Any, to: str, quant: str | None, out: Path,
-          generation: dict[str, Any], max_shard_size: int) -> Path:
+          generation: dict[str, Any], max_shard_size: int, calibrate: bool | None = None) -> Path:
     if to == "hf":
         dtype = HF_DTYPES[quant] if quant else model.model.embed_tokens.weight.dtype
         return save_hf(model, tokenizer, out, dtype, generation, max_shard_size)
@@ -111,5 +122,5 @@ def write(model: Transformer, tokenizer: Any, to: str, quant: str | None, out: P
     check_architecture(export_config(model))
     if to == "gguf":
         target = out if out.suffix == ".gguf" else out / f"model-{quant}.gguf"
-        return save_gguf(model, tokenizer, target, quant)
-    return save_ollama(model, tokenizer, out, quant, generation)
+        return save_gguf(model, tokenizer, target, quant, calibrate=calibrate)
+    return save_ollama(model, tokenizer, out, quant, generation, calibrate=calibrate)

@@ -7,12 +7,14 @@ llama.cpp, Ollama and our GGUF loader read it:
 - llama (and Mistral, written as "llama" like llama.cpp does): q/k rows (weights and biases)
   interleaved per head for llama.cpp's RoPE; Gemma 2: RMSNorm weights stored as w + 1; Phi-3:
   fused `attn_qkv` and `ffn_up` (gate then up); Llama 3 RoPE scaling as a `rope_freqs` tensor;
-- types: 1-D tensors (norms, biases) and `rope_freqs` stay f32; every 2-D weight takes the
-  requested type. A row length that is not a multiple of the type's block falls back to f16
-  (what the converter does). For 4-bit types the output head (the embedding when tied) is kept at
-  q8_0, standing in for the q6_K that llama-quantize uses there: gguf-py can dequantize the
-  k-quants (q4_K, q6_K, ...) but not quantize them, so Q4_K_M is not offered; q4_0, q4_1, q5_0
-  and q5_1 are quantized by gguf-py (`gguf.quants.quantize`).
+- types: 1-D tensors (norms, biases) and `rope_freqs` stay f32; 2-D weights take the requested
+  type, with llama-quantize's mix (`tensor_type`): the output head (the embedding when tied) in
+  q6_K for every quantized type below q8_0, and for q4_k_m q6_K on attn_v and ffn_down of the
+  layers `use_more_bits` picks (q5_K on a fused attn_qkv); q4_k_s q5_K on the first attn_v and
+  ffn_down. A row length that is not a multiple of the type's block takes llama.cpp's fallback
+  (q4_K -> q5_0, q5_K -> q5_1, q6_K -> q8_0, then f16). The k-quants are quantized by our
+  `kquants.py` (gguf-py cannot), the others by gguf-py -- or, with calibration
+  (`calibration.py`, the default for 4-bit types), all by error-compensated rounding.
 - metadata: the architecture keys llama.cpp reads for the family, the tokenizer
   (`gguf_tokenizer.py`), the chat template, `general.file_type`.
 
@@ -35,8 +37,11 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, quants
 
+from velotune.export.blockgrid import LEGACY
+from velotune.export.calibration import LayerStatistics, gptq_quantize
 from velotune.export.errors import ExportError
 from velotune.export.gguf_tokenizer import add_tokenizer, gguf_tokenizer
+from velotune.export.kquants import K_QUANTS
 from velotune.export.progress import track
 from velotune.export.weights import PlannedTensor, export_config, plan_tensors
 from velotune.loaders.gguf import BLOCK_NAMES, FAMILY_BLOCK_NAMES, GLOBAL_NAMES, ROPE_FREQS, llama3_divisors
@@ -44,17 +49,26 @@ from velotune.models.config import ModelConfig
 from velotune.models.transformer import Transformer
 
 Q = GGMLQuantizationType
-# quant name -> (type of 2-D weights, file type, type of the output head)
-GGUF_QUANTS: dict[str, tuple[Q, LlamaFileType, Q]] = {
-    "f32": (Q.F32, LlamaFileType.ALL_F32, Q.F32),
-    "f16": (Q.F16, LlamaFileType.MOSTLY_F16, Q.F16),
-    "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16, Q.BF16),
-    "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
-    "q5_1": (Q.Q5_1, LlamaFileType.MOSTLY_Q5_1, Q.Q8_0),
-    "q5_0": (Q.Q5_0, LlamaFileType.MOSTLY_Q5_0, Q.Q8_0),
-    "q4_1": (Q.Q4_1, LlamaFileType.MOSTLY_Q4_1, Q.Q8_0),
-    "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0, Q.Q8_0),
+# quant name -> (type of 2-D weights, file type)
+GGUF_QUANTS: dict[str, tuple[Q, LlamaFileType]] = {
+    "f32": (Q.F32, LlamaFileType.ALL_F32),
+    "f16": (Q.F16, LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q6_k": (Q.Q6_K, LlamaFileType.MOSTLY_Q6_K),
+    "q5_1": (Q.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    "q5_0": (Q.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "q4_k_m": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
+    "q4_k_s": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
+    "q4_1": (Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
+    "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
 }
+# Types whose export rounds with calibration unless asked not to: at 4 bits round-to-nearest
+# loses a fine-tune (benchmarks/quantized_answers.py measures it).
+CALIBRATED_BY_DEFAULT = ("q4_k_m", "q4_k_s", "q4_1", "q4_0")
+# llama.cpp's replacement for a type whose block does not divide the row length
+FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+CODECS = {**LEGACY, **K_QUANTS}
 # model_type -> llama.cpp general.architecture
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
                  "gemma2": "gemma2", "phi3": "phi3"}
@@ -118,6 +132,7 @@ class GGUFTensor:
     shape: tuple[int, ...]                     # row-major (Hugging Face order)
     qtype: Q
     read: Callable[[], np.ndarray]             # float32 in llama.cpp layout
+    source: str = ""                           # Hugging Face name (calibration statistics)
 
     @property
     def nbytes(self) -> int:
@@ -125,14 +140,32 @@ class GGUFTensor:
         return math.prod(self.shape) // block * size
 
 
-def tensor_type(t: PlannedTensor, quant: str, tied: bool) -> Q:
-    weights, _, head = GGUF_QUANTS[quant]
-    if len(t.shape) < 2 or t.name.endswith("norm.weight"):
+def use_more_bits(layer: int, layers: int) -> bool:
+    """llama-quantize's choice of layers that get more bits: the first and last eighth and every
+    third layer between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str, tied: bool, layers: int) -> Q:
+    """The GGUF type of one tensor in a `quant` export, following llama-quantize's mix."""
+    qtype, _ = GGUF_QUANTS[quant]
+    if len(shape) < 2 or gguf_name.endswith("norm.weight"):
         return Q.F32
-    is_head = t.name == "lm_head.weight" or (tied and t.name == "model.embed_tokens.weight")
-    qtype = head if is_head else weights
-    if t.shape[-1] % GGML_QUANT_SIZES[qtype][0]:
-        return Q.F16
+    is_head = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+    layer = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else -1
+    if is_head and qtype not in (Q.F32, Q.F16, Q.BF16, Q.Q8_0):
+        qtype = Q.Q6_K
+    elif quant == "q4_k_m" and ".attn_qkv." in gguf_name:
+        qtype = Q.Q5_K
+    elif quant == "q4_k_m" and (".attn_v." in gguf_name or ".ffn_down." in gguf_name) and use_more_bits(layer, layers):
+        qtype = Q.Q6_K
+    elif quant == "q4_k_s" and ((".attn_v." in gguf_name and layer < 4) or
+                                (".ffn_down." in gguf_name and layer < layers // 8)):
+        qtype = Q.Q5_K
+    if shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+        qtype = FALLBACK.get(qtype, Q.F16)
+    if shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+        qtype = Q.F16
     return qtype
 
 
@@ -153,8 +186,11 @@ def plan_gguf(model: Transformer, quant: str) -> list[GGUFTensor]:
             return w.numpy()
         return read
 
-    tensors = [GGUFTensor(gguf_tensor_name(t.name, family), t.shape, tensor_type(t, quant, config.tie_word_embeddings), converted(t))
-               for t in plan_tensors(model)]
+    tensors = []
+    for t in plan_tensors(model):
+        name = gguf_tensor_name(t.name, family)
+        qtype = tensor_type(name, t.shape, quant, config.tie_word_embeddings, config.num_hidden_layers)
+        tensors.append(GGUFTensor(name, t.shape, qtype, converted(t), t.name))
     if config.rope_scaling and config.rope_scaling["rope_type"] == "llama3":
         dim = config.rotary_dim
         freqs = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
@@ -211,17 +247,37 @@ def write_metadata(writer: GGUFWriter, meta: dict[str, Any]) -> None:
             writer.add_string(key, value)
 
 
-def encode(t: GGUFTensor) -> np.ndarray:
-    data = quants.quantize(np.ascontiguousarray(t.read(), dtype=np.float32), t.qtype)
+def encode(t: GGUFTensor, statistics: LayerStatistics | None = None) -> np.ndarray:
+    """The tensor's bytes: with calibration statistics for its input, error-compensated rounding;
+    otherwise round-to-nearest (gguf-py's, or ours for the k-quants)."""
+    w = np.ascontiguousarray(t.read(), dtype=np.float32)
+    hessian = statistics.hessian(t.source) if statistics is not None and t.qtype in CODECS else None
+    if hessian is not None:
+        data = gptq_quantize(w, hessian, CODECS[t.qtype])
+    elif t.qtype in K_QUANTS:
+        data = K_QUANTS[t.qtype].quantize(w)
+    else:
+        data = quants.quantize(w, t.qtype)
     if data.nbytes != t.nbytes:
         raise ExportError(f"tensor {t.name!r}: encoded to {data.nbytes} bytes, expected {t.nbytes}")
     return data
 
 
-def save_gguf(model: Transformer, tokenizer: Any, out: Path, quant: str = "f16", name: str | None = None) -> Path:
-    """Write `out` (a .gguf file) from the model as it computes (adapters merged)."""
+def check_calibrate(quant: str, calibrate: bool | None) -> bool:
+    """Whether a `quant` export rounds with calibration (None: the type's default)."""
     if quant not in GGUF_QUANTS:
         raise ExportError(f"quant type {quant!r} is not supported for GGUF; choose one of {', '.join(GGUF_QUANTS)}")
+    if calibrate and GGUF_QUANTS[quant][0] in (Q.F32, Q.F16, Q.BF16):
+        raise ExportError(f"calibration applies to quantized types; {quant} is not quantized")
+    return quant in CALIBRATED_BY_DEFAULT if calibrate is None else calibrate
+
+
+def save_gguf(model: Transformer, tokenizer: Any, out: Path, quant: str = "f16", name: str | None = None,
+              calibrate: bool | None = None) -> Path:
+    """Write `out` (a .gguf file) from the model as it computes (adapters merged). `calibrate`:
+    round with calibration statistics (`calibration.py`); None picks the type's default
+    (on for the 4-bit types)."""
+    calibrate = check_calibrate(quant, calibrate)
     config = export_config(model)
     arch = check_architecture(config)
     if tokenizer is None:
@@ -244,7 +300,8 @@ def save_gguf(model: Transformer, tokenizer: Any, out: Path, quant: str = "f16",
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     with torch.no_grad():
-        for t in track(tensors, len(tensors), f"GGUF {quant}"):
-            writer.write_tensor_data(encode(t))
+        statistics = LayerStatistics(model, tokenizer) if calibrate else None
+        for t in track(tensors, len(tensors), f"GGUF {quant}" + (" (calibrated)" if calibrate else "")):
+            writer.write_tensor_data(encode(t, statistics))
     writer.close()
     return out

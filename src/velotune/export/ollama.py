@@ -56,11 +56,12 @@ def modelfile(fmt: ChatFormat, tokenizer: Any, generation_config: dict[str, Any]
 
 
 def save_ollama(model: Transformer, tokenizer: Any, out: Path, quant: str = "q8_0",
-                generation_config: dict[str, Any] | None = None, name: str | None = None) -> Path:
+                generation_config: dict[str, Any] | None = None, name: str | None = None,
+                calibrate: bool | None = None) -> Path:
     """Write out/model.gguf and out/Modelfile; returns the Modelfile's path."""
     fmt = chat_format_of(tokenizer)
     text = modelfile(fmt, tokenizer, generation_config or {})
-    save_gguf(model, tokenizer, out / GGUF_NAME, quant, name=name)
+    save_gguf(model, tokenizer, out / GGUF_NAME, quant, name=name, calibrate=calibrate)
     path = out / "Modelfile"
     path.write_text(text, encoding="utf-8")
     return path

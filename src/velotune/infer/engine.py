@@ -6,6 +6,9 @@ holds a second copy of the weights. Prompts are left-padded; positions count rea
 `GenerationRun` advances one token per `step()`, which serves three callers: `generate` (run to
 the end), `stream` (yield text as it comes, for `velotune chat`) and the RL trainer (completions
 with their token ids).
+
+Prefill is one ordinary forward over the padded prompts. Decode steps run as a static-shape step
+(`infer/static.py`), replayed from CUDA graphs on a GPU; `SamplingParams.decode` picks the mode.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from velotune.infer.sampling import SamplingParams, sample
+from velotune.infer.static import StaticDecoder
 from velotune.models.cache import KVCache
 
 if TYPE_CHECKING:
@@ -88,26 +92,32 @@ class GenerationRun:
         dtype = next(model.parameters()).dtype
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # 4-bit bases compute in bf16
             dtype = torch.bfloat16
-        self.cache = KVCache(model.config, b, t + params.max_new_tokens, dtype, device)
+        length = t + params.max_new_tokens
+        self.cache = KVCache(model.config, b, length, dtype, device)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.next_pos = positions[:, -1:] + 1
         self.done = torch.zeros(b, dtype=torch.bool, device=device)
         self.stopped_by_string = [False] * b
         self.columns: list[torch.Tensor] = []
-        with torch.no_grad():
-            self.hidden = model.hidden_states(input_ids, self.mask, positions, self.cache)[:, -1]
+        self._host_columns: list[list[int]] = [[] for _ in range(b)]  # columns copied to the host
+        with torch.no_grad():  # prefill stays dynamic: one forward over the padded prompts
+            hidden = model.hidden_states(input_ids, self.mask, positions, self.cache)[:, -1]
+            self.logits = model.logits_from_hidden(hidden)
+        mode = decode_mode(params.decode, device)
+        self.decoder: StaticDecoder | None = None
+        if mode != "dynamic":
+            valid = torch.ones(b, length, dtype=torch.bool, device=device)
+            valid[:, :t] = self.mask.bool()
+            self.decoder = StaticDecoder(model, self.cache, valid, self.next_pos, t, self.logits,
+                                         use_graphs=mode == "graph", require_graphs=params.decode == "graph")
 
     @torch.no_grad()
     def step(self) -> torch.Tensor | None:
         if len(self.columns) >= self.params.max_new_tokens or bool(self.done.all()):
             return None
         if self.columns:  # feed the previous token
-            last = self.columns[-1]
-            self.mask = torch.cat([self.mask, torch.ones_like(last)[:, None]], dim=1)
-            self.hidden = self.model.hidden_states(last[:, None], self.mask, self.next_pos, self.cache)[:, -1]
-            self.next_pos = self.next_pos + 1
-        logits = self.model.logits_from_hidden(self.hidden)
-        token = sample(logits, self.params, self.seen, self.generator)
+            self.logits = self._decode(self.columns[-1])
+        token = sample(self.logits, self.params, self.seen, self.generator)
         token = torch.where(self.done, torch.full_like(token, self.pad_id), token)
         if self.seen is not None:
             self.seen.scatter_(1, token[:, None], True)
@@ -117,6 +127,15 @@ class GenerationRun:
             self._check_stop_strings()
         return token
 
+    def _decode(self, last: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] after feeding `last` [B]."""
+        if self.decoder is not None:
+            return self.decoder.step(last)
+        self.mask = torch.cat([self.mask, torch.ones_like(last)[:, None]], dim=1)
+        hidden = self.model.hidden_states(last[:, None], self.mask, self.next_pos, self.cache)[:, -1]
+        self.next_pos = self.next_pos + 1
+        return self.model.logits_from_hidden(hidden)
+
     def _check_stop_strings(self) -> None:
         for row in range(len(self.stopped_by_string)):
             if self.done[row]:
@@ -125,17 +144,29 @@ class GenerationRun:
                 self.done[row] = True
                 self.stopped_by_string[row] = True
 
+    def host_ids(self, row: int) -> list[int]:
+        """Every generated id of one row. Columns not yet on the host are copied in one transfer
+        for all rows (one sync, not one per token)."""
+        have = len(self._host_columns[0])
+        if have < len(self.columns):
+            fresh = torch.stack(self.columns[have:], dim=1).tolist()
+            for kept, new in zip(self._host_columns, fresh):
+                kept.extend(new)
+        return self._host_columns[row]
+
     def token_ids(self, row: int) -> list[int]:
         """Generated ids of one row, up to and including its stop token."""
-        ids = [int(c[row]) for c in self.columns]
+        ids = self.host_ids(row)
+        stops = set(self.stops.tolist())
         for i, tok in enumerate(ids):
-            if tok in self.stops.tolist():
+            if tok in stops:
                 return ids[: i + 1]
-        return ids
+        return list(ids)
 
     def raw_text(self, row: int) -> str:
         """Decoded generated text, stop tokens dropped, stop strings still in."""
-        ids = [t for t in self.token_ids(row) if t not in self.stops.tolist()]
+        stops = set(self.stops.tolist())
+        ids = [t for t in self.token_ids(row) if t not in stops]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def text(self, row: int) -> str:
@@ -152,6 +183,15 @@ class GenerationRun:
             return "stop"
         ids = self.token_ids(row)
         return "stop" if ids and ids[-1] in self.stops.tolist() else "length"
+
+
+def decode_mode(requested: str, device: torch.device) -> str:
+    """The decode mode `SamplingParams.decode` asks for, resolved for `device`."""
+    if requested == "auto":
+        return "graph" if device.type == "cuda" else "static"
+    if requested == "graph" and device.type != "cuda":
+        raise ValueError(f"decode='graph' needs a CUDA device; the model is on {device} (use 'auto' or 'static')")
+    return requested
 
 
 def generate_tensor(model: Transformer, input_ids: torch.Tensor, params: SamplingParams, *,

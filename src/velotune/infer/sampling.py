@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+DECODE_MODES = ("auto", "graph", "static", "dynamic")
+
 
 @dataclass
 class SamplingParams:
@@ -21,8 +23,16 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None   # None: the tokenizer's / model's stop tokens
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None
+    # How decode steps run (see velotune.infer.static): "auto" = CUDA graphs on CUDA (eager if
+    # capture fails), the static step eagerly elsewhere; "graph" = CUDA graphs or an error;
+    # "static" = the static step without graphs; "dynamic" = a Python-int cache offset and
+    # attention over exactly the columns written so far (host-built masks; the reference the
+    # static step is tested against).
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}; got {self.decode!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

@@ -11,9 +11,9 @@ Switches (see `velotune.kernels.dispatch`):
   interpreter (`TRITON_INTERPRET=1` set before the first kernel runs), which the tests use.
 
 Layout: `reference.py` holds the PyTorch references; `ops/` one module per op (`rms_norm`, `rope`,
-`glu`, `linear_cross_entropy`), each with its Triton kernels and a `torch.autograd.Function` with
-a hand-written backward; they import Triton, so they are imported only when a call takes the
-Triton path.
+`glu`, `glu_inplace`, `linear_cross_entropy`), each with its Triton kernels and, where the op is
+differentiable, a `torch.autograd.Function` with a hand-written backward; they import Triton, so
+they are imported only when a call takes the Triton path.
 """
 from __future__ import annotations
 
@@ -21,16 +21,18 @@ import torch
 
 from velotune.kernels.dispatch import force_triton, kernels_enabled, set_kernels_enabled, use_triton
 from velotune.kernels.reference import (
+    ACTIVATIONS,
     add_rms_norm_reference,
     apply_rope_reference,
+    glu_backward_inplace_reference,
     glu_reference,
     linear_cross_entropy_reference,
     rms_norm_reference,
 )
 
 __all__ = [
-    "add_rms_norm", "apply_rope", "force_triton", "glu", "kernels_enabled", "linear_cross_entropy", "rms_norm",
-    "set_kernels_enabled", "use_triton",
+    "add_rms_norm", "apply_rope", "force_triton", "glu", "glu_backward_inplace", "kernels_enabled",
+    "linear_cross_entropy", "rms_norm", "set_kernels_enabled", "use_triton",
 ]
 
 
@@ -77,6 +79,26 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
 
         return glu_triton(gate, up, activation)
     return glu_reference(gate, up, activation)
+
+
+def glu_backward_inplace(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
+    """GLU backward in the buffers it reads (the fused LoRA MLP's backward, where all three are
+    dead after this): dh <- act(gate) * up, gate <- d/dgate, up <- d/dup. Same shape, dtype and
+    device, contiguous."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"glu_backward_inplace: unknown activation {activation!r}, expected one of {ACTIVATIONS}")
+    for name, t in (("gate", gate), ("up", up)):
+        if t.shape != dh.shape or t.dtype != dh.dtype or t.device != dh.device:
+            raise ValueError(f"glu_backward_inplace: {name} {tuple(t.shape)} {t.dtype} {t.device} differs from "
+                             f"dh {tuple(dh.shape)} {dh.dtype} {dh.device}")
+    if not (dh.is_contiguous() and gate.is_contiguous() and up.is_contiguous()):
+        raise ValueError("glu_backward_inplace: dh, gate and up must be contiguous (they are written in place)")
+    if use_triton(dh, gate, up):
+        from velotune.kernels.ops.glu_inplace import glu_backward_inplace_triton
+
+        glu_backward_inplace_triton(dh, gate, up, activation == "gelu_pytorch_tanh")
+        return
+    glu_backward_inplace_reference(dh, gate, up, activation)
 
 
 def linear_cross_entropy(

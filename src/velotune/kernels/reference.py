@@ -54,6 +54,19 @@ def glu_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torc
     raise ValueError(f"glu: unknown activation {activation!r}, expected one of {ACTIVATIONS}")
 
 
+def glu_backward_inplace_reference(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
+    """The fused LoRA MLP's GLU backward: h = act(gate) * up written over dh, d/dgate over gate
+    and d/dup over up. The gradients come from autograd through `glu_reference`, so they are by
+    construction those of the unfused path; the copies make the in-place contract the kernel's."""
+    with torch.enable_grad():
+        g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
+        h = glu_reference(g, u, activation)
+        dgate, dup = torch.autograd.grad(h, (g, u), dh)
+    dh.copy_(h.detach())
+    gate.copy_(dgate)
+    up.copy_(dup)
+
+
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                    softcap: float | None = None,
                                    ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ loaded, then the adapter applied); or a Hub id, downloaded when the network allo
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -64,20 +65,53 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     max_seq_length: int | None = None,
+    load_in_4bit: bool = False,
+    keep_16bit: Sequence[str] | None = None,
+    keep_16bit_dynamic: int = 0,
+    quant_type: str = "nf4",
 ):
     """Load (model, tokenizer). dtype defaults to bf16 on a GPU and float32 on the CPU; device
-    to the first GPU when there is one."""
+    to the first GPU when there is one.
+
+    load_in_4bit: linear layers become frozen 4-bit `Linear4bit` layers (QLoRA's base), quantized
+    one by one as the checkpoint streams in, so memory never holds the 16-bit model; `dtype` is
+    then the compute dtype. `keep_16bit` names modules left in 16-bit (default: the embeddings and
+    lm_head; names, trailing names such as "down_proj", or globs); `keep_16bit_dynamic=K` also
+    keeps the K linear layers with the largest quantization error. `model.quant_report` lists what
+    was quantized and kept, with the errors. `quant_type` is "nf4" or "fp4". On the CPU this runs
+    through the PyTorch reference (slowly). A `*-bnb-4bit` checkpoint loads its 4-bit weights as
+    they are, whatever `load_in_4bit` says."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(device)
+    four_bit = None
+    if load_in_4bit:
+        from velotune.quant.policy import as_policy
+
+        try:
+            four_bit = as_policy(keep_16bit, keep_16bit_dynamic, quant_type)
+        except ValueError as exc:
+            raise LoadError(f"load_in_4bit: {exc}") from None
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise LoadError(f"load_in_4bit: dtype {dtype} cannot be a 4-bit compute dtype "
+                            "(use bfloat16, float16 or float32)")
+    elif keep_16bit is not None or keep_16bit_dynamic:
+        raise LoadError("keep_16bit and keep_16bit_dynamic only apply with load_in_4bit=True")
     path = Path(name_or_path) if name_or_path is not None else None
     if path is not None and (path / "adapter_config.json").is_file():
         from velotune.lora.peft_format import load_adapter
 
-        return load_adapter(path, dtype=dtype, device=device, max_seq_length=max_seq_length)
+        return load_adapter(path, dtype=dtype, device=device, max_seq_length=max_seq_length,
+                            load_in_4bit=load_in_4bit, keep_16bit=keep_16bit,
+                            keep_16bit_dynamic=keep_16bit_dynamic, quant_type=quant_type)
     from velotune.loaders.build import build_model
 
     ckpt = open_checkpoint(name_or_path)
-    model: Transformer = build_model(ckpt, dtype, device)
+    try:
+        model: Transformer = build_model(ckpt, dtype, device, four_bit)
+    except ValueError as exc:  # keep_16bit patterns that match nothing
+        if isinstance(exc, LoadError):
+            raise
+        raise LoadError(f"load_in_4bit: {exc}") from None
     model.generation_config = ckpt.generation_config
     model.source = ckpt.source
     if max_seq_length is not None:

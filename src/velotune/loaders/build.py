@@ -13,6 +13,7 @@ import torch
 from velotune.loaders.checkpoint import Checkpoint, LoadError
 from velotune.models.config import ModelConfig
 from velotune.models.transformer import Transformer
+from velotune.quant.policy import FourBitPolicy
 
 # Tensors some checkpoints carry that the model derives itself.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -39,11 +40,21 @@ def split_fused(name: str, tensor: torch.Tensor, config: ModelConfig) -> Iterato
         yield name, tensor
 
 
-def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str) -> Transformer:
+def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str,
+                four_bit: FourBitPolicy | None = None) -> Transformer:
+    """With `four_bit` (or a pre-quantized checkpoint) linear weights become 4-bit as they stream
+    in (loaders/four_bit.py) and `model.quant_report` says what was quantized and kept."""
     config = ckpt.config
     with torch.device("meta"):
         model = Transformer(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = model.to(dtype=dtype)
+    stream = None
+    if four_bit is not None or ckpt.prequantized:
+        from velotune.loaders.four_bit import FourBitStream
+
+        stream = FourBitStream(model, source=ckpt.source, dtype=dtype, device=device, policy=four_bit,
+                               prequantized=ckpt.prequantized)
+    model = model.to_empty(device=device)
     model.tie_weights()
     slots = dict(model.named_parameters(remove_duplicate=False))
     tied = "lm_head.weight" if config.tie_word_embeddings else None
@@ -54,6 +65,8 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
         for name, part in split_fused(raw_name, tensor, config):
             if name == tied:
                 continue  # the head is the embedding; a copy in the file adds nothing
+            if stream is not None and stream.take(name, part):
+                continue
             slot = slots.get(name)
             if slot is None:
                 raise LoadError(f"{ckpt.source}: unexpected tensor {raw_name!r} for a {config.model_type} model")
@@ -67,4 +80,6 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise LoadError(f"{ckpt.source}: missing tensors {shown}")
+    if stream is not None:
+        model.quant_report = stream.finish()
     return model

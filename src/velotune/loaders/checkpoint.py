@@ -31,3 +31,6 @@ class Checkpoint:
     tokenizer: Tokenizer | None
     source: str                                   # file or folder, for error messages
     generation_config: dict[str, Any] = field(default_factory=dict)
+    # A `*-bnb-4bit` checkpoint: each 4-bit weight name -> the names of all its tensors (packed
+    # codes, absmax, tables, state JSON), from the file headers. Empty for 16-bit checkpoints.
+    prequantized: dict[str, frozenset[str]] = field(default_factory=dict)

@@ -68,14 +68,17 @@ def open_hf_folder(path: str | Path) -> Checkpoint:
     if not folder.is_dir():
         raise LoadError(f"{folder}: not a folder")
     config_path = folder / "config.json"
-    config = ModelConfig.from_hf_config(read_json(config_path), str(config_path))
+    raw_config = read_json(config_path)
+    config = ModelConfig.from_hf_config(raw_config, str(config_path))
     files = weight_files(folder)
+    names: set[str] = set()
     for file in files:  # open every header now, so a damaged file fails before any work
         try:
-            with safe_open(str(folder / file), framework="pt"):
-                pass
+            with safe_open(str(folder / file), framework="pt") as f:
+                names.update(f.keys())
         except SafetensorError as exc:
             raise LoadError(f"{folder / file}: unreadable safetensors file ({exc})") from None
+    prequantized = prequantized_weights(raw_config, names, config_path)
     tokenizer = None
     if (folder / "tokenizer.json").exists():
         from velotune.tokenizer import Tokenizer
@@ -84,4 +87,22 @@ def open_hf_folder(path: str | Path) -> Checkpoint:
     gen_path = folder / "generation_config.json"
     generation_config = read_json(gen_path) if gen_path.exists() else {}
     return Checkpoint(config=config, tensors=lambda: iter_safetensors(folder, files), tokenizer=tokenizer,
-                      source=str(folder), generation_config=generation_config)
+                      source=str(folder), generation_config=generation_config, prequantized=prequantized)
+
+
+def prequantized_weights(raw_config: dict[str, Any], names: set[str], config_path: Path) -> dict[str, frozenset[str]]:
+    """The 4-bit weights of a `*-bnb-4bit` folder (see velotune.quant.bnb_checkpoint); empty for a
+    16-bit one. A quantization_config we cannot read fails here, naming its field."""
+    if "quantization_config" not in raw_config:
+        return {}
+    from velotune.quant.bnb_checkpoint import check_quantization_config, group_4bit_tensors
+
+    try:
+        check_quantization_config(raw_config["quantization_config"], str(config_path))
+    except ValueError as exc:
+        raise LoadError(str(exc)) from None
+    groups = group_4bit_tensors(names)
+    if not groups:
+        raise LoadError(f"{config_path}: quantization_config says load_in_4bit, but no tensor of the folder "
+                        "carries a 4-bit quantization state (NAME.weight.quant_state.bitsandbytes__nf4)")
+    return groups

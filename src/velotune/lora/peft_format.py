@@ -198,8 +198,9 @@ def resolve_base(name: str | None, folder: Path) -> str | Path | None:
 
 
 def load_adapter(path: str | Path, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 max_seq_length: int | None = None):
-    """(model, tokenizer): the base model named in adapter_config.json with the adapter applied."""
+                 max_seq_length: int | None = None, **base_options: Any):
+    """(model, tokenizer): the base model named in adapter_config.json with the adapter applied.
+    `base_options` go to `load_model` for the base (load_in_4bit, keep_16bit, ...)."""
     from velotune.loaders import load_model
 
     folder = Path(path)
@@ -210,7 +211,7 @@ def load_adapter(path: str | Path, *, dtype: torch.dtype | None = None, device: 
     base = resolve_base(base_name, folder)
     if base is not None and Path(base).resolve() == folder.resolve():
         raise LoadError(f"{folder / CONFIG_FILE}: base_model_name_or_path names the adapter folder itself")
-    model, tokenizer = load_model(base, dtype=dtype, device=device, max_seq_length=max_seq_length)
+    model, tokenizer = load_model(base, dtype=dtype, device=device, max_seq_length=max_seq_length, **base_options)
     try:
         apply_lora(model, config)
     except LoraConfigError as err:

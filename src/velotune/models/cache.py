@@ -27,3 +27,25 @@ class KVCache:
     def advance(self, t: int) -> None:
         """Called once per forward, after every layer has stored its `t` new tokens."""
         self.length += t
+
+
+class StaticSlot:
+    """The cache as one static-shape decode step sees it (the step a CUDA graph captures).
+
+    The column to write is a device tensor ([1], long), not a Python int, so one captured graph
+    serves every step: the caller advances the tensor in place between replays. Attention reads
+    the first `span` columns, a size fixed per captured graph; the step's mask hides the columns
+    not yet written. It offers the `update` that `Attention` calls, so the model code is shared.
+    """
+
+    def __init__(self, cache: KVCache, column: torch.Tensor, span: int) -> None:
+        if span > cache.max_length:
+            raise ValueError(f"KV cache holds {cache.max_length} tokens; a span of {span} requested")
+        self.cache, self.column, self.span = cache, column, span
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one token's keys/values [B, H, 1, D] at the column; return the span's."""
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        keys.index_copy_(2, self.column, k.to(keys.dtype))
+        values.index_copy_(2, self.column, v.to(values.dtype))
+        return keys[:, :, :self.span], values[:, :, :self.span]

@@ -20,12 +20,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from velotune import kernels
+from velotune.lora import fused as lora_fused
 from velotune.models.cache import KVCache
+from velotune.models.checkpointing import (
+    CheckpointChoice,
+    MemoryBudget,
+    choose_checkpointed_layers,
+    parse_checkpointing,
+    run_checkpointed,
+)
 from velotune.models.config import ModelConfig
 from velotune.models.masks import attention_mask_for, document_ids
+from velotune.models.offload import LayerInputOffloader, OffloadStats
+from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
 
 
 @dataclass
@@ -108,9 +117,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = lora_fused.project(x, self.q_proj, self.k_proj, self.v_proj)  # one fused block under LoRA
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -118,15 +128,30 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = self.attend(q, k, v, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        attended = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        return lora_fused.project(attended, self.o_proj)[0]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         causal = mask is None and q.shape[2] > 1
+        groups = self.num_heads // self.num_kv_heads
+        if self.softcap is None and q.shape[2] == 1 and groups > 1:
+            # Decoding one token: the query heads sharing a key/value head become that head's
+            # query rows, so keys/values are read once instead of being repeated per query head
+            # (what SDPA's grouped-query path does). A [B|1, 1, 1, S] mask broadcasts over them.
+            b, _, _, d = q.shape
+            out = F.scaled_dot_product_attention(q.reshape(b, self.num_kv_heads, groups, d), k, v,
+                                                 attn_mask=mask, scale=self.scale)
+            return out.reshape(b, self.num_heads, 1, d)
         if self.softcap is None:
+            if groups > 1 and q.is_cuda and (mask is not None or q.dtype == torch.float32):
+                # SDPA's grouped-query path exists only in its flash and math kernels, and flash
+                # takes neither a mask nor float32: repeated key/value heads let the
+                # memory-efficient kernel run instead of the math one, whose [T x T] scores took an
+                # 8-layer float32 test model at 8192 tokens to an 8 GB peak on an H100.
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                   scale=self.scale, enable_gqa=True)
         # Soft-capped scores (Gemma 2) are not expressible through SDPA: explicit attention.
-        groups = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         scores = torch.tanh(scores / self.softcap) * self.softcap
@@ -148,7 +173,7 @@ class MLP(nn.Module):
         self.act = config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.glu(self.gate_proj(x), self.up_proj(x), self.act))
+        return lora_fused.mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act)
 
 
 class DecoderLayer(nn.Module):
@@ -167,14 +192,16 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, off)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None = None, mlp_chunk: int = 0) -> torch.Tensor:
+        """`mlp_chunk` > 0 runs the MLP over chunks of that many tokens (models/tiled_mlp.py)."""
         h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            mlp_out = tiled_mlp(self.mlp, self.pre_feedforward_layernorm(x), mlp_chunk)
+            return x + self.post_feedforward_layernorm(mlp_out)
         norm = self.post_attention_layernorm
         normed, x = kernels.add_rms_norm(h, x, norm.weight, norm.eps, norm.offset)  # residual add fused
-        return x + self.mlp(normed)
+        return x + tiled_mlp(self.mlp, normed, mlp_chunk)
 
 
 class Decoder(nn.Module):
@@ -194,7 +221,14 @@ class Transformer(nn.Module):
         self.config = config
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.gradient_checkpointing = False
+        # Training memory (models/checkpointing.py, offload.py, tiled_mlp.py):
+        self.gradient_checkpointing: bool | str = False   # True, False or "auto" (as the budget needs)
+        self.offload_checkpoints = False                   # checkpointed inputs to pinned host memory
+        self.checkpoints_kept_on_gpu = 0                   # ...except the last N (when host memory binds)
+        self.mlp_chunk_tokens: int | None = None           # None: tile long inputs; 0: never; N: chunks of N
+        self.memory_budget: MemoryBudget | None = None     # for "auto"; None: this device, AdamW states
+        self.checkpoint_choice: CheckpointChoice | None = None   # what "auto" chose for the last forward
+        self.offload_stats = OffloadStats()                # what the last forward's offload moved
         self.max_seq_length = config.max_position_embeddings
         self.tie_weights()
 
@@ -240,15 +274,35 @@ class Transformer(nn.Module):
             window: attention_mask_for(t, offset, attention_mask, docs, window, x.device)
             for window in {c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)}
         }
+        mlp_chunk = mlp_chunk_size(self.mlp_chunk_tokens, b * t)
+        checkpointed = self.checkpointed_layers(b, t, mlp_chunk)
+        offloader = None
+        if self.offload_checkpoints and checkpointed:
+            self.offload_stats = OffloadStats()
+            offloader = LayerInputOffloader(x.device, self.offload_stats)
         for i, layer in enumerate(self.model.layers):
             mask = masks[c.sliding_window if c.is_sliding(i) else None]
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            if i < checkpointed:
+                parked = offloader if i < checkpointed - self.checkpoints_kept_on_gpu else None
+                x = run_checkpointed(layer, x, cos, sin, mask, cache, mlp_chunk, offloader=parked)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, cache, mlp_chunk)
         if cache is not None:
             cache.advance(t)
         return self.model.norm(x)
+
+    def checkpointed_layers(self, batch: int, seq: int, mlp_chunk: int = 0) -> int:
+        """How many decoder layers (the first ones) a training forward of batch x seq checkpoints."""
+        mode = parse_checkpointing(self.gradient_checkpointing, "model.gradient_checkpointing")
+        if mode is False or not (self.training and torch.is_grad_enabled()):
+            return 0
+        if mode is True:
+            return self.config.num_hidden_layers
+        if self.memory_budget is None:
+            self.memory_budget = MemoryBudget.of_model(self)
+        self.checkpoint_choice = choose_checkpointed_layers(self.config, self.memory_budget, batch, seq,
+                                                            offload=self.offload_checkpoints, mlp_chunk=mlp_chunk)
+        return self.checkpoint_choice.layers
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

@@ -28,6 +28,7 @@ from velotune.quant.codes import QUANT_TYPES, code_4bit, dynamic_map
 from velotune.quant.state import VALID_BLOCKSIZES, WEIGHT_DTYPES, QuantState, scale_blocks
 
 NESTED_BLOCKSIZE = 256
+QUANTIZE_CHUNK = 1 << 20   # values quantized at once (whole blocks)
 
 
 def _scale_to_unit(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,11 +66,22 @@ def quantize_4bit_reference(
 ) -> tuple[torch.Tensor, QuantState]:
     _check_arguments(weight, quant_type, blocksize)
     table = code_4bit(quant_type, weight.device)
-    scaled, absmax = _scale_to_unit(weight.reshape(-1).float(), blocksize)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
-    codes = _nearest_code(scaled, table).to(torch.uint8)
-    packed = ((codes[0::2] << 4) | codes[1::2]).view(-1, 1)
+    flat = weight.reshape(-1)
+    packed = torch.empty(-(-flat.numel() // 2), dtype=torch.uint8, device=weight.device)
+    absmaxes = []
+    # Whole blocks a chunk at a time: the float32 and int64 temporaries (~28 bytes per value)
+    # then exist for one chunk, not for the whole weight, which keeps load_in_4bit's peak near
+    # the 4-bit size (an 8B MLP weight would otherwise need 1.6 GB of workspace).
+    step = blocksize * max(1, QUANTIZE_CHUNK // blocksize)
+    for start in range(0, flat.numel(), step):
+        scaled, absmax = _scale_to_unit(flat[start:start + step].float(), blocksize)
+        absmaxes.append(absmax)
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        codes = _nearest_code(scaled, table).to(torch.uint8)
+        packed[start // 2:start // 2 + codes.numel() // 2] = (codes[0::2] << 4) | codes[1::2]
+    absmax = torch.cat(absmaxes)
+    packed = packed.view(-1, 1)
     state = QuantState(quant_type=quant_type, code=table, absmax=absmax, shape=weight.shape,
                        dtype=weight.dtype, blocksize=blocksize)
     if not compress_statistics:

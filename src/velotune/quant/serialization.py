@@ -43,10 +43,10 @@ def state_to_tensors(prefix: str, packed: torch.Tensor, state: QuantState) -> di
         "dtype": str(state.dtype).removeprefix("torch."),
         "shape": list(state.shape),
     }
-    out = {prefix: packed, f"{prefix}.absmax": state.absmax, f"{prefix}.quant_map": state.code}
+    out = {prefix: packed, f"{prefix}.absmax": state.absmax, f"{prefix}.quant_map": state.code.clone()}
     if state.nested:
         out[f"{prefix}.nested_absmax"] = state.nested_absmax
-        out[f"{prefix}.nested_quant_map"] = state.nested_code.clone()  # never shared between weights
+        out[f"{prefix}.nested_quant_map"] = state.nested_code.clone()  # tables: never shared between weights
         meta.update(nested_blocksize=state.nested_blocksize, nested_dtype="float32", nested_offset=state.offset)
     out[f"{prefix}.{STATE_KEY}{state.quant_type}"] = torch.tensor(
         list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)

@@ -13,6 +13,12 @@ What a checkpoint holds, and how it is read back:
 - optimizer.pt, scheduler.pt, rng.pt: state dicts written by this module and read back with
   `torch.load(weights_only=True)` (plain tensors and numbers only, never arbitrary pickles);
 - state.json: step, data position (epoch, batch index in that epoch's sampler order), counters.
+
+FSDP runs (many ranks) write weights and optimizer state as shards instead, into sharded/
+through `torch.distributed.checkpoint` (see `velotune.distributed.sharded_checkpoint`): every
+rank writes its part into the same temporary folder, then rank 0 adds the small files and
+publishes the folder. Such a checkpoint resumes on any number of ranks, one process included.
+DDP runs write the single-file format from rank 0 (every rank holds the same trainable weights).
 """
 from __future__ import annotations
 
@@ -30,12 +36,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from velotune.distributed import World, barrier, broadcast_object
+from velotune.distributed import sharded_checkpoint as sharded
+
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
 STEP_PREFIX = "step-"
 TEMP_PREFIX = ".tmp-"
 WEIGHTS_FILE = "weights.safetensors"
 FILES = ("state.json", WEIGHTS_FILE, "optimizer.pt", "scheduler.pt", "rng.pt")
+SHARDED_DIR = "sharded"                        # FSDP: weights + optimizer state, one part per rank
+SHARDED_FILES = ("state.json", "scheduler.pt", "rng.pt")
 
 
 class CheckpointError(ValueError):
@@ -50,29 +61,50 @@ class TrainState:
     tokens_seen: int = 0          # input tokens (padding excluded) processed so far
     target_tokens_seen: int = 0
     elapsed_s: float = 0.0        # training wall time before this process
+    global_micro_batch: int = 0   # micro_batch_size x ranks: what batch_index counts (0 = unknown)
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / CHECKPOINTS_DIR
 
 
-def write_atomically(output_dir: str | Path, step: int, write: Callable[[Path], None], keep: int = 0) -> Path:
+def write_atomically(output_dir: str | Path, step: int, write: Callable[[Path], None], keep: int = 0, *,
+                     world: World = World(), write_every_rank: Callable[[Path], None] | None = None) -> Path:
     """Run `write(folder)` into a temporary folder, then publish it as step-N and point `latest`
-    at it. `keep` > 0 removes all but the newest `keep` checkpoints afterwards."""
+    at it. `keep` > 0 removes all but the newest `keep` checkpoints afterwards.
+
+    With many ranks every rank calls this: `write_every_rank(folder)` runs on all of them first
+    (sharded state), `write` and the publishing on rank 0 only, with barriers in between, so the
+    folder is renamed only when every rank's part is on disk."""
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{STEP_PREFIX}{step}"
-    temp = root / f"{TEMP_PREFIX}{STEP_PREFIX}{step}-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir()
-    try:
-        write(temp)
-        _flush_folder(temp)
-    except BaseException:
+    owner = broadcast_object(os.getpid(), world)       # rank 0's pid names the folder on every rank
+    temp = root / f"{TEMP_PREFIX}{STEP_PREFIX}{step}-{owner}"
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir()
+    barrier(world)
+    try:
+        if write_every_rank is not None:
+            write_every_rank(temp)
+            barrier(world)
+        if world.is_main:
+            write(temp)
+            _flush_folder(temp)
+    except BaseException:
+        if world.is_main:
+            shutil.rmtree(temp, ignore_errors=True)
         raise
+    if world.is_main:
+        _publish(root, temp, final, keep, output_dir)
+    barrier(world)
+    return final
+
+
+def _publish(root: Path, temp: Path, final: Path, keep: int, output_dir: str | Path) -> None:
     if final.exists():                    # the same step written again (a resumed run): swap it
-        old = root / f"{TEMP_PREFIX}old-{STEP_PREFIX}{step}-{os.getpid()}"
+        old = root / f"{TEMP_PREFIX}old-{final.name}-{os.getpid()}"
         os.replace(final, old)
         os.replace(temp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -84,7 +116,6 @@ def write_atomically(output_dir: str | Path, step: int, write: Callable[[Path], 
     if keep > 0:
         for stale in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def _flush_folder(folder: Path) -> None:
@@ -144,13 +175,8 @@ def resolve_resume(resume: bool | str, output_dir: str | Path) -> Path | None:
 
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters by name, each stored once (tied weights share one entry)."""
-    seen: set[int] = set()
-    out = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad and id(param) not in seen:
-            seen.add(id(param))
-            out[name] = param.detach().contiguous().cpu()
-    return out
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().contiguous().cpu() for name in trainable_tensors_names(model)}
 
 
 def rng_state() -> dict[str, Any]:
@@ -175,37 +201,87 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def write_contents(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                   state: TrainState, extra: Callable[[Path], None] | None = None) -> None:
+                   state: TrainState, extra: Callable[[Path], None] | None = None, *,
+                   with_weights: bool = True) -> None:
+    """The single-process files; `with_weights` False leaves weights and optimizer state out
+    (an FSDP checkpoint holds them in sharded/, see `write_sharded`)."""
     (folder / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n", encoding="utf-8")
-    save_file(trainable_tensors(model), str(folder / WEIGHTS_FILE))
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    if with_weights:
+        save_file(trainable_tensors(model), str(folder / WEIGHTS_FILE))
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     torch.save(rng_state(), folder / "rng.pt")
     if extra is not None:
         extra(folder)
 
 
-def read_contents(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
-    """Restore weights, optimizer, scheduler and RNG from `folder`; return the training state."""
-    missing = [name for name in FILES if not (folder / name).is_file()]
+def write_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """This rank's shards of weights and optimizer state (every rank calls it)."""
+    sharded.save_sharded(folder / SHARDED_DIR, model, optimizer)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def read_contents(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
+                  world: World = World()) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG from `folder`; return the training state.
+    A sharded (FSDP) checkpoint loads into a model of any world size, a plain one included; a
+    single-process checkpoint also loads into an FSDP model. With many ranks every rank calls it."""
+    is_sharded = (folder / SHARDED_DIR).is_dir()
+    required = SHARDED_FILES if is_sharded else FILES
+    missing = [name for name in required if not (folder / name).is_file()]
+    if is_sharded and not sharded.is_sharded(folder / SHARDED_DIR):
+        missing.append(f"{SHARDED_DIR}/{sharded.METADATA_FILE}")
     if missing:
         raise CheckpointError(f"{folder}: incomplete checkpoint, missing {', '.join(missing)}")
-    saved = load_file(str(folder / WEIGHTS_FILE))
-    expected = trainable_tensors(model)
-    if set(saved) != set(expected):
-        extra, lacking = sorted(set(saved) - set(expected)), sorted(set(expected) - set(saved))
-        raise CheckpointError(f"{folder / WEIGHTS_FILE}: does not match this run's trainable weights "
-                              f"(unexpected: {extra[:3]}, missing: {lacking[:3]}); was it written with "
-                              "another method, model or target_modules?")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            if tuple(tensor.shape) != tuple(params[name].shape):
-                raise CheckpointError(f"{folder / WEIGHTS_FILE}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                      f"the model's is {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
     device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    if is_sharded:
+        if not all(p.requires_grad for p in model.parameters()):
+            raise CheckpointError(f"{folder}: a sharded (full fine-tuning) checkpoint, but this run trains "
+                                  "adapters; resume it with method: full")
+        sharded.load_sharded(folder / SHARDED_DIR, model, optimizer, world)
+    else:
+        saved = load_file(str(folder / WEIGHTS_FILE))
+        check_saved_weights(folder, saved, model)
+        optim_state = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
+        if is_fsdp(model):
+            sharded.load_full_into_sharded(model, optimizer, saved, optim_state)
+        else:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in saved.items():
+                    params[name].copy_(tensor)
+            optimizer.load_state_dict(optim_state)
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
     return TrainState(**json.loads((folder / "state.json").read_text(encoding="utf-8")))
+
+
+def check_saved_weights(folder: Path, saved: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """The saved tensors are exactly this run's trainable ones, with the same shapes."""
+    params = dict(model.named_parameters())
+    names = set(trainable_tensors_names(model))
+    if set(saved) != names:
+        extra, lacking = sorted(set(saved) - names), sorted(names - set(saved))
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: does not match this run's trainable weights "
+                              f"(unexpected: {extra[:3]}, missing: {lacking[:3]}); was it written with "
+                              "another method, model or target_modules?")
+    for name, tensor in saved.items():
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise CheckpointError(f"{folder / WEIGHTS_FILE}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"the model's is {tuple(params[name].shape)}")
+
+
+def trainable_tensors_names(model: nn.Module) -> list[str]:
+    """Names `trainable_tensors` would write, without copying anything (tied weights once)."""
+    seen: set[int] = set()
+    names = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            names.append(name)
+    return names

@@ -29,9 +29,10 @@ METHODS = ("lora", "qlora", "full", "dpo", "orpo", "grpo")
 RL_METHODS = ("dpo", "orpo", "grpo")      # trained as LoRA adapters; the reference is adapters-off
 DPO_LOSSES = ("sigmoid", "ipo")
 SCHEDULERS = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adamw", "galore")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "galore")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
+DISTRIBUTED = ("auto", "ddp", "fsdp")
 CHATTERBOT = "chatterbot"   # `dataset: chatterbot` (or `chatterbot:ai,greetings`) = the bundled corpus
 
 
@@ -57,7 +58,7 @@ class TrainConfig:
     max_seq_length: int = 1024
     packing: bool = False
     # Optimizer and schedule.
-    optimizer: str = "adamw"                 # adamw | galore
+    optimizer: str = "adamw"                 # adamw | adamw8bit | paged_adamw8bit | paged_adamw | galore
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"             # linear | cosine | constant
     warmup_steps: int = 0
@@ -79,7 +80,12 @@ class TrainConfig:
     use_rslora: bool = False
     use_dora: bool = False
     # Memory and numerics.
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False  # true | false | auto (only as many layers as memory needs)
+    offload_checkpoints: bool = False        # checkpointed layer inputs to pinned CPU memory, back before backward
+    mlp_chunk_tokens: int | None = None      # MLP tiled over the sequence: null = above 16k tokens, 0 = never
+    memory_budget_gib: float | None = None   # for gradient_checkpointing auto; null = GPU memory minus a margin
+    keep_16bit: list[str] = field(default_factory=lambda: ["embed_tokens", "lm_head"])  # qlora: not quantized
+    keep_16bit_dynamic: int = 0              # qlora: also keep the N linears with the largest 4-bit error
     dtype: str = "auto"                      # auto: bf16 (autocast) on a GPU, float32 on the CPU
     device: str = "auto"                     # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -91,6 +97,10 @@ class TrainConfig:
     save_total_limit: int = 0                # keep the newest N checkpoints; 0 = keep all
     resume: bool | str = False               # true = OUTPUT_DIR/checkpoints/latest, or a path
     report: bool = True                      # OUTPUT_DIR/report.md + loss/lr plot
+    # Many GPUs under torchrun (velotune train --nproc-per-node N); see docs/distributed.md.
+    distributed: str = "auto"                # auto (ddp for lora/qlora, fsdp for full) | ddp | fsdp
+    fsdp_cpu_offload: bool = False           # fsdp: shards and the optimizer step live on the CPU
+    fsdp_mixed_precision: bool = True        # fsdp on a GPU: gather params in bf16/fp16, reduce grads in fp32
     # Preference and RL methods (dpo, orpo, grpo).
     beta: float = 0.1                        # DPO/IPO/ORPO strength; GRPO's KL weight is grpo_beta
     dpo_loss: str = "sigmoid"                # sigmoid (DPO) or ipo
@@ -253,7 +263,7 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
     if config.method == "grpo" and config.num_generations < 2:
         fail("num_generations", "must be at least 2 (advantages compare completions of one prompt)")
     for key, choices in (("method", METHODS), ("lr_scheduler", SCHEDULERS), ("optimizer", OPTIMIZERS),
-                         ("dtype", DTYPES), ("dataset_format", DATASET_FORMATS)):
+                         ("dtype", DTYPES), ("dataset_format", DATASET_FORMATS), ("distributed", DISTRIBUTED)):
         if getattr(config, key) not in choices:
             fail(key, f"must be one of {', '.join(choices)}")
     for key in ("num_epochs", "micro_batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps",
@@ -261,7 +271,7 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
         if getattr(config, key) < 1:
             fail(key, "must be at least 1")
     for key in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "save_total_limit", "sample_prompts",
-                "weight_decay", "max_grad_norm", "lora_dropout"):
+                "weight_decay", "max_grad_norm", "lora_dropout", "keep_16bit_dynamic"):
         if getattr(config, key) < 0:
             fail(key, "must not be negative")
     if config.max_seq_length < 2:
@@ -285,6 +295,21 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
         fail("target_modules", "must name at least one module for LoRA")
     if config.optimizer == "galore" and config.method != "full":
         fail("optimizer", "galore needs method: full (it compresses full-weight gradients; use adamw with LoRA)")
+    if config.distributed == "fsdp" and config.uses_lora:
+        fail("distributed", f"fsdp shards full fine-tuning; method {config.method} trains adapters, which use ddp "
+                            "(only adapter gradients travel): set distributed: auto or ddp")
+    if config.fsdp_cpu_offload and (config.distributed == "ddp" or config.uses_lora):
+        fail("fsdp_cpu_offload", "needs FSDP (method: full with distributed: auto or fsdp)")
+    if config.optimizer == "galore" and config.distributed == "fsdp":
+        fail("optimizer", "galore needs whole weight matrices; it cannot run on FSDP shards (use adamw)")
+    if isinstance(config.gradient_checkpointing, str) and config.gradient_checkpointing != "auto":
+        fail("gradient_checkpointing", "must be true, false or auto")
+    if config.offload_checkpoints and config.gradient_checkpointing is False:
+        fail("offload_checkpoints", "offloads checkpointed layer inputs: it needs gradient_checkpointing true or auto")
+    if config.mlp_chunk_tokens is not None and config.mlp_chunk_tokens < 0:
+        fail("mlp_chunk_tokens", "must be null (automatic), 0 (never tile) or a positive token count")
+    if config.memory_budget_gib is not None and config.memory_budget_gib <= 0:
+        fail("memory_budget_gib", "must be positive (or null for the GPU's memory minus a margin)")
     if config.device != "auto" and not (config.device == "cpu" or config.device.startswith("cuda")):
         fail("device", "must be auto, cpu, cuda or cuda:N")
 

@@ -15,6 +15,7 @@ lora/qlora, or OUTPUT_DIR/model (Hugging Face layout through `velotune.export.hf
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +46,15 @@ def load_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def load_options(config: TrainConfig) -> dict[str, Any]:
+    """Extra `load_model` arguments of the method: qlora quantizes the base to 4-bit while it
+    streams in, so the 16-bit model never sits in memory whole."""
+    if config.method != "qlora":
+        return {}
+    return {"load_in_4bit": True, "keep_16bit": list(config.keep_16bit),
+            "keep_16bit_dynamic": config.keep_16bit_dynamic}
+
+
 def prepare(model: nn.Module, config: TrainConfig) -> nn.Module:
     """Freeze/adapt `model` for the method (in place); returns it."""
     if config.method == "full":
@@ -54,9 +64,11 @@ def prepare(model: nn.Module, config: TrainConfig) -> nn.Module:
     from velotune.lora.model import apply_lora
 
     if config.method == "qlora":
-        from velotune.quant import quantize_linears
+        from velotune.quant import Linear4bit
 
-        quantize_linears(model)
+        if not any(isinstance(m, Linear4bit) for m in model.modules()):
+            raise TrainConfigError("method qlora needs a 4-bit base: load the model with "
+                                   "load_model(..., **load_options(config)), i.e. load_in_4bit=True")
     return apply_lora(model, lora_config(config), dtype=torch.float32)
 
 

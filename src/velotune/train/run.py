@@ -4,6 +4,11 @@ Load the model and data, adapt the model for the method, measure eval loss (and 
 held-out prompts) before training, train, measure again, save the adapter or model, write the
 report, and print where everything went. A resumed run skips the "before" measurements (the
 model is already part-trained) and takes them from the interrupted run's metrics when present.
+
+Under torchrun every rank runs this function: each loads the model and data, the Trainer wraps
+the model and shares the rows, and only rank 0 prints, writes config/adapter/model/report/exports
+(a FSDP-trained model is first gathered whole onto rank 0). An FSDP run loads the model on the
+CPU, so a model too large for one GPU reaches the GPUs only as shards.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 import velotune
+from velotune import distributed
+from velotune.distributed import World
 from velotune.loaders.checkpoint import LoadError
 from velotune.train import methods
 from velotune.train.checkpoint import resolve_resume
@@ -38,12 +45,28 @@ class RunResult:
     exports: list[Path] = field(default_factory=list)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, world: World = World()) -> torch.device:
+    """The run's device; under torchrun each rank's GPU is cuda:LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainConfigError(f"key 'device' is {name!r}, but no CUDA GPU is available (use auto or cpu)")
+    if world.distributed and name.startswith("cuda"):
+        if name != "cuda":
+            raise TrainConfigError(f"key 'device' is {name!r}, but under torchrun each rank uses "
+                                   "cuda:LOCAL_RANK: set device to auto or cuda")
+        return torch.device("cuda", world.local_rank)
     return torch.device(name)
+
+
+def join_world(config: TrainConfig) -> World:
+    """The torchrun process group (gloo for device: cpu or without GPUs, else nccl); World()
+    in a plain process."""
+    cpu = config.device == "cpu" or not torch.cuda.is_available()
+    world = distributed.setup("gloo" if cpu else "nccl")
+    if world.distributed and config.method in RL_METHODS:
+        raise TrainConfigError(f"key 'method': {config.method} runs in one process; start it without torchrun")
+    return world
 
 
 def pad_id_of(tokenizer, model) -> int:
@@ -56,26 +79,33 @@ def pad_id_of(tokenizer, model) -> int:
 
 def train_from_config(config: TrainConfig, *, console: Console | None = None, show_progress: bool = True) -> RunResult:
     check_values(config, "config")
+    world = join_world(config)
     console = console or Console()
-    say = console.print
+    say = console.print if world.is_main else _silent
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    device = pick_device(config.device)
+    device = pick_device(config.device, world)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config_yaml(config), encoding="utf-8")
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml(config), encoding="utf-8")
+    distributed.barrier(world)
     resume_from = resolve_resume(config.resume, out)
+    strategy = distributed.resolve_strategy(config.distributed, config.uses_lora, world)
 
     say(f"[bold]velotune train[/bold]: {config.method} on {config.model or 'SmolLM2-135M-Instruct (default)'}, "
-        f"device {device}")
+        f"device {device}" + (f", {world.world_size} ranks ({strategy})" if world.distributed else ""))
     if config.method in RL_METHODS:
         from velotune.train.rl_run import run_rl
 
         rl = run_rl(config, console, device)
         say(f"done in {time.perf_counter() - started:.0f} s")
         return RunResult(output=rl.output, train=TrainResult(steps=len(rl.history)))
-    model, tokenizer = velotune.load_model(config.model, dtype=methods.load_dtype(config, device), device=device,
-                                           max_seq_length=config.max_seq_length)
+    load_device = torch.device("cpu") if strategy == "fsdp" else device   # FSDP moves shards, not the model
+    model, tokenizer = velotune.load_model(config.model, dtype=methods.load_dtype(config, device), device=load_device,
+                                           max_seq_length=config.max_seq_length, **methods.load_options(config))
+    if getattr(model, "quant_report", None) is not None:
+        say(f"4-bit base: {model.quant_report.summary()}")
     if tokenizer is None:
         raise LoadError(f"{config.model}: no tokenizer found next to the model (tokenizer.json); "
                         "training data cannot be tokenized")
@@ -89,22 +119,48 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
     total = sum(p.numel() for p in model.parameters())
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
-    trainer = Trainer(model, config, data.train, data.eval, pad_id=pad_id_of(tokenizer, model), console=console,
-                      show_progress=show_progress, save_extra=_adapter_saver(model, tokenizer, config))
-    prompts = sample_prompts(data.eval_samples, tokenizer, config.sample_prompts)
-    result = RunResult(output=out, train=TrainResult())
+    prompts = sample_prompts(data.eval_samples, tokenizer, config.sample_prompts) if world.is_main else []
     before_answers: list[str] = []
+    if resume_from is None:                  # answered before wrapping: rank 0 alone, unsharded model
+        before_answers = answer(model, tokenizer, prompts)
+    trainer = Trainer(model, config, data.train, data.eval, pad_id=pad_id_of(tokenizer, model), console=console,
+                      show_progress=show_progress and world.is_main, world=world, device=device,
+                      save_extra=_adapter_saver(model, tokenizer, config))
+    result = RunResult(output=out, train=TrainResult())
     if resume_from is not None:
         trainer.resume_from(resume_from)
         say(f"resumed from {resume_from} (step {trainer.state.step} of {trainer.total_steps})")
-    else:
-        if config.resume is True:
-            say(f"no checkpoint in {out / 'checkpoints'} yet: starting from step 0")
-        before_answers = answer(model, tokenizer, prompts)
+    elif config.resume is True:
+        say(f"no checkpoint in {out / 'checkpoints'} yet: starting from step 0")
     say(f"training {trainer.total_steps} steps: {len(data.train)} examples, micro-batch {config.micro_batch_size} "
         f"x {config.gradient_accumulation_steps} accumulation, max_seq_length {config.max_seq_length}"
         f"{', packed' if config.packing else ''}")
     result.train = trainer.train()
+    trained = distributed.gather_plain_model(model, world) if strategy == "fsdp" else model
+    if not world.is_main:                    # rank 0 alone writes results; the others wait for it
+        distributed.barrier(world)
+        result.output = out / (methods.ADAPTER_DIR if config.uses_lora else methods.MODEL_DIR)
+        return result
+    try:
+        finish(result, trained, tokenizer, config, trainer, data, prompts, before_answers, console, device,
+               (trainable, total))
+    finally:
+        distributed.barrier(world)
+    say(f"done in {time.perf_counter() - started:.0f} s")
+    return result
+
+
+def _silent(*args, **kwargs) -> None:
+    """`say` on ranks other than 0."""
+
+
+def finish(result: RunResult, model, tokenizer, config: TrainConfig, trainer: Trainer, data: TrainData,
+           prompts, before_answers: list[str], console: Console, device: torch.device,
+           parameters: tuple[int, int]) -> None:
+    """Rank 0 after training: answers, the adapter or model, the report, exports."""
+    say = console.print
+    out = Path(config.output_dir)
+    trainable, total = parameters
     evals = {r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r}
     result.eval_loss_before = evals.get(0)
     result.eval_loss_after = evals.get(trainer.state.step)
@@ -125,8 +181,6 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
         say(f"report: {result.report}")
     for entry in config.export:
         result.exports.append(export_result(model, tokenizer, out, entry, say))
-    say(f"done in {time.perf_counter() - started:.0f} s")
-    return result
 
 
 def export_result(model, tokenizer, out: Path, entry: str, say) -> Path:

@@ -17,6 +17,12 @@ Design choices:
   `eval_steps`, and after the last step; every number lands in metrics.jsonl.
 - Determinism: the data order is a pure function of (seed, epoch) and every RNG (python, numpy,
   torch, CUDA) is saved with the checkpoint, so a resumed run continues bit for bit.
+- Many ranks (torchrun): the model is wrapped with DDP (adapters) or FSDP2 (full weights), each
+  rank trains its share of every global micro-batch (`RankMicroBatches`), and the step's target
+  count is summed over ranks before any forward, so N ranks x micro-batch b give the losses and
+  gradients of one process x micro-batch N*b. DDP reduces gradients only on the last
+  accumulation micro-batch (`no_sync` before). Only rank 0 logs, shows progress and writes
+  files, except FSDP checkpoints, of which every rank writes its shards.
 """
 from __future__ import annotations
 
@@ -25,24 +31,30 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from torch import nn
 
+from velotune import distributed
 from velotune.data import Example
 from velotune.data.batching import Batch
+from velotune.distributed import World
+from velotune.models.checkpointing import configure_training_memory
 from velotune.train.checkpoint import (
+    CheckpointError,
     TrainState,
     read_contents,
     remove_stale_temporaries,
     write_atomically,
     write_contents,
+    write_sharded,
 )
-from velotune.train.config import TrainConfig, check_values
-from velotune.train.data import MicroBatches, eval_batches
+from velotune.train.config import TrainConfig, TrainConfigError, check_values
 from velotune.train.metrics import RunLog, peak_memory_gib
 from velotune.train.optim import build_optimizer
+from velotune.train.rank_batches import RankMicroBatches
 from velotune.train.schedule import build_scheduler, warmup_steps_for
 
 
@@ -64,39 +76,81 @@ def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
     return torch.bfloat16
 
 
+@dataclass
+class StepOutcome:
+    loss: float            # mean token loss of the step over every rank
+    grad_norm: float
+    lr: float              # the learning rate the step used
+    targets: int           # target tokens of the step, all ranks
+    tokens: int            # real (non-padding) input tokens of the step, all ranks
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int,
-                  amp_dtype: torch.dtype | None = None) -> float:
-    """Mean token loss of `model` over `examples` (summed over all targets, then divided)."""
+                  amp_dtype: torch.dtype | None = None, *, world: World = World(),
+                  device: torch.device | None = None) -> float:
+    """Mean token loss of `model` over `examples` (summed over all targets, then divided). With
+    many ranks each evaluates its share and the sums are added over ranks (every rank calls it)."""
     if not examples:
         raise ValueError("no eval examples: set eval_split > 0 or eval_dataset")
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum, targets = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)     # loss sum, target count
     try:
-        for batch in eval_batches(examples, batch_size, pad_id):
+        for batch in distributed.rank_eval_batches(examples, batch_size, pad_id, world):
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                             labels=batch["labels"].to(device), return_logits=False)
-            loss_sum += float(out.loss_sum)
-            targets += int(out.num_targets)
+            sums[0] += out.loss_sum.double()
+            sums[1] += out.num_targets
     finally:
         model.train(was_training)
+    loss_sum, targets = distributed.global_sum(sums, world).tolist()
     return loss_sum / targets
+
+
+class _QuietLog:
+    """The run log of ranks other than 0: they show and write nothing."""
+
+    def __enter__(self) -> _QuietLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def write(self, record: dict[str, Any]) -> None:
+        return None
+
+    def advance(self, step: int, record: dict[str, Any] | None) -> None:
+        return None
+
+    def message(self, text: str) -> None:
+        return None
 
 
 class Trainer:
     """Trains the trainable parameters of `model` on `train_examples` as `config` says.
 
-    `save_extra(folder)` (optional) adds files to every checkpoint, e.g. the PEFT adapter."""
+    `save_extra(folder)` (optional) adds files to every checkpoint, e.g. the PEFT adapter.
+    `world` defaults to the joined process group (one process without one); `device` to the
+    model's (pass it when FSDP should move a CPU-loaded model to the GPU while sharding).
+    `self.model` stays the plain module (for eval and saving); `self.wrapped` is what trains."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_examples: Sequence[Example],
                  eval_examples: Sequence[Example] = (), *, pad_id: int = 0, console: Console | None = None,
-                 show_progress: bool = True, save_extra: Callable[[Path], None] | None = None) -> None:
+                 show_progress: bool = True, save_extra: Callable[[Path], None] | None = None,
+                 world: World | None = None, device: torch.device | None = None) -> None:
         check_values(config, "config")
         self.model, self.config = model, config
-        self.device = next(model.parameters()).device
+        self.world = world or distributed.current()
+        self.device = device or next(model.parameters()).device
+        self.strategy = distributed.resolve_strategy(config.distributed, config.uses_lora, self.world)
+        if self.strategy == "fsdp" and config.optimizer == "galore":
+            raise TrainConfigError("key 'optimizer': galore needs whole weight matrices; it cannot run on FSDP "
+                                   "shards (use adamw, or distributed: ddp)")
+        self.amp_dtype = autocast_dtype(self.device, config.dtype)
+        self.wrapped = self._wrap(model)
         self.pad_id = pad_id
         self.console = console or Console(stderr=True)
         self.show_progress = show_progress
@@ -104,17 +158,36 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.eval_examples = list(eval_examples)
-        self.batches = MicroBatches(train_examples, config.micro_batch_size, pad_id=pad_id, seed=config.seed,
-                                    packing=config.packing, max_seq_length=config.max_seq_length)
+        self.batches = RankMicroBatches(train_examples, config.micro_batch_size, self.world, pad_id=pad_id,
+                                        seed=config.seed, packing=config.packing,
+                                        max_seq_length=config.max_seq_length)
         self.total_steps = config.max_steps or math.ceil(
             config.num_epochs * len(self.batches) / config.gradient_accumulation_steps)
         self.optimizer = build_optimizer(model, config)
         warmup = warmup_steps_for(config.warmup_steps, config.warmup_ratio, self.total_steps)
         self.scheduler = build_scheduler(self.optimizer, config.lr_scheduler, warmup, self.total_steps)
-        self.amp_dtype = autocast_dtype(self.device, config.dtype)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.state = TrainState()
-        model.gradient_checkpointing = config.gradient_checkpointing
+        self.state = TrainState(global_micro_batch=self.global_micro_batch)
+        memory_note = configure_training_memory(
+            model, checkpointing=config.gradient_checkpointing, offload=config.offload_checkpoints,
+            mlp_chunk_tokens=config.mlp_chunk_tokens, budget_gib=config.memory_budget_gib,
+            batch=config.micro_batch_size, seq=config.max_seq_length)
+        if memory_note:
+            self.console.print(memory_note)
+
+    @property
+    def global_micro_batch(self) -> int:
+        """Rows per micro-batch over all ranks: what a checkpoint's data position counts in."""
+        return self.config.micro_batch_size * self.world.world_size
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.strategy == "ddp":
+            return distributed.wrap_ddp(model, self.world)
+        if self.strategy == "fsdp":
+            mixed = self.amp_dtype if self.config.fsdp_mixed_precision else None
+            return distributed.wrap_fsdp(model, self.world, device_type=self.device.type, param_dtype=mixed,
+                                         cpu_offload=self.config.fsdp_cpu_offload)
+        return model
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -128,31 +201,44 @@ class Trainer:
         labels = batch["labels"].to(self.device)                      # type: ignore[union-attr]
         positions = batch["position_ids"].to(self.device)             # type: ignore[union-attr]
         with self.autocast():
-            out = self.model(ids, position_ids=positions, labels=labels, return_logits=False)
+            out = self.wrapped(ids, position_ids=positions, labels=labels, return_logits=False)
         return out.loss_sum.float(), out.num_targets
 
-    def accumulate(self, micro_batches: Sequence[Batch]) -> tuple[float, int]:
-        """Backward over the micro-batches of one optimizer step, normalised by the step's total
-        target count; returns (loss of the step, its target tokens). Gradients are added to .grad."""
-        total = sum(int(b["num_target_tokens"]) for b in micro_batches)   # type: ignore[arg-type]
+    def step_counts(self, micro_batches: Sequence[Batch]) -> tuple[int, int]:
+        """(target tokens, real input tokens) of one optimizer step summed over all ranks, known
+        before any forward (one all-reduce)."""
+        local = [sum(int(b["num_target_tokens"]) for b in micro_batches),       # type: ignore[arg-type]
+                 sum(int(b.get("num_tokens") or 0) for b in micro_batches)]      # type: ignore[arg-type]
+        total = distributed.global_sum(torch.tensor(local, dtype=torch.float64, device=self.device), self.world)
+        return int(total[0]), int(total[1])
+
+    def accumulate(self, micro_batches: Sequence[Batch], targets: int | None = None) -> tuple[float, int]:
+        """Backward over the micro-batches of one optimizer step, normalised by the step's target
+        count over all ranks (`targets`, else counted here); returns (loss of the step over all
+        ranks, its target tokens). Gradients are added to .grad (reduced over ranks on the last
+        micro-batch)."""
+        total = self.step_counts(micro_batches)[0] if targets is None else targets
         if total == 0:
             raise ValueError("an optimizer step has no target tokens (every label is -100)")
-        loss_sum = 0.0
-        for batch in micro_batches:
-            summed, _ = self.forward_sum(batch)
-            scaled = summed / total
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += float(summed.detach())
-        return loss_sum / total, total
+        scale = distributed.loss_scale(self.world, averaged=self.strategy != "none") / total
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(micro_batches):
+            with distributed.gradient_sync(self.wrapped, enabled=i == len(micro_batches) - 1):
+                summed, _ = self.forward_sum(batch)
+                scaled = summed * scale
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += summed.detach().double()
+        return float(distributed.global_sum(loss_sum, self.world)) / total, total
 
-    def optimizer_step(self, micro_batches: Sequence[Batch]) -> tuple[float, float, float]:
-        """One full step: accumulate, clip, update, schedule. Returns (loss, grad norm, lr used)."""
+    def optimizer_step(self, micro_batches: Sequence[Batch]) -> StepOutcome:
+        """One full step: accumulate, clip, update, schedule."""
         lr = self.scheduler.get_last_lr()[0]
-        loss, _ = self.accumulate(micro_batches)
+        targets, tokens = self.step_counts(micro_batches)
+        loss, _ = self.accumulate(micro_batches, targets)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+        grad_norm = distributed.local_norm(torch.nn.utils.clip_grad_norm_(self.params, limit))
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -160,14 +246,15 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm, lr
+        return StepOutcome(loss, grad_norm, lr, targets, tokens)
 
     # --- evaluation ---------------------------------------------------------------------------
 
     def evaluate(self, examples: Sequence[Example] | None = None) -> float:
         """Mean token loss over `examples` (default: the eval split)."""
         examples = self.eval_examples if examples is None else examples
-        return evaluate_loss(self.model, examples, self.config.micro_batch_size, self.pad_id, self.amp_dtype)
+        return evaluate_loss(self.model, examples, self.config.micro_batch_size, self.pad_id, self.amp_dtype,
+                             world=self.world, device=self.device)
 
     def _evaluate_into(self, result: TrainResult, log: RunLog) -> None:
         result.eval_losses[self.state.step] = loss = self.evaluate()
@@ -177,12 +264,30 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
+        """Every rank calls it: FSDP ranks write their shards, rank 0 the rest (see checkpoint.py)."""
+        sharded = self.strategy == "fsdp"
+
         def write(folder: Path) -> None:
-            write_contents(folder, self.model, self.optimizer, self.scheduler, self.state, self.save_extra)
-        return write_atomically(self.output_dir, self.state.step, write, keep=self.config.save_total_limit)
+            write_contents(folder, self.model, self.optimizer, self.scheduler, self.state, self.save_extra,
+                           with_weights=not sharded)
+
+        def write_shards(folder: Path) -> None:
+            write_sharded(folder, self.model, self.optimizer)
+        return write_atomically(self.output_dir, self.state.step, write, keep=self.config.save_total_limit,
+                                world=self.world, write_every_rank=write_shards if sharded else None)
 
     def resume_from(self, folder: Path) -> None:
-        self.state = read_contents(folder, self.model, self.optimizer, self.scheduler)
+        """Every rank calls it. The data position counts global micro-batches, so it means the
+        same rows only when micro_batch_size x ranks is the one the checkpoint was written with."""
+        state = read_contents(folder, self.model, self.optimizer, self.scheduler, world=self.world)
+        if state.global_micro_batch and state.global_micro_batch != self.global_micro_batch:
+            raise CheckpointError(
+                f"{folder}/state.json: written with a global micro-batch of {state.global_micro_batch} rows "
+                f"(micro_batch_size x ranks); this run has {self.config.micro_batch_size} x "
+                f"{self.world.world_size} = {self.global_micro_batch}. Set micro_batch_size to "
+                f"{state.global_micro_batch} / ranks so the data position means the same rows")
+        state.global_micro_batch = self.global_micro_batch
+        self.state = state
         if self.state.step > self.total_steps:
             raise ValueError(f"{folder}: checkpoint is at step {self.state.step}, past this run's "
                              f"{self.total_steps} steps")
@@ -191,26 +296,28 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg, state = self.config, self.state
-        remove_stale_temporaries(self.output_dir)
+        if self.world.is_main:
+            remove_stale_temporaries(self.output_dir)
+        distributed.barrier(self.world)
         result = TrainResult(steps=state.step)
         stream = self.batches.iterate(state.epoch, state.batch_index)
         window = {"loss_sum": 0.0, "targets": 0, "tokens": 0, "seconds": 0.0}
         all_tokens, all_seconds = 0, 0.0
         self.model.train()
-        with RunLog(self.output_dir, self.total_steps, start_step=state.step, console=self.console,
-                    show_progress=self.show_progress) as log:
+        log = (RunLog(self.output_dir, self.total_steps, start_step=state.step, console=self.console,
+                      show_progress=self.show_progress) if self.world.is_main else _QuietLog())
+        with log:
             if self.eval_examples and state.step == 0:
                 self._evaluate_into(result, log)
             while state.step < self.total_steps:
                 started = time.perf_counter()
                 drawn = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
                 micro = [batch for _, _, batch in drawn]
-                loss, grad_norm, lr = self.optimizer_step(micro)
+                outcome = self.optimizer_step(micro)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 seconds = time.perf_counter() - started
-                tokens = sum(int(b["num_tokens"]) for b in micro)       # type: ignore[arg-type]
-                targets = sum(int(b["num_target_tokens"]) for b in micro)  # type: ignore[arg-type]
+                loss, tokens, targets = outcome.loss, outcome.tokens, outcome.targets
                 epoch, index, _ = drawn[-1]
                 state.epoch, state.batch_index = (epoch, index + 1) if index + 1 < len(self.batches) else (epoch + 1, 0)
                 state.step += 1
@@ -224,8 +331,9 @@ class Trainer:
                     window[key] += value
                 record = None
                 if state.step % cfg.logging_steps == 0 or state.step == self.total_steps:
-                    record = {"step": state.step, "loss": window["loss_sum"] / window["targets"], "lr": lr,
-                              "grad_norm": grad_norm, "tokens_per_s": window["tokens"] / window["seconds"],
+                    record = {"step": state.step, "loss": window["loss_sum"] / window["targets"],
+                              "lr": outcome.lr, "grad_norm": outcome.grad_norm,
+                              "tokens_per_s": window["tokens"] / window["seconds"],
                               "peak_memory_gib": peak_memory_gib(self.device), "epoch": state.epoch,
                               "tokens_seen": state.tokens_seen}
                     log.write(record)

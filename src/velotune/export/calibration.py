@@ -1,0 +1,193 @@
+"""Calibration-aware rounding for quantized GGUF exports.
+
+Why: round-to-nearest puts each weight on the closest grid point on its own. A fine-tune's
+change to a weight is often smaller than a 4/5-bit step, so rounding can snap merged = base +
+delta straight back to (or near) the base's grid point and erase the fine-tune, worst when the
+base itself came from a 4-bit file. What matters is not each weight but each layer's output on
+real inputs, so here the rounding minimises that instead:
+
+- `LayerStatistics` runs a few generic calibration conversations (the model's own chat template,
+  text disjoint from any benchmark prompt) through the model one decoder layer at a time and
+  accumulates H = X^T X of every linear layer's input, so memory holds one layer's statistics and
+  the calibration hidden states, never every layer's.
+- `gptq_quantize` keeps the block format's grid (fitted per block, with the input channels'
+  mean squared activation as importance, as llama.cpp's imatrix does) and chooses codes column by
+  column, spreading each column's rounding error over the columns not yet rounded through the
+  inverse Hessian (GPTQ, Frantar et al. 2022), which minimises ||X W^T - X Q^T||.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES
+
+from velotune.export.blockgrid import Codec, interleave
+from velotune.models.transformer import Transformer
+
+# Generic chat turns for calibration. Keep them generic and disjoint from the evaluation prompts
+# of benchmarks/quantized_answers.py and the tests; they are never tuned to a result.
+CALIBRATION_CONVERSATIONS: tuple[tuple[str, str], ...] = (
+    ("Can you explain what a database index is?",
+     "An index is a separate structure that lets the database find rows without scanning the whole table."),
+    ("How do I boil an egg?", "Put the egg in boiling water for about nine minutes, then cool it in cold water."),
+    ("Write a short poem about autumn.", "Leaves of amber drift and fall, / the quiet wind collects them all."),
+    ("What is the difference between weather and climate?",
+     "Weather is what happens on a given day; climate is the pattern of weather over many years."),
+    ("Give me three tips for better sleep.",
+     "Keep a regular schedule, avoid screens before bed, and keep your bedroom cool and dark."),
+    ("Summarize the plot of a typical detective story.",
+     "A crime happens, a detective gathers clues and questions suspects, and finally reveals the culprit."),
+    ("Why is the sky blue?", "Air scatters short blue wavelengths of sunlight more than red ones."),
+    ("How can I learn a new programming language quickly?",
+     "Build a small project, read other people's code, and practise a little every day."),
+    ("What should I pack for a weekend hiking trip?",
+     "Water, snacks, a map, a rain jacket, sturdy shoes, a first aid kit and a charged phone."),
+    ("Hi there! How is your day going?", "Hello! I'm doing well, thank you. How can I help you today?"),
+    ("Convert 5 kilometres to miles.", "5 kilometres is about 3.1 miles."),
+    ("List some healthy breakfast ideas.", "Oatmeal with fruit, yogurt with nuts, eggs on toast, or a smoothie."),
+    ("What does a mitochondrion do?", "It produces most of the chemical energy a cell needs, in the form of ATP."),
+    ("Tell me a joke.", "Why did the scarecrow win an award? Because he was outstanding in his field."),
+    ("How do plants grow?", "Plants take in light, water and carbon dioxide and turn them into sugar to build new tissue."),
+    ("What is a good way to save money?", "Track your spending, set a budget, and put a fixed amount aside every month."),
+)
+
+
+def calibration_ids(tokenizer: Any, conversations: Sequence[tuple[str, str]] = CALIBRATION_CONVERSATIONS
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conversations rendered with the chat template and packed into one row: (ids [1, T],
+    position ids [1, T] restarting per conversation, which the model reads as separate documents)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    for user, assistant in conversations:
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": user},
+                                              {"role": "assistant", "content": assistant}])
+        ids += turn
+        positions += range(len(turn))
+    return torch.tensor([ids]), torch.tensor([positions])
+
+
+# Phi-3 exports fuse these; their input is that of the first part.
+FUSED_INPUT = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}
+
+
+class LayerStatistics:
+    """H = X^T X of each linear layer's input on the calibration text, computed one decoder layer
+    at a time as the export asks for that layer's tensors (in layer order)."""
+
+    def __init__(self, model: Transformer, tokenizer: Any,
+                 conversations: Sequence[tuple[str, str]] = CALIBRATION_CONVERSATIONS) -> None:
+        self.model = model
+        ids, positions = calibration_ids(tokenizer, conversations)
+        self.tokens = ids.shape[1]
+        device = next(model.parameters()).device
+        layers = model.model.layers
+        self.layer_args: list[tuple[Any, ...]] = [() for _ in layers]
+
+        def keep_args(i: int):  # (x, cos, sin, mask) of each layer: masks differ per layer (windows)
+            def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+                self.layer_args[i] = args if i == 0 else (None, *args[1:])
+            return hook
+
+        handles = [layer.register_forward_pre_hook(keep_args(i)) for i, layer in enumerate(layers)]
+        try:
+            with torch.no_grad():
+                model.hidden_states(ids.to(device), position_ids=positions.to(device))
+        finally:
+            for h in handles:
+                h.remove()
+        self.hidden: torch.Tensor = self.layer_args[0][0]
+        self.layer = -1
+        self.hessians: dict[str, torch.Tensor] = {}
+
+    def advance(self) -> None:
+        """Run the next decoder layer on the calibration hidden states, keeping its linears' H."""
+        self.layer += 1
+        layer = self.model.model.layers[self.layer]
+        self.hessians = {}
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, its H); the input is held so
+        # that its id cannot be reused by a later tensor within this layer
+
+        def keep(path: str):
+            def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+                x = args[0]
+                known = next((h for inp, h in seen if inp is x), None)  # q/k/v, gate/up share one input
+                if known is None:
+                    flat = x.reshape(-1, x.shape[-1]).double()
+                    known = (flat.T @ flat).cpu()
+                    seen.append((x, known))
+                self.hessians[path] = known
+            return hook
+
+        linears = [(name, m) for name, m in layer.named_modules()
+                   if name.count(".") == 1 and name.endswith("_proj")]
+        handles = [m.register_forward_pre_hook(keep(name)) for name, m in linears]
+        try:
+            with torch.no_grad():
+                self.hidden = layer(self.hidden, *self.layer_args[self.layer][1:])
+        finally:
+            for h in handles:
+                h.remove()
+
+    def hessian(self, hf_name: str) -> torch.Tensor | None:
+        """H [in, in] (float64) for a decoder layer's linear weight, or None for anything else."""
+        parts = hf_name.split(".")
+        if parts[:2] != ["model", "layers"] or parts[-1] != "weight" or len(parts) != 6:
+            return None
+        index, path = int(parts[2]), ".".join(parts[3:5])
+        path = path.rsplit(".", 1)[0] + "." + FUSED_INPUT.get(parts[4], parts[4])
+        if index < self.layer:
+            raise RuntimeError(f"{hf_name}: calibration statistics are computed in layer order; layer {self.layer} "
+                               "was already passed")
+        while self.layer < index:
+            self.advance()
+        return self.hessians.get(path)
+
+
+def gptq_quantize(w: np.ndarray, hessian: torch.Tensor, codec: Codec, damp: float = 0.01,
+                  use_importance: bool = True) -> np.ndarray:
+    """Quantize `w` [rows, cols] (float32) to `codec`'s bytes [rows, row bytes], choosing codes
+    with GPTQ's error compensation under H = X^T X [cols, cols]."""
+    rows, cols = w.shape
+    if cols % codec.block:
+        raise ValueError(f"rows of {cols} values are not whole {codec.qtype.name} blocks of {codec.block}")
+    h = hessian.to(torch.float64).clone()
+    diag = torch.diagonal(h)
+    importance = (diag / max(float(diag.max()), 1e-30)).float().numpy() if use_importance else None
+    dead = diag == 0
+    h[dead, dead] = 1.0
+    h += damp * float(torch.mean(torch.diagonal(h))) * torch.eye(cols, dtype=torch.float64)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    u = torch.linalg.cholesky(inverse, upper=True).float()  # rows of the inverse's Cholesky factor
+
+    weights = torch.from_numpy(np.array(w, dtype=np.float32))
+    codes = torch.empty((rows, cols), dtype=torch.int32)
+    grids = []
+    span = max(1, 128 // codec.block) * codec.block  # lazy-update span: whole blocks
+    for start in range(0, cols, span):
+        end = min(start + span, cols)
+        part = weights[:, start:end].clone()
+        errors = torch.zeros_like(part)
+        for i in range(end - start):
+            col = start + i
+            if col % codec.block == 0:  # fit the block's grid to the weights as compensated so far
+                imp = None if importance is None else np.broadcast_to(importance[col:col + codec.block],
+                                                                      (rows, codec.block))
+                grid = codec.fit(part[:, i:i + codec.block].numpy(), imp)
+                grids.append(grid)
+                scales, offsets = torch.from_numpy(grid.scale), torch.from_numpy(grid.offset)
+            sub = (col % codec.block) // codec.sub
+            s, o = scales[:, sub], offsets[:, sub]
+            q = torch.where(s == 0, 0.0, torch.round((part[:, i] - o) / torch.where(s == 0, 1.0, s)))
+            q = q.clamp(codec.qmin, codec.qmax)
+            codes[:, col] = q.to(torch.int32)
+            err = (part[:, i] - (s * q + o)) / u[col, col]
+            part[:, i:] -= err[:, None] * u[col, col:end][None, :]
+            errors[:, i] = err
+        weights[:, end:] -= errors @ u[start:end, end:]
+
+    grid = interleave(grids)
+    data = codec.pack(codes.numpy().reshape(-1, codec.block), grid)
+    return data.reshape(rows, cols // codec.block * GGML_QUANT_SIZES[codec.qtype][1])

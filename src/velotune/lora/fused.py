@@ -1,0 +1,359 @@
+"""Fused LoRA blocks: the q/k/v (or any group of projections reading one input), o and MLP
+projections of a decoder layer as autograd Functions with hand-written backward passes.
+
+Why: with one `LoraLinear` per projection, autograd keeps, per projection, its own copy of the
+input (the adapter's input is cast to the adapter's dtype; under autocast cast back again), and the
+MLP keeps gate, up, act(gate) and h. Here a block keeps its input once, the small X·A products,
+and for the MLP the gate and up activations; everything else is recomputed or never built:
+- The low-rank path is always (X·A^T)·B^T, r columns wide; the product B·A is never formed. The
+  A matrices of projections that share an input are stacked, so X is read once for all of them,
+  in the forward (X·A^T) and in the backward (dA = dXA^T·X).
+- The adapter output is accumulated into the base output by one in-place addmm (y += s·XA·B^T):
+  no [tokens, out] temporary for the low-rank term.
+- Frozen base weights get no gradient; a 4-bit base is dequantized in the forward and again in
+  the backward, never kept. Weights are saved as the parameters themselves (no copy); casts to the
+  compute dtype happen in forward and again in backward.
+- MLP: g and u are saved, h = act(g)·u is not (it is the MLP's third [tokens, intermediate]
+  tensor). Saving g and u rather than only X costs two such tensors but spares re-running the gate
+  and up matmuls (4·N·H·I FLOPs, about a third of the MLP's forward) on top of what checkpointing
+  already recomputes. In the backward one elementwise pass (`kernels.glu_backward_inplace`) writes h
+  over dh, dg over g and du over u: every buffer is dead by the time it is overwritten, so the
+  MLP backward allocates one [tokens, intermediate] tensor (dh) instead of four.
+
+Precision: everything runs in one compute dtype, autocast's when it is on, else the input's (the
+dtype of the frozen base). Adapters (float32, as PEFT keeps them) are cast to it outside the
+Function, so autograd's cast returns their gradients in float32: the numerics of autocast's matmul
+on the unfused path. Without autocast, a bf16 base with float32 adapters therefore runs its
+low-rank products in bf16 here, where the unfused path runs them in float32.
+
+Dispatch (`project`, `mlp`): the fused path runs when autograd is recording, kernels are enabled
+(`VELOTUNE_KERNELS=0` turns it off with the Triton kernels), every projection of the block is a
+frozen nn.Linear / `Linear4bit`, or a `LoraLinear` over one with no dropout and no DoRA, and at
+least one adapter is active. Anything else (dropout, DoRA, trainable bases, forward hooks, a base
+whose dtype differs from the input without autocast) takes the modules' own forward unchanged.
+On CUDA the GLU and its in-place backward are Triton kernels; elsewhere their references.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from velotune import kernels
+from velotune.lora.layers import LoraLinear
+from velotune.quant.linear4bit import Linear4bit
+
+# Each projection passes four tensors to the Functions, in this order (None where absent).
+WEIGHT, BIAS, A, B = range(4)
+PER_PROJECTION = 4
+
+
+@dataclass(frozen=True)
+class Projection:
+    """What the Functions need to know about one projection besides its tensors."""
+
+    out_features: int
+    adapted: bool                    # an active adapter adds s * (X A^T) B^T
+    scale: float                     # its s (alpha / r, or alpha / sqrt(r))
+    rank: int
+    quantized: Linear4bit | None     # a 4-bit base, dequantized on the fly (its weight slot is None)
+
+
+def project(x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
+    """`tuple(m(x) for m in modules)`, computed by one `LoraProjections` when the modules allow it."""
+    parts = _plan(x, modules)
+    if parts is None:
+        return tuple(m(x) for m in modules)
+    return _run(LoraProjections, x, parts, ())
+
+
+def mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str) -> torch.Tensor:
+    """`down(glu(gate(x), up(x)))`, computed by one `LoraMLP` when the modules allow it."""
+    parts = _plan(x, (gate, up, down))
+    if parts is None:
+        return down(kernels.glu(gate(x), up(x), activation))
+    return _run(LoraMLP, x, parts, (activation,))[0]
+
+
+class LoraProjections(torch.autograd.Function):
+    """y_i = X W_i^T + b_i + s_i (X A_i^T) B_i^T for projections i sharing the input X [N, in].
+    Saves X, X·A^T (all adapters stacked) and the adapters; returns one output per projection."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, plan: tuple[Projection, ...],  # type: ignore[override]
+                *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        a_all, xa = _stacked_products(x, plan, tensors, range(len(plan)))
+        spans = _spans(plan)
+        outputs = tuple(_projection(x, plan, tensors, i, xa[:, spans[i]] if p.adapted else None)
+                        for i, p in enumerate(plan))
+        ctx.plan = plan
+        ctx.save_for_backward(x, xa, a_all, *_weights_and_bs(plan, tensors))
+        return outputs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        plan: tuple[Projection, ...] = ctx.plan
+        x, xa, a_all, *saved = ctx.saved_tensors
+        weights, bs = saved[:len(plan)], saved[len(plan):]
+        needs = ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]  # drop the plan's slot
+        members = range(len(plan))
+        out: list[torch.Tensor | None] = [None] * (PER_PROJECTION * len(plan))
+        with _autocast_off(x):
+            dx = _base_input_grad(needs[0], plan, members, weights, grads, x.dtype)
+            dxa = _adapter_grads(needs, plan, members, grads, xa, bs, out)
+            dx = _stacked_input_grads(needs, plan, members, x, a_all, dxa, dx, out)
+        return (dx, None, *out)
+
+
+class LoraMLP(torch.autograd.Function):
+    """down(glu(gate(X), up(X))) with LoRA on any of the three, for X [N, hidden]. Saves X, the
+    stacked X·A^T of gate and up, g, u and h·A_down^T; h is recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, plan: tuple[Projection, ...], activation: str,  # type: ignore[override]
+                *tensors: torch.Tensor | None) -> torch.Tensor:
+        a_gu, xa = _stacked_products(x, plan, tensors, (0, 1))
+        spans = _spans(plan)
+        g, u = (_projection(x, plan, tensors, i, xa[:, spans[i]] if plan[i].adapted else None) for i in (0, 1))
+        h = kernels.glu(g, u, activation)
+        ha = h @ _slot(tensors, 2, A).t() if plan[2].adapted else None
+        out = F.linear(h, _base_weight(plan[2], tensors, 2, x.dtype), _bias(tensors, 2, x.dtype))
+        if ha is not None:
+            out.addmm_(ha, _slot(tensors, 2, B).t(), alpha=plan[2].scale)
+        ctx.plan, ctx.activation, ctx.spent = plan, activation, False
+        ctx.save_for_backward(x, xa, a_gu, g, u, ha, _slot(tensors, 2, A), *_weights_and_bs(plan, tensors))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
+        if ctx.spent:
+            raise RuntimeError("LoraMLP: backward through the same graph twice (retain_graph=True). The fused "
+                               "LoRA MLP reuses its saved activations as gradient buffers; set VELOTUNE_KERNELS=0 "
+                               "to use the unfused path for double backward passes")
+        ctx.spent = True
+        plan: tuple[Projection, ...] = ctx.plan
+        x, xa, a_gu, g, u, ha, a_down, *saved = ctx.saved_tensors
+        weights, bs = saved[:3], saved[3:]
+        needs = ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]  # drop the plan's and activation's slots
+        out: list[torch.Tensor | None] = [None] * (PER_PROJECTION * 3)
+        with _autocast_off(x):
+            down = plan[2]
+            dout = dout.contiguous()
+            dh = dout @ _base_weight(down, weights, 2, x.dtype, stride=1)
+            if down.adapted:
+                dha = torch.mm(dout, bs[2]).mul_(down.scale)
+                if needs[1 + PER_PROJECTION * 2 + B]:
+                    out[PER_PROJECTION * 2 + B] = torch.mm(dout.t(), ha).mul_(down.scale)
+                dh.addmm_(dha, a_down)
+            kernels.glu_backward_inplace(dh, g, u, ctx.activation)  # dh <- h, g <- dg, u <- du
+            if down.adapted and needs[1 + PER_PROJECTION * 2 + A]:
+                out[PER_PROJECTION * 2 + A] = dha.t() @ dh
+            del dh
+            dgu = (g, u)
+            dx = _base_input_grad(needs[0], plan, (0, 1), weights, dgu, x.dtype)
+            dxa = _adapter_grads(needs, plan, (0, 1), dgu, xa, bs, out)
+            dx = _stacked_input_grads(needs, plan, (0, 1), x, a_gu, dxa, dx, out)
+        return (dx, None, None, *out)
+
+
+# ---- shared pieces of the two Functions -------------------------------------------------------
+
+def _slot(tensors: Sequence[torch.Tensor | None], i: int, kind: int) -> torch.Tensor | None:
+    return tensors[PER_PROJECTION * i + kind]
+
+
+def _base_weight(p: Projection, tensors: Sequence[torch.Tensor | None], i: int, dtype: torch.dtype,
+                 stride: int = PER_PROJECTION) -> torch.Tensor:
+    """Projection i's frozen weight [out, in] in `dtype` (a temporary for 4-bit bases and casts)."""
+    if p.quantized is not None:
+        return p.quantized.dequantized_weight(dtype)
+    return tensors[stride * i].to(dtype)
+
+
+def _bias(tensors: Sequence[torch.Tensor | None], i: int, dtype: torch.dtype) -> torch.Tensor | None:
+    bias = _slot(tensors, i, BIAS)
+    return None if bias is None else bias.to(dtype)
+
+
+def _spans(plan: Sequence[Projection]) -> dict[int, slice]:
+    """Column range of each adapted projection in the stacked X·A^T."""
+    spans, start = {}, 0
+    for i, p in enumerate(plan):
+        if p.adapted:
+            spans[i] = slice(start, start + p.rank)
+            start += p.rank
+    return spans
+
+
+def _stacked_products(x: torch.Tensor, plan: Sequence[Projection], tensors: Sequence[torch.Tensor | None],
+                      members: Sequence[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(A of the adapted `members` stacked [sum r, in], X·A^T [N, sum r]); X is read once."""
+    a_list = [_slot(tensors, i, A) for i in members if plan[i].adapted]
+    if not a_list:
+        return None, None
+    a_all = a_list[0] if len(a_list) == 1 else torch.cat(a_list)
+    return a_all, x @ a_all.t()
+
+
+def _projection(x: torch.Tensor, plan: Sequence[Projection], tensors: Sequence[torch.Tensor | None], i: int,
+                xa: torch.Tensor | None) -> torch.Tensor:
+    """X W_i^T + b_i, plus s_i xa B_i^T added in place when projection i is adapted (xa = X A_i^T)."""
+    p = plan[i]
+    y = F.linear(x, _base_weight(p, tensors, i, x.dtype), _bias(tensors, i, x.dtype))
+    if xa is not None:
+        y.addmm_(xa, _slot(tensors, i, B).t(), alpha=p.scale)
+    return y
+
+
+def _weights_and_bs(plan: Sequence[Projection], tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """What the backward reads besides activations: the base weights as given (parameters, so
+    saving them copies nothing; None for 4-bit bases) and the B matrices."""
+    return [_slot(tensors, i, WEIGHT) for i in range(len(plan))] + [_slot(tensors, i, B) for i in range(len(plan))]
+
+
+def _base_input_grad(needed: bool, plan: Sequence[Projection], members: Sequence[int],
+                     weights: Sequence[torch.Tensor | None], grads: Sequence[torch.Tensor], dtype: torch.dtype,
+                     ) -> torch.Tensor | None:
+    """sum_i dY_i W_i: the base part of dX, accumulated in place."""
+    if not needed:
+        return None
+    dx = None
+    for k, i in enumerate(members):
+        w = _base_weight(plan[i], weights, i, dtype, stride=1)
+        dx = grads[k] @ w if dx is None else dx.addmm_(grads[k], w)
+    return dx
+
+
+def _adapter_grads(needs: Sequence[bool], plan: Sequence[Projection], members: Sequence[int],
+                   grads: Sequence[torch.Tensor], xa: torch.Tensor | None, bs: Sequence[torch.Tensor | None],
+                   out: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Fill each dB_i = s dY_i^T (X A_i^T) into `out`; return the stacked d(X A^T) = s dY_i B_i."""
+    spans, parts = _spans(plan), []
+    for k, i in enumerate(members):
+        p = plan[i]
+        if not p.adapted:
+            continue
+        if needs[1 + PER_PROJECTION * i + B]:
+            out[PER_PROJECTION * i + B] = torch.mm(grads[k].t(), xa[:, spans[i]]).mul_(p.scale)
+        parts.append(torch.mm(grads[k], bs[i]).mul_(p.scale))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _stacked_input_grads(needs: Sequence[bool], plan: Sequence[Projection], members: Sequence[int],
+                         x: torch.Tensor, a_all: torch.Tensor | None, dxa: torch.Tensor | None,
+                         dx: torch.Tensor | None, out: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """dX += d(XA^T) A (all adapters in one matmul) and dA = d(XA^T)^T X, split per projection."""
+    if dxa is None:
+        return dx
+    if dx is not None:
+        dx.addmm_(dxa, a_all)
+    adapted = [i for i in members if plan[i].adapted]
+    if any(needs[1 + PER_PROJECTION * i + A] for i in adapted):
+        da_all = dxa.t() @ x
+        spans = _spans(plan)
+        for i in adapted:
+            if needs[1 + PER_PROJECTION * i + A]:
+                out[PER_PROJECTION * i + A] = da_all[spans[i]]
+    return dx
+
+
+def _autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The Functions choose their dtypes themselves; autocast (on for the forward when the caller
+    trains under it, and on in the backward when `backward()` is called inside the autocast block)
+    must not recast their matmuls."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
+# ---- dispatch -------------------------------------------------------------------------------
+
+def _frozen_linear(module: nn.Module) -> nn.Module | None:
+    """`module` when it is a plain frozen linear the Functions can run (exact types: a subclass may
+    change the forward), else None."""
+    if type(module) not in (nn.Linear, Linear4bit) or _hooked(module):
+        return None
+    if any(p.requires_grad for p in module.parameters(recurse=False)):
+        return None
+    return module
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Forward hooks would be skipped by the fused path, so a hooked module keeps its own forward."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _describe(module: nn.Module) -> tuple[nn.Module, LoraLinear | None] | None:
+    """(frozen base, the active LoraLinear around it or None) when `module` can be fused."""
+    if type(module) is LoraLinear:
+        if _hooked(module):
+            return None
+        base = _frozen_linear(module.base_layer)
+        if base is None:
+            return None
+        if not module.active:
+            return base, None
+        if module.lora_magnitude_vector is not None or not isinstance(module.lora_dropout, nn.Identity):
+            return None
+        return base, module
+    base = _frozen_linear(module)
+    return None if base is None else (base, None)
+
+
+@dataclass
+class _Parts:
+    plan: tuple[Projection, ...]
+    bases: list[nn.Module]
+    adapters: list[LoraLinear | None]
+    dtype: torch.dtype
+
+
+def _plan(x: torch.Tensor, modules: Sequence[nn.Module]) -> _Parts | None:
+    if not (torch.is_grad_enabled() and kernels.kernels_enabled() and x.is_floating_point()):
+        return None
+    described = [_describe(m) for m in modules]
+    if any(d is None for d in described) or all(d[1] is None for d in described):
+        return None
+    bases = [d[0] for d in described]
+    adapters = [d[1] for d in described]
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        # nn.Linear needs a weight of the input's dtype: a mismatch keeps the unfused path (and its error).
+        if any(type(base) is nn.Linear and base.weight.dtype != x.dtype for base in bases):
+            return None
+        dtype = x.dtype
+    plan = tuple(
+        Projection(out_features=base.out_features, adapted=lora is not None,
+                   scale=lora.scale if lora is not None else 0.0, rank=lora.r if lora is not None else 0,
+                   quantized=base if type(base) is Linear4bit else None)
+        for base, lora in zip(bases, adapters))
+    return _Parts(plan, bases, adapters, dtype)
+
+
+def _run(fn: type[torch.autograd.Function], x: torch.Tensor, parts: _Parts,
+         extra: tuple) -> tuple[torch.Tensor, ...]:
+    tensors: list[torch.Tensor | None] = []
+    with _autocast_off(x):
+        x2 = x.reshape(-1, x.shape[-1]).to(parts.dtype)
+        for base, lora in zip(parts.bases, parts.adapters):
+            tensors.append(None if type(base) is Linear4bit else base.weight)
+            tensors.append(base.bias)
+            tensors.append(None if lora is None else lora.a.to(parts.dtype))
+            tensors.append(None if lora is None else lora.b.to(parts.dtype))
+        outputs = fn.apply(x2, parts.plan, *extra, *tensors)
+    if isinstance(outputs, torch.Tensor):
+        outputs = (outputs,)
+    lead = x.shape[:-1]
+    return tuple(y.view(*lead, y.shape[-1]) for y in outputs)

@@ -1,0 +1,198 @@
+"""How many decoder layers to checkpoint: all, none, or (`auto`) only as many as memory needs.
+
+Checkpointing a layer trades its saved activations (about 34 B x hidden per token for Llama-3
+8B shapes) for its input alone (2 B x hidden) plus a second forward of the layer in the backward
+(about a third more compute for that layer). When the activations of every layer fit in the
+memory budget, checkpointing is pure loss; when none fit, it is needed everywhere. `auto` picks
+the smallest number n of checkpointed layers whose estimated peak fits:
+
+    peak(n) = resident + saved(n) + max(model-wide, backward temporaries)          n < L
+    peak(L) = resident + saved(L) + max(model-wide, backward temporaries + one recomputed layer)
+    saved(n) = n x layer input (0 when offloaded, plus two prefetched inputs) + (L - n) x one layer
+
+with the per-token terms of `velotune.estimate` (its module docstring states the formula and
+how it was measured against an H100), and `resident` the bytes of this model's weights and
+buffers, the gradients of its trainable parameters and their optimizer states, counted from the
+model itself. The first n layers are the checkpointed ones: their activations would otherwise
+live longest, and the backward reaches them only after the un-checkpointed layers' activations
+are freed, so with n < L a recomputed layer never coexists with them (n inputs + one layer +
+temporaries <= saved(n) + temporaries). So peak(n) falls with n up to L - 1; the last layer's
+checkpoint saves little (its backward follows its forward at once) and, kept on the GPU, costs
+one more input. `auto` takes the fewest layers that fit, and when nothing fits, the smallest
+peak, and says it does not fit.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from velotune.estimate import (
+    BF16,
+    RESERVED_GIB,
+    Setup,
+    backward_terms,
+    layer_terms,
+    model_terms,
+)
+from velotune.models.config import ModelConfig
+from velotune.models.offload import LayerInputOffloader
+from velotune.models.tiled_mlp import mlp_chunk_size
+
+GIB = 2**30
+# Kept aside from the device's memory when no budget is given: the CUDA context and workspaces
+# (estimate.RESERVED_GIB) plus 5% for allocator fragmentation with many large activations.
+FRAGMENTATION_SHARE = 0.05
+ADAMW_STATE_BYTES = 8   # two float32 moments per trainable value
+
+
+def default_budget_bytes(device: torch.device) -> int:
+    """The device's memory minus the CUDA context and a fragmentation margin (host RAM on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * (1 - FRAGMENTATION_SHARE) - RESERVED_GIB * GIB)
+
+
+def resident_bytes(model: nn.Module, optimizer_state_bytes: int = ADAMW_STATE_BYTES) -> int:
+    """Bytes that stay on the device whatever the activations: parameters and buffers (shared
+    storages once), a gradient per trainable parameter, `optimizer_state_bytes` per trainable value."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:      # tied weights and fused-then-split views count once
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    for p in model.parameters():
+        if p.requires_grad:
+            total += p.numel() * (p.element_size() + optimizer_state_bytes)
+    return total
+
+
+def training_method(model: nn.Module) -> tuple[str, int]:
+    """("full" | "lora" | "qlora", LoRA rank) of a model, for the activation terms."""
+    rank, quantized = 0, False
+    for module in model.modules():
+        quantized = quantized or hasattr(module, "dequantized_weight")
+        lora_a = getattr(module, "lora_A", None)
+        if rank == 0 and isinstance(lora_a, nn.Linear):
+            rank = lora_a.out_features
+    if rank == 0:
+        return "full", 16
+    return ("qlora" if quantized else "lora"), rank
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What a training run may use on its device, and what is taken before any activation."""
+
+    total_bytes: int
+    resident_bytes: int
+    method: str = "lora"      # full | lora | qlora: which activation terms apply
+    lora_r: int = 16
+
+    @classmethod
+    def of_model(cls, model: nn.Module, budget_gib: float | None = None,
+                 optimizer_state_bytes: int = ADAMW_STATE_BYTES) -> MemoryBudget:
+        device = next(model.parameters()).device
+        total = int(budget_gib * GIB) if budget_gib else default_budget_bytes(device)
+        method, rank = training_method(model)
+        return cls(total, resident_bytes(model, optimizer_state_bytes), method, rank)
+
+
+@dataclass(frozen=True)
+class CheckpointChoice:
+    layers: int               # checkpointed layers (the first `layers` of the stack)
+    num_layers: int
+    peak_bytes: int           # estimated peak with that choice, resident bytes included
+    budget_bytes: int
+    batch: int
+    seq: int
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes
+
+    def describe(self) -> str:
+        fit = "" if self.fits else " (does NOT fit however many layers are checkpointed: expect out-of-memory)"
+        return (f"checkpointing auto: {self.layers} of {self.num_layers} decoder layers checkpointed at "
+                f"batch {self.batch} x seq {self.seq}, estimated peak {self.peak_bytes / GIB:.1f} GiB of a "
+                f"{self.budget_bytes / GIB:.1f} GiB budget{fit}")
+
+
+def activation_peak(config: ModelConfig, budget: MemoryBudget, batch: int, seq: int, checkpointed: int, *,
+                    offload: bool = False, mlp_chunk: int = 0) -> int:
+    """Estimated activation peak (bytes, resident bytes excluded) with the first `checkpointed`
+    layers checkpointed; see the module docstring."""
+    L = config.num_hidden_layers
+    if not 0 <= checkpointed <= L:
+        raise ValueError(f"checkpointed layers must be in [0, {L}], got {checkpointed}")
+    setup = Setup(method=budget.method, batch=batch, seq=seq, checkpointing=True, lora_r=budget.lora_r)
+    tokens = batch * seq
+    h, i = config.hidden_size, config.intermediate_size
+    layer = sum(term.bytes(tokens) for term in layer_terms(config, setup))
+    temporaries = sum(term.bytes(tokens) for term in backward_terms(config, setup))
+    if mlp_chunk and mlp_chunk < tokens:
+        # The tiled MLP keeps only its input (already counted as the MLP norm output), not gate,
+        # up and act; its backward holds gate, up, act and two gradients for one chunk.
+        layer -= BF16 * 3 * i * tokens
+        temporaries += BF16 * (5 * i * mlp_chunk - 2 * i * tokens)
+    model_wide = sum(term.bytes(tokens) for term in model_terms(config, setup))
+    layer_input = BF16 * h * tokens
+    kept_inputs = (2 * layer_input if checkpointed else 0) if offload else checkpointed * layer_input
+    saved = kept_inputs + (L - checkpointed) * layer
+    return saved + max(model_wide, temporaries + (layer if checkpointed == L else 0))
+
+
+def choose_checkpointed_layers(config: ModelConfig, budget: MemoryBudget, batch: int, seq: int, *,
+                               offload: bool = False, mlp_chunk: int = 0) -> CheckpointChoice:
+    """The fewest checkpointed layers whose estimated peak fits the budget; when none fits, the
+    choice with the smallest peak, flagged as not fitting."""
+    L = config.num_hidden_layers
+    peaks = [budget.resident_bytes + activation_peak(config, budget, batch, seq, n, offload=offload,
+                                                     mlp_chunk=mlp_chunk) for n in range(L + 1)]
+    fitting = [n for n, peak in enumerate(peaks) if peak <= budget.total_bytes]
+    n = fitting[0] if fitting else min(range(L + 1), key=peaks.__getitem__)
+    return CheckpointChoice(n, L, peaks[n], budget.total_bytes, batch, seq)
+
+
+def parse_checkpointing(value: bool | str, where: str = "gradient_checkpointing") -> bool | str:
+    """True, False or "auto"; anything else is an error naming `where`."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ValueError(f"{where} must be true, false or auto, got {value!r}")
+
+
+def run_checkpointed(layer: nn.Module, x: torch.Tensor, *args, offloader: LayerInputOffloader | None = None,
+                     **kwargs) -> torch.Tensor:
+    """`layer(x, *args, **kwargs)` under torch's non-reentrant checkpoint, its input parked in
+    host memory by `offloader` when one is given (see `velotune.models.offload`)."""
+    if offloader is None:
+        return checkpoint(layer, x, *args, use_reentrant=False, **kwargs)
+    with offloader.saving(x):
+        return checkpoint(layer, x, *args, use_reentrant=False, **kwargs)
+
+
+def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, offload: bool = False,
+                              mlp_chunk_tokens: int | None = None, budget_gib: float | None = None,
+                              batch: int = 1, seq: int = 2048,
+                              optimizer_state_bytes: int = ADAMW_STATE_BYTES) -> str | None:
+    """Set a `Transformer`'s checkpointing, offload and MLP tiling for training. With `auto`,
+    returns the choice at the longest micro-batch (batch x seq) as a line for the run log; each
+    forward then chooses again for its own length, so shorter batches checkpoint fewer layers."""
+    model.gradient_checkpointing = parse_checkpointing(checkpointing)
+    model.offload_checkpoints = offload
+    model.mlp_chunk_tokens = mlp_chunk_tokens
+    if checkpointing != "auto":
+        model.memory_budget = None
+        return None
+    model.memory_budget = MemoryBudget.of_model(model, budget_gib, optimizer_state_bytes)
+    choice = choose_checkpointed_layers(model.config, model.memory_budget, batch, seq, offload=offload,
+                                        mlp_chunk=mlp_chunk_size(mlp_chunk_tokens, batch * seq))
+    return choice.describe()

@@ -1,0 +1,211 @@
+"""`gradient_checkpointing: auto`: the number of checkpointed layers from a memory budget (pure
+arithmetic against hand-computed Llama-3.1-8B figures), and the model checkpointing exactly that
+many layers with unchanged gradients; the config keys and their errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from velotune.estimate import load_config
+from velotune.models.checkpointing import (
+    GIB,
+    MemoryBudget,
+    activation_peak,
+    choose_checkpointed_layers,
+    configure_training_memory,
+    resident_bytes,
+    training_method,
+)
+from velotune.models.config import ModelConfig
+from velotune.models.transformer import Transformer
+from velotune.train.config import TrainConfigError, load_config as load_train_config
+
+LLAMA8B, _ = load_config("Llama-3.1-8B")
+TOKENS = 4 * 2048
+# Hand arithmetic, Llama-3.1-8B LoRA r16 (h 4096, q 4096, kv 1024, i 14336, 32 heads), per token:
+# a layer keeps 2 B x (4h + 2q + 2kv + 3i) + 4 B x (2 + 32) + 2 B x 7 x 16 = 139,624 B;
+# its checkpointed input is 2 B x h = 8,192 B.
+LAYER_PER_TOKEN = 2 * (4 * 4096 + 2 * 4096 + 2 * 1024 + 3 * 14336) + 4 * 34 + 2 * 7 * 16
+INPUT_PER_TOKEN = 2 * 4096
+
+
+def budget(total_gib: float, resident_gib: float = 10.0) -> MemoryBudget:
+    return MemoryBudget(total_bytes=int(total_gib * GIB), resident_bytes=int(resident_gib * GIB), method="lora",
+                        lora_r=16)
+
+
+def test_each_checkpointed_layer_saves_its_activations_minus_its_input():
+    b = budget(80)
+    assert LAYER_PER_TOKEN == 139_624
+    for n in range(0, 31):   # below L, each more checkpointed layer frees one layer for one input
+        saved = activation_peak(LLAMA8B, b, 4, 2048, n) - activation_peak(LLAMA8B, b, 4, 2048, n + 1)
+        assert saved == (LAYER_PER_TOKEN - INPUT_PER_TOKEN) * TOKENS
+
+
+def test_choice_is_the_fewest_layers_that_fit():
+    for wanted in (0, 1, 7, 20, 31):
+        peak = activation_peak(LLAMA8B, budget(80), 4, 2048, wanted)
+        exact = MemoryBudget(10 * GIB + peak, 10 * GIB, "lora", 16)
+        choice = choose_checkpointed_layers(LLAMA8B, exact, 4, 2048)
+        assert choice.layers == wanted and choice.fits
+        assert choice.peak_bytes == exact.total_bytes
+        if wanted:   # one byte less: one more layer must be checkpointed
+            tighter = MemoryBudget(exact.total_bytes - 1, exact.resident_bytes, "lora", 16)
+            assert choose_checkpointed_layers(LLAMA8B, tighter, 4, 2048).layers == (wanted + 1 if wanted < 31 else 31)
+            assert not choose_checkpointed_layers(LLAMA8B, tighter, 4, 2048).fits or wanted < 31
+
+
+def test_choice_on_an_80_gb_card_for_8b():
+    """8B LoRA on an 80 GB card (74 GiB budget), ~17 GiB resident (bf16 weights, adapters, their
+    gradients and AdamW states). The issue's micro-batch 4 x 2048: 32 un-checkpointed layers are
+    32 x 139,624 B x 8192 = 34.1 GiB, so nothing needs checkpointing. At 4 x 4096 each layer is
+    2.13 GiB and checkpointing one saves 2.01 GiB: 68.2 GiB of layers must shed about 12 GiB,
+    so 6 or 7 layers are checkpointed."""
+    b = budget(74, resident_gib=17)
+    assert choose_checkpointed_layers(LLAMA8B, b, 4, 2048).layers == 0
+    choice = choose_checkpointed_layers(LLAMA8B, b, 4, 4096)
+    assert choice.layers in (6, 7) and choice.fits
+    worse = activation_peak(LLAMA8B, b, 4, 4096, choice.layers - 1)
+    assert b.resident_bytes + worse > b.total_bytes          # one fewer would not fit
+    assert "of 32 decoder layers" in choice.describe() and "74.0 GiB" in choice.describe()
+
+
+def test_nothing_needed_with_room_everything_when_nothing_fits():
+    assert choose_checkpointed_layers(LLAMA8B, budget(10_000), 4, 2048).layers == 0
+    hopeless = choose_checkpointed_layers(LLAMA8B, budget(11), 4, 2048)
+    assert hopeless.layers == 31 and not hopeless.fits      # the smallest peak: all but the last
+    assert "does NOT fit" in hopeless.describe()
+
+
+def test_offload_and_tiling_lower_the_estimated_peak():
+    b = budget(80)
+    plain = activation_peak(LLAMA8B, b, 1, 65536, 32)
+    offloaded = activation_peak(LLAMA8B, b, 1, 65536, 32, offload=True)
+    assert plain - offloaded == 30 * INPUT_PER_TOKEN * 65536     # 32 inputs on the GPU -> 2 in flight
+    tiled = activation_peak(LLAMA8B, b, 1, 65536, 32, offload=True, mlp_chunk=8192)
+    assert tiled < offloaded - 3 * 2 * 14336 * 65536 // 2
+
+
+def tiny_model() -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="llama", vocab_size=61, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    return Transformer(cfg).train()
+
+
+def run_counting_layer_calls(model: Transformer, ids: torch.Tensor):
+    """(loss, grads, forward calls per layer): a checkpointed layer runs twice (forward and
+    the backward's recomputation), any other once."""
+    calls = [0] * len(model.model.layers)
+    handles = [layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, layer in enumerate(model.model.layers)]
+    try:
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids, return_logits=False)
+        out.loss_sum.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return out.loss_sum.detach(), [p.grad.clone() for p in model.parameters()], calls
+
+
+@pytest.mark.parametrize("wanted", [0, 1, 3])
+def test_model_checkpoints_exactly_the_chosen_layers(wanted):
+    model = tiny_model()
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    reference = run_counting_layer_calls(model, ids)
+    assert reference[2] == [1, 1, 1, 1]
+    resident = resident_bytes(model)
+    fake = MemoryBudget(0, resident, "full", 16)
+    peak = activation_peak(model.config, fake, 2, 9, wanted)
+    model.gradient_checkpointing = "auto"
+    model.memory_budget = MemoryBudget(resident + peak, resident, "full", 16)
+    loss, grads, calls = run_counting_layer_calls(model, ids)
+    assert model.checkpoint_choice.layers == wanted
+    assert calls == [2] * wanted + [1] * (4 - wanted)
+    assert torch.equal(loss, reference[0])
+    assert all(torch.equal(a, b) for a, b in zip(grads, reference[1]))
+
+
+def test_auto_without_a_budget_uses_the_device_and_the_model():
+    model = tiny_model()
+    model.gradient_checkpointing = "auto"
+    model(torch.randint(0, 61, (1, 5)), labels=torch.randint(0, 61, (1, 5)), return_logits=False)
+    assert model.memory_budget is not None and model.memory_budget.method == "full"
+    assert model.checkpoint_choice.layers == 0          # a tiny model fits any host
+
+
+def test_resident_bytes_counts_tied_weights_once_and_adds_gradients_and_adam_states():
+    model = tiny_model()
+    params = sum(p.numel() for p in model.parameters())      # parameters() yields a tied weight once
+    buffers = sum(b.numel() for b in model.buffers())
+    assert resident_bytes(model) == 4 * (params + buffers) + (4 + 8) * params
+    assert training_method(model) == ("full", 16)
+
+
+def test_configure_training_memory_sets_the_model_and_reports_auto():
+    model = tiny_model()
+    note = configure_training_memory(model, checkpointing="auto", offload=True, mlp_chunk_tokens=0,
+                                     budget_gib=0.001, batch=4, seq=64)
+    assert model.gradient_checkpointing == "auto" and model.offload_checkpoints
+    assert model.mlp_chunk_tokens == 0 and model.memory_budget.total_bytes == int(0.001 * GIB)
+    assert note.startswith("checkpointing auto: ") and "of 4 decoder layers" in note and "batch 4 x seq 64" in note
+    assert configure_training_memory(model, checkpointing=True) is None and model.memory_budget is None
+    with pytest.raises(ValueError, match="true, false or auto"):
+        configure_training_memory(model, checkpointing="sometimes")
+    model.gradient_checkpointing = "always"
+    with pytest.raises(ValueError, match="model.gradient_checkpointing"):
+        model(torch.randint(0, 61, (1, 5)))
+
+
+def test_train_config_keys(tmp_path):
+    cfg = load_train_config(None, ["--gradient_checkpointing=auto", "--offload_checkpoints=true",
+                                   "--mlp_chunk_tokens=4096", "--memory_budget_gib=70"])
+    assert (cfg.gradient_checkpointing, cfg.offload_checkpoints, cfg.mlp_chunk_tokens, cfg.memory_budget_gib) == \
+        ("auto", True, 4096, 70.0)
+    assert load_train_config(None, []).mlp_chunk_tokens is None
+    path = tmp_path / "run.yaml"
+    path.write_text("max_steps: 3\ngradient_checkpointing: sometimes\n")
+    with pytest.raises(TrainConfigError,
+                       match=r"run.yaml line 2: key 'gradient_checkpointing' must be true, false or auto"):
+        load_train_config(path)
+    with pytest.raises(TrainConfigError, match="offload_checkpoints.*needs gradient_checkpointing"):
+        load_train_config(None, ["--offload_checkpoints=true"])
+    with pytest.raises(TrainConfigError, match="mlp_chunk_tokens"):
+        load_train_config(None, ["--mlp_chunk_tokens=-5"])
+    with pytest.raises(TrainConfigError, match="memory_budget_gib"):
+        load_train_config(None, ["--gradient_checkpointing=auto", "--memory_budget_gib=0"])
+
+
+def test_trainer_reports_the_auto_choice_and_trains_with_offload(tmp_path):
+    """The run log names the choice; a tiny budget forces checkpointing, and the run with
+    checkpointing auto + offload + tiled MLP gives the losses of the plain run, bit for bit."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from velotune.data import IGNORE_INDEX, Example
+    from velotune.train.trainer import Trainer
+
+    examples = [Example(list(range(3, 3 + n)), [IGNORE_INDEX] * 2 + list(range(5, 3 + n)), f"ex {n}")
+                for n in (9, 12, 7, 10)]
+
+    def train(*overrides):
+        model = tiny_model()
+        cfg = load_train_config(None, ["--max_steps=2", "--micro_batch_size=2", "--max_seq_length=16",
+                                       "--method=full", "--report=false", f"--output_dir={tmp_path / 'run'}",
+                                       "--learning_rate=1e-3", *overrides])
+        out = StringIO()
+        trainer = Trainer(model, cfg, examples, console=Console(file=out, width=200), show_progress=False)
+        result = trainer.train()
+        return result.losses, out.getvalue(), model
+
+    plain, log, _ = train()
+    assert "checkpointing auto" not in log
+    auto, log, model = train("--gradient_checkpointing=auto", "--offload_checkpoints=true",
+                             "--mlp_chunk_tokens=0", "--memory_budget_gib=0.0001")
+    assert "of 4 decoder layers checkpointed at batch 2 x seq 16" in log
+    assert "does NOT fit" in log                     # 0.0001 GiB: nothing fits, the smallest peak is taken
+    assert model.checkpoint_choice.layers >= 3       # the last forward's own choice
+    assert model.offload_stats.offloaded == model.checkpoint_choice.layers
+    assert auto == plain

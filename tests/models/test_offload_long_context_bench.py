@@ -1,0 +1,85 @@
+"""benchmarks/bench_long_context.py runs end to end on the CPU with a tiny config: NF4 projections,
+LoRA adapters that learn, offloaded checkpoints, the tiled MLP, and it stops at the first length
+that cannot fit (here: host memory, by asking for more than the machine has)."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97, "hidden_size": 64,
+        "intermediate_size": 160, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}
+
+
+@pytest.fixture()
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module("bench_long_context")
+    yield module
+    sys.modules.pop("bench_long_context", None)
+
+
+@pytest.fixture()
+def tiny_config(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY))
+    return str(path)
+
+
+def test_build_quantizes_adds_adapters_and_one_step_trains_them(bench, tiny_config):
+    from velotune.quant.linear4bit import Linear4bit
+
+    args = bench.parse_args(["--config", tiny_config, "--device", "cpu", "--dtype", "float32", "--mlp-chunk", "16"])
+    config = bench.model_config(args)
+    model, optimizer = bench.build(config, torch.device("cpu"), torch.float32, args)
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) == 7 * 3
+    assert model.offload_checkpoints and model.gradient_checkpointing is True and model.mlp_chunk_tokens == 16
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(float(p.detach().abs().sum()) == 0.0 for p in lora_b)
+    seconds = bench.step(model, optimizer, 50, torch.device("cpu"), amp=False)
+    assert seconds > 0
+    assert all(float(p.detach().abs().sum()) > 0.0 for p in lora_b)          # the adapters moved
+    assert model.offload_stats.offloaded == 3
+    assert model.offload_stats.offloaded_bytes == 3 * 50 * 64 * 4
+
+
+def test_run_reports_each_length_and_stops_at_the_first_that_does_not_fit(bench, tiny_config):
+    args = bench.parse_args(["--config", tiny_config, "--device", "cpu", "--dtype", "float32",
+                             "--mlp-chunk", "32", "--seq", "40", "129", "10000000000", "64", "--no-record"])
+    rows = bench.run(args)
+    assert [r["seq"] for r in rows] == [40, 129, 10_000_000_000]     # 64 never tried
+    assert [r["outcome"] for r in rows[:2]] == ["ok", "ok"]
+    assert rows[0]["host_offloaded_gib"] == pytest.approx(3 * 40 * 64 * 4 / 2**30)
+    assert rows[2]["outcome"].startswith("host memory: offloaded inputs need") and rows[2]["seconds"] is None
+
+
+def test_host_bytes_needed_counts_offloaded_layers_only(bench, tiny_config):
+    config = bench.model_config(bench.parse_args(["--config", tiny_config]))
+    assert bench.host_bytes_needed(config, 1000, 0) == 3 * 1000 * 64 * 2
+    assert bench.host_bytes_needed(config, 1000, 1) == 2 * 1000 * 64 * 2
+
+
+def test_the_8b_config_the_gpu_run_will_use(bench):
+    """The GPU run's model: Llama-3.1-8B from the bundled table, 350,000 tokens of offloaded
+    inputs = 85.4 GiB of host memory (the docstring's figure)."""
+    config = bench.model_config(bench.parse_args([]))
+    assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (32, 4096, 14336)
+    assert bench.host_bytes_needed(config, 350_000, 0) / 2**30 == pytest.approx(85.45, abs=0.01)
+
+
+@pytest.mark.gpu
+def test_bench_runs_on_the_gpu_with_a_tiny_config(bench, tiny_config):
+    """The CUDA path of the benchmark (pinned copies on the side stream, NF4 + LoRA under bf16
+    autocast, tiled MLP) on a tiny model, before the 8B run."""
+    args = bench.parse_args(["--config", tiny_config, "--device", "cuda", "--mlp-chunk", "256",
+                             "--seq", "1024", "8192", "--no-record"])
+    rows = bench.run(args)
+    assert [r["outcome"] for r in rows] == ["ok", "ok"]
+    assert all(r["alloc_gib"] is not None and r["alloc_gib"] > 0 for r in rows)
+    assert rows[1]["host_offloaded_gib"] == pytest.approx(3 * 8192 * 64 * 2 / 2**30)
