@@ -27,3 +27,20 @@ def smollm2_tokenizer():
 
     path = default_model_path()
     return Tokenizer.from_gguf(gguf.GGUFReader(str(path)), str(path))
+
+
+ONE_THREAD_DIRS = {"train", "cli", "distributed"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tests of tiny models (train/, cli/, distributed/) run fastest on one thread: their ops are
+    too small to split, and on a shared CPU extra threads mostly wait for each other. Restored
+    after each test."""
+    if request.path.parent.name not in ONE_THREAD_DIRS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

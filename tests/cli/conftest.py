@@ -30,12 +30,3 @@ def demo_run(tiny_chat_model, tmp_path_factory):
     finally:
         torch.set_num_threads(before)
     return config, folder / "run", code
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (their ops are too small to split); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

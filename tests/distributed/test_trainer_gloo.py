@@ -18,14 +18,6 @@ pytest.importorskip("transformers")
 STEPS = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def config(tmp_path, name: str, **values) -> TrainConfig:
     """40 conversations, 8 held out: 32 training rows = 4 global micro-batches of 8 per epoch,
     so no row is dropped and 2 ranks x 4 rows see exactly what 1 rank x 8 rows sees."""

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from tests.train.train_helpers import save_tiny
 
 
@@ -17,13 +16,3 @@ def tiny_model_dir(tmp_path_factory):
             save_tiny(family, made[family])
         return made[family]
     return get
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: their ops are too small to split, and on a shared CPU
-    extra threads mostly wait for each other. Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -44,13 +44,18 @@ def _glu_forward_kernel(GATE, UP, OUT, n, GELU_TANH: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
-def _glu_backward_kernel(DOUT, GATE, UP, DGATE, DUP, n, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
+def _glu_backward_kernel(DOUT, GATE, UP, DGATE, DUP, OUT, n, GELU_TANH: tl.constexpr, STORE_OUT: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """dgate and dup from dout; with STORE_OUT also the recomputed forward output. Every element
+    is read before it is written, so the outputs may alias the inputs (the in-place variant)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
     act, slope = _activation_and_slope(g, GELU_TANH)
+    if STORE_OUT:
+        tl.store(OUT + offs, (act * u).to(OUT.dtype.element_ty), mask=mask)
     tl.store(DGATE + offs, (dout * u * slope).to(DGATE.dtype.element_ty), mask=mask)
     tl.store(DUP + offs, (dout * act).to(DUP.dtype.element_ty), mask=mask)
 
@@ -75,7 +80,7 @@ class GLUFunction(torch.autograd.Function):
         n = gate.numel()
         with on_device(gate):
             _glu_backward_kernel[(triton.cdiv(n, _BLOCK),)](
-                dout, gate, up, dgate, dup, n, GELU_TANH=ctx.gelu_tanh, BLOCK=_BLOCK)
+                dout, gate, up, dgate, dup, dout, n, GELU_TANH=ctx.gelu_tanh, STORE_OUT=False, BLOCK=_BLOCK)
         return dgate, dup, None
 
 

@@ -11,28 +11,15 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
-from velotune.kernels.ops.glu import _activation_and_slope
+from velotune.kernels.ops.glu import _BLOCK, _glu_backward_kernel
 from velotune.kernels.ops.launch import on_device
-
-_BLOCK = 1024
-
-
-@triton.jit
-def _glu_backward_inplace_kernel(DH, GATE, UP, n, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
-    act, slope = _activation_and_slope(g, GELU_TANH)
-    tl.store(DH + offs, (act * u).to(DH.dtype.element_ty), mask=mask)
-    tl.store(GATE + offs, (dh * u * slope).to(GATE.dtype.element_ty), mask=mask)
-    tl.store(UP + offs, (dh * act).to(UP.dtype.element_ty), mask=mask)
 
 
 def glu_backward_inplace_triton(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu_tanh: bool) -> None:
+    """The GLU backward kernel with its outputs aliased to its inputs: h over dh, dgate over
+    gate, dup over up."""
     n = gate.numel()
     with on_device(gate):
-        _glu_backward_inplace_kernel[(triton.cdiv(n, _BLOCK),)](dh, gate, up, n, GELU_TANH=gelu_tanh, BLOCK=_BLOCK)
+        _glu_backward_kernel[(triton.cdiv(n, _BLOCK),)](dh, gate, up, gate, up, dh, n, GELU_TANH=gelu_tanh,
+                                                        STORE_OUT=True, BLOCK=_BLOCK)
