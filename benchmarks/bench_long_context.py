@@ -33,11 +33,12 @@ Resident: NF4 projections 3.5 GiB + bf16 embeddings and head 1.96 GiB + norms; 4
 values with gradients and AdamW states (16 B each) 0.63 GiB: about 6.1 GiB.
 GPU estimate: 6.1 GiB + 123.8 KB x T, so 350,000 tokens ~ 46.5 GiB and the 80 GB card (77.7 GiB
 usable) runs out near 620,000 tokens. The host binds first: the offloaded inputs are
-32 x 2h = 262,144 B/token, 85.4 GiB at 350,000 tokens and 122 GiB at 500,000, against 128 GiB of
-host memory. About 450,000 tokens fit with every input offloaded; `--keep-on-gpu K` keeps the
-last K checkpoints on the GPU (8 KB/token each) and trades host for GPU memory: K = 3 reaches
-about 480,000. At 350,000 tokens a step is dominated by attention (~4.5 x 2 x 32 x T^2 x 4096
-FLOP, ~1.5e17): several minutes on an H100.
+32 x 2h = 262,144 B/token of data, 85.4 GiB at 350,000 tokens, but torch's pinned blocks are
+rounded up to powers of two (see `host_bytes_needed`): 64 GiB at 262,144 tokens (measured,
+217.8 s/step, 33.9 GiB GPU), 128 GiB at 350,000, more than the GPU box's 125 GiB.
+`--keep-on-gpu K` keeps the last K checkpoints on the GPU (8 KB/token each) and trades host for
+GPU memory. A step is dominated by attention (~4.5 x 2 x 32 x T^2 x 4096 FLOP, ~1.5e17 at
+350,000 tokens): minutes on an H100.
 """
 from __future__ import annotations
 
@@ -99,8 +100,13 @@ def build(config, device: torch.device, dtype: torch.dtype, args: argparse.Names
 
 
 def host_bytes_needed(config, seq: int, keep_on_gpu: int) -> int:
-    """Pinned host memory the offloaded layer inputs of one step take (bf16)."""
-    return max(config.num_hidden_layers - keep_on_gpu, 0) * seq * config.hidden_size * 2
+    """Pinned host memory the offloaded layer inputs of one step take (bf16). torch's caching
+    host allocator hands out pinned blocks rounded up to a power of two, so each input takes
+    its size rounded up: at 350,000 tokens a 2.67 GiB input takes 4 GiB, 128 GiB for 32 layers.
+    (A first 350,000-token run on the 125 GiB GPU box died without a word; 262,144 tokens,
+    exactly 2 GiB per input, ran. Exact-size pinned buffers are the fix still to make.)"""
+    per_input = seq * config.hidden_size * 2
+    return max(config.num_hidden_layers - keep_on_gpu, 0) * (1 << (per_input - 1).bit_length())
 
 
 def step(model, optimizer, seq: int, device: torch.device, amp: bool) -> float:
