@@ -102,8 +102,12 @@ class MicroBatches:
 
     def order(self, epoch: int) -> list[list[int]]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            self._epoch_cache = (epoch, self.sampler.epoch_batches(epoch))
+            self._epoch_cache = (epoch, self.epoch_batches(epoch))
         return self._epoch_cache[1]
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The micro-batches of one epoch, in order (computed once per epoch by `order`)."""
+        return self.sampler.epoch_batches(epoch)
 
     def collate(self, rows: list[int]) -> Batch:
         """The collated micro-batch, with `num_tokens`: its real (non-padding) tokens."""

@@ -32,11 +32,8 @@ class RankMicroBatches(MicroBatches):
     def __len__(self) -> int:
         return self._per_epoch
 
-    def order(self, epoch: int) -> list[list[int]]:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            kept = [batch for batch in self.sampler.epoch_batches(epoch) if len(batch) >= self.world.world_size]
-            self._epoch_cache = (epoch, kept)
-        return self._epoch_cache[1]
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        return [batch for batch in super().epoch_batches(epoch) if len(batch) >= self.world.world_size]
 
     def collate(self, rows: list[int]) -> Batch:
         return super().collate(rank_rows(rows, self.world))
