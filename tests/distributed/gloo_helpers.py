@@ -38,10 +38,15 @@ def train_job(*configs: TrainConfig) -> None:
 JOBS = {"train": train_job}
 
 
-def _rank_main(rank: int, world_size: int, port: int, job: str, args: tuple) -> None:
+def join_as(rank: int, world_size: int, port: int) -> None:
+    """The environment torchrun gives rank `rank` of `world_size` on this host, one thread each."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def _rank_main(rank: int, world_size: int, port: int, job: str, args: tuple) -> None:
+    join_as(rank, world_size, port)
     try:
         JOBS[job](*args)
     finally:

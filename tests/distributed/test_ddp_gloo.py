@@ -4,7 +4,6 @@ target tokens."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 from velotune import distributed
 from velotune.models.config import ModelConfig
 from velotune.models.transformer import Transformer
+from tests.distributed.gloo_helpers import free_port, join_as
 
 STEPS = 4
 
@@ -53,21 +53,13 @@ def train(world: distributed.World, rows: list[int]) -> list[float]:
 
 
 def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    join_as(rank, world_size, port)
     world = distributed.setup("gloo")
     try:
         losses = train(world, distributed.rank_rows(list(range(4)), world))
         torch.save(losses, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         distributed.teardown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_rank_ddp_equals_one_process(tmp_path):
