@@ -1,8 +1,9 @@
 """Longest trainable context at batch 1: Llama-3.1-8B architecture, QLoRA r16 on all seven
 projections, one forward + backward + AdamW step per length, stopping at the first out-of-memory.
 
-    python benchmarks/bench_long_context.py --seq 65536 131072 262144 350000 500000
-    python benchmarks/bench_long_context.py --seq 500000 --layers 4      # memory probe, ~8x faster
+    python benchmarks/bench_long_context.py --seq 350000               # ~8 minutes: one device call
+    python benchmarks/bench_long_context.py --seq 65536 131072 262144  # ~5 minutes of steps
+    python benchmarks/bench_long_context.py --seq 500000 --layers 4    # memory probe, ~8x faster
 
 Random bf16 weights built on the GPU, the seven projections quantized to NF4
 (`velotune.quant.quantize_linears`), float32 LoRA adapters (r16, alpha 16, dropout 0), bf16
@@ -32,13 +33,21 @@ Expected GPU bytes per token (h 4096, q 4096, kv 1024, i 14336, 32 heads, r 16; 
 Resident: NF4 projections 3.5 GiB + bf16 embeddings and head 1.96 GiB + norms; 42M float32 adapter
 values with gradients and AdamW states (16 B each) 0.63 GiB: about 6.1 GiB.
 GPU estimate: 6.1 GiB + 123.8 KB x T, so 350,000 tokens ~ 46.5 GiB and the 80 GB card (77.7 GiB
-usable) runs out near 620,000 tokens. The host binds first: the offloaded inputs are
-32 x 2h = 262,144 B/token of data, 85.4 GiB at 350,000 tokens, but torch's pinned blocks are
-rounded up to powers of two (see `host_bytes_needed`): 64 GiB at 262,144 tokens (measured,
-217.8 s/step, 33.9 GiB GPU), 128 GiB at 350,000, more than the GPU box's 125 GiB.
-`--keep-on-gpu K` keeps the last K checkpoints on the GPU (8 KB/token each) and trades host for
-GPU memory. A step is dominated by attention (~4.5 x 2 x 32 x T^2 x 4096 FLOP, ~1.5e17 at
-350,000 tokens): minutes on an H100.
+usable) runs out near 620,000 tokens. The host binds first: the offloaded inputs take
+32 x 2h = 262,144 B/token of pinned host memory, exactly (models/offload.py pins exact-size
+buffers with cudaHostRegister, allocated in the first step and reused after; torch's
+`pin_memory=True` rounded each up to a power of two, 128 GiB at 350,000 tokens, which the 125 GiB
+GPU box could not hold): 64 GiB at 262,144 tokens (measured: 217.8 s/step, 33.9 GiB GPU),
+85.4 GiB at 350,000, 122 GiB at 500,000. A length is refused up front (and the offloader itself
+raises OffloadError) when that exceeds MemAvailable, plus what the pool already holds, less
+the 4 GiB the offloader leaves to the rest of the host. `--keep-on-gpu K` keeps the last K
+checkpoints on the GPU (8 KB/token each) and trades host for GPU memory.
+
+Time: a step is dominated by attention (~4.5 x 2 x 32 x T^2 x 4096 FLOP, ~1.5e17 at 350,000
+tokens): 217.8 s at 262,144 tokens, so ~390 s at 350,000; the first step also pins the host
+buffers (faulted in on all CPU threads while the GPU runs the layers queued before). One length
+per device call (`--seq 350000`, 600 s) leaves about three minutes for start-up and the model
+build; progress lines (build, forward, backward) are printed as they happen.
 """
 from __future__ import annotations
 
@@ -47,6 +56,7 @@ import gc
 import json
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -99,57 +109,74 @@ def build(config, device: torch.device, dtype: torch.dtype, args: argparse.Names
     return model, optimizer
 
 
-def host_bytes_needed(config, seq: int, keep_on_gpu: int) -> int:
-    """Pinned host memory the offloaded layer inputs of one step take (bf16). torch's caching
-    host allocator hands out pinned blocks rounded up to a power of two, so each input takes
-    its size rounded up: at 350,000 tokens a 2.67 GiB input takes 4 GiB, 128 GiB for 32 layers.
-    (A first 350,000-token run on the 125 GiB GPU box died without a word; 262,144 tokens,
-    exactly 2 GiB per input, ran. Exact-size pinned buffers are the fix still to make.)"""
-    per_input = seq * config.hidden_size * 2
-    return max(config.num_hidden_layers - keep_on_gpu, 0) * (1 << (per_input - 1).bit_length())
+def host_bytes_needed(config, seq: int, keep_on_gpu: int, itemsize: int = 2) -> int:
+    """Pinned host memory the offloaded layer inputs of one step take (batch 1, `itemsize` bytes
+    per value: 2 for bf16): one exact-size buffer per offloaded layer (models/offload.py),
+    85.4 GiB at 350,000 tokens."""
+    return max(config.num_hidden_layers - keep_on_gpu, 0) * seq * config.hidden_size * itemsize
 
 
-def step(model, optimizer, seq: int, device: torch.device, amp: bool) -> float:
-    """One forward + backward + AdamW step on random tokens; returns seconds."""
+def step(model, optimizer, seq: int, device: torch.device, amp: bool,
+         log: Callable[[str], None] | None = None) -> float:
+    """One forward + backward + AdamW step on random tokens; returns seconds. With `log`, the
+    forward is timed on its own (one extra synchronization) and both halves are reported."""
     g = torch.Generator(device=device).manual_seed(seq)
     ids = torch.randint(0, model.config.vocab_size, (1, seq), device=device, generator=g)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         out = model(ids, labels=ids, return_logits=False)
-    (out.loss_sum / out.num_targets).backward()
+    if log:
+        sync()
+        stats = model.offload_stats
+        log(f"forward {time.perf_counter() - start:.1f} s; host buffers: {stats.allocated} new "
+            f"({stats.allocated_bytes / GIB:.1f} GiB, {stats.allocation_seconds:.1f} s to pin), {stats.reused} reused")
+    loss = out.loss_sum / out.num_targets
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    sync()
+    seconds = time.perf_counter() - start
+    if log:
+        log(f"step {seconds:.1f} s, loss {float(loss.detach()):.3f}")
+    return seconds
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     """One row per length, in order, up to and including the first that does not fit."""
-    from velotune.models.offload import OffloadError, host_memory_gib
+    from velotune.models.offload import OffloadError, host_memory_bytes, host_reserve_bytes
 
+    def log(message: str) -> None:
+        print(f"[long {time.perf_counter() - began:6.1f} s] {message}", flush=True)
+
+    began = time.perf_counter()
     device = torch.device(args.device)
     config = model_config(args)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     model, optimizer = build(config, device, dtype, args)
+    log(f"built {config.num_hidden_layers} layers on {device}")
     rows = []
     for seq in args.seq:
         row = dict(seq=seq, layers=config.num_hidden_layers, keep_on_gpu=args.keep_on_gpu, seconds=None,
                    alloc_gib=None, reserved_gib=None, host_offloaded_gib=None, outcome="ok")
-        _, available = host_memory_gib()
-        need = host_bytes_needed(config, seq, args.keep_on_gpu) / GIB
-        if need > args.host_fraction * available:
+        # What the offloader will check: the pool's buffers are reused or released before it
+        # allocates, so they count as room.
+        total, available = host_memory_bytes()
+        room = (available + model.offload_pool.held_bytes - host_reserve_bytes(total)) / GIB
+        need = host_bytes_needed(config, seq, args.keep_on_gpu, dtype.itemsize) / GIB
+        if need > room:
             row["outcome"] = (f"host memory: offloaded inputs need {need:.1f} GiB, "
-                              f"{available:.1f} GiB available")
+                              f"{room:.1f} GiB available to them")
             rows.append(row)
             break
+        log(f"seq {seq:,}: {need:.1f} GiB of offloaded inputs, {room:.1f} GiB of host memory for them")
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            row["seconds"] = step(model, optimizer, seq, device, amp=dtype == torch.bfloat16 and device.type == "cuda")
+            row["seconds"] = step(model, optimizer, seq, device, log=log,
+                                  amp=dtype == torch.bfloat16 and device.type == "cuda")
         except torch.OutOfMemoryError as exc:
             row["outcome"] = f"GPU OOM ({str(exc).splitlines()[0][:120]})"
         except OffloadError as exc:
@@ -190,8 +217,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=0, help="override the layer count (0: the model's)")
     p.add_argument("--keep-on-gpu", type=int, default=0, help="last K checkpoints stay on the GPU")
     p.add_argument("--mlp-chunk", type=int, default=None, help="MLP tile in tokens (default: automatic)")
-    p.add_argument("--host-fraction", type=float, default=0.9,
-                   help="refuse a length whose offloaded inputs need more than this share of free host memory")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--no-record", action="store_true", help="print rows only, do not append to RESULTS.md")

@@ -20,6 +20,13 @@ method, batch, seq, AdamW, checkpointing on) and the ratio measured/predicted, i
 
     python benchmarks/bench_train.py --model Llama-3.1-8B --batch 1 4 --seq 2048 [--qlora]
 
+velotune replays each micro-batch's forward and backward from a CUDA graph (what its trainer does
+for fixed-shape micro-batches, `cuda_graphs`; train/graphed_step.py); `--no-graphs` runs it eagerly.
+The graph's first three calls (eager warm-up, timed eager, capture and timed replay) fall in the
+three warm-up steps that every system gets. As its trainer
+does by default (`offload_embeddings: auto`), velotune keeps the frozen input embedding table in
+host memory (0.98 GiB for Llama 3's 128k vocabulary); `--no-offload-embeddings` keeps it on the GPU.
+
 `--checkpointing auto` (velotune checkpoints only as many layers as the GPU's memory needs, and
 prints how many) and `--offload` (checkpointed inputs to pinned host memory) change velotune's
 side only; transformers keeps checkpointing on. Those rows skip the estimator comparison.
@@ -39,6 +46,7 @@ import torch
 
 from common import append_row, bf16_matmul_tflops, machine, require_cuda, today, train_flops_per_token
 
+WARMUP = 3   # steps before timing, for every system
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -73,11 +81,12 @@ def save_random_checkpoint(cfg: dict, folder: Path) -> Path:
 
 
 def velotune_system(cfg: dict, qlora: bool, folder: Path | None = None, checkpointing: str = "on",
-                    offload: bool = False):
+                    offload: bool = False, graphs: bool = True, host_embeddings: bool = True):
     import velotune
     from velotune.lora import LoraConfig, apply_lora
     from velotune.models.config import ModelConfig
     from velotune.models.transformer import Transformer
+    from velotune.train.graphed_step import GraphedMicroStep, graph_blockers
 
     if qlora:  # quantized layer by layer while the saved checkpoint streams in
         model, _ = velotune.load_model(folder, dtype=torch.bfloat16, device="cuda", load_in_4bit=True)
@@ -97,9 +106,23 @@ def velotune_system(cfg: dict, qlora: bool, folder: Path | None = None, checkpoi
     # float32 adapters over the bf16 base, as PEFT does by default (autocast_adapter_dtype)
     apply_lora(model, LoraConfig(r=16, alpha=16, dropout=0.0, target_modules=TARGETS), dtype=torch.float32)
 
+    if host_embeddings:   # the trainer's offload_embeddings: auto (frozen, untied table in host memory)
+        model.put_embeddings_on_host("auto")
+    graphed = None
+    if graphs and not graph_blockers(model, offload_checkpoints=offload):
+        graphed = GraphedMicroStep(model, [p for p in model.parameters() if p.requires_grad])
+
     def step(ids):
-        out = model(ids, labels=ids, return_logits=False)
-        (out.loss_sum / out.num_targets).backward()
+        if graphed is not None:   # fixed-shape micro-batches, as the trainer replays them (cuda_graphs)
+            graphed(ids, ids, None, 1.0 / (ids.shape[0] * (ids.shape[1] - 1)))
+            decided = all(None not in t for t in graphed.timings.values())
+            if decided and not getattr(step, "graph_told", False):   # eager or replayed, as measured
+                print(graphed.describe())
+                step.graph_told = True
+        else:
+            ids = ids.to("cuda", non_blocking=True)
+            out = model(ids, labels=ids, return_logits=False)
+            (out.loss_sum / out.num_targets).backward()
         if model.checkpoint_choice is not None and not getattr(step, "announced", False):
             print(model.checkpoint_choice.describe())
             step.announced = True
@@ -129,6 +152,7 @@ def transformers_system(cfg: dict, qlora: bool, folder: Path | None = None):
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
 
     def step(ids):
+        ids = ids.to("cuda", non_blocking=True)
         model(input_ids=ids, labels=ids).loss.backward()
 
     return model, step
@@ -151,11 +175,12 @@ def measure(build, batch: int, seq: int, vocab: int, steps: int) -> dict:
     model.train()
     torch.cuda.reset_peak_memory_stats()  # the loop's peak, not the one-off construction's
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    batches = [torch.randint(0, vocab, (batch, seq), device="cuda", generator=g) for _ in range(steps + 2)]
+    # On the host, as a data loader delivers them; each system copies them to the GPU itself.
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, vocab, (batch, seq), generator=g).pin_memory() for _ in range(steps + WARMUP)]
     try:
         for i, ids in enumerate(batches):
-            if i == 2:  # two warm-up steps (compilation, autotuning, allocator growth)
+            if i == WARMUP:  # compilation, autotuning, allocator growth, velotune's graph choice
                 torch.cuda.synchronize()
                 start = time.perf_counter()
             step(ids)
@@ -174,12 +199,14 @@ def measure(build, batch: int, seq: int, vocab: int, steps: int) -> dict:
         torch.cuda.empty_cache()
 
 
-def estimator_row(config, method: str, batch: int, seq: int, measured_gib: float) -> tuple[float, str]:
+def estimator_row(config, method: str, batch: int, seq: int, measured_gib: float,
+                  host_embeddings: bool) -> tuple[float, str]:
     """The estimator's peak for this run (AdamW, checkpointing on, r=16) and measured/predicted."""
     from velotune.estimate import GIB, Setup, estimate
 
     predicted = estimate(config, Setup(method=method, batch=batch, seq=seq, optim="adamw", checkpointing=True,
-                                       lora_r=16)).total / GIB
+                                       lora_r=16, offload_embeddings=host_embeddings and not config.tie_word_embeddings,
+                                       )).total / GIB
     return predicted, f"{measured_gib / predicted:.3f}" if measured_gib == measured_gib else "OOM"
 
 
@@ -194,6 +221,9 @@ def main() -> None:
     p.add_argument("--checkpointing", choices=("on", "off", "auto"), default="on",
                    help="velotune's checkpointing (transformers keeps it on); auto: as memory needs")
     p.add_argument("--offload", action="store_true", help="velotune: checkpointed inputs to pinned host memory")
+    p.add_argument("--no-graphs", action="store_true", help="velotune: no CUDA graphs (eager forward and backward)")
+    p.add_argument("--no-offload-embeddings", action="store_true",
+                   help="velotune: keep the input embedding table on the GPU")
     p.add_argument("--workdir", type=Path, default=None,
                    help="--qlora: where the random bf16 checkpoint is saved (default: a temporary folder, removed after)")
     args = p.parse_args()
@@ -213,9 +243,12 @@ def main() -> None:
         for batch in args.batch:
             ref = measure(lambda: transformers_system(cfg, args.qlora, folder), batch, args.seq, cfg["vocab_size"],
                           args.steps)
-            ours = measure(lambda: velotune_system(cfg, args.qlora, folder, args.checkpointing, args.offload),
+            ours = measure(lambda: velotune_system(cfg, args.qlora, folder, args.checkpointing, args.offload,
+                                                   not args.no_graphs, not args.no_offload_embeddings),
                            batch, args.seq, cfg["vocab_size"], args.steps)
-            ckpt = f"ckpt {args.checkpointing}" + (" + offload" if args.offload else "")
+            ckpt = (f"ckpt {args.checkpointing}" + (" + offload" if args.offload else "")
+                    + (", eager" if args.no_graphs or args.offload else ", CUDA graphs")
+                    + ("" if args.no_offload_embeddings else ", embeddings in host memory"))
             config = (f"{args.model} {method} r16 seq {args.seq} micro-batch {batch} {ckpt}, "
                       f"bf16 matmul {peak:.0f} TFLOP/s")
             for name, r in (("transformers+PEFT", ref), ("velotune", ours)):
@@ -229,7 +262,8 @@ def main() -> None:
                 print(" | ".join(row[2:]))
             if args.checkpointing != "on" or args.offload:
                 continue   # the estimator's rows are for its own setting: every layer checkpointed, on the GPU
-            predicted, est_ratio = estimator_row(model_config, method.lower(), batch, args.seq, ours["alloc"])
+            predicted, est_ratio = estimator_row(model_config, method.lower(), batch, args.seq, ours["alloc"],
+                                                  not args.no_offload_embeddings)
             est = [today(), machine(), f"velotune {config}", f"{ours['alloc']:.2f}", f"{predicted:.2f}", est_ratio]
             append_row("Estimator vs measured peak", est_cols, est)
             print(" | ".join(est[2:]))

@@ -33,6 +33,6 @@ case "${1:-tests}" in
   qlora)
     python3 benchmarks/bench_train.py --model Llama-3.1-8B --batch 1 4 --seq 2048 --steps 3 --qlora 2>&1 | grep -v -i warn | tail -6 ;;
   long)
-    python3 benchmarks/bench_long_context.py --seq ${SEQS:-350000} 2>&1 | grep -v -i warn | tail -6 ;;
+    python3 benchmarks/bench_long_context.py --seq ${SEQS:-350000} 2>&1 | tee "$OUT/long.log" | grep -v -i warn | tail -12 ;;
 esac
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"

@@ -4,8 +4,10 @@ Runs the demo config (src/velotune/configs/demo.yaml: SmolLM2-135M-Instruct, cha
 40 steps) twice, identical except `method` (lora, then qlora: the base loaded with
 load_in_4bit=True, its projections in NF4), with no exports and no sample answers, and appends one
 row to RESULTS.md under "QLoRA vs LoRA on the demo". On a CPU each run takes a few minutes.
+`--keep-16bit-dynamic K` keeps the K projections with the largest activation-weighted NF4 error in
+16-bit on the QLoRA side; the row records K and the share of projection weights that stayed 16-bit.
 
-    python benchmarks/qlora_demo.py [--device cpu] [--out /tmp/qlora-demo]
+    python benchmarks/qlora_demo.py [--device cpu] [--out /tmp/qlora-demo] [--keep-16bit-dynamic K]
 """
 from __future__ import annotations
 
@@ -18,39 +20,59 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+import velotune
 from common import append_row, today
 from velotune.cli.train import demo_config_path
 from velotune.train.config import load_config
 from velotune.train.run import train_from_config
 
 
-def run(method: str, out: Path, device: str) -> tuple[float, float]:
-    """(final eval loss, seconds) of the demo trained with `method`."""
+def run(method: str, out: Path, device: str, keep_dynamic: int = 0) -> tuple[float, float, float]:
+    """(eval loss before, final eval loss, seconds) of the demo trained with `method`."""
+    extra = [f"--keep_16bit_dynamic={keep_dynamic}"] if keep_dynamic else []
     config = load_config(demo_config_path(), [f"--method={method}", f"--output_dir={out / method}", "--export=[]",
-                                              "--sample_prompts=0", "--report=false", f"--device={device}"])
+                                              "--sample_prompts=0", "--report=false", f"--device={device}", *extra])
     started = time.perf_counter()
     result = train_from_config(config, console=Console(quiet=True), show_progress=False)
-    return result.eval_loss_after, time.perf_counter() - started
+    return result.eval_loss_before, result.eval_loss_after, time.perf_counter() - started
+
+
+def kept_share(device: str, keep_dynamic: int) -> tuple[float, list[str]]:
+    """(share of projection weights left 16-bit, their names) for the QLoRA base with
+    keep_16bit_dynamic=K: one more 4-bit load with the run's settings (training logs only the summary)."""
+    device = "cpu" if device == "cpu" or not torch.cuda.is_available() else "cuda"
+    model, _ = velotune.load_model(None, device=device, load_in_4bit=True, keep_16bit_dynamic=keep_dynamic)
+    report = model.quant_report
+    dynamic = [name for name, why in report.kept.items() if why == "dynamic"]
+    size = {name: model.get_submodule(name).out_features * model.get_submodule(name).in_features
+            for name in [*report.quantized, *dynamic]}
+    return sum(size[n] for n in dynamic) / sum(size.values()), dynamic
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=None, help="where the two runs write (default: a temporary folder)")
+    p.add_argument("--keep-16bit-dynamic", type=int, default=0, metavar="K",
+                   help="QLoRA side: keep the K projections with the largest NF4 error in 16-bit")
     args = p.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="velotune-qlora-demo-"))
-    lora, lora_s = run("lora", out, args.device)
-    qlora, qlora_s = run("qlora", out, args.device)
+    lora_before, lora, lora_s = run("lora", out, args.device)
+    qlora_before, qlora, qlora_s = run("qlora", out, args.device, args.keep_16bit_dynamic)
+    share, kept = kept_share(args.device, args.keep_16bit_dynamic) if args.keep_16bit_dynamic else (0.0, [])
     gap = (qlora - lora) / lora
     device = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else (
         f"CPU ({platform.machine()})")
     row = [today(), f"{device}; torch {torch.__version__}", "demo.yaml (SmolLM2-135M, 40 steps, r16)",
-           f"{lora:.4f}", f"{qlora:.4f}", f"{gap:+.2%}", "yes" if abs(gap) <= 0.02 else "no",
-           f"{lora_s:.0f} / {qlora_s:.0f}"]
+           f"{args.keep_16bit_dynamic} ({share:.1%} of projection weights)",
+           f"{lora_before:.4f} -> {lora:.4f}", f"{qlora_before:.4f} -> {qlora:.4f}", f"{gap:+.2%}",
+           "yes" if abs(gap) <= 0.02 else "no", f"{lora_s:.0f} / {qlora_s:.0f}"]
     append_row("QLoRA vs LoRA on the demo",
-               ["date", "machine", "config", "LoRA eval loss", "QLoRA eval loss", "QLoRA - LoRA", "within 2%",
-                "seconds (LoRA / QLoRA)"], row)
+               ["date", "machine", "config", "QLoRA keep_16bit_dynamic", "LoRA eval loss (before -> after)",
+                "QLoRA eval loss (before -> after)", "QLoRA - LoRA", "within 2%", "seconds (LoRA / QLoRA)"], row)
     print(" | ".join(row))
+    if kept:
+        print("kept 16-bit:", ", ".join(kept))
 
 
 if __name__ == "__main__":

@@ -182,3 +182,30 @@ def test_cli_what_fits_and_errors(capsys):
     assert f"largest batch at seq 1024 = {fit.max_batch}" in out
     assert main(["estimate", "Mistral7B"]) == 2
     assert "Did you mean Mistral-7B" in capsys.readouterr().err
+
+
+def test_offloaded_embeddings_leave_the_gpu_total():
+    c = config("Llama-3.1-8B")
+    table = 2 * 128_256 * 4_096                          # 0.98 GiB of bf16
+    for method in ("lora", "qlora"):
+        on_gpu = estimate(c, Setup(method=method))
+        offloaded = estimate(c, Setup(method=method, offload_embeddings=True))
+        assert offloaded.host_weights == table and on_gpu.host_weights == 0
+        assert on_gpu.weights - offloaded.weights == table
+        assert on_gpu.total - offloaded.total == table
+        assert offloaded.activations == on_gpu.activations and offloaded.backward_peak == on_gpu.backward_peak
+    with pytest.raises(EstimateError, match="offload_embeddings: a full fine-tune trains the input embeddings"):
+        Setup(method="full", offload_embeddings=True)
+    with pytest.raises(EstimateError, match="offload_embeddings: .*tie_word_embeddings"):
+        estimate(config("Gemma-2-9B"), Setup(offload_embeddings=True))
+
+
+def test_cli_offload_embeddings_flag(capsys):
+    assert main(["estimate", "Llama-3.1-8B", "--method", "qlora", "--offload-embeddings"]) == 0
+    out = capsys.readouterr().out
+    assert "In host memory, not counted above: input embeddings 0.98 GiB" in out
+    assert "embeddings in host memory (in use): weights 0.98 -> 0.00 GiB" in out
+    on_gpu = estimate(config("Llama-3.1-8B"), Setup(method="qlora"))
+    assert f"{(on_gpu.total - 2 * 128_256 * 4_096) / GIB:.2f}" in out
+    assert main(["estimate", "Gemma-2-9B", "--offload-embeddings"]) == 2
+    assert "tie_word_embeddings" in capsys.readouterr().err

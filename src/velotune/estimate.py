@@ -16,6 +16,10 @@ float32 per 256 absmax + the 16- and 256-entry float32 tables); embeddings, head
 biases stay bf16. LoRA adapters (lora, qlora) are float32: A [r, in] and B [out, r] on all seven
 projections (q, k, v, o, gate, up, down) of every layer.
 
+Embeddings in host memory (`offload_embeddings`, LoRA and QLoRA of untied models): the input
+embedding table (2 B x V x h) is counted on the host, not the GPU; each step's rows reach the GPU
+as the first layer's input, which the activations already count.
+
 Gradients: bf16 for a full fine-tune (2 B per parameter), float32 for adapters (4 B).
 Optimizer: AdamW keeps two float32 moments (8 B per trainable parameter); 8-bit AdamW
 (bitsandbytes' AdamW8bit, what `optimizer: adamw8bit` trains with) keeps, per trainable tensor,
@@ -97,12 +101,16 @@ class Setup:
     optim: str = "adamw"
     checkpointing: bool = True
     lora_r: int = 16
+    offload_embeddings: bool = False   # the frozen input embedding table in host memory
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise EstimateError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.optim not in OPTIMIZERS:
             raise EstimateError(f"optim {self.optim!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.offload_embeddings and self.method == "full":
+            raise EstimateError("offload_embeddings: a full fine-tune trains the input embeddings, which must stay "
+                                "on the GPU (use lora or qlora)")
         for name in ("batch", "seq", "lora_r"):
             if getattr(self, name) < 1:
                 raise EstimateError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -122,6 +130,7 @@ class Estimate:
     activations_checkpointed: int   # at the end of the forward pass
     activations_full: int
     backward_peak: int              # gradients and what is left of the activations, for setup.checkpointing
+    host_weights: int = 0           # weights kept in host memory instead (offload_embeddings), not in total
 
     @property
     def activations(self) -> int:
@@ -150,7 +159,27 @@ def lora_parameters(config: ModelConfig, r: int) -> int:
     return config.num_hidden_layers * sum(r * (o + i) for o, i in projection_shapes(config).values())
 
 
+def embedding_bytes(config: ModelConfig) -> int:
+    """The input embedding table, bf16."""
+    return BF16 * config.vocab_size * config.hidden_size
+
+
+def host_weight_bytes(config: ModelConfig, setup: Setup) -> int:
+    """Weights held in host memory instead of on the GPU: the input embeddings when offloaded."""
+    if not setup.offload_embeddings:
+        return 0
+    if config.tie_word_embeddings:
+        raise EstimateError("offload_embeddings: this model ties its output head to the input embeddings "
+                            "(tie_word_embeddings), so the table must stay on the GPU")
+    return embedding_bytes(config)
+
+
 def weight_bytes(config: ModelConfig, setup: Setup) -> int:
+    """GPU bytes of the weights (host-held ones excluded)."""
+    return _all_weight_bytes(config, setup) - host_weight_bytes(config, setup)
+
+
+def _all_weight_bytes(config: ModelConfig, setup: Setup) -> int:
     params = config.num_parameters()
     if setup.method == "full":
         return BF16 * params
@@ -286,7 +315,7 @@ def estimate(config: ModelConfig, setup: Setup) -> Estimate:
     backward_end = max(gradients - embedding_gradient + layer + temporaries, gradients)
     return Estimate(
         config=config, setup=setup, parameters=params, trainable_parameters=trainable,
-        weights=weight_bytes(config, setup), gradients=gradients,
+        weights=weight_bytes(config, setup), gradients=gradients, host_weights=host_weight_bytes(config, setup),
         optimizer=optimizer_bytes(trainable_tensors(config, setup), setup.optim),
         activations_checkpointed=checkpoint_term(config).bytes(tokens) + max(model_wide, layer),
         activations_full=config.num_hidden_layers * layer + model_wide,
@@ -387,7 +416,7 @@ class Saving:
 
 
 def savings(config: ModelConfig, setup: Setup) -> list[Saving]:
-    full = estimate(config, replace(setup, method="full"))
+    full = estimate(config, replace(setup, method="full", offload_embeddings=False))
     lora = estimate(config, replace(setup, method="lora"))
     current = estimate(config, setup)
     r = setup.lora_r
@@ -402,6 +431,10 @@ def savings(config: ModelConfig, setup: Setup) -> list[Saving]:
         Saving("gradient checkpointing", "activations", current.activations_full, current.activations_checkpointed,
                "each layer keeps only its input; backward recomputes one layer at a time (about 1/3 more compute)",
                setup.checkpointing),
+        *([Saving("embeddings in host memory", "weights", embedding_bytes(config), 0,
+                  "the frozen input embedding table stays in host memory; each step copies only its tokens' rows",
+                  setup.offload_embeddings)]
+          if setup.method != "full" and not config.tie_word_embeddings else []),
         Saving(f"LoRA (r={r})", "gradients + optimizer states", full.gradients + full.optimizer,
                lora.gradients + lora.optimizer,
                f"trains {lora.trainable_parameters:,} adapter weights instead of all {full.parameters:,}",

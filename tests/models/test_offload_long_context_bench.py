@@ -59,21 +59,55 @@ def test_run_reports_each_length_and_stops_at_the_first_that_does_not_fit(bench,
     assert rows[2]["outcome"].startswith("host memory: offloaded inputs need") and rows[2]["seconds"] is None
 
 
-def test_host_bytes_needed_counts_offloaded_layers_only(bench, tiny_config):
+def test_host_bytes_needed_counts_offloaded_layers_only_at_their_exact_size(bench, tiny_config):
     config = bench.model_config(bench.parse_args(["--config", tiny_config]))
-    assert bench.host_bytes_needed(config, 1000, 0) == 3 * 131072   # 128,000 B rounded up to 2**17
-    assert bench.host_bytes_needed(config, 1000, 1) == 2 * 131072
-    assert bench.host_bytes_needed(config, 1024, 0) == 3 * 1024 * 64 * 2   # already a power of two
+    assert bench.host_bytes_needed(config, 1000, 0) == 3 * 1000 * 64 * 2   # not rounded to 2**17
+    assert bench.host_bytes_needed(config, 1000, 1) == 2 * 1000 * 64 * 2
+    assert bench.host_bytes_needed(config, 1000, 5) == 0
 
 
 def test_the_8b_config_the_gpu_run_will_use(bench):
     """The GPU run's model: Llama-3.1-8B from the bundled table. 262,144 tokens of offloaded
-    inputs take 64 GiB of pinned host memory (as measured); 350,000 tokens take 85.4 GiB of
-    data but 128 GiB of pinned blocks, more than the GPU box has."""
+    inputs take 64 GiB of pinned host memory (as measured); 350,000 tokens take 85.4 GiB, which
+    the 125 GiB GPU box holds now that the buffers are exact-size (power-of-two blocks: 128)."""
     config = bench.model_config(bench.parse_args([]))
     assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (32, 4096, 14336)
     assert bench.host_bytes_needed(config, 262_144, 0) / 2**30 == 64
-    assert bench.host_bytes_needed(config, 350_000, 0) / 2**30 == 128
+    assert bench.host_bytes_needed(config, 350_000, 0) / 2**30 == pytest.approx(85.45, abs=0.01)
+    assert bench.host_bytes_needed(config, 350_000, 0) < 125 * 2**30 - 4 * 2**30 - 16 * 2**30
+
+
+def test_the_length_check_counts_the_pool_as_room(bench, tiny_config, monkeypatch, capsys):
+    """Lengths in one run share the model's host pool: its buffers are released or reused before
+    the next length allocates, so a longer length is not refused for memory the pool holds."""
+    from velotune.models import offload
+
+    per_layer_40 = 40 * 64 * 4                     # float32 inputs of the tiny model at 40 tokens
+    state = {"available": offload.HOST_RESERVE_BYTES + 3 * per_layer_40 + 100}
+
+    def memory():   # what the host has left: the pool's buffers are taken out of it
+        return 2**40, state["available"] - model_pool_bytes()
+
+    pools = []
+    original_build = bench.build
+
+    def build(*a, **k):
+        model, optimizer = original_build(*a, **k)
+        pools.append(model.offload_pool)
+        return model, optimizer
+
+    def model_pool_bytes():
+        return pools[0].held_bytes if pools else 0
+
+    monkeypatch.setattr(offload, "host_memory_bytes", memory)
+    monkeypatch.setattr(bench, "build", build)
+    args = bench.parse_args(["--config", tiny_config, "--device", "cpu", "--dtype", "float32",
+                             "--mlp-chunk", "32", "--seq", "40", "40", "41", "--no-record"])
+    rows = bench.run(args)
+    assert [r["outcome"] for r in rows[:2]] == ["ok", "ok"]
+    assert rows[2]["outcome"].startswith("host memory: offloaded inputs need")   # 41 > 40 tokens of room
+    out = capsys.readouterr().out
+    assert "host buffers: 3 new" in out and "host buffers: 0 new" in out and "3 reused" in out
 
 
 @pytest.mark.gpu

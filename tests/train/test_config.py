@@ -58,6 +58,7 @@ def test_unknown_option_on_command_line():
     ("max_steps: [\n", "not valid YAML"),
     ("export: [gguf:q9_9]\n", "key 'export' has an entry 'gguf:q9_9' that cannot be exported"),
     ("export: [zip]\n", "unknown export target 'zip'"),
+    ("cuda_graphs: always\n", "key 'cuda_graphs' must be true, false or auto"),
 ])
 def test_bad_values_name_the_key_and_line(tmp_path, text, message):
     path = write(tmp_path, text)

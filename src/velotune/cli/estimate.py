@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing (default on)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--offload-embeddings", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the frozen input embeddings in host memory (lora/qlora, untied models; default off)")
     p.add_argument("--gpu-gib", type=float, help="GPU memory in GiB: also report the largest batch and seq that fit")
     p.set_defaults(func=run)
 
@@ -54,12 +56,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         config, source = load_config(args.model)
         setup = Setup(method=args.method, batch=args.batch, seq=args.seq, optim=args.optim,
-                      checkpointing=args.checkpointing, lora_r=args.lora_r)
+                      checkpointing=args.checkpointing, lora_r=args.lora_r, offload_embeddings=args.offload_embeddings)
         fit = what_fits(config, setup, args.gpu_gib) if args.gpu_gib is not None else None
+        est = estimate(config, setup)
     except (EstimateError, ConfigError) as exc:
         print(f"velotune estimate: error: {exc}", file=sys.stderr)
         return 2
-    est = estimate(config, setup)
     tokens = setup.batch * setup.seq
 
     console.print(f"[bold]{source}[/bold]: {est.parameters:,} parameters, {est.trainable_parameters:,} trainable")
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     table.add_column("GiB", justify="right")
     weights_note = {"full": "bf16", "lora": "bf16 base + fp32 adapters", "qlora": "NF4 projections + bf16 rest + fp32 adapters"}
     rows = [
-        ("weights", est.weights, weights_note[setup.method]),
+        ("weights", est.weights, weights_note[setup.method]
+         + (" (input embeddings in host memory)" if est.host_weights else "")),
         ("gradients", est.gradients, "bf16" if setup.method == "full" else "fp32 adapters"),
         ("optimizer states", est.optimizer, "AdamW fp32 m, v" if setup.optim == "adamw" else "8-bit AdamW"),
         ("activations, checkpointing", est.activations_checkpointed, "used" if setup.checkpointing else ""),
@@ -83,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("[bold]total[/bold]", f"[bold]{est.total / GIB:.2f}[/bold]",
                   "weights + optimizer + max(activations, backward peak)")
     console.print(table)
+    if est.host_weights:
+        console.print(f"In host memory, not counted above: input embeddings {est.host_weights / GIB:.2f} GiB "
+                      "(--offload-embeddings)")
     console.print("Activations peak at the end of the forward pass, gradients at the end of the backward "
                   "pass, so the two are not added.")
 

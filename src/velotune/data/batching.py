@@ -118,9 +118,14 @@ def pack_examples(examples: Sequence[Example], max_seq_length: int) -> list[list
     return [[examples[i] for i in row] for row in rows]
 
 
-def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int) -> Batch:
-    """Concatenate each row's examples; positions restart per example; first labels ignored."""
-    width = max(sum(len(example) for example in row) for row in rows)
+def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, width: int | None = None) -> Batch:
+    """Concatenate each row's examples; positions restart per example; first labels ignored.
+    Rows are padded to the longest, or to `width` (one shape for every micro-batch, which CUDA
+    graphs need: train/graphed_step.py)."""
+    longest = max(sum(len(example) for example in row) for row in rows)
+    if width is not None and width < longest:
+        raise ValueError(f"collate_packed: a packed row holds {longest} tokens, more than width={width}")
+    width = longest if width is None else width
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)

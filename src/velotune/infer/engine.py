@@ -89,7 +89,9 @@ class GenerationRun:
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(b, model.config.vocab_size, dtype=torch.bool, device=device)
             self.seen.scatter_(1, input_ids, self.mask.bool())
-        dtype = next(model.parameters()).dtype
+        # The embedding's dtype is what the layers compute in (its table may sit in host memory,
+        # after the device weights: models/host_embedding.py).
+        dtype = next(model.model.embed_tokens.parameters()).dtype
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # 4-bit bases compute in bf16
             dtype = torch.bfloat16
         length = t + params.max_new_tokens

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from velotune.models.cache import KVCache, StaticSlot
+from velotune.models.host_embedding import HostEmbedding
 
 if TYPE_CHECKING:
     from velotune.models.transformer import Transformer
@@ -75,6 +76,13 @@ class StaticDecoder:
         self.column = torch.tensor([column], dtype=torch.long, device=device)
         self.host_column = column  # only picks the span bucket; never read inside a step
         self.logits = torch.empty_like(logits)
+        # A table in host memory (models/host_embedding.py) is read by a host gather, which a CUDA
+        # graph cannot capture: its rows are then looked up eagerly before each step into this
+        # fixed buffer, and the step starts from there.
+        self.rows: torch.Tensor | None = None
+        embed = model.model.embed_tokens
+        if isinstance(embed, HostEmbedding):
+            self.rows = torch.empty(valid.shape[0], 1, embed.embedding_dim, dtype=embed.weight.dtype, device=device)
         self.use_graphs, self.require_graphs = use_graphs, require_graphs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
@@ -86,6 +94,8 @@ class StaticDecoder:
         if self.host_column >= self.cache.max_length:
             raise ValueError(f"KV cache holds {self.cache.max_length} tokens; column {self.host_column} requested")
         self.ids.copy_(token.view(-1, 1))
+        if self.rows is not None:
+            self.rows.copy_(self.model.model.embed_tokens(token.view(-1, 1)))
         span = span_for(self.host_column, self.cache.max_length)
         if self.use_graphs and span not in self.graphs:
             self._capture(span)
@@ -102,7 +112,7 @@ class StaticDecoder:
         """One decode step over `span` cache columns, every input and output a fixed buffer.
         Mirrors `Transformer.hidden_states` for one token, with the mask built on the device."""
         model, c = self.model, self.model.config
-        x = model.model.embed_tokens(self.ids)
+        x = self.rows if self.rows is not None else model.model.embed_tokens(self.ids)
         if c.embedding_multiplier != 1.0:
             x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
         cos, sin = model.model.rotary(self.positions, x.dtype)

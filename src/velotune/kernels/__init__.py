@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from velotune.kernels.dispatch import force_triton, kernels_enabled, set_kernels_enabled, use_triton
+from velotune.kernels.dispatch import capturing, force_triton, kernels_enabled, set_kernels_enabled, use_triton
 from velotune.kernels.reference import (
     ACTIVATIONS,
     add_rms_norm_reference,
@@ -31,7 +31,7 @@ from velotune.kernels.reference import (
 )
 
 __all__ = [
-    "add_rms_norm", "apply_rope", "force_triton", "glu", "glu_backward_inplace", "kernels_enabled",
+    "add_rms_norm", "apply_rope", "capturing", "force_triton", "glu", "glu_backward_inplace", "kernels_enabled",
     "linear_cross_entropy", "rms_norm", "set_kernels_enabled", "use_triton",
 ]
 

@@ -56,6 +56,13 @@ def force_triton() -> Iterator[None]:
         _forced = previous
 
 
+def capturing(tensor: torch.Tensor) -> bool:
+    """True while `tensor`'s CUDA stream is being captured into a graph (train/graphed_step.py).
+    Code on the training path asks this before anything that waits for the GPU (`.item()`, a
+    boolean test of a device tensor, boolean-mask indexing), which a capture does not allow."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when a call on these tensors should take the Triton path."""
     if not _enabled or not triton_available():

@@ -9,7 +9,8 @@ then exists only between its arrival and its quantization. Peak memory is the 4-
 Two sources:
 - a 16-bit checkpoint (HF folder, GGUF, Hub) with `load_in_4bit`: every linear layer not kept by
   the `FourBitPolicy` is quantized on the target device (PyTorch reference ops; on a GPU they run
-  there). With `dynamic_keep=K` the K layers with the largest quantization error seen so far are
+  there). With `dynamic_keep=K` the K layers with the largest quantization error seen so far
+  (activation-weighted when the policy carries calibration scales, see quant/policy.py) are
   held in 16-bit in a small heap; a layer pushed out of it is quantized then, so at most K extra
   16-bit layers are alive and the final choice is the K largest over the whole model.
 - a `*-bnb-4bit` checkpoint: each weight's packed codes and quantization state (several tensors,
@@ -28,7 +29,7 @@ from velotune.loaders.checkpoint import LoadError
 from velotune.models.transformer import Transformer
 from velotune.quant.linear4bit import Linear4bit
 from velotune.quant.nf4 import quantize_nf4
-from velotune.quant.policy import FourBitPolicy, QuantReport, relative_error
+from velotune.quant.policy import FourBitPolicy, QuantReport
 from velotune.quant.serialization import QuantFormatError, state_from_tensors
 from velotune.quant.state import QuantState
 
@@ -45,7 +46,8 @@ class FourBitStream:
         loaded without `load_in_4bit` (its 4-bit weights load as they are)."""
         self.model, self.source, self.dtype, self.device = model, source, dtype, torch.device(device)
         self.policy = policy or FourBitPolicy()
-        self.report = QuantReport(prequantized=bool(prequantized))
+        self.report = QuantReport(prequantized=bool(prequantized),
+                                  ranking="weight" if self.policy.input_scales is None else "activation")
         self.pieces = dict(prequantized or {})
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
         self.kept_heap: list[tuple[float, int, str, torch.Tensor, torch.Tensor, QuantState]] = []
@@ -75,6 +77,7 @@ class FourBitStream:
                     self.report.kept[name] = "keep_16bit"
                 else:
                     targets[f"{name}.weight"] = name
+            self.policy.check_dynamic(len(targets), source)
         self.targets = targets                     # weight name -> module name
         self.shapes = {w: tuple(linears[m].weight.shape) for w, m in targets.items()}
         for module in targets.values():
@@ -106,7 +109,7 @@ class FourBitStream:
         if self.policy.dynamic_keep == 0:
             self._install_4bit(self.targets[name], packed, state)
             return True
-        error = relative_error(weight, packed, state)
+        error = self.policy.error(self.targets[name], weight, packed, state)
         self.report.errors[self.targets[name]] = error
         heapq.heappush(self.kept_heap, (error, len(self.seen), name, weight, packed, state))
         if len(self.kept_heap) > self.policy.dynamic_keep:

@@ -38,6 +38,7 @@ from velotune.estimate import (
     layer_terms,
     model_terms,
 )
+from velotune.kernels.dispatch import capturing
 from velotune.models.config import ModelConfig
 from velotune.models.offload import LayerInputOffloader
 from velotune.models.tiled_mlp import mlp_chunk_size
@@ -172,11 +173,14 @@ def parse_checkpointing(value: bool | str, where: str = "gradient_checkpointing"
 def run_checkpointed(layer: nn.Module, x: torch.Tensor, *args, offloader: LayerInputOffloader | None = None,
                      **kwargs) -> torch.Tensor:
     """`layer(x, *args, **kwargs)` under torch's non-reentrant checkpoint, its input parked in
-    host memory by `offloader` when one is given (see `velotune.models.offload`)."""
+    host memory by `offloader` when one is given (see `velotune.models.offload`).
+    Inside a CUDA graph capture the RNG state is not saved for the recomputation (reading it is
+    not allowed there); the graphed step refuses models with dropout, so nothing is random."""
+    rng = not capturing(x)
     if offloader is None:
-        return checkpoint(layer, x, *args, use_reentrant=False, **kwargs)
+        return checkpoint(layer, x, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
     with offloader.saving(x):
-        return checkpoint(layer, x, *args, use_reentrant=False, **kwargs)
+        return checkpoint(layer, x, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
 
 
 def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, offload: bool = False,

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import torch
 
+from velotune.kernels.dispatch import capturing
+
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Packed-sequence document ids: a new document starts wherever the position does not follow
-    on from the previous one. None when every row holds a single document."""
+    on from the previous one. None when every row holds a single document, except inside a CUDA
+    graph capture, which cannot test that: there the ids are always built (the graphed step
+    passes position ids only for batches it found packed)."""
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    if not bool(starts[:, 1:].any()):
+    if not capturing(position_ids) and not bool(starts[:, 1:].any()):
         return None
     return starts.cumsum(dim=1)
 

@@ -26,12 +26,40 @@ Stream discipline (CUDA):
   copy, same stream); the compute stream waits on an event recorded after it, and the tensor is
   `record_stream`-ed on the compute stream, so its memory is not reused while the recomputation
   still reads it.
-On the CPU there are no streams: inputs are copied into plain CPU tensors and handed back, which
-runs the same bookkeeping (and the tests) without a GPU.
+On the CPU there are no streams: inputs are copied into plain CPU tensors and handed back as
+fresh copies, which runs the same bookkeeping (and the tests) without a GPU.
+
+Host memory (`PinnedHostPool`, owned by the model, so it outlives each forward):
+- exact sizes. `torch.empty(..., pin_memory=True)` goes through torch's caching host allocator,
+  which rounds every block up to a power of two (`CachingHostAllocator.h`, "Round up the
+  allocation to the nearest power of two"; the process-wide `pinned_max_round_threshold`
+  setting that 2.13 reads is newer than what we can count on in 2.11): a 2.67 GiB layer input
+  at 350,000 tokens took a 4 GiB block, 128 GiB for 32 layers on a 125 GiB host. So each
+  buffer is an ordinary CPU tensor page-locked with `cudaHostRegister` (through
+  `torch.cuda.cudart()`, as torch's own distributed state-dict staging does in
+  `torch/cuda/_pin_memory_utils.py`), exactly as large as the input, and unregistered (after the
+  device has finished any copy still queued on it) before its memory is freed.
+- reuse. Pinning is slow (the pages are faulted in and locked), so buffers are allocated in the
+  first step and reused: each offloaded input leases the smallest free buffer that holds it and
+  gives it back when autograd frees the saved input (the backward has run, or the graph died).
+  Two graphs alive at once lease different buffers, so one never overwrites the other. The
+  copies into and out of a buffer all run on the one side stream, so a reuse is ordered after
+  the previous step's restore without further waiting.
+- shape changes. When no free buffer is large enough, the free ones (all too small) are
+  released before new ones are allocated, so a longer sequence does not pay for both sizes.
+  Free buffers go when the model does, or with `PinnedHostPool.release_free()`.
+- refusal. Pinned pages cannot be swapped or reclaimed, and a host that overcommits them gets
+  the process killed without a word (most likely what ended the first 350,000-token run). Before allocating,
+  the offloader checks that the inputs still to come in this forward fit in MemAvailable less
+  `host_reserve_bytes` (4 GiB, a tenth of a small host), and raises `OffloadError` naming the sizes and what to change.
 """
 from __future__ import annotations
 
+import math
 import os
+import threading
+import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,16 +67,150 @@ from dataclasses import dataclass
 import torch
 
 GIB = 2**30
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+# Host memory left unpinned for the rest of this process (CUDA context, Python, data loading)
+# and the system when deciding whether the offloaded inputs fit (a tenth of a small host).
+HOST_RESERVE_BYTES = 4 * GIB
+_CUDA_HOST_REGISTER_PORTABLE = 1   # pinned for every CUDA context, like torch's own registrations
 
 
 class OffloadError(MemoryError):
     """Host memory for an offloaded checkpoint could not be had (names sizes and what to change)."""
 
 
-class _Parked:
-    """One layer input: its host copy and, once prefetched, the device copy and its ready event."""
+def host_memory_bytes() -> tuple[int, int]:
+    """(total, available) host memory in bytes; available is /proc/meminfo's MemAvailable (what
+    can be had without swapping), the total where that file does not exist."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return total, int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total, total
 
-    __slots__ = ("index", "host", "device_copy", "ready")
+
+def host_reserve_bytes(total: int) -> int:
+    """What the offload leaves unpinned on a host of `total` bytes."""
+    return min(HOST_RESERVE_BYTES, total // 10)
+
+
+def host_memory_gib() -> tuple[float, float]:
+    """(total, available) host memory in GiB (see `host_memory_bytes`)."""
+    total, available = host_memory_bytes()
+    return total / GIB, available / GIB
+
+
+class HostBuffer:
+    """One block of host memory of exactly `nbytes` (page-locked when `pinned`), holding one
+    offloaded layer input at a time."""
+
+    __slots__ = ("nbytes", "in_use", "_memory", "_registered")
+
+    def __init__(self, nbytes: int, pinned: bool) -> None:
+        self.nbytes = nbytes
+        self.in_use = False
+        self._registered: int | None = None
+        if not pinned:
+            self._memory = torch.empty(nbytes, dtype=torch.uint8)
+            return
+        # Register whole pages that belong to this tensor alone: a page shared with another
+        # allocation could already be registered, and the driver refuses overlapping ranges.
+        span = -(-nbytes // PAGE_BYTES) * PAGE_BYTES
+        raw = torch.empty(span + PAGE_BYTES, dtype=torch.uint8)
+        start = -raw.data_ptr() % PAGE_BYTES
+        self._memory = raw[start:start + span]     # a view: keeps `raw` alive
+        # Fault the pages in first, one byte per page on torch's CPU threads, as torch's own
+        # cudaHostRegister path does to cut the wall time; the driver would fault them serially.
+        self._memory[::PAGE_BYTES].zero_()
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(self._memory.data_ptr(), span, _CUDA_HOST_REGISTER_PORTABLE)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of {span} bytes failed: {cudart.cudaGetErrorString(err)}")
+        self._registered = self._memory.data_ptr()
+
+    @property
+    def pinned(self) -> bool:
+        return self._registered is not None
+
+    def view(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """The first bytes of the buffer as a contiguous tensor of this shape and dtype."""
+        used = math.prod(shape) * dtype.itemsize
+        if used > self.nbytes:
+            raise ValueError(f"a {list(shape)} {dtype} tensor ({used} bytes) does not fit a {self.nbytes}-byte buffer")
+        return self._memory[:used].view(dtype).view(shape)
+
+    def release(self) -> None:
+        """Unregister the pages (before the memory can be freed and handed out again). Waits
+        for the device first: the last restore's copy out of this buffer may still be queued
+        (rare: only when shapes grow, `release_free` is called or the model goes)."""
+        if self._registered is not None:
+            ptr, self._registered = self._registered, None
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:   # interpreter shutdown: the CUDA runtime may already be gone
+            pass
+
+
+class PinnedHostPool:
+    """The host buffers of a model's offloaded checkpoints, kept from step to step (see the module
+    docstring). Thread-safe: autograd gives buffers back from its own device threads."""
+
+    def __init__(self) -> None:
+        self.buffers: list[HostBuffer] = []
+        self._lock = threading.Lock()
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    def take(self, nbytes: int) -> HostBuffer | None:
+        """Lease the smallest free buffer of at least `nbytes`, or None."""
+        with self._lock:
+            fits = [b for b in self.buffers if not b.in_use and b.nbytes >= nbytes]
+            if not fits:
+                return None
+            buffer = min(fits, key=lambda b: b.nbytes)
+            buffer.in_use = True
+            return buffer
+
+    def allocate(self, nbytes: int, pinned: bool) -> HostBuffer:
+        """A new leased buffer of exactly `nbytes` (RuntimeError when the memory cannot be had)."""
+        buffer = HostBuffer(nbytes, pinned)
+        buffer.in_use = True
+        with self._lock:
+            self.buffers.append(buffer)
+        return buffer
+
+    def give_back(self, buffer: HostBuffer) -> None:
+        with self._lock:
+            buffer.in_use = False
+
+    def release_free(self) -> int:
+        """Free every buffer not leased; returns the bytes released."""
+        with self._lock:
+            free = [b for b in self.buffers if not b.in_use]
+            self.buffers = [b for b in self.buffers if b.in_use]
+        for buffer in free:
+            buffer.release()
+        return sum(b.nbytes for b in free)
+
+    def __reduce__(self):
+        """Copies and pickles of a model start with an empty pool (buffers are per process)."""
+        return (PinnedHostPool, ())
+
+
+class _Parked:
+    """One layer input: its leased host buffer and, once prefetched, the device copy and its ready
+    event. The buffer goes back to the pool when autograd drops this object."""
+
+    __slots__ = ("index", "host", "device_copy", "ready", "__weakref__")
 
     def __init__(self, index: int, host: torch.Tensor) -> None:
         self.index = index
@@ -60,12 +222,16 @@ class _Parked:
 @dataclass
 class OffloadStats:
     """What one forward/backward moved. Kept apart from the offloader, which the autograd graph
-    owns (and frees with it): holding the offloader would keep its host copies alive."""
+    owns (and frees with it): holding the offloader would keep its host buffers leased."""
 
     offloaded: int = 0          # layer inputs copied to host memory
     offloaded_bytes: int = 0
     prefetched: int = 0         # copies brought back to the device
     restored: int = 0           # copies handed to the backward
+    reused: int = 0             # host buffers leased from the pool
+    allocated: int = 0          # host buffers allocated (and pinned) in this forward
+    allocated_bytes: int = 0
+    allocation_seconds: float = 0.0
 
 
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -78,30 +244,21 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return _side_streams[device]
 
 
-def host_memory_gib() -> tuple[float, float]:
-    """(total, available) host memory in GiB, from /proc/meminfo where it exists."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    available = total
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024 / GIB
-    except OSError:
-        pass
-    return total, available
-
-
 class LayerInputOffloader:
     """Parks the checkpointed input of each decoder layer of one forward pass in host memory.
 
     Use one per forward pass: `with offloader.saving(x): x = checkpoint(layer, x, ...)` for each
-    checkpointed layer, in order. `stats` counts what moved."""
+    checkpointed layer, in order. `pool` holds the host buffers across forwards (a fresh one when
+    not given); `planned` is how many inputs this forward will offload, so that missing host
+    memory is reported before the first of them is copied. `stats` counts what moved."""
 
-    def __init__(self, device: torch.device, stats: OffloadStats | None = None) -> None:
+    def __init__(self, device: torch.device, stats: OffloadStats | None = None,
+                 pool: PinnedHostPool | None = None, planned: int = 0) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = side_stream(self.device) if self.cuda else None
+        self.pool = pool if pool is not None else PinnedHostPool()
+        self.planned = planned
         self.parked: list[_Parked] = []
         self.stats = stats if stats is not None else OffloadStats()
 
@@ -129,10 +286,8 @@ class LayerInputOffloader:
 
     def _offload(self, tensor: torch.Tensor) -> _Parked:
         index = len(self.parked)
-        try:
-            host = _host_empty(tensor.shape, tensor.dtype, self.cuda)
-        except RuntimeError as exc:
-            raise self._host_memory_error(tensor, index, exc) from exc
+        buffer = self._host_buffer(tensor, index)
+        host = buffer.view(tensor.shape, tensor.dtype)
         if self.cuda:
             compute = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(compute)
@@ -142,10 +297,34 @@ class LayerInputOffloader:
         else:
             host.copy_(tensor)
         parked = _Parked(index, host)
+        weakref.finalize(parked, self.pool.give_back, buffer)
         self.parked.append(parked)
         self.stats.offloaded += 1
         self.stats.offloaded_bytes += tensor.numel() * tensor.element_size()
         return parked
+
+    def _host_buffer(self, tensor: torch.Tensor, index: int) -> HostBuffer:
+        """A pooled buffer when a free one holds `tensor`; otherwise a new exact-size one, once
+        the free (too small) buffers are released and the host is known to have room."""
+        nbytes = tensor.numel() * tensor.element_size()
+        buffer = self.pool.take(nbytes)
+        if buffer is not None:
+            self.stats.reused += 1
+            return buffer
+        self.pool.release_free()
+        remaining = max(self.planned - index, 1)
+        total, available = host_memory_bytes()
+        if remaining * nbytes > available - host_reserve_bytes(total):
+            raise self._no_room_error(tensor, index, remaining, total, available)
+        start = time.perf_counter()
+        try:
+            buffer = self.pool.allocate(nbytes, pinned=self.cuda)
+        except RuntimeError as exc:
+            raise self._host_memory_error(tensor, index, exc) from exc
+        self.stats.allocated += 1
+        self.stats.allocated_bytes += nbytes
+        self.stats.allocation_seconds += time.perf_counter() - start
+        return buffer
 
     def _prefetch(self, parked: _Parked) -> None:
         if parked.device_copy is not None:
@@ -156,7 +335,7 @@ class LayerInputOffloader:
                 parked.ready = torch.cuda.Event()
                 parked.ready.record(self.stream)
         else:
-            parked.device_copy = parked.host
+            parked.device_copy = parked.host.clone()   # the buffer stays the pool's, as on CUDA
         self.stats.prefetched += 1
 
     def _restore(self, parked: _Parked) -> torch.Tensor:
@@ -172,6 +351,23 @@ class LayerInputOffloader:
         self.stats.restored += 1
         return tensor
 
+    def _no_room_error(self, tensor: torch.Tensor, index: int, remaining: int, total: int,
+                       available: int) -> OffloadError:
+        nbytes = tensor.numel() * tensor.element_size()
+        reserve = host_reserve_bytes(total)
+        room = max(available - reserve, 0)
+        keep = min(math.ceil((remaining * nbytes - room) / nbytes), remaining)
+        return OffloadError(
+            f"offloading the checkpointed inputs of decoder layers {index}..{index + remaining - 1} "
+            f"({remaining} x {list(tensor.shape)} {tensor.dtype}, {nbytes / GIB:.2f} GiB each, "
+            f"{remaining * nbytes / GIB:.1f} GiB) needs that much pinned host memory, but the host has "
+            f"{available / GIB:.1f} GiB available of {total / GIB:.1f} GiB (MemAvailable; "
+            f"{reserve / GIB:.1f} GiB of it is left to the rest of the process and the system), "
+            f"and {self.pool.held_bytes / GIB:.1f} GiB of offload buffers are already held. Keep {keep} more "
+            f"of the last checkpoints on the GPU (raise checkpoints_kept_on_gpu by {keep}, "
+            f"{nbytes / GIB:.2f} GiB of GPU memory each), shorten the sequence, or turn "
+            f"offload_checkpoints off")
+
     def _host_memory_error(self, tensor: torch.Tensor, index: int, exc: Exception) -> OffloadError:
         total, available = host_memory_gib()
         size = tensor.numel() * tensor.element_size() / GIB
@@ -179,14 +375,8 @@ class LayerInputOffloader:
             f"offloading the checkpointed input of decoder layer {index} ({list(tensor.shape)} "
             f"{tensor.dtype}, {size:.2f} GiB) to pinned host memory failed after "
             f"{self.stats.offloaded_bytes / GIB:.1f} GiB were already offloaded; the host has "
-            f"{total:.1f} GiB, {available:.1f} GiB available. Shorten the sequence, or turn "
-            f"offload_checkpoints off ({type(exc).__name__}: {exc})")
-
-
-def _host_empty(shape: torch.Size, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-    """Host memory for one layer input: pinned (page-locked) for asynchronous copies from CUDA,
-    through torch's caching host allocator, which reuses the blocks from step to step."""
-    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pinned)
+            f"{total:.1f} GiB, {available:.1f} GiB available. Raise checkpoints_kept_on_gpu, shorten "
+            f"the sequence, or turn offload_checkpoints off ({type(exc).__name__}: {exc})")
 
 
 def _identity(t: torch.Tensor) -> tuple:

@@ -23,6 +23,7 @@ from torch import nn
 
 from velotune import kernels
 from velotune.lora import fused as lora_fused
+from velotune.models import host_embedding
 from velotune.models.cache import KVCache
 from velotune.models.checkpointing import (
     CheckpointChoice,
@@ -33,7 +34,7 @@ from velotune.models.checkpointing import (
 )
 from velotune.models.config import ModelConfig
 from velotune.models.masks import attention_mask_for, document_ids
-from velotune.models.offload import LayerInputOffloader, OffloadStats
+from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool
 from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
 
 
@@ -229,6 +230,7 @@ class Transformer(nn.Module):
         self.memory_budget: MemoryBudget | None = None     # for "auto"; None: this device, AdamW states
         self.checkpoint_choice: CheckpointChoice | None = None   # what "auto" chose for the last forward
         self.offload_stats = OffloadStats()                # what the last forward's offload moved
+        self.offload_pool = PinnedHostPool()               # its host buffers, reused from step to step
         self.max_seq_length = config.max_position_embeddings
         self.tie_weights()
 
@@ -237,6 +239,17 @@ class Transformer(nn.Module):
         anything that replaces parameters, such as `to_empty`)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def put_embeddings_on_host(self, mode: bool | str = True) -> bool:
+        """Keep the frozen input embedding table in host memory and copy only each step's rows to
+        the device (models/host_embedding.py). True: refuse tied or trainable embeddings with the
+        reason; "auto": only where that is allowed and the model is on a GPU; False: bring the
+        table back. Returns whether the table is in host memory now."""
+        return host_embedding.put_on_host(self, mode, "model.put_embeddings_on_host")
+
+    def put_embeddings_on_device(self) -> None:
+        """Undo `put_embeddings_on_host`: the table becomes an nn.Embedding on the compute device."""
+        host_embedding.put_on_device(self)
 
     def forward(
         self,
@@ -247,8 +260,11 @@ class Transformer(nn.Module):
         *,
         cache: KVCache | None = None,
         return_logits: bool = True,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> ModelOutput:
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        """`inputs_embeds` [B, T, H], when given, replaces the embedding lookup of `input_ids` (the
+        CUDA-graph step looks up a host-memory table outside its graph: train/graphed_step.py)."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds)
         out = ModelOutput(hidden_states=hidden)
         if labels is not None:
             out.loss_sum, out.num_targets = self.loss_from_hidden(hidden, labels)
@@ -258,7 +274,8 @@ class Transformer(nn.Module):
         return out
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, H]."""
         c = self.config
         b, t = input_ids.shape
@@ -266,7 +283,7 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(offset, offset + t, device=input_ids.device).expand(b, t)
         docs = document_ids(position_ids) if cache is None and attention_mask is None else None
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if c.embedding_multiplier != 1.0:
             x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
         cos, sin = self.model.rotary(position_ids, x.dtype)
@@ -279,7 +296,8 @@ class Transformer(nn.Module):
         offloader = None
         if self.offload_checkpoints and checkpointed:
             self.offload_stats = OffloadStats()
-            offloader = LayerInputOffloader(x.device, self.offload_stats)
+            offloader = LayerInputOffloader(x.device, self.offload_stats, self.offload_pool,
+                                            planned=checkpointed - self.checkpoints_kept_on_gpu)
         for i, layer in enumerate(self.model.layers):
             mask = masks[c.sliding_window if c.is_sliding(i) else None]
             if i < checkpointed:
@@ -313,12 +331,16 @@ class Transformer(nn.Module):
 
     def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token loss and target count; labels are unshifted, -100 is ignored.
-        Only target positions go through the output head."""
+        Only target positions go through the output head, except inside a CUDA graph capture:
+        selecting them needs their count on the host, so there every position goes through and
+        the loss's ignore_index drops the others."""
         targets = labels[:, 1:]
-        keep = targets != -100
-        h = hidden[:, :-1][keep]
-        return kernels.linear_cross_entropy(h, self.lm_head.weight, targets[keep],
-                                            softcap=self.config.final_logit_softcapping)
+        if kernels.capturing(hidden):
+            h, kept = hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        else:
+            keep = targets != -100
+            h, kept = hidden[:, :-1][keep], targets[keep]
+        return kernels.linear_cross_entropy(h, self.lm_head.weight, kept, softcap=self.config.final_logit_softcapping)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0, *,

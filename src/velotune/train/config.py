@@ -82,8 +82,10 @@ class TrainConfig:
     # Memory and numerics.
     gradient_checkpointing: bool | str = False  # true | false | auto (only as many layers as memory needs)
     offload_checkpoints: bool = False        # checkpointed layer inputs to pinned CPU memory, back before backward
+    offload_embeddings: bool | str = "auto"  # true | false | auto: frozen untied input embeddings in host memory
     mlp_chunk_tokens: int | None = None      # MLP tiled over the sequence: null = above 16k tokens, 0 = never
     memory_budget_gib: float | None = None   # for gradient_checkpointing auto; null = GPU memory minus a margin
+    cuda_graphs: bool | str = "auto"         # replay each micro-batch shape's forward+backward (auto: with packing)
     keep_16bit: list[str] = field(default_factory=lambda: ["embed_tokens", "lm_head"])  # qlora: not quantized
     keep_16bit_dynamic: int = 0              # qlora: also keep the N linears with the largest 4-bit error
     dtype: str = "auto"                      # auto: bf16 (autocast) on a GPU, float32 on the CPU
@@ -304,8 +306,22 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
         fail("optimizer", "galore needs whole weight matrices; it cannot run on FSDP shards (use adamw)")
     if isinstance(config.gradient_checkpointing, str) and config.gradient_checkpointing != "auto":
         fail("gradient_checkpointing", "must be true, false or auto")
+    if isinstance(config.cuda_graphs, str) and config.cuda_graphs != "auto":
+        fail("cuda_graphs", "must be true, false or auto")
     if config.offload_checkpoints and config.gradient_checkpointing is False:
         fail("offload_checkpoints", "offloads checkpointed layer inputs: it needs gradient_checkpointing true or auto")
+    if isinstance(config.offload_embeddings, str) and config.offload_embeddings != "auto":
+        fail("offload_embeddings", "must be true, false or auto")
+    if config.offload_embeddings is True and config.method == "full":
+        fail("offload_embeddings", "keeps frozen embeddings in host memory, but method full trains them "
+                                   "(use auto or false)")
+    if config.offload_embeddings is True and config.method in RL_METHODS:
+        fail("offload_embeddings", f"is wired into the lora/qlora trainer only; method {config.method} keeps the "
+                                   "embeddings on the GPU (use auto or false)")
+    if config.offload_embeddings is True and config.uses_lora and any(
+            str(t).rsplit(".", 1)[-1] == "embed_tokens" for t in config.target_modules):
+        fail("offload_embeddings", "keeps frozen embeddings in host memory, but target_modules puts a LoRA "
+                                   "adapter on embed_tokens (use auto or false)")
     if config.mlp_chunk_tokens is not None and config.mlp_chunk_tokens < 0:
         fail("mlp_chunk_tokens", "must be null (automatic), 0 (never tile) or a positive token count")
     if config.memory_budget_gib is not None and config.memory_budget_gib <= 0:

@@ -81,11 +81,13 @@ class MicroBatches:
     """Micro-batches of `examples` (padded, or packed rows), addressed by (epoch, index)."""
 
     def __init__(self, examples: Sequence[Example], micro_batch_size: int, *, pad_id: int, seed: int,
-                 packing: bool = False, max_seq_length: int | None = None) -> None:
+                 packing: bool = False, max_seq_length: int | None = None, fixed_width: bool = False) -> None:
+        """`fixed_width` (with packing): every packed micro-batch is max_seq_length wide."""
         if not examples:
             raise DataError("no training examples")
         self.packing = packing
         self.pad_id = pad_id
+        self.width = max_seq_length if packing and fixed_width else None
         if packing:
             if max_seq_length is None:
                 raise ValueError("packing needs max_seq_length")
@@ -112,7 +114,7 @@ class MicroBatches:
     def collate(self, rows: list[int]) -> Batch:
         """The collated micro-batch, with `num_tokens`: its real (non-padding) tokens."""
         if self.packing:
-            batch = collate_packed([self.rows[r] for r in rows], self.pad_id)
+            batch = collate_packed([self.rows[r] for r in rows], self.pad_id, self.width)
         else:
             batch = collate_padded([self.rows[r][0] for r in rows], self.pad_id)
         batch["num_tokens"] = sum(len(example) for r in rows for example in self.rows[r])

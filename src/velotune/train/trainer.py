@@ -42,6 +42,7 @@ from velotune.data import Example
 from velotune.data.batching import Batch
 from velotune.distributed import World
 from velotune.models.checkpointing import configure_training_memory
+from velotune.models.host_embedding import EmbeddingOffloadError, stage_host_ids
 from velotune.train.checkpoint import (
     CheckpointError,
     TrainState,
@@ -52,6 +53,7 @@ from velotune.train.checkpoint import (
     write_sharded,
 )
 from velotune.train.config import TrainConfig, TrainConfigError, check_values
+from velotune.train.graphed_step import GraphedMicroStep, graph_blockers
 from velotune.train.metrics import RunLog, peak_memory_gib
 from velotune.train.optim import build_optimizer
 from velotune.train.rank_batches import RankMicroBatches
@@ -150,6 +152,7 @@ class Trainer:
             raise TrainConfigError("key 'optimizer': galore needs whole weight matrices; it cannot run on FSDP "
                                    "shards (use adamw, or distributed: ddp)")
         self.amp_dtype = autocast_dtype(self.device, config.dtype)
+        embeddings_note = self._offload_embeddings(model)   # before wrapping: DDP must ignore the host table
         self.wrapped = self._wrap(model)
         self.pad_id = pad_id
         self.console = console or Console(stderr=True)
@@ -158,22 +161,43 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.eval_examples = list(eval_examples)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.graphed = self._graphed_step()
         self.batches = RankMicroBatches(train_examples, config.micro_batch_size, self.world, pad_id=pad_id,
                                         seed=config.seed, packing=config.packing,
-                                        max_seq_length=config.max_seq_length)
+                                        max_seq_length=config.max_seq_length, fixed_width=self.graphed is not None)
         self.total_steps = config.max_steps or math.ceil(
             config.num_epochs * len(self.batches) / config.gradient_accumulation_steps)
         self.optimizer = build_optimizer(model, config)
         warmup = warmup_steps_for(config.warmup_steps, config.warmup_ratio, self.total_steps)
         self.scheduler = build_scheduler(self.optimizer, config.lr_scheduler, warmup, self.total_steps)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.state = TrainState(global_micro_batch=self.global_micro_batch)
         memory_note = configure_training_memory(
             model, checkpointing=config.gradient_checkpointing, offload=config.offload_checkpoints,
             mlp_chunk_tokens=config.mlp_chunk_tokens, budget_gib=config.memory_budget_gib,
             batch=config.micro_batch_size, seq=config.max_seq_length)
-        if memory_note:
-            self.console.print(memory_note)
+        for note in (memory_note, embeddings_note):
+            if note:
+                self.console.print(note)
+
+    def _offload_embeddings(self, model: nn.Module) -> str | None:
+        """`offload_embeddings`: move a frozen, untied input embedding table to host memory (auto:
+        when training on a GPU); a note saying so, or None."""
+        if not hasattr(model, "put_embeddings_on_host"):
+            if self.config.offload_embeddings is True:
+                raise TrainConfigError(f"key 'offload_embeddings': a {type(model).__name__} has no "
+                                       "put_embeddings_on_host (it is a velotune Transformer option)")
+            return None
+        mode = self.config.offload_embeddings
+        try:
+            moved = model.put_embeddings_on_host(mode)
+        except EmbeddingOffloadError as exc:
+            raise TrainConfigError(f"key 'offload_embeddings': {exc}") from None
+        if not moved:
+            return None
+        table = model.model.embed_tokens.weight
+        return (f"input embeddings in host memory (offload_embeddings): "
+                f"{table.numel() * table.element_size() / 2**30:.2f} GiB off the {self.device.type} device")
 
     @property
     def global_micro_batch(self) -> int:
@@ -189,6 +213,27 @@ class Trainer:
                                          cpu_offload=self.config.fsdp_cpu_offload)
         return model
 
+    def _graphed_step(self) -> GraphedMicroStep | None:
+        """CUDA graphs for the micro-batches (train/graphed_step.py): `cuda_graphs: true` asks for
+        them (an error says what stands in the way), `auto` takes them where nothing does and
+        packing makes every micro-batch one shape, `false` never."""
+        mode = self.config.cuda_graphs
+        if mode is False:
+            return None
+        blockers = [] if self.device.type == "cuda" else [f"training runs on {self.device.type}"]
+        blockers += graph_blockers(self.model, offload_checkpoints=self.config.offload_checkpoints)
+        if self.strategy != "none":
+            blockers.append(f"{self.strategy} reduces gradients with host-side hooks")
+        if self.scaler is not None:
+            blockers.append("float16 training rescales its loss on the host")
+        if self.config.optimizer == "galore":
+            blockers.append("galore projects gradients on the host")
+        if mode is True and blockers:
+            raise TrainConfigError("key 'cuda_graphs': cannot be used here: " + "; ".join(blockers))
+        if blockers or (mode == "auto" and not self.config.packing):
+            return None
+        return GraphedMicroStep(self.model, self.params, amp_dtype=self.amp_dtype)
+
     # --- one step ---------------------------------------------------------------------------
 
     def autocast(self) -> torch.autocast:
@@ -197,7 +242,9 @@ class Trainer:
 
     def forward_sum(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed token loss, target count) of one collated batch."""
-        ids = batch["input_ids"].to(self.device)                      # type: ignore[union-attr]
+        host_ids = batch["input_ids"]
+        ids = host_ids.to(self.device)                                # type: ignore[union-attr]
+        stage_host_ids(self.model, ids, host_ids)                     # type: ignore[arg-type]
         labels = batch["labels"].to(self.device)                      # type: ignore[union-attr]
         positions = batch["position_ids"].to(self.device)             # type: ignore[union-attr]
         with self.autocast():
@@ -223,6 +270,10 @@ class Trainer:
         scale = distributed.loss_scale(self.world, averaged=self.strategy != "none") / total
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(micro_batches):
+            if self.graphed is not None:
+                summed = self.graphed(batch["input_ids"], batch["labels"], batch["position_ids"], scale)  # type: ignore[arg-type]
+                loss_sum += summed.double()
+                continue
             with distributed.gradient_sync(self.wrapped, enabled=i == len(micro_batches) - 1):
                 summed, _ = self.forward_sum(batch)
                 scaled = summed * scale
