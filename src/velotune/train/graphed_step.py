@@ -43,7 +43,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from velotune.kernels.ops.launch import check_label_range
 from velotune.models.host_embedding import on_host
+from velotune.models.masks import document_ids
 
 IGNORE_INDEX = -100
 
@@ -100,8 +102,8 @@ class GraphedMicroStep:
 
     def __call__(self, ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                  scale: float = 1.0) -> torch.Tensor:
-        self._check_labels(labels)
-        if position_ids is not None and not _packed(position_ids):
+        check_label_range(labels, self.vocab_size, IGNORE_INDEX, "labels")
+        if position_ids is not None and document_ids(position_ids) is None:
             position_ids = None   # one document per row: plain causal attention, no mask
         self._attach_grads()
         self.scale.fill_(scale)
@@ -146,12 +148,6 @@ class GraphedMicroStep:
         return "; ".join(lines) or "CUDA graphs: no shape measured yet"
 
     # ---- pieces ------------------------------------------------------------------------------
-
-    def _check_labels(self, labels: torch.Tensor) -> None:
-        bad = ((labels < 0) | (labels >= self.vocab_size)) & (labels != IGNORE_INDEX)
-        if bool(bad.any()):
-            raise ValueError(f"labels: {int(labels[bad][0])} is outside the vocabulary [0, {self.vocab_size}) "
-                             f"and is not {IGNORE_INDEX}")
 
     def _attach_grads(self) -> None:
         """Make every parameter's .grad the buffer the graph adds into (zeroed when it was dropped)."""
@@ -242,8 +238,3 @@ class GraphedMicroStep:
         entry.graph_seconds = time.perf_counter() - start
         self.replays += 1
         return entry.loss_sum
-
-
-def _packed(position_ids: torch.Tensor) -> bool:
-    """True when some row holds more than one document (a position that does not follow on)."""
-    return bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any())

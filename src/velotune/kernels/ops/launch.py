@@ -41,6 +41,15 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors on different devices: {devices}")
 
 
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int, where: str) -> None:
+    """Every label is a token id of the vocabulary or ignore_index (one host sync on a GPU)."""
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(bad.any()):
+        first = int(labels[bad][0])
+        raise ValueError(f"{where}: label {first} is outside the vocabulary [0, {vocab}) "
+                         f"and is not ignore_index={ignore_index}")
+
+
 MAX_ROW_BLOCK = 65536
 
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from velotune.kernels.dispatch import capturing
-from velotune.kernels.ops.launch import check_same_device, on_device
+from velotune.kernels.ops.launch import check_label_range, check_same_device, on_device
 from velotune.kernels.ops.triton_math import tanh
 
 _MAX_BLOCK_V = 4096
@@ -95,14 +95,8 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ign
     if hidden.dtype != weight.dtype:
         raise ValueError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
     check_same_device(hidden=hidden, weight=weight, labels=labels)
-    vocab = weight.shape[0]
-    if capturing(labels):  # no host sync in a CUDA graph: the graphed step checks labels before its copy
-        return
-    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-    if bool(bad.any()):
-        first = labels[bad][0].item()
-        raise ValueError(f"linear_cross_entropy: label {first} is outside the vocabulary [0, {vocab}) "
-                         f"and is not ignore_index={ignore_index}")
+    if not capturing(labels):  # no host sync in a CUDA graph: the graphed step checks labels before its copy
+        check_label_range(labels, weight.shape[0], ignore_index, "linear_cross_entropy")
 
 
 def _add_matmul_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
