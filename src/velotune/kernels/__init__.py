@@ -22,16 +22,19 @@ import torch
 from velotune.kernels.dispatch import capturing, force_triton, kernels_enabled, set_kernels_enabled, use_triton
 from velotune.kernels.reference import (
     ACTIVATIONS,
+    LowRank,
     add_rms_norm_reference,
     apply_rope_reference,
     glu_backward_inplace_reference,
+    glu_low_rank_reference,
     glu_reference,
     linear_cross_entropy_reference,
     rms_norm_reference,
 )
 
 __all__ = [
-    "add_rms_norm", "apply_rope", "capturing", "force_triton", "glu", "glu_backward_inplace", "kernels_enabled",
+    "LowRank", "add_rms_norm", "apply_rope", "capturing", "force_triton", "glu", "glu_backward_inplace",
+    "glu_low_rank", "kernels_enabled",
     "linear_cross_entropy", "rms_norm", "set_kernels_enabled", "use_triton",
 ]
 
@@ -81,24 +84,72 @@ def glu(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     return glu_reference(gate, up, activation)
 
 
-def glu_backward_inplace(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
+def glu_low_rank(gate: torch.Tensor, up: torch.Tensor, activation: str,
+                 gate_term: LowRank | None = None, up_term: LowRank | None = None) -> torch.Tensor:
+    """act(gate + gate_term) * (up + up_term) for 2-D gate and up [tokens, intermediate]: the fused
+    LoRA MLP's forward GLU, with the gate and up adapters' terms added as the kernel reads its
+    inputs (kernels/ops/glu_low_rank.py). Not differentiable (the MLP's backward is its own)."""
+    if gate_term is None and up_term is None:
+        return glu(gate, up, activation)
+    _check_glu_operands("glu_low_rank", activation, gate, gate=gate, up=up)
+    _check_terms("glu_low_rank", gate, gate_term=gate_term, up_term=up_term)
+    if use_triton(gate, up):
+        from velotune.kernels.ops.glu_low_rank import glu_low_rank_triton
+
+        return glu_low_rank_triton(gate, up, activation == "gelu_pytorch_tanh", gate_term, up_term)
+    return glu_low_rank_reference(gate, up, activation, gate_term, up_term)
+
+
+def glu_backward_inplace(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str, *,
+                         gate_term: LowRank | None = None, up_term: LowRank | None = None,
+                         dh_term: LowRank | None = None) -> None:
     """GLU backward in the buffers it reads (the fused LoRA MLP's backward, where all three are
-    dead after this): dh <- act(gate) * up, gate <- d/dgate, up <- d/dup. Same shape, dtype and
-    device, contiguous."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"glu_backward_inplace: unknown activation {activation!r}, expected one of {ACTIVATIONS}")
-    for name, t in (("gate", gate), ("up", up)):
-        if t.shape != dh.shape or t.dtype != dh.dtype or t.device != dh.device:
-            raise ValueError(f"glu_backward_inplace: {name} {tuple(t.shape)} {t.dtype} {t.device} differs from "
-                             f"dh {tuple(dh.shape)} {dh.dtype} {dh.device}")
+    dead after this), each first completed by its adapter's low-rank term when one is given:
+    dh <- act(gate) * up, gate <- d/dgate, up <- d/dup. Same shape, dtype and device, contiguous."""
+    _check_glu_operands("glu_backward_inplace", activation, dh, gate=gate, up=up)
     if not (dh.is_contiguous() and gate.is_contiguous() and up.is_contiguous()):
         raise ValueError("glu_backward_inplace: dh, gate and up must be contiguous (they are written in place)")
+    terms = dict(gate_term=gate_term, up_term=up_term, dh_term=dh_term)
+    _check_terms("glu_backward_inplace", gate, **terms)
     if use_triton(dh, gate, up):
-        from velotune.kernels.ops.glu_inplace import glu_backward_inplace_triton
+        gelu_tanh = activation == "gelu_pytorch_tanh"
+        if gate_term is None and up_term is None and dh_term is None:
+            from velotune.kernels.ops.glu_inplace import glu_backward_inplace_triton
 
-        glu_backward_inplace_triton(dh, gate, up, activation == "gelu_pytorch_tanh")
+            glu_backward_inplace_triton(dh, gate, up, gelu_tanh)
+        else:
+            from velotune.kernels.ops.glu_low_rank import glu_low_rank_backward_inplace_triton
+
+            glu_low_rank_backward_inplace_triton(dh, gate, up, gelu_tanh, gate_term, up_term, dh_term)
         return
-    glu_backward_inplace_reference(dh, gate, up, activation)
+    glu_backward_inplace_reference(dh, gate, up, activation, **terms)
+
+
+def _check_glu_operands(op: str, activation: str, first: torch.Tensor, **others: torch.Tensor) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {activation!r}, expected one of {ACTIVATIONS}")
+    for name, t in others.items():
+        if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} {t.dtype} {t.device} differs from "
+                             f"{tuple(first.shape)} {first.dtype} {first.device}")
+
+
+def _check_terms(op: str, like: torch.Tensor, **terms: LowRank | None) -> None:
+    """Each term must be xa [rows, r] @ right [r, cols] in the operands' dtype and device."""
+    if any(t is not None for t in terms.values()) and (like.dim() != 2 or not like.is_contiguous()):
+        raise ValueError(f"{op}: with low-rank terms the operands must be 2-D and contiguous, got "
+                         f"{tuple(like.shape)} with strides {like.stride()}")
+    for name, term in terms.items():
+        if term is None:
+            continue
+        xa, right = term.xa, term.right
+        if xa.dim() != 2 or right.dim() != 2 or xa.shape[0] != like.shape[0] or right.shape[1] != like.shape[1] \
+                or xa.shape[1] != right.shape[0]:
+            raise ValueError(f"{op}: {name} is xa {tuple(xa.shape)} @ right {tuple(right.shape)}, expected "
+                             f"[{like.shape[0]}, r] @ [r, {like.shape[1]}]")
+        for part, t in (("xa", xa), ("right", right)):
+            if t.dtype != like.dtype or t.device != like.device:
+                raise ValueError(f"{op}: {name}.{part} is {t.dtype} on {t.device}, expected {like.dtype} on {like.device}")
 
 
 def linear_cross_entropy(

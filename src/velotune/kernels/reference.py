@@ -5,6 +5,8 @@ the full [N, V] logits, which the Triton path exists to avoid.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -54,14 +56,40 @@ def glu_reference(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torc
     raise ValueError(f"glu: unknown activation {activation!r}, expected one of {ACTIVATIONS}")
 
 
-def glu_backward_inplace_reference(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
-    """The fused LoRA MLP's GLU backward: h = act(gate) * up written over dh, d/dgate over gate
-    and d/dup over up. The gradients come from autograd through `glu_reference`, so they are by
-    construction those of the unfused path; the copies make the in-place contract the kernel's."""
+class LowRank(NamedTuple):
+    """The LoRA term `scale * xa @ right` [rows, cols] (xa [rows, r], right [r, cols]), handed to
+    the GLU kernels, which add it where they read the tensor it belongs to instead of having it
+    written into that tensor first (a read and a write of a [tokens, intermediate] tensor saved)."""
+
+    xa: torch.Tensor
+    right: torch.Tensor
+    scale: float
+
+
+def with_low_rank(t: torch.Tensor, term: LowRank | None) -> torch.Tensor:
+    """t + term, summed in float32 and rounded once to t's dtype (t itself when there is no term)."""
+    if term is None:
+        return t
+    return (t.float() + term.scale * (term.xa.float() @ term.right.float())).to(t.dtype)
+
+
+def glu_low_rank_reference(gate: torch.Tensor, up: torch.Tensor, activation: str,
+                           gate_term: LowRank | None = None, up_term: LowRank | None = None) -> torch.Tensor:
+    return glu_reference(with_low_rank(gate, gate_term), with_low_rank(up, up_term), activation)
+
+
+def glu_backward_inplace_reference(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
+                                   gate_term: LowRank | None = None, up_term: LowRank | None = None,
+                                   dh_term: LowRank | None = None) -> None:
+    """The fused LoRA MLP's GLU backward: with g, u and dh completed by their low-rank terms,
+    h = act(g) * u written over dh, d/dg over gate and d/du over up. The gradients come from
+    autograd through `glu_reference`, so they are by construction those of the unfused path; the
+    copies make the in-place contract the kernel's."""
+    full_dh, g_in, u_in = (with_low_rank(t, term) for t, term in ((dh, dh_term), (gate, gate_term), (up, up_term)))
     with torch.enable_grad():
-        g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
+        g, u = g_in.detach().requires_grad_(), u_in.detach().requires_grad_()
         h = glu_reference(g, u, activation)
-        dgate, dup = torch.autograd.grad(h, (g, u), dh)
+        dgate, dup = torch.autograd.grad(h, (g, u), full_dh)
     dh.copy_(h.detach())
     gate.copy_(dgate)
     up.copy_(dup)

@@ -9,7 +9,9 @@ and for the MLP the gate and up activations; everything else is recomputed or ne
   A matrices of projections that share an input are stacked, so X is read once for all of them,
   in the forward (X·A^T) and in the backward (dA = dXA^T·X).
 - The adapter output is accumulated into the base output by one in-place addmm (y += s·XA·B^T):
-  no [tokens, out] temporary for the low-rank term.
+  no [tokens, out] temporary for the low-rank term. In the MLP, the gate's and up's terms (and in
+  the backward dh's) are not written at all: the GLU kernels add them as they read the tensors
+  (`kernels.glu_low_rank`), so g and u are saved without them.
 - Frozen base weights get no gradient; a 4-bit base is dequantized in the forward and again in
   the backward, never kept. Weights are saved as the parameters themselves (no copy); casts to the
   compute dtype happen in forward and again in backward.
@@ -119,9 +121,11 @@ class LoraMLP(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, plan: tuple[Projection, ...], activation: str,  # type: ignore[override]
                 *tensors: torch.Tensor | None) -> torch.Tensor:
         a_gu, xa = _stacked_products(x, plan, tensors, (0, 1))
-        spans = _spans(plan)
-        g, u = (_projection(x, plan, tensors, i, xa[:, spans[i]] if plan[i].adapted else None) for i in (0, 1))
-        h = kernels.glu(g, u, activation)
+        # g and u without their adapters' terms: the GLU adds those as it reads them (and the
+        # backward's GLU again), so no [tokens, intermediate] tensor is read and rewritten for them.
+        g, u = (_projection(x, plan, tensors, i, None) for i in (0, 1))
+        bs = [_slot(tensors, i, B) for i in range(3)]
+        h = kernels.glu_low_rank(g, u, activation, *_glu_terms(plan, xa, bs))
         ha = h @ _slot(tensors, 2, A).t() if plan[2].adapted else None
         out = F.linear(h, _base_weight(plan[2], tensors, 2, x.dtype), _bias(tensors, 2, x.dtype))
         if ha is not None:
@@ -147,12 +151,16 @@ class LoraMLP(torch.autograd.Function):
             down = plan[2]
             dout = dout.contiguous()
             dh = dout @ _base_weight(down, weights, 2, x.dtype, stride=1)
+            dh_term = None
             if down.adapted:
                 dha = torch.mm(dout, bs[2]).mul_(down.scale)
                 if needs[1 + PER_PROJECTION * 2 + B]:
                     out[PER_PROJECTION * 2 + B] = torch.mm(dout.t(), ha).mul_(down.scale)
-                dh.addmm_(dha, a_down)
-            kernels.glu_backward_inplace(dh, g, u, ctx.activation)  # dh <- h, g <- dg, u <- du
+                dh_term = kernels.LowRank(dha, a_down, 1.0)   # dh's adapter term, added inside the GLU pass
+            gate_term, up_term = _glu_terms(plan, xa, bs)
+            # dh <- h, g <- dg, u <- du, with g, u and dh completed by their terms
+            kernels.glu_backward_inplace(dh, g, u, ctx.activation, gate_term=gate_term, up_term=up_term,
+                                         dh_term=dh_term)
             if down.adapted and needs[1 + PER_PROJECTION * 2 + A]:
                 out[PER_PROJECTION * 2 + A] = dha.t() @ dh
             del dh
@@ -210,6 +218,14 @@ def _projection(x: torch.Tensor, plan: Sequence[Projection], tensors: Sequence[t
     if xa is not None:
         y.addmm_(xa, _slot(tensors, i, B).t(), alpha=p.scale)
     return y
+
+
+def _glu_terms(plan: Sequence[Projection], xa: torch.Tensor | None, bs: Sequence[torch.Tensor | None],
+               ) -> tuple[kernels.LowRank | None, kernels.LowRank | None]:
+    """The gate's and up's adapter terms s (X A^T) B^T as the GLU kernels take them (None if not adapted)."""
+    spans = _spans(plan)
+    return tuple(kernels.LowRank(xa[:, spans[i]], bs[i].t(), plan[i].scale) if plan[i].adapted else None
+                 for i in (0, 1))  # type: ignore[return-value]
 
 
 def _weights_and_bs(plan: Sequence[Projection], tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:

@@ -280,9 +280,14 @@ class Transformer(nn.Module):
         c = self.config
         b, t = input_ids.shape
         offset = cache.length if cache is not None else 0
+        # Only caller-given positions can hold packed documents. Generated ones are never tested:
+        # inside a CUDA graph capture the test cannot run, and the ids it then builds would turn
+        # plain causal attention into a masked one (3x slower in cuDNN on an H100).
+        docs = None
         if position_ids is None:
             position_ids = torch.arange(offset, offset + t, device=input_ids.device).expand(b, t)
-        docs = document_ids(position_ids) if cache is None and attention_mask is None else None
+        elif cache is None and attention_mask is None:
+            docs = document_ids(position_ids)
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if c.embedding_multiplier != 1.0:
             x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
