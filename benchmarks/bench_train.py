@@ -67,9 +67,12 @@ def transformers_config(cfg: dict):
 
 
 def save_random_checkpoint(cfg: dict, folder: Path) -> Path:
-    """The random bf16 model both QLoRA systems load (transformers quantizes only while loading)."""
+    """The random bf16 model both QLoRA systems load (transformers quantizes only while loading).
+    A complete one already in `folder` (a reused --workdir) is kept: writing 16 GB takes a minute."""
     import transformers
 
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(transformers_config(cfg), dtype=torch.bfloat16)
