@@ -112,7 +112,7 @@ def velotune_system(cfg: dict, qlora: bool, folder: Path | None = None, checkpoi
     if host_embeddings:   # the trainer's offload_embeddings: auto (frozen, untied table in host memory)
         model.put_embeddings_on_host("auto")
     graphed = None
-    if graphs and not graph_blockers(model, offload_checkpoints=offload):
+    if graphs and not graph_blockers(model):
         graphed = GraphedMicroStep(model, [p for p in model.parameters() if p.requires_grad])
 
     def step(ids):
@@ -250,7 +250,7 @@ def main() -> None:
                                                    not args.no_graphs, not args.no_offload_embeddings),
                            batch, args.seq, cfg["vocab_size"], args.steps)
             ckpt = (f"ckpt {args.checkpointing}" + (" + offload" if args.offload else "")
-                    + (", eager" if args.no_graphs or args.offload else ", CUDA graphs")
+                    + (", eager" if args.no_graphs else ", CUDA graphs")
                     + ("" if args.no_offload_embeddings else ", embeddings in host memory"))
             config = (f"{args.model} {method} r16 seq {args.seq} micro-batch {batch} {ckpt}, "
                       f"bf16 matmul {peak:.0f} TFLOP/s")

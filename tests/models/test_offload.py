@@ -117,11 +117,11 @@ def test_host_memory_failure_names_the_layer_sizes_and_the_remedy(monkeypatch):
     calls = {"n": 0}
     real = offload.HostBuffer
 
-    def fail_on_second(nbytes, pinned):
+    def fail_on_second(nbytes, pinned, capturable=False):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("CUDA error: out of memory (pinned)")
-        return real(nbytes, pinned)
+        return real(nbytes, pinned, capturable)
 
     monkeypatch.setattr(offload, "HostBuffer", fail_on_second)
     model.gradient_checkpointing, model.offload_checkpoints = True, True
@@ -221,6 +221,29 @@ def test_two_graphs_alive_at_once_lease_different_buffers():
         assert torch.equal(out.loss_sum.detach(), loss)
         assert all(torch.equal(got[n], g) for n, g in want.items())
     assert not any(b.in_use for b in model.offload_pool.buffers)
+
+
+def test_buffers_held_for_a_captured_graph_are_neither_leased_nor_released():
+    """What a CUDA-graph step relies on: the buffers leased while its capture records are the
+    ones its replays copy into, so once held, the next forward must allocate its own and
+    release_free must leave them alone."""
+    model = tiny_model()
+    model.gradient_checkpointing, model.offload_checkpoints = True, True
+    ids, labels = batch()
+    pool = model.offload_pool
+    with pool.recording() as leased:
+        loss_and_grads(model, ids, labels)
+    assert len(leased) == LAYERS and set(map(id, leased)) == set(map(id, pool.buffers))
+    pool.hold(leased)
+    reference = loss_and_grads(model, ids, labels, offload_checkpoints=False)
+    again = loss_and_grads(model, ids, labels, offload_checkpoints=True)
+    assert model.offload_stats.allocated == LAYERS and model.offload_stats.reused == 0
+    assert pool.release_free() == LAYERS * one_input_bytes()     # the second forward's, not the held ones
+    assert pool.buffers == leased and all(b.in_use for b in leased)
+    assert torch.equal(again[0], reference[0])
+    for buffer in leased:
+        pool.give_back(buffer)
+    assert pool.release_free() == LAYERS * one_input_bytes() and pool.buffers == []
 
 
 def test_the_pool_goes_with_the_model_and_copies_start_empty():

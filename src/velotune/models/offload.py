@@ -45,6 +45,11 @@ Host memory (`PinnedHostPool`, owned by the model, so it outlives each forward):
   Two graphs alive at once lease different buffers, so one never overwrites the other. The
   copies into and out of a buffer all run on the one side stream, so a reuse is ordered after
   the previous step's restore without further waiting.
+- CUDA graphs (train/graphed_step.py). A captured step's copies are replayed into the same
+  buffers every time, so the step records which buffers its capture leased and holds them for the
+  graph's lifetime; the copies, events and stream waits here are all capturable (the side stream
+  joins the capture through its wait on the compute stream and leaves it through the events the
+  compute stream waits on). `OffloadStats` then describe the captured step.
 - shape changes. When no free buffer is large enough, the free ones (all too small) are
   released before new ones are allocated, so a longer sequence does not pay for both sizes.
   Free buffers go when the model does, or with `PinnedHostPool.release_free()`.
@@ -105,16 +110,18 @@ def host_memory_gib() -> tuple[float, float]:
 
 class HostBuffer:
     """One block of host memory of exactly `nbytes` (page-locked when `pinned`), holding one
-    offloaded layer input at a time."""
+    offloaded layer input at a time. `capturable`: pinned by torch's allocator instead (a CUDA
+    graph may copy from it; see `PinnedHostPool.capturable`)."""
 
-    __slots__ = ("nbytes", "in_use", "_memory", "_registered")
+    __slots__ = ("nbytes", "in_use", "_memory", "_registered", "_torch_pinned")
 
-    def __init__(self, nbytes: int, pinned: bool) -> None:
+    def __init__(self, nbytes: int, pinned: bool, capturable: bool = False) -> None:
         self.nbytes = nbytes
         self.in_use = False
         self._registered: int | None = None
-        if not pinned:
-            self._memory = torch.empty(nbytes, dtype=torch.uint8)
+        self._torch_pinned = pinned and capturable
+        if not pinned or capturable:
+            self._memory = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._torch_pinned)
             return
         # Register whole pages that belong to this tensor alone: a page shared with another
         # allocation could already be registered, and the driver refuses overlapping ranges.
@@ -133,7 +140,7 @@ class HostBuffer:
 
     @property
     def pinned(self) -> bool:
-        return self._registered is not None
+        return self._registered is not None or self._torch_pinned
 
     def view(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """The first bytes of the buffer as a contiguous tensor of this shape and dtype."""
@@ -165,6 +172,32 @@ class PinnedHostPool:
     def __init__(self) -> None:
         self.buffers: list[HostBuffer] = []
         self._lock = threading.Lock()
+        self._logs: list[list[HostBuffer]] = []
+        # A CUDA-graph capture copies only from host memory torch's own allocator pinned (torch
+        # 2.11 does not count cudaHostRegister'd pages as pinned and refuses the copy), so a
+        # pool serving a graphed step allocates there: sizes round up to a power of two, which
+        # the short sequences graphs serve mostly are already (2 x 2,048 x 4,096 bf16 = 32 MiB).
+        self.capturable = False
+
+    @contextmanager
+    def recording(self) -> Iterator[list[HostBuffer]]:
+        """Collects every buffer leased inside the block. A CUDA graph captured there copies into
+        those buffers on every replay, so its owner then `hold`s them for as long as it lives."""
+        log: list[HostBuffer] = []
+        with self._lock:
+            self._logs.append(log)
+        try:
+            yield log
+        finally:
+            with self._lock:
+                self._logs.remove(log)
+
+    def hold(self, buffers: list[HostBuffer]) -> None:
+        """Lease `buffers` to a captured graph: nothing else leases or releases them until the
+        graph's owner gives them back."""
+        with self._lock:
+            for buffer in buffers:
+                buffer.in_use = True
 
     @property
     def held_bytes(self) -> int:
@@ -178,14 +211,18 @@ class PinnedHostPool:
                 return None
             buffer = min(fits, key=lambda b: b.nbytes)
             buffer.in_use = True
+            for log in self._logs:
+                log.append(buffer)
             return buffer
 
     def allocate(self, nbytes: int, pinned: bool) -> HostBuffer:
         """A new leased buffer of exactly `nbytes` (RuntimeError when the memory cannot be had)."""
-        buffer = HostBuffer(nbytes, pinned)
+        buffer = HostBuffer(nbytes, pinned, capturable=self.capturable)
         buffer.in_use = True
         with self._lock:
             self.buffers.append(buffer)
+            for log in self._logs:
+                log.append(buffer)
         return buffer
 
     def give_back(self, buffer: HostBuffer) -> None:

@@ -14,8 +14,10 @@ What a capture needs, and how it is met:
   position through the loss (ignore_index drops the non-targets), builds packed-document ids
   without testing whether there are any (position ids are passed only for batches found packed
   here), and checkpoints without saving the RNG state. Labels are checked here, before the copy.
-- Nothing random: a model with active dropout is refused (`graph_blockers`), as is offloading
-  checkpoints to host memory (its copies and events are per-step host work).
+- Nothing random: a model with active dropout is refused (`graph_blockers`).
+- Checkpoints offloaded to host memory (`offload_checkpoints`): the copies and their events are
+  captured; the pinned buffers the capture leased from the model's pool are held by the shape's
+  entry for as long as its graph lives (models/offload.py).
 - An input embedding table kept in host memory (`offload_embeddings`) is looked up here, before
   the replay, into an input buffer the graph starts from (`inputs_embeds`): the gather runs on
   the CPU, which a graph cannot hold.
@@ -38,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -50,13 +52,11 @@ from velotune.models.masks import document_ids
 IGNORE_INDEX = -100
 
 
-def graph_blockers(model: nn.Module, *, offload_checkpoints: bool = False) -> list[str]:
+def graph_blockers(model: nn.Module) -> list[str]:
     """Why this model cannot train under CUDA graphs (empty when it can)."""
     reasons = []
     if not torch.cuda.is_available():
         reasons.append("no CUDA device")
-    if offload_checkpoints:
-        reasons.append("offload_checkpoints copies to host memory every step")
     dropouts = sorted({name for name, m in model.named_modules()
                        if isinstance(m, nn.Dropout) and m.p > 0 and m.training})
     if dropouts:
@@ -80,6 +80,7 @@ class _Captured:
     loss_sum: torch.Tensor | None = None
     eager_seconds: float | None = None
     graph_seconds: float | None = None
+    host_buffers: list = field(default_factory=list)   # offload buffers the graph copies into
 
 
 class GraphedMicroStep:
@@ -99,6 +100,10 @@ class GraphedMicroStep:
         self.shapes: dict[tuple[int, int, bool], _Captured] = {}
         self.pool = None
         self.replays = 0
+        offload_pool = getattr(model, "offload_pool", None)
+        if offload_pool is not None:   # offloaded checkpoints: buffers a capture can copy into
+            offload_pool.capturable = True
+            offload_pool.release_free()
 
     def __call__(self, ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                  scale: float = 1.0) -> torch.Tensor:
@@ -148,6 +153,12 @@ class GraphedMicroStep:
         return "; ".join(lines) or "CUDA graphs: no shape measured yet"
 
     # ---- pieces ------------------------------------------------------------------------------
+
+    def _release_host_buffers(self, entry: _Captured) -> None:
+        """Give the offload buffers a dropped graph held back to the model's pool."""
+        for buffer in entry.host_buffers:
+            self.model.offload_pool.give_back(buffer)
+        entry.host_buffers = []
 
     def _attach_grads(self) -> None:
         """Make every parameter's .grad the buffer the graph adds into (zeroed when it was dropped)."""
@@ -208,6 +219,7 @@ class GraphedMicroStep:
             loss = self._capture(entry)
             if entry.graph is not None and entry.graph_seconds >= entry.eager_seconds:
                 entry.graph = None   # eager is faster for this shape: drop the graph and its memory
+                self._release_host_buffers(entry)
             return loss
         torch.cuda.synchronize(self.device)
         start = time.perf_counter()
@@ -218,8 +230,10 @@ class GraphedMicroStep:
 
     def _capture(self, entry: _Captured) -> torch.Tensor:
         graph = torch.cuda.CUDAGraph()
+        pool = getattr(self.model, "offload_pool", None)
+        recording = pool.recording() if pool is not None else contextlib.nullcontext([])
         try:   # (entering the capture synchronises and empties the allocator's cache of freed blocks)
-            with torch.cuda.graph(graph, pool=self.pool):
+            with recording as leased, torch.cuda.graph(graph, pool=self.pool):
                 entry.loss_sum = self._forward_backward(entry)
         except RuntimeError as error:
             # Not a fallback to eager: on an H100 (torch 2.11) a process whose capture failed ran
@@ -228,6 +242,9 @@ class GraphedMicroStep:
                                     "Something in the forward or backward waits for the GPU (a .item(), a "
                                     "printed or tested GPU value, a hook); set cuda_graphs: false to train "
                                     "without graphs") from error
+        if leased:   # every replay copies the offloaded checkpoints into these host buffers
+            pool.hold(leased)
+            entry.host_buffers = leased
         if self.pool is None:
             self.pool = graph.pool()
         entry.graph = graph

@@ -221,7 +221,7 @@ class Trainer:
         if mode is False:
             return None
         blockers = [] if self.device.type == "cuda" else [f"training runs on {self.device.type}"]
-        blockers += graph_blockers(self.model, offload_checkpoints=self.config.offload_checkpoints)
+        blockers += graph_blockers(self.model)
         if self.strategy != "none":
             blockers.append(f"{self.strategy} reduces gradients with host-side hooks")
         if self.scaler is not None:
