@@ -28,8 +28,9 @@ does by default (`offload_embeddings: auto`), velotune keeps the frozen input em
 host memory (0.98 GiB for Llama 3's 128k vocabulary); `--no-offload-embeddings` keeps it on the GPU.
 
 `--checkpointing auto` (velotune checkpoints only as many layers as the GPU's memory needs, and
-prints how many) and `--offload` (checkpointed inputs to pinned host memory) change velotune's
-side only; transformers keeps checkpointing on. Those rows skip the estimator comparison.
+prints how many) and `--offload` (checkpointed inputs to pinned host memory, under CUDA graphs
+too) change velotune's side only; transformers keeps checkpointing on. Those rows skip the
+estimator comparison. `--workdir DIR` keeps the random QLoRA checkpoint for the next run.
 
     python benchmarks/bench_train.py --model Llama-3.1-8B --batch 4 --checkpointing auto
 """

@@ -26,9 +26,9 @@ What a capture needs, and how it is met:
   drops them; the next call re-attaches them, zeroed.
 - The loss scale (1 / target tokens of the whole optimizer step, which makes accumulation exact)
   is an input buffer too.
-Per shape, graphs are chosen by measurement, since they do not always win: on an H100 they took
-Llama-3.1-8B LoRA micro-batch 1 x 2,048 from 293 to 204 ms per step, but micro-batch 4 x 2,048,
-which is not launch-bound, ran slower replayed (about 800 ms against 713 eagerly). The first call
+Per shape, graphs are chosen by measurement, since they need not win: on an H100 they took
+Llama-3.1-8B LoRA micro-batch 1 x 2,048 from 313 to 180 ms per step, while micro-batch 4 x 2,048,
+which is not launch-bound, gains little (702 ms eager, 671 replayed). The first call
 for a shape runs eagerly on a side stream (Triton compiles and autotunes, cuBLAS picks its
 kernels: nothing lazy may happen during a capture); the second runs eagerly again, timed; the
 third captures and replays, timed; the faster of the two then serves that shape (`timings`). Each
