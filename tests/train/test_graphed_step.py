@@ -128,6 +128,16 @@ def train(graphed: bool, packed: bool, host_table: bool = False, offload: bool =
     return losses, {n: p.detach().clone() for n, p in lora_named_parameters(model)}, step
 
 
+def assert_matches_eager(graph_losses, graph_w, eager_losses, eager_w):
+    """Replayed training ends where eager training does: losses within 0.2% at every optimizer
+    step, adapters within 2% relative norm (bf16 rounding differs between the two orders of work)."""
+    for a, b in zip(graph_losses, eager_losses):
+        assert abs(a - b) <= 2e-3 * abs(b), (graph_losses, eager_losses)
+    for name, w in eager_w.items():
+        rel = ((graph_w[name] - w).norm() / w.norm()).item()
+        assert rel < 2e-2, f"{name}: {rel:.4f}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
 def test_replayed_steps_match_eager(packed):
@@ -137,11 +147,7 @@ def test_replayed_steps_match_eager(packed):
     graph_losses, graph_w, step = train(True, packed)
     assert step.replays >= 4, step.describe()
     assert "-> CUDA graph" in step.describe()
-    for a, b in zip(graph_losses, eager_losses):
-        assert abs(a - b) <= 2e-3 * abs(b), (graph_losses, eager_losses)
-    for name, w in eager_w.items():
-        rel = ((graph_w[name] - w).norm() / w.norm()).item()
-        assert rel < 2e-2, f"{name}: {rel:.4f}"
+    assert_matches_eager(graph_losses, graph_w, eager_losses, eager_w)
 
 
 @pytest.mark.gpu
@@ -152,10 +158,7 @@ def test_replayed_steps_with_the_embedding_table_in_host_memory():
     graph_losses, graph_w, step = train(True, False, host_table=True)
     assert step.replays >= 4, step.describe()
     assert step.shapes[(2, 45, False)].embeds is not None
-    for a, b in zip(graph_losses, eager_losses):
-        assert abs(a - b) <= 2e-3 * abs(b), (graph_losses, eager_losses)
-    for name, w in eager_w.items():
-        assert ((graph_w[name] - w).norm() / w.norm()).item() < 2e-2, name
+    assert_matches_eager(graph_losses, graph_w, eager_losses, eager_w)
 
 
 @pytest.mark.gpu
@@ -170,10 +173,7 @@ def test_replayed_steps_with_checkpoints_offloaded_to_host_memory():
     # the graph holds one pinned buffer per checkpointed layer input, which nothing else may lease
     assert len(entry.host_buffers) == layers and all(b.in_use and b.pinned for b in entry.host_buffers)
     assert step.model.offload_stats.offloaded == layers
-    for a, b in zip(graph_losses, eager_losses):
-        assert abs(a - b) <= 2e-3 * abs(b), (graph_losses, eager_losses)
-    for name, w in eager_w.items():
-        assert ((graph_w[name] - w).norm() / w.norm()).item() < 2e-2, name
+    assert_matches_eager(graph_losses, graph_w, eager_losses, eager_w)
 
 
 FAILING_CAPTURE = """

@@ -129,7 +129,7 @@ class LoraMLP(torch.autograd.Function):
         ha = h @ _slot(tensors, 2, A).t() if plan[2].adapted else None
         out = F.linear(h, _base_weight(plan[2], tensors, 2, x.dtype), _bias(tensors, 2, x.dtype))
         if ha is not None:
-            out.addmm_(ha, _slot(tensors, 2, B).t(), alpha=plan[2].scale)
+            out.addmm_(ha, bs[2].t(), alpha=plan[2].scale)
         ctx.plan, ctx.activation, ctx.spent = plan, activation, False
         ctx.save_for_backward(x, xa, a_gu, g, u, ha, _slot(tensors, 2, A), *_weights_and_bs(plan, tensors))
         return out
