@@ -5,9 +5,12 @@ Why: a step is either launch-bound (the GPU idles while Python and the dispatche
 or kernel-bound (then the top kernels say which to make faster); the two need different fixes.
 It prints, for one profiled step after two warm-up steps: wall time, GPU busy time (kernels and
 copies), the number of kernel launches, the top kernels by GPU time and the top operators by CPU
-time. Nothing is appended to RESULTS.md: this is a diagnostic, not a result.
+time. `--shapes` groups operators by their input shapes (which matmul is slow, not only that
+matmuls are); `--memory` (with `--eager`) prints the allocated memory after, and the peak during, the
+forward, the backward and the optimizer step (where a memory target is missed).
+Nothing is appended to RESULTS.md: this is a diagnostic, not a result.
 
-    python benchmarks/profile_step.py --model Llama-3.1-8B --batch 1 --seq 2048 [--qlora]
+    python benchmarks/profile_step.py --model Llama-3.1-8B --batch 1 --seq 2048 [--qlora] [--eager]
 """
 from __future__ import annotations
 
@@ -31,6 +34,11 @@ def main() -> None:
     p.add_argument("--checkpointing", choices=("on", "off", "auto"), default="on")
     p.add_argument("--offload", action="store_true")
     p.add_argument("--rows", type=int, default=18)
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs (the profiler then sees every kernel)")
+    p.add_argument("--shapes", action="store_true", help="also group operators by input shapes")
+    p.add_argument("--memory", action="store_true", help="peak memory of each phase of an eager step")
+    p.add_argument("--steps", type=int, default=3, help="unprofiled steps averaged for the wall time")
+    p.add_argument("--trace", help="write the profiled step's Chrome trace to this file")
     args = p.parse_args()
     cfg = hf_config(args.model)
     folder = None
@@ -39,7 +47,8 @@ def main() -> None:
         from pathlib import Path
 
         folder = save_random_checkpoint(cfg, Path(tempfile.mkdtemp(prefix="velotune-prof-")) / args.model)
-    model, step, _ = velotune_system(cfg, args.qlora, folder, args.checkpointing, args.offload)
+    model, step, _ = velotune_system(cfg, args.qlora, folder, args.checkpointing, args.offload,
+                                     graphs=not args.eager)
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
     ids = torch.randint(0, cfg["vocab_size"], (args.batch, args.seq)).pin_memory()
@@ -49,28 +58,71 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
+    for _ in range(3):   # as bench_train: compile, autotune, and (with graphs) time eager, capture
         one_step()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    one_step()
+    for _ in range(args.steps):   # back to back, as the benchmark's loop runs them
+        one_step()
     torch.cuda.synchronize()
-    unprofiled_ms = (time.perf_counter() - start) * 1e3
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    unprofiled_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    embed = model.model.embed_tokens
+    if not isinstance(embed, torch.nn.Embedding):   # host table: the CPU's share of each step
+        start = time.perf_counter()
+        embed(ids)
+        print(f"host embedding lookup of {ids.numel()} ids: {(time.perf_counter() - start) * 1e3:.1f} ms on the CPU")
+    if args.memory:
+        if not args.eager:
+            raise SystemExit("--memory splits an eager step into its phases: add --eager")
+        memory_phases(model, ids, opt)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.shapes) as prof:
         start = time.perf_counter()
         one_step()
         torch.cuda.synchronize()
         profiled_ms = (time.perf_counter() - start) * 1e3
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_ms = sum(e.device_time for e in events) / 1e3
     launches = len(events)
     print(f"{args.model} batch {args.batch} seq {args.seq} {'QLoRA' if args.qlora else 'LoRA'} "
           f"ckpt {args.checkpointing}{' + offload' if args.offload else ''}")
-    print(f"step {unprofiled_ms:.1f} ms unprofiled, {profiled_ms:.1f} ms profiled; GPU busy {gpu_ms:.1f} ms "
+    print(f"step {unprofiled_ms:.1f} ms unprofiled (mean of {args.steps}), {profiled_ms:.1f} ms profiled; GPU busy {gpu_ms:.1f} ms "
           f"({gpu_ms / unprofiled_ms:.0%} of the unprofiled step); {launches} GPU events")
     table = prof.key_averages()
     print(table.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
     print(table.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+    if args.shapes:
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        print(by_shape.table(sort_by="device_time_total", row_limit=args.rows * 2, max_name_column_width=30,
+                             max_shapes_column_width=70))
+
+
+def memory_phases(model: torch.nn.Module, ids: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+    """Allocated GiB before the step and the peak of each phase (forward with the loss, backward,
+    optimizer step): which phase sets the step's peak, and by how much over what stays allocated."""
+    gib = 2 ** 30
+    torch.cuda.synchronize()
+    rows = [("before the step", torch.cuda.memory_allocated(), None)]
+
+    def measured(name: str) -> None:
+        torch.cuda.synchronize()
+        rows.append((name, torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()))
+        torch.cuda.reset_peak_memory_stats()
+
+    torch.cuda.reset_peak_memory_stats()
+    device_ids = ids.to("cuda", non_blocking=True)
+    out = model(device_ids, labels=device_ids, return_logits=False)
+    measured("forward + loss")
+    (out.loss_sum / out.num_targets).backward()
+    del out
+    measured("backward")
+    opt.step()
+    measured("optimizer step")
+    opt.zero_grad(set_to_none=True)
+    for name, after, peak in rows:
+        print(f"memory: {name:16s} allocated after {after / gib:7.3f} GiB"
+              + ("" if peak is None else f", peak {peak / gib:7.3f} GiB"))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from velotune.kernels import linear_cross_entropy
 from velotune.kernels.ops.linear_cross_entropy import default_chunk_size, linear_cross_entropy_triton
+from tests.live_storages import LiveStorages
 from velotune.kernels.reference import linear_cross_entropy_reference
 
 # Kernel (inputs in `dtype`) vs reference computed in float32 from the same inputs. The loss is a
@@ -102,6 +103,16 @@ def test_linear_cross_entropy_never_materialises_full_logits(device):
     assert seen.largest == vocab * hidden_size
     ref_loss, _, _, _ = _reference_grads(hidden, weight, labels, None, 1.0)
     torch.testing.assert_close(loss, ref_loss, **TOL[torch.float32])
+
+
+def test_one_logits_buffer_serves_every_chunk(device):
+    # 7 chunks of 4 tokens and a partial one: a fresh [4, V] result per chunk would hold the last
+    # chunk's logits while the next is computed (two chunks at the peak).
+    hidden, weight, labels = _inputs(torch.float32, device, n=30, ignored=())
+    with LiveStorages(lambda shape: len(shape) == 2 and shape[1] == V, ignore=(weight,)) as seen:
+        loss, _ = linear_cross_entropy_triton(hidden, weight.detach(), labels, chunk_size=4)
+    assert seen.most == 1
+    torch.testing.assert_close(loss, _reference_grads(hidden, weight, labels, None, 1.0)[0], **TOL[torch.float32])
 
 
 def test_default_chunk_holds_about_256_mib_of_logits():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.live_storages import LiveStorages
 from velotune import kernels
 from velotune.kernels.reference import glu_reference
 from velotune.lora import LoraConfig, apply_lora, disable_adapters, lora_named_parameters
@@ -151,6 +152,18 @@ def test_mlp_and_qkv_on_a_4bit_base():
     got = forward_backward(lambda t: fused.project(t, *modules), x, modules)
     ref = forward_backward(lambda t: tuple(m(t) for m in modules), x, modules)
     assert_same(got, ref, FP32_TOL)
+
+
+def test_4bit_mlp_backward_dequantizes_one_weight_at_a_time():
+    """Each dequantized 4-bit weight is a temporary of the layer's largest weight size (112 MiB for
+    an 8B MLP); the backward frees one before it makes the next."""
+    x = torch.randn(2, SEQ, HIDDEN)
+    modules = mlp_modules(True, quantized=True)
+    out = fused.mlp(x.requires_grad_(), *modules, "silu")
+    with LiveStorages(lambda shape: tuple(shape) in ((INTER, HIDDEN), (HIDDEN, INTER))) as seen:
+        out.square().sum().backward()
+    assert seen.most == 1
+    assert all(m.a.grad is not None for m in modules)
 
 
 def test_first_layer_input_without_grad():

@@ -49,53 +49,36 @@ def _add_low_rank(base, XA, stride_xa, RIGHT, stride_rk, stride_rn, rank, scale,
 
 
 @triton.jit
-def _glu_low_rank_forward_kernel(
-        GATE, UP, OUT, rows, cols,
-        XG, sxg, RG, srgk, srgn, rank_g, scale_g,
-        XU, sxu, RU, sruk, srun, rank_u, scale_u,
-        HAS_G: tl.constexpr, HAS_U: tl.constexpr, RG_PAD: tl.constexpr, RU_PAD: tl.constexpr,
-        IEEE: tl.constexpr, GELU_TANH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-    mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
-    idx = offs_m[:, None] * cols + offs_n[None, :]
-    g = tl.load(GATE + idx, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(UP + idx, mask=mask, other=0.0).to(tl.float32)
-    if HAS_G:
-        g = _add_low_rank(g, XG, sxg, RG, srgk, srgn, rank_g, scale_g, rows, cols, offs_m, offs_n, RG_PAD, IEEE)
-    if HAS_U:
-        u = _add_low_rank(u, XU, sxu, RU, sruk, srun, rank_u, scale_u, rows, cols, offs_m, offs_n, RU_PAD, IEEE)
-    act, _ = _activation_and_slope(g, GELU_TANH)
-    tl.store(OUT + idx, (act * u).to(OUT.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _glu_low_rank_backward_kernel(
-        DH, GATE, UP, rows, cols,
+def _glu_low_rank_kernel(
+        DH, GATE, UP, OUT, rows, cols,
         XG, sxg, RG, srgk, srgn, rank_g, scale_g,
         XU, sxu, RU, sruk, srun, rank_u, scale_u,
         XD, sxd, RD, srdk, srdn, rank_d, scale_d,
         HAS_G: tl.constexpr, HAS_U: tl.constexpr, HAS_D: tl.constexpr,
         RG_PAD: tl.constexpr, RU_PAD: tl.constexpr, RD_PAD: tl.constexpr,
-        IEEE: tl.constexpr, GELU_TANH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """h over dh, dgate over gate, dup over up; each element is read before it is written."""
+        BACKWARD: tl.constexpr, IEEE: tl.constexpr, GELU_TANH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Forward: h = act(gate) * up into OUT (DH and the dh term unused). BACKWARD: h into OUT (the
+    caller passes DH, so h goes over dh), dgate over gate and dup over up; each element is read
+    before it is written."""
     offs_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
     idx = offs_m[:, None] * cols + offs_n[None, :]
-    dh = tl.load(DH + idx, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(GATE + idx, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(UP + idx, mask=mask, other=0.0).to(tl.float32)
-    if HAS_D:
-        dh = _add_low_rank(dh, XD, sxd, RD, srdk, srdn, rank_d, scale_d, rows, cols, offs_m, offs_n, RD_PAD, IEEE)
     if HAS_G:
         g = _add_low_rank(g, XG, sxg, RG, srgk, srgn, rank_g, scale_g, rows, cols, offs_m, offs_n, RG_PAD, IEEE)
     if HAS_U:
         u = _add_low_rank(u, XU, sxu, RU, sruk, srun, rank_u, scale_u, rows, cols, offs_m, offs_n, RU_PAD, IEEE)
     act, slope = _activation_and_slope(g, GELU_TANH)
-    tl.store(DH + idx, (act * u).to(DH.dtype.element_ty), mask=mask)
-    tl.store(GATE + idx, (dh * u * slope).to(GATE.dtype.element_ty), mask=mask)
-    tl.store(UP + idx, (dh * act).to(UP.dtype.element_ty), mask=mask)
+    if BACKWARD:
+        dh = tl.load(DH + idx, mask=mask, other=0.0).to(tl.float32)
+        if HAS_D:
+            dh = _add_low_rank(dh, XD, sxd, RD, srdk, srdn, rank_d, scale_d, rows, cols, offs_m, offs_n, RD_PAD,
+                               IEEE)
+        tl.store(GATE + idx, (dh * u * slope).to(GATE.dtype.element_ty), mask=mask)
+        tl.store(UP + idx, (dh * act).to(UP.dtype.element_ty), mask=mask)
+    tl.store(OUT + idx, (act * u).to(OUT.dtype.element_ty), mask=mask)
 
 
 def _term_args(term: LowRank | None, like: torch.Tensor) -> tuple[list, bool, int]:
@@ -115,28 +98,25 @@ def _grid(rows: int, cols: int, tile: tuple[int, int, int]) -> tuple[int, int]:
 
 def glu_low_rank_triton(gate: torch.Tensor, up: torch.Tensor, gelu_tanh: bool,
                         gate_term: LowRank | None, up_term: LowRank | None) -> torch.Tensor:
-    rows, cols = gate.shape
     out = torch.empty_like(gate)
-    g_args, has_g, rg = _term_args(gate_term, gate)
-    u_args, has_u, ru = _term_args(up_term, gate)
-    with on_device(gate):
-        bm, bn, warps = _FORWARD_TILE
-        _glu_low_rank_forward_kernel[_grid(rows, cols, _FORWARD_TILE)](
-            gate, up, out, rows, cols, *g_args, *u_args, HAS_G=has_g, HAS_U=has_u, RG_PAD=rg, RU_PAD=ru,
-            IEEE=gate.dtype == torch.float32, GELU_TANH=gelu_tanh, BM=bm, BN=bn, num_warps=warps)
+    _launch(gate, gate, up, out, gelu_tanh, (gate_term, up_term, None), backward=False)
     return out
 
 
 def glu_low_rank_backward_inplace_triton(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu_tanh: bool,
                                          gate_term: LowRank | None, up_term: LowRank | None,
                                          dh_term: LowRank | None) -> None:
+    _launch(dh, gate, up, dh, gelu_tanh, (gate_term, up_term, dh_term), backward=True)
+
+
+def _launch(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor, gelu_tanh: bool,
+            terms: tuple[LowRank | None, LowRank | None, LowRank | None], backward: bool) -> None:
     rows, cols = gate.shape
-    g_args, has_g, rg = _term_args(gate_term, gate)
-    u_args, has_u, ru = _term_args(up_term, gate)
-    d_args, has_d, rd = _term_args(dh_term, gate)
+    (g_args, has_g, rg), (u_args, has_u, ru), (d_args, has_d, rd) = (_term_args(t, gate) for t in terms)
+    tile = _BACKWARD_TILE if backward else _FORWARD_TILE
+    bm, bn, warps = tile
     with on_device(gate):
-        bm, bn, warps = _BACKWARD_TILE
-        _glu_low_rank_backward_kernel[_grid(rows, cols, _BACKWARD_TILE)](
-            dh, gate, up, rows, cols, *g_args, *u_args, *d_args, HAS_G=has_g, HAS_U=has_u, HAS_D=has_d,
-            RG_PAD=rg, RU_PAD=ru, RD_PAD=rd, IEEE=gate.dtype == torch.float32, GELU_TANH=gelu_tanh,
-            BM=bm, BN=bn, num_warps=warps)
+        _glu_low_rank_kernel[_grid(rows, cols, tile)](
+            dh, gate, up, out, rows, cols, *g_args, *u_args, *d_args, HAS_G=has_g, HAS_U=has_u, HAS_D=has_d,
+            RG_PAD=rg, RU_PAD=ru, RD_PAD=rd, BACKWARD=backward, IEEE=gate.dtype == torch.float32,
+            GELU_TANH=gelu_tanh, BM=bm, BN=bn, num_warps=warps)

@@ -8,9 +8,10 @@ Design (the fused approach of Liger-Kernel / Unsloth, written from the maths):
   into the chunk's gradient w.r.t. hidden (written into a [N, H] buffer) and its contribution to
   the gradient w.r.t. the weight (accumulated in float32, then rounded once to W's dtype).
 - So the gradients are complete when the forward returns; the backward only scales them by the
-  incoming gradient of the summed loss. Peak extra memory is one chunk of logits (about 256 MiB:
-  measured on an H100 at Llama-3 sizes, smaller chunks starve the matmuls of rows, 128-token
-  chunks ran 4x slower) plus the gradient buffers, instead of N x V logits in several dtypes.
+  incoming gradient of the summed loss. Peak extra memory is one chunk of logits, one buffer
+  reused by every chunk (about 256 MiB: measured on an H100 at Llama-3 sizes, smaller chunks
+  starve the matmuls of rows, 128-token chunks ran 4x slower) plus the gradient buffers,
+  instead of N x V logits in several dtypes.
 - Gradients that nobody needs are not computed: a frozen head (LoRA) skips the weight gradient,
   and outside autograd only the loss is computed.
 - The loss is a float32 sum over target tokens with their count (labels != ignore_index), so the
@@ -119,10 +120,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK_V)
+        # One logits buffer for every chunk: `logits = h @ W^T` in the loop would allocate the
+        # next chunk while the name still holds the last one, two chunks (512 MiB) at the peak.
+        buffer = torch.empty(min(chunk_size, n_tokens), vocab, dtype=hidden.dtype, device=hidden.device)
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             h = hidden[start:end]
-            logits = h @ weight.t()
+            logits = torch.mm(h, weight.t(), out=buffer[:end - start])
             with on_device(hidden):
                 _cross_entropy_rows_kernel[(end - start,)](
                     logits, logits.stride(0), labels[start:end], losses[start:end], vocab, ignore_index,
