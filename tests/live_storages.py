@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class LiveStorages(TorchDispatchMode):
-    """The most storages of floating-point tensors matching `shape_matches` alive at the same time.
+    """The most storages of floating-point tensors of a shape `shape_matches` accepts alive at the
+    same time.
     A storage lives while any tensor on it does, so views and `out=` results count with the buffer
     they use; storages listed in `ignore` (the inputs) are not counted."""
 

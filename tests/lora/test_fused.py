@@ -166,6 +166,21 @@ def test_4bit_mlp_backward_dequantizes_one_weight_at_a_time():
     assert all(m.a.grad is not None for m in modules)
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_mlp_in_row_chunks_matches_unfused_and_holds_one_chunk(monkeypatch, quantized):
+    """With chunks of 128 rows (300 rows: 128 + 128 + 44), h in the forward and dh in the backward
+    exist one chunk at a time: beside g and u no [tokens, intermediate] tensor of more rows than a
+    chunk is ever made, and outputs and gradients are those of the unfused path."""
+    monkeypatch.setattr(fused, "_MLP_CHUNK_BYTES", 128 * INTER * 4)
+    x = torch.randn(2, 150, HIDDEN)
+    modules = mlp_modules(True, quantized=quantized)
+    with LiveStorages(lambda shape: len(shape) == 2 and shape[1] == INTER and shape[0] > 128) as seen:
+        got = forward_backward(lambda t: fused.mlp(t, *modules, "silu"), x, modules)
+    assert seen.most == 2   # g and u
+    ref = forward_backward(lambda t: plain_mlp(t, *modules, "silu"), x, modules)
+    assert_same(got, ref, FP32_TOL)
+
+
 def test_first_layer_input_without_grad():
     """Under frozen embeddings layer 0's input needs no gradient: only the adapters get one."""
     modules = mlp_modules(False)

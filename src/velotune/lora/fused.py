@@ -20,7 +20,9 @@ and for the MLP the gate and up activations; everything else is recomputed or ne
   and up matmuls (4·N·H·I FLOPs, about a third of the MLP's forward) on top of what checkpointing
   already recomputes. In the backward one elementwise pass (`kernels.glu_backward_inplace`) writes h
   over dh, dg over g and du over u: every buffer is dead by the time it is overwritten, so the
-  MLP backward allocates one [tokens, intermediate] tensor (dh) instead of four.
+  MLP backward allocates one [tokens, intermediate] tensor (dh) instead of four. h in the forward
+  and dh in the backward are made a chunk of rows at a time (`_row_chunks`), so beside g and u
+  the MLP holds one chunk of that size, not a third whole tensor.
 
 Precision: everything runs in one compute dtype, autocast's when it is on, else the input's (the
 dtype of the frozen base). Adapters (float32, as PEFT keeps them) are cast to it outside the
@@ -47,12 +49,15 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from velotune import kernels
+from velotune.kernels.float32_sum import add_matmul_float32
 from velotune.lora.layers import LoraLinear
 from velotune.quant.linear4bit import Linear4bit
 
 # Each projection passes four tensors to the Functions, in this order (None where absent).
 WEIGHT, BIAS, A, B = range(4)
 PER_PROJECTION = 4
+# The most bytes of one [tokens, intermediate] chunk the MLP makes besides g and u (`_row_chunks`).
+_MLP_CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -125,11 +130,23 @@ class LoraMLP(torch.autograd.Function):
         # backward's GLU again), so no [tokens, intermediate] tensor is read and rewritten for them.
         g, u = (_projection(x, plan, tensors, i, None) for i in (0, 1))
         bs = [_slot(tensors, i, B) for i in range(3)]
-        h = kernels.glu_low_rank(g, u, activation, *_glu_terms(plan, xa, bs))
-        ha = h @ _slot(tensors, 2, A).t() if plan[2].adapted else None
-        out = F.linear(h, _base_weight(plan[2], tensors, 2, x.dtype), _bias(tensors, 2, x.dtype))
+        down, a_down = plan[2], _slot(tensors, 2, A)
+        terms = _glu_terms(plan, xa, bs)
+        weight, bias = _base_weight(down, tensors, 2, x.dtype), _bias(tensors, 2, x.dtype)
+        out = x.new_empty(x.shape[0], down.out_features)
+        ha = x.new_empty(x.shape[0], down.rank) if down.adapted else None
+        for rows in _row_chunks(g):   # h for one chunk of rows at a time
+            h = kernels.glu_low_rank(g[rows], u[rows], activation, *(_rows_of(t, rows) for t in terms))
+            if ha is not None:
+                torch.mm(h, a_down.t(), out=ha[rows])
+            if bias is None:
+                torch.mm(h, weight.t(), out=out[rows])
+            else:
+                torch.addmm(bias, h, weight.t(), out=out[rows])
+            del h
+        del weight
         if ha is not None:
-            out.addmm_(ha, bs[2].t(), alpha=plan[2].scale)
+            out.addmm_(ha, bs[2].t(), alpha=down.scale)
         ctx.plan, ctx.activation, ctx.spent = plan, activation, False
         ctx.save_for_backward(x, xa, a_gu, g, u, ha, _slot(tensors, 2, A), *_weights_and_bs(plan, tensors))
         return out
@@ -150,20 +167,32 @@ class LoraMLP(torch.autograd.Function):
         with _autocast_off(x):
             down = plan[2]
             dout = dout.contiguous()
-            dh = dout @ _base_weight(down, weights, 2, x.dtype, stride=1)
-            dh_term = None
+            dha = None
             if down.adapted:
                 dha = torch.mm(dout, bs[2]).mul_(down.scale)
                 if needs[1 + PER_PROJECTION * 2 + B]:
                     out[PER_PROJECTION * 2 + B] = torch.mm(dout.t(), ha).mul_(down.scale)
-                dh_term = kernels.LowRank(dha, a_down, 1.0)   # dh's adapter term, added inside the GLU pass
             gate_term, up_term = _glu_terms(plan, xa, bs)
-            # dh <- h, g <- dg, u <- du, with g, u and dh completed by their terms
-            kernels.glu_backward_inplace(dh, g, u, ctx.activation, gate_term=gate_term, up_term=up_term,
-                                         dh_term=dh_term)
-            if down.adapted and needs[1 + PER_PROJECTION * 2 + A]:
-                out[PER_PROJECTION * 2 + A] = dha.t() @ dh
-            del dh
+            need_da = down.adapted and needs[1 + PER_PROJECTION * 2 + A]
+            chunks = _row_chunks(g)
+            da_down = torch.zeros(down.rank, g.shape[1], dtype=torch.float32, device=g.device) \
+                if need_da and len(chunks) > 1 else None
+            weight = _base_weight(down, weights, 2, x.dtype, stride=1)
+            for rows in chunks:   # dh (then h over it) for one chunk of rows at a time
+                dh = dout[rows] @ weight
+                # dh's adapter term is added inside the GLU pass, as are g's and u's:
+                # dh <- h, g <- dg, u <- du for these rows
+                dh_term = kernels.LowRank(dha[rows], a_down, 1.0) if down.adapted else None
+                kernels.glu_backward_inplace(dh, g[rows], u[rows], ctx.activation, gate_term=_rows_of(gate_term, rows),
+                                             up_term=_rows_of(up_term, rows), dh_term=dh_term)
+                if da_down is not None:
+                    add_matmul_float32(da_down, dha[rows].t(), dh)
+                elif need_da:
+                    out[PER_PROJECTION * 2 + A] = dha.t() @ dh
+                del dh
+            del weight
+            if da_down is not None:
+                out[PER_PROJECTION * 2 + A] = da_down.to(x.dtype)
             dgu = (g, u)
             dx = _base_input_grad(needs[0], plan, (0, 1), weights, dgu, x.dtype)
             dxa = _adapter_grads(needs, plan, (0, 1), dgu, xa, bs, out)
@@ -218,6 +247,29 @@ def _projection(x: torch.Tensor, plan: Sequence[Projection], tensors: Sequence[t
     if xa is not None:
         y.addmm_(xa, _slot(tensors, i, B).t(), alpha=p.scale)
     return y
+
+
+def _row_chunks(t: torch.Tensor) -> list[slice]:
+    """Row ranges of a [tokens, intermediate] tensor such that one range of it takes at most
+    `_MLP_CHUNK_BYTES`, as even as whole 128-row tiles allow (one range when it all fits).
+
+    Why: the MLP makes a third tensor of that size besides the saved g and u, h in the forward and
+    dh in the backward. Made a chunk of rows at a time, it costs one chunk: at Llama-3.1-8B
+    micro-batch 4 (8,192 x 14,336 bf16, 224 MiB each) that is 56 instead of 224 MiB at the
+    layer's peak, which is the step's peak once checkpoints are offloaded. The matmuls keep
+    2,048 rows or more, enough to fill an H100."""
+    n = t.shape[0]
+    pieces = -(-t[:1].numel() * n * t.element_size() // _MLP_CHUNK_BYTES)
+    if pieces <= 1 or n <= 128:
+        return [slice(0, n)]
+    rows = -(-n // pieces)
+    rows = -(-rows // 128) * 128
+    return [slice(start, min(start + rows, n)) for start in range(0, n, rows)]
+
+
+def _rows_of(term: kernels.LowRank | None, rows: slice) -> kernels.LowRank | None:
+    """A low-rank term restricted to some rows of the tensor it completes."""
+    return None if term is None else kernels.LowRank(term.xa[rows], term.right, term.scale)
 
 
 def _glu_terms(plan: Sequence[Projection], xa: torch.Tensor | None, bs: Sequence[torch.Tensor | None],

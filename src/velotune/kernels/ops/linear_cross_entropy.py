@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from velotune.kernels.dispatch import capturing
+from velotune.kernels.float32_sum import add_matmul_float32
 from velotune.kernels.ops.launch import check_label_range, check_same_device, on_device
 from velotune.kernels.ops.triton_math import tanh
 
@@ -100,16 +101,6 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ign
         check_label_range(labels, weight.shape[0], ignore_index, "linear_cross_entropy")
 
 
-def _add_matmul_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, accumulated in float32 without a [V, H] temporary in a's dtype."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:  # half-precision CPU matmuls have no float32-output variant (interpreter tests only)
-        acc.addmm_(a.float(), b.float())
-
-
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None,
@@ -136,7 +127,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if need_hidden:
                 torch.mm(logits, weight, out=grad_hidden[start:end])
             if need_weight:
-                _add_matmul_float32(grad_weight, logits.t(), h)
+                add_matmul_float32(grad_weight, logits.t(), h)
         ctx.grad_hidden = grad_hidden
         ctx.grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         n_targets = (labels != ignore_index).sum()
