@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="unprofiled steps averaged for the wall time")
     p.add_argument("--trace", help="write the profiled step's Chrome trace to this file")
     args = p.parse_args()
+    if args.memory and not args.eager:
+        p.error("--memory splits an eager step into its phases: add --eager")
     cfg = hf_config(args.model)
     folder = None
     if args.qlora:
@@ -72,8 +74,6 @@ def main() -> None:
         embed(ids)
         print(f"host embedding lookup of {ids.numel()} ids: {(time.perf_counter() - start) * 1e3:.1f} ms on the CPU")
     if args.memory:
-        if not args.eager:
-            raise SystemExit("--memory splits an eager step into its phases: add --eager")
         memory_phases(model, ids, opt)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.shapes) as prof:
         start = time.perf_counter()

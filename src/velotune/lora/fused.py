@@ -144,11 +144,10 @@ class LoraMLP(torch.autograd.Function):
             else:
                 torch.addmm(bias, h, weight.t(), out=out[rows])
             del h
-        del weight
         if ha is not None:
             out.addmm_(ha, bs[2].t(), alpha=down.scale)
         ctx.plan, ctx.activation, ctx.spent = plan, activation, False
-        ctx.save_for_backward(x, xa, a_gu, g, u, ha, _slot(tensors, 2, A), *_weights_and_bs(plan, tensors))
+        ctx.save_for_backward(x, xa, a_gu, g, u, ha, a_down, *_weights_and_bs(plan, tensors))
         return out
 
     @staticmethod
@@ -174,11 +173,10 @@ class LoraMLP(torch.autograd.Function):
                     out[PER_PROJECTION * 2 + B] = torch.mm(dout.t(), ha).mul_(down.scale)
             gate_term, up_term = _glu_terms(plan, xa, bs)
             need_da = down.adapted and needs[1 + PER_PROJECTION * 2 + A]
-            chunks = _row_chunks(g)
-            da_down = torch.zeros(down.rank, g.shape[1], dtype=torch.float32, device=g.device) \
-                if need_da and len(chunks) > 1 else None
+            # the A gradient summed over chunks in float32 and rounded once, as one matmul would
+            da_down = torch.zeros(down.rank, g.shape[1], dtype=torch.float32, device=g.device) if need_da else None
             weight = _base_weight(down, weights, 2, x.dtype, stride=1)
-            for rows in chunks:   # dh (then h over it) for one chunk of rows at a time
+            for rows in _row_chunks(g):   # dh (then h over it) for one chunk of rows at a time
                 dh = dout[rows] @ weight
                 # dh's adapter term is added inside the GLU pass, as are g's and u's:
                 # dh <- h, g <- dg, u <- du for these rows
@@ -187,8 +185,6 @@ class LoraMLP(torch.autograd.Function):
                                              up_term=_rows_of(up_term, rows), dh_term=dh_term)
                 if da_down is not None:
                     add_matmul_float32(da_down, dha[rows].t(), dh)
-                elif need_da:
-                    out[PER_PROJECTION * 2 + A] = dha.t() @ dh
                 del dh
             del weight
             if da_down is not None:
