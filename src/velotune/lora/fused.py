@@ -79,12 +79,17 @@ def project(x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
     return _run(LoraProjections, x, parts, ())
 
 
-def mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str) -> torch.Tensor:
-    """`down(glu(gate(x), up(x)))`, computed by one `LoraMLP` when the modules allow it."""
+def mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str,
+        output_needed: bool = True) -> torch.Tensor:
+    """`down(glu(gate(x), up(x)))`, computed by one `LoraMLP` when the modules allow it.
+    `output_needed=False` is for a checkpoint's recomputation, which keeps what the forward saves
+    and throws the output away: the fused block then skips the GLU and the down projection and
+    returns a placeholder of the output's shape (the unfused modules save the down projection's
+    input, so they run whole)."""
     parts = _plan(x, (gate, up, down))
     if parts is None:
         return down(kernels.glu(gate(x), up(x), activation))
-    return _run(LoraMLP, x, parts, (activation,))[0]
+    return _run(LoraMLP, x, parts, (activation, output_needed))[0]
 
 
 class LoraProjections(torch.autograd.Function):
@@ -120,17 +125,26 @@ class LoraProjections(torch.autograd.Function):
 
 class LoraMLP(torch.autograd.Function):
     """down(glu(gate(X), up(X))) with LoRA on any of the three, for X [N, hidden]. Saves X, the
-    stacked X·A^T of gate and up, g, u and h·A_down^T; h is recomputed in the backward."""
+    stacked X·A^T of gate and up, g and u, and keeps h·A_down^T; h is recomputed in the backward.
+
+    h·A_down^T ([N, r], 256 KiB at 8B micro-batch 4) is kept as a ctx attribute, outside the
+    saved tensors: a checkpoint's recomputation (`output_needed=False`) does not make h, and
+    torch's checkpoint requires it to save what the forward saved. The backward runs on the
+    forward's graph, whose ctx holds it; being neither an input nor an output, it makes no cycle."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, plan: tuple[Projection, ...], activation: str,  # type: ignore[override]
-                *tensors: torch.Tensor | None) -> torch.Tensor:
+                output_needed: bool, *tensors: torch.Tensor | None) -> torch.Tensor:
         a_gu, xa = _stacked_products(x, plan, tensors, (0, 1))
         # g and u without their adapters' terms: the GLU adds those as it reads them (and the
         # backward's GLU again), so no [tokens, intermediate] tensor is read and rewritten for them.
         g, u = (_projection(x, plan, tensors, i, None) for i in (0, 1))
         bs = [_slot(tensors, i, B) for i in range(3)]
         down, a_down = plan[2], _slot(tensors, 2, A)
+        ctx.plan, ctx.activation, ctx.spent, ctx.ha = plan, activation, False, None
+        ctx.save_for_backward(x, xa, a_gu, g, u, a_down, *_weights_and_bs(plan, tensors))
+        if not output_needed:
+            return x.new_zeros(1).expand(x.shape[0], down.out_features)
         terms = _glu_terms(plan, xa, bs)
         weight, bias = _base_weight(down, tensors, 2, x.dtype), _bias(tensors, 2, x.dtype)
         out = x.new_empty(x.shape[0], down.out_features)
@@ -146,8 +160,7 @@ class LoraMLP(torch.autograd.Function):
             del h
         if ha is not None:
             out.addmm_(ha, bs[2].t(), alpha=down.scale)
-        ctx.plan, ctx.activation, ctx.spent = plan, activation, False
-        ctx.save_for_backward(x, xa, a_gu, g, u, ha, a_down, *_weights_and_bs(plan, tensors))
+        ctx.ha = ha
         return out
 
     @staticmethod
@@ -159,9 +172,10 @@ class LoraMLP(torch.autograd.Function):
                                "to use the unfused path for double backward passes")
         ctx.spent = True
         plan: tuple[Projection, ...] = ctx.plan
-        x, xa, a_gu, g, u, ha, a_down, *saved = ctx.saved_tensors
+        x, xa, a_gu, g, u, a_down, *saved = ctx.saved_tensors
+        ha = ctx.ha
         weights, bs = saved[:3], saved[3:]
-        needs = ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]  # drop the plan's and activation's slots
+        needs = ctx.needs_input_grad[0], *ctx.needs_input_grad[4:]  # drop the plan, activation and output_needed slots
         out: list[torch.Tensor | None] = [None] * (PER_PROJECTION * 3)
         with _autocast_off(x):
             down = plan[2]
@@ -193,7 +207,7 @@ class LoraMLP(torch.autograd.Function):
             dx = _base_input_grad(needs[0], plan, (0, 1), weights, dgu, x.dtype)
             dxa = _adapter_grads(needs, plan, (0, 1), dgu, xa, bs, out)
             dx = _stacked_input_grads(needs, plan, (0, 1), x, a_gu, dxa, dx, out)
-        return (dx, None, None, *out)
+        return (dx, None, None, None, *out)
 
 
 # ---- shared pieces of the two Functions -------------------------------------------------------

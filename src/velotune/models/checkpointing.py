@@ -24,6 +24,9 @@ peak, and says it does not fit.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -170,17 +173,59 @@ def parse_checkpointing(value: bool | str, where: str = "gradient_checkpointing"
     raise ValueError(f"{where} must be true, false or auto, got {value!r}")
 
 
+class _Phase(threading.local):
+    # Thread-local: the recomputation runs in whichever thread runs the backward (autograd's
+    # device threads on CUDA), and only code called from it may see the flag.
+    recomputing = False
+
+
+_PHASE = _Phase()
+
+
+def recomputing() -> bool:
+    """True while a checkpointed layer is being run again in the backward to rebuild what its
+    forward saved. Its output is then thrown away, so work whose result feeds only that output
+    (the MLP's down projection in a pre-norm layer) can be skipped; see `DecoderLayer.forward`."""
+    return _PHASE.recomputing
+
+
+@contextmanager
+def _recomputation() -> Iterator[None]:
+    outer, _PHASE.recomputing = _PHASE.recomputing, True
+    try:
+        yield
+    finally:   # also when torch's early stop ends the recomputation by raising
+        _PHASE.recomputing = outer
+
+
+def _flagging_recomputation(layer: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`layer`, marking every call after the first (torch's checkpoint runs the function once in
+    the forward, then once per recomputation) as a recomputation."""
+    calls = 0
+
+    def run(*args, **kwargs) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return layer(*args, **kwargs)
+        with _recomputation():
+            return layer(*args, **kwargs)
+    return run
+
+
 def run_checkpointed(layer: nn.Module, x: torch.Tensor, *args, offloader: LayerInputOffloader | None = None,
                      **kwargs) -> torch.Tensor:
     """`layer(x, *args, **kwargs)` under torch's non-reentrant checkpoint, its input parked in
-    host memory by `offloader` when one is given (see `velotune.models.offload`).
+    host memory by `offloader` when one is given (see `velotune.models.offload`); during the
+    recomputation `recomputing()` is true.
     Inside a CUDA graph capture the RNG state is not saved for the recomputation (reading it is
     not allowed there); the graphed step refuses models with dropout, so nothing is random."""
     rng = not capturing(x)
+    run = _flagging_recomputation(layer)
     if offloader is None:
-        return checkpoint(layer, x, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
+        return checkpoint(run, x, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
     with offloader.saving(x):
-        return checkpoint(layer, x, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
+        return checkpoint(run, x, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
 
 
 def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, offload: bool = False,

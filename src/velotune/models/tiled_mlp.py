@@ -41,14 +41,17 @@ def mlp_chunk_size(setting: int | None, tokens: int) -> int:
     return setting if 0 < setting < tokens else 0
 
 
-def tiled_mlp(mlp: nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """`mlp(x)` for x [..., hidden], computed `chunk` tokens at a time (0: in one piece)."""
+def tiled_mlp(mlp: nn.Module, x: torch.Tensor, chunk: int, output_needed: bool = True) -> torch.Tensor:
+    """`mlp(x)` for x [..., hidden], computed `chunk` tokens at a time (0: in one piece).
+    `output_needed=False` (a checkpoint's recomputation, whose output is discarded): only what
+    the backward reads is made, and the value returned is a placeholder of the output's shape;
+    `mlp` must then take `output_needed` itself (`velotune.models.transformer.MLP` does)."""
     tokens = x.numel() // x.shape[-1]
     if chunk <= 0 or tokens <= chunk:
-        return mlp(x)
+        return mlp(x) if output_needed else mlp(x, output_needed=False)
     params = tuple(p for p in mlp.parameters() if p.requires_grad)
     if torch.is_grad_enabled() and (x.requires_grad or params):
-        return TiledMLP.apply(mlp, chunk, x, *params)
+        return TiledMLP.apply(mlp, chunk, output_needed, x, *params)
     return _run_chunks(mlp, x, chunk)
 
 
@@ -68,20 +71,24 @@ class TiledMLP(torch.autograd.Function):
     """mlp(x) by token chunks; the backward recomputes one chunk at a time (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, mlp: nn.Module, chunk: int, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, mlp: nn.Module, chunk: int, output_needed: bool, x: torch.Tensor,  # type: ignore[override]
+                *params: torch.Tensor) -> torch.Tensor:
         ctx.mlp, ctx.chunk, ctx.params = mlp, chunk, params
         device = x.device
         ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         ctx.save_for_backward(x)
+        if not output_needed:   # the backward reads only x: the chunks are not run at all
+            # (the MLP's output joins the residual stream, so it is as wide as x)
+            return x.new_zeros(1).expand(x.shape)
         return _run_chunks(mlp, x, chunk)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
         mlp, chunk, params = ctx.mlp, ctx.chunk, ctx.params
-        need_x = ctx.needs_input_grad[2]
+        need_x = ctx.needs_input_grad[3]
         rows = x.detach().reshape(1, -1, x.shape[-1])
         grad_rows = grad_out.reshape(1, -1, grad_out.shape[-1])
         grad_x = torch.empty_like(rows) if need_x else None
@@ -104,4 +111,4 @@ class TiledMLP(torch.autograd.Function):
                 for j, g in enumerate(found):
                     if g is not None:
                         grads[j] = g if grads[j] is None else grads[j] + g
-        return (None, None, grad_x.view_as(x) if need_x else None, *grads)
+        return (None, None, None, grad_x.view_as(x) if need_x else None, *grads)

@@ -8,8 +8,8 @@ took 265 us, longer than the whole GLU (244 us). The GLU reads gate and up anywa
 tiles also loads the matching rows of X A^T and columns of B^T (small, so they stay in cache) and
 adds their product, computed on the tensor cores, before the activation: 319 us for what took
 774. The backward does the same for gate and up (saved without their terms) and for dh, whose
-down-adapter term d(h A_down^T) A_down was another such addmm (742 us, the same as before, but
-the forward runs twice per step under checkpointing).
+down-adapter term d(h A_down^T) A_down was another such addmm (742 us, the same as the two passes
+it replaced; 670 us with the tiles below).
 
 Everything is computed in float32 and rounded once; float32 inputs multiply in IEEE float32, not
 TF32, so the float32 path matches the reference's arithmetic.
@@ -25,10 +25,12 @@ from velotune.kernels.ops.launch import on_device
 from velotune.kernels.reference import LowRank
 
 # Tiles (rows x columns) and warps, swept on an H100 at Llama-3.1-8B micro-batch 4 (8,192 x 14,336,
-# bf16, rank 16): forward 319 us (the unfused GLU and the two addmm it replaces: 244 + 2 x 265);
-# backward 742 us (the plain in-place backward and dh's addmm: 482 + 265). Larger tiles ran slower.
+# bf16, rank 16, in the MLP's 2,048-row chunks; scratch sweep of 2026-11-23, copying one such
+# tensor took 159 us): forward 357 us at (32, 128, 8), none of 8 tiles faster; backward 670 us at
+# (32, 128, 4), against 811 at the (32, 64, 4) chosen before the MLP worked in row chunks, and
+# 670-900 for the other 7 tiles.
 _FORWARD_TILE = (32, 128, 8)
-_BACKWARD_TILE = (32, 64, 4)
+_BACKWARD_TILE = (32, 128, 4)
 
 
 @triton.jit

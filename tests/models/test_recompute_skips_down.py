@@ -1,0 +1,110 @@
+"""A checkpoint's recomputation of a pre-norm decoder layer skips the MLP's down projection (its
+output is thrown away), with gradients unchanged: the fused LoRA MLP, the tiled MLP, torch's
+early stop on and off, and Gemma's sandwich norms (where the MLP output is needed and made)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import set_checkpoint_early_stop
+
+from velotune.lora import LoraConfig, apply_lora
+from velotune.models.checkpointing import recomputing
+from velotune.models.config import ModelConfig
+from velotune.models.transformer import Transformer
+
+LAYERS = 3
+MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.linear, torch.ops.aten.matmul, torch.ops.aten.bmm}
+
+
+def lora_model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(model_type="llama", vocab_size=61, hidden_size=24, intermediate_size=56,
+                                num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=6),
+                         **overrides})
+    model = Transformer(cfg)
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model.train()
+
+
+class DownWeightReads(TorchDispatchMode):
+    """Counts the ops that read a down projection's base weight (the matmuls of that projection)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.weights = {layer.mlp.down_proj.base_layer.weight.untyped_storage().data_ptr()
+                        for layer in model.model.layers}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [*args, *(kwargs or {}).values()]
+        if func.overloadpacket in MATMULS and any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.weights for a in flat):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def train_step(model: Transformer, ids: torch.Tensor, **settings):
+    """(loss, LoRA gradients, down-weight matmuls) of one forward and backward."""
+    for key, value in settings.items():
+        setattr(model, key, value)
+    model.zero_grad(set_to_none=True)
+    with DownWeightReads(model) as reads:
+        out = model(ids, labels=ids, return_logits=False)
+        out.loss_sum.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss_sum.detach(), grads, reads.count
+
+
+def assert_same(actual, expected) -> None:
+    assert torch.equal(actual[0], expected[0])
+    assert actual[1].keys() == expected[1].keys() and len(expected[1]) == 7 * 2 * LAYERS
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(actual[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_recomputation_does_not_run_the_down_projection(early_stop):
+    model = lora_model()
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
+    plain = train_step(model, ids, gradient_checkpointing=False)
+    assert plain[2] == 2 * LAYERS      # forward and backward of each layer's down projection
+    with set_checkpoint_early_stop(early_stop):
+        checkpointed = train_step(model, ids, gradient_checkpointing=True)
+    assert checkpointed[2] == 2 * LAYERS   # was 3 per layer: the recomputation made it again
+    assert_same(checkpointed, plain)
+
+
+def test_tiled_mlp_skips_its_chunks_in_the_recomputation():
+    model = lora_model()
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
+    chunks = -(-22 // 5)
+    tiled = train_step(model, ids, gradient_checkpointing=False, mlp_chunk_tokens=5)
+    # the forward runs every chunk without a graph; the backward runs each again, then its backward
+    assert tiled[2] == 3 * chunks * LAYERS
+    checkpointed = train_step(model, ids, gradient_checkpointing=True, offload_checkpoints=True, mlp_chunk_tokens=5)
+    assert checkpointed[2] == tiled[2]
+    assert_same(checkpointed, tiled)
+
+
+def test_sandwich_norms_recompute_the_mlp_output_they_normalise():
+    model = lora_model(sandwich_norms=True, norm_weight_offset=1.0)
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
+    plain = train_step(model, ids, gradient_checkpointing=False)
+    checkpointed = train_step(model, ids, gradient_checkpointing=True)
+    assert checkpointed[2] == 3 * LAYERS
+    assert_same(checkpointed, plain)
+
+
+def test_the_flag_is_set_only_inside_the_recomputation():
+    model = lora_model()
+    seen: list[bool] = []
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda *_: seen.append(recomputing()))
+    model.gradient_checkpointing = True
+    ids = torch.randint(0, 61, (1, 7), generator=torch.Generator().manual_seed(1))
+    model(ids, labels=ids, return_logits=False).loss_sum.backward()
+    assert seen == [False] * LAYERS + [True] * LAYERS and not recomputing()
