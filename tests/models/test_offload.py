@@ -13,6 +13,9 @@ from velotune.models.offload import LayerInputOffloader, OffloadError
 from velotune.models.transformer import Transformer
 
 LAYERS, HIDDEN = 3, 32
+# Offloaded layers are checkpointed as two halves, each with its input parked (host room allowing;
+# `Transformer.checkpoints_halves`), so a forward parks two inputs per layer.
+PARKED = 2 * LAYERS
 
 
 def tiny_model(**overrides) -> Transformer:
@@ -66,11 +69,11 @@ def test_offload_moves_exactly_the_layer_inputs_and_brings_each_back_once():
     ids, labels = batch(b=2, t=11)
     loss_and_grads(model, ids, labels, gradient_checkpointing=True, offload_checkpoints=True)
     stats = model.offload_stats
-    # one [2, 11, HIDDEN] float32 input per layer; cos/sin (also checkpoint inputs) stay put
-    assert stats.offloaded == LAYERS
-    assert stats.offloaded_bytes == LAYERS * 2 * 11 * HIDDEN * 4
-    assert stats.restored == LAYERS
-    assert stats.prefetched == LAYERS      # each once: the last by its own backward, the others ahead
+    # two [2, 11, HIDDEN] float32 inputs per layer (its halves'); cos/sin (also checkpoint inputs) stay put
+    assert stats.offloaded == PARKED
+    assert stats.offloaded_bytes == PARKED * 2 * 11 * HIDDEN * 4
+    assert stats.restored == PARKED
+    assert stats.prefetched == PARKED      # each once: the last by its own backward, the others ahead
 
 
 def test_offload_keeps_the_last_checkpoints_on_the_device_when_asked():
@@ -79,7 +82,7 @@ def test_offload_keeps_the_last_checkpoints_on_the_device_when_asked():
     reference = loss_and_grads(model, ids, labels, gradient_checkpointing=True)
     kept = loss_and_grads(model, ids, labels, gradient_checkpointing=True, offload_checkpoints=True,
                           checkpoints_kept_on_gpu=1)
-    assert model.offload_stats.offloaded == LAYERS - 1
+    assert model.offload_stats.offloaded == 2 * (LAYERS - 1)   # the kept layer runs whole
     assert torch.equal(kept[0], reference[0])
     assert all(torch.equal(kept[1][n], g) for n, g in reference[1].items())
 
@@ -90,11 +93,11 @@ def test_every_forward_counts_afresh_and_eval_offloads_nothing():
     loss_and_grads(model, ids, labels, gradient_checkpointing=True, offload_checkpoints=True)
     first = model.offload_stats
     loss_and_grads(model, ids, labels)
-    assert model.offload_stats is not first and model.offload_stats.offloaded == LAYERS
+    assert model.offload_stats is not first and model.offload_stats.offloaded == PARKED
     model.eval()
     with torch.no_grad():
         model(ids)
-    assert model.offload_stats.offloaded == LAYERS   # unchanged: no training forward, no offloader
+    assert model.offload_stats.offloaded == PARKED   # unchanged: no training forward, no offloader
 
 
 def test_offloader_prefetches_the_previous_layer_while_restoring_one():
@@ -171,13 +174,13 @@ def test_host_buffers_are_exact_and_reused_by_the_next_step():
     loss_and_grads(model, ids, labels, offload_checkpoints=True)
     pool = model.offload_pool
     first = [b.view((b.nbytes,), torch.uint8).data_ptr() for b in pool.buffers]
-    assert model.offload_stats.allocated == LAYERS and model.offload_stats.reused == 0
-    assert [b.nbytes for b in pool.buffers] == [one_input_bytes()] * LAYERS
+    assert model.offload_stats.allocated == PARKED and model.offload_stats.reused == 0
+    assert [b.nbytes for b in pool.buffers] == [one_input_bytes()] * PARKED
     assert not any(b.in_use for b in pool.buffers)        # the backward gave them back
     second = loss_and_grads(model, ids, labels, offload_checkpoints=True)
-    assert model.offload_stats.allocated == 0 and model.offload_stats.reused == LAYERS
+    assert model.offload_stats.allocated == 0 and model.offload_stats.reused == PARKED
     assert [b.view((b.nbytes,), torch.uint8).data_ptr() for b in pool.buffers] == first
-    assert pool.held_bytes == LAYERS * one_input_bytes()
+    assert pool.held_bytes == PARKED * one_input_bytes()
     assert torch.equal(second[0], reference[0])
     assert all(torch.equal(second[1][n], g) for n, g in reference[1].items())
 
@@ -189,16 +192,16 @@ def test_a_longer_sequence_replaces_the_buffers_and_a_shorter_one_reuses_them():
     for t in (11, 20):
         ids, labels = batch(t=t)
         loss_and_grads(model, ids, labels)
-        assert model.offload_stats.allocated == LAYERS
-        assert [b.nbytes for b in pool.buffers] == [one_input_bytes(t=t)] * LAYERS
+        assert model.offload_stats.allocated == PARKED
+        assert [b.nbytes for b in pool.buffers] == [one_input_bytes(t=t)] * PARKED
     ids, labels = batch(t=5)
     reference = loss_and_grads(model, ids, labels, offload_checkpoints=False)
     shorter = loss_and_grads(model, ids, labels, offload_checkpoints=True)
-    assert model.offload_stats.allocated == 0 and model.offload_stats.reused == LAYERS
-    assert pool.held_bytes == LAYERS * one_input_bytes(t=20)
+    assert model.offload_stats.allocated == 0 and model.offload_stats.reused == PARKED
+    assert pool.held_bytes == PARKED * one_input_bytes(t=20)
     assert torch.equal(shorter[0], reference[0])
     assert all(torch.equal(shorter[1][n], g) for n, g in reference[1].items())
-    assert pool.release_free() == LAYERS * one_input_bytes(t=20) and pool.buffers == []
+    assert pool.release_free() == PARKED * one_input_bytes(t=20) and pool.buffers == []
 
 
 def test_two_graphs_alive_at_once_lease_different_buffers():
@@ -211,7 +214,7 @@ def test_two_graphs_alive_at_once_lease_different_buffers():
     model.offload_checkpoints = True
     model.zero_grad(set_to_none=True)
     outs = [model(i, labels=lab, return_logits=False) for i, lab in batches]
-    assert len(model.offload_pool.buffers) == 2 * LAYERS and all(b.in_use for b in model.offload_pool.buffers)
+    assert len(model.offload_pool.buffers) == 2 * PARKED and all(b.in_use for b in model.offload_pool.buffers)
     grads = []
     for out in outs:
         model.zero_grad(set_to_none=True)
@@ -233,17 +236,17 @@ def test_buffers_held_for_a_captured_graph_are_neither_leased_nor_released():
     pool = model.offload_pool
     with pool.recording() as leased:
         loss_and_grads(model, ids, labels)
-    assert len(leased) == LAYERS and set(map(id, leased)) == set(map(id, pool.buffers))
+    assert len(leased) == PARKED and set(map(id, leased)) == set(map(id, pool.buffers))
     pool.hold(leased)
     reference = loss_and_grads(model, ids, labels, offload_checkpoints=False)
     again = loss_and_grads(model, ids, labels, offload_checkpoints=True)
-    assert model.offload_stats.allocated == LAYERS and model.offload_stats.reused == 0
-    assert pool.release_free() == LAYERS * one_input_bytes()     # the second forward's, not the held ones
+    assert model.offload_stats.allocated == PARKED and model.offload_stats.reused == 0
+    assert pool.release_free() == PARKED * one_input_bytes()     # the second forward's, not the held ones
     assert pool.buffers == leased and all(b.in_use for b in leased)
     assert torch.equal(again[0], reference[0])
     for buffer in leased:
         pool.give_back(buffer)
-    assert pool.release_free() == LAYERS * one_input_bytes() and pool.buffers == []
+    assert pool.release_free() == PARKED * one_input_bytes() and pool.buffers == []
 
 
 def test_the_pool_goes_with_the_model_and_copies_start_empty():
@@ -254,7 +257,7 @@ def test_the_pool_goes_with_the_model_and_copies_start_empty():
     model = tiny_model()
     ids, labels = batch()
     loss_and_grads(model, ids, labels, gradient_checkpointing=True, offload_checkpoints=True)
-    assert len(model.offload_pool.buffers) == LAYERS
+    assert len(model.offload_pool.buffers) == PARKED
     assert copy.deepcopy(model).offload_pool.buffers == []
     pool = weakref.ref(model.offload_pool)
     del model
@@ -294,7 +297,7 @@ def test_offload_on_gpu_matches_and_frees_device_memory():
         peaks[offloaded] = torch.cuda.max_memory_allocated() - base
         results[offloaded] = (out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
         del out
-    assert model.offload_stats.offloaded == layers
+    assert model.offload_stats.offloaded == 2 * layers    # two halves per layer
     assert torch.allclose(results[True][0], results[False][0], rtol=1e-5)
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6)
@@ -343,10 +346,11 @@ def test_gpu_host_buffers_are_pinned_exact_and_reused_across_training_steps():
     want_losses, want_grads, _ = train(False, batches)
     losses, grads, seen = train(True, batches)
     (first, first_addresses), (second, second_addresses) = seen
-    exact = layers * seq * hidden * 2
-    assert (first.allocated, first.allocated_bytes, first.reused) == (layers, exact, 0)
-    assert (second.allocated, second.reused) == (0, layers)
-    assert first_addresses == second_addresses and len(first_addresses) == layers
+    parked = 2 * layers     # two halves per layer
+    exact = parked * seq * hidden * 2
+    assert (first.allocated, first.allocated_bytes, first.reused) == (parked, exact, 0)
+    assert (second.allocated, second.reused) == (0, parked)
+    assert first_addresses == second_addresses and len(first_addresses) == parked
     assert pool.held_bytes == exact and all(b.pinned for b in pool.buffers)
     # (torch 2.11's is_pinned() reports False for cudaHostRegister-ed memory on the H100 box, so
     # registration is checked through the pool: `pinned` is set only when the driver accepted it.)
@@ -358,10 +362,10 @@ def test_gpu_host_buffers_are_pinned_exact_and_reused_across_training_steps():
 
     longer = torch.randint(0, 256, (1, seq + 4096), device="cuda")
     train(True, [longer])
-    assert model.offload_stats.allocated == layers and pool.held_bytes == layers * (seq + 4096) * hidden * 2
-    assert pool.release_free() == layers * (seq + 4096) * hidden * 2 and pool.buffers == []
+    assert model.offload_stats.allocated == parked and pool.held_bytes == parked * (seq + 4096) * hidden * 2
+    assert pool.release_free() == parked * (seq + 4096) * hidden * 2 and pool.buffers == []
     losses, grads, seen = train(True, batches[:1])
-    assert seen[0][0].allocated == layers and pool.held_bytes == exact
+    assert seen[0][0].allocated == parked and pool.held_bytes == exact
     assert losses[0] == pytest.approx(want_losses[0], rel=1e-3)
 
 
@@ -375,14 +379,18 @@ def test_offloaded_inputs_are_freed_between_forward_and_backward(offload):
     model = tiny_model()
     model.gradient_checkpointing, model.offload_checkpoints = True, offload
     inputs: list[weakref.ref] = []
-    hooks = [layer.register_forward_pre_hook(lambda _m, args: inputs.append(weakref.ref(args[0])))
-             for layer in model.model.layers]
+    # what each checkpoint keeps: a whole layer's input (its first norm's), or with offload each
+    # half's (the second half starts with the second norm)
+    norms = [layer.input_layernorm for layer in model.model.layers]
+    if offload:
+        norms += [layer.post_attention_layernorm for layer in model.model.layers]
+    hooks = [norm.register_forward_pre_hook(lambda _m, args: inputs.append(weakref.ref(args[0]))) for norm in norms]
     ids, labels = batch()
     out = model(ids, labels=labels, return_logits=False)
     for hook in hooks:
         hook.remove()
     gc.collect()
     alive = [ref() is not None for ref in inputs]
-    assert len(alive) == model.config.num_hidden_layers
+    assert len(alive) == (2 if offload else 1) * model.config.num_hidden_layers
     assert alive == [not offload] * len(alive)
     (out.loss_sum / out.num_targets).backward()   # and the backward still finds every input

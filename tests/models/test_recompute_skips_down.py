@@ -1,6 +1,8 @@
 """A checkpoint's recomputation of a pre-norm decoder layer skips the MLP's down projection (its
 output is thrown away), with gradients unchanged: the fused LoRA MLP, the tiled MLP, torch's
-early stop on and off, and Gemma's sandwich norms (where the MLP output is needed and made)."""
+early stop on and off, and Gemma's sandwich norms (where the MLP output is needed and made).
+With offloaded checkpoints each layer is checkpointed as two halves, and the output projection is
+skipped too, unless the host lacks room for the second input."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
 from velotune.lora import LoraConfig, apply_lora
+from velotune.models import offload
 from velotune.models.checkpointing import recomputing
 from velotune.models.config import ModelConfig
 from velotune.models.transformer import Transformer
@@ -31,28 +34,30 @@ def lora_model(**overrides) -> Transformer:
     return model.train()
 
 
-class DownWeightReads(TorchDispatchMode):
-    """Counts the ops that read a down projection's base weight (the matmuls of that projection)."""
+class WeightReads(TorchDispatchMode):
+    """Counts the matmuls that read the base weight of one projection (`down_proj`, `o_proj`) in
+    any layer (none for 4-bit bases, which have no weight tensor)."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, projection: str):
         super().__init__()
-        self.weights = {layer.mlp.down_proj.base_layer.weight.untyped_storage().data_ptr()
-                        for layer in model.model.layers}
+        bases = [layer.get_submodule(projection).base_layer for layer in model.model.layers]
+        self.weights = {base.weight.untyped_storage().data_ptr() for base in bases if hasattr(base, "weight")}
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         flat = [*args, *(kwargs or {}).values()]
-        if func.overloadpacket in MATMULS and any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.weights for a in flat):
+        if func.overloadpacket in MATMULS and any(
+                isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.weights for a in flat):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
 
-def train_step(model: Transformer, ids: torch.Tensor, **settings):
-    """(loss, LoRA gradients, down-weight matmuls) of one forward and backward."""
+def train_step(model: Transformer, ids: torch.Tensor, projection: str = "mlp.down_proj", **settings):
+    """(loss, LoRA gradients, matmuls reading `projection`'s weight) of one forward and backward."""
     for key, value in settings.items():
         setattr(model, key, value)
     model.zero_grad(set_to_none=True)
-    with DownWeightReads(model) as reads:
+    with WeightReads(model, projection) as reads:
         out = model(ids, labels=ids, return_logits=False)
         out.loss_sum.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -61,7 +66,7 @@ def train_step(model: Transformer, ids: torch.Tensor, **settings):
 
 def assert_same(actual, expected) -> None:
     assert torch.equal(actual[0], expected[0])
-    assert actual[1].keys() == expected[1].keys() and len(expected[1]) == 7 * 2 * LAYERS
+    assert actual[1].keys() == expected[1].keys() and len(expected[1]) == 7 * 2 * LAYERS   # every A and B
     for name, grad in expected[1].items():
         torch.testing.assert_close(actual[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -90,6 +95,35 @@ def test_tiled_mlp_skips_its_chunks_in_the_recomputation():
     assert_same(checkpointed, tiled)
 
 
+def test_offloaded_layers_are_checkpointed_in_halves_skipping_the_output_projection():
+    model = lora_model()
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
+    plain = train_step(model, ids, "self_attn.o_proj", gradient_checkpointing=False)
+    assert plain[2] == 2 * LAYERS
+    whole = train_step(model, ids, "self_attn.o_proj", gradient_checkpointing=True)
+    assert whole[2] == 3 * LAYERS          # the next norm needs the output projection's result
+    halves = train_step(model, ids, "self_attn.o_proj", gradient_checkpointing=True, offload_checkpoints=True)
+    assert halves[2] == 2 * LAYERS
+    assert model.offload_stats.offloaded == model.offload_stats.restored == 2 * LAYERS
+    assert_same(halves, plain)
+    down = train_step(model, ids, "mlp.down_proj", gradient_checkpointing=True, offload_checkpoints=True)
+    assert down[2] == 2 * LAYERS
+
+
+def test_whole_layers_when_the_host_lacks_room_for_the_halves(monkeypatch):
+    model = lora_model()
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
+    layer_input = 2 * 11 * 24 * 4   # batch x seq x hidden, float32
+    plain = train_step(model, ids, "self_attn.o_proj", gradient_checkpointing=False)
+    model.offload_pool.release_free()
+    # room beyond the reserve for one input per layer, not two
+    room = offload.HOST_RESERVE_BYTES + int(1.5 * LAYERS * layer_input)
+    monkeypatch.setattr(offload, "host_memory_bytes", lambda: (10**12, room))
+    whole = train_step(model, ids, "self_attn.o_proj", gradient_checkpointing=True, offload_checkpoints=True)
+    assert whole[2] == 3 * LAYERS and model.offload_stats.offloaded == LAYERS
+    assert_same(whole, plain)
+
+
 def test_sandwich_norms_recompute_the_mlp_output_they_normalise():
     model = lora_model(sandwich_norms=True, norm_weight_offset=1.0)
     ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -108,3 +142,4 @@ def test_the_flag_is_set_only_inside_the_recomputation():
     ids = torch.randint(0, 61, (1, 7), generator=torch.Generator().manual_seed(1))
     model(ids, labels=ids, return_logits=False).loss_sum.backward()
     assert seen == [False] * LAYERS + [True] * LAYERS and not recomputing()
+

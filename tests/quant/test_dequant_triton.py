@@ -26,6 +26,16 @@ def test_kernel_equals_reference(shape, dtype, quant_type, compress_statistics, 
     assert torch.equal(got.cpu(), expected)
 
 
+@pytest.mark.parametrize("blocksize", [32, 128, 256])
+def test_kernel_equals_reference_at_other_block_sizes(blocksize, device):
+    """The block sizes are compile-time constants of the kernel: each size is its own compilation."""
+    w = torch.randn(7, 3 * blocksize + 5, generator=torch.Generator().manual_seed(blocksize)).to(torch.bfloat16)
+    for compress_statistics in (True, False):
+        packed, state = quantize_nf4(w, blocksize=blocksize, compress_statistics=compress_statistics)
+        got = dequantize_4bit_triton(packed.to(device), state.to(device))
+        assert torch.equal(got.cpu(), dequantize_4bit_reference(packed, state))
+
+
 def test_kernel_checks_sizes(device):
     packed, state = quantize_nf4(torch.randn(4, 64))
     with pytest.raises(ValueError, match="needs 128"):

@@ -169,10 +169,10 @@ def test_replayed_steps_with_checkpoints_offloaded_to_host_memory():
     graph_losses, graph_w, step = train(True, False, offload=True)
     assert step.replays >= 4, step.describe()
     entry = step.shapes[(2, 45, False)]
-    layers = step.model.config.num_hidden_layers
-    # the graph holds one pinned buffer per checkpointed layer input, which nothing else may lease
-    assert len(entry.host_buffers) == layers and all(b.in_use and b.pinned for b in entry.host_buffers)
-    assert step.model.offload_stats.offloaded == layers
+    parked = 2 * step.model.config.num_hidden_layers    # each layer checkpointed as two halves
+    # the graph holds one pinned buffer per checkpointed input, which nothing else may lease
+    assert len(entry.host_buffers) == parked and all(b.in_use and b.pinned for b in entry.host_buffers)
+    assert step.model.offload_stats.offloaded == parked
     assert_matches_eager(graph_losses, graph_w, eager_losses, eager_w)
 
 

@@ -71,12 +71,14 @@ class Projection:
     quantized: Linear4bit | None     # a 4-bit base, dequantized on the fly (its weight slot is None)
 
 
-def project(x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
-    """`tuple(m(x) for m in modules)`, computed by one `LoraProjections` when the modules allow it."""
+def project(x: torch.Tensor, *modules: nn.Module, output_needed: bool = True) -> tuple[torch.Tensor, ...]:
+    """`tuple(m(x) for m in modules)`, computed by one `LoraProjections` when the modules allow it.
+    `output_needed=False` (a checkpoint's recomputation): the fused block saves what it always
+    saves and returns placeholders of the outputs' shapes without running the base matmuls."""
     parts = _plan(x, modules)
     if parts is None:
         return tuple(m(x) for m in modules)
-    return _run(LoraProjections, x, parts, ())
+    return _run(LoraProjections, x, parts, (output_needed,))
 
 
 def mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str,
@@ -97,15 +99,16 @@ class LoraProjections(torch.autograd.Function):
     Saves X, X·A^T (all adapters stacked) and the adapters; returns one output per projection."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, plan: tuple[Projection, ...],  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, plan: tuple[Projection, ...], output_needed: bool,  # type: ignore[override]
                 *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         a_all, xa = _stacked_products(x, plan, tensors, range(len(plan)))
-        spans = _spans(plan)
-        outputs = tuple(_projection(x, plan, tensors, i, xa[:, spans[i]] if p.adapted else None)
-                        for i, p in enumerate(plan))
         ctx.plan = plan
         ctx.save_for_backward(x, xa, a_all, *_weights_and_bs(plan, tensors))
-        return outputs
+        if not output_needed:
+            return tuple(x.new_zeros(1).expand(x.shape[0], p.out_features) for p in plan)
+        spans = _spans(plan)
+        return tuple(_projection(x, plan, tensors, i, xa[:, spans[i]] if p.adapted else None)
+                     for i, p in enumerate(plan))
 
     @staticmethod
     @once_differentiable
@@ -113,14 +116,14 @@ class LoraProjections(torch.autograd.Function):
         plan: tuple[Projection, ...] = ctx.plan
         x, xa, a_all, *saved = ctx.saved_tensors
         weights, bs = saved[:len(plan)], saved[len(plan):]
-        needs = ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]  # drop the plan's slot
+        needs = ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]  # drop the plan's and output_needed's slots
         members = range(len(plan))
         out: list[torch.Tensor | None] = [None] * (PER_PROJECTION * len(plan))
         with _autocast_off(x):
             dx = _base_input_grad(needs[0], plan, members, weights, grads, x.dtype)
             dxa = _adapter_grads(needs, plan, members, grads, xa, bs, out)
             dx = _stacked_input_grads(needs, plan, members, x, a_all, dxa, dx, out)
-        return (dx, None, *out)
+        return (dx, None, None, *out)
 
 
 class LoraMLP(torch.autograd.Function):

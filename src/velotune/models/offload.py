@@ -5,7 +5,8 @@ is its input, [batch, seq, hidden]: for Llama-3.1-8B at 350,000 tokens that is 2
 86 GiB for the 32 layers. `LayerInputOffloader` copies each such input to pinned host memory on a
 side CUDA stream as soon as it is saved (the copy overlaps the next layers' compute), and in the
 backward brings layer i-1's input back on the same side stream while layer i is recomputed, so at
-most two layer inputs are on the GPU at any time.
+most two layer inputs are on the GPU at any time. (A layer checkpointed as two halves, see
+`Transformer.checkpoints_halves`, parks one input per half; "layer input" below covers both.)
 
 Why saved-tensor hooks around `torch.utils.checkpoint` (non-reentrant) instead of a custom
 autograd Function per layer: the non-reentrant checkpoint stores the layer's inputs through the
@@ -100,6 +101,13 @@ def host_memory_bytes() -> tuple[int, int]:
 def host_reserve_bytes(total: int) -> int:
     """What the offload leaves unpinned on a host of `total` bytes."""
     return min(HOST_RESERVE_BYTES, total // 10)
+
+
+def host_has_room(pool: PinnedHostPool, count: int, nbytes: int) -> bool:
+    """Whether `count` offloaded inputs of `nbytes` each fit in host memory: what the pool
+    already holds (reused) plus what is available beyond the reserve."""
+    total, available = host_memory_bytes()
+    return count * nbytes <= pool.held_bytes + available - host_reserve_bytes(total)
 
 
 def host_memory_gib() -> tuple[float, float]:

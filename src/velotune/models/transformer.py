@@ -35,7 +35,7 @@ from velotune.models.checkpointing import (
 )
 from velotune.models.config import ModelConfig
 from velotune.models.masks import attention_mask_for, document_ids
-from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool
+from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_has_room
 from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
 
 
@@ -117,7 +117,9 @@ class Attention(nn.Module):
         self.softcap = c.attn_logit_softcapping
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None, output_needed: bool = True) -> torch.Tensor:
+        """`output_needed=False`: the output projection saves its input but is not run (see
+        `lora_fused.project`); for a recomputation whose output is thrown away."""
         b, t, _ = x.shape
         q, k, v = lora_fused.project(x, self.q_proj, self.k_proj, self.v_proj)  # one fused block under LoRA
         q = q.view(b, t, self.num_heads, self.head_dim)
@@ -131,7 +133,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         out = self.attend(q, k, v, mask)
         attended = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
-        return lora_fused.project(attended, self.o_proj)[0]
+        return lora_fused.project(attended, self.o_proj, output_needed=output_needed)[0]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         causal = mask is None and q.shape[2] > 1
@@ -208,6 +210,22 @@ class DecoderLayer(nn.Module):
         # layer (and throws its output away) the MLP saves what its backward needs and skips the
         # rest: for Llama-3.1-8B the down projection, a quarter of the layer's matmul FLOPs.
         # (With sandwich norms a norm saves from the MLP output, so it is always made.)
+        return x + tiled_mlp(self.mlp, normed, mlp_chunk, output_needed=not recomputing())
+
+    # The two halves of a pre-norm layer, each checkpointed on its own when checkpoints are
+    # offloaded (`Transformer.hidden_states`): the residual stream between them is then saved as
+    # the second half's input, so the first half's recomputation needs no output either and skips
+    # the output projection too. Same arithmetic as `forward` except that the residual add and
+    # the second norm are two kernels instead of one.
+
+    def attention_residual(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        """x + attention(norm(x))."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, output_needed=not recomputing())
+
+    def mlp_residual(self, x: torch.Tensor, mlp_chunk: int = 0) -> torch.Tensor:
+        """x + mlp(norm(x))."""
+        normed = self.post_attention_layernorm(x)
         return x + tiled_mlp(self.mlp, normed, mlp_chunk, output_needed=not recomputing())
 
 
@@ -304,21 +322,36 @@ class Transformer(nn.Module):
         }
         mlp_chunk = mlp_chunk_size(self.mlp_chunk_tokens, b * t)
         checkpointed = self.checkpointed_layers(b, t, mlp_chunk)
-        offloader = None
+        offloader, halves = None, False
         if self.offload_checkpoints and checkpointed:
             self.offload_stats = OffloadStats()
+            parked = checkpointed - self.checkpoints_kept_on_gpu
+            halves = self.checkpoints_halves(x, parked)
             offloader = LayerInputOffloader(x.device, self.offload_stats, self.offload_pool,
-                                            planned=checkpointed - self.checkpoints_kept_on_gpu)
+                                            planned=parked * (2 if halves else 1))
         for i, layer in enumerate(self.model.layers):
             mask = masks[c.sliding_window if c.is_sliding(i) else None]
             if i < checkpointed:
                 parked = offloader if i < checkpointed - self.checkpoints_kept_on_gpu else None
-                x = run_checkpointed(layer, x, cos, sin, mask, cache, mlp_chunk, offloader=parked)
+                if halves and parked is not None:
+                    x = run_checkpointed(layer.attention_residual, x, cos, sin, mask, cache, offloader=parked)
+                    x = run_checkpointed(layer.mlp_residual, x, mlp_chunk, offloader=parked)
+                else:
+                    x = run_checkpointed(layer, x, cos, sin, mask, cache, mlp_chunk, offloader=parked)
             else:
                 x = layer(x, cos, sin, mask, cache, mlp_chunk)
         if cache is not None:
             cache.advance(t)
         return self.model.norm(x)
+
+    def checkpoints_halves(self, x: torch.Tensor, parked: int) -> bool:
+        """Whether the `parked` offloaded layers are checkpointed as two halves each (see
+        `DecoderLayer.attention_residual`): only for pre-norm layers, and only when the host has
+        room for twice the inputs (`offload.host_has_room`), since the halves' second input
+        doubles the pinned host memory (a 350,000-token 8B run parks 85 GiB as whole layers)."""
+        if self.config.sandwich_norms or not parked:
+            return False
+        return host_has_room(self.offload_pool, 2 * parked, x.numel() * x.element_size())
 
     def checkpointed_layers(self, batch: int, seq: int, mlp_chunk: int = 0) -> int:
         """How many decoder layers (the first ones) a training forward of batch x seq checkpoints."""
