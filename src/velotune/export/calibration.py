@@ -25,6 +25,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 
 from velotune.export.blockgrid import Codec, interleave
+from velotune.models.layerwise import layer_arguments, run_with_input_statistics
 from velotune.models.transformer import Transformer
 
 # Generic chat turns for calibration. Keep them generic and disjoint from the evaluation prompts
@@ -82,22 +83,7 @@ class LayerStatistics:
         self.model = model
         ids, positions = calibration_ids(tokenizer, conversations)
         self.tokens = ids.shape[1]
-        device = next(model.parameters()).device
-        layers = model.model.layers
-        self.layer_args: list[tuple[Any, ...]] = [() for _ in layers]
-
-        def keep_args(i: int):  # (x, cos, sin, mask) of each layer: masks differ per layer (windows)
-            def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-                self.layer_args[i] = args if i == 0 else (None, *args[1:])
-            return hook
-
-        handles = [layer.register_forward_pre_hook(keep_args(i)) for i, layer in enumerate(layers)]
-        try:
-            with torch.no_grad():
-                model.hidden_states(ids.to(device), position_ids=positions.to(device))
-        finally:
-            for h in handles:
-                h.remove()
+        self.layer_args = layer_arguments(model, ids, positions)
         self.hidden: torch.Tensor = self.layer_args[0][0]
         self.layer = -1
         self.hessians: dict[str, torch.Tensor] = {}
@@ -105,31 +91,10 @@ class LayerStatistics:
     def advance(self) -> None:
         """Run the next decoder layer on the calibration hidden states, keeping its linears' H."""
         self.layer += 1
-        layer = self.model.model.layers[self.layer]
-        self.hessians = {}
-        seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, its H); the input is held so
-        # that its id cannot be reused by a later tensor within this layer
-
-        def keep(path: str):
-            def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-                x = args[0]
-                known = next((h for inp, h in seen if inp is x), None)  # q/k/v, gate/up share one input
-                if known is None:
-                    flat = x.reshape(-1, x.shape[-1]).double()
-                    known = (flat.T @ flat).cpu()
-                    seen.append((x, known))
-                self.hessians[path] = known
-            return hook
-
-        linears = [(name, m) for name, m in layer.named_modules()
-                   if name.count(".") == 1 and name.endswith("_proj")]
-        handles = [m.register_forward_pre_hook(keep(name)) for name, m in linears]
-        try:
-            with torch.no_grad():
-                self.hidden = layer(self.hidden, *self.layer_args[self.layer][1:])
-        finally:
-            for h in handles:
-                h.remove()
+        self.hidden, hessians = run_with_input_statistics(
+            self.model.model.layers[self.layer], self.hidden, self.layer_args[self.layer],
+            lambda name, _m: name.count(".") == 1 and name.endswith("_proj"), torch.float64)
+        self.hessians = {path: h.cpu() for path, h in hessians.items()}
 
     def hessian(self, hf_name: str) -> torch.Tensor | None:
         """H [in, in] (float64) for a decoder layer's linear weight, or None for anything else."""

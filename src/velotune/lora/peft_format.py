@@ -16,6 +16,14 @@ folder when such a file or folder exists there, else the name as given (absolute
 null, or the default model's GGUF file name at a path that does not exist here, mean the default
 model. `save_adapter` writes an existing local base as an absolute path, a Hub id as given, and
 null for the default model when given None.
+
+Adapters that only hold on a 4-bit base (`lora_init: quant_error` starts them as that base's
+rounding error, quant/error_init.py; on the 16-bit base they would add it a second time) carry
+`velotune_base.json`, the `load_model` options of that base (`model.adapter_base`).
+`load_adapter` then loads the base that way (every velotune reader, `velotune export` included,
+so a merged export merges into the dequantized 4-bit base), and refuses other 4-bit settings with
+the key named. PEFT does not read the file: with PEFT such an adapter belongs on the same
+bitsandbytes NF4 base (double-quantized, blocksize 64), not on the 16-bit model.
 """
 from __future__ import annotations
 
@@ -34,6 +42,8 @@ from velotune.lora.model import apply_lora, lora_layers, lora_named_parameters, 
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+BASE_FILE = "velotune_base.json"
+BASE_KEYS = ("load_in_4bit", "quant_type", "keep_16bit", "keep_16bit_dynamic")
 PREFIX = "base_model.model."
 BASE_SUFFIX = ".base_layer.weight"
 
@@ -97,7 +107,42 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     tensors = {PREFIX + name: t.contiguous().cpu() for name, t in lora_state_dict(model).items()}
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(peft_config(config, base_model_name_or_path), indent=2) + "\n")
+    base = getattr(model, "adapter_base", None)
+    if base is not None:
+        (folder / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
+    elif (folder / BASE_FILE).exists():       # a folder reused for an adapter of the plain base
+        (folder / BASE_FILE).unlink()
     return folder
+
+
+def read_adapter_base(folder: Path) -> dict[str, Any] | None:
+    """The `load_model` options of the base an adapter requires (BASE_FILE), or None."""
+    path = folder / BASE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LoadError(f"{path}, line {err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(data, dict) or data.get("load_in_4bit") is not True:
+        raise LoadError(f"{path}: expected an object with load_in_4bit: true")
+    unknown = sorted(set(data) - set(BASE_KEYS))
+    if unknown:
+        raise LoadError(f"{path}: unknown key(s) {unknown}; expected {list(BASE_KEYS)}")
+    return data
+
+
+def base_options_for(required: dict[str, Any], options: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`options` for load_model with the base `required` filled in. A plain call (no 4-bit asked
+    for) gets the required base; a 4-bit request with other settings is refused."""
+    if not options.get("load_in_4bit"):
+        return {**options, **required}
+    for key in BASE_KEYS[1:]:
+        asked = options.get(key)
+        if asked is not None and key in required and asked != required[key]:
+            raise LoadError(f"{path}: this adapter was made for a 4-bit base with {key} = {required[key]!r}, "
+                            f"but {key} = {asked!r} was asked for (its adapters hold that base's rounding error)")
+    return {**options, **required}
 
 
 def read_adapter_config(path: Path) -> tuple[LoraConfig, str | None]:
@@ -208,6 +253,9 @@ def load_adapter(path: str | Path, *, dtype: torch.dtype | None = None, device: 
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise LoadError(f"{weights}: no such file (a PEFT adapter folder needs {WEIGHTS_FILE})")
+    required = read_adapter_base(folder)
+    if required is not None:
+        base_options = base_options_for(required, base_options, folder / BASE_FILE)
     base = resolve_base(base_name, folder)
     if base is not None and Path(base).resolve() == folder.resolve():
         raise LoadError(f"{folder / CONFIG_FILE}: base_model_name_or_path names the adapter folder itself")
@@ -218,4 +266,6 @@ def load_adapter(path: str | Path, *, dtype: torch.dtype | None = None, device: 
         raise LoadError(f"{folder / CONFIG_FILE}: {err}") from None
     load_adapter_weights(model, weights)
     model.adapter_source = str(folder)
+    if required is not None:
+        model.adapter_base = required
     return model, tokenizer

@@ -33,6 +33,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "galore")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
+LORA_INITS = ("default", "quant_error")
 CHATTERBOT = "chatterbot"   # `dataset: chatterbot` (or `chatterbot:ai,greetings`) = the bundled corpus
 
 
@@ -79,6 +80,10 @@ class TrainConfig:
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     use_rslora: bool = False
     use_dora: bool = False
+    # qlora: default (B = 0) | quant_error (each adapter starts as the best rank-r part of its
+    # layer's 4-bit rounding error on calibration text, quant/error_init.py; the saved adapter
+    # then belongs to the 4-bit base)
+    lora_init: str = "default"
     # Memory and numerics.
     gradient_checkpointing: bool | str = False  # true | false | auto (only as many layers as memory needs)
     offload_checkpoints: bool = False        # checkpointed layer inputs to pinned CPU memory, back before backward
@@ -265,7 +270,8 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
     if config.method == "grpo" and config.num_generations < 2:
         fail("num_generations", "must be at least 2 (advantages compare completions of one prompt)")
     for key, choices in (("method", METHODS), ("lr_scheduler", SCHEDULERS), ("optimizer", OPTIMIZERS),
-                         ("dtype", DTYPES), ("dataset_format", DATASET_FORMATS), ("distributed", DISTRIBUTED)):
+                         ("dtype", DTYPES), ("dataset_format", DATASET_FORMATS), ("distributed", DISTRIBUTED),
+                         ("lora_init", LORA_INITS)):
         if getattr(config, key) not in choices:
             fail(key, f"must be one of {', '.join(choices)}")
     for key in ("num_epochs", "micro_batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps",
@@ -285,6 +291,9 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
             fail(key, "must be in [0, 1)")
     if config.lora_dropout >= 1.0:
         fail("lora_dropout", "must be below 1")
+    if config.lora_init == "quant_error" and config.method != "qlora":
+        fail("lora_init", f"quant_error starts adapters as the 4-bit rounding error: it needs method qlora, "
+                          f"not {config.method}")
     from velotune.export import ExportError, check_request
 
     for entry in config.export:

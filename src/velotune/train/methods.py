@@ -72,6 +72,33 @@ def prepare(model: nn.Module, config: TrainConfig) -> nn.Module:
     return apply_lora(model, lora_config(config), dtype=torch.float32)
 
 
+def init_adapters(model: nn.Module, config: TrainConfig, tokenizer, *, fresh: bool = True) -> str | None:
+    """`lora_init: quant_error`: start each adapter on a 4-bit layer as the part of that layer's
+    rounding error it can hold (quant/error_init.py), measured layer by layer on the generic
+    calibration conversations the 4-bit load and GGUF export use, and record on the model that
+    its adapters belong to this 4-bit base (`model.adapter_base`, written next to saved adapters).
+    Returns what was done, for the log (None: nothing done). A resumed run (`fresh=False`) reads
+    its adapters from the checkpoint: only the record is made."""
+    if config.lora_init != "quant_error":
+        return None
+    model.adapter_base = {"load_in_4bit": True, "quant_type": "nf4", "keep_16bit": list(config.keep_16bit),
+                          "keep_16bit_dynamic": config.keep_16bit_dynamic}
+    if not fresh:
+        return None
+    from velotune.export.calibration import calibration_ids
+    from velotune.quant.error_init import compensate_quantization_error
+
+    if tokenizer is None:
+        raise TrainConfigError("lora_init quant_error needs a tokenizer for its calibration text")
+    ids, positions = calibration_ids(tokenizer)
+    try:
+        done = compensate_quantization_error(model, ids, positions)
+    except ValueError as exc:
+        raise TrainConfigError(f"lora_init quant_error: {exc}") from None
+    return (f"lora_init quant_error: {len(done)} adapters start as the rank-{config.lora_r} part of their "
+            f"layer's 4-bit rounding error ({ids.shape[1]} calibration tokens)")
+
+
 def save_result(model: nn.Module, tokenizer, config: TrainConfig, folder: Path | None = None) -> Path:
     """Write the run's result (adapter or full model) and return its folder."""
     out = Path(config.output_dir)
