@@ -105,7 +105,7 @@ class LoraProjections(torch.autograd.Function):
         ctx.plan = plan
         ctx.save_for_backward(x, xa, a_all, *_weights_and_bs(plan, tensors))
         if not output_needed:
-            return tuple(x.new_zeros(1).expand(x.shape[0], p.out_features) for p in plan)
+            return tuple(_placeholder(x, p.out_features) for p in plan)
         spans = _spans(plan)
         return tuple(_projection(x, plan, tensors, i, xa[:, spans[i]] if p.adapted else None)
                      for i, p in enumerate(plan))
@@ -147,7 +147,7 @@ class LoraMLP(torch.autograd.Function):
         ctx.plan, ctx.activation, ctx.spent, ctx.ha = plan, activation, False, None
         ctx.save_for_backward(x, xa, a_gu, g, u, a_down, *_weights_and_bs(plan, tensors))
         if not output_needed:
-            return x.new_zeros(1).expand(x.shape[0], down.out_features)
+            return _placeholder(x, down.out_features)
         terms = _glu_terms(plan, xa, bs)
         weight, bias = _base_weight(down, tensors, 2, x.dtype), _bias(tensors, 2, x.dtype)
         out = x.new_empty(x.shape[0], down.out_features)
@@ -260,6 +260,11 @@ def _projection(x: torch.Tensor, plan: Sequence[Projection], tensors: Sequence[t
     if xa is not None:
         y.addmm_(xa, _slot(tensors, i, B).t(), alpha=p.scale)
     return y
+
+
+def _placeholder(x: torch.Tensor, cols: int) -> torch.Tensor:
+    """A [rows of x, cols] stand-in for an output a recomputation discards: one zero, expanded."""
+    return x.new_zeros(1).expand(x.shape[0], cols)
 
 
 def _row_chunks(t: torch.Tensor) -> list[slice]:

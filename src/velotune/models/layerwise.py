@@ -3,15 +3,36 @@ H = X^T X of chosen linear layers in each.
 
 Both the GGUF export's GPTQ-style rounding (`export/calibration.py`) and the quantization-error
 LoRA initialisation (`quant/error_init.py`) need H for each layer's linears as that layer is
-reached, with the hidden states flowing from one layer to the next, so they share this.
+reached, with the hidden states flowing from one layer to the next, so they share this; the
+16-bit ranking's channel scales (`quant/calibration.py`) use its hooked calibration forward.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def pre_hooks(hooks: Iterable[tuple[nn.Module, Callable[..., None]]]) -> Iterator[None]:
+    """Forward pre-hooks on modules for the duration of the block, removed however it ends."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def calibration_forward(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> None:
+    """A no-grad pass of `ids` [1, T] through the decoder stack (`positions` restart per packed
+    document), on the model's device; what it yields is seen through hooks."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model.hidden_states(ids.to(device), position_ids=positions.to(device))
 
 
 def layer_arguments(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> list[tuple[Any, ...]]:
@@ -20,7 +41,6 @@ def layer_arguments(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor
     is kept (the others' slot is None): callers compute the rest layer by layer. Masks differ per
     layer where some layers use a sliding window."""
     layers = model.model.layers
-    device = next(model.parameters()).device
     args: list[tuple[Any, ...]] = [() for _ in layers]
 
     def keep(i: int):
@@ -28,13 +48,8 @@ def layer_arguments(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor
             args[i] = layer_args if i == 0 else (None, *layer_args[1:])
         return hook
 
-    handles = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            model.hidden_states(ids.to(device), position_ids=positions.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with pre_hooks((layer, keep(i)) for i, layer in enumerate(layers)):
+        calibration_forward(model, ids, positions)
     return args
 
 
@@ -59,11 +74,6 @@ def run_with_input_statistics(layer: nn.Module, hidden: torch.Tensor, args: tupl
             hessians[path] = known
         return hook
 
-    handles = [m.register_forward_pre_hook(keep(name)) for name, m in layer.named_modules() if select(name, m)]
-    try:
-        with torch.no_grad():
-            out = layer(hidden, *args[1:])
-    finally:
-        for handle in handles:
-            handle.remove()
+    with pre_hooks((m, keep(name)) for name, m in layer.named_modules() if select(name, m)), torch.no_grad():
+        out = layer(hidden, *args[1:])
     return out, hessians

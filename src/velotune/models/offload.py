@@ -103,11 +103,16 @@ def host_reserve_bytes(total: int) -> int:
     return min(HOST_RESERVE_BYTES, total // 10)
 
 
+def host_room_bytes() -> int:
+    """Host memory that new offload buffers may take: MemAvailable beyond the reserve (may be < 0)."""
+    total, available = host_memory_bytes()
+    return available - host_reserve_bytes(total)
+
+
 def host_has_room(pool: PinnedHostPool, count: int, nbytes: int) -> bool:
     """Whether `count` offloaded inputs of `nbytes` each fit in host memory: what the pool
-    already holds (reused) plus what is available beyond the reserve."""
-    total, available = host_memory_bytes()
-    return count * nbytes <= pool.held_bytes + available - host_reserve_bytes(total)
+    already holds (reused) plus `host_room_bytes`."""
+    return count * nbytes <= pool.held_bytes + host_room_bytes()
 
 
 def host_memory_gib() -> tuple[float, float]:
@@ -358,9 +363,8 @@ class LayerInputOffloader:
             return buffer
         self.pool.release_free()
         remaining = max(self.planned - index, 1)
-        total, available = host_memory_bytes()
-        if remaining * nbytes > available - host_reserve_bytes(total):
-            raise self._no_room_error(tensor, index, remaining, total, available)
+        if remaining * nbytes > host_room_bytes():
+            raise self._no_room_error(tensor, index, remaining)
         start = time.perf_counter()
         try:
             buffer = self.pool.allocate(nbytes, pinned=self.cuda)
@@ -396,9 +400,9 @@ class LayerInputOffloader:
         self.stats.restored += 1
         return tensor
 
-    def _no_room_error(self, tensor: torch.Tensor, index: int, remaining: int, total: int,
-                       available: int) -> OffloadError:
+    def _no_room_error(self, tensor: torch.Tensor, index: int, remaining: int) -> OffloadError:
         nbytes = tensor.numel() * tensor.element_size()
+        total, available = host_memory_bytes()
         reserve = host_reserve_bytes(total)
         room = max(available - reserve, 0)
         keep = min(math.ceil((remaining * nbytes - room) / nbytes), remaining)

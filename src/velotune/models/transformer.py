@@ -322,36 +322,35 @@ class Transformer(nn.Module):
         }
         mlp_chunk = mlp_chunk_size(self.mlp_chunk_tokens, b * t)
         checkpointed = self.checkpointed_layers(b, t, mlp_chunk)
-        offloader, halves = None, False
+        offloader, offloaded, halves = None, 0, False   # the first `offloaded` layers park their inputs
         if self.offload_checkpoints and checkpointed:
             self.offload_stats = OffloadStats()
-            parked = checkpointed - self.checkpoints_kept_on_gpu
-            halves = self.checkpoints_halves(x, parked)
+            offloaded = max(checkpointed - self.checkpoints_kept_on_gpu, 0)
+            halves = self.checkpoints_halves(x, offloaded)
             offloader = LayerInputOffloader(x.device, self.offload_stats, self.offload_pool,
-                                            planned=parked * (2 if halves else 1))
+                                            planned=offloaded * (2 if halves else 1))
         for i, layer in enumerate(self.model.layers):
             mask = masks[c.sliding_window if c.is_sliding(i) else None]
-            if i < checkpointed:
-                parked = offloader if i < checkpointed - self.checkpoints_kept_on_gpu else None
-                if halves and parked is not None:
-                    x = run_checkpointed(layer.attention_residual, x, cos, sin, mask, cache, offloader=parked)
-                    x = run_checkpointed(layer.mlp_residual, x, mlp_chunk, offloader=parked)
-                else:
-                    x = run_checkpointed(layer, x, cos, sin, mask, cache, mlp_chunk, offloader=parked)
+            if i < offloaded and halves:
+                x = run_checkpointed(layer.attention_residual, x, cos, sin, mask, cache, offloader=offloader)
+                x = run_checkpointed(layer.mlp_residual, x, mlp_chunk, offloader=offloader)
+            elif i < checkpointed:
+                parked = offloader if i < offloaded else None
+                x = run_checkpointed(layer, x, cos, sin, mask, cache, mlp_chunk, offloader=parked)
             else:
                 x = layer(x, cos, sin, mask, cache, mlp_chunk)
         if cache is not None:
             cache.advance(t)
         return self.model.norm(x)
 
-    def checkpoints_halves(self, x: torch.Tensor, parked: int) -> bool:
-        """Whether the `parked` offloaded layers are checkpointed as two halves each (see
+    def checkpoints_halves(self, x: torch.Tensor, offloaded: int) -> bool:
+        """Whether the `offloaded` layers are checkpointed as two halves each (see
         `DecoderLayer.attention_residual`): only for pre-norm layers, and only when the host has
         room for twice the inputs (`offload.host_has_room`), since the halves' second input
         doubles the pinned host memory (a 350,000-token 8B run parks 85 GiB as whole layers)."""
-        if self.config.sandwich_norms or not parked:
+        if self.config.sandwich_norms or not offloaded:
             return False
-        return host_has_room(self.offload_pool, 2 * parked, x.numel() * x.element_size())
+        return host_has_room(self.offload_pool, 2 * offloaded, x.numel() * x.element_size())
 
     def checkpointed_layers(self, batch: int, seq: int, mlp_chunk: int = 0) -> int:
         """How many decoder layers (the first ones) a training forward of batch x seq checkpoints."""

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from velotune.export.calibration import calibration_ids
+from velotune.models.layerwise import calibration_forward, pre_hooks
 
 
 def input_channel_scales(model: nn.Module, tokenizer: Any, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -32,15 +33,8 @@ def input_channel_scales(model: nn.Module, tokenizer: Any, names: Iterable[str])
         return hook
 
     targets = {n: model.get_submodule(n) for n in names}
-    handles = [m.register_forward_pre_hook(record(n)) for n, m in targets.items()]
-    ids, positions = calibration_ids(tokenizer)
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            model.hidden_states(ids.to(device), position_ids=positions.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with pre_hooks((m, record(n)) for n, m in targets.items()):
+        calibration_forward(model, *calibration_ids(tokenizer))
     missing = sorted(set(targets) - set(sums))
     if missing:
         raise RuntimeError(f"calibration forward never reached linear layers {missing[:5]}")
