@@ -9,11 +9,15 @@ from velotune.cli import main
 from velotune.estimate import (
     GIB,
     EstimateError,
+    MLP_CHUNK_BYTES,
     Setup,
+    backward_terms,
+    checkpoint_terms,
     estimate,
     layer_terms,
     load_config,
     lora_parameters,
+    mlp_chunk_bytes,
     nf4_bytes,
     what_fits,
 )
@@ -50,22 +54,53 @@ def test_bundled_configs_match_published_parameter_counts(name):
 def test_llama_layer_terms_add_up_to_the_formula():
     c = config("Llama-3-8B")
     setup = Setup(method="full", batch=8, seq=512)
-    h, q, kv, i, heads = 4096, 4096, 1024, 14336, 32
+    h, q, kv, i, heads, r = 4096, 4096, 1024, 14336, 32, 8
     per_token = 2 * (4 * h + 2 * q + 2 * kv + 3 * i) + 4 * (2 + heads)
     assert per_token == 139_400
     assert sum(t.bytes(4096) for t in layer_terms(c, setup)) == 4096 * per_token
-    lora = sum(t.bytes(4096) for t in layer_terms(c, replace(setup, method="lora", lora_r=8)))
-    assert lora == 4096 * (per_token + 2 * 7 * 8)
+    assert sum(t.bytes(4096) for t in checkpoint_terms(c, setup)) == 4096 * 2 * h
+    # full: the layer output's and MLP input's gradients, dh, dg and du
+    assert sum(t.bytes(4096) for t in backward_terms(c, setup)) == 4096 * 2 * (2 * h + 2 * i)
+
+    # lora: the fused MLP keeps g and u but not act(g) * u; 7 x r from X @ A (6 r) and h @ A_down;
+    # the bf16 copies of every A and B the fused blocks save
+    lora = replace(setup, method="lora", lora_r=r)
+    lora_per_token = 2 * (4 * h + 2 * q + 2 * kv + 2 * i) + 4 * (2 + heads) + 2 * 7 * r
+    copies = 2 * r * ((q + h) + 2 * (kv + h) + (h + q) + 2 * (i + h) + (h + i))
+    assert sum(t.bytes(4096) for t in layer_terms(c, lora)) == 4096 * lora_per_token + copies
+    # a recomputation makes no h, so no h @ A_down: the checkpointed forward's ctx keeps that
+    recomputed = sum(t.bytes(4096) for t in layer_terms(c, lora, recomputation=True))
+    assert recomputed == 4096 * (lora_per_token - 2 * r) + copies
+    assert sum(t.bytes(4096) for t in checkpoint_terms(c, lora)) == 4096 * 2 * (h + r)
+    # the layer output's gradient, then a 56 MiB dh chunk (2,048 rows) or the 32 MiB MLP input gradient
+    assert mlp_chunk_bytes(c, 4096) == 2048 * i * 2 == 56 * 2**20
+    assert sum(t.bytes(4096) for t in backward_terms(c, lora)) == 4096 * 2 * h + 56 * 2**20
+    assert sum(t.bytes(16384) for t in backward_terms(c, replace(lora, batch=32))) == 16384 * 2 * h * 2
+    qlora = sum(t.bytes(4096) for t in backward_terms(c, replace(lora, method="qlora")))
+    assert qlora == 4096 * 2 * h + 56 * 2**20 + 2 * i * h      # + one dequantized MLP projection
 
 
-# torch.cuda.max_memory_allocated above the weights for one forward + backward of
-# velotune.models.transformer (bf16, fused kernels, random tokens), on an H100, 2026-11-23. The
-# LoRA rows used adapters written for the measurement (float32 A and B, cast to bf16 in the forward
-# pass) around the bf16 projections, the QLoRA row around velotune.quant.Linear4bit.
+def test_mlp_chunk_bytes_follow_the_fused_mlp():
+    torch = pytest.importorskip("torch")
+    from velotune.lora import fused
+
+    assert MLP_CHUNK_BYTES == fused._MLP_CHUNK_BYTES
+    for name in ("Llama-3.2-1B", "Llama-3.1-8B", "Qwen2.5-7B"):
+        c = config(name)
+        for tokens in (1, 100, 129, 2048, 4097, 8192, 16384, 50_000):
+            t = torch.empty(tokens, c.intermediate_size, dtype=torch.bfloat16, device="meta")
+            largest = max(s.stop - s.start for s in fused._row_chunks(t))
+            assert mlp_chunk_bytes(c, tokens) == 2 * c.intermediate_size * largest, (name, tokens)
+
+
+# torch.cuda.max_memory_allocated above the weights and optimizer states for one forward + backward
+# of velotune.models.transformer (Llama-3.2-1B, random bf16 weights, fused kernels, eager, LoRA r=16
+# on the seven projections, QLoRA on a 4-bit base), measured by benchmarks/measure_activations.py
+# on an H100 80GB HBM3, 2026-11-23 (rows in benchmarks/RESULTS.md).
 MEASURED_H100_GIB = [
-    ("full", False, 4, 1024, 6.182), ("full", True, 4, 1024, 2.859), ("full", False, 8, 2048, 20.319),
-    ("full", True, 8, 2048, 4.010), ("lora", False, 8, 2048, 19.176), ("lora", True, 8, 2048, 2.730),
-    ("qlora", True, 8, 2048, 2.730),
+    ("full", False, 4, 1024, 6.410), ("full", True, 4, 1024, 2.858), ("full", False, 8, 2048, 20.501),
+    ("full", True, 8, 2048, 4.008), ("lora", False, 8, 2048, 15.048), ("lora", True, 8, 2048, 2.061),
+    ("qlora", False, 8, 2048, 15.049), ("qlora", True, 8, 2048, 2.092),
 ]
 
 

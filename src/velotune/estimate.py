@@ -6,8 +6,8 @@ optimizer states live throughout; activations and gradients take turns, so the r
 is the largest of three moments (symbols below):
 
     total = weights + optimizer states + max(forward end, backward start, backward end)
-    forward end    = S + W                       (checkpointing: S + max(W, one layer))
-    backward start = S + head gradient + Tmp     (checkpointing: + one layer, recomputed)
+    forward end    = S + W                       (checkpointing: S + max(W, one recomputed layer))
+    backward start = S + head gradient + Tmp     (checkpointing: + one recomputed layer)
     backward end   = max(gradients - embedding gradient + one layer + Tmp, gradients)
 
 Weights. full, lora: every parameter in bf16 (2 B). qlora: the attention and MLP projection
@@ -30,37 +30,56 @@ step never exceeds the backward peak.
 
 Activations at the end of the forward pass, T = batch x seq tokens, everything bf16 (2 B) unless
 marked f32 (4 B), h hidden, q = heads x head_dim, kv = kv_heads x head_dim, i intermediate,
-H heads. What the decoder keeps for backward with the fused kernels (RMSNorm saves its input and
-a f32 rstd per row, the GLU kernel saves gate and up, RoPE saves only cos/sin, SDPA flash
-attention saves q, k, v, its output and a f32 log-sum-exp per head; with LoRA and QLoRA the
-frozen base matmul saves nothing, the adapter saves its input, the same tensor, and x @ A):
+H heads, r the LoRA rank. What the decoder keeps for backward with the fused kernels (RMSNorm saves
+its input and a f32 rstd per row, the GLU kernel saves gate and up and the down projection its
+input act(gate) * up, RoPE saves only cos/sin, SDPA flash attention saves q, k, v, its output and a
+f32 log-sum-exp per head). LoRA and QLoRA run the fused blocks of `lora.fused`: the frozen or 4-bit
+base saves nothing, each block saves its input once (the norm's output, the same tensor), its
+X @ A and bf16 copies of its adapters' A and B; the MLP block keeps gate and up but not
+act(gate) * up, which it makes one row chunk at a time (and again in the backward), and keeps
+h @ A_down as a ctx attribute:
 
-    per layer = T x [ 2 B x (x + norm1 + q + k + v + attn_out + x_mid + norm2 + gate + up + act)
-                      + 4 B x (2 rstd + H lse) ]
-              = T x [ 2 B x (4h + 2q + 2kv + 3i) + 4 B x (2 + H) ]        (Llama family)
+    full:       per layer = T x [ 2 B x (x + norm1 + q + k + v + attn_out + x_mid + norm2 + gate + up + act)
+                                  + 4 B x (2 rstd + H lse) ]
+                          = T x [ 2 B x (4h + 2q + 2kv + 3i) + 4 B x (2 + H) ]        (Llama family)
+    LoRA/QLoRA: per layer = T x [ 2 B x (4h + 2q + 2kv + 2i + 7r) + 4 B x (2 + H) ]
+                            + 2 B x r x sum(in + out) of the seven projections (the A and B copies)
+      where 7r = X @ A of the q/k/v, o, gate/up blocks (6r) + h @ A_down (r)
     + Qwen3 q/k norms: 2 B x (q + kv) + 4 B x (H + kv_heads)
     + Gemma 2 sandwich norms: 2 B x 2h + 4 B x 2; its soft-capped attention is explicit, saving k
       and v repeated to H heads (2 B x 2(q - kv)), tanh(scores) bf16, softmax f32 and probabilities
       bf16 (8 B x batch x H x seq^2) and the causal mask (1 B x seq^2), and no log-sum-exp
-    + LoRA: 2 B x 7r (x @ A of the seven adapters)
 
-    S, saved:  no checkpointing L x per layer; checkpointing L x 2 B x T x h (layer inputs only)
+    S, saved:  no checkpointing L x per layer; checkpointing L x 2 B x T x h (layer inputs), and
+        for LoRA/QLoRA L x 2 B x T x r (h @ A_down: the graph of the checkpointed forward holds it
+        outside the saved tensors, which torch's checkpoint drops)
+    one recomputed layer = per layer, less LoRA's h @ A_down: a checkpoint's recomputation asks the
+        MLP for no output (`checkpointing.recomputing()`), so the fused MLP makes no h at all
     W, model-wide at the end of the forward pass = RoPE cos and sin (2 B x 2 T x rotary_dim) + final
         norm input, its output, the gathered target rows, the loss's hidden-gradient buffer and one
         chunk of logits sized like the hidden states (2 B x 5 T h) + final norm rstd (4 B x T); a
         full fine-tune adds the head gradient, which the fused loss computes in the forward pass: a
         float32 accumulator and its bf16 rounding (6 B x V x h); QLoRA one dequantized projection
         (2 B x largest out x in)
-    Tmp, one layer's activation gradients during its backward: 2 B x T x (2h + 2i); explicit
-        attention (Gemma 2) adds the float32 gradient of the scores, 4 B x batch x H x seq^2
+    Tmp, what one layer's backward adds at its peak, in the MLP's backward with every saved tensor
+        of the layer still alive. full: the gradients of the layer output, the MLP input, act,
+        gate and up, 2 B x T x (2h + 2i). LoRA/QLoRA: the layer output's gradient 2 B x T x h,
+        then one dh chunk (rows x i, at most 64 MiB, `lora.fused._row_chunks`) or, once that is
+        freed, the MLP input's gradient 2 B x T x h, whichever is larger (dg and du overwrite g
+        and u); QLoRA adds one dequantized projection. Explicit attention (Gemma 2) adds the
+        float32 gradient of the scores, 4 B x batch x H x seq^2
     The head gradient (2 B x V x h) exists from the forward pass on; the embedding gradient (an
     untied, trained embedding) only after the last layer's backward.
 
-Measured on an H100 with the decoder of velotune.models.transformer (Llama-3.2-1B full, LoRA and
-QLoRA at batch 8 x 2048, full at 4 x 1024; small Gemma 2 and Qwen3 configs, full at 4 x 1024;
-checkpointing on and off), max(forward end, backward start, backward end) came within 4% of
-the measured peak above the weights; the weights came about 64 MiB under what was allocated
-before the step (buffers and workspaces outside the parameters, covered by RESERVED_GIB).
+The per-layer terms, the recomputed layer's and the checkpointed layer's are pinned exactly
+against what autograd saves (tests/test_estimate_saved_bytes.py, small Llama and Qwen3 layers, full,
+LoRA and QLoRA). The step peak: measured on an H100 with the decoder of velotune.models.transformer
+(Llama-3.2-1B full at batch 8 x 2048 and 4 x 1024, checkpointing on and off; small Gemma 2 and
+Qwen3 configs), max(forward end, backward start, backward end) came within 4% of the measured peak
+above the weights; the weights came about 64 MiB under what was allocated before the step (buffers
+and workspaces outside the parameters, covered by RESERVED_GIB). `benchmarks/measure_activations.py`
+repeats that measurement (Llama-3.2-1B full, LoRA, QLoRA). With offloaded checkpoints a layer is
+recomputed as two halves, each smaller than the layer counted here.
 Not counted: padding and packed-document attention masks (1 B x batch x seq^2 each) and the
 SDPA math fallback they can trigger; CUDA context and allocator fragmentation (`what_fits` keeps
 RESERVED_GIB aside for those).
@@ -85,6 +104,7 @@ RESERVED_GIB = 1.5
 NF4_BLOCKSIZE, NESTED_BLOCKSIZE = 64, 256
 ADAMW8BIT_BLOCKSIZE = 256
 ADAMW8BIT_MIN_SIZE = 4096      # smaller tensors keep float32 moments (bitsandbytes' min_8bit_size)
+MLP_CHUNK_BYTES = 64 * 2**20   # the fused LoRA MLP's row chunks (lora.fused._MLP_CHUNK_BYTES; a test pins it)
 
 
 class EstimateError(ValueError):
@@ -230,17 +250,46 @@ class Term:
         return self.per_token * tokens + self.fixed
 
 
-def layer_terms(config: ModelConfig, setup: Setup) -> list[Term]:
-    """What one decoder layer keeps for backward without checkpointing (see module docstring)."""
-    h, i, heads, kv_heads = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                             config.num_key_value_heads)
+def mlp_wide_bytes(config: ModelConfig, setup: Setup) -> tuple[int, int]:
+    """Per token: bytes of the MLP's [tokens x intermediate] tensors that a layer keeps for
+    backward, and of those its backward makes besides (the tiled MLP holds both for one chunk).
+    full: gate, up and act(gate) * up (the down projection saves its input), and in the backward
+    the gradients of gate and up. lora, qlora: the fused MLP (`lora.fused.LoraMLP`) keeps gate and
+    up only, making act(gate) * up one row chunk at a time, and writes dg and du over g and u; its
+    one dh chunk does not grow with the tokens (see `backward_terms`)."""
+    i = config.intermediate_size
+    if setup.method == "full":
+        return BF16 * 3 * i, BF16 * 2 * i
+    return BF16 * 2 * i, 0
+
+
+def mlp_chunk_bytes(config: ModelConfig, tokens: int) -> int:
+    """Bytes of the largest row chunk of a [tokens x intermediate] bf16 tensor in the fused LoRA
+    MLP: at most MLP_CHUNK_BYTES, in whole 128-row tiles (the arithmetic of `lora.fused._row_chunks`)."""
+    row = BF16 * config.intermediate_size
+    pieces = -(-row * tokens // MLP_CHUNK_BYTES)
+    if pieces <= 1 or tokens <= 128:
+        return row * tokens
+    rows = -(-tokens // pieces)           # ceil(tokens / pieces) ...
+    rows = -(-rows // 128) * 128          # ... rounded up to whole 128-row tiles
+    return row * min(rows, tokens)
+
+
+def layer_terms(config: ModelConfig, setup: Setup, recomputation: bool = False) -> list[Term]:
+    """What one decoder layer keeps for backward without checkpointing (see module docstring).
+    `recomputation`: what a checkpoint's recomputation of the layer keeps, the same less h @ A of
+    the down adapter, which only the layer's first forward makes (`checkpoint_terms` counts it)."""
+    h, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
     q, kv = heads * config.head_dim, kv_heads * config.head_dim
     explicit_attention = config.attn_logit_softcapping is not None
+    mlp_saved = mlp_wide_bytes(config, setup)[0]
+    mlp = (Term("gate, up and act(gate) * up: 2 B x 3i", mlp_saved) if setup.method == "full"
+           else Term("gate and up (act(gate) * up is remade in the backward): 2 B x 2i", mlp_saved))
     terms = [
         Term("layer input x and input_layernorm output: 2 B x 2h", BF16 * 2 * h),
         Term("q after RoPE and attention output: 2 B x 2q", BF16 * 2 * q),
         Term("x_mid = x + attention and the MLP norm output: 2 B x 2h", BF16 * 2 * h),
-        Term("gate, up and act(gate) * up: 2 B x 3i", BF16 * 3 * i),
+        mlp,
         Term("RMSNorm rstd, 2 norms: 4 B x 2", F32 * 2),
     ]
     if explicit_attention:  # Gemma 2 soft-capping: matmul, tanh, softmax instead of SDPA
@@ -258,9 +307,18 @@ def layer_terms(config: ModelConfig, setup: Setup) -> list[Term]:
         terms.append(Term("attention and MLP outputs into the sandwich norms, rstd: 2 B x 2h + 4 B x 2",
                           BF16 * 2 * h + F32 * 2))
     if setup.method != "full":
-        terms.append(Term(f"x @ A of the {len(LORA_TARGETS)} adapters: 2 B x 7r",
-                          BF16 * len(LORA_TARGETS) * setup.lora_r))
+        r = setup.lora_r
+        terms.append(Term("X @ A of the q/k/v, o and gate/up adapters: 2 B x 6r", BF16 * 6 * r))
+        if not recomputation:
+            terms.append(_down_xa_term(setup))
+        terms.append(Term("bf16 copies of the adapters' A and B, saved by the fused blocks: 2 B x r x sum(in + out)",
+                          0, BF16 * lora_parameters(config, r) // config.num_hidden_layers))
     return terms
+
+
+def _down_xa_term(setup: Setup) -> Term:
+    return Term("h @ A of the down adapter, kept by the fused MLP from forward to backward: 2 B x r",
+                BF16 * setup.lora_r)
 
 
 def model_terms(config: ModelConfig, setup: Setup) -> list[Term]:
@@ -275,23 +333,52 @@ def model_terms(config: ModelConfig, setup: Setup) -> list[Term]:
         terms.append(Term("loss head gradient, f32 accumulator and bf16 copy: 6 B x V x h", 0,
                           (F32 + BF16) * config.vocab_size * h))
     if setup.method == "qlora":
-        largest = max(o * i for o, i in projection_shapes(config).values())
-        terms.append(Term("one dequantized projection: 2 B x largest out x in", 0, BF16 * largest))
+        terms.append(_dequantized_term(config))
     return terms
 
 
+def _dequantized_term(config: ModelConfig) -> Term:
+    largest = max(o * i for o, i in projection_shapes(config).values())
+    return Term("one dequantized projection: 2 B x largest out x in", 0, BF16 * largest)
+
+
 def backward_terms(config: ModelConfig, setup: Setup) -> list[Term]:
-    """Tmp: temporaries of one layer's backward, on top of its saved activations."""
-    terms = [Term("activation gradients of one layer: 2 B x (2h + 2i)",
-                  BF16 * (2 * config.hidden_size + 2 * config.intermediate_size))]
+    """Tmp: temporaries of one layer's backward, on top of its saved activations. The peak is in
+    the MLP's backward, while every saved tensor of the layer is still alive."""
+    h = config.hidden_size
+    if setup.method == "full":
+        terms = [Term("activation gradients of one layer: 2 B x (2h + 2i)",
+                      BF16 * 2 * h + mlp_wide_bytes(config, setup)[1])]
+    else:
+        # LoraMLP.backward: dh is made one row chunk at a time and freed before dX is made; dg and
+        # du are written over g and u.
+        tokens = setup.batch * setup.seq
+        terms = [Term("gradient of the layer output: 2 B x h", BF16 * h),
+                 Term("then one of: a dh chunk of the fused MLP (rows x i, <= 64 MiB) or its input gradient "
+                      "(2 B x T x h)", 0, max(mlp_chunk_bytes(config, tokens), BF16 * h * tokens))]
+        if setup.method == "qlora":
+            terms.append(_dequantized_term(config))
     if config.attn_logit_softcapping is not None:
         terms.append(Term("f32 gradient of the attention scores: 4 B x batch x H x seq^2", 0,
                           F32 * setup.batch * config.num_attention_heads * setup.seq**2))
     return terms
 
 
-def checkpoint_term(config: ModelConfig) -> Term:
-    return Term("checkpointed layer inputs: L x 2 B x h", BF16 * config.num_hidden_layers * config.hidden_size)
+def checkpoint_terms(config: ModelConfig, setup: Setup | None = None) -> list[Term]:
+    """What one checkpointed layer keeps from its forward to its backward: its input, and with
+    the fused LoRA MLP h @ A of the down adapter (a ctx attribute, not a saved tensor, so
+    torch's checkpoint does not drop it). Without a setup: a full fine-tune's."""
+    terms = [Term("layer input: 2 B x h", BF16 * config.hidden_size)]
+    if setup is not None and setup.method != "full":
+        terms.append(_down_xa_term(setup))
+    return terms
+
+
+def checkpoint_term(config: ModelConfig, setup: Setup | None = None) -> Term:
+    per_layer = checkpoint_terms(config, setup)
+    what = "checkpointed layer inputs: L x 2 B x h" if len(per_layer) == 1 else \
+        "checkpointed layer inputs and h @ A_down: L x 2 B x (h + r)"
+    return Term(what, config.num_hidden_layers * sum(t.per_token for t in per_layer))
 
 
 def estimate(config: ModelConfig, setup: Setup) -> Estimate:
@@ -300,24 +387,26 @@ def estimate(config: ModelConfig, setup: Setup) -> Estimate:
     grad_bytes = BF16 if setup.method == "full" else F32
     tokens = setup.batch * setup.seq
     layer = sum(term.bytes(tokens) for term in layer_terms(config, setup))
+    recomputed = sum(term.bytes(tokens) for term in layer_terms(config, setup, recomputation=True))
     model_wide = sum(term.bytes(tokens) for term in model_terms(config, setup))
     temporaries = sum(term.bytes(tokens) for term in backward_terms(config, setup))
     gradients = grad_bytes * trainable
     full = setup.method == "full"
     head_gradient = BF16 * config.vocab_size * config.hidden_size if full else 0
     embedding_gradient = 0 if config.tie_word_embeddings else head_gradient
+    checkpointed = checkpoint_term(config, setup).bytes(tokens)
     if setup.checkpointing:
-        saved = checkpoint_term(config).bytes(tokens)
-        backward_start = saved + head_gradient + temporaries + layer
+        backward_start = checkpointed + head_gradient + temporaries + recomputed
+        last_layer = recomputed
     else:
-        saved = config.num_hidden_layers * layer
-        backward_start = saved + head_gradient + temporaries
-    backward_end = max(gradients - embedding_gradient + layer + temporaries, gradients)
+        backward_start = config.num_hidden_layers * layer + head_gradient + temporaries
+        last_layer = layer
+    backward_end = max(gradients - embedding_gradient + last_layer + temporaries, gradients)
     return Estimate(
         config=config, setup=setup, parameters=params, trainable_parameters=trainable,
         weights=weight_bytes(config, setup), gradients=gradients, host_weights=host_weight_bytes(config, setup),
         optimizer=optimizer_bytes(trainable_tensors(config, setup), setup.optim),
-        activations_checkpointed=checkpoint_term(config).bytes(tokens) + max(model_wide, layer),
+        activations_checkpointed=checkpointed + max(model_wide, recomputed),
         activations_full=config.num_hidden_layers * layer + model_wide,
         backward_peak=max(backward_start, backward_end),
     )

@@ -97,3 +97,64 @@ def test_bad_terms_are_named():
         kernels.glu_low_rank(x.t(), x.t(), "silu", LowRank(torch.randn(10, 4), torch.randn(4, 6), 1.0))
     with pytest.raises(ValueError, match="unknown activation 'relu'"):
         kernels.glu_low_rank(x, x, "relu", good)
+
+
+# Sizes where programs walk several column tiles and several programs share a row block (the
+# partial sums of the products are then added by the second kernel).
+PRODUCT_CASES = CASES + [(40, 700, 16)]
+
+
+def down_a(rank, cols, device, dtype):
+    """The down adapter's A [r, intermediate], as the fused MLP passes it."""
+    return (torch.randn(rank, cols) / cols ** 0.5).to(device, dtype)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols,rank", PRODUCT_CASES)
+@pytest.mark.parametrize("present", [("gate", "up", "dh"), ("up",), ("gate", "dh")])
+def test_backward_also_makes_the_gradients_of_the_term_inputs(device, dtype, rows, cols, rank, present):
+    gate = (torch.randn(rows, cols) * 3).to(device, dtype)
+    up = torch.randn(rows, cols).to(device, dtype)
+    dh = torch.randn(rows, cols).to(device, dtype)
+    gt = terms(rows, cols, rank, device, dtype, stacked_with=rank) if "gate" in present else None
+    ut = terms(rows, cols, rank + 3, device, dtype) if "up" in present else None
+    dt = LowRank(torch.randn(rows, rank).to(device, dtype), down_a(rank, cols, device, dtype), 1.0) \
+        if "dh" in present else None
+    width = sum(t.xa.shape[1] for t in (gt, ut) if t is not None)
+    dxa = torch.full((rows, width), float("nan"), device=device, dtype=dtype)
+    kernels.glu_backward_inplace(dh, gate, up, "silu", gate_term=gt, up_term=ut, dh_term=dt, xa_grads_out=dxa)
+    # what the unfused backward computes from the written gradients: s dgate B_gate, s dup B_up
+    expected = torch.cat([t.scale * (grad.float() @ t.right.float().t())
+                          for grad, t in ((gate, gt), (up, ut)) if t is not None], dim=1)
+    torch.testing.assert_close(dxa.float(), expected, **TOL[dtype])
+
+
+def test_the_products_leave_the_glu_results_unchanged(device):
+    rows, cols, rank = 40, 700, 16
+    gate, up, dh = (torch.randn(rows, cols) * 2).to(device), torch.randn(rows, cols).to(device), \
+        torch.randn(rows, cols).to(device)
+    gt, ut = terms(rows, cols, rank, device, torch.float32), terms(rows, cols, rank, device, torch.float32)
+    plain = [t.clone() for t in (dh, gate, up)]
+    kernels.glu_backward_inplace(*plain, "silu", gate_term=gt, up_term=ut)
+    with_products = [t.clone() for t in (dh, gate, up)]
+    kernels.glu_backward_inplace(*with_products, "silu", gate_term=gt, up_term=ut,
+                                 xa_grads_out=torch.empty(rows, 2 * rank, device=device))
+    for a, b in zip(plain, with_products):
+        assert torch.equal(a, b)
+
+
+def test_bad_product_targets_are_named():
+    x = torch.randn(6, 10)
+    gt = LowRank(torch.randn(6, 4), torch.randn(4, 10), 1.0)
+    with pytest.raises(ValueError, match=r"xa_grads_out must be \[rows, 4\]"):
+        kernels.glu_backward_inplace(x.clone(), x.clone(), x.clone(), "silu", gate_term=gt,
+                                     xa_grads_out=torch.empty(6, 5))
+    with pytest.raises(ValueError, match="xa_grads_out needs a gate_term or an up_term"):
+        kernels.glu_backward_inplace(x.clone(), x.clone(), x.clone(), "silu", xa_grads_out=torch.empty(6, 4))
+    with pytest.raises(ValueError, match=r"xa_grads_out must be \[rows, 4\] with contiguous columns"):
+        kernels.glu_backward_inplace(x.clone(), x.clone(), x.clone(), "silu", gate_term=gt,
+                                     xa_grads_out=torch.empty(4, 6).t())
+    with pytest.raises(ValueError, match=r"xa_grads_out is \(6, 4\) torch.float16"):
+        kernels.glu_backward_inplace(x.clone(), x.clone(), x.clone(), "silu", gate_term=gt,
+                                     xa_grads_out=torch.empty(6, 4, dtype=torch.float16))

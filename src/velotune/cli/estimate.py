@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     for term in model_terms(config, setup):
         terms.add_row(term.what, f"{term.bytes(tokens) / GIB:.2f}")
     terms.add_row("[italic]with checkpointing, instead of the per-layer terms[/italic]", "")
-    ckpt = checkpoint_term(config)
+    ckpt = checkpoint_term(config, setup)
     terms.add_row(ckpt.what, f"{ckpt.bytes(tokens) / GIB:.2f}")
     terms.add_row("[italic]backward temporaries (Tmp)[/italic]", "")
     for term in backward_terms(config, setup):

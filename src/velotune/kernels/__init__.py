@@ -29,6 +29,7 @@ from velotune.kernels.reference import (
     glu_low_rank_reference,
     glu_reference,
     linear_cross_entropy_reference,
+    right_products_reference,
     rms_norm_reference,
 )
 
@@ -102,15 +103,24 @@ def glu_low_rank(gate: torch.Tensor, up: torch.Tensor, activation: str,
 
 def glu_backward_inplace(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str, *,
                          gate_term: LowRank | None = None, up_term: LowRank | None = None,
-                         dh_term: LowRank | None = None) -> None:
+                         dh_term: LowRank | None = None, xa_grads_out: torch.Tensor | None = None) -> None:
     """GLU backward in the buffers it reads (the fused LoRA MLP's backward, where all three are
     dead after this), each first completed by its adapter's low-rank term when one is given:
-    dh <- act(gate) * up, gate <- d/dgate, up <- d/dup. Same shape, dtype and device, contiguous."""
+    dh <- act(gate) * up, gate <- d/dgate, up <- d/dup. Same shape, dtype and device, contiguous.
+    `xa_grads_out` [tokens, r_gate + r_up] (present terms only) also receives the gradients of the
+    gate's and up's term inputs, s dgate right^T and s dup right^T (d(X A^T) of those adapters),
+    computed as dgate and dup are written."""
     _check_glu_operands("glu_backward_inplace", activation, dh, gate=gate, up=up)
     if not (dh.is_contiguous() and gate.is_contiguous() and up.is_contiguous()):
         raise ValueError("glu_backward_inplace: dh, gate and up must be contiguous (they are written in place)")
     terms = dict(gate_term=gate_term, up_term=up_term, dh_term=dh_term)
     _check_terms("glu_backward_inplace", gate, **terms)
+    present = [t for t in (gate_term, up_term) if t is not None]
+    if xa_grads_out is not None:
+        if not present:
+            raise ValueError("glu_backward_inplace: xa_grads_out needs a gate_term or an up_term")
+        _check_product_target("glu_backward_inplace", "xa_grads_out", xa_grads_out, sum(t.xa.shape[1] for t in present),
+                              like=gate)
     if use_triton(dh, gate, up):
         gelu_tanh = activation == "gelu_pytorch_tanh"
         if gate_term is None and up_term is None and dh_term is None:
@@ -120,9 +130,22 @@ def glu_backward_inplace(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
         else:
             from velotune.kernels.ops.glu_low_rank import glu_low_rank_backward_inplace_triton
 
-            glu_low_rank_backward_inplace_triton(dh, gate, up, gelu_tanh, gate_term, up_term, dh_term)
+            glu_low_rank_backward_inplace_triton(dh, gate, up, gelu_tanh, gate_term, up_term, dh_term, xa_grads_out)
         return
     glu_backward_inplace_reference(dh, gate, up, activation, **terms)
+    if xa_grads_out is not None:
+        pairs = [(grad, t.right, t.scale) for grad, t in ((gate, gate_term), (up, up_term)) if t is not None]
+        right_products_reference(pairs, xa_grads_out)
+
+
+def _check_product_target(op: str, name: str, target: torch.Tensor, width: int, like: torch.Tensor) -> None:
+    """A [rows, width] output of skinny products, its columns contiguous (rows may be strided)."""
+    if target.dim() != 2 or target.shape[1] != width or target.stride(1) != 1:
+        raise ValueError(f"{op}: {name} must be [rows, {width}] with contiguous columns, got "
+                         f"{tuple(target.shape)} with strides {target.stride()}")
+    if target.shape[0] != like.shape[0] or target.dtype != like.dtype or target.device != like.device:
+        raise ValueError(f"{op}: {name} is {tuple(target.shape)} {target.dtype} on {target.device}, expected "
+                         f"{like.shape[0]} rows of {like.dtype} on {like.device}")
 
 
 def _check_glu_operands(op: str, activation: str, first: torch.Tensor, **others: torch.Tensor) -> None:

@@ -73,6 +73,14 @@ def with_low_rank(t: torch.Tensor, term: LowRank | None) -> torch.Tensor:
     return (t.float() + term.scale * (term.xa.float() @ term.right.float())).to(t.dtype)
 
 
+def right_products_reference(pairs: list[tuple[torch.Tensor, torch.Tensor, float]], out: torch.Tensor) -> None:
+    """out = [s_1 t_1 @ right_1^T | s_2 t_2 @ right_2^T | ...] for (t [rows, cols], right [r, cols],
+    s) pairs, side by side in out's columns, summed in float32 and rounded once: the products of
+    the GLU backward's outputs that its kernel computes from the tiles it writes."""
+    parts = [scale * (t.float() @ right.float().t()) for t, right, scale in pairs]
+    out.copy_(torch.cat(parts, dim=1))
+
+
 def glu_low_rank_reference(gate: torch.Tensor, up: torch.Tensor, activation: str,
                            gate_term: LowRank | None = None, up_term: LowRank | None = None) -> torch.Tensor:
     return glu_reference(with_low_rank(gate, gate_term), with_low_rank(up, up_term), activation)

@@ -121,7 +121,8 @@ class LoraProjections(torch.autograd.Function):
         out: list[torch.Tensor | None] = [None] * (PER_PROJECTION * len(plan))
         with _autocast_off(x):
             dx = _base_input_grad(needs[0], plan, members, weights, grads, x.dtype)
-            dxa = _adapter_grads(needs, plan, members, grads, xa, bs, out)
+            _b_grads(needs, plan, members, grads, xa, out)
+            dxa = _xa_grads(plan, members, grads, bs)
             dx = _stacked_input_grads(needs, plan, members, x, a_all, dxa, dx, out)
         return (dx, None, None, *out)
 
@@ -189,6 +190,8 @@ class LoraMLP(torch.autograd.Function):
                 if needs[1 + PER_PROJECTION * 2 + B]:
                     out[PER_PROJECTION * 2 + B] = torch.mm(dout.t(), ha).mul_(down.scale)
             gate_term, up_term = _glu_terms(plan, xa, bs)
+            # d(X A^T) of the gate and up adapters, made by the GLU pass as it writes dg and du
+            dxa = None if xa is None else torch.empty_like(xa)
             need_da = down.adapted and needs[1 + PER_PROJECTION * 2 + A]
             # the A gradient summed over chunks in float32 and rounded once, as one matmul would
             da_down = torch.zeros(down.rank, g.shape[1], dtype=torch.float32, device=g.device) if need_da else None
@@ -199,7 +202,8 @@ class LoraMLP(torch.autograd.Function):
                 # dh <- h, g <- dg, u <- du for these rows
                 dh_term = kernels.LowRank(dha[rows], a_down, 1.0) if down.adapted else None
                 kernels.glu_backward_inplace(dh, g[rows], u[rows], ctx.activation, gate_term=_rows_of(gate_term, rows),
-                                             up_term=_rows_of(up_term, rows), dh_term=dh_term)
+                                             up_term=_rows_of(up_term, rows), dh_term=dh_term,
+                                             xa_grads_out=None if dxa is None else dxa[rows])
                 if da_down is not None:
                     add_matmul_float32(da_down, dha[rows].t(), dh)
                 del dh
@@ -208,7 +212,7 @@ class LoraMLP(torch.autograd.Function):
                 out[PER_PROJECTION * 2 + A] = da_down.to(x.dtype)
             dgu = (g, u)
             dx = _base_input_grad(needs[0], plan, (0, 1), weights, dgu, x.dtype)
-            dxa = _adapter_grads(needs, plan, (0, 1), dgu, xa, bs, out)
+            _b_grads(needs, plan, (0, 1), dgu, xa, out)
             dx = _stacked_input_grads(needs, plan, (0, 1), x, a_gu, dxa, dx, out)
         return (dx, None, None, None, *out)
 
@@ -321,18 +325,19 @@ def _base_input_grad(needed: bool, plan: Sequence[Projection], members: Sequence
     return dx
 
 
-def _adapter_grads(needs: Sequence[bool], plan: Sequence[Projection], members: Sequence[int],
-                   grads: Sequence[torch.Tensor], xa: torch.Tensor | None, bs: Sequence[torch.Tensor | None],
-                   out: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Fill each dB_i = s dY_i^T (X A_i^T) into `out`; return the stacked d(X A^T) = s dY_i B_i."""
-    spans, parts = _spans(plan), []
+def _b_grads(needs: Sequence[bool], plan: Sequence[Projection], members: Sequence[int],
+             grads: Sequence[torch.Tensor], xa: torch.Tensor | None, out: list[torch.Tensor | None]) -> None:
+    """Fill each needed dB_i = s dY_i^T (X A_i^T) into `out`."""
+    spans = _spans(plan)
     for k, i in enumerate(members):
-        p = plan[i]
-        if not p.adapted:
-            continue
-        if needs[1 + PER_PROJECTION * i + B]:
-            out[PER_PROJECTION * i + B] = torch.mm(grads[k].t(), xa[:, spans[i]]).mul_(p.scale)
-        parts.append(torch.mm(grads[k], bs[i]).mul_(p.scale))
+        if plan[i].adapted and needs[1 + PER_PROJECTION * i + B]:
+            out[PER_PROJECTION * i + B] = torch.mm(grads[k].t(), xa[:, spans[i]]).mul_(plan[i].scale)
+
+
+def _xa_grads(plan: Sequence[Projection], members: Sequence[int], grads: Sequence[torch.Tensor],
+              bs: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The stacked d(X A^T) = s dY_i B_i of the adapted members (None when none is adapted)."""
+    parts = [torch.mm(grads[k], bs[i]).mul_(plan[i].scale) for k, i in enumerate(members) if plan[i].adapted]
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

@@ -8,7 +8,8 @@ the smallest number n of checkpointed layers whose estimated peak fits:
 
     peak(n) = resident + saved(n) + max(model-wide, backward temporaries)          n < L
     peak(L) = resident + saved(L) + max(model-wide, backward temporaries + one recomputed layer)
-    saved(n) = n x layer input (0 when offloaded, plus two prefetched inputs) + (L - n) x one layer
+    saved(n) = n x layer input (0 when offloaded, plus two prefetched inputs)
+               + n x h @ A_down (LoRA: the fused MLP's graph keeps it) + (L - n) x one layer
 
 with the per-token terms of `velotune.estimate` (its module docstring states the formula and
 how it was measured against an H100), and `resident` the bytes of this model's weights and
@@ -17,9 +18,10 @@ model itself. The first n layers are the checkpointed ones: their activations wo
 live longest, and the backward reaches them only after the un-checkpointed layers' activations
 are freed, so with n < L a recomputed layer never coexists with them (n inputs + one layer +
 temporaries <= saved(n) + temporaries). So peak(n) falls with n up to L - 1; the last layer's
-checkpoint saves little (its backward follows its forward at once) and, kept on the GPU, costs
-one more input. `auto` takes the fewest layers that fit, and when nothing fits, the smallest
-peak, and says it does not fit.
+checkpoint saves little (its backward follows its forward at once): kept on the GPU it costs one
+more input and saves what the model-wide buffers exceed the backward temporaries by, so peak(L)
+may be above or below peak(L - 1). `auto` takes the fewest layers that fit, and when nothing
+fits, the smallest peak, and says it does not fit.
 """
 from __future__ import annotations
 
@@ -38,7 +40,9 @@ from velotune.estimate import (
     RESERVED_GIB,
     Setup,
     backward_terms,
+    checkpoint_terms,
     layer_terms,
+    mlp_wide_bytes,
     model_terms,
 )
 from velotune.kernels.dispatch import capturing
@@ -139,19 +143,24 @@ def activation_peak(config: ModelConfig, budget: MemoryBudget, batch: int, seq: 
         raise ValueError(f"checkpointed layers must be in [0, {L}], got {checkpointed}")
     setup = Setup(method=budget.method, batch=batch, seq=seq, checkpointing=True, lora_r=budget.lora_r)
     tokens = batch * seq
-    h, i = config.hidden_size, config.intermediate_size
     layer = sum(term.bytes(tokens) for term in layer_terms(config, setup))
+    recomputed = sum(term.bytes(tokens) for term in layer_terms(config, setup, recomputation=True))
     temporaries = sum(term.bytes(tokens) for term in backward_terms(config, setup))
     if mlp_chunk and mlp_chunk < tokens:
-        # The tiled MLP keeps only its input (already counted as the MLP norm output), not gate,
-        # up and act; its backward holds gate, up, act and two gradients for one chunk.
-        layer -= BF16 * 3 * i * tokens
-        temporaries += BF16 * (5 * i * mlp_chunk - 2 * i * tokens)
+        # The tiled MLP keeps only its input (already counted as the MLP norm output), not its
+        # [tokens x intermediate] tensors; its backward remakes them, and their gradients, for one chunk.
+        saved_wide, grad_wide = mlp_wide_bytes(config, setup)
+        layer -= saved_wide * tokens
+        recomputed -= saved_wide * tokens
+        temporaries += (saved_wide + grad_wide) * mlp_chunk - grad_wide * tokens
     model_wide = sum(term.bytes(tokens) for term in model_terms(config, setup))
-    layer_input = BF16 * h * tokens
+    layer_input = BF16 * config.hidden_size * tokens
+    # besides its input, a checkpointed layer keeps what its graph holds outside the saved tensors
+    # (the fused LoRA MLP's h @ A_down), on the GPU even when the input is offloaded
+    graph_kept = sum(term.bytes(tokens) for term in checkpoint_terms(config, setup)) - layer_input
     kept_inputs = (2 * layer_input if checkpointed else 0) if offload else checkpointed * layer_input
-    saved = kept_inputs + (L - checkpointed) * layer
-    return saved + max(model_wide, temporaries + (layer if checkpointed == L else 0))
+    saved = kept_inputs + checkpointed * graph_kept + (L - checkpointed) * layer
+    return saved + max(model_wide, temporaries + (recomputed if checkpointed == L else 0))
 
 
 def choose_checkpointed_layers(config: ModelConfig, budget: MemoryBudget, batch: int, seq: int, *,

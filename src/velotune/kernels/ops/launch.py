@@ -17,11 +17,11 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def persistent_programs(device: torch.device, work_items: int) -> int:
+def persistent_programs(device: torch.device, work_items: int, per_sm: int = 4) -> int:
     """Programs for a kernel that loops over its work items (each keeps a private partial sum):
-    a few per SM on a GPU; few under the CPU interpreter, where every program runs in Python."""
+    `per_sm` per SM on a GPU; few under the CPU interpreter, where every program runs in Python."""
     if device.type == "cuda":
-        limit = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        limit = per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         limit = 4
     return max(1, min(work_items, limit))
