@@ -13,15 +13,19 @@ from velotune.models.offload import LayerInputOffloader, OffloadError
 from velotune.models.transformer import Transformer
 
 LAYERS, HIDDEN = 3, 32
-# Offloaded layers are checkpointed as two halves, each with its input parked (host room allowing;
-# `Transformer.checkpoints_halves`), so a forward parks two inputs per layer.
-PARKED = 2 * LAYERS
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
+# Offloaded layers are checkpointed in three pieces, host room allowing (`Transformer.
+# checkpoint_pieces`): a forward parks per layer its input, q, k, v and the residual between the
+# attention and the MLP (per token, elements of each):
+PIECES = [HIDDEN, HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, HIDDEN]
+PARKED = len(PIECES) * LAYERS
 
 
 def tiny_model(**overrides) -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(model_type="llama", vocab_size=61, hidden_size=HIDDEN, intermediate_size=48,
-                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                      head_dim=HEAD_DIM,
                       **overrides)
     return Transformer(cfg).train()
 
@@ -69,9 +73,9 @@ def test_offload_moves_exactly_the_layer_inputs_and_brings_each_back_once():
     ids, labels = batch(b=2, t=11)
     loss_and_grads(model, ids, labels, gradient_checkpointing=True, offload_checkpoints=True)
     stats = model.offload_stats
-    # two [2, 11, HIDDEN] float32 inputs per layer (its halves'); cos/sin (also checkpoint inputs) stay put
+    # the pieces' inputs, float32 [2, 11, ...]; cos/sin (also checkpoint inputs) stay put
     assert stats.offloaded == PARKED
-    assert stats.offloaded_bytes == PARKED * 2 * 11 * HIDDEN * 4
+    assert stats.offloaded_bytes == sum(parked_bytes())
     assert stats.restored == PARKED
     assert stats.prefetched == PARKED      # each once: the last by its own backward, the others ahead
 
@@ -82,7 +86,7 @@ def test_offload_keeps_the_last_checkpoints_on_the_device_when_asked():
     reference = loss_and_grads(model, ids, labels, gradient_checkpointing=True)
     kept = loss_and_grads(model, ids, labels, gradient_checkpointing=True, offload_checkpoints=True,
                           checkpoints_kept_on_gpu=1)
-    assert model.offload_stats.offloaded == 2 * (LAYERS - 1)   # the kept layer runs whole
+    assert model.offload_stats.offloaded == len(PIECES) * (LAYERS - 1)   # the kept layer runs whole
     assert torch.equal(kept[0], reference[0])
     assert all(torch.equal(kept[1][n], g) for n, g in reference[1].items())
 
@@ -100,11 +104,18 @@ def test_every_forward_counts_afresh_and_eval_offloads_nothing():
     assert model.offload_stats.offloaded == PARKED   # unchanged: no training forward, no offloader
 
 
+def park(offloader: LayerInputOffloader, *inputs: torch.Tensor) -> list:
+    """Park `inputs` as one checkpoint's (what `saving` does as autograd saves them)."""
+    group: list = []
+    offloader.groups.append(group)
+    return [offloader._offload(x, group, len(offloader.groups) - 1) for x in inputs]
+
+
 def test_offloader_prefetches_the_previous_layer_while_restoring_one():
     """Driven directly: restoring layer i fetches layer i-1, so its own restore finds it ready."""
     offloader = LayerInputOffloader(torch.device("cpu"))
     inputs = [torch.full((2, 3), float(i)) for i in range(3)]
-    parked = [offloader._offload(x) for x in inputs]
+    parked = [park(offloader, x)[0] for x in inputs]
     assert offloader.stats.prefetched == 0
     assert torch.equal(offloader._restore(parked[2]), inputs[2])
     assert parked[1].device_copy is not None and parked[0].device_copy is None
@@ -112,6 +123,22 @@ def test_offloader_prefetches_the_previous_layer_while_restoring_one():
     assert parked[0].device_copy is not None
     assert torch.equal(offloader._restore(parked[0]), inputs[0])
     assert offloader.stats.prefetched == 3 and offloader.stats.restored == 3
+
+
+def test_a_checkpoints_inputs_come_back_together_and_fetch_the_previous_checkpoints():
+    """q, k and v parked by one checkpoint: restoring any of them fetches all three (the
+    recomputation reads them together) and the previous checkpoint's input, each once."""
+    offloader = LayerInputOffloader(torch.device("cpu"))
+    x = torch.full((2, 3), -1.0)
+    q, k, v = (torch.full((2, i + 1), float(i)) for i in range(3))
+    (parked_x,) = park(offloader, x)
+    parked_qkv = park(offloader, q, k, v)
+    assert torch.equal(offloader._restore(parked_qkv[1]), k)
+    assert all(p.device_copy is not None for p in (parked_qkv[0], parked_qkv[2], parked_x))
+    assert torch.equal(offloader._restore(parked_qkv[0]), q) and torch.equal(offloader._restore(parked_qkv[2]), v)
+    assert offloader.stats.prefetched == 4          # nothing fetched twice
+    assert torch.equal(offloader._restore(parked_x), x)
+    assert offloader.stats.prefetched == 4 and offloader.stats.restored == 4
 
 
 def test_host_memory_failure_names_the_layer_sizes_and_the_remedy(monkeypatch):
@@ -131,12 +158,17 @@ def test_host_memory_failure_names_the_layer_sizes_and_the_remedy(monkeypatch):
     with pytest.raises(OffloadError) as err:
         model(ids, labels=labels, return_logits=False)
     text = str(err.value)
-    assert "decoder layer 1" in text and "[2, 11, 32]" in text and "GiB available" in text
+    assert "checkpointed input 1 " in text and "[2, 11, 32]" in text and "GiB available" in text
     assert "checkpoints_kept_on_gpu" in text and "offload_checkpoints" in text
 
 
 def one_input_bytes(b: int = 2, t: int = 11) -> int:
     return b * t * HIDDEN * 4     # float32 [b, t, HIDDEN]
+
+
+def parked_bytes(b: int = 2, t: int = 11) -> list[int]:
+    """Sizes of the inputs a forward parks, sorted (one exact-size host buffer each)."""
+    return sorted(b * t * width * 4 for width in PIECES * LAYERS)
 
 
 def test_missing_host_memory_is_refused_before_anything_is_copied(monkeypatch):
@@ -175,12 +207,12 @@ def test_host_buffers_are_exact_and_reused_by_the_next_step():
     pool = model.offload_pool
     first = [b.view((b.nbytes,), torch.uint8).data_ptr() for b in pool.buffers]
     assert model.offload_stats.allocated == PARKED and model.offload_stats.reused == 0
-    assert [b.nbytes for b in pool.buffers] == [one_input_bytes()] * PARKED
+    assert sorted(b.nbytes for b in pool.buffers) == parked_bytes()
     assert not any(b.in_use for b in pool.buffers)        # the backward gave them back
     second = loss_and_grads(model, ids, labels, offload_checkpoints=True)
     assert model.offload_stats.allocated == 0 and model.offload_stats.reused == PARKED
     assert [b.view((b.nbytes,), torch.uint8).data_ptr() for b in pool.buffers] == first
-    assert pool.held_bytes == PARKED * one_input_bytes()
+    assert pool.held_bytes == sum(parked_bytes())
     assert torch.equal(second[0], reference[0])
     assert all(torch.equal(second[1][n], g) for n, g in reference[1].items())
 
@@ -193,15 +225,15 @@ def test_a_longer_sequence_replaces_the_buffers_and_a_shorter_one_reuses_them():
         ids, labels = batch(t=t)
         loss_and_grads(model, ids, labels)
         assert model.offload_stats.allocated == PARKED
-        assert [b.nbytes for b in pool.buffers] == [one_input_bytes(t=t)] * PARKED
+        assert sorted(b.nbytes for b in pool.buffers) == parked_bytes(t=t)
     ids, labels = batch(t=5)
     reference = loss_and_grads(model, ids, labels, offload_checkpoints=False)
     shorter = loss_and_grads(model, ids, labels, offload_checkpoints=True)
     assert model.offload_stats.allocated == 0 and model.offload_stats.reused == PARKED
-    assert pool.held_bytes == PARKED * one_input_bytes(t=20)
+    assert pool.held_bytes == sum(parked_bytes(t=20))
     assert torch.equal(shorter[0], reference[0])
     assert all(torch.equal(shorter[1][n], g) for n, g in reference[1].items())
-    assert pool.release_free() == PARKED * one_input_bytes(t=20) and pool.buffers == []
+    assert pool.release_free() == sum(parked_bytes(t=20)) and pool.buffers == []
 
 
 def test_two_graphs_alive_at_once_lease_different_buffers():
@@ -241,12 +273,12 @@ def test_buffers_held_for_a_captured_graph_are_neither_leased_nor_released():
     reference = loss_and_grads(model, ids, labels, offload_checkpoints=False)
     again = loss_and_grads(model, ids, labels, offload_checkpoints=True)
     assert model.offload_stats.allocated == PARKED and model.offload_stats.reused == 0
-    assert pool.release_free() == PARKED * one_input_bytes()     # the second forward's, not the held ones
+    assert pool.release_free() == sum(parked_bytes())     # the second forward's, not the held ones
     assert pool.buffers == leased and all(b.in_use for b in leased)
     assert torch.equal(again[0], reference[0])
     for buffer in leased:
         pool.give_back(buffer)
-    assert pool.release_free() == PARKED * one_input_bytes() and pool.buffers == []
+    assert pool.release_free() == sum(parked_bytes()) and pool.buffers == []
 
 
 def test_the_pool_goes_with_the_model_and_copies_start_empty():
@@ -297,7 +329,7 @@ def test_offload_on_gpu_matches_and_frees_device_memory():
         peaks[offloaded] = torch.cuda.max_memory_allocated() - base
         results[offloaded] = (out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
         del out
-    assert model.offload_stats.offloaded == 2 * layers    # two halves per layer
+    assert model.offload_stats.offloaded == 5 * layers    # three pieces per layer: input, q, k, v, residual
     assert torch.allclose(results[True][0], results[False][0], rtol=1e-5)
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6)
@@ -309,7 +341,7 @@ def test_offload_on_gpu_matches_and_frees_device_memory():
 @pytest.mark.gpu
 def test_gpu_host_buffers_are_pinned_exact_and_reused_across_training_steps():
     """Two bf16 training steps (forward, backward, SGD) with offload on CUDA: the host buffers are
-    page-locked, exactly layers x T x hidden x 2 bytes in all, leased again by step 2 at the same
+    page-locked, exactly the parked tensors' bytes in all, leased again by step 2 at the same
     addresses with nothing allocated, and the losses and gradients match the same two steps
     without offload (a stale or overwritten buffer would give step 2 other gradients). A longer
     sequence then replaces the buffers (unregistered and freed) and they can be pinned again."""
@@ -346,8 +378,8 @@ def test_gpu_host_buffers_are_pinned_exact_and_reused_across_training_steps():
     want_losses, want_grads, _ = train(False, batches)
     losses, grads, seen = train(True, batches)
     (first, first_addresses), (second, second_addresses) = seen
-    parked = 2 * layers     # two halves per layer
-    exact = parked * seq * hidden * 2
+    parked = 5 * layers     # three pieces per layer: input, q, k, v, residual
+    exact = layers * seq * (hidden + 512 + 256 + 256 + hidden) * 2    # input, q, k, v, residual (bf16)
     assert (first.allocated, first.allocated_bytes, first.reused) == (parked, exact, 0)
     assert (second.allocated, second.reused) == (0, parked)
     assert first_addresses == second_addresses and len(first_addresses) == parked
@@ -362,8 +394,9 @@ def test_gpu_host_buffers_are_pinned_exact_and_reused_across_training_steps():
 
     longer = torch.randint(0, 256, (1, seq + 4096), device="cuda")
     train(True, [longer])
-    assert model.offload_stats.allocated == parked and pool.held_bytes == parked * (seq + 4096) * hidden * 2
-    assert pool.release_free() == parked * (seq + 4096) * hidden * 2 and pool.buffers == []
+    longer_bytes = exact * (seq + 4096) // seq
+    assert model.offload_stats.allocated == parked and pool.held_bytes == longer_bytes
+    assert pool.release_free() == longer_bytes and pool.buffers == []
     losses, grads, seen = train(True, batches[:1])
     assert seen[0][0].allocated == parked and pool.held_bytes == exact
     assert losses[0] == pytest.approx(want_losses[0], rel=1e-3)

@@ -35,8 +35,8 @@ def lora_model(**overrides) -> Transformer:
 
 
 class WeightReads(TorchDispatchMode):
-    """Counts the matmuls that read the base weight of one projection (`down_proj`, `o_proj`) in
-    any layer (none for 4-bit bases, which have no weight tensor)."""
+    """Counts the matmuls that read the base weight of one projection (`down_proj`, `o_proj`,
+    `q_proj`...) in any layer (none for 4-bit bases, which have no weight tensor)."""
 
     def __init__(self, model: Transformer, projection: str):
         super().__init__()
@@ -95,30 +95,55 @@ def test_tiled_mlp_skips_its_chunks_in_the_recomputation():
     assert_same(checkpointed, tiled)
 
 
-def test_offloaded_layers_are_checkpointed_in_halves_skipping_the_output_projection():
+def test_offloaded_layers_are_checkpointed_in_pieces_skipping_the_attention_matmuls():
+    """Host room allowing, three pieces per layer (q/k/v projections; attention through o_proj;
+    MLP half): no recomputation runs a base matmul of q, k, v, o or down."""
     model = lora_model()
     ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
-    plain = train_step(model, ids, "self_attn.o_proj", gradient_checkpointing=False)
-    assert plain[2] == 2 * LAYERS
-    whole = train_step(model, ids, "self_attn.o_proj", gradient_checkpointing=True)
-    assert whole[2] == 3 * LAYERS          # the next norm needs the output projection's result
-    halves = train_step(model, ids, "self_attn.o_proj", gradient_checkpointing=True, offload_checkpoints=True)
-    assert halves[2] == 2 * LAYERS
-    assert model.offload_stats.offloaded == model.offload_stats.restored == 2 * LAYERS
-    assert_same(halves, plain)
+    # forward and backward per layer, except the input gradient of the first layer's q/k/v (the
+    # frozen embedding needs none). (k's and v's input gradients add into q's in place, an addmm_
+    # that MATMULS leaves out: q stands for the three.)
+    for projection, plain_reads in (("self_attn.o_proj", 2 * LAYERS), ("self_attn.q_proj", 2 * LAYERS - 1)):
+        plain = train_step(model, ids, projection, gradient_checkpointing=False, offload_checkpoints=False)
+        assert plain[2] == plain_reads, projection
+        whole = train_step(model, ids, projection, gradient_checkpointing=True)
+        assert whole[2] == plain_reads + LAYERS, projection   # the next norm needs the attention's result
+        pieces = train_step(model, ids, projection, gradient_checkpointing=True, offload_checkpoints=True)
+        assert pieces[2] == plain_reads, projection
+        # per layer: its input, q, k, v and the residual between attention and MLP
+        assert model.offload_stats.offloaded == model.offload_stats.restored == 5 * LAYERS
+        assert_same(pieces, plain)
     down = train_step(model, ids, "mlp.down_proj", gradient_checkpointing=True, offload_checkpoints=True)
     assert down[2] == 2 * LAYERS
+
+
+def room_for(monkeypatch, layer_inputs: float) -> None:
+    """MemAvailable past the reserve holds `layer_inputs` [2, 11, hidden] float32 tensors."""
+    room = offload.HOST_RESERVE_BYTES + int(layer_inputs * 2 * 11 * 24 * 4)
+    monkeypatch.setattr(offload, "host_memory_bytes", lambda: (10**12, room))
+
+
+def test_halves_when_the_host_lacks_room_for_the_pieces(monkeypatch):
+    """q, k and v take two more inputs' worth per layer here; with room for two inputs per layer
+    the layers are checkpointed as two halves: o_proj is skipped, the q/k/v projections rerun."""
+    model = lora_model()
+    ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
+    plain = train_step(model, ids, "self_attn.q_proj", gradient_checkpointing=False)
+    model.offload_pool.release_free()
+    room_for(monkeypatch, 3 * LAYERS)
+    halves = train_step(model, ids, "self_attn.q_proj", gradient_checkpointing=True, offload_checkpoints=True)
+    assert halves[2] == plain[2] + LAYERS and model.offload_stats.offloaded == 2 * LAYERS
+    assert_same(halves, plain)
+    o_proj = train_step(model, ids, "self_attn.o_proj", gradient_checkpointing=True, offload_checkpoints=True)
+    assert o_proj[2] == 2 * LAYERS
 
 
 def test_whole_layers_when_the_host_lacks_room_for_the_halves(monkeypatch):
     model = lora_model()
     ids = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(1))
-    layer_input = 2 * 11 * 24 * 4   # batch x seq x hidden, float32
     plain = train_step(model, ids, "self_attn.o_proj", gradient_checkpointing=False)
     model.offload_pool.release_free()
-    # room beyond the reserve for one input per layer, not two
-    room = offload.HOST_RESERVE_BYTES + int(1.5 * LAYERS * layer_input)
-    monkeypatch.setattr(offload, "host_memory_bytes", lambda: (10**12, room))
+    room_for(monkeypatch, 1.5 * LAYERS)   # one input per layer, not two
     whole = train_step(model, ids, "self_attn.o_proj", gradient_checkpointing=True, offload_checkpoints=True)
     assert whole[2] == 3 * LAYERS and model.offload_stats.offloaded == LAYERS
     assert_same(whole, plain)

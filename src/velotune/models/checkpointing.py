@@ -222,19 +222,20 @@ def _flagging_recomputation(layer: Callable[..., torch.Tensor]) -> Callable[...,
     return run
 
 
-def run_checkpointed(layer: nn.Module, x: torch.Tensor, *args, offloader: LayerInputOffloader | None = None,
-                     **kwargs) -> torch.Tensor:
-    """`layer(x, *args, **kwargs)` under torch's non-reentrant checkpoint, its input parked in
-    host memory by `offloader` when one is given (see `velotune.models.offload`); during the
+def run_checkpointed(layer: nn.Module, *args, offloader: LayerInputOffloader | None = None, parked: int = 1,
+                     **kwargs):
+    """`layer(*args, **kwargs)` under torch's non-reentrant checkpoint, its first `parked`
+    arguments (the layer input; q, k and v for `DecoderLayer.attention_output`) parked in host
+    memory by `offloader` when one is given (see `velotune.models.offload`); during the
     recomputation `recomputing()` is true.
     Inside a CUDA graph capture the RNG state is not saved for the recomputation (reading it is
     not allowed there); the graphed step refuses models with dropout, so nothing is random."""
-    rng = not capturing(x)
+    rng = not capturing(args[0])
     run = _flagging_recomputation(layer)
     if offloader is None:
-        return checkpoint(run, x, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
-    with offloader.saving(x):
-        return checkpoint(run, x, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
+    with offloader.saving(*args[:parked]):
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
 
 
 def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, offload: bool = False,

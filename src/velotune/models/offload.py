@@ -5,8 +5,9 @@ is its input, [batch, seq, hidden]: for Llama-3.1-8B at 350,000 tokens that is 2
 86 GiB for the 32 layers. `LayerInputOffloader` copies each such input to pinned host memory on a
 side CUDA stream as soon as it is saved (the copy overlaps the next layers' compute), and in the
 backward brings layer i-1's input back on the same side stream while layer i is recomputed, so at
-most two layer inputs are on the GPU at any time. (A layer checkpointed as two halves, see
-`Transformer.checkpoints_halves`, parks one input per half; "layer input" below covers both.)
+most two layer inputs are on the GPU at any time. (A layer checkpointed in pieces, see
+`Transformer.checkpoint_pieces`, parks each piece's inputs: q, k and v go and come back together
+as one checkpoint's group; "layer input" below covers them all.)
 
 Why saved-tensor hooks around `torch.utils.checkpoint` (non-reentrant) instead of a custom
 autograd Function per layer: the non-reentrant checkpoint stores the layer's inputs through the
@@ -257,16 +258,18 @@ class PinnedHostPool:
 
 
 class _Parked:
-    """One layer input: its leased host buffer and, once prefetched, the device copy and its ready
-    event. The buffer goes back to the pool when autograd drops this object."""
+    """One checkpoint input: its leased host buffer and, once prefetched, the device copy and its
+    ready event. `group` is the checkpoint it belongs to (inputs parked in one `saving` block).
+    The buffer goes back to the pool when autograd drops this object."""
 
-    __slots__ = ("index", "host", "device_copy", "ready", "__weakref__")
+    __slots__ = ("group", "host", "device_copy", "ready", "restored", "__weakref__")
 
-    def __init__(self, index: int, host: torch.Tensor) -> None:
-        self.index = index
+    def __init__(self, group: int, host: torch.Tensor) -> None:
+        self.group = group
         self.host = host
         self.device_copy: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
+        self.restored = False
 
 
 @dataclass
@@ -309,23 +312,27 @@ class LayerInputOffloader:
         self.stream = side_stream(self.device) if self.cuda else None
         self.pool = pool if pool is not None else PinnedHostPool()
         self.planned = planned
-        self.parked: list[_Parked] = []
+        self.groups: list[list[_Parked]] = []   # per checkpoint (`saving` block), in forward order
         self.stats = stats if stats is not None else OffloadStats()
 
     @contextmanager
-    def saving(self, layer_input: torch.Tensor) -> Iterator[None]:
-        """Within this block, `layer_input` saved for backward goes to host memory; every other
-        saved tensor (cos/sin tables shared by all layers, masks) is left where it is."""
+    def saving(self, *inputs: torch.Tensor) -> Iterator[None]:
+        """Within this block, `inputs` saved for backward go to host memory, as one group that the
+        backward brings back together; every other saved tensor (cos/sin tables shared by all
+        layers, masks) is left where it is."""
 
         # The hooks outlive this block (autograd keeps them with every tensor they packed), so
-        # they must not close over `layer_input` itself: that would keep the GPU copy alive
-        # until the backward and undo the offload. They hold its identity instead (the caller
-        # keeps the input alive for the whole block, so its address cannot be reused meanwhile).
-        identity = _identity(layer_input)
+        # they must not close over the inputs themselves: that would keep the GPU copies alive
+        # until the backward and undo the offload. They hold their identities instead (the caller
+        # keeps the inputs alive for the whole block, so their addresses cannot be reused meanwhile).
+        identities = {_identity(t) for t in inputs}
+        group: list[_Parked] = []
+        self.groups.append(group)
+        number = len(self.groups) - 1
 
         def pack(tensor: torch.Tensor):
-            if _identity(tensor) == identity:
-                return self._offload(tensor)
+            if _identity(tensor) in identities:
+                return self._offload(tensor, group, number)
             return tensor
 
         def unpack(packed):
@@ -334,9 +341,8 @@ class LayerInputOffloader:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
 
-    def _offload(self, tensor: torch.Tensor) -> _Parked:
-        index = len(self.parked)
-        buffer = self._host_buffer(tensor, index)
+    def _offload(self, tensor: torch.Tensor, group: list[_Parked], number: int) -> _Parked:
+        buffer = self._host_buffer(tensor, self.stats.offloaded)
         host = buffer.view(tensor.shape, tensor.dtype)
         if self.cuda:
             compute = torch.cuda.current_stream(self.device)
@@ -346,9 +352,9 @@ class LayerInputOffloader:
             tensor.record_stream(self.stream)
         else:
             host.copy_(tensor)
-        parked = _Parked(index, host)
+        parked = _Parked(number, host)
         weakref.finalize(parked, self.pool.give_back, buffer)
-        self.parked.append(parked)
+        group.append(parked)
         self.stats.offloaded += 1
         self.stats.offloaded_bytes += tensor.numel() * tensor.element_size()
         return parked
@@ -376,7 +382,7 @@ class LayerInputOffloader:
         return buffer
 
     def _prefetch(self, parked: _Parked) -> None:
-        if parked.device_copy is not None:
+        if parked.device_copy is not None or parked.restored:
             return
         if self.cuda:
             with torch.cuda.stream(self.stream):
@@ -387,16 +393,20 @@ class LayerInputOffloader:
             parked.device_copy = parked.host.clone()   # the buffer stays the pool's, as on CUDA
         self.stats.prefetched += 1
 
+    def _prefetch_group(self, number: int) -> None:
+        for parked in self.groups[number]:
+            self._prefetch(parked)
+
     def _restore(self, parked: _Parked) -> torch.Tensor:
-        self._prefetch(parked)       # no-op when the previous layer's backward already asked
+        self._prefetch_group(parked.group)   # no-op for what the next checkpoint's backward asked for
         tensor = parked.device_copy
-        parked.device_copy = None    # the recomputation holds it from here; we must not
+        parked.device_copy, parked.restored = None, True   # the recomputation holds it from here
         if self.cuda:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(parked.ready)
             tensor.record_stream(compute)
-        if parked.index > 0:         # the backward reaches the layer before this one next
-            self._prefetch(self.parked[parked.index - 1])
+        if parked.group > 0:         # the backward reaches the checkpoint before this one next
+            self._prefetch_group(parked.group - 1)
         self.stats.restored += 1
         return tensor
 
@@ -421,7 +431,7 @@ class LayerInputOffloader:
         total, available = host_memory_gib()
         size = tensor.numel() * tensor.element_size() / GIB
         return OffloadError(
-            f"offloading the checkpointed input of decoder layer {index} ({list(tensor.shape)} "
+            f"offloading checkpointed input {index} ({list(tensor.shape)} "
             f"{tensor.dtype}, {size:.2f} GiB) to pinned host memory failed after "
             f"{self.stats.offloaded_bytes / GIB:.1f} GiB were already offloaded; the host has "
             f"{total:.1f} GiB, {available:.1f} GiB available. Raise checkpoints_kept_on_gpu, shorten "

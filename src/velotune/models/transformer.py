@@ -120,8 +120,19 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None, cache: KVCache | None, output_needed: bool = True) -> torch.Tensor:
         """`output_needed=False`: the output projection saves its input but is not run (see
         `lora_fused.project`); for a recomputation whose output is thrown away."""
-        b, t, _ = x.shape
-        q, k, v = lora_fused.project(x, self.q_proj, self.k_proj, self.v_proj)  # one fused block under LoRA
+        q, k, v = self.project(x)
+        return self.attend_and_project(q, k, v, cos, sin, mask, cache, output_needed)
+
+    def project(self, x: torch.Tensor, output_needed: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, T, heads x head_dim] before RoPE (one fused block under LoRA);
+        `output_needed=False` as in `forward`, for the projections' base matmuls."""
+        return lora_fused.project(x, self.q_proj, self.k_proj, self.v_proj, output_needed=output_needed)
+
+    def attend_and_project(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None,
+                           output_needed: bool = True) -> torch.Tensor:
+        """The rest of `forward` from the projections' outputs: q/k norms, RoPE, attention, o_proj."""
+        b, t, _ = q.shape
         q = q.view(b, t, self.num_heads, self.head_dim)
         k = k.view(b, t, self.num_kv_heads, self.head_dim)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
@@ -223,6 +234,20 @@ class DecoderLayer(nn.Module):
         """x + attention(norm(x))."""
         return x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, output_needed=not recomputing())
 
+    # Finer still (`Transformer.checkpoint_pieces`, 3): the attention half split at the q/k/v
+    # projections, whose outputs are then parked as the second piece's inputs. Neither piece's
+    # recomputation runs a base matmul of the attention: the first asks the projections for no
+    # output, the second has q, k and v given and skips o_proj.
+
+    def attention_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections of norm(x)."""
+        return self.self_attn.project(self.input_layernorm(x), output_needed=not recomputing())
+
+    def attention_output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """attention(q, k, v) through o_proj: what the residual stream adds."""
+        return self.self_attn.attend_and_project(q, k, v, cos, sin, mask, output_needed=not recomputing())
+
     def mlp_residual(self, x: torch.Tensor, mlp_chunk: int = 0) -> torch.Tensor:
         """x + mlp(norm(x))."""
         normed = self.post_attention_layernorm(x)
@@ -322,16 +347,22 @@ class Transformer(nn.Module):
         }
         mlp_chunk = mlp_chunk_size(self.mlp_chunk_tokens, b * t)
         checkpointed = self.checkpointed_layers(b, t, mlp_chunk)
-        offloader, offloaded, halves = None, 0, False   # the first `offloaded` layers park their inputs
+        offloader, offloaded, pieces = None, 0, 1   # the first `offloaded` layers park their inputs
         if self.offload_checkpoints and checkpointed:
             self.offload_stats = OffloadStats()
             offloaded = max(checkpointed - self.checkpoints_kept_on_gpu, 0)
-            halves = self.checkpoints_halves(x, offloaded)
+            pieces = self.checkpoint_pieces(x, offloaded)
             offloader = LayerInputOffloader(x.device, self.offload_stats, self.offload_pool,
-                                            planned=offloaded * (2 if halves else 1))
+                                            planned=offloaded * {1: 1, 2: 2, 3: 5}[pieces])
         for i, layer in enumerate(self.model.layers):
             mask = masks[c.sliding_window if c.is_sliding(i) else None]
-            if i < offloaded and halves:
+            if i < offloaded and pieces == 3:
+                q, k, v = run_checkpointed(layer.attention_inputs, x, offloader=offloader)
+                x = x + run_checkpointed(layer.attention_output, q, k, v, cos, sin, mask, offloader=offloader,
+                                         parked=3)
+                del q, k, v
+                x = run_checkpointed(layer.mlp_residual, x, mlp_chunk, offloader=offloader)
+            elif i < offloaded and pieces == 2:
                 x = run_checkpointed(layer.attention_residual, x, cos, sin, mask, cache, offloader=offloader)
                 x = run_checkpointed(layer.mlp_residual, x, mlp_chunk, offloader=offloader)
             elif i < checkpointed:
@@ -343,14 +374,22 @@ class Transformer(nn.Module):
             cache.advance(t)
         return self.model.norm(x)
 
-    def checkpoints_halves(self, x: torch.Tensor, offloaded: int) -> bool:
-        """Whether the `offloaded` layers are checkpointed as two halves each (see
-        `DecoderLayer.attention_residual`): only for pre-norm layers, and only when the host has
-        room for twice the inputs (`offload.host_has_room`), since the halves' second input
-        doubles the pinned host memory (a 350,000-token 8B run parks 85 GiB as whole layers)."""
+    def checkpoint_pieces(self, x: torch.Tensor, offloaded: int) -> int:
+        """In how many pieces each of the `offloaded` layers is checkpointed: 3 (q/k/v projections;
+        attention through o_proj; MLP half, see `DecoderLayer.attention_inputs`), 2 (attention
+        half, MLP half, see `DecoderLayer.attention_residual`) or 1 (whole). Finer pieces let the
+        recomputation skip more matmuls but park more per layer in pinned host memory (3: the
+        input, q, k, v and the residual between the halves; 2: two inputs), so each is taken only
+        when the host has room (`offload.host_has_room`): a 350,000-token 8B run parks 85 GiB as
+        whole layers. Sandwich norms (Gemma 2) read the MLP's output, so those layers stay whole."""
         if self.config.sandwich_norms or not offloaded:
-            return False
-        return host_has_room(self.offload_pool, 2 * offloaded, x.numel() * x.element_size())
+            return 1
+        c = self.config
+        per_token = 2 * c.hidden_size + (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+        input_bytes = x.numel() * x.element_size()
+        if host_has_room(self.offload_pool, offloaded, input_bytes * per_token // c.hidden_size):
+            return 3
+        return 2 if host_has_room(self.offload_pool, 2 * offloaded, input_bytes) else 1
 
     def checkpointed_layers(self, batch: int, seq: int, mlp_chunk: int = 0) -> int:
         """How many decoder layers (the first ones) a training forward of batch x seq checkpoints."""
