@@ -7,6 +7,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# The `device` fixture of Triton-path tests (CUDA, or the CPU with the kernels interpreted); loading
+# it sets TRITON_INTERPRET on a machine without a GPU before any kernel module is imported.
+pytest_plugins = ["tests.triton_device"]
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -18,21 +18,18 @@ than on a wrong total. With a GPU the same test runs on CUDA with the compiled k
 """
 from __future__ import annotations
 
-import os
+import contextlib
 from contextlib import contextmanager
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any Triton kernel is decorated
-
-from velotune.estimate import Setup, checkpoint_terms, layer_terms  # noqa: E402
-from velotune.lora import LoraConfig, apply_lora  # noqa: E402
-from velotune.models import transformer  # noqa: E402
-from velotune.models.checkpointing import _recomputation, run_checkpointed  # noqa: E402
-from velotune.models.config import ModelConfig  # noqa: E402
-from velotune.quant import quantize_linears  # noqa: E402
+from velotune.estimate import Setup, checkpoint_terms, layer_terms
+from velotune.lora import LoraConfig, apply_lora
+from velotune.models import transformer
+from velotune.models.checkpointing import _recomputation, run_checkpointed
+from velotune.models.config import ModelConfig
+from velotune.quant import quantize_linears
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 4
@@ -42,19 +39,6 @@ LLAMA = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermedi
 QWEN3 = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, qk_norm=True)
 CASES = [(LLAMA, "full"), (LLAMA, "lora"), (LLAMA, "qlora"), (QWEN3, "full"), (QWEN3, "lora")]
-
-
-@pytest.fixture
-def device():
-    """CUDA with the compiled kernels when there is a GPU; else CPU with the kernels interpreted."""
-    pytest.importorskip("triton")
-    from velotune.kernels import force_triton
-
-    if torch.cuda.is_available():
-        yield torch.device("cuda")
-        return
-    with force_triton():
-        yield torch.device("cpu")
 
 
 def build(config: ModelConfig, method: str, device: torch.device) -> transformer.Transformer:
@@ -162,33 +146,21 @@ def flash_attention_saved(kept: Kept, config: ModelConfig, batch: int, seq: int)
     assert found == wanted, f"attention saved {found}, not flash attention's q, k, v, output and log-sum-exp"
 
 
+@pytest.mark.parametrize("recomputation", [False, True], ids=["forward", "recomputation"])
 @pytest.mark.parametrize(("config", "method"), CASES, ids=[f"{c.model_type}-{m}" for c, m in CASES])
-def test_one_layer_keeps_exactly_the_estimated_bytes(config, method, device, monkeypatch):
+def test_one_layer_keeps_exactly_the_estimated_bytes(config, method, recomputation, device, monkeypatch):
+    """The layer's forward; or a checkpoint's recomputation of it (its MLP asked for no output),
+    which keeps the layer less h @ A_down."""
     model = build(config, method, device)
     layer = model.model.layers[0]
     for batch, seq in SHAPES:
         x, cos, sin = layer_inputs(model, batch, seq, device)
         kept = Kept(not_activations(model, cos, sin))
-        with recording(kept, monkeypatch):
+        with recording(kept, monkeypatch), _recomputation() if recomputation else contextlib.nullcontext():
             out = layer(x, cos, sin, None)
         kept.add_ctx_attributes(out)
         flash_attention_saved(kept, config, batch, seq)
-        assert kept.total == expected(config, method, batch, seq), (batch, seq)
-
-
-@pytest.mark.parametrize(("config", "method"), CASES, ids=[f"{c.model_type}-{m}" for c, m in CASES])
-def test_a_recomputation_keeps_the_layer_less_h_a_down(config, method, device, monkeypatch):
-    """What a checkpoint's recomputation of the layer keeps (its MLP asked for no output)."""
-    model = build(config, method, device)
-    layer = model.model.layers[0]
-    for batch, seq in SHAPES:
-        x, cos, sin = layer_inputs(model, batch, seq, device)
-        kept = Kept(not_activations(model, cos, sin))
-        with recording(kept, monkeypatch), _recomputation():
-            out = layer(x, cos, sin, None)
-        kept.add_ctx_attributes(out)
-        flash_attention_saved(kept, config, batch, seq)
-        assert kept.total == expected(config, method, batch, seq, recomputation=True), (batch, seq)
+        assert kept.total == expected(config, method, batch, seq, recomputation=recomputation), (batch, seq)
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])

@@ -106,9 +106,8 @@ def test_every_forward_counts_afresh_and_eval_offloads_nothing():
 
 def park(offloader: LayerInputOffloader, *inputs: torch.Tensor) -> list:
     """Park `inputs` as one checkpoint's (what `saving` does as autograd saves them)."""
-    group: list = []
-    offloader.groups.append(group)
-    return [offloader._offload(x, group, len(offloader.groups) - 1) for x in inputs]
+    offloader.groups.append([])
+    return [offloader._offload(x, len(offloader.groups) - 1) for x in inputs]
 
 
 def test_offloader_prefetches_the_previous_layer_while_restoring_one():

@@ -115,8 +115,8 @@ def glu_backward_inplace(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
         raise ValueError("glu_backward_inplace: dh, gate and up must be contiguous (they are written in place)")
     terms = dict(gate_term=gate_term, up_term=up_term, dh_term=dh_term)
     _check_terms("glu_backward_inplace", gate, **terms)
-    present = [t for t in (gate_term, up_term) if t is not None]
     if xa_grads_out is not None:
+        present = [t for t in (gate_term, up_term) if t is not None]
         if not present:
             raise ValueError("glu_backward_inplace: xa_grads_out needs a gate_term or an up_term")
         _check_product_target("glu_backward_inplace", "xa_grads_out", xa_grads_out, sum(t.xa.shape[1] for t in present),

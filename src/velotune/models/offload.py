@@ -326,13 +326,12 @@ class LayerInputOffloader:
         # until the backward and undo the offload. They hold their identities instead (the caller
         # keeps the inputs alive for the whole block, so their addresses cannot be reused meanwhile).
         identities = {_identity(t) for t in inputs}
-        group: list[_Parked] = []
-        self.groups.append(group)
-        number = len(self.groups) - 1
+        self.groups.append([])
+        group = len(self.groups) - 1
 
         def pack(tensor: torch.Tensor):
             if _identity(tensor) in identities:
-                return self._offload(tensor, group, number)
+                return self._offload(tensor, group)
             return tensor
 
         def unpack(packed):
@@ -341,7 +340,7 @@ class LayerInputOffloader:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
 
-    def _offload(self, tensor: torch.Tensor, group: list[_Parked], number: int) -> _Parked:
+    def _offload(self, tensor: torch.Tensor, group: int) -> _Parked:
         buffer = self._host_buffer(tensor, self.stats.offloaded)
         host = buffer.view(tensor.shape, tensor.dtype)
         if self.cuda:
@@ -352,9 +351,9 @@ class LayerInputOffloader:
             tensor.record_stream(self.stream)
         else:
             host.copy_(tensor)
-        parked = _Parked(number, host)
+        parked = _Parked(group, host)
         weakref.finalize(parked, self.pool.give_back, buffer)
-        group.append(parked)
+        self.groups[group].append(parked)
         self.stats.offloaded += 1
         self.stats.offloaded_bytes += tensor.numel() * tensor.element_size()
         return parked
@@ -393,8 +392,8 @@ class LayerInputOffloader:
             parked.device_copy = parked.host.clone()   # the buffer stays the pool's, as on CUDA
         self.stats.prefetched += 1
 
-    def _prefetch_group(self, number: int) -> None:
-        for parked in self.groups[number]:
+    def _prefetch_group(self, group: int) -> None:
+        for parked in self.groups[group]:
             self._prefetch(parked)
 
     def _restore(self, parked: _Parked) -> torch.Tensor:
