@@ -1,12 +1,15 @@
 """Running a job on several CPU processes joined by the gloo backend, the way torchrun would
 (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the environment), plus the tiny chat data the
-trainer tests use. Jobs are looked up by name so spawned processes can import them."""
+trainer tests use. A job is a module-level function, so spawned processes can import it."""
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import sys
 import random
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,9 +38,6 @@ def train_job(*configs: TrainConfig) -> None:
         train_from_config(config, console=quiet(), show_progress=False)
 
 
-JOBS = {"train": train_job}
-
-
 def join_as(rank: int, world_size: int, port: int) -> None:
     """The environment torchrun gives rank `rank` of `world_size` on this host, one thread each."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -45,16 +45,29 @@ def join_as(rank: int, world_size: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _rank_main(rank: int, world_size: int, port: int, job: str, args: tuple) -> None:
+def _rank_main(rank: int, world_size: int, port: int, job: Callable[..., None], args: tuple) -> None:
+    """Run the job, leave the group, then end the process without interpreter finalization.
+
+    Why `os._exit`: a rank once aborted in CI with "terminate called without an active
+    exception" and no Python error, which is what a gloo worker thread does when it drops the last
+    reference to a tensor while the interpreter is being finalized (it needs the GIL, Python ends
+    the thread mid-unwind). By the time of `os._exit` the job's results are on disk and its errors
+    have been raised, so skipping finalization loses nothing. faulthandler prints every thread's
+    Python stack if a rank aborts anyway, so the next occurrence shows where."""
+    faulthandler.enable(all_threads=True)
     join_as(rank, world_size, port)
     try:
-        JOBS[job](*args)
+        job(*args)
     finally:
         distributed.teardown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def run_on_ranks(world_size: int, job: str, *args) -> None:
-    """Run JOBS[job](*args) on `world_size` spawned processes; raises if any rank fails."""
+def run_on_ranks(world_size: int, job: Callable[..., None], *args) -> None:
+    """Run job(*args) on `world_size` spawned processes, each joined to the group; raises if any
+    rank fails."""
     mp.start_processes(_rank_main, args=(world_size, free_port(), job, args), nprocs=world_size,
                        start_method="spawn")
 

@@ -7,12 +7,11 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from velotune import distributed
 from velotune.models.config import ModelConfig
 from velotune.models.transformer import Transformer
-from tests.distributed.gloo_helpers import free_port, join_as
+from tests.distributed.gloo_helpers import run_on_ranks
 
 STEPS = 4
 
@@ -52,19 +51,15 @@ def train(world: distributed.World, rows: list[int]) -> list[float]:
     return losses
 
 
-def worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    join_as(rank, world_size, port)
+def worker(out_dir: str) -> None:
     world = distributed.setup("gloo")
-    try:
-        losses = train(world, distributed.rank_rows(list(range(4)), world))
-        torch.save(losses, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        distributed.teardown()
+    losses = train(world, distributed.rank_rows(list(range(4)), world))
+    torch.save(losses, os.path.join(out_dir, f"rank{world.rank}.pt"))
 
 
 def test_two_rank_ddp_equals_one_process(tmp_path):
     single = train(distributed.World(), list(range(4)))
-    mp.start_processes(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    run_on_ranks(2, worker, str(tmp_path))
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
     assert rank0 == rank1

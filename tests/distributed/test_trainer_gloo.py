@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tests.cli.cli_helpers import make_chat_model
-from tests.distributed.gloo_helpers import eval_losses, quiet, run_on_ranks, train_losses, write_chat_data
+from tests.distributed.gloo_helpers import (eval_losses, quiet, run_on_ranks, train_job, train_losses,
+                                           write_chat_data)
 
 from velotune.train import checkpoint as ckpt
 from velotune.train.config import TrainConfig
@@ -51,7 +52,7 @@ def test_lora_on_two_ranks_equals_one_rank_with_twice_the_micro_batch(tmp_path):
     one = config(tmp_path, "one", method="lora", micro_batch_size=4, learning_rate=2e-2, eval_steps=2)
     train_from_config(one, console=quiet(), show_progress=False)
     two = config(tmp_path, "two", method="lora", micro_batch_size=2, learning_rate=2e-2, eval_steps=2)
-    run_on_ranks(2, "train", two)
+    run_on_ranks(2, train_job, two)
 
     assert_close_losses(train_losses(tmp_path / "two"), train_losses(tmp_path / "one"))
     single_evals = eval_losses(tmp_path / "one")
@@ -75,7 +76,7 @@ def test_fsdp_full_fine_tune_on_two_ranks_equals_one_rank_and_resumes_across_wor
     # format) under FSDP.
     two_from_one = config(tmp_path, "two-from-one", micro_batch_size=2,
                           resume=str(tmp_path / "one" / "checkpoints" / "step-2"), **common)
-    run_on_ranks(2, "train", two, two_from_one)
+    run_on_ranks(2, train_job, two, two_from_one)
 
     want = train_losses(tmp_path / "one")
     assert_close_losses(train_losses(tmp_path / "two"), want)
