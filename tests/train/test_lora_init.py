@@ -1,5 +1,6 @@
-"""`lora_init: quant_error` through `train_from_config`: the key's checks, a better start than the
-plain 4-bit base, and an adapter that reloads (and exports) on the 4-bit base it belongs to."""
+"""`lora_init: quant_error` through `train_from_config`: the key's checks, the training rows the
+fit is measured on, a better start than the zero-started 4-bit base, and an adapter that reloads
+(and exports) on the 4-bit base it belongs to."""
 from __future__ import annotations
 
 import json
@@ -13,17 +14,36 @@ from velotune import LoadError
 from velotune.lora.peft_format import BASE_FILE
 from velotune.quant import Linear4bit
 from velotune.train.config import TrainConfigError, check_values, load_config
+from velotune.train.methods import calibration_rows
 from velotune.train.run import train_from_config
 
 transformers = pytest.importorskip("transformers")
 
 
 def test_lora_init_key_is_checked(tmp_path):
-    with pytest.raises(TrainConfigError, match="key 'lora_init' must be one of default, quant_error"):
+    with pytest.raises(TrainConfigError, match="key 'lora_init' must be one of zero, quant_error"):
         check_values(load_config(None, ["--lora_init=loftq"]), "cli")
     with pytest.raises(TrainConfigError, match="key 'lora_init' quant_error .* needs method qlora, not lora"):
         check_values(load_config(None, ["--method=lora", "--lora_init=quant_error"]), "cli")
     check_values(load_config(None, ["--method=qlora", "--lora_init=quant_error"]), "cli")
+    check_values(load_config(None, ["--method=lora", "--lora_init=zero"]), "cli")
+
+
+def test_calibration_takes_rows_spread_over_the_set_packed_into_a_batch():
+    rows = [[i] * 10 for i in range(100)]             # row i holds ten copies of i
+    ids, positions = calibration_rows(rows, tokens=40, row_tokens=20)
+    # ceil(1.25 * 40 / 10) = 5 rows chosen, every 20th; the first four fill the budget, two to a packed row
+    assert ids.tolist() == [[0] * 10 + [20] * 10, [40] * 10 + [60] * 10]
+    assert positions.tolist() == [list(range(10)) * 2] * 2
+    # A training row crossing into the next packed row goes on there.
+    ids, positions = calibration_rows(rows, tokens=30, row_tokens=15)
+    assert ids.tolist() == [[0] * 10 + [25] * 5, [25] * 5 + [50] * 10]
+    assert positions.tolist() == [list(range(10)) + list(range(5)), list(range(5, 10)) + list(range(10))]
+    # Fewer tokens than the budget: every row once, in one packed row.
+    ids, positions = calibration_rows([[1, 2], [], [3]], tokens=100, row_tokens=64)
+    assert ids.tolist() == [[1, 2, 3]] and positions.tolist() == [[0, 1, 0]]
+    with pytest.raises(ValueError, match="no training rows"):
+        calibration_rows([[], []])
 
 
 def logits(model, tokenizer) -> torch.Tensor:

@@ -28,7 +28,7 @@ def pre_hooks(hooks: Iterable[tuple[nn.Module, Callable[..., None]]]) -> Iterato
 
 
 def calibration_forward(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> None:
-    """A no-grad pass of `ids` [1, T] through the decoder stack (`positions` restart per packed
+    """A no-grad pass of `ids` [B, T] through the decoder stack (`positions` restart per packed
     document), on the model's device; what it yields is seen through hooks."""
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -36,7 +36,7 @@ def calibration_forward(model: nn.Module, ids: torch.Tensor, positions: torch.Te
 
 
 def layer_arguments(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> list[tuple[Any, ...]]:
-    """The positional arguments each decoder layer receives in a no-grad forward of `ids` [1, T]
+    """The positional arguments each decoder layer receives in a no-grad forward of `ids` [B, T]
     (`positions` restart per packed document): (x, cos, sin, mask, ...). Only the first layer's x
     is kept (the others' slot is None): callers compute the rest layer by layer. Masks differ per
     layer where some layers use a sliding window."""

@@ -33,7 +33,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "galore")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
-LORA_INITS = ("default", "quant_error")
+LORA_INITS = ("zero", "quant_error")
 CHATTERBOT = "chatterbot"   # `dataset: chatterbot` (or `chatterbot:ai,greetings`) = the bundled corpus
 
 
@@ -80,10 +80,10 @@ class TrainConfig:
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     use_rslora: bool = False
     use_dora: bool = False
-    # qlora: default (B = 0) | quant_error (each adapter starts as the best rank-r part of its
-    # layer's 4-bit rounding error on calibration text, quant/error_init.py; the saved adapter
-    # then belongs to the 4-bit base)
-    lora_init: str = "default"
+    # zero: B = 0, PEFT's start | quant_error (qlora over a 16-bit checkpoint): each adapter starts
+    # as the best rank-r part of its layer's 4-bit rounding error on training rows
+    # (quant/error_init.py); the saved adapter then belongs to the 4-bit base
+    lora_init: str = "zero"
     # Memory and numerics.
     gradient_checkpointing: bool | str = False  # true | false | auto (only as many layers as memory needs)
     offload_checkpoints: bool = False        # checkpointed layer inputs to pinned CPU memory, back before backward

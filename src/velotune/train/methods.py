@@ -14,6 +14,8 @@ lora/qlora, or OUTPUT_DIR/model (Hugging Face layout through `velotune.export.hf
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,10 @@ from velotune.train.config import TrainConfig, TrainConfigError
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
+# Training tokens the quant_error fit is measured on, packed into rows of CALIBRATION_ROW_TOKENS
+# (`calibration_rows`); quant/error_init.py's damping was measured at this size.
+CALIBRATION_TOKENS = 4096
+CALIBRATION_ROW_TOKENS = 512
 
 
 def lora_config(config: TrainConfig):
@@ -72,31 +78,57 @@ def prepare(model: nn.Module, config: TrainConfig) -> nn.Module:
     return apply_lora(model, lora_config(config), dtype=torch.float32)
 
 
-def init_adapters(model: nn.Module, config: TrainConfig, tokenizer, *, fresh: bool = True) -> str | None:
+def calibration_rows(rows: Sequence[Sequence[int]], tokens: int = CALIBRATION_TOKENS,
+                     row_tokens: int = CALIBRATION_ROW_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training rows spread evenly over the set (not its first rows, which a sorted or grouped
+    file would make unrepresentative), `tokens` of them packed into a batch of rows of
+    `row_tokens`: (ids [B, L], positions [B, L] restarting per training row, which the model reads
+    as separate documents). A training row that crosses from one packed row into the next goes on
+    there without its beginning. Rows of L tokens, not one row of all of them: attention over a
+    packed row costs its length squared (4,096 tokens in one row: 27 of the demo fit's 67 s)."""
+    rows = [row for row in rows if row]
+    if not rows:
+        raise ValueError("no training rows to calibrate on")
+    mean = sum(map(len, rows)) / len(rows)
+    wanted = min(len(rows), math.ceil(1.25 * tokens / mean))   # a margin over the mean: stop at `tokens`
+    ids: list[int] = []
+    positions: list[int] = []
+    for k in range(wanted):
+        row = rows[k * len(rows) // wanted]
+        ids += row
+        positions += range(len(row))
+        if len(ids) >= tokens:
+            break
+    length = min(row_tokens, len(ids), tokens)
+    count = min(len(ids), tokens) // length
+    return (torch.tensor(ids[:count * length]).view(count, length),
+            torch.tensor(positions[:count * length]).view(count, length))
+
+
+def init_adapters(model: nn.Module, config: TrainConfig, calibration: Sequence[Sequence[int]], *,
+                  fresh: bool = True) -> str | None:
     """`lora_init: quant_error`: start each adapter on a 4-bit layer as the part of that layer's
-    rounding error it can hold (quant/error_init.py), measured layer by layer on the generic
-    calibration conversations the 4-bit load and GGUF export use, and record on the model that
-    its adapters belong to this 4-bit base (`model.adapter_base`, written next to saved adapters).
-    Returns what was done, for the log (None: nothing done). A resumed run (`fresh=False`) reads
-    its adapters from the checkpoint: only the record is made."""
+    rounding error it can hold (quant/error_init.py), measured layer by layer on the training rows
+    `calibration` (token ids; `calibration_rows` picks them; the inputs the adapters will see,
+    rather than generic text), and record on the model that its adapters belong to this 4-bit base
+    (`model.adapter_base`, written next to saved adapters). Returns what was done, for the log
+    (None: nothing to say). A resumed run (`fresh=False`) reads its adapters from the checkpoint:
+    only the record is made."""
     if config.lora_init != "quant_error":
         return None
     model.adapter_base = {"load_in_4bit": True, "quant_type": "nf4", "keep_16bit": list(config.keep_16bit),
                           "keep_16bit_dynamic": config.keep_16bit_dynamic}
     if not fresh:
         return None
-    from velotune.export.calibration import calibration_ids
     from velotune.quant.error_init import compensate_quantization_error
 
-    if tokenizer is None:
-        raise TrainConfigError("lora_init quant_error needs a tokenizer for its calibration text")
-    ids, positions = calibration_ids(tokenizer)
     try:
+        ids, positions = calibration_rows(calibration)
         done = compensate_quantization_error(model, ids, positions)
     except ValueError as exc:
         raise TrainConfigError(f"lora_init quant_error: {exc}") from None
     return (f"lora_init quant_error: {len(done)} adapters start as the rank-{config.lora_r} part of their "
-            f"layer's 4-bit rounding error ({ids.shape[1]} calibration tokens)")
+            f"layer's 4-bit rounding error, measured on {ids.numel():,} training tokens")
 
 
 def save_result(model: nn.Module, tokenizer, config: TrainConfig, folder: Path | None = None) -> Path:

@@ -115,7 +115,8 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
         say(f"      eval  {data.eval_report.summary()}")
     torch.manual_seed(config.seed)                       # adapter init does not depend on data loading
     methods.prepare(model, config)
-    if initialised := methods.init_adapters(model, config, tokenizer, fresh=resume_from is None):
+    if initialised := methods.init_adapters(model, config, [e.input_ids for e in data.train],
+                                                   fresh=resume_from is None):
         say(initialised)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
