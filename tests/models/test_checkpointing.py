@@ -3,6 +3,8 @@ arithmetic against hand-computed Llama-3.1-8B figures), and the model checkpoint
 many layers with unchanged gradients; the config keys and their errors."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -88,7 +90,13 @@ def test_offload_and_tiling_lower_the_estimated_peak():
     b = budget(80)
     plain = activation_peak(LLAMA8B, b, 1, 65536, 32)
     offloaded = activation_peak(LLAMA8B, b, 1, 65536, 32, offload=True)
-    assert plain - offloaded == 30 * INPUT_PER_TOKEN * 65536     # 32 inputs on the GPU -> 2 in flight
+    # 32 inputs on the GPU -> two layers' parked tensors in flight: input, residual, q, k, v
+    # (4096 + 4096 + 4096 + 1024 + 1024 = 3.5 inputs each)
+    assert plain - offloaded == (32 - 7) * INPUT_PER_TOKEN * 65536
+    # Sandwich norms (Gemma 2) keep layers whole: one input parked per layer.
+    sandwich = replace(LLAMA8B, sandwich_norms=True)
+    assert (activation_peak(sandwich, b, 1, 65536, 32) - activation_peak(sandwich, b, 1, 65536, 32, offload=True)
+            == (32 - 2) * INPUT_PER_TOKEN * 65536)
     tiled = activation_peak(LLAMA8B, b, 1, 65536, 32, offload=True, mlp_chunk=8192)
     assert tiled < offloaded - 3 * 2 * 14336 * 65536 // 2
 

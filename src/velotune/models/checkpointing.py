@@ -8,7 +8,7 @@ the smallest number n of checkpointed layers whose estimated peak fits:
 
     peak(n) = resident + saved(n) + max(model-wide, backward temporaries)          n < L
     peak(L) = resident + saved(L) + max(model-wide, backward temporaries + one recomputed layer)
-    saved(n) = n x layer input (0 when offloaded, plus two prefetched inputs)
+    saved(n) = n x layer input (0 when offloaded, plus two layers' parked tensors in flight)
                + n x h @ A_down (LoRA: the fused MLP's graph keeps it) + (L - n) x one layer
 
 with the per-token terms of `velotune.estimate` (its module docstring states the formula and
@@ -134,6 +134,13 @@ class CheckpointChoice:
                 f"{self.budget_bytes / GIB:.1f} GiB budget{fit}")
 
 
+def parked_per_token(config: ModelConfig) -> int:
+    """Elements per token an offloaded layer parks when checkpointed in three pieces
+    (`Transformer.checkpoint_pieces`): its input and the residual between its halves (hidden
+    each), and q, k, v."""
+    return 2 * config.hidden_size + (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+
+
 def activation_peak(config: ModelConfig, budget: MemoryBudget, batch: int, seq: int, checkpointed: int, *,
                     offload: bool = False, mlp_chunk: int = 0) -> int:
     """Estimated activation peak (bytes, resident bytes excluded) with the first `checkpointed`
@@ -158,7 +165,13 @@ def activation_peak(config: ModelConfig, budget: MemoryBudget, batch: int, seq: 
     # besides its input, a checkpointed layer keeps what its graph holds outside the saved tensors
     # (the fused LoRA MLP's h @ A_down), on the GPU even when the input is offloaded
     graph_kept = sum(term.bytes(tokens) for term in checkpoint_terms(config, setup)) - layer_input
-    kept_inputs = (2 * layer_input if checkpointed else 0) if offload else checkpointed * layer_input
+    if offload:
+        # Two layers' parked tensors are on the GPU at a time (one restored, the next prefetched):
+        # three pieces' worth, the most a run parks (fewer when the host lacks room, so this errs high).
+        parked = layer_input if config.sandwich_norms else BF16 * parked_per_token(config) * tokens
+        kept_inputs = 2 * parked if checkpointed else 0
+    else:
+        kept_inputs = checkpointed * layer_input
     saved = kept_inputs + checkpointed * graph_kept + (L - checkpointed) * layer
     return saved + max(model_wide, temporaries + (recomputed if checkpointed == L else 0))
 

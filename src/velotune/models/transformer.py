@@ -29,6 +29,7 @@ from velotune.models.checkpointing import (
     CheckpointChoice,
     MemoryBudget,
     choose_checkpointed_layers,
+    parked_per_token,
     parse_checkpointing,
     recomputing,
     run_checkpointed,
@@ -384,10 +385,9 @@ class Transformer(nn.Module):
         whole layers. Sandwich norms (Gemma 2) read the MLP's output, so those layers stay whole."""
         if self.config.sandwich_norms or not offloaded:
             return 1
-        c = self.config
-        per_token = 2 * c.hidden_size + (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
         input_bytes = x.numel() * x.element_size()
-        if host_has_room(self.offload_pool, offloaded, input_bytes * per_token // c.hidden_size):
+        if host_has_room(self.offload_pool, offloaded, input_bytes * parked_per_token(self.config) //
+                         self.config.hidden_size):
             return 3
         return 2 if host_has_room(self.offload_pool, 2 * offloaded, input_bytes) else 1
 
