@@ -58,8 +58,8 @@ def main() -> None:
     torch.cuda.synchronize()
     fit_s = time.perf_counter() - started
     extra_gib = (torch.cuda.max_memory_allocated() - resident) / 2**30
-    row = [today(), machine(), f"{args.model} QLoRA r{args.rank}, seven projections; {shape[0]} packed rows of {shape[1]}", f"{CALIBRATION_TOKENS:,}",
-           str(len(done)), f"{load_s:.1f}", f"{fit_s:.1f}", f"{fit_s / load_s:.2f}", f"{extra_gib:.2f}"]
+    setup = f"{args.model} QLoRA r{args.rank}, seven projections; {shape[0]} packed rows of {shape[1]}"
+    row = [today(), machine(), setup, f"{CALIBRATION_TOKENS:,}", str(len(done)), f"{load_s:.1f}", f"{fit_s:.1f}", f"{fit_s / load_s:.2f}", f"{extra_gib:.2f}"]
     append_row("QLoRA adapter start fitted to the 4-bit error: cost at load",
                ["date", "machine", "config", "calibration tokens", "adapters set", "4-bit load (s)",
                 "fit (s)", "fit / load", "fit's peak GPU memory above the model (GiB)"], row)

@@ -70,11 +70,22 @@ def low_rank_error_factors(error: torch.Tensor, hessian: torch.Tensor, rank: int
                          f"{tuple(error.shape)} (expected [in, in])")
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
-    h = hessian.to(device=error.device, dtype=torch.float64).clone()
+    return factors_under(error, damped_cholesky(hessian, damp, error.device), rank)
+
+
+def damped_cholesky(hessian: torch.Tensor, damp: float, device: torch.device) -> torch.Tensor:
+    """L (float64, on `device`) with hessian + damp * mean(diag) * I = L L^T, a zero diagonal
+    entry (a channel that never fires) first set to 1. Projections reading one input (q/k/v,
+    gate/up) share H, so `compensate_quantization_error` factors each H once."""
+    h = hessian.to(device=device, dtype=torch.float64).clone()
     diag = torch.diagonal(h)
     diag[diag == 0] = 1.0
     diag += damp * diag.mean()
-    chol = torch.linalg.cholesky(h)
+    return torch.linalg.cholesky(h)
+
+
+def factors_under(error: torch.Tensor, chol: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`low_rank_error_factors` given the damped Cholesky factor L of H (`damped_cholesky`)."""
     weighted = error.double() @ chol
     r = min(rank, *weighted.shape)
     u, s, vh = top_singular_triplets(weighted, r)
@@ -138,15 +149,15 @@ def set_adapter_to(layer: LoraLinear, b: torch.Tensor, a: torch.Tensor) -> None:
         layer.init_magnitude()
 
 
-def compensate_layer(layer: LoraLinear, original: torch.Tensor, hessian: torch.Tensor,
-                     damp: float = DEFAULT_DAMP) -> None:
+def compensate_layer(layer: LoraLinear, original: torch.Tensor, chol: torch.Tensor) -> None:
     """Set the adapter of `layer` (over a `Linear4bit`) to the best rank-r part of
-    original - dequantized base under `hessian` (module docstring)."""
+    original - dequantized base under the input statistics whose damped Cholesky factor is `chol`
+    (`damped_cholesky`; module docstring)."""
     base = layer.base_layer
     if not isinstance(base, Linear4bit):
         raise TypeError(f"quant_error initialisation needs a 4-bit base, got {type(base).__name__}")
     error = as_loaded(original, base) - base.dequantized_weight(torch.float32)
-    b, a = low_rank_error_factors(error, hessian, layer.r, damp)
+    b, a = factors_under(error, chol.to(error.device), layer.r)
     set_adapter_to(layer, b, a)
 
 
@@ -213,7 +224,7 @@ def compensate_quantization_error(model: nn.Module, ids: torch.Tensor, positions
                                   damp: float = DEFAULT_DAMP) -> list[str]:
     """Initialise every LoRA adapter over a 4-bit base in `model`'s decoder layers (after
     `apply_lora`) so that base + adapter approximates the original weight on the calibration
-    inputs `ids` [1, T] (`positions` restart per packed document). Returns the layers set."""
+    inputs `ids` [B, T] (`positions` restart per packed document). Returns the layers set."""
     source = getattr(model, "source", None)
     if source is None:
         raise ValueError("the model's checkpoint (model.source, set by load_model) is needed to read the "
@@ -228,9 +239,12 @@ def compensate_quantization_error(model: nn.Module, ids: torch.Tensor, positions
 
     def visit(i: int, hessians: dict[str, torch.Tensor]) -> None:
         prefix = f"model.layers.{i}."
+        chols: dict[int, torch.Tensor] = {}    # by id of the H object: q/k/v and gate/up share one
         for path, hessian in hessians.items():
             if prefix + path in targets:
-                compensate_layer(targets[prefix + path], originals.take(prefix + path), hessian, damp)
+                if id(hessian) not in chols:
+                    chols[id(hessian)] = damped_cholesky(hessian, damp, hessian.device)
+                compensate_layer(targets[prefix + path], originals.take(prefix + path), chols[id(hessian)])
                 done.append(prefix + path)
 
     layer_by_layer(model, ids, positions, visit)
