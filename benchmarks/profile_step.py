@@ -3,9 +3,9 @@ runs it, from torch.profiler, for the same system and loop as bench_train.py.
 
 Why: a step is either launch-bound (the GPU idles while Python and the dispatcher queue kernels)
 or kernel-bound (then the top kernels say which to make faster); the two need different fixes.
-It prints, for one profiled step after two warm-up steps: wall time, GPU busy time (kernels and
-copies), the number of kernel launches, the top kernels by GPU time and the top operators by CPU
-time. `--shapes` groups operators by their input shapes (which matmul is slow, not only that
+It prints, for the profiled steps (one unless `--profiled-steps`) after the warm-up steps: wall
+time, GPU busy time (kernels and copies) and the number of kernel launches per step, and the top
+kernels by GPU time and operators by CPU time (summed over the profiled steps). `--shapes` groups operators by their input shapes (which matmul is slow, not only that
 matmuls are); `--memory` (with `--eager`) prints the allocated memory after, and the peak during, the
 forward, the backward and the optimizer step (where a memory target is missed).
 Nothing is appended to RESULTS.md: this is a diagnostic, not a result.
@@ -38,7 +38,10 @@ def main() -> None:
     p.add_argument("--shapes", action="store_true", help="also group operators by input shapes")
     p.add_argument("--memory", action="store_true", help="peak memory of each phase of an eager step")
     p.add_argument("--steps", type=int, default=3, help="unprofiled steps averaged for the wall time")
-    p.add_argument("--trace", help="write the profiled step's Chrome trace to this file")
+    p.add_argument("--trace", help="write the profiled steps' Chrome trace to this file")
+    p.add_argument("--profiled-steps", type=int, default=1,
+                   help="steps profiled back to back (more than one shows what lies between steps: "
+                        "idle GPU time, or slower replays once the GPU runs at its power limit)")
     args = p.parse_args()
     if args.memory and not args.eager:
         p.error("--memory splits an eager step into its phases: add --eager")
@@ -75,19 +78,21 @@ def main() -> None:
         print(f"host embedding lookup of {ids.numel()} ids: {(time.perf_counter() - start) * 1e3:.1f} ms on the CPU")
     if args.memory:
         memory_phases(model, ids, opt)
+    n = args.profiled_steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.shapes) as prof:
         start = time.perf_counter()
-        one_step()
+        for _ in range(n):
+            one_step()
         torch.cuda.synchronize()
-        profiled_ms = (time.perf_counter() - start) * 1e3
+        profiled_ms = (time.perf_counter() - start) * 1e3 / n
     if args.trace:
         prof.export_chrome_trace(args.trace)
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_ms = sum(e.device_time for e in events) / 1e3
-    launches = len(events)
+    gpu_ms = sum(e.device_time for e in events) / 1e3 / n
+    launches = len(events) // n
     print(f"{args.model} batch {args.batch} seq {args.seq} {'QLoRA' if args.qlora else 'LoRA'} "
           f"ckpt {args.checkpointing}{' + offload' if args.offload else ''}")
-    print(f"step {unprofiled_ms:.1f} ms unprofiled (mean of {args.steps}), {profiled_ms:.1f} ms profiled; GPU busy {gpu_ms:.1f} ms "
+    print(f"step {unprofiled_ms:.1f} ms unprofiled (mean of {args.steps}), {profiled_ms:.1f} ms profiled (mean of {n}); GPU busy {gpu_ms:.1f} ms "
           f"({gpu_ms / unprofiled_ms:.0%} of the unprofiled step); {launches} GPU events")
     table = prof.key_averages()
     print(table.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))

@@ -22,7 +22,8 @@ HIDDEN, INTER, RANK, SEQ = 37, 83, 3, 13
 HEADS, KV_HEADS, HEAD_DIM = 6, 2, 5  # GQA: q is 30 wide, k and v 10
 FP32_TOL = 1e-5
 # bf16 autocast: both paths round every matmul to bf16 (8 bits of mantissa, ~4e-3), at different
-# points (the fused path adds the adapter term inside one addmm), so errors of a few roundings.
+# points (the fused path's base GEMM adds its product onto the adapter term and rounds the sum
+# once), so errors of a few roundings.
 BF16_TOL = 3e-2
 
 
@@ -114,6 +115,22 @@ def test_qkv_matches_unfused(batch, bias, adapted):
     got = forward_backward(lambda t: fused.project(t, *modules), x, modules)
     ref = forward_backward(lambda t: tuple(m(t) for m in modules), x, modules)
     assert fused_grad_fn(fused.project(x.requires_grad_(), *modules)[0]) == "LoraProjectionsBackward"
+    assert_same(got, ref, FP32_TOL)
+
+
+def test_qkv_with_different_ranks_and_scales_matches_unfused():
+    """Each projection's columns of the stacked X·A^T and of its gradient (written in place, each
+    scaled by its own alpha / r) stay its own when ranks and scales differ within the group."""
+    modules = []
+    for i, (n_out, r, alpha) in enumerate(zip((HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM),
+                                              (3, 5, 2), (7.0, 2.0, 11.0))):
+        torch.manual_seed(i)
+        base = nn.Linear(HIDDEN, n_out, bias=True).requires_grad_(False)
+        modules.append(LoraLinear(base, LoraConfig(r=r, alpha=alpha, init=False)))
+    assert len({m.scale for m in modules}) == 3
+    x = torch.randn(2, SEQ, HIDDEN)
+    got = forward_backward(lambda t: fused.project(t, *modules), x, modules)
+    ref = forward_backward(lambda t: tuple(m(t) for m in modules), x, modules)
     assert_same(got, ref, FP32_TOL)
 
 

@@ -17,7 +17,8 @@ from velotune.models.config import ModelConfig
 from velotune.models.transformer import Transformer
 
 LAYERS = 3
-MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.linear, torch.ops.aten.matmul, torch.ops.aten.bmm}
+MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.linear, torch.ops.aten.matmul,
+           torch.ops.aten.bmm}
 
 
 def lora_model(**overrides) -> Transformer:
