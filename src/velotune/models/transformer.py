@@ -209,20 +209,34 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, off)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None = None, mlp_chunk: int = 0) -> torch.Tensor:
-        """`mlp_chunk` > 0 runs the MLP over chunks of that many tokens (models/tiled_mlp.py)."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+                mask: torch.Tensor | None, cache: KVCache | None = None, mlp_chunk: int = 0,
+                pending: torch.Tensor | None = None, defer: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`mlp_chunk` > 0 runs the MLP over chunks of that many tokens (models/tiled_mlp.py).
+
+        `pending` is the previous layer's last residual term, not yet added to x: the input norm
+        adds it (`add_rms_norm`, one pass). `defer=True` returns (residual, this layer's last
+        term) instead of their sum, for the next layer or the final norm to add. Between layers
+        that are not checkpointed this spares the residual add's pass over [tokens, hidden] in the
+        forward, and the backward's separate sum of the stream's two gradients."""
+        if pending is None:
+            normed = self.input_layernorm(x)
+        else:
+            norm = self.input_layernorm
+            normed, x = kernels.add_rms_norm(pending, x, norm.weight, norm.eps, norm.offset)
+        h = self.self_attn(normed, cos, sin, mask, cache)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             mlp_out = tiled_mlp(self.mlp, self.pre_feedforward_layernorm(x), mlp_chunk)
-            return x + self.post_feedforward_layernorm(mlp_out)
-        norm = self.post_attention_layernorm
-        normed, x = kernels.add_rms_norm(h, x, norm.weight, norm.eps, norm.offset)  # residual add fused
-        # The MLP's output only joins the residual here, so when a checkpoint recomputes this
-        # layer (and throws its output away) the MLP saves what its backward needs and skips the
-        # rest: for Llama-3.1-8B the down projection, a quarter of the layer's matmul FLOPs.
-        # (With sandwich norms a norm saves from the MLP output, so it is always made.)
-        return x + tiled_mlp(self.mlp, normed, mlp_chunk, output_needed=not recomputing())
+            last = self.post_feedforward_layernorm(mlp_out)
+        else:
+            norm = self.post_attention_layernorm
+            normed, x = kernels.add_rms_norm(h, x, norm.weight, norm.eps, norm.offset)  # residual add fused
+            # The MLP's output only joins the residual here, so when a checkpoint recomputes this
+            # layer (and throws its output away) the MLP saves what its backward needs and skips the
+            # rest: for Llama-3.1-8B the down projection, a quarter of the layer's matmul FLOPs.
+            # (With sandwich norms a norm saves from the MLP output, so it is always made.)
+            last = tiled_mlp(self.mlp, normed, mlp_chunk, output_needed=not recomputing())
+        return (x, last) if defer else x + last
 
     # The two halves of a pre-norm layer, each checkpointed on its own when checkpoints are
     # offloaded (`Transformer.hidden_states`): the residual stream between them is then saved as
@@ -355,6 +369,7 @@ class Transformer(nn.Module):
             pieces = self.checkpoint_pieces(x, offloaded)
             offloader = LayerInputOffloader(x.device, self.offload_stats, self.offload_pool,
                                             planned=offloaded * {1: 1, 2: 2, 3: 5}[pieces])
+        pending = None   # the last layer's MLP (or post-norm) output, not yet added to x
         for i, layer in enumerate(self.model.layers):
             mask = masks[c.sliding_window if c.is_sliding(i) else None]
             if i < offloaded and pieces == 3:
@@ -369,11 +384,14 @@ class Transformer(nn.Module):
             elif i < checkpointed:
                 parked = offloader if i < offloaded else None
                 x = run_checkpointed(layer, x, cos, sin, mask, cache, mlp_chunk, offloader=parked)
-            else:
-                x = layer(x, cos, sin, mask, cache, mlp_chunk)
+            else:   # not checkpointed: each layer's last residual add joins the next norm
+                x, pending = layer(x, cos, sin, mask, cache, mlp_chunk, pending=pending, defer=True)
         if cache is not None:
             cache.advance(t)
-        return self.model.norm(x)
+        norm = self.model.norm
+        if pending is None:
+            return norm(x)
+        return kernels.add_rms_norm(pending, x, norm.weight, norm.eps, norm.offset)[0]
 
     def checkpoint_pieces(self, x: torch.Tensor, offloaded: int) -> int:
         """In how many pieces each of the `offloaded` layers is checkpointed: 3 (q/k/v projections;
