@@ -12,8 +12,8 @@ Parts (each appends rows to benchmarks/RESULTS.md from rank 0):
 - resume: the full fine-tune's FSDP checkpoint of step 10 (written by N ranks) resumed on 1 GPU:
   its step-11 loss against the uninterrupted 1-GPU run's (target: within 1%).
 - lora8b: Llama-3.1-8B architecture (random bf16 weights), LoRA r16, seq 2048, gradient
-  checkpointing: tokens/s on 1 GPU and on N GPUs (all ranks' tokens), and the ratio (target >= 1.9 x
-  for 2 GPUs).
+  checkpointing, micro-batch `--scaling-micro-batch` (4) per GPU: tokens/s on 1 GPU and on N GPUs
+  (all ranks' tokens), and the ratio (target >= 1.9 x for 2 GPUs).
 - full8b: full fine-tuning of the same architecture with FSDP2 across the N GPUs (float32 master
   weights built on the CPU and sharded onto the GPUs, bf16 mixed precision): tokens/s and the
   peak memory of every GPU.
@@ -132,10 +132,11 @@ def on_rank0_alone(world: World, run):
     return result
 
 
-def part_equal(world: World, work: Path, micro_batch: int, steps: int, resume_check: bool) -> None:
+def part_equal(world: World, work: Path, micro_batch: int, steps: int, resume_check: bool,
+               methods: tuple[str, ...] = ("lora", "full")) -> None:
     device, cfg = device_of(world), small_config()
     examples = random_examples(steps * micro_batch * world.world_size, cfg.vocab_size, 128, 512)
-    for method in ("lora", "full"):
+    for method in methods:
         dtype = torch.bfloat16 if method == "lora" else torch.float32
         one_out, many_out = work / f"{method}-1gpu", work / f"{method}-{world.world_size}gpu"
         one = on_rank0_alone(world, lambda: train_losses(
@@ -146,32 +147,41 @@ def part_equal(world: World, work: Path, micro_batch: int, steps: int, resume_ch
         many, _ = train_losses(build_model(cfg, method, load_device, dtype),
                                train_config(many_out, method, micro_batch, steps, save_steps=steps // 2),
                                examples, world, device)
-        if not world.is_main:
-            continue
-        worst = max_relative(many, one)
-        for i, (a, b) in enumerate(zip(one, many)):
-            print(f"{method} step {i + 1}: 1 GPU {a:.5f}  {world.world_size} GPUs {b:.5f}")
-        print(f"{method}: largest relative difference {worst:.2e} ({'ok' if worst <= TOLERANCE else 'OVER 1%'})")
-        strategy = "DDP" if method == "lora" else "FSDP2"
-        append_row("Distributed: N GPUs x micro-batch b vs 1 GPU x micro-batch N*b",
-                   ["date", "machine", "method", "GPUs", "b", "steps", "max rel. loss diff", "within 1%"],
-                   [today(), machine(), f"{method} ({strategy})", str(world.world_size), str(micro_batch),
-                    str(steps), f"{worst:.2e}", "yes" if worst <= TOLERANCE else "no"])
-        if method == "full" and resume_check:
-            half = steps // 2
-            resumed = train_losses(build_model(cfg, "full", device, dtype),
-                                   train_config(work / "full-resumed-1gpu", "full", micro_batch * world.world_size,
-                                                steps),
-                                   examples, World(), device, resume=many_out / "checkpoints" / f"step-{half}")[0]
-            diff = abs(resumed[0] - one[half]) / abs(one[half])
-            print(f"FSDP checkpoint of step {half} ({world.world_size} GPUs) resumed on 1 GPU: step {half + 1} "
-                  f"loss {resumed[0]:.5f} vs uninterrupted {one[half]:.5f} (rel. {diff:.2e})")
-            append_row("Distributed: FSDP checkpoint resumed on another number of GPUs",
-                       ["date", "machine", "written on", "resumed on", "step", "resumed loss", "uninterrupted loss",
-                        "rel. diff"],
-                       [today(), machine(), f"{world.world_size} GPUs", "1 GPU", str(half + 1), f"{resumed[0]:.5f}",
-                        f"{one[half]:.5f}", f"{diff:.2e}"])
+        if world.is_main:   # every rank then meets the barrier below: a rank that skipped it would pair the
+            # next barrier or collective with the wrong one (the lora-then-full run hung that way on 2 GPUs)
+            report_equal(world, cfg, method, one, many, many_out, micro_batch, steps, resume_check, device, dtype,
+                         examples, work)
         distributed.barrier(world)
+
+
+def report_equal(world: World, cfg, method: str, one: list[float], many: list[float], many_out: Path,
+                 micro_batch: int, steps: int, resume_check: bool, device: torch.device, dtype: torch.dtype,
+                 examples, work: Path) -> None:
+    """Rank 0's part of `part_equal`: the per-step losses and the row; for the full fine-tune also
+    the N-rank checkpoint of the middle step resumed on one GPU."""
+    worst = max_relative(many, one)
+    for i, (a, b) in enumerate(zip(one, many)):
+        print(f"{method} step {i + 1}: 1 GPU {a:.5f}  {world.world_size} GPUs {b:.5f}")
+    print(f"{method}: largest relative difference {worst:.2e} ({'ok' if worst <= TOLERANCE else 'OVER 1%'})")
+    strategy = "DDP" if method == "lora" else "FSDP2"
+    append_row("Distributed: N GPUs x micro-batch b vs 1 GPU x micro-batch N*b",
+               ["date", "machine", "method", "GPUs", "b", "steps", "max rel. loss diff", "within 1%"],
+               [today(), machine(), f"{method} ({strategy})", str(world.world_size), str(micro_batch),
+                str(steps), f"{worst:.2e}", "yes" if worst <= TOLERANCE else "no"])
+    if method == "full" and resume_check:
+        half = steps // 2
+        resumed = train_losses(build_model(cfg, "full", device, dtype),
+                               train_config(work / "full-resumed-1gpu", "full", micro_batch * world.world_size,
+                                            steps),
+                               examples, World(), device, resume=many_out / "checkpoints" / f"step-{half}")[0]
+        diff = abs(resumed[0] - one[half]) / abs(one[half])
+        print(f"FSDP checkpoint of step {half} ({world.world_size} GPUs) resumed on 1 GPU: step {half + 1} "
+              f"loss {resumed[0]:.5f} vs uninterrupted {one[half]:.5f} (rel. {diff:.2e})")
+        append_row("Distributed: FSDP checkpoint resumed on another number of GPUs",
+                   ["date", "machine", "written on", "resumed on", "step", "resumed loss", "uninterrupted loss",
+                    "rel. diff"],
+                   [today(), machine(), f"{world.world_size} GPUs", "1 GPU", str(half + 1), f"{resumed[0]:.5f}",
+                    f"{one[half]:.5f}", f"{diff:.2e}"])
 
 
 def known(name: str):
@@ -233,6 +243,11 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", choices=("equal", "resume", "lora8b", "full8b"),
                    default=["equal", "resume", "lora8b", "full8b"])
     p.add_argument("--micro-batch", type=int, default=2, help="b: per-GPU micro-batch of the equality runs")
+    p.add_argument("--methods", nargs="+", choices=("lora", "full"), default=["lora", "full"],
+                   help="methods of the equality runs (full also makes the checkpoint that `resume` reads)")
+    p.add_argument("--scaling-micro-batch", type=int, default=4,
+                   help="per-GPU micro-batch of the lora8b scaling runs (eager steps: at micro-batch 1 the host's "
+                        "kernel launches, not the GPU, set the pace)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--workdir", type=Path, default=None, help="outputs (default: a temporary folder)")
@@ -244,9 +259,10 @@ def main() -> None:
     work = Path(distributed.broadcast_object(str(work), world))
     try:
         if "equal" in args.parts or "resume" in args.parts:
-            part_equal(world, work, args.micro_batch, args.steps, resume_check="resume" in args.parts)
+            part_equal(world, work, args.micro_batch, args.steps, resume_check="resume" in args.parts,
+                       methods=tuple(args.methods))
         if "lora8b" in args.parts:
-            part_lora8b(world, work, 1, args.seq, 10)
+            part_lora8b(world, work, args.scaling_micro_batch, args.seq, 10)
         if "full8b" in args.parts:
             part_full8b(world, work, 1, args.seq, 6)
     finally:
