@@ -136,6 +136,43 @@ def part_equal(world: World, work: Path, micro_batch: int, steps: int, resume_ch
                methods: tuple[str, ...] = ("lora", "full")) -> None:
     device, cfg = device_of(world), small_config()
     examples = random_examples(steps * micro_batch * world.world_size, cfg.vocab_size, 128, 512)
+
+    def report(method: str, dtype: torch.dtype, one: list[float], many: list[float], many_out: Path) -> None:
+        """Rank 0's share: the per-step losses and the row; for the full fine-tune also the N-rank
+        checkpoint of the middle step resumed on one GPU."""
+        worst = max_relative(many, one)
+        for i, (a, b) in enumerate(zip(one, many)):
+            print(f"{method} step {i + 1}: 1 GPU {a:.5f}  {world.world_size} GPUs {b:.5f}")
+        print(f"{method}: largest relative difference {worst:.2e} ({'ok' if worst <= TOLERANCE else 'OVER 1%'})")
+        strategy = "DDP" if method == "lora" else "FSDP2"
+        append_row("Distributed: N GPUs x micro-batch b vs 1 GPU x micro-batch N*b",
+                   ["date", "machine", "method", "GPUs", "b", "steps", "max rel. loss diff", "within 1%"],
+                   [today(), machine(), f"{method} ({strategy})", str(world.world_size), str(micro_batch),
+                    str(steps), f"{worst:.2e}", "yes" if worst <= TOLERANCE else "no"])
+        if method == "full" and resume_check:
+            half = steps // 2
+            resumed = train_losses(build_model(cfg, "full", device, dtype),
+                                   train_config(work / "full-resumed-1gpu", "full", micro_batch * world.world_size,
+                                                steps),
+                                   examples, World(), device, resume=many_out / "checkpoints" / f"step-{half}")[0]
+            diff = abs(resumed[0] - one[half]) / abs(one[half])
+            # The run that wrote the checkpoint is the exact reference: the 1-GPU run differs from it
+            # by bf16 rounding at every step before (up to the equality row's figure).
+            same = abs(resumed[0] - many[half]) / abs(many[half])
+            print(f"FSDP checkpoint of step {half} ({world.world_size} GPUs) resumed on 1 GPU: step {half + 1} "
+                  f"loss {resumed[0]:.5f} vs uninterrupted {one[half]:.5f} on 1 GPU (rel. {diff:.2e}) and "
+                  f"{many[half]:.5f} on {world.world_size} GPUs, the run that wrote it (rel. {same:.2e})")
+            append_row("Distributed: FSDP checkpoint resumed on another number of GPUs",
+                       ["date", "machine", "written on", "resumed on", "step", "resumed loss", "uninterrupted loss",
+                        "rel. diff"],
+                       [today(), machine(), f"{world.world_size} GPUs", "1 GPU", str(half + 1), f"{resumed[0]:.5f}",
+                        f"{one[half]:.5f}", f"{diff:.2e}"])
+            append_row("Distributed: FSDP checkpoint resumed on another number of GPUs, against the run that wrote it",
+                       ["date", "machine", "written on", "resumed on", "step", "resumed loss", "writing run's loss",
+                        "rel. diff"],
+                       [today(), machine(), f"{world.world_size} GPUs", "1 GPU", str(half + 1), f"{resumed[0]:.5f}",
+                        f"{many[half]:.5f}", f"{same:.2e}"])
+
     for method in methods:
         dtype = torch.bfloat16 if method == "lora" else torch.float32
         one_out, many_out = work / f"{method}-1gpu", work / f"{method}-{world.world_size}gpu"
@@ -149,48 +186,8 @@ def part_equal(world: World, work: Path, micro_batch: int, steps: int, resume_ch
                                examples, world, device)
         if world.is_main:   # every rank then meets the barrier below: a rank that skipped it would pair the
             # next barrier or collective with the wrong one (the lora-then-full run hung that way on 2 GPUs)
-            report_equal(world, cfg, method, one, many, many_out, micro_batch, steps, resume_check, device, dtype,
-                         examples, work)
+            report(method, dtype, one, many, many_out)
         distributed.barrier(world)
-
-
-def report_equal(world: World, cfg, method: str, one: list[float], many: list[float], many_out: Path,
-                 micro_batch: int, steps: int, resume_check: bool, device: torch.device, dtype: torch.dtype,
-                 examples, work: Path) -> None:
-    """Rank 0's part of `part_equal`: the per-step losses and the row; for the full fine-tune also
-    the N-rank checkpoint of the middle step resumed on one GPU."""
-    worst = max_relative(many, one)
-    for i, (a, b) in enumerate(zip(one, many)):
-        print(f"{method} step {i + 1}: 1 GPU {a:.5f}  {world.world_size} GPUs {b:.5f}")
-    print(f"{method}: largest relative difference {worst:.2e} ({'ok' if worst <= TOLERANCE else 'OVER 1%'})")
-    strategy = "DDP" if method == "lora" else "FSDP2"
-    append_row("Distributed: N GPUs x micro-batch b vs 1 GPU x micro-batch N*b",
-               ["date", "machine", "method", "GPUs", "b", "steps", "max rel. loss diff", "within 1%"],
-               [today(), machine(), f"{method} ({strategy})", str(world.world_size), str(micro_batch),
-                str(steps), f"{worst:.2e}", "yes" if worst <= TOLERANCE else "no"])
-    if method == "full" and resume_check:
-        half = steps // 2
-        resumed = train_losses(build_model(cfg, "full", device, dtype),
-                               train_config(work / "full-resumed-1gpu", "full", micro_batch * world.world_size,
-                                            steps),
-                               examples, World(), device, resume=many_out / "checkpoints" / f"step-{half}")[0]
-        diff = abs(resumed[0] - one[half]) / abs(one[half])
-        # The run that wrote the checkpoint is the exact reference: the 1-GPU run differs from it
-        # by bf16 rounding at every step before (up to the equality row's figure).
-        same = abs(resumed[0] - many[half]) / abs(many[half])
-        print(f"FSDP checkpoint of step {half} ({world.world_size} GPUs) resumed on 1 GPU: step {half + 1} "
-              f"loss {resumed[0]:.5f} vs uninterrupted {one[half]:.5f} on 1 GPU (rel. {diff:.2e}) and "
-              f"{many[half]:.5f} on {world.world_size} GPUs, the run that wrote it (rel. {same:.2e})")
-        append_row("Distributed: FSDP checkpoint resumed on another number of GPUs",
-                   ["date", "machine", "written on", "resumed on", "step", "resumed loss", "uninterrupted loss",
-                    "rel. diff"],
-                   [today(), machine(), f"{world.world_size} GPUs", "1 GPU", str(half + 1), f"{resumed[0]:.5f}",
-                    f"{one[half]:.5f}", f"{diff:.2e}"])
-        append_row("Distributed: FSDP checkpoint resumed on another number of GPUs, against the run that wrote it",
-                   ["date", "machine", "written on", "resumed on", "step", "resumed loss", "writing run's loss",
-                    "rel. diff"],
-                   [today(), machine(), f"{world.world_size} GPUs", "1 GPU", str(half + 1), f"{resumed[0]:.5f}",
-                    f"{many[half]:.5f}", f"{same:.2e}"])
 
 
 def known(name: str):

@@ -1,6 +1,7 @@
 """The single-process pieces of benchmarks/bench_distributed.py, on the CPU: the random model is
 the same on every call (every rank builds the same one), the examples are what the script
-promises, and the Trainer trains it through the helper the benchmark uses."""
+promises, and the Trainer trains it through the helper the benchmark uses; and its equality part
+(both methods, then the resume) on two gloo ranks, which must meet every barrier in order."""
 from __future__ import annotations
 
 import sys
@@ -53,3 +54,33 @@ def test_train_losses_runs_the_trainer_and_the_tokens_per_s_reader(tmp_path):
                                     bench.train_config(tmp_path / "again", "full", 2, 4), examples, World(),
                                     torch.device("cpu"), resume=tmp_path / "run" / "checkpoints" / "step-2")
     assert resumed == losses[2:]
+
+
+def equal_job(folder: str) -> None:
+    """`part_equal` with resume on the ranks of this group, on the tiny model, rows into `folder`."""
+    import faulthandler
+
+    import common
+
+    from velotune import distributed
+
+    faulthandler.dump_traceback_later(240, exit=True)   # a rank left waiting at a collective fails the test
+    common.RESULTS = Path(folder) / "RESULTS.md"
+    bench.small_config = lambda: TINY
+    world = distributed.setup()
+    bench.part_equal(world, Path(folder), micro_batch=1, steps=4, resume_check=True)
+    faulthandler.cancel_dump_traceback_later()
+
+
+def test_part_equal_on_two_cpu_ranks_meets_every_barrier(tmp_path):
+    """Both methods in one run, then the resume on rank 0 alone: every rank meets each barrier in
+    the same order (rank 1 once skipped one, which hung the lora-then-full run on 2 GPUs), and the
+    rows say each equality and the resume hold."""
+    from tests.distributed.gloo_helpers import run_on_ranks
+
+    run_on_ranks(2, equal_job, str(tmp_path))
+    rows = (tmp_path / "RESULTS.md").read_text()
+    assert "| lora (DDP) | 2 | 1 | 4 |" in rows and "| full (FSDP2) | 2 | 1 | 4 |" in rows
+    assert rows.count("| yes |") == 2
+    against_writer = rows.split("against the run that wrote it")[1]
+    assert float(against_writer.strip().splitlines()[-1].strip("| ").split(" | ")[-1]) < 1e-4
