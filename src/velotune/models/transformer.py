@@ -59,6 +59,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps, self.offset)
 
+    def add_and_normalize(self, residual: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + delta), residual + delta) in one pass (`kernels.add_rms_norm`): a
+        residual add fused with the norm that reads its sum. No delta: (norm(residual), residual)."""
+        if delta is None:
+            return self(residual), residual
+        return kernels.add_rms_norm(delta, residual, self.weight, self.eps, self.offset)
+
 
 class Rotary(nn.Module):
     """cos/sin tables for per-token position ids (so packed sequences restart cleanly)."""
@@ -218,19 +225,14 @@ class DecoderLayer(nn.Module):
         term) instead of their sum, for the next layer or the final norm to add. Between layers
         that are not checkpointed this spares the residual add's pass over [tokens, hidden] in the
         forward, and the backward's separate sum of the stream's two gradients."""
-        if pending is None:
-            normed = self.input_layernorm(x)
-        else:
-            norm = self.input_layernorm
-            normed, x = kernels.add_rms_norm(pending, x, norm.weight, norm.eps, norm.offset)
+        normed, x = self.input_layernorm.add_and_normalize(x, pending)
         h = self.self_attn(normed, cos, sin, mask, cache)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             mlp_out = tiled_mlp(self.mlp, self.pre_feedforward_layernorm(x), mlp_chunk)
             last = self.post_feedforward_layernorm(mlp_out)
         else:
-            norm = self.post_attention_layernorm
-            normed, x = kernels.add_rms_norm(h, x, norm.weight, norm.eps, norm.offset)  # residual add fused
+            normed, x = self.post_attention_layernorm.add_and_normalize(x, h)
             # The MLP's output only joins the residual here, so when a checkpoint recomputes this
             # layer (and throws its output away) the MLP saves what its backward needs and skips the
             # rest: for Llama-3.1-8B the down projection, a quarter of the layer's matmul FLOPs.
@@ -388,10 +390,7 @@ class Transformer(nn.Module):
                 x, pending = layer(x, cos, sin, mask, cache, mlp_chunk, pending=pending, defer=True)
         if cache is not None:
             cache.advance(t)
-        norm = self.model.norm
-        if pending is None:
-            return norm(x)
-        return kernels.add_rms_norm(pending, x, norm.weight, norm.eps, norm.offset)[0]
+        return self.model.norm.add_and_normalize(x, pending)[0]
 
     def checkpoint_pieces(self, x: torch.Tensor, offloaded: int) -> int:
         """In how many pieces each of the `offloaded` layers is checkpointed: 3 (q/k/v projections;
