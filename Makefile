@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/velotune train
+	$(BIN)/velotune train --demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -119,8 +119,8 @@ def velotune_system(cfg: dict, qlora: bool, folder: Path | None = None, checkpoi
     def step(ids):
         if graphed is not None:   # fixed-shape micro-batches, as the trainer replays them (cuda_graphs)
             graphed(ids, ids, None, 1.0 / (ids.shape[0] * (ids.shape[1] - 1)))
-            decided = all(None not in t for t in graphed.timings.values())
-            if decided and not getattr(step, "graph_told", False):   # eager or replayed, as measured
+            decided = all(t is not None for t in graphed.timings.values())
+            if decided and not getattr(step, "graph_told", False):   # captured and replayed
                 print(graphed.describe())
                 step.graph_told = True
         else:

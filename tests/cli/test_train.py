@@ -80,3 +80,18 @@ def test_help_reads_well(argv, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: velotune {argv[0]}")
     assert {"train": "--key=value", "chat": "/exit", "generate": "--prompt", "eval": "eval split"}[argv[0]] in out
+
+
+def test_without_a_config_the_defaults_run_and_demo_only_on_request(monkeypatch, capsys):
+    """`velotune train --model M --dataset D` runs TrainConfig's defaults (a whole epoch, no
+    exports), not the demo's 40 steps and Ollama export; `--demo` runs the demo config."""
+    import velotune.train.run as run
+
+    seen = []
+    monkeypatch.setattr(run, "train_from_config", lambda config, **kwargs: seen.append(config))
+    assert main(["train", "--no-progress", "--model=m", "--dataset=rows.jsonl", "--num_epochs=1"]) == 0
+    assert (seen[-1].max_steps, seen[-1].export, seen[-1].output_dir) == (0, [], "runs/velotune")
+    assert main(["train", "--demo", "--no-progress", "--max_steps=3"]) == 0
+    assert seen[-1].max_steps == 3 and seen[-1].export == ["hf", "ollama:q8_0"] and seen[-1].output_dir == "runs/demo"
+    assert main(["train", "--demo", "some.yaml"]) == 2
+    assert "--demo runs the bundled demo config; it cannot be combined with some.yaml" in capsys.readouterr().err

@@ -126,3 +126,49 @@ def test_packing_gives_exactly_the_unpacked_loss():
         return total / batch["num_target_tokens"]
 
     torch.testing.assert_close(mean_loss(packed), mean_loss(padded))
+
+
+def test_collate_flat_lays_rows_end_to_end():
+    from velotune.data.batching import collate_flat
+
+    examples = [Example([5, 6, 7], [-100, 6, 7]), Example([8, 9], [8, 9])]
+    batch = collate_flat(examples, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]     # each first label ignored
+    assert batch["cu_seqlens"].tolist() == [0, 3, 5] and batch["cu_seqlens"].dtype == torch.int32
+    assert batch["max_document_length"] == 3 and batch["num_target_tokens"] == 3
+
+
+def test_collate_flat_pads_with_bounded_documents_and_empty_slots():
+    from velotune.data.batching import collate_flat
+
+    examples = [Example([5, 6, 7], [5, 6, 7])]
+    batch = collate_flat(examples, pad_id=0, width=10, slots=4, max_len=4)
+    assert batch["input_ids"].tolist() == [[5, 6, 7] + [0] * 7]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2]]   # pad documents of <= 4
+    assert batch["cu_seqlens"].tolist() == [0, 3, 7, 10, 10]                     # last slot empty
+    assert (batch["labels"][0, 3:] == -100).all() and batch["max_document_length"] == 4
+    with pytest.raises(ValueError, match="do not fit 2 slots"):
+        collate_flat(examples, pad_id=0, width=10, slots=2, max_len=4)
+    with pytest.raises(ValueError, match="more than width=2"):
+        collate_flat(examples, pad_id=0, width=2)
+    with pytest.raises(ValueError, match="longer than max_len=2"):
+        collate_flat(examples, pad_id=0, max_len=2)
+
+
+@pytest.mark.parametrize("tokens", [1, 255, 256, 257, 1400, 2048, 2049, 3000, 4097, 8192, 8193, 100_000])
+def test_bucket_widths_are_few_and_waste_little(tokens):
+    from velotune.data.batching import bucket_width
+
+    width = bucket_width(tokens)
+    assert width >= tokens and width % 256 == 0
+    assert width - tokens < 256 or width - tokens <= tokens / 8
+    widths = {bucket_width(n) for n in range(1, 8193)}
+    assert len(widths) == 24          # 8 up to 2,048, then 8 per doubling to 8,192
+
+
+def test_document_slots_are_powers_of_two():
+    from velotune.data.batching import document_slots
+
+    assert [document_slots(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]

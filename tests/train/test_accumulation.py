@@ -45,3 +45,40 @@ def test_packed_rows_equal_padded_batch(tiny_model_dir, tmp_path):
     assert len(rows) < len(examples)          # several examples really share a row
     packed = step_grads(trainer, [collate_packed(rows, 0)])
     assert_same(packed, padded)
+
+
+def flat_batches(examples, micro: int, *, bucketed: bool):
+    from velotune.train.data import MicroBatches
+
+    batches = MicroBatches(examples, micro, pad_id=0, seed=0, flat=True, bucketed=bucketed, max_seq_length=24)
+    return [batches.collate(list(range(i, min(i + micro, len(examples))))) for i in range(0, len(examples), micro)]
+
+
+def test_padding_free_micro_batches_equal_the_padded_batch(tiny_model_dir, tmp_path):
+    """Rows laid end to end (no padding; attention per document through kernels.varlen_attention),
+    also bucketed to a graph's width with pad documents and empty offset slots, give the padded
+    batch's summed loss and gradients."""
+    examples = make_examples(8, seed=3)
+    trainer = make_trainer(tiny_model_dir("llama"), tmp_path, examples)
+    padded = step_grads(trainer, [collate_padded(examples, 0)])
+    exact = flat_batches(examples, 3, bucketed=False)
+    assert all(b["input_ids"].shape[0] == 1 and (b["input_ids"] != 0).all() for b in exact)   # no pad token
+    assert_same(step_grads(trainer, exact), padded)
+    bucketed = flat_batches(examples, 3, bucketed=True)
+    assert all(b["input_ids"].shape[1] == 256 for b in bucketed)                 # padded to the bucket
+    assert any(int(b["cu_seqlens"][-2]) == int(b["cu_seqlens"][-1]) for b in bucketed)   # an empty slot
+    assert_same(step_grads(trainer, bucketed), padded)
+
+
+def test_padding_free_batches_equal_unpadded_rows_one_by_one(tiny_model_dir, tmp_path):
+    """The loss of a padding-free micro-batch is the sum of each row's own loss computed alone."""
+    examples = make_examples(5, seed=4)
+    model = load_tiny(tiny_model_dir("qwen2"))
+    [batch] = flat_batches(examples, 5, bucketed=True)
+    from velotune.train.trainer import batch_documents
+
+    together = model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                     documents=batch_documents(batch, torch.device("cpu")), return_logits=False).loss_sum.detach()
+    alone = sum(model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]), return_logits=False).loss_sum.detach()
+                for e in examples)
+    assert abs(float(together) - float(alone)) <= 1e-5 * abs(float(alone))

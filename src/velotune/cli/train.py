@@ -1,7 +1,11 @@
 """`velotune train [CONFIG.yaml] [--key=value ...]`: fine-tune as the config says.
 
-Without a config it runs the bundled demo (LoRA on SmolLM2-135M-Instruct with the chatterbot
-dialogues, a few minutes on a CPU). Every YAML key can be overridden on the command line.
+Without a config it runs `TrainConfig`'s own defaults (a whole epoch, no exports) with the
+overrides given; `--demo` runs the bundled demo config instead (LoRA on SmolLM2-135M-Instruct with
+the chatterbot dialogues, 40 steps and exports, a few minutes on a CPU: what `make demo` runs).
+The demo's settings used to be the no-config default, and a user's `velotune train --model M
+--dataset D --num_epochs=1` then stopped after the demo's 40 steps and tried its Ollama export.
+Every YAML key can be overridden on the command line.
 `--nproc-per-node N` starts the same command on N processes of this machine through torchrun;
 started by torchrun directly, every process runs this module as a rank.
 """
@@ -24,7 +28,8 @@ common keys: model, dataset, dataset_format, output_dir, method (lora|qlora|full
   save_steps, resume, seed.  See examples/*.yaml for annotated configs.
 
 examples:
-  velotune train                                  # the demo
+  velotune train --demo                           # the demo (what make demo runs)
+  velotune train --model DIR --dataset rows.jsonl # TrainConfig's defaults: one epoch of LoRA
   velotune train run.yaml --learning_rate=1e-4 --max_steps=200
   velotune train run.yaml --resume=true           # continue from OUTPUT_DIR/checkpoints/latest
   velotune train run.yaml --nproc-per-node 4      # 4 GPUs (DDP for LoRA/QLoRA, FSDP2 for full)
@@ -36,11 +41,14 @@ examples:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="fine-tune a model (LoRA, QLoRA or full) from a YAML config",
-        usage="velotune train [-h] [--no-progress] [--nproc-per-node N] [CONFIG.yaml] [--key=value ...]",
-        description="Fine-tune a model as CONFIG.yaml says; with no config, run the demo "
-                    "(LoRA on SmolLM2-135M-Instruct with the chatterbot-corpus dialogues).",
+        usage="velotune train [-h] [--demo] [--no-progress] [--nproc-per-node N] [CONFIG.yaml] [--key=value ...]",
+        description="Fine-tune a model as CONFIG.yaml says; with no config, with the defaults of every "
+                    "key (see examples/*.yaml) and the --key=value overrides given.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="training config (default: the bundled demo)")
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="training config (default: every key's default)")
+    p.add_argument("--demo", action="store_true",
+                   help="run the bundled demo config (LoRA on SmolLM2-135M-Instruct with the chatterbot-corpus "
+                        "dialogues, 40 steps, then exports); overrides still apply")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and CI)")
     p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, metavar="N", dest="nproc_per_node",
                    help="train on N processes of this machine (one per GPU) through torchrun")
@@ -62,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from velotune.distributed.launch import LaunchError
 
     try:
-        config = load_config(args.config or demo_config_path(), args.extra)
+        if args.demo and args.config:
+            raise TrainConfigError(f"command line: --demo runs the bundled demo config; it cannot be combined "
+                                   f"with {args.config}")
+        config = load_config(demo_config_path() if args.demo else args.config, args.extra)
         if args.nproc_per_node is not None:
             return launch(args, config.device)
         train_from_config(config, show_progress=not args.no_progress)
@@ -79,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
 def relaunch_args(args: argparse.Namespace) -> list[str]:
     """This command line without --nproc-per-node: what every rank runs."""
-    return ["train", *([args.config] if args.config else []), *(["--no-progress"] if args.no_progress else []),
-            *args.extra]
+    return ["train", *([args.config] if args.config else []), *(["--demo"] if args.demo else []),
+            *(["--no-progress"] if args.no_progress else []), *args.extra]
 
 
 def launch(args: argparse.Namespace, device: str) -> int:

@@ -1,1 +1,1 @@
-"""Bundled training configs: demo.yaml is what `velotune train` runs without a config."""
+"""Bundled training configs: demo.yaml is what `velotune train --demo` (and `make demo`) runs."""

@@ -17,7 +17,17 @@ either (nothing precedes it), so packing gives exactly the loss of the unpacked 
 shorter than the batch's longest is padded with a separate "document" of pad tokens (positions
 from 0, labels ignored).
 
-Both collations return `num_target_tokens`: the number of labels the loss sees after the shift
+Padding-free batches (`collate_flat`, what the trainer uses on a GPU): the examples of a
+micro-batch (its rows, or its packed rows' examples) are laid end to end in one row, positions
+restarting per example and first labels ignored as in packing, and the batch carries the
+documents' start offsets (`cu_seqlens`) for variable-length attention
+(`kernels.varlen_attention`). No token is padding, so the loss and gradients are those of the
+padded batch without its wasted work. For CUDA graphs, which need a few fixed shapes, the row is
+padded to a bucket width (`bucket_width`: multiples of 256 to 2,048 tokens, then eight steps per
+doubling, at most 12.5% padding above 2,048) with a pad "document", and `cu_seqlens` to a fixed
+number of slots with empty documents.
+
+All collations return `num_target_tokens`: the number of labels the loss sees after the shift
 (labels[:, 1:] != IGNORE_INDEX), which the trainer uses to normalise the loss exactly across
 micro-batches and devices. The same sampler orders packed rows (with their lengths).
 """
@@ -144,3 +154,60 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, width: int | 
 
 def _targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def bucket_width(tokens: int) -> int:
+    """The padded width of a padding-free row of `tokens` tokens: a multiple of 256 up to 2,048,
+    then of 1/8 of the power of two below (2,304, 2,560, ... 4,096, 4,608, ...). Few enough
+    widths that a CUDA graph per width pays off over a run, and no more than 12.5% padding."""
+    step = 256 if tokens <= 2048 else 1 << (max(tokens - 1, 1).bit_length() - 4)
+    return max(step, -(-tokens // step) * step)
+
+
+def document_slots(documents: int) -> int:
+    """The fixed number of `cu_seqlens` slots for `documents` documents: the next power of two,
+    so a captured graph serves every micro-batch with up to that many."""
+    return 1 << max(documents - 1, 0).bit_length()
+
+
+def pad_documents(padding: int, max_len: int | None) -> list[int]:
+    """Lengths of the pad documents that fill `padding` tokens, none longer than `max_len` (so
+    `max_len` bounds every document, as the flash kernel needs)."""
+    if padding <= 0:
+        return []
+    piece = padding if max_len is None else max_len
+    return [min(piece, padding - start) for start in range(0, padding, piece)]
+
+
+def collate_flat(examples: Sequence[Example], pad_id: int, *, width: int | None = None, slots: int | None = None,
+                 max_len: int | None = None) -> Batch:
+    """The examples end to end in one row [1, width] (default: their total, no padding); a shorter
+    total is followed by pad documents of at most `max_len` tokens. Returns the padded batch's keys
+    plus `cu_seqlens` (int32 [slots + 1]: the documents' start offsets and the width, unused slots
+    repeating it) and `max_document_length` (`max_len`, default the longest document: a graph fixes
+    it per shape, so it is an upper bound there)."""
+    total = sum(len(example) for example in examples)
+    width = total if width is None else width
+    if width < total:
+        raise ValueError(f"collate_flat: the examples hold {total} tokens, more than width={width}")
+    lengths = [len(example) for example in examples] + pad_documents(width - total, max_len)
+    if max_len is not None and max(lengths) > max_len:
+        raise ValueError(f"collate_flat: an example of {max(lengths)} tokens is longer than max_len={max_len}")
+    slots = len(lengths) if slots is None else slots
+    if slots < len(lengths):
+        raise ValueError(f"collate_flat: {len(lengths)} documents do not fit {slots} slots")
+    input_ids = torch.full((1, width), pad_id, dtype=torch.long)
+    labels = torch.full((1, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((1, width), dtype=torch.long)
+    cu_seqlens = torch.full((slots + 1,), width, dtype=torch.int32)
+    cursor = 0
+    for j, n in enumerate(lengths):
+        cu_seqlens[j] = cursor
+        position_ids[0, cursor:cursor + n] = torch.arange(n)
+        if j < len(examples):
+            input_ids[0, cursor:cursor + n] = torch.tensor(examples[j].input_ids)
+            labels[0, cursor + 1:cursor + n] = torch.tensor(examples[j].labels[1:], dtype=torch.long)
+        cursor += n
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": None, "position_ids": position_ids,
+            "cu_seqlens": cu_seqlens, "max_document_length": max(lengths) if max_len is None else max_len,
+            "num_target_tokens": _targets(labels)}

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from velotune.data import IGNORE_INDEX, Example
-from velotune.data.batching import Batch, collate_padded
+from velotune.data.batching import Batch, collate_flat, collate_padded
 from velotune.distributed.world import World
 
 
@@ -30,9 +30,10 @@ def rank_rows(order: list[int], world: World) -> list[int]:
     return order[world.rank:usable:world.world_size]
 
 
-def rank_eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int, world: World) -> Iterator[Batch]:
-    """This rank's share of padded eval batches of batch_size x world_size examples (longest
-    first); every rank yields the same number of batches."""
+def rank_eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int, world: World, *,
+                      flat: bool = False) -> Iterator[Batch]:
+    """This rank's share of padded (or, `flat`, padding-free) eval batches of batch_size x
+    world_size examples (longest first); every rank yields the same number of batches."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
     step = batch_size * world.world_size
     for start in range(0, len(order), step):
@@ -41,4 +42,4 @@ def rank_eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int,
         if not mine:
             first = examples[chunk[0]]
             mine = [Example(first.input_ids, [IGNORE_INDEX] * len(first), first.where)]
-        yield collate_padded(mine, pad_id)
+        yield collate_flat(mine, pad_id) if flat else collate_padded(mine, pad_id)

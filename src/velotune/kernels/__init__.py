@@ -31,12 +31,13 @@ from velotune.kernels.reference import (
     linear_cross_entropy_reference,
     right_products_reference,
     rms_norm_reference,
+    varlen_attention_reference,
 )
 
 __all__ = [
     "LowRank", "add_rms_norm", "apply_rope", "capturing", "force_triton", "glu", "glu_backward_inplace",
     "glu_low_rank", "kernels_enabled",
-    "linear_cross_entropy", "rms_norm", "set_kernels_enabled", "use_triton",
+    "linear_cross_entropy", "rms_norm", "set_kernels_enabled", "use_triton", "varlen_attention",
 ]
 
 
@@ -204,3 +205,18 @@ def linear_cross_entropy(
 
         return linear_cross_entropy_triton(hidden, weight, labels, softcap=softcap, ignore_index=ignore_index)
     return linear_cross_entropy_reference(hidden, weight, labels, softcap=softcap, ignore_index=ignore_index)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                     scale: float, window: int | None = None) -> torch.Tensor:
+    """Causal attention inside each packed document (no attention across them): q [N, Hq, D],
+    k/v [N, Hk, D], cu_seqlens int32 [n + 1] the documents' start offsets and N; `max_len` bounds
+    the longest document; `window` a sliding window (a query sees itself and window - 1 keys back).
+    PyTorch's variable-length flash kernel on CUDA in half precision (kernels/ops/varlen_attention.py),
+    the masked reference elsewhere."""
+    if (q.is_cuda and kernels_enabled() and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0):
+        from velotune.kernels.ops.varlen_attention import varlen_attention_flash
+
+        return varlen_attention_flash(q, k, v, cu_seqlens, max_len, scale, window)
+    return varlen_attention_reference(q, k, v, cu_seqlens, scale, window)

@@ -115,3 +115,29 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
         logits = torch.tanh(logits / softcap) * softcap
     loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     return loss, (labels != ignore_index).sum()
+
+
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                               scale: float, window: int | None = None) -> torch.Tensor:
+    """Causal attention within each packed document: q [N, Hq, D], k/v [N, Hk, D]; document j is
+    the tokens cu_seqlens[j] <= i < cu_seqlens[j + 1] (empty documents allowed, cu_seqlens[-1] == N).
+    One SDPA call per document, so memory stays that of the longest document, not [N x N]: the
+    CPU path and the oracle of the flash path. Reads the offsets on the host (never in a capture)."""
+    groups = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != q.shape[0]:
+        raise ValueError(f"varlen_attention: cu_seqlens must run from 0 to the {q.shape[0]} tokens, "
+                         f"got {bounds[0]} .. {bounds[-1]}")
+    pieces = []
+    for start, end in zip(bounds, bounds[1:]):
+        if end <= start:
+            continue
+        qd, kd, vd = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))
+        kd, vd = kd.repeat_interleave(groups, dim=1), vd.repeat_interleave(groups, dim=1)
+        mask = None
+        if window is not None and end - start > window:
+            index = torch.arange(end - start, device=q.device)
+            mask = (index[None, :] <= index[:, None]) & (index[:, None] - index[None, :] < window)
+        out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, is_causal=mask is None, scale=scale)
+        pieces.append(out[0].transpose(0, 1))
+    return torch.cat(pieces)

@@ -1,9 +1,16 @@
-"""Attention masks: causal, padding, packed documents and sliding windows in one boolean mask.
+"""Attention masks: causal, padding, packed documents and sliding windows in one boolean mask,
+or packed documents as spans for variable-length attention.
 
 `None` means "plain causal" so attention can take its fastest path; an explicit mask is only
-built when padding, packing, a sliding window or a cache offset makes it necessary.
+built when padding, packing, a sliding window or a cache offset makes it necessary. Packed
+documents in a model whose attention has no soft-cap travel as `DocumentSpans` instead: their
+start offsets, which `kernels.varlen_attention` turns into one causal triangle per document
+(flash's variable-length kernel on a GPU) instead of a [tokens x tokens] mask.
 """
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -50,3 +57,38 @@ def attention_mask_for(
         allowed = allowed & (docs[:, None, :, None] == docs[:, None, None, :])
     # A token may always see itself, so padding rows never have an empty softmax (NaN).
     return allowed | (kv == q)[None, None]
+
+
+@dataclass(frozen=True)
+class DocumentSpans:
+    """Packed documents of a batch, flattened over (row, token): document j holds the tokens
+    cu_seqlens[j] <= i < cu_seqlens[j + 1] of the B*T, and cu_seqlens[-1] == B*T. `max_len` bounds
+    the longest document (a host integer: a CUDA graph fixes it per shape); empty documents (a
+    repeated offset) fill the unused slots of a fixed-size `cu_seqlens`. `window` is the sliding
+    window of the layers that receive these spans (None: full causal)."""
+
+    cu_seqlens: torch.Tensor
+    max_len: int
+    window: int | None = None
+
+    def windowed(self, window: int | None) -> DocumentSpans:
+        return self if window == self.window else dataclasses.replace(self, window=window)
+
+
+def spans_from_positions(position_ids: torch.Tensor) -> DocumentSpans | None:
+    """The documents of caller-given position ids (a new one wherever a position does not follow
+    on from the previous, and at every row start), or None when every row holds one document.
+    Waits for the GPU (counts and the longest length are host numbers): never inside a capture,
+    where the collated batch brings its spans (train/graphed_step.py)."""
+    b, t = position_ids.shape
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    offsets = torch.cat([starts.flatten().nonzero().flatten(),
+                         torch.tensor([b * t], device=position_ids.device)])
+    return DocumentSpans(offsets.to(torch.int32), int(offsets.diff().max()))
+
+
+Mask = torch.Tensor | DocumentSpans | None
+"""What a decoder layer's attention receives: None (plain causal), a boolean mask, or spans."""

@@ -35,7 +35,7 @@ from velotune.models.checkpointing import (
     run_checkpointed,
 )
 from velotune.models.config import ModelConfig
-from velotune.models.masks import attention_mask_for, document_ids
+from velotune.models.masks import DocumentSpans, Mask, attention_mask_for, document_ids, spans_from_positions
 from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_has_room
 from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
 
@@ -125,7 +125,7 @@ class Attention(nn.Module):
         self.softcap = c.attn_logit_softcapping
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None, output_needed: bool = True) -> torch.Tensor:
+                mask: Mask, cache: KVCache | None, output_needed: bool = True) -> torch.Tensor:
         """`output_needed=False`: the output projection saves its input but is not run (see
         `lora_fused.project`); for a recomputation whose output is thrown away."""
         q, k, v = self.project(x)
@@ -137,7 +137,7 @@ class Attention(nn.Module):
         return lora_fused.project(x, self.q_proj, self.k_proj, self.v_proj, output_needed=output_needed)
 
     def attend_and_project(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                           sin: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None,
+                           sin: torch.Tensor, mask: Mask, cache: KVCache | None = None,
                            output_needed: bool = True) -> torch.Tensor:
         """The rest of `forward` from the projections' outputs: q/k norms, RoPE, attention, o_proj."""
         b, t, _ = q.shape
@@ -148,6 +148,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = kernels.apply_rope(q, k, cos, sin)
+        if isinstance(mask, DocumentSpans):   # packed documents: one causal triangle each, no mask
+            # (RoPE's outputs keep the projections' [B, T, H, D] memory order: these are views)
+            flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], self.head_dim) for x in (q, k, v)]
+            out = kernels.varlen_attention(*flat, mask.cu_seqlens, mask.max_len, self.scale, mask.window)
+            attended = out.view(b, t, self.num_heads * self.head_dim)
+            return lora_fused.project(attended, self.o_proj, output_needed=output_needed)[0]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = self.attend(q, k, v, mask)
@@ -216,7 +222,7 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, off)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None = None, mlp_chunk: int = 0,
+                mask: Mask, cache: KVCache | None = None, mlp_chunk: int = 0,
                 pending: torch.Tensor | None = None, defer: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`mlp_chunk` > 0 runs the MLP over chunks of that many tokens (models/tiled_mlp.py).
 
@@ -247,7 +253,7 @@ class DecoderLayer(nn.Module):
     # the second norm are two kernels instead of one.
 
     def attention_residual(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+                           mask: Mask, cache: KVCache | None = None) -> torch.Tensor:
         """x + attention(norm(x))."""
         return x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, output_needed=not recomputing())
 
@@ -261,7 +267,7 @@ class DecoderLayer(nn.Module):
         return self.self_attn.project(self.input_layernorm(x), output_needed=not recomputing())
 
     def attention_output(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+                         sin: torch.Tensor, mask: Mask) -> torch.Tensor:
         """attention(q, k, v) through o_proj: what the residual stream adds."""
         return self.self_attn.attend_and_project(q, k, v, cos, sin, mask, output_needed=not recomputing())
 
@@ -327,10 +333,14 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         return_logits: bool = True,
         inputs_embeds: torch.Tensor | None = None,
+        documents: DocumentSpans | None = None,
     ) -> ModelOutput:
         """`inputs_embeds` [B, T, H], when given, replaces the embedding lookup of `input_ids` (the
-        CUDA-graph step looks up a host-memory table outside its graph: train/graphed_step.py)."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds)
+        CUDA-graph step looks up a host-memory table outside its graph: train/graphed_step.py).
+        `documents` (with `position_ids`): the packed documents' spans, as a padding-free batch
+        brings them (data/batching.py:collate_flat); without it they are read from restarting
+        position ids."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds, documents)
         out = ModelOutput(hidden_states=hidden)
         if labels is not None:
             out.loss_sum, out.num_targets = self.loss_from_hidden(hidden, labels)
@@ -341,7 +351,8 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                      inputs_embeds: torch.Tensor | None = None,
+                      documents: DocumentSpans | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, H]."""
         c = self.config
         b, t = input_ids.shape
@@ -349,18 +360,30 @@ class Transformer(nn.Module):
         # Only caller-given positions can hold packed documents. Generated ones are never tested:
         # inside a CUDA graph capture the test cannot run, and the ids it then builds would turn
         # plain causal attention into a masked one (3x slower in cuDNN on an H100).
+        # Attention without a soft-cap takes packed documents as spans (variable-length attention);
+        # a soft-capped one as a boolean mask.
         docs = None
+        spans_allowed = c.attn_logit_softcapping is None and cache is None and attention_mask is None
+        if documents is not None and position_ids is None:
+            raise ValueError("documents (packed spans) need the position_ids that restart at each document")
         if position_ids is None:
             position_ids = torch.arange(offset, offset + t, device=input_ids.device).expand(b, t)
-        elif cache is None and attention_mask is None:
-            docs = document_ids(position_ids)
+        elif cache is None and attention_mask is None and documents is None:
+            if spans_allowed and not kernels.capturing(position_ids):
+                documents = spans_from_positions(position_ids)
+            else:   # soft-capped attention, or inside a capture (which cannot count documents)
+                docs = document_ids(position_ids)
+        if documents is not None and not spans_allowed:
+            docs, documents = document_ids(position_ids), None
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if c.embedding_multiplier != 1.0:
             x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
         cos, sin = self.model.rotary(position_ids, x.dtype)
-        masks = {
-            window: attention_mask_for(t, offset, attention_mask, docs, window, x.device)
-            for window in {c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)}
+        windows = {c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)}
+        masks: dict[int | None, Mask] = {
+            window: (documents.windowed(window) if documents is not None
+                     else attention_mask_for(t, offset, attention_mask, docs, window, x.device))
+            for window in windows
         }
         mlp_chunk = mlp_chunk_size(self.mlp_chunk_tokens, b * t)
         checkpointed = self.checkpointed_layers(b, t, mlp_chunk)

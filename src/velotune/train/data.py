@@ -29,7 +29,7 @@ from velotune.data import (
     pack_examples,
     tokenize_samples,
 )
-from velotune.data.batching import Batch
+from velotune.data.batching import Batch, bucket_width, collate_flat, document_slots, pad_documents
 from velotune.train.config import CHATTERBOT, TrainConfig
 
 
@@ -81,12 +81,19 @@ class MicroBatches:
     """Micro-batches of `examples` (padded, or packed rows), addressed by (epoch, index)."""
 
     def __init__(self, examples: Sequence[Example], micro_batch_size: int, *, pad_id: int, seed: int,
-                 packing: bool = False, max_seq_length: int | None = None, fixed_width: bool = False) -> None:
-        """`fixed_width` (with packing): every packed micro-batch is max_seq_length wide."""
+                 packing: bool = False, max_seq_length: int | None = None, fixed_width: bool = False,
+                 flat: bool = False, bucketed: bool = False) -> None:
+        """`fixed_width` (with packing): every packed micro-batch is max_seq_length wide.
+        `flat`: padding-free micro-batches, the same rows laid end to end (`collate_flat`);
+        `bucketed` (with flat): widths and document slots rounded to the few shapes CUDA graphs
+        capture (`bucket_width`, `document_slots`), documents bounded by max_seq_length."""
         if not examples:
             raise DataError("no training examples")
+        if bucketed and (not flat or max_seq_length is None):
+            raise ValueError("bucketed micro-batches are flat ones and need max_seq_length")
         self.packing = packing
         self.pad_id = pad_id
+        self.flat, self.bucketed, self.max_seq_length = flat, bucketed, max_seq_length
         self.width = max_seq_length if packing and fixed_width else None
         if packing:
             if max_seq_length is None:
@@ -113,12 +120,22 @@ class MicroBatches:
 
     def collate(self, rows: list[int]) -> Batch:
         """The collated micro-batch, with `num_tokens`: its real (non-padding) tokens."""
-        if self.packing:
+        if self.flat:
+            batch = self.collate_flat([example for r in rows for example in self.rows[r]])
+        elif self.packing:
             batch = collate_packed([self.rows[r] for r in rows], self.pad_id, self.width)
         else:
             batch = collate_padded([self.rows[r][0] for r in rows], self.pad_id)
         batch["num_tokens"] = sum(len(example) for r in rows for example in self.rows[r])
         return batch
+
+    def collate_flat(self, examples: list[Example]) -> Batch:
+        if not self.bucketed:
+            return collate_flat(examples, self.pad_id)
+        width = bucket_width(sum(len(example) for example in examples))
+        max_len = min(width, self.max_seq_length)           # type: ignore[type-var]
+        documents = len(examples) + len(pad_documents(width - sum(len(e) for e in examples), max_len))
+        return collate_flat(examples, self.pad_id, width=width, slots=document_slots(documents), max_len=max_len)
 
     def iterate(self, epoch: int = 0, index: int = 0) -> Iterator[tuple[int, int, Batch]]:
         """(epoch, index, batch) from the given position on, across epochs, without end."""

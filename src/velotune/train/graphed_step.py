@@ -8,8 +8,12 @@ the GPU runs them. A replayed graph launches all of them at once.
 
 What a capture needs, and how it is met:
 - Fixed shapes and addresses: a micro-batch is copied into input buffers owned here, one graph per
-  (batch, length, packed) shape, up to `max_shapes`; other shapes run eagerly. Graphs share one
-  memory pool (they never run at the same time).
+  shape, up to `max_shapes`; other shapes run eagerly. A padding-free micro-batch
+  (data/batching.py:collate_flat) comes in a few bucketed widths, each with a fixed number of
+  document slots and a fixed bound on document length, so one graph per (width, slots, bound)
+  serves a whole run of variable-length rows; its document offsets (`cu_seqlens`) are an input
+  buffer like the ids. Graphs share one memory pool (they never run at the same time), so their
+  memory is that of the largest.
 - No host synchronisation inside: the model code asks `kernels.capturing()` and then sends every
   position through the loss (ignore_index drops the non-targets), builds packed-document ids
   without testing whether there are any (position ids are passed only for batches found packed
@@ -17,7 +21,8 @@ What a capture needs, and how it is met:
 - Nothing random: a model with active dropout is refused (`graph_blockers`).
 - Checkpoints offloaded to host memory (`offload_checkpoints`): the copies and their events are
   captured; the pinned buffers the capture leased from the model's pool are held by the shape's
-  entry for as long as its graph lives (models/offload.py).
+  entry for as long as its graph lives (models/offload.py), which is why the trainer allows few
+  shapes then.
 - An input embedding table kept in host memory (`offload_embeddings`) is looked up here, before
   the replay, into an input buffer the graph starts from (`inputs_embeds`): the gather runs on
   the CPU, which a graph cannot hold.
@@ -26,14 +31,13 @@ What a capture needs, and how it is met:
   drops them; the next call re-attaches them, zeroed.
 - The loss scale (1 / target tokens of the whole optimizer step, which makes accumulation exact)
   is an input buffer too.
-Per shape, graphs are chosen by measurement, since they need not win: on an H100 they took
-Llama-3.1-8B LoRA micro-batch 1 x 2,048 from 313 to 180 ms per step, while micro-batch 4 x 2,048,
-which is not launch-bound, gains little (702 ms eager, 671 replayed). The first call
-for a shape runs eagerly on a side stream (Triton compiles and autotunes, cuBLAS picks its
-kernels: nothing lazy may happen during a capture); the second runs eagerly again, timed; the
-third captures and replays, timed; the faster of the two then serves that shape (`timings`). Each
-of these calls is that micro-batch's real work. If a capture fails, `GraphCaptureError` stops the run with the
-cause and the key that turns graphs off.
+The first call for a shape runs eagerly on a side stream (Triton compiles, cuBLAS picks its
+kernels: nothing lazy may happen during a capture); the second captures and replays. Both are that
+micro-batch's real work. Replays were measured no slower than eager steps at every shape tried:
+on an H100, Llama-3.1-8B LoRA micro-batch 1 x 2,048 went from 313 to 180 ms per step and
+micro-batch 4 x 2,048, which is not launch-bound, from 702 to 671 ms; so no shape is timed eagerly
+before it is captured (which cost one more eager step per width). If a capture fails,
+`GraphCaptureError` stops the run with the cause and the key that turns graphs off.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ from torch import nn
 
 from velotune.kernels.ops.launch import check_label_range
 from velotune.models.host_embedding import on_host
-from velotune.models.masks import document_ids
+from velotune.models.masks import DocumentSpans, document_ids
 
 IGNORE_INDEX = -100
 
@@ -77,16 +81,20 @@ class _Captured:
     labels: torch.Tensor
     positions: torch.Tensor | None
     embeds: torch.Tensor | None     # the rows of a host-memory embedding table, looked up outside
+    documents: DocumentSpans | None = None   # a padding-free batch's spans (offsets buffer, bound)
     loss_sum: torch.Tensor | None = None
-    eager_seconds: float | None = None
-    graph_seconds: float | None = None
+    graph_seconds: float | None = None       # the first replay
     host_buffers: list = field(default_factory=list)   # offload buffers the graph copies into
 
 
+Shape = tuple[int, int, bool, int, int]   # (batch, length, packed, document slots, document bound)
+
+
 class GraphedMicroStep:
-    """`step(ids, labels, position_ids, scale)` adds d(scale x summed loss)/d(params) to the
-    parameters' .grad and returns the micro-batch's summed loss (a float32 CUDA tensor, valid until
-    the next call): what `Trainer.accumulate` does for one micro-batch, from a replayed graph."""
+    """`step(ids, labels, position_ids, scale, cu_seqlens=, max_document_length=)` adds
+    d(scale x summed loss)/d(params) to the parameters' .grad and returns the micro-batch's summed
+    loss (a float32 CUDA tensor, valid until the next call): what `Trainer.accumulate` does for one
+    micro-batch, from a replayed graph."""
 
     def __init__(self, model: nn.Module, params: Sequence[nn.Parameter], *, amp_dtype: torch.dtype | None = None,
                  max_shapes: int = 4) -> None:
@@ -97,68 +105,66 @@ class GraphedMicroStep:
         self.vocab_size: int = model.config.vocab_size
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.scale = torch.zeros((), dtype=torch.float32, device=self.device)
-        self.shapes: dict[tuple[int, int, bool], _Captured] = {}
+        self.shapes: dict[Shape, _Captured] = {}
         self.pool = None
         self.replays = 0
+        self.eager_calls = 0
         offload_pool = getattr(model, "offload_pool", None)
         if offload_pool is not None:   # offloaded checkpoints: buffers a capture can copy into
             offload_pool.capturable = True
             offload_pool.release_free()
 
     def __call__(self, ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                 scale: float = 1.0) -> torch.Tensor:
+                 scale: float = 1.0, *, cu_seqlens: torch.Tensor | None = None,
+                 max_document_length: int | None = None) -> torch.Tensor:
+        """`cu_seqlens` and `max_document_length` (with `position_ids`): a padding-free batch's
+        document spans (data/batching.py:collate_flat)."""
         check_label_range(labels, self.vocab_size, IGNORE_INDEX, "labels")
-        if position_ids is not None and document_ids(position_ids) is None:
+        if cu_seqlens is not None and (position_ids is None or max_document_length is None):
+            raise ValueError("cu_seqlens needs position_ids and max_document_length")
+        if cu_seqlens is None and position_ids is not None and document_ids(position_ids) is None:
             position_ids = None   # one document per row: plain causal attention, no mask
         self._attach_grads()
         self.scale.fill_(scale)
-        key = (ids.shape[0], ids.shape[1], position_ids is not None)
+        key = (ids.shape[0], ids.shape[1], position_ids is not None,
+               -1 if cu_seqlens is None else cu_seqlens.numel(), max_document_length or 0)
         entry = self.shapes.get(key)
         if entry is None and len(self.shapes) >= self.max_shapes:
-            return self._eager(ids, labels, position_ids)
+            return self._eager(ids, labels, position_ids, cu_seqlens, max_document_length)
         if entry is None:   # first sight of this shape: run eagerly, as warm-up, on a side stream
-            entry = self.shapes[key] = self._buffers(ids.shape, position_ids is not None)
-            self._fill(entry, ids, labels, position_ids)
+            entry = self.shapes[key] = self._buffers(ids.shape, position_ids is not None, cu_seqlens,
+                                                     max_document_length)
+            self._fill(entry, ids, labels, position_ids, cu_seqlens)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 loss = self._forward_backward(entry)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            self.eager_calls += 1
             return loss
-        self._fill(entry, ids, labels, position_ids)
-        if entry.eager_seconds is None:
-            return self._timed(entry, graph=False)
-        if entry.graph_seconds is None:
-            return self._timed(entry, graph=True)
-        if entry.graph is None:   # measured slower replayed (or never captured): eager from the buffers
-            return self._forward_backward(entry)
+        self._fill(entry, ids, labels, position_ids, cu_seqlens)
+        if entry.graph is None:
+            return self._capture(entry)
         entry.graph.replay()
         self.replays += 1
         return entry.loss_sum
 
     @property
-    def timings(self) -> dict[tuple[int, int, bool], tuple[float | None, float | None]]:
-        """(batch, length, packed) -> (eager seconds, replayed seconds) of the measured calls."""
-        return {key: (e.eager_seconds, e.graph_seconds) for key, e in self.shapes.items()}
+    def timings(self) -> dict[Shape, float | None]:
+        """shape -> seconds of its first replay (None: not captured yet)."""
+        return {key: e.graph_seconds for key, e in self.shapes.items()}
 
     def describe(self) -> str:
-        """One line per shape for the run log: both timings and which one serves it."""
-        lines = []
-        for (b, t, packed), e in self.shapes.items():
-            if e.graph_seconds is None:
-                continue
-            choice = "CUDA graph" if e.graph is not None else "eager"
-            lines.append(f"micro-batch {b} x {t}{' packed' if packed else ''}: eager {e.eager_seconds * 1e3:.0f} ms, "
-                         f"replayed {e.graph_seconds * 1e3:.0f} ms -> {choice}")
-        return "; ".join(lines) or "CUDA graphs: no shape measured yet"
+        """One line for the run log: the captured shapes and their first replay times."""
+        captured = [(key, e) for key, e in self.shapes.items() if e.graph_seconds is not None]
+        if not captured:
+            return "CUDA graphs: no shape captured yet"
+        shown = ", ".join(f"{b} x {t}{' packed' if packed else ''}: {e.graph_seconds * 1e3:.0f} ms"
+                          for (b, t, packed, _, _), e in sorted(captured, key=lambda item: item[0][:2])[:6])
+        more = f" and {len(captured) - 6} more" if len(captured) > 6 else ""
+        return f"CUDA graphs: {len(captured)} micro-batch shapes replayed ({shown}{more})"
 
     # ---- pieces ------------------------------------------------------------------------------
-
-    def _release_host_buffers(self, entry: _Captured) -> None:
-        """Give the offload buffers a dropped graph held back to the model's pool."""
-        for buffer in entry.host_buffers:
-            self.model.offload_pool.give_back(buffer)
-        entry.host_buffers = []
 
     def _attach_grads(self) -> None:
         """Make every parameter's .grad the buffer the graph adds into (zeroed when it was dropped)."""
@@ -174,7 +180,8 @@ class GraphedMicroStep:
         if dropped:
             torch._foreach_zero_(dropped)
 
-    def _buffers(self, shape: torch.Size, packed: bool) -> _Captured:
+    def _buffers(self, shape: torch.Size, packed: bool, cu_seqlens: torch.Tensor | None,
+                 max_document_length: int | None) -> _Captured:
         def ids() -> torch.Tensor:
             return torch.empty(shape, dtype=torch.long, device=self.device)
 
@@ -182,20 +189,29 @@ class GraphedMicroStep:
         if on_host(self.model):
             table = self.model.model.embed_tokens.weight
             embeds = torch.empty(*shape, table.shape[1], dtype=table.dtype, device=self.device)
-        return _Captured(None, ids(), ids(), ids() if packed else None, embeds)
+        documents = None
+        if cu_seqlens is not None:
+            offsets = torch.empty(cu_seqlens.shape, dtype=torch.int32, device=self.device)
+            documents = DocumentSpans(offsets, int(max_document_length))   # type: ignore[arg-type]
+        return _Captured(None, ids(), ids(), ids() if packed else None, embeds, documents)
 
-    def _fill(self, entry: _Captured, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None) -> None:
+    def _fill(self, entry: _Captured, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None,
+              cu_seqlens: torch.Tensor | None) -> None:
         entry.ids.copy_(ids, non_blocking=True)
         entry.labels.copy_(labels, non_blocking=True)
         if positions is not None:
             entry.positions.copy_(positions, non_blocking=True)
+        if entry.documents is not None:
+            entry.documents.cu_seqlens.copy_(cu_seqlens, non_blocking=True)
         if entry.embeds is not None:   # ids on the CPU (the trainer's batch) gather without a sync
             entry.embeds.copy_(self.model.model.embed_tokens(ids), non_blocking=True)
 
-    def _eager(self, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """One micro-batch without a graph (a shape past `max_shapes`, or graphs disabled)."""
-        entry = self._buffers(ids.shape, positions is not None)
-        self._fill(entry, ids, labels, positions)
+    def _eager(self, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None,
+               cu_seqlens: torch.Tensor | None, max_document_length: int | None) -> torch.Tensor:
+        """One micro-batch without a graph (a shape past `max_shapes`)."""
+        entry = self._buffers(ids.shape, positions is not None, cu_seqlens, max_document_length)
+        self._fill(entry, ids, labels, positions, cu_seqlens)
+        self.eager_calls += 1
         return self._forward_backward(entry)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -207,26 +223,10 @@ class GraphedMicroStep:
     def _forward_backward(self, entry: _Captured) -> torch.Tensor:
         with self._autocast():
             out = self.model(entry.ids, position_ids=entry.positions, labels=entry.labels, return_logits=False,
-                             inputs_embeds=entry.embeds)
+                             inputs_embeds=entry.embeds, documents=entry.documents)
         loss_sum = out.loss_sum.float()
         (loss_sum * self.scale).backward()
         return loss_sum.detach()
-
-    def _timed(self, entry: _Captured, graph: bool) -> torch.Tensor:
-        """One eager call timed from a drained queue, or a capture whose replay `_capture` times;
-        then the faster serves the shape."""
-        if graph:
-            loss = self._capture(entry)
-            if entry.graph is not None and entry.graph_seconds >= entry.eager_seconds:
-                entry.graph = None   # eager is faster for this shape: drop the graph and its memory
-                self._release_host_buffers(entry)
-            return loss
-        torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        loss = self._forward_backward(entry)
-        torch.cuda.synchronize(self.device)
-        entry.eager_seconds = time.perf_counter() - start
-        return loss
 
     def _capture(self, entry: _Captured) -> torch.Tensor:
         graph = torch.cuda.CUDAGraph()

@@ -20,9 +20,10 @@ class RankMicroBatches(MicroBatches):
 
     def __init__(self, examples: Sequence[Example], micro_batch_size: int, world: World, *, pad_id: int,
                  seed: int, packing: bool = False, max_seq_length: int | None = None,
-                 fixed_width: bool = False) -> None:
+                 fixed_width: bool = False, flat: bool = False, bucketed: bool = False) -> None:
         super().__init__(examples, micro_batch_size * world.world_size, pad_id=pad_id, seed=seed,
-                         packing=packing, max_seq_length=max_seq_length, fixed_width=fixed_width)
+                         packing=packing, max_seq_length=max_seq_length, fixed_width=fixed_width,
+                         flat=flat, bucketed=bucketed)
         self.world = world
         # Short global batches sit at fixed places of the length-grouped cut (chunk tails), so the
         # count kept per epoch does not depend on the epoch's shuffle.

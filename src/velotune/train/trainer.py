@@ -43,6 +43,7 @@ from velotune.data.batching import Batch
 from velotune.distributed import World
 from velotune.models.checkpointing import configure_training_memory
 from velotune.models.host_embedding import EmbeddingOffloadError, stage_host_ids
+from velotune.models.masks import DocumentSpans
 from velotune.train.checkpoint import (
     CheckpointError,
     TrainState,
@@ -58,6 +59,11 @@ from velotune.train.metrics import RunLog, peak_memory_gib
 from velotune.train.optim import build_optimizer
 from velotune.train.rank_batches import RankMicroBatches
 from velotune.train.schedule import build_scheduler, warmup_steps_for
+
+
+# Bucketed padding-free widths up to 8 x 2,048 tokens number about 24 (data/batching.py:bucket_width);
+# graphs share one memory pool, so more shapes cost capture time, not GPU memory.
+MAX_GRAPHED_SHAPES = 64
 
 
 @dataclass
@@ -90,9 +96,10 @@ class StepOutcome:
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int,
                   amp_dtype: torch.dtype | None = None, *, world: World = World(),
-                  device: torch.device | None = None) -> float:
+                  device: torch.device | None = None, flat: bool = False) -> float:
     """Mean token loss of `model` over `examples` (summed over all targets, then divided). With
-    many ranks each evaluates its share and the sums are added over ranks (every rank calls it)."""
+    many ranks each evaluates its share and the sums are added over ranks (every rank calls it).
+    `flat`: padding-free batches (as the trainer trains on a GPU)."""
     if not examples:
         raise ValueError("no eval examples: set eval_split > 0 or eval_dataset")
     device = device or next(model.parameters()).device
@@ -100,16 +107,35 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)     # loss sum, target count
     try:
-        for batch in distributed.rank_eval_batches(examples, batch_size, pad_id, world):
+        for batch in distributed.rank_eval_batches(examples, batch_size, pad_id, world, flat=flat):
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                            labels=batch["labels"].to(device), return_logits=False)
+                            labels=batch["labels"].to(device), return_logits=False,
+                            documents=batch_documents(batch, device))
             sums[0] += out.loss_sum.double()
             sums[1] += out.num_targets
     finally:
         model.train(was_training)
     loss_sum, targets = distributed.global_sum(sums, world).tolist()
     return loss_sum / targets
+
+
+def batch_documents(batch: Batch, device: torch.device) -> DocumentSpans | None:
+    """A padding-free batch's document spans on `device` (None for padded or packed batches)."""
+    if batch.get("cu_seqlens") is None:
+        return None
+    return DocumentSpans(batch["cu_seqlens"].to(device, non_blocking=True),   # type: ignore[union-attr]
+                         int(batch["max_document_length"]))                      # type: ignore[arg-type]
+
+
+def padding_free(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> bool:
+    """Whether micro-batches are laid end to end (data/batching.py:collate_flat): on a GPU in half
+    precision, where attention over packed documents is flash's variable-length kernel, for a
+    model whose attention has no soft-cap (which runs as explicit attention over a whole-row mask,
+    where a long flat row would cost more than padding)."""
+    config = getattr(model, "config", None)
+    return (device.type == "cuda" and amp_dtype in (torch.bfloat16, torch.float16) and config is not None
+            and getattr(config, "attn_logit_softcapping", None) is None)
 
 
 class _QuietLog:
@@ -162,10 +188,13 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.eval_examples = list(eval_examples)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.flat = padding_free(model, self.device, self.amp_dtype)
         self.graphed = self._graphed_step()
+        graphed = self.graphed is not None
         self.batches = RankMicroBatches(train_examples, config.micro_batch_size, self.world, pad_id=pad_id,
                                         seed=config.seed, packing=config.packing,
-                                        max_seq_length=config.max_seq_length, fixed_width=self.graphed is not None)
+                                        max_seq_length=config.max_seq_length, flat=self.flat,
+                                        bucketed=graphed and self.flat, fixed_width=graphed and not self.flat)
         self.total_steps = config.max_steps or math.ceil(
             config.num_epochs * len(self.batches) / config.gradient_accumulation_steps)
         self.optimizer = build_optimizer(model, config)
@@ -215,8 +244,10 @@ class Trainer:
 
     def _graphed_step(self) -> GraphedMicroStep | None:
         """CUDA graphs for the micro-batches (train/graphed_step.py): `cuda_graphs: true` asks for
-        them (an error says what stands in the way), `auto` takes them where nothing does and
-        packing makes every micro-batch one shape, `false` never."""
+        them (an error says what stands in the way), `auto` takes them where nothing does and the
+        micro-batches come in few shapes (padding-free ones in bucketed widths, or packed rows
+        padded to max_seq_length), `false` never. Graphs of offloaded checkpoints each hold their
+        pinned host buffers, so with offload only 4 shapes are captured (the rest run eagerly)."""
         mode = self.config.cuda_graphs
         if mode is False:
             return None
@@ -230,9 +261,10 @@ class Trainer:
             blockers.append("galore projects gradients on the host")
         if mode is True and blockers:
             raise TrainConfigError("key 'cuda_graphs': cannot be used here: " + "; ".join(blockers))
-        if blockers or (mode == "auto" and not self.config.packing):
+        if blockers or (mode == "auto" and not (self.flat or self.config.packing)):
             return None
-        return GraphedMicroStep(self.model, self.params, amp_dtype=self.amp_dtype)
+        return GraphedMicroStep(self.model, self.params, amp_dtype=self.amp_dtype,
+                                max_shapes=4 if self.config.offload_checkpoints else MAX_GRAPHED_SHAPES)
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -248,7 +280,8 @@ class Trainer:
         labels = batch["labels"].to(self.device)                      # type: ignore[union-attr]
         positions = batch["position_ids"].to(self.device)             # type: ignore[union-attr]
         with self.autocast():
-            out = self.wrapped(ids, position_ids=positions, labels=labels, return_logits=False)
+            out = self.wrapped(ids, position_ids=positions, labels=labels, return_logits=False,
+                               documents=batch_documents(batch, self.device))
         return out.loss_sum.float(), out.num_targets
 
     def step_counts(self, micro_batches: Sequence[Batch]) -> tuple[int, int]:
@@ -271,7 +304,9 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(micro_batches):
             if self.graphed is not None:
-                summed = self.graphed(batch["input_ids"], batch["labels"], batch["position_ids"], scale)  # type: ignore[arg-type]
+                summed = self.graphed(batch["input_ids"], batch["labels"], batch["position_ids"], scale,  # type: ignore[arg-type]
+                                      cu_seqlens=batch.get("cu_seqlens"),                                # type: ignore[arg-type]
+                                      max_document_length=batch.get("max_document_length"))              # type: ignore[arg-type]
                 loss_sum += summed.double()
                 continue
             with distributed.gradient_sync(self.wrapped, enabled=i == len(micro_batches) - 1):
@@ -305,7 +340,7 @@ class Trainer:
         """Mean token loss over `examples` (default: the eval split)."""
         examples = self.eval_examples if examples is None else examples
         return evaluate_loss(self.model, examples, self.config.micro_batch_size, self.pad_id, self.amp_dtype,
-                             world=self.world, device=self.device)
+                             world=self.world, device=self.device, flat=self.flat)
 
     def _evaluate_into(self, result: TrainResult, log: RunLog) -> None:
         result.eval_losses[self.state.step] = loss = self.evaluate()
@@ -386,7 +421,7 @@ class Trainer:
                               "lr": outcome.lr, "grad_norm": outcome.grad_norm,
                               "tokens_per_s": window["tokens"] / window["seconds"],
                               "peak_memory_gib": peak_memory_gib(self.device), "epoch": state.epoch,
-                              "tokens_seen": state.tokens_seen}
+                              "tokens_seen": state.tokens_seen, "train_seconds": round(state.elapsed_s, 3)}
                     log.write(record)
                     window = dict.fromkeys(window, 0.0)
                 log.advance(state.step, record)

@@ -1,0 +1,114 @@
+"""One peer system's end-to-end run for bench_e2e.py, in its own process: Unsloth + TRL's
+SFTTrainer (`--system unsloth`) or transformers + PEFT + TRL (`--system hf`), on the text rows
+bench_e2e.py wrote (DATA/train.jsonl, DATA/eval.jsonl). Prints one line `E2E {json}`.
+
+Each system runs with its own recommended settings:
+- unsloth: `FastLanguageModel.from_pretrained(max_seq_length, dtype=bf16, load_in_4bit for qlora)`,
+  `get_peft_model(r=16, alpha=16, dropout 0, the seven projections, use_gradient_checkpointing=
+  "unsloth")`, SFTConfig with optim "adamw_8bit" (its notebooks' choice), bf16.
+- hf: `AutoModelForCausalLM` in bf16 with sdpa attention (bitsandbytes NF4 with double
+  quantization and bf16 compute for qlora, after `prepare_model_for_kbit_training`), PEFT LoRA on
+  the same projections, gradient checkpointing (non-reentrant), optim "adamw_torch_fused".
+Both: per-device batch and max_length as given, one epoch, the same learning rate, schedule and
+warm-up as velotune, `packing` as given (TRL's best-fit packing, padding-free). Unsloth is imported
+before transformers, as it requires.
+
+Real tokens are the tokenized training rows' lengths (TRL's own tokenization); the train-loop time
+is trainer.train()'s wall time; the eval loss is computed here, token-weighted over the eval rows one
+by one, as velotune computes its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+p = argparse.ArgumentParser()
+p.add_argument("--system", choices=("unsloth", "hf"), required=True)
+p.add_argument("--model", required=True)
+p.add_argument("--data", required=True)
+p.add_argument("--method", choices=("lora", "qlora"), default="lora")
+p.add_argument("--batch", type=int, default=4)
+p.add_argument("--seq", type=int, default=2048)
+p.add_argument("--packing", action="store_true")
+p.add_argument("--learning_rate", type=float, default=2e-4)
+p.add_argument("--warmup_steps", type=int, default=5)
+p.add_argument("--lr_scheduler", default="linear")
+p.add_argument("--lora_r", type=int, default=16)
+p.add_argument("--lora_alpha", type=int, default=16)
+args = p.parse_args()
+
+if args.system == "unsloth":
+    import unsloth  # noqa: F401  (before transformers)
+    from unsloth import FastLanguageModel
+
+import torch  # noqa: E402
+from datasets import load_dataset  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+qlora = args.method == "qlora"
+
+if args.system == "unsloth":
+    model, tokenizer = FastLanguageModel.from_pretrained(args.model, max_seq_length=args.seq, dtype=torch.bfloat16,
+                                                         load_in_4bit=qlora)
+    model = FastLanguageModel.get_peft_model(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                             target_modules=TARGETS, bias="none",
+                                             use_gradient_checkpointing="unsloth", random_state=0)
+    optim = "adamw_8bit"
+else:
+    import peft
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    quant = None
+    if qlora:
+        quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, device_map={"": 0},
+                                                              attn_implementation="sdpa", quantization_config=quant)
+    if qlora:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                       target_modules=TARGETS, task_type="CAUSAL_LM"))
+    optim = "adamw_torch_fused"
+if tokenizer.pad_token is None:
+    tokenizer.pad_token = tokenizer.eos_token
+
+files = {"train": f"{args.data}/train.jsonl", "eval": f"{args.data}/eval.jsonl"}
+dataset = load_dataset("json", data_files=files)
+config = SFTConfig(
+    output_dir="/tmp/e2e-peer", per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+    num_train_epochs=1, learning_rate=args.learning_rate, lr_scheduler_type=args.lr_scheduler,
+    warmup_steps=args.warmup_steps, optim=optim, bf16=True, logging_steps=10, max_length=args.seq,
+    packing=args.packing, dataset_text_field="text", report_to="none", save_strategy="no", eval_strategy="no",
+    seed=0, gradient_checkpointing=args.system == "hf",
+    gradient_checkpointing_kwargs={"use_reentrant": False} if args.system == "hf" else None)
+trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset["train"], args=config)
+if args.packing:
+    tokens = sum(sum(row["seq_lengths"]) if "seq_lengths" in row else len(row["input_ids"])
+                 for row in trainer.train_dataset)
+else:
+    tokens = sum(len(row["input_ids"]) for row in trainer.train_dataset)
+torch.cuda.synchronize()
+started = time.perf_counter()
+trainer.train()
+torch.cuda.synchronize()
+train_s = time.perf_counter() - started
+steps = trainer.state.global_step
+
+model.eval()
+loss_sum, targets = 0.0, 0
+with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    for row in dataset["eval"]:
+        ids = tokenizer(row["text"], return_tensors="pt", truncation=True, max_length=args.seq).input_ids
+        if tokenizer.eos_token_id is not None and ids[0, -1] != tokenizer.eos_token_id and ids.shape[1] < args.seq:
+            ids = torch.cat([ids, torch.tensor([[tokenizer.eos_token_id]])], dim=1)
+        ids = ids.cuda()
+        out = model(input_ids=ids, labels=ids)
+        loss_sum += float(out.loss) * (ids.shape[1] - 1)
+        targets += ids.shape[1] - 1
+print("E2E " + json.dumps({"train_s": train_s, "tokens": tokens, "steps": steps,
+                           "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                           "eval_loss": loss_sum / targets}), flush=True)
