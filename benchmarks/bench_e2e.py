@@ -101,7 +101,7 @@ def run_velotune(model: Path, data: Path, out: Path, method: str, packed: bool, 
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     return {"train_s": steps[-1]["train_seconds"], "process_s": process, "tokens": steps[-1]["tokens_seen"],
             "peak_gib": max(r["peak_memory_gib"] for r in steps), "eval_loss": evals[-1],
-            "steps": steps[-1]["step"]}
+            "steps": steps[-1]["step"], "data_share": steps[-1]["data_seconds"] / steps[-1]["train_seconds"]}
 
 
 def run_peer(system: str, model: Path, data: Path, method: str, packed: bool, batch: int, seq: int) -> dict:
@@ -159,7 +159,8 @@ def main() -> None:
                     r["tok_s"] = r["tokens"] / r["train_s"]
                     print(f"{args.model} {method} {layout} {system}: train {r['train_s']:.1f} s, process "
                           f"{r['process_s']:.0f} s, {r['tok_s']:,.0f} tok/s, {r['peak_gib']:.2f} GiB, "
-                          f"eval {r['eval_loss']:.4f}", flush=True)
+                          f"eval {r['eval_loss']:.4f}"
+                          + (f", GPU idle for batches {r['data_share']:.2%}" if "data_share" in r else ""), flush=True)
             report(args, method, layout, results, append_row, machine, today)
 
 

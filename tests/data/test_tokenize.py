@@ -123,3 +123,14 @@ def test_raw_text_is_bos_text_eos_all_trained(make_tokenizer, add_bos):
     assert example.input_ids == [0] * add_bos + body + [tokenizer.eos_token_id]
     assert example.labels == example.input_ids
     assert report.target_tokens == len(example.input_ids) - 1
+
+
+def test_forked_workers_give_the_same_examples_and_counts_in_order(smollm2_tokenizer):
+    """Rows split over worker processes come back in order with the same ids, labels and report
+    (including dropped rows) as one process."""
+    samples = list(load_chatterbot(categories=["ai", "greetings", "humor"]))
+    samples.insert(7, ChatSample([{"role": "user", "content": "hi"}], "rows.jsonl:8"))   # nothing to train
+    one, one_report = tokenize_samples(samples, smollm2_tokenizer, max_seq_length=48, workers=1)
+    many, many_report = tokenize_samples(samples, smollm2_tokenizer, max_seq_length=48, workers=2)
+    assert [(e.input_ids, e.labels, e.where) for e in many] == [(e.input_ids, e.labels, e.where) for e in one]
+    assert many_report == one_report and one_report.dropped_no_targets >= 1 and one_report.truncated > 0

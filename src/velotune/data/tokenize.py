@@ -25,6 +25,8 @@ an error, because training would silently do nothing.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -79,6 +81,14 @@ class TokenizeReport:
     def kept(self) -> int:
         return self.total - self.dropped_no_targets
 
+    def add(self, other: TokenizeReport) -> None:
+        """Count `other`'s rows in too (the reports of consecutive chunks, in order)."""
+        self.total += other.total
+        self.truncated += other.truncated
+        self.dropped_no_targets += other.dropped_no_targets
+        self.target_tokens += other.target_tokens
+        self.dropped_where = (self.dropped_where + other.dropped_where)[:REPORTED_DROPS]
+
     def summary(self) -> str:
         text = (f"{self.total} examples: {self.kept} kept, {self.truncated} truncated, "
                 f"{self.dropped_no_targets} dropped (no trainable tokens left), "
@@ -89,10 +99,69 @@ class TokenizeReport:
 
 
 def tokenize_samples(samples: Sequence[Sample], tokenizer: ChatTokenizer, *,
-                     max_seq_length: int) -> tuple[list[Example], TokenizeReport]:
-    """Tokenize, label, truncate; drop examples with nothing left to train."""
+                     max_seq_length: int, workers: int | None = None) -> tuple[list[Example], TokenizeReport]:
+    """Tokenize, label, truncate; drop examples with nothing left to train. `workers` processes
+    share the rows (default: every CPU from PARALLEL_ROWS rows on, where fork exists)."""
     if max_seq_length < 2:
         raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}")
+    workers = default_workers(len(samples)) if workers is None else workers
+    if workers > 1:
+        examples, report = _tokenize_in_processes(samples, tokenizer, max_seq_length, workers)
+    else:
+        examples, report = _tokenize_rows(samples, tokenizer, max_seq_length)
+    if not examples:
+        raise DataError(
+            f"all {report.total} examples have no trainable tokens left after truncation to "
+            f"max_seq_length={max_seq_length} (e.g. {', '.join(report.dropped_where)}); "
+            "raise max_seq_length or check that the rows have assistant answers"
+        )
+    return examples, report
+
+
+# Rendering a chat template is Python (Jinja) work, about 0.6 ms of a chat row's 0.9 ms on this
+# project's 2-core CI machine, so 100,000 rows took 43 s in one process. Forked workers share the
+# rows and the tokenizer without pickling them; below this many rows a pool's start costs more
+# than it saves.
+PARALLEL_ROWS = 20_000
+
+
+def default_workers(rows: int) -> int:
+    if rows < PARALLEL_ROWS or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 16)
+
+
+_SHARED: tuple[Sequence[Sample], ChatTokenizer, int] | None = None   # what forked workers read
+
+
+def _tokenize_range(bounds: tuple[int, int]) -> tuple[list[Example], TokenizeReport]:
+    samples, tokenizer, max_seq_length = _SHARED    # type: ignore[misc]
+    return _tokenize_rows(samples[bounds[0]:bounds[1]], tokenizer, max_seq_length)
+
+
+def _tokenize_in_processes(samples: Sequence[Sample], tokenizer: ChatTokenizer, max_seq_length: int,
+                           workers: int) -> tuple[list[Example], TokenizeReport]:
+    """The rows in contiguous chunks (four per worker, for balance), tokenized by forked
+    processes and joined in order."""
+    global _SHARED
+    size = -(-len(samples) // (4 * workers))
+    chunks = [(start, min(start + size, len(samples))) for start in range(0, len(samples), size)]
+    _SHARED = (samples, tokenizer, max_seq_length)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_tokenize_range, chunks)
+    finally:
+        _SHARED = None
+    examples: list[Example] = []
+    report = TokenizeReport()
+    for part_examples, part_report in parts:
+        examples += part_examples
+        report.add(part_report)
+    return examples, report
+
+
+def _tokenize_rows(samples: Sequence[Sample], tokenizer: ChatTokenizer,
+                   max_seq_length: int) -> tuple[list[Example], TokenizeReport]:
     report = TokenizeReport()
     examples = []
     for sample in samples:
@@ -112,12 +181,6 @@ def tokenize_samples(samples: Sequence[Sample], tokenizer: ChatTokenizer, *,
             continue
         report.target_tokens += example.num_targets
         examples.append(example)
-    if not examples:
-        raise DataError(
-            f"all {report.total} examples have no trainable tokens left after truncation to "
-            f"max_seq_length={max_seq_length} (e.g. {', '.join(report.dropped_where)}); "
-            "raise max_seq_length or check that the rows have assistant answers"
-        )
     return examples, report
 
 

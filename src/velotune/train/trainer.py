@@ -388,7 +388,7 @@ class Trainer:
         result = TrainResult(steps=state.step)
         stream = self.batches.iterate(state.epoch, state.batch_index)
         window = {"loss_sum": 0.0, "targets": 0, "tokens": 0, "seconds": 0.0}
-        all_tokens, all_seconds = 0, 0.0
+        all_tokens, all_seconds, data_seconds = 0, 0.0, 0.0
         self.model.train()
         log = (RunLog(self.output_dir, self.total_steps, start_step=state.step, console=self.console,
                       show_progress=self.show_progress) if self.world.is_main else _QuietLog())
@@ -398,6 +398,7 @@ class Trainer:
             while state.step < self.total_steps:
                 started = time.perf_counter()
                 drawn = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
+                data_seconds += time.perf_counter() - started    # the GPU idles meanwhile (synchronised)
                 micro = [batch for _, _, batch in drawn]
                 outcome = self.optimizer_step(micro)
                 if self.device.type == "cuda":
@@ -421,7 +422,8 @@ class Trainer:
                               "lr": outcome.lr, "grad_norm": outcome.grad_norm,
                               "tokens_per_s": window["tokens"] / window["seconds"],
                               "peak_memory_gib": peak_memory_gib(self.device), "epoch": state.epoch,
-                              "tokens_seen": state.tokens_seen, "train_seconds": round(state.elapsed_s, 3)}
+                              "tokens_seen": state.tokens_seen, "train_seconds": round(state.elapsed_s, 3),
+                              "data_seconds": round(data_seconds, 3)}
                     log.write(record)
                     window = dict.fromkeys(window, 0.0)
                 log.advance(state.step, record)
