@@ -275,9 +275,30 @@ def test_buffers_held_for_a_captured_graph_are_neither_leased_nor_released():
     assert pool.release_free() == sum(parked_bytes())     # the second forward's, not the held ones
     assert pool.buffers == leased and all(b.in_use for b in leased)
     assert torch.equal(again[0], reference[0])
-    for buffer in leased:
+    for buffer in leased:                 # autograd giving a held buffer back leaves it held
         pool.give_back(buffer)
-    assert pool.release_free() == sum(parked_bytes()) and pool.buffers == []
+    assert pool.release_free() == 0 and pool.buffers == leased and all(b.in_use for b in leased)
+
+
+def test_later_captures_share_the_buffers_graphs_hold():
+    """Graphs replay one at a time, so a second capture leases the buffers the first graph holds
+    (each at most once per capture) instead of a set of its own; eager forwards never do."""
+    model = tiny_model()
+    model.gradient_checkpointing, model.offload_checkpoints = True, True
+    ids, labels = batch()
+    pool = model.offload_pool
+    with pool.recording() as first:
+        loss_and_grads(model, ids, labels)
+    pool.hold(first)
+    with pool.recording() as second:
+        shorter = loss_and_grads(model, ids[:, :-3], labels[:, :-3])
+    assert len(second) == PARKED and set(map(id, second)) == set(map(id, first))   # the same buffers
+    assert len(pool.buffers) == PARKED and model.offload_stats.reused == PARKED
+    pool.hold(second)
+    assert torch.equal(shorter[0], loss_and_grads(model, ids[:, :-3], labels[:, :-3], offload_checkpoints=False)[0])
+    loss_and_grads(model, ids, labels, offload_checkpoints=True)   # eager offloaded: buffers of its own
+    assert len(pool.buffers) == 2 * PARKED and model.offload_stats.allocated == PARKED
+    assert sum(b.graph_held for b in pool.buffers) == PARKED and pool.release_free() == sum(parked_bytes())
 
 
 def test_the_pool_goes_with_the_model_and_copies_start_empty():

@@ -196,7 +196,7 @@ def test_replayed_steps_with_checkpoints_offloaded_to_host_memory():
     assert_matches_eager(graph_losses, graph_w, eager_losses, eager_w)
 
 
-def flat_training(graphed: bool, lengths_per_step):
+def flat_training(graphed: bool, lengths_per_step, offload: bool = False):
     """Optimizer steps of two padding-free micro-batches each, of varying lengths, bucketed to
     graph widths (as the trainer collates them on a GPU); returns losses, adapters, the step."""
     from velotune.data.batching import IGNORE_INDEX
@@ -210,6 +210,7 @@ def flat_training(graphed: bool, lengths_per_step):
         examples.append(Example(ids, [IGNORE_INDEX] * (n // 3) + ids[n // 3:]))
     batches = MicroBatches(examples, 2, pad_id=0, seed=0, flat=True, bucketed=True, max_seq_length=300)
     model = small_model("cuda")
+    model.offload_checkpoints = offload
     params = [p for _, p in lora_named_parameters(model)]
     opt = torch.optim.AdamW(params, lr=1e-2)
     step = GraphedMicroStep(model, params, amp_dtype=torch.bfloat16, max_shapes=64) if graphed else None
@@ -250,6 +251,22 @@ def test_variable_length_padding_free_steps_replay_as_eager():
     widths = {key[1] for key in step.shapes}
     assert widths <= {256, 512} and step.replays >= 8, step.describe()
     assert all(key[0] == 1 and key[3] > 0 for key in step.shapes)   # one flat row, offsets as a buffer
+    assert_matches_eager(graph_losses, graph_w, eager_losses, eager_w)
+
+
+@pytest.mark.gpu
+def test_variable_length_steps_with_offloaded_checkpoints_share_host_buffers():
+    """Offloaded checkpoints under graphs of several widths: later captures lease the buffers
+    earlier graphs hold, so host memory is one set, and training still matches eager."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    lengths = [[17, 250, 3, 90], [120, 40, 300, 7], [64, 64, 64, 64], [9, 280, 150, 33]]
+    eager_losses, eager_w, _ = flat_training(False, lengths, offload=True)
+    graph_losses, graph_w, step = flat_training(True, lengths, offload=True)
+    captured = [e for e in step.shapes.values() if e.graph is not None]
+    assert len(captured) >= 2 and step.replays >= 8, step.describe()
+    held = {id(b) for e in captured for b in e.host_buffers}
+    assert len(held) < sum(len(e.host_buffers) for e in captured)   # shared, not one set per width
     assert_matches_eager(graph_losses, graph_w, eager_losses, eager_w)
 
 

@@ -127,11 +127,12 @@ class HostBuffer:
     offloaded layer input at a time. `capturable`: pinned by torch's allocator instead (a CUDA
     graph may copy from it; see `PinnedHostPool.capturable`)."""
 
-    __slots__ = ("nbytes", "in_use", "_memory", "_registered", "_torch_pinned")
+    __slots__ = ("nbytes", "in_use", "graph_held", "_memory", "_registered", "_torch_pinned")
 
     def __init__(self, nbytes: int, pinned: bool, capturable: bool = False) -> None:
         self.nbytes = nbytes
         self.in_use = False
+        self.graph_held = False     # copied into by captured graphs' replays (PinnedHostPool.hold)
         self._registered: int | None = None
         self._torch_pinned = pinned and capturable
         if not pinned or capturable:
@@ -207,20 +208,27 @@ class PinnedHostPool:
                 self._logs.remove(log)
 
     def hold(self, buffers: list[HostBuffer]) -> None:
-        """Lease `buffers` to a captured graph: nothing else leases or releases them until the
-        graph's owner gives them back."""
+        """Lease `buffers` to captured graphs for as long as they live: no eager step leases or
+        releases them. Another capture may lease them too: graphs replay one at a time, each
+        writing its offloaded inputs in its forward before its backward reads them, so graphs of
+        several micro-batch shapes share one set of host buffers instead of one set per shape."""
         with self._lock:
             for buffer in buffers:
-                buffer.in_use = True
+                buffer.in_use = buffer.graph_held = True
 
     @property
     def held_bytes(self) -> int:
         return sum(b.nbytes for b in self.buffers)
 
     def take(self, nbytes: int) -> HostBuffer | None:
-        """Lease the smallest free buffer of at least `nbytes`, or None."""
+        """Lease the smallest free buffer of at least `nbytes` (inside a capture, also one that
+        graphs hold and this capture has not leased yet), or None."""
         with self._lock:
-            fits = [b for b in self.buffers if not b.in_use and b.nbytes >= nbytes]
+            def free(b: HostBuffer) -> bool:
+                if not b.in_use:
+                    return True
+                return b.graph_held and bool(self._logs) and not any(b is x for log in self._logs for x in log)
+            fits = [b for b in self.buffers if b.nbytes >= nbytes and free(b)]
             if not fits:
                 return None
             buffer = min(fits, key=lambda b: b.nbytes)
@@ -241,7 +249,7 @@ class PinnedHostPool:
 
     def give_back(self, buffer: HostBuffer) -> None:
         with self._lock:
-            buffer.in_use = False
+            buffer.in_use = buffer.graph_held
 
     def release_free(self) -> int:
         """Free every buffer not leased; returns the bytes released."""

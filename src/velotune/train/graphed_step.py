@@ -20,9 +20,10 @@ What a capture needs, and how it is met:
   here), and checkpoints without saving the RNG state. Labels are checked here, before the copy.
 - Nothing random: a model with active dropout is refused (`graph_blockers`).
 - Checkpoints offloaded to host memory (`offload_checkpoints`): the copies and their events are
-  captured; the pinned buffers the capture leased from the model's pool are held by the shape's
-  entry for as long as its graph lives (models/offload.py), which is why the trainer allows few
-  shapes then.
+  captured; the pinned buffers the capture leased from the model's pool are held for as long as
+  its graph lives, and later captures lease them again where sizes allow (graphs replay one at a
+  time: models/offload.py, `PinnedHostPool.hold`), so host memory is about that of the widest
+  shape, not one set per shape.
 - An input embedding table kept in host memory (`offload_embeddings`) is looked up here, before
   the replay, into an input buffer the graph starts from (`inputs_embeds`): the gather runs on
   the CPU, which a graph cannot hold.

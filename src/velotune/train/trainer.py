@@ -61,8 +61,9 @@ from velotune.train.rank_batches import RankMicroBatches
 from velotune.train.schedule import build_scheduler, warmup_steps_for
 
 
-# Bucketed padding-free widths up to 8 x 2,048 tokens number about 24 (data/batching.py:bucket_width);
-# graphs share one memory pool, so more shapes cost capture time, not GPU memory.
+# Bucketed padding-free widths up to 8 x 2,048 tokens number 24 (data/batching.py:bucket_width);
+# graphs share one GPU memory pool and one set of offload host buffers, so more shapes cost
+# capture time, not memory.
 MAX_GRAPHED_SHAPES = 64
 
 
@@ -246,8 +247,7 @@ class Trainer:
         """CUDA graphs for the micro-batches (train/graphed_step.py): `cuda_graphs: true` asks for
         them (an error says what stands in the way), `auto` takes them where nothing does and the
         micro-batches come in few shapes (padding-free ones in bucketed widths, or packed rows
-        padded to max_seq_length), `false` never. Graphs of offloaded checkpoints each hold their
-        pinned host buffers, so with offload only 4 shapes are captured (the rest run eagerly)."""
+        padded to max_seq_length), `false` never."""
         mode = self.config.cuda_graphs
         if mode is False:
             return None
@@ -263,8 +263,7 @@ class Trainer:
             raise TrainConfigError("key 'cuda_graphs': cannot be used here: " + "; ".join(blockers))
         if blockers or (mode == "auto" and not (self.flat or self.config.packing)):
             return None
-        return GraphedMicroStep(self.model, self.params, amp_dtype=self.amp_dtype,
-                                max_shapes=4 if self.config.offload_checkpoints else MAX_GRAPHED_SHAPES)
+        return GraphedMicroStep(self.model, self.params, amp_dtype=self.amp_dtype, max_shapes=MAX_GRAPHED_SHAPES)
 
     # --- one step ---------------------------------------------------------------------------
 
