@@ -82,3 +82,17 @@ def test_padding_free_batches_equal_unpadded_rows_one_by_one(tiny_model_dir, tmp
     alone = sum(model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels]), return_logits=False).loss_sum.detach()
                 for e in examples)
     assert abs(float(together) - float(alone)) <= 1e-5 * abs(float(alone))
+
+
+def test_packed_rows_laid_flat_and_bucketed_equal_the_padded_batch(tiny_model_dir, tmp_path):
+    """packing: true on a GPU: packed rows of a micro-batch laid end to end, bucketed for graphs."""
+    from velotune.train.data import MicroBatches
+
+    examples = make_examples(10, seed=5)
+    trainer = make_trainer(tiny_model_dir("llama"), tmp_path, examples)
+    padded = step_grads(trainer, [collate_padded(examples, 0)])
+    batches = MicroBatches(examples, 2, pad_id=0, seed=0, packing=True, flat=True, bucketed=True, max_seq_length=40)
+    assert len(batches.rows) < len(examples)                     # several examples share a packed row
+    flat = [batches.collate(list(range(i, min(i + 2, len(batches.rows))))) for i in range(0, len(batches.rows), 2)]
+    assert all(b["input_ids"].shape == (1, 256) for b in flat)
+    assert_same(step_grads(trainer, flat), padded)
