@@ -2,6 +2,8 @@
 they stream in (models/moe.py: router [E, H], gate_up [E, 2I, H] gate rows then up rows, down
 [E, H, I]).
 
+- GGUF files (llama.cpp's `ffn_gate_exps`/`ffn_up_exps`/`ffn_down_exps`) stack each projection
+  over the experts but keep gate and up apart: each fills its half of the rows.
 - Qwen3-MoE checkpoints store each expert's `experts.{e}.gate_proj/up_proj/down_proj.weight` and
   the router as `mlp.gate.weight`: each expert tensor is copied into its rows of the stacked
   parameter as it arrives (`Piece.index`), so a layer never exists twice in memory.
@@ -22,6 +24,7 @@ import torch
 from velotune.models.config import ModelConfig
 
 QWEN_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+STACKED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight")  # GGUF [E, out, in]
 ROUTER = re.compile(r"(model\.layers\.\d+\.mlp)\.gate\.weight")
 MXFP4 = re.compile(r"(model\.layers\.\d+\.mlp\.experts\.(?:gate_up_proj|down_proj))_(blocks|scales)")
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -71,6 +74,12 @@ class ExpertTensors:
             else:
                 rows = slice(0, i) if kind == "gate_proj" else slice(i, 2 * i)
                 yield Piece(f"{prefix}.gate_up_proj", tensor, (e, rows))
+        elif m := STACKED.fullmatch(name):
+            if m[2] == "down_proj":
+                yield Piece(f"{m[1]}.down_proj", tensor)
+            else:
+                rows = slice(0, i) if m[2] == "gate_proj" else slice(i, 2 * i)
+                yield Piece(f"{m[1]}.gate_up_proj", tensor, (slice(None), rows))
         elif m := ROUTER.fullmatch(name):
             yield Piece(f"{m[1]}.router.weight", tensor)
         elif m := MXFP4.fullmatch(name):

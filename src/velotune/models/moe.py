@@ -46,6 +46,8 @@ class ExpertWeights(nn.Module):
     """The stacked expert parameters; LoRA wraps this module (lora/experts.py), a 4-bit base
     replaces it (quant/experts4bit.py). `computed()` is what the kernels compute with."""
 
+    stacked_experts = True   # what apply_lora recognises (lora/experts.py)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
