@@ -213,7 +213,7 @@ def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
     (kernels/ops/moe.py) on CUDA; `moe_experts_reference` elsewhere."""
     if experts.activation not in MOE_ACTIVATIONS:
         raise ValueError(f"moe_experts: unknown activation {experts.activation!r}, expected one of {MOE_ACTIVATIONS}")
-    if use_triton(x, experts.gate_up):
+    if use_triton(x):
         from velotune.kernels.ops.moe import moe_experts_triton
 
         return moe_experts_triton(x, expert_ids, weights, experts)

@@ -12,6 +12,7 @@ add s (X A_e^T) B_e^T to either projection.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,15 +34,26 @@ class ExpertAdapters:
 
 @dataclass(frozen=True)
 class Experts:
-    """What the experts compute with (weights dequantized already when they are 4-bit)."""
+    """What the experts compute with. 4-bit experts give `dequantize` instead of the weights: it
+    returns (gate_up, down) and is called again in the backward, so no layer keeps them."""
 
-    gate_up: torch.Tensor                    # [E, 2I, H]
-    down: torch.Tensor                       # [E, H, I]
+    gate_up: torch.Tensor | None             # [E, 2I, H]
+    down: torch.Tensor | None                # [E, H, I]
     gate_up_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
     gate_up_lora: ExpertAdapters | None = None
     down_lora: ExpertAdapters | None = None
     activation: str = "silu"
+    dequantize: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dequantize is not None:
+            return self.dequantize()
+        return self.gate_up, self.down
+
+    @property
+    def num_experts(self) -> int:
+        return (self.gate_up if self.gate_up is not None else self.weights()[0]).shape[0]
 
 
 def expert_glu(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
@@ -76,18 +88,17 @@ def moe_experts_reference(x: torch.Tensor, expert_ids: torch.Tensor, weights: to
                           experts: Experts) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for x [N, H], ids and weights [N, k]."""
     n, k = expert_ids.shape
-    num_experts = experts.gate_up.shape[0]
-    order, counts = routing_order(expert_ids, num_experts)
+    gate_up, down = experts.weights()
+    order, counts = routing_order(expert_ids, gate_up.shape[0])
     token = order // k
     rows = x[token]
     outs = []
     for e, chunk in enumerate(rows.split(counts.tolist())):
         if chunk.shape[0] == 0:
             continue
-        h = expert_glu(_project(chunk, experts.gate_up, experts.gate_up_bias, experts.gate_up_lora, e),
-                       experts.activation)
-        outs.append(_project(h, experts.down, experts.down_bias, experts.down_lora, e))
+        h = expert_glu(_project(chunk, gate_up, experts.gate_up_bias, experts.gate_up_lora, e), experts.activation)
+        outs.append(_project(h, down, experts.down_bias, experts.down_lora, e))
     if not outs:
-        return x.new_zeros(n, x.shape[-1]) + 0 * experts.gate_up.sum()
+        return x.new_zeros(n, x.shape[-1]) + 0 * gate_up.sum()
     out = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
     return x.new_zeros(n, x.shape[-1]).index_add(0, token, out)

@@ -25,10 +25,10 @@ class LoraExperts(nn.Module):
     def __init__(self, base: nn.Module, config: LoraConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.base_layer = base
-        e, two_i, h = base.gate_up_proj.shape
+        (e, two_i, h), _ = base.shapes if hasattr(base, "shapes") else (base.gate_up_proj.shape, None)
         i = two_i // 2
-        dtype = dtype or base.gate_up_proj.dtype
-        device = base.gate_up_proj.device
+        dtype = dtype or getattr(base, "dtype", None) or base.gate_up_proj.dtype
+        device = next(base.buffers(), None).device if hasattr(base, "shapes") else base.gate_up_proj.device
         r = config.r
         self.scale = config.scale
         self.gate_up_lora_A = nn.Parameter(torch.empty(e, r, h, dtype=dtype, device=device))
@@ -50,7 +50,8 @@ class LoraExperts(nn.Module):
             return base
         return Experts(base.gate_up, base.down, base.gate_up_bias, base.down_bias,
                        ExpertAdapters(self.gate_up_lora_A, self.gate_up_lora_B, self.scale),
-                       ExpertAdapters(self.down_lora_A, self.down_lora_B, self.scale), base.activation)
+                       ExpertAdapters(self.down_lora_A, self.down_lora_B, self.scale), base.activation,
+                       base.dequantize)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [self.gate_up_lora_A, self.gate_up_lora_B, self.down_lora_A, self.down_lora_B]

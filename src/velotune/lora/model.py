@@ -40,7 +40,12 @@ def apply_lora(model: nn.Module, config: LoraConfig, *, dtype: torch.dtype | Non
     for param in model.parameters():
         param.requires_grad_(False)
     found: set[str] = set()
+    experts: list[str] = []
     for name, module in list(model.named_modules()):
+        if any(name.startswith(prefix) for prefix in experts):
+            continue   # the 4-bit experts' own storage modules are not layers to adapt
+        if getattr(module, "stacked_experts", False):
+            experts.append(name + ".")
         if getattr(module, "stacked_experts", False) and config.matches_experts(name):
             parent_name, _, short = name.rpartition(".")
             setattr(model.get_submodule(parent_name), short, LoraExperts(module, config, dtype))

@@ -96,15 +96,16 @@ class MoEExperts(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: Experts,  # type: ignore[override]
                 *params: torch.Tensor | None) -> torch.Tensor:
         n, k = expert_ids.shape
-        num_experts = experts.gate_up.shape[0]
-        plan = route_plan(expert_ids, num_experts, _block_m(x.device))
+        gate_up, down = experts.weights()
+        plan = route_plan(expert_ids, gate_up.shape[0], _block_m(x.device))
         w_rows = weights.reshape(-1)[plan.order].float().contiguous()
         gu_lora = experts.gate_up_lora
         xa, gu = _lora_first(x, gu_lora, plan, True)
-        gu = grouped_mm(x, experts.gate_up.to(x.dtype), plan, gather=True, bias=experts.gate_up_bias, out=gu)
+        gu = grouped_mm(x, gate_up.to(x.dtype), plan, gather=True, bias=experts.gate_up_bias, out=gu)
         h = _glu(gu, experts.activation)
         ha, o = _lora_first(h, experts.down_lora, plan, False)
-        o = grouped_mm(h, experts.down.to(x.dtype), plan, bias=experts.down_bias, out=o, row_scale=w_rows)
+        o = grouped_mm(h, down.to(x.dtype), plan, bias=experts.down_bias, out=o, row_scale=w_rows)
+        del gate_up, down
         ctx.experts, ctx.plan, ctx.shape = experts, plan, (n, k)
         ctx.save_for_backward(x, weights, w_rows, gu, xa, ha)
         return o[plan.inverse].view(n, k, -1).sum(1)
@@ -115,7 +116,8 @@ class MoEExperts(torch.autograd.Function):
         experts: Experts = ctx.experts
         plan: RoutePlan = ctx.plan
         n, k = ctx.shape
-        num_experts = experts.gate_up.shape[0]
+        gate_up, down = experts.weights()   # 4-bit experts: dequantized again, not kept from the forward
+        num_experts = gate_up.shape[0]
         dy = dy.contiguous().to(x.dtype)
         needs = ctx.needs_input_grad
         p_gu, p_down, p_gub, p_db, p_a1, p_b1, p_a2, p_b2 = needs[4:12]
@@ -128,7 +130,7 @@ class MoEExperts(torch.autograd.Function):
         if down_lora is not None:
             dha = grouped_mm(dy, down_lora.b.to(x.dtype), plan, transpose=False, gather=True, alpha=down_lora.scale)
         dh = grouped_mm(dha, down_lora.a.to(x.dtype), plan, transpose=False) if dha is not None else None
-        dh = grouped_mm(dy, experts.down.to(x.dtype), plan, transpose=False, gather=True, out=dh)
+        dh = grouped_mm(dy, down.to(x.dtype), plan, transpose=False, gather=True, out=dh)
         dw_rows = (dh.float() * h.float()).sum(-1)
         if experts.down_bias is not None:   # the bias is part of the output the weight scales
             dw_rows += (dy[plan.token.long()].float() * experts.down_bias[plan.expert].float()).sum(-1)
@@ -137,7 +139,7 @@ class MoEExperts(torch.autograd.Function):
         if p_down or p_db or p_b2 or p_a2:
             dyw = (dy[plan.token.long()].float() * w_rows[:, None]).to(x.dtype)
             if p_down:
-                grads[1] = grouped_weight_grad(dyw, h, plan, num_experts, dtype=experts.down.dtype)
+                grads[1] = grouped_weight_grad(dyw, h, plan, num_experts, dtype=down.dtype)
             if p_db:
                 grads[3] = dyw.new_zeros(num_experts, dyw.shape[1], dtype=torch.float32).index_add_(
                     0, plan.expert, dyw.float()).to(experts.down_bias.dtype)
@@ -156,10 +158,11 @@ class MoEExperts(torch.autograd.Function):
         if gu_lora is not None:
             dxa = grouped_mm(dgu, gu_lora.b.to(x.dtype), plan, transpose=False, alpha=gu_lora.scale)
         dx_rows = grouped_mm(dxa, gu_lora.a.to(x.dtype), plan, transpose=False) if dxa is not None else None
-        dx_rows = grouped_mm(dgu, experts.gate_up.to(x.dtype), plan, transpose=False, out=dx_rows)
+        dx_rows = grouped_mm(dgu, gate_up.to(x.dtype), plan, transpose=False, out=dx_rows)
+        del gate_up, down
         dx = dx_rows[plan.inverse].view(n, k, -1).sum(1)
         if p_gu:
-            grads[0] = grouped_weight_grad(dgu, x, plan, num_experts, gather=True, dtype=experts.gate_up.dtype)
+            grads[0] = grouped_weight_grad(dgu, x, plan, num_experts, gather=True, dtype=x.dtype)
         if p_gub:
             grads[2] = dgu.new_zeros(num_experts, dgu.shape[1], dtype=torch.float32).index_add_(
                 0, plan.expert, dgu.float()).to(experts.gate_up_bias.dtype)
