@@ -80,7 +80,7 @@ def _project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
              lora: ExpertAdapters | None, e: int) -> torch.Tensor:
     out = F.linear(rows, weight[e], None if bias is None else bias[e])
     if lora is not None:
-        out = out + lora.scale * F.linear(F.linear(rows, lora.a[e]), lora.b[e])
+        out = out + lora.scale * F.linear(F.linear(rows, lora.a[e].to(rows.dtype)), lora.b[e].to(rows.dtype))
     return out
 
 
