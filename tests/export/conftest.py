@@ -30,6 +30,12 @@ FAMILIES = {
                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, tie_word_embeddings=True),
     "phi3": dict(model_type="phi3", num_key_value_heads=4, sliding_window=6, original_max_position_embeddings=256,
                  tie_word_embeddings=False),
+    "phi4": dict(model_type="phi3", rope_theta=250000.0, tie_word_embeddings=False),
+    "mistral-small": dict(model_type="mistral", head_dim=24, rope_theta=1e8, tie_word_embeddings=False),
+    "gemma3": dict(model_type="gemma3_text", num_hidden_layers=7, head_dim=16, sliding_window=4,
+                   query_pre_attn_scalar=16, rope_theta=1e6, rope_local_base_freq=10000.0,
+                   rope_scaling=dict(rope_type="linear", factor=8.0)),
+    "smollm3": dict(model_type="smollm3", num_hidden_layers=4, rope_theta=2e6),
 }
 
 

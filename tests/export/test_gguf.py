@@ -37,7 +37,7 @@ def test_f32_and_f16_read_back_with_the_same_logits(tmp_path, bpe_tokenizer, fam
         path = export(model, to="gguf", quant=quant, out=tmp_path / f"{quant}.gguf", tokenizer=bpe_tokenizer)
         back, back_tokenizer = velotune.load_model(path, dtype=torch.float32, device="cpu")
         c, b = model.config, back.config
-        assert b.model_type == ("llama" if family == "mistral" else c.model_type)
+        assert b.model_type == ("llama" if c.model_type == "mistral" else c.model_type)
         assert (b.tie_word_embeddings, b.vocab_size, b.head_dim) == (c.tie_word_embeddings, c.vocab_size, c.head_dim)
         if c.rope_scaling:
             assert b.rope_scaling == pytest.approx(c.rope_scaling)

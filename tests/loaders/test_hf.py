@@ -104,9 +104,9 @@ def test_unsupported_rope_scaling_is_named(folder):
     path, _ = folder
     cfg = json.loads((path / "config.json").read_text())
     cfg.pop("rope_parameters", None)
-    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    cfg["rope_scaling"] = {"rope_type": "longrope", "factor": 4.0}
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="rope scaling type 'yarn'"):
+    with pytest.raises(ConfigError, match="rope scaling type 'longrope'"):
         velotune.load_model(path)
 
 

@@ -44,8 +44,9 @@ from velotune.export.gguf_tokenizer import add_tokenizer, gguf_tokenizer
 from velotune.export.kquants import K_QUANTS
 from velotune.export.progress import track
 from velotune.export.weights import PlannedTensor, export_config, plan_tensors
-from velotune.loaders.gguf import BLOCK_NAMES, FAMILY_BLOCK_NAMES, GLOBAL_NAMES, ROPE_FREQS, llama3_divisors
+from velotune.loaders.gguf import GEMMA3_LOCAL_ROPE_THETA, ROPE_FREQS, SMOLLM3_NOPE_INTERVAL, llama3_divisors
 from velotune.models.config import ModelConfig
+from velotune.models.families import FAMILIES, GGUF_GLOBAL_NAMES
 from velotune.models.transformer import Transformer
 
 Q = GGMLQuantizationType
@@ -69,22 +70,19 @@ CALIBRATED_BY_DEFAULT = ("q4_k_m", "q4_k_s", "q4_1", "q4_0")
 # llama.cpp's replacement for a type whose block does not divide the row length
 FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 CODECS = {**LEGACY, **K_QUANTS}
-# model_type -> llama.cpp general.architecture
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                 "gemma2": "gemma2", "phi3": "phi3"}
-PERMUTED_ARCHS = ("llama",)            # q/k rows interleaved for llama.cpp's RoPE
-NORM_PLUS_ONE_ARCHS = ("gemma2",)      # RMSNorm weights stored as w + 1
+# model_type -> llama.cpp general.architecture, for the families a GGUF can hold (models/families.py)
+ARCHITECTURES = {f.model_type: f.gguf_arch for f in FAMILIES.values() if f.gguf_arch and f.model_type != "qwen3_moe"}
 
 
 def gguf_tensor_name(hf_name: str, family: str) -> str:
     """Hugging Face name -> llama.cpp name, by inverting the loader's table."""
     path, kind = hf_name.rsplit(".", 1)
-    globals_ = {hf: gg for gg, hf in GLOBAL_NAMES.items()}
+    globals_ = {hf: gg for gg, hf in GGUF_GLOBAL_NAMES.items()}
     if path in globals_:
         return f"{globals_[path]}.{kind}"
     parts = path.split(".")
     if parts[:2] == ["model", "layers"] and len(parts) > 3:
-        table = {hf: gg for gg, hf in {**BLOCK_NAMES, **FAMILY_BLOCK_NAMES.get(family, {})}.items()}
+        table = {hf: gg for gg, hf in FAMILIES[family].gguf_block_names().items()}
         module = ".".join(parts[3:])
         if module in table:
             return f"blk.{parts[2]}.{table[module]}.{kind}"
@@ -105,7 +103,7 @@ def check_architecture(config: ModelConfig) -> str:
     if arch is None:
         raise ExportError(f"architecture {family!r} cannot be exported to GGUF; supported: "
                           f"{', '.join(ARCHITECTURES)}")
-    if arch in ("qwen3", "gemma2", "phi3") and (config.qkv_bias or config.o_bias):
+    if arch in ("qwen3", "gemma2", "gemma3", "phi3", "smollm3") and (config.qkv_bias or config.o_bias):
         raise ExportError(f"{family}: attention biases cannot be expressed in a llama.cpp {arch} GGUF")
     if arch != "llama" and config.mlp_bias:
         raise ExportError(f"{family}: MLP biases cannot be expressed in a llama.cpp {arch} GGUF")
@@ -118,12 +116,36 @@ def check_architecture(config: ModelConfig) -> str:
         if config.sliding_window and config.layer_types != pattern:
             raise ExportError("gemma2: llama.cpp slides the window on even layers only; this config's layer_types "
                               f"{config.layer_types} differ")
-    if arch == "gemma2" and not config.tie_word_embeddings:
-        raise ExportError("gemma2: llama.cpp's Gemma 2 has no output head of its own; an adapter on the tied "
+    if arch == "gemma3":
+        _check_gemma3(config)
+    if arch == "smollm3":
+        pattern = [int((i + 1) % SMOLLM3_NOPE_INTERVAL != 0) for i in range(config.num_hidden_layers)]
+        if config.no_rope_layers and config.no_rope_layers != pattern:
+            raise ExportError(f"smollm3: llama.cpp drops RoPE in every {SMOLLM3_NOPE_INTERVAL}th layer only; this "
+                              f"config's no_rope_layers {config.no_rope_layers} differ")
+    if arch in ("gemma2", "gemma3") and not config.tie_word_embeddings:
+        raise ExportError(f"{arch}: llama.cpp's Gemma has no output head of its own; an adapter on the tied "
                           "embedding or head cannot be exported to GGUF")
-    if config.rope_scaling and arch != "llama":
+    linear_ok = arch == "gemma3" and (config.rope_scaling or {}).get("rope_type") == "linear"
+    if config.rope_scaling and arch != "llama" and not linear_ok:
         raise ExportError(f"{family}: RoPE scaling {config.rope_scaling} is only written for llama GGUFs")
     return arch
+
+
+def _check_gemma3(config: ModelConfig) -> None:
+    """What llama.cpp assumes of a Gemma 3 file, checked against the config."""
+    scale = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else config.head_dim
+    if (config.query_pre_attn_scalar or config.head_dim) != scale:
+        raise ExportError(f"gemma3: query_pre_attn_scalar={config.query_pre_attn_scalar} cannot be expressed in GGUF "
+                          f"(llama.cpp assumes {scale} for a {config.num_hidden_layers}-layer model)")
+    if config.sliding_window:
+        pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(config.num_hidden_layers)]
+        if config.layer_types != pattern:
+            raise ExportError("gemma3: llama.cpp makes every sixth layer global; this config's layer_types "
+                              f"{config.layer_types} differ")
+        if (config.local_rope_theta or config.rope_theta) != GEMMA3_LOCAL_ROPE_THETA:
+            raise ExportError(f"gemma3: llama.cpp's sliding layers use RoPE base {GEMMA3_LOCAL_ROPE_THETA:g}, this "
+                              f"config {config.local_rope_theta or config.rope_theta:g}")
 
 
 @dataclass(frozen=True)
@@ -171,18 +193,19 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str, tied: bool, 
 
 def plan_gguf(model: Transformer, quant: str) -> list[GGUFTensor]:
     config = export_config(model)
-    arch = check_architecture(config)
+    check_architecture(config)
     family = config.model_type
+    row = FAMILIES[family]
 
     def converted(t: PlannedTensor) -> Callable[[], np.ndarray]:
         def read() -> np.ndarray:
             w = t.read()
-            if arch in PERMUTED_ARCHS and ".self_attn.q_proj." in t.name:
+            if row.gguf_qk_interleaved and ".self_attn.q_proj." in t.name:
                 w = interleave_rows(w, config.num_attention_heads)
-            elif arch in PERMUTED_ARCHS and ".self_attn.k_proj." in t.name:
+            elif row.gguf_qk_interleaved and ".self_attn.k_proj." in t.name:
                 w = interleave_rows(w, config.num_key_value_heads)
-            elif arch in NORM_PLUS_ONE_ARCHS and t.name.endswith("norm.weight"):
-                w = w + 1.0
+            elif row.gguf_norm_shift and t.name.endswith("norm.weight"):
+                w = w + row.gguf_norm_shift
             return w.numpy()
         return read
 
@@ -228,7 +251,9 @@ def architecture_metadata(config: ModelConfig, arch: str, quant: str) -> dict[st
     if arch == "gemma2":
         meta[p + "attn_logit_softcapping"] = config.attn_logit_softcapping or 0.0
         meta[p + "final_logit_softcapping"] = config.final_logit_softcapping or 0.0
-    if arch in ("gemma2", "phi3") and config.sliding_window:
+    if arch == "gemma3" and config.final_logit_softcapping:
+        meta[p + "final_logit_softcapping"] = config.final_logit_softcapping
+    if arch in ("gemma2", "gemma3", "phi3") and config.sliding_window:
         meta[p + "attention.sliding_window"] = config.sliding_window
     if arch == "phi3" and (original := config.source.get("original_max_position_embeddings")):
         meta[p + "rope.scaling.original_context_length"] = int(original)

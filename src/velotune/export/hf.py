@@ -24,12 +24,12 @@ from velotune.export.errors import ExportError
 from velotune.export.progress import track
 from velotune.export.weights import PlannedTensor, export_config, plan_tensors
 from velotune.models.config import ModelConfig
+from velotune.models.families import FAMILIES
 from velotune.models.transformer import Transformer
 
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-ARCHITECTURE_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                      "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+ARCHITECTURE_NAMES = {f.model_type: f.architecture for f in FAMILIES.values()}
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -47,16 +47,20 @@ def composed_config(c: ModelConfig) -> dict[str, Any]:
     }
     if c.partial_rotary_factor != 1.0:
         cfg["partial_rotary_factor"] = c.partial_rotary_factor
-    if c.model_type in ("llama", "qwen3"):
+    if c.model_type in ("llama", "qwen3", "gemma3_text", "smollm3"):
         cfg["attention_bias"] = c.qkv_bias
-    if c.model_type == "llama":
+    if c.model_type in ("llama", "smollm3"):
         cfg["mlp_bias"] = c.mlp_bias
+    if c.no_rope_layers:
+        cfg["no_rope_layers"] = list(c.no_rope_layers)
+    if c.local_rope_theta is not None:
+        cfg["rope_local_base_freq"] = c.local_rope_theta
     if c.sliding_window:
         cfg["sliding_window"] = c.sliding_window
         cfg["layer_types"] = list(c.layer_types)
         if c.model_type in ("qwen2", "qwen3"):
             cfg["use_sliding_window"] = True
-    if c.model_type == "gemma2":
+    if c.model_type in ("gemma2", "gemma3_text"):
         cfg.update(hidden_activation=c.hidden_act, attn_logit_softcapping=c.attn_logit_softcapping,
                    final_logit_softcapping=c.final_logit_softcapping,
                    query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim)
@@ -94,6 +98,9 @@ def save_hf(model: Transformer, tokenizer: Any, out: Path, dtype: torch.dtype,
     if max_shard_size <= 0:
         raise ExportError(f"max_shard_size must be positive, got {max_shard_size}")
     config = export_config(model)
+    if config.num_experts:
+        raise ExportError(f"{config.model_type}: merged export of mixture-of-experts models is not supported yet "
+                          "(save the adapter with save_adapter instead)")
     tensors = plan_tensors(model)
     shards = shard_plan(tensors, dtype, max_shard_size)
     names = (["model.safetensors"] if len(shards) == 1 else

@@ -115,14 +115,14 @@ class StaticDecoder:
         x = self.rows if self.rows is not None else model.model.embed_tokens(self.ids)
         if c.embedding_multiplier != 1.0:
             x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
-        cos, sin = model.model.rotary(self.positions, x.dtype)
+        ropes = model.model.rotary.per_layer(self.positions, x.dtype)
         keys = torch.arange(span, device=x.device)
         allowed = (self.valid[:, :span] & (keys <= self.column))[:, None, None, :]
         windows = {c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)}
         masks = {w: allowed if w is None else allowed & (self.column - keys < w) for w in windows}
         slot = StaticSlot(self.cache, self.column, span)
         for i, layer in enumerate(model.model.layers):
-            x = layer(x, cos, sin, masks[c.sliding_window if c.is_sliding(i) else None], slot)
+            x = layer(x, *ropes[i], masks[c.sliding_window if c.is_sliding(i) else None], slot)
         self.logits.copy_(model.logits_from_hidden(model.model.norm(x)[:, -1]))
 
     def _capture(self, span: int) -> None:

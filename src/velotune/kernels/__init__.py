@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from velotune.kernels.dispatch import capturing, force_triton, kernels_enabled, set_kernels_enabled, use_triton
+from velotune.kernels.moe_reference import MOE_ACTIVATIONS, Experts, moe_experts_reference
 from velotune.kernels.reference import (
     ACTIVATIONS,
     LowRank,
@@ -36,7 +37,7 @@ from velotune.kernels.reference import (
 
 __all__ = [
     "LowRank", "add_rms_norm", "apply_rope", "capturing", "force_triton", "glu", "glu_backward_inplace",
-    "glu_low_rank", "kernels_enabled",
+    "glu_low_rank", "kernels_enabled", "moe_experts",
     "linear_cross_entropy", "rms_norm", "set_kernels_enabled", "use_triton", "varlen_attention",
 ]
 
@@ -220,3 +221,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
         return varlen_attention_flash(q, k, v, cu_seqlens, max_len, scale, window)
     return varlen_attention_reference(q, k, v, cu_seqlens, scale, window)
+
+
+def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: Experts) -> torch.Tensor:
+    """The experts' weighted sum for x [N, H] with each token's k choices (ids, weights [N, k]):
+    token sort, grouped GEMMs over the experts, weighted un-permute, with a hand-written backward
+    (kernels/ops/moe.py) on CUDA; `moe_experts_reference` elsewhere."""
+    if experts.activation not in MOE_ACTIVATIONS:
+        raise ValueError(f"moe_experts: unknown activation {experts.activation!r}, expected one of {MOE_ACTIVATIONS}")
+    if use_triton(x):
+        from velotune.kernels.ops.moe import moe_experts_triton
+
+        return moe_experts_triton(x, expert_ids, weights, experts)
+    return moe_experts_reference(x, expert_ids, weights, experts)

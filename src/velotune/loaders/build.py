@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from velotune.loaders.checkpoint import Checkpoint, LoadError
+from velotune.loaders.expert_tensors import ExpertTensors
 from velotune.models.config import ModelConfig
 from velotune.models.transformer import Transformer
 from velotune.quant.policy import FourBitPolicy
@@ -58,28 +59,39 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
     model.tie_weights()
     slots = dict(model.named_parameters(remove_duplicate=False))
     tied = "lm_head.weight" if config.tie_word_embeddings else None
-    filled: set[str] = set()
+    filled: dict[str, int] = {}     # elements written into each parameter (experts arrive in pieces)
+    experts = ExpertTensors(config, ckpt.source)
     for raw_name, tensor in ckpt.tensors():
         if raw_name.endswith(IGNORED_SUFFIXES):
             continue
         for name, part in split_fused(raw_name, tensor, config):
             if name == tied:
                 continue  # the head is the embedding; a copy in the file adds nothing
-            if stream is not None and stream.take(name, part):
-                continue
-            slot = slots.get(name)
-            if slot is None:
-                raise LoadError(f"{ckpt.source}: unexpected tensor {raw_name!r} for a {config.model_type} model")
-            if tuple(part.shape) != tuple(slot.shape):
-                raise LoadError(f"{ckpt.source}: tensor {raw_name!r} has shape {tuple(part.shape)}, "
-                                f"expected {tuple(slot.shape)} from the config")
-            with torch.no_grad():
-                slot.copy_(part)
-            filled.add(name)
-    missing = sorted(set(slots) - filled - ({tied} if tied else set()))
+            for piece in experts.pieces(name, part):
+                if stream is not None and stream.take(piece.name, piece.tensor, piece.index):
+                    continue
+                slot = slots.get(piece.name)
+                if slot is None:
+                    raise LoadError(f"{ckpt.source}: unexpected tensor {raw_name!r} for a {config.model_type} model")
+                target = slot if piece.index is None else slot[piece.index]
+                if tuple(piece.tensor.shape) != tuple(target.shape):
+                    raise LoadError(f"{ckpt.source}: tensor {raw_name!r} has shape {tuple(piece.tensor.shape)}, "
+                                    f"expected {tuple(target.shape)} from the config")
+                with torch.no_grad():
+                    target.copy_(piece.tensor)
+                filled[piece.name] = filled.get(piece.name, 0) + target.numel()
+    unpaired = experts.finish()
+    if unpaired:
+        raise LoadError(f"{ckpt.source}: MXFP4 tensors without their blocks/scales partner: {', '.join(unpaired)}")
+    complete = {name for name, count in filled.items() if count >= slots[name].numel()}
+    missing = sorted(set(slots) - complete - ({tied} if tied else set()))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise LoadError(f"{ckpt.source}: missing tensors {shown}")
     if stream is not None:
         model.quant_report = stream.finish()
+    if four_bit is not None and config.num_experts:
+        from velotune.quant.experts4bit import quantize_experts
+
+        quantize_experts(model, four_bit.quant_type)   # layer by layer, after loading (not yet as they stream)
     return model

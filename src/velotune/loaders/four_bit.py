@@ -87,8 +87,11 @@ class FourBitStream:
             logger.info("4-bit weights on the CPU: quantization and dequantization run in the PyTorch "
                         "reference implementation (correct, but slow for large models)")
 
-    def take(self, name: str, tensor: torch.Tensor) -> bool:
-        """Handle `name` if it is (part of) a 4-bit weight; False means the builder places it."""
+    def take(self, name: str, tensor: torch.Tensor, index: tuple | None = None) -> bool:
+        """Handle `name` if it is (part of) a 4-bit weight; False means the builder places it
+        (always for a piece of a stacked expert parameter, `index` not None)."""
+        if index is not None:
+            return False
         if self.pieces:
             weight = self._owner(name)
             if weight is None:

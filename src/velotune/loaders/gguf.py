@@ -41,44 +41,18 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderField
 
 from velotune.loaders.checkpoint import Checkpoint, LoadError
 from velotune.models.config import ConfigError, ModelConfig
-
-# llama.cpp `general.architecture` -> Hugging Face model_type.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "phi3": "phi3"}
+from velotune.models.families import FAMILIES, GGUF_ARCHITECTURES, GGUF_GLOBAL_NAMES
 
 # Types llama.cpp commonly ships, all dequantized by gguf-py.
 SUPPORTED_TYPES = frozenset(GGMLQuantizationType[n] for n in (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
 
-GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-FAMILY_BLOCK_NAMES = {
-    "gemma2": {
-        "post_attention_norm": "post_attention_layernorm",
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
-    },
-    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
-}
 BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 GLOBAL_TENSOR = re.compile(r"(\w+)\.(weight|bias)")
 
 ROPE_FREQS = "rope_freqs.weight"                    # Llama 3 RoPE divisors
+GEMMA3_LOCAL_ROPE_THETA = 10000.0                   # llama.cpp's fixed values for these families
+SMOLLM3_NOPE_INTERVAL = 4
 LONGROPE_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 LLAMA3_ORIGINAL_CONTEXT = 8192
 
@@ -161,11 +135,11 @@ def read_file(path: Path) -> CheckedGGUFReader:
 def hf_name(gguf_name: str, family: str, num_layers: int, path: Path) -> str:
     if m := BLOCK_TENSOR.fullmatch(gguf_name):
         layer, part, kind = int(m[1]), m[2], m[3]
-        table = {**BLOCK_NAMES, **FAMILY_BLOCK_NAMES.get(family, {})}
+        table = FAMILIES[family].gguf_block_names()
         if part in table and layer < num_layers:
             return f"model.layers.{layer}.{table[part]}.{kind}"
-    elif (m := GLOBAL_TENSOR.fullmatch(gguf_name)) and m[1] in GLOBAL_NAMES:
-        return f"{GLOBAL_NAMES[m[1]]}.{m[2]}"
+    elif (m := GLOBAL_TENSOR.fullmatch(gguf_name)) and m[1] in GGUF_GLOBAL_NAMES:
+        return f"{GGUF_GLOBAL_NAMES[m[1]]}.{m[2]}"
     raise LoadError(f"{path}: unexpected tensor {gguf_name!r} for a {family} model with {num_layers} layers")
 
 
@@ -177,6 +151,8 @@ def expected_shape(name: str, c: ModelConfig) -> tuple[int, ...] | None:
             "gate_proj": i, "up_proj": i, "gate_up_proj": 2 * i, "down_proj": h}
     cols = {"o_proj": q, "down_proj": i}
     parts = name.split(".")
+    if ".experts." in name or ".router." in name:
+        return None   # stacked expert tensors: the builder checks them (loaders/expert_tensors.py)
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return (c.vocab_size, h)
     if parts[-2] in rows:
@@ -243,6 +219,21 @@ def hf_config(meta: Metadata, tensor_names: set[str], family: str, arch: str) ->
         cfg["final_logit_softcapping"] = float(meta.get(p + "final_logit_softcapping", 30.0))
         cfg["sliding_window"] = int(meta.get(p + "attention.sliding_window", 4096))
         cfg["query_pre_attn_scalar"] = hidden // heads if layers == 46 else head_dim
+    elif family == "gemma3_text":
+        # llama.cpp fixes what Gemma 3 files do not say: one global layer in six, a local RoPE base
+        # of 10,000, attention scaled by hidden/heads for the 62-layer (27B) model, else head_dim.
+        if (window := meta.get(p + "attention.sliding_window")):
+            cfg["sliding_window"] = int(window)
+            cfg["rope_local_base_freq"] = GEMMA3_LOCAL_ROPE_THETA
+        if (cap := meta.get(p + "final_logit_softcapping")):
+            cfg["final_logit_softcapping"] = float(cap)
+        cfg["query_pre_attn_scalar"] = hidden // heads if layers == 62 else head_dim
+    elif family == "smollm3":
+        cfg["no_rope_layer_interval"] = SMOLLM3_NOPE_INTERVAL
+    elif family == "qwen3_moe":
+        cfg.update(num_experts=int(meta.need(p + "expert_count")),
+                   num_experts_per_tok=int(meta.need(p + "expert_used_count")),
+                   moe_intermediate_size=int(meta.need(p + "expert_feed_forward_length")), norm_topk_prob=True)
     elif family == "phi3" and (window := meta.get(p + "attention.sliding_window")):
         cfg["sliding_window"] = int(window)
     return cfg
@@ -301,10 +292,10 @@ def open_gguf(path: str | Path) -> Checkpoint:
     reader = read_file(path)
     meta = Metadata(reader, path)
     arch = meta.need("general.architecture")
-    family = ARCHITECTURES.get(arch)
+    family = GGUF_ARCHITECTURES.get(arch)
     if family is None:
         raise LoadError(f"{path}: unknown architecture {arch!r} (general.architecture); "
-                        f"supported: {', '.join(ARCHITECTURES)}")
+                        f"supported: {', '.join(GGUF_ARCHITECTURES)}")
     by_name = {t.name: t for t in reader.tensors}
     for name in LONGROPE_TENSORS:
         if name in by_name:
@@ -332,15 +323,17 @@ def open_gguf(path: str | Path) -> Checkpoint:
             raise LoadError(f"{path}: tensor {t.name!r} ({name}) has shape {shape}, expected {want} from the config")
         names.append((name, t))
 
+    row = FAMILIES[family]
+
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in names:
             w = torch.from_numpy(dequantize(t))
-            if family == "llama" and ".self_attn.q_proj." in name:
+            if row.gguf_qk_interleaved and ".self_attn.q_proj." in name:
                 w = unpermute_rows(w, config.num_attention_heads)
-            elif family == "llama" and ".self_attn.k_proj." in name:
+            elif row.gguf_qk_interleaved and ".self_attn.k_proj." in name:
                 w = unpermute_rows(w, config.num_key_value_heads)
-            elif family == "gemma2" and name.endswith("norm.weight"):
-                w = w - 1.0
+            elif row.gguf_norm_shift and name.endswith("norm.weight"):
+                w = w - row.gguf_norm_shift
             yield name, w
 
     tokenizer = None

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EMBEDDING = "embed_tokens"
 HEAD = "lm_head"
-KNOWN_TARGETS = (*PROJECTIONS, EMBEDDING, HEAD)
+EXPERTS, ROUTER = "experts", "router"     # mixture-of-experts layers (lora/experts.py)
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+KNOWN_TARGETS = (*PROJECTIONS, EMBEDDING, HEAD, EXPERTS, ROUTER)
 ALL_LINEAR = "all-linear"
 INITS = (True, False, "gaussian")
 
@@ -76,6 +78,12 @@ class LoraConfig:
 
     def matches(self, module_path: str) -> bool:
         return any(module_path == t or module_path.endswith("." + t) for t in self.targets())
+
+    def matches_experts(self, module_path: str) -> bool:
+        """Stacked experts are adapted when named, or when an MLP projection is (their meaning
+        on a mixture-of-experts layer)."""
+        parent = module_path.rsplit(".", 1)[0]
+        return self.matches(module_path) or any(self.matches(f"{parent}.{p}") for p in MLP_PROJECTIONS)
 
     @property
     def scale(self) -> float:

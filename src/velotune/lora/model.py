@@ -20,7 +20,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from velotune.lora.config import EMBEDDING, LoraConfig, LoraConfigError
+from velotune.lora.config import EMBEDDING, MLP_PROJECTIONS, LoraConfig, LoraConfigError
+from velotune.lora.experts import LoraExperts
 from velotune.lora.layers import LoraEmbedding, LoraLayer, LoraLinear
 
 
@@ -39,7 +40,17 @@ def apply_lora(model: nn.Module, config: LoraConfig, *, dtype: torch.dtype | Non
     for param in model.parameters():
         param.requires_grad_(False)
     found: set[str] = set()
+    experts: list[str] = []
     for name, module in list(model.named_modules()):
+        if any(name.startswith(prefix) for prefix in experts):
+            continue   # the 4-bit experts' own storage modules are not layers to adapt
+        if getattr(module, "stacked_experts", False):
+            experts.append(name + ".")
+        if getattr(module, "stacked_experts", False) and config.matches_experts(name):
+            parent_name, _, short = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), short, LoraExperts(module, config, dtype))
+            found.update(t for t in targets if t in (*MLP_PROJECTIONS, "experts"))
+            continue
         if not config.matches(name):
             continue
         parent_name, _, short = name.rpartition(".")
@@ -65,13 +76,15 @@ def wrap(name: str, module: nn.Module, config: LoraConfig, dtype: torch.dtype | 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable adapter parameters (A, B and DoRA magnitudes), in module order."""
-    return [p for _, layer in lora_layers(model) for p in layer.adapter_parameters()]
+    return [p for _, p in lora_named_parameters(model)]
 
 
 def lora_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """(name, parameter) of every adapter parameter; names are PEFT's saved keys without the
     `base_model.model.` prefix."""
-    for name, layer in lora_layers(model):
+    for name, layer in model.named_modules():
+        if not isinstance(layer, (LoraLayer, LoraExperts)):
+            continue
         for pname, param in layer.named_parameters():
             if not pname.startswith("base_layer."):
                 yield f"{name}.{pname}", param

@@ -1,29 +1,24 @@
 """ModelConfig: every family's quirks as plain fields of one dataclass.
 
 The decoder in `transformer.py` reads only these fields; it never asks which family it is.
-Adding a family means adding a branch to `from_hf_config` (and a name table for the loaders),
-never a new model class. Field names follow Hugging Face's where one exists, so a reader of a
-`config.json` recognises them.
+Adding a family means adding a row to `families.py` (what its config.json switches on, and its
+GGUF names), never a new model class. Field names follow Hugging Face's where one exists, so a
+reader of a `config.json` recognises them.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-# Families the decoder supports, keyed by Hugging Face's `model_type`.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+from velotune.models.families import ARCHITECTURES, FAMILIES
 
+# Families the decoder supports, keyed by Hugging Face's `model_type`.
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Hugging Face `architectures` entries we accept, mapped to their model_type.
-ARCHITECTURE_TO_MODEL_TYPE = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Gemma2ForCausalLM": "gemma2",
-    "Phi3ForCausalLM": "phi3",
-}
+ARCHITECTURE_TO_MODEL_TYPE = ARCHITECTURES
+# Activations of the GLU: SwiGLU, GeGLU-tanh, and gpt-oss's clamped SwiGLU ((up + 1) * clamped swish).
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "swiglu_clamped")
 
 
 class ConfigError(ValueError):
@@ -63,9 +58,24 @@ class ModelConfig:
     embedding_multiplier: float = 1.0   # Gemma: embeddings scaled by sqrt(hidden_size)
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
-    query_pre_attn_scalar: float | None = None  # Gemma 2: attention scale is this ** -0.5
+    query_pre_attn_scalar: float | None = None  # Gemma 2/3: attention scale is this ** -0.5
     sliding_window: int | None = None
     layer_types: list[str] = field(default_factory=list)
+    local_rope_theta: float | None = None   # Gemma 3: sliding layers' own RoPE base (and no scaling)
+    no_rope_layers: list[int] = field(default_factory=list)  # SmolLM3: 0 = no RoPE in that layer (NoPE)
+    attention_sinks: bool = False       # gpt-oss: a learned logit per head joins every softmax
+    # Mixture of experts (Qwen3-MoE, gpt-oss); num_experts 0 = dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    moe_layers: list[int] = field(default_factory=list)   # 1 = that layer's MLP is the experts
+    norm_topk_prob: bool = True         # Qwen3-MoE: the k chosen probabilities renormalised to sum 1
+    router_softmax_after_topk: bool = False   # gpt-oss: softmax over the top-k logits only
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_alpha: float = 1.702         # gpt-oss clamped SwiGLU: gate * sigmoid(alpha * gate)
+    swiglu_limit: float = 7.0           # ... gate clamped above, up clamped both ways at this
+    router_aux_loss_coef: float = 0.0   # load-balancing loss weight added to the training loss
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -84,6 +94,15 @@ class ModelConfig:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
             )
+        if self.no_rope_layers and len(self.no_rope_layers) != self.num_hidden_layers:
+            raise ConfigError(
+                f"no_rope_layers has {len(self.no_rope_layers)} entries for {self.num_hidden_layers} layers"
+            )
+        if self.num_experts and not self.moe_layers:
+            self.moe_layers = [1] * self.num_hidden_layers
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts="
+                              f"{self.num_experts}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -101,6 +120,23 @@ class ModelConfig:
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention" and self.sliding_window is not None
 
+    def rope_kind(self, layer: int) -> str | None:
+        """Which rotary table a layer uses: "global", "local" (Gemma 3's sliding layers) or None (NoPE)."""
+        if self.no_rope_layers and not self.no_rope_layers[layer]:
+            return None
+        if self.local_rope_theta is not None and self.layer_types[layer] == "sliding_attention":
+            return "local"
+        return "global"
+
+    @property
+    def varlen_attention(self) -> bool:
+        """Whether packed documents can go to variable-length attention (kernels.varlen_attention):
+        not with soft-capped scores or attention sinks, which need explicit attention and a mask."""
+        return self.attn_logit_softcapping is None and not self.attention_sinks
+
+    def is_moe(self, layer: int) -> bool:
+        return bool(self.num_experts and self.moe_layers[layer])
+
     def num_parameters(self, embeddings: bool = True) -> int:
         """Parameter count from shapes alone (used by the memory estimator and MFU)."""
         h, i, hd = self.hidden_size, self.intermediate_size, self.head_dim
@@ -110,9 +146,14 @@ class ModelConfig:
             attn += q + 2 * kv
         if self.o_bias:
             attn += h
+        if self.attention_sinks:
+            attn += self.num_attention_heads
         mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
+        e, mi = self.num_experts, self.moe_intermediate_size
+        experts = e * 3 * h * mi + e * h + (e * (2 * mi + h) if self.expert_bias else 0) + (e if self.router_bias else 0)
         norms = h * (4 if self.sandwich_norms else 2) + (2 * hd if self.qk_norm else 0)
-        total = self.num_hidden_layers * (attn + mlp + norms) + h
+        moe = sum(1 for i in range(self.num_hidden_layers) if self.is_moe(i))
+        total = self.num_hidden_layers * (attn + norms) + moe * experts + (self.num_hidden_layers - moe) * mlp + h
         if embeddings:
             total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return total
@@ -158,48 +199,27 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             partial_rotary_factor=float(cfg.get("partial_rotary_factor", 1.0)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "gemma2")),
             hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
             pad_token_id=cfg.get("pad_token_id"),
             source=dict(cfg),
         )
-        sliding = cfg.get("sliding_window")
-        if model_type == "llama":
-            kw.update(qkv_bias=bool(cfg.get("attention_bias")), o_bias=bool(cfg.get("attention_bias")),
-                      mlp_bias=bool(cfg.get("mlp_bias")))
-            sliding = None
-        elif model_type == "mistral":
-            pass
-        elif model_type == "qwen2":
-            kw.update(qkv_bias=True)
-            if not cfg.get("use_sliding_window", False):
-                sliding = None
-        elif model_type == "qwen3":
-            kw.update(qk_norm=True, qkv_bias=bool(cfg.get("attention_bias")), o_bias=bool(cfg.get("attention_bias")))
-            if not cfg.get("use_sliding_window", False):
-                sliding = None
-        elif model_type == "gemma2":
-            kw.update(norm_weight_offset=1.0, sandwich_norms=True, embedding_multiplier=math.sqrt(hidden),
-                      attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
-                      final_logit_softcapping=cfg.get("final_logit_softcapping"),
-                      query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"))
-            kw["hidden_act"] = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
-        elif model_type == "phi3":
-            kw.update(o_bias=False)
+        family = FAMILIES[model_type]
+        kw["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", family.tie_by_default))
+        kw["sliding_window"] = cfg.get("sliding_window")
+        kw["local_rope_theta"] = _local_rope_theta(cfg, path)
+        quirks = family.quirks(cfg, kw)
+        default_layer_types = quirks.pop("default_layer_types", None)
+        kw.update(quirks)
         if kw["hidden_act"] in ("gelu_pytorch_tanh", "gelu_tanh"):
             kw["hidden_act"] = "gelu_pytorch_tanh"
-        elif kw["hidden_act"] != "silu":
+        elif kw["hidden_act"] not in ACTIVATIONS:
             raise ConfigError(f"{path}: unsupported hidden_act {kw['hidden_act']!r} (silu or gelu_pytorch_tanh)")
-        kw["sliding_window"] = int(sliding) if sliding else None
-        layer_types = cfg.get("layer_types")
+        kw["sliding_window"] = int(kw["sliding_window"]) if kw["sliding_window"] else None
+        layer_types = cfg.get("layer_types") or default_layer_types
         if layer_types and kw["sliding_window"]:
             kw["layer_types"] = list(layer_types)
-        elif model_type == "gemma2" and kw["sliding_window"]:
-            # Gemma 2 alternates: even layers slide, odd layers see everything.
-            kw["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention"
-                                 for i in range(kw["num_hidden_layers"])]
         return cls(**kw)
 
 
@@ -216,7 +236,23 @@ def _read_rope(cfg: dict[str, Any], path: str) -> tuple[float, dict[str, Any] | 
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "default":
             return theta, None
-        if kind not in ("llama3", "linear"):
-            raise ConfigError(f"{path}: rope scaling type {kind!r} is not supported (default, linear, llama3)")
+        if kind not in ("llama3", "linear", "yarn"):
+            raise ConfigError(f"{path}: rope scaling type {kind!r} is not supported (default, linear, llama3, yarn)")
         scaling["rope_type"] = kind
+        if kind == "yarn":
+            scaling.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
     return theta, scaling
+
+
+def _local_rope_theta(cfg: dict[str, Any], path: str) -> float | None:
+    """Gemma 3's RoPE base for sliding layers: `rope_parameters["sliding_attention"]` (transformers
+    5) or `rope_local_base_freq` (4); None where the sliding layers share the global base."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("sliding_attention"), dict):
+        local = params["sliding_attention"]
+        if local.get("rope_type", "default") != "default":
+            raise ConfigError(f"{path}: rope_parameters.sliding_attention: only unscaled RoPE is supported there")
+        return float(local.get("rope_theta", 10000.0))
+    if cfg.get("rope_local_base_freq") is not None:
+        return float(cfg["rope_local_base_freq"])
+    return None

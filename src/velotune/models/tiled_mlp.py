@@ -45,9 +45,10 @@ def tiled_mlp(mlp: nn.Module, x: torch.Tensor, chunk: int, output_needed: bool =
     """`mlp(x)` for x [..., hidden], computed `chunk` tokens at a time (0: in one piece).
     `output_needed=False` (a checkpoint's recomputation, whose output is discarded): only what
     the backward reads is made, and the value returned is a placeholder of the output's shape;
-    `mlp` must then take `output_needed` itself (`velotune.models.transformer.MLP` does)."""
+    `mlp` must then take `output_needed` itself (`velotune.models.transformer.MLP` does). A module
+    with `whole_sequence = True` (the experts: routing statistics span the sequence) runs whole."""
     tokens = x.numel() // x.shape[-1]
-    if chunk <= 0 or tokens <= chunk:
+    if chunk <= 0 or tokens <= chunk or getattr(mlp, "whole_sequence", False):
         return mlp(x) if output_needed else mlp(x, output_needed=False)
     params = tuple(p for p in mlp.parameters() if p.requires_grad)
     if torch.is_grad_enabled() and (x.requires_grad or params):

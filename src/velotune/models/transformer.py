@@ -36,6 +36,8 @@ from velotune.models.checkpointing import (
 )
 from velotune.models.config import ModelConfig
 from velotune.models.masks import DocumentSpans, Mask, attention_mask_for, document_ids, spans_from_positions
+from velotune.models.moe import MoE
+from velotune.models.sinks import attend_with_sinks
 from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_has_room
 from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
 
@@ -47,6 +49,7 @@ class ModelOutput:
     loss_sum: torch.Tensor | None = None        # summed token losses (for exact accumulation)
     num_targets: torch.Tensor | None = None     # tokens that contributed to loss_sum
     hidden_states: torch.Tensor | None = None   # final-norm output, [B, T, H]
+    aux_loss_sum: torch.Tensor | None = None    # load balancing, summed over rows by target count (models/moe.py)
 
 
 class RMSNorm(nn.Module):
@@ -68,33 +71,48 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for per-token position ids (so packed sequences restart cleanly)."""
+    """cos/sin tables for per-token position ids (so packed sequences restart cleanly); one table
+    per kind of layer ("global", Gemma 3's "local"; NoPE layers get none)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._inv_freq: dict[tuple[torch.device, str], torch.Tensor] = {}
 
-    def inv_freq(self, device: torch.device) -> torch.Tensor:
-        if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
-        return self._inv_freq[device]
+    def inv_freq(self, device: torch.device, kind: str = "global") -> torch.Tensor:
+        if (device, kind) not in self._inv_freq:
+            self._inv_freq[device, kind] = rope_inv_freq(self.config, local=kind == "local").to(device)
+        return self._inv_freq[device, kind]
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
+                kind: str = "global") -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device, kind)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if kind == "global" and (factor := rope_attention_factor(self.config)) != 1.0:
+            cos, sin = cos * factor, sin * factor
+        return cos.to(dtype), sin.to(dtype)
+
+    def per_layer(self, position_ids: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """(cos, sin) for each decoder layer, each kind computed once; (None, None) for NoPE layers."""
+        kinds = [self.config.rope_kind(i) for i in range(self.config.num_hidden_layers)]
+        tables = {kind: self(position_ids, dtype, kind) for kind in set(kinds) if kind is not None}
+        return [tables.get(kind, (None, None)) for kind in kinds]
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies, with Llama 3's frequency-dependent scaling or linear scaling."""
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies, with Llama 3's frequency-dependent scaling, linear scaling or YaRN;
+    `local`: Gemma 3's sliding layers (their own base, never scaled)."""
     dim = config.rotary_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    theta = config.local_rope_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = config.rope_scaling
-    if not scaling:
+    if not scaling or local:
         return inv_freq
     if scaling["rope_type"] == "linear":
         return inv_freq / scaling["factor"]
+    if scaling["rope_type"] == "yarn":
+        return yarn_inv_freq(inv_freq, theta, dim, scaling, config.max_position_embeddings)
     # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
     factor = scaling["factor"]
     low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -105,6 +123,40 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(medium, blended, scaled)
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, theta: float, dim: int, s: dict, max_positions: int) -> torch.Tensor:
+    """YaRN (gpt-oss): frequencies that turn fewer than `beta_slow` times over the original
+    context are divided by `factor`, those turning more than `beta_fast` times kept, a linear
+    ramp over the dimensions between."""
+    factor = s["factor"]
+    original = s.get("original_max_position_embeddings") or max_positions
+
+    def dim_of(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low if high != low else 0.001)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """YaRN's scale of cos and sin (attention temperature), 1 for every other RoPE."""
+    s = config.rope_scaling
+    if not s or s["rope_type"] != "yarn":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
+    return mscale(s["factor"])
 
 
 class Attention(nn.Module):
@@ -123,6 +175,8 @@ class Attention(nn.Module):
         self.qk_norm = c.qk_norm
         self.scale = c.attention_scale
         self.softcap = c.attn_logit_softcapping
+        if c.attention_sinks:   # gpt-oss: one learned logit per head in every softmax's denominator
+            self.sinks = nn.Parameter(torch.zeros(self.num_heads))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: Mask, cache: KVCache | None, output_needed: bool = True) -> torch.Tensor:
@@ -147,7 +201,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = kernels.apply_rope(q, k, cos, sin)
+        if cos is not None:   # None: a NoPE layer (SmolLM3)
+            q, k = kernels.apply_rope(q, k, cos, sin)
         if isinstance(mask, DocumentSpans):   # packed documents: one causal triangle each, no mask
             # (RoPE's outputs keep the projections' [B, T, H, D] memory order: these are views)
             flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], self.head_dim) for x in (q, k, v)]
@@ -156,7 +211,10 @@ class Attention(nn.Module):
             return lora_fused.project(attended, self.o_proj, output_needed=output_needed)[0]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = self.attend(q, k, v, mask)
+        if hasattr(self, "sinks"):
+            out = attend_with_sinks(q, k, v, mask, self.sinks, self.scale)
+        else:
+            out = self.attend(q, k, v, mask)
         attended = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return lora_fused.project(attended, self.o_proj, output_needed=output_needed)[0]
 
@@ -211,7 +269,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         eps, off = config.rms_norm_eps, config.norm_weight_offset
         self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.is_moe(layer_idx) else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps, off)
         # Llama-style: post_attention_layernorm is the norm before the MLP. Gemma 2 ("sandwich"):
         # it normalises the attention output, and two more norms wrap the MLP.
@@ -277,6 +335,22 @@ class DecoderLayer(nn.Module):
         return x + tiled_mlp(self.mlp, normed, mlp_chunk, output_needed=not recomputing())
 
 
+def router_aux_loss_sum(stats: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor | None,
+                        labels: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """sum over rows r of targets_r * E * sum_e f_re P_re, where f and P are the shares of choices
+    and the mean probabilities over row r's real tokens in every MoE layer (see models/moe.py)."""
+    counts = torch.stack([c for c, _ in stats]).sum(0)      # [B, T, E], summed over layers
+    probs = torch.stack([p for _, p in stats]).sum(0)
+    real = (torch.ones(labels.shape, device=labels.device) if attention_mask is None
+            else attention_mask.to(probs.dtype))
+    tokens = real.sum(1) * len(stats)                        # (layer, token) pairs per row
+    f = (counts * real[..., None]).sum(1) / tokens[:, None]
+    p = (probs * real[..., None]).sum(1) / tokens[:, None]
+    per_row = config.num_experts * (f * p).sum(-1)
+    targets = (labels[:, 1:] != -100).sum(1).to(per_row.dtype)
+    return (targets * per_row).sum()
+
+
 class Decoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -340,10 +414,21 @@ class Transformer(nn.Module):
         `documents` (with `position_ids`): the packed documents' spans, as a padding-free batch
         brings them (data/batching.py:collate_flat); without it they are read from restarting
         position ids."""
+        experts = [m for m in self.modules() if isinstance(m, MoE)]
+        balance = (labels is not None and self.training and torch.is_grad_enabled() and bool(experts)
+                   and self.config.router_aux_loss_coef > 0)
+        for moe in experts:
+            moe.collect_aux, moe.aux_statistics = balance, []
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds, documents)
         out = ModelOutput(hidden_states=hidden)
         if labels is not None:
             out.loss_sum, out.num_targets = self.loss_from_hidden(hidden, labels)
+            if balance:
+                stats = [s for moe in experts for s in moe.aux_statistics]
+                out.aux_loss_sum = router_aux_loss_sum(stats, attention_mask, labels, self.config)
+                out.loss_sum = out.loss_sum + self.config.router_aux_loss_coef * out.aux_loss_sum
+                for moe in experts:
+                    moe.collect_aux, moe.aux_statistics = False, []
             out.loss = out.loss_sum / out.num_targets.clamp(min=1)
         if return_logits:
             out.logits = self.logits_from_hidden(hidden)
@@ -360,10 +445,10 @@ class Transformer(nn.Module):
         # Only caller-given positions can hold packed documents. Generated ones are never tested:
         # inside a CUDA graph capture the test cannot run, and the ids it then builds would turn
         # plain causal attention into a masked one (3x slower in cuDNN on an H100).
-        # Attention without a soft-cap takes packed documents as spans (variable-length attention);
-        # a soft-capped one as a boolean mask.
+        # Attention without a soft-cap or sinks takes packed documents as spans (variable-length
+        # attention); a soft-capped one, or one with sinks, as a boolean mask.
         docs = None
-        spans_allowed = c.attn_logit_softcapping is None and cache is None and attention_mask is None
+        spans_allowed = c.varlen_attention and cache is None and attention_mask is None
         if documents is not None and position_ids is None:
             raise ValueError("documents (packed spans) need the position_ids that restart at each document")
         if position_ids is None:
@@ -378,7 +463,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if c.embedding_multiplier != 1.0:
             x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
-        cos, sin = self.model.rotary(position_ids, x.dtype)
+        ropes = self.model.rotary.per_layer(position_ids, x.dtype)
         windows = {c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)}
         masks: dict[int | None, Mask] = {
             window: (documents.windowed(window) if documents is not None
@@ -397,6 +482,7 @@ class Transformer(nn.Module):
         pending = None   # the last layer's MLP (or post-norm) output, not yet added to x
         for i, layer in enumerate(self.model.layers):
             mask = masks[c.sliding_window if c.is_sliding(i) else None]
+            cos, sin = ropes[i]
             if i < offloaded and pieces == 3:
                 q, k, v = run_checkpointed(layer.attention_inputs, x, offloader=offloader)
                 x = x + run_checkpointed(layer.attention_output, q, k, v, cos, sin, mask, offloader=offloader,

@@ -132,11 +132,12 @@ def batch_documents(batch: Batch, device: torch.device) -> DocumentSpans | None:
 def padding_free(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> bool:
     """Whether micro-batches are laid end to end (data/batching.py:collate_flat): on a GPU in half
     precision, where attention over packed documents is flash's variable-length kernel, for a
-    model whose attention has no soft-cap (which runs as explicit attention over a whole-row mask,
-    where a long flat row would cost more than padding)."""
+    dense model whose attention takes it (`ModelConfig.varlen_attention`: soft-capped or sink
+    attention runs explicitly over a whole-row mask, where a long flat row costs more than
+    padding). Mixture-of-experts models keep padded rows: their load-balancing loss is per row."""
     config = getattr(model, "config", None)
     return (device.type == "cuda" and amp_dtype in (torch.bfloat16, torch.float16) and config is not None
-            and getattr(config, "attn_logit_softcapping", None) is None)
+            and getattr(config, "varlen_attention", False) and not getattr(config, "num_experts", 0))
 
 
 class _QuietLog:
