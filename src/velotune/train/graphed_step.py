@@ -163,7 +163,8 @@ class GraphedMicroStep:
         shown = ", ".join(f"{b} x {t}{' packed' if packed else ''}: {e.graph_seconds * 1e3:.0f} ms"
                           for (b, t, packed, _, _), e in sorted(captured, key=lambda item: item[0][:2])[:6])
         more = f" and {len(captured) - 6} more" if len(captured) > 6 else ""
-        return f"CUDA graphs: {len(captured)} micro-batch shapes replayed ({shown}{more})"
+        return (f"CUDA graphs: {len(captured)} micro-batch shapes replayed ({shown}{more}); {self.replays} replays, "
+                f"{self.eager_calls} micro-batches eager (a shape's first, or past {self.max_shapes} shapes)")
 
     # ---- pieces ------------------------------------------------------------------------------
 

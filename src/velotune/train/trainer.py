@@ -433,6 +433,8 @@ class Trainer:
                     self.save_checkpoint()
             if self.eval_examples and state.step not in result.eval_losses:
                 self._evaluate_into(result, log)
+            if self.graphed is not None:
+                log.message(self.graphed.describe())
         result.steps = state.step
         result.train_seconds = all_seconds
         result.tokens_per_s = all_tokens / all_seconds if all_seconds else 0.0
