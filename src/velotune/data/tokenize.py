@@ -22,6 +22,12 @@ Raw text samples: BOS (if the tokenizer adds one) + text + EOS, all trained.
 After truncation to max_seq_length, an example with no target left (no trained label after the
 model's shift, i.e. in labels[1:]) is dropped and counted; if every example is dropped, that is
 an error, because training would silently do nothing.
+
+Kept rows that will probably train something unintended are counted, with the first few named
+(`TokenizeReport.warnings`): conversations whose only targets are end-of-turn tokens (empty
+assistant answers, which teach the model to answer nothing; the end-of-turn ids are EOS and the
+marker `probe_end_of_turn` finds), rows identical to an earlier one after truncation (trained
+twice as often), and rows cut at max_seq_length (their ends never trained).
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from velotune.data.formats import ChatSample, Conversation, Sample, TextSample
 
 IGNORE_INDEX = -100
 PROBE_ANSWER = "velotune probe answer"
-REPORTED_DROPS = 5
+REPORTED_DROPS = 5            # rows named per kind of problem
 
 
 class ChatTokenizer(Protocol):
@@ -74,6 +80,12 @@ class TokenizeReport:
     dropped_no_targets: int = 0
     target_tokens: int = 0
     dropped_where: list[str] = field(default_factory=list)   # the first few dropped rows
+    max_seq_length: int = 0
+    truncated_where: list[str] = field(default_factory=list)          # "where (N tokens)"
+    end_of_turn_only: int = 0
+    end_of_turn_only_where: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    duplicates_where: list[str] = field(default_factory=list)         # "where = earlier where"
 
     @property
     def kept(self) -> int:
@@ -87,14 +99,36 @@ class TokenizeReport:
             text += f"; dropped e.g. {', '.join(self.dropped_where)}"
         return text
 
+    def warnings(self) -> list[str]:
+        """One line per kind of suspicious kept row, with counts and the first rows."""
+        found = []
+        if self.end_of_turn_only:
+            found.append(f"{self.end_of_turn_only} of {self.kept} rows train only on end-of-turn tokens (empty "
+                         f"assistant answers teach the model to answer nothing): {', '.join(self.end_of_turn_only_where)}")
+        if self.duplicates:
+            found.append(f"{self.duplicates} rows repeat an earlier row (such rows weigh more than the rest): "
+                         f"{', '.join(self.duplicates_where)}")
+        if self.truncated:
+            found.append(f"{self.truncated} rows were cut at max_seq_length {self.max_seq_length} (their ends "
+                         f"are not trained): {', '.join(self.truncated_where)}")
+        return found
+
+    def note(self, kind: str, where: str) -> None:
+        """Name a row under `kind` ("truncated", "end_of_turn_only", "duplicates") if few are named yet."""
+        named = getattr(self, f"{kind}_where")
+        if len(named) < REPORTED_DROPS:
+            named.append(where)
+
 
 def tokenize_samples(samples: Sequence[Sample], tokenizer: ChatTokenizer, *,
                      max_seq_length: int) -> tuple[list[Example], TokenizeReport]:
     """Tokenize, label, truncate; drop examples with nothing left to train."""
     if max_seq_length < 2:
         raise ValueError(f"max_seq_length must be at least 2, got {max_seq_length}")
-    report = TokenizeReport()
+    report = TokenizeReport(max_seq_length=max_seq_length)
     examples = []
+    end_of_turn: set[int] | None = None
+    seen: dict[int, str] = {}
     for sample in samples:
         if isinstance(sample, TextSample):
             example = tokenize_text(sample, tokenizer)
@@ -103,6 +137,7 @@ def tokenize_samples(samples: Sequence[Sample], tokenizer: ChatTokenizer, *,
         report.total += 1
         if len(example) > max_seq_length:
             report.truncated += 1
+            report.note("truncated", f"{example.where} ({len(example):,} tokens)")
             example = Example(example.input_ids[:max_seq_length], example.labels[:max_seq_length],
                               example.where)
         if example.num_targets == 0:
@@ -110,6 +145,17 @@ def tokenize_samples(samples: Sequence[Sample], tokenizer: ChatTokenizer, *,
             if len(report.dropped_where) < REPORTED_DROPS:
                 report.dropped_where.append(example.where)
             continue
+        if isinstance(sample, ChatSample):
+            end_of_turn = end_of_turn_ids(tokenizer) if end_of_turn is None else end_of_turn
+            if all(label in end_of_turn for label in example.labels[1:] if label != IGNORE_INDEX):
+                report.end_of_turn_only += 1
+                report.note("end_of_turn_only", example.where)
+        key = hash((tuple(example.input_ids), tuple(example.labels)))
+        if key in seen:
+            report.duplicates += 1
+            report.note("duplicates", f"{example.where} = {seen[key]}")
+        else:
+            seen[key] = example.where
         report.target_tokens += example.num_targets
         examples.append(example)
     if not examples:
@@ -185,6 +231,12 @@ def probe_end_of_turn(tokenizer: ChatTokenizer) -> str:
     text = _render(tokenizer, probe, False, "a probe conversation")
     after = text[text.rfind(PROBE_ANSWER) + len(PROBE_ANSWER):].split()
     return after[0] if after else ""
+
+
+def end_of_turn_ids(tokenizer: ChatTokenizer) -> set[int]:
+    """EOS and the ids of the template's end-of-turn marker: what an empty answer trains on."""
+    ids = set(tokenizer.encode(probe_end_of_turn(tokenizer), add_special_tokens=False))
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
 def label_spans(ids: Sequence[int], offsets: Sequence[tuple[int, int]],
