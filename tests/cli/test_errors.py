@@ -74,8 +74,8 @@ def test_empty_answers_are_warned_about(tiny_chat_model, tmp_path, capsys):
                           output_dir=str(tmp_path / "out"), max_steps=1, micro_batch_size=2, lora_r=2, report=False)
     assert main(["train", str(config), "--no-progress"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert (f"warning: 9 of 12 rows train only on end-of-turn tokens (empty assistant answers teach the model to "
-            f"answer nothing): {data} line 2, {data} line 3, {data} line 4, {data} line 6, {data} line 7") in out
+    assert (f"warning: 9 of 12 rows have only end-of-turn tokens to train on (empty assistant answers teach the "
+            f"model to answer nothing): {data} line 2, {data} line 3, {data} line 4, {data} line 6, {data} line 7") in out
 
 
 def test_version(capsys):

@@ -23,10 +23,10 @@ def test_empty_answers_repeats_and_cut_rows_are_reported(smollm2_tokenizer, tmp_
         [{"role": "user", "content": "Tell me a long story."},
          {"role": "assistant", "content": "Once upon a time " * 40}], tokenize=False), add_special_tokens=False))
     assert report.warnings() == [
-        f"2 of 6 rows train only on end-of-turn tokens (empty assistant answers teach the model to answer "
+        f"2 of 6 rows have only end-of-turn tokens to train on (empty assistant answers teach the model to answer "
         f"nothing): {data} line 2, {data} line 5",
-        f"1 rows repeat an earlier row (such rows weigh more than the rest): {data} line 3 = {data} line 1",
-        f"1 rows were cut at max_seq_length 64 (their ends are not trained): {data} line 4 ({long_tokens:,} tokens)",
+        f"1 row repeats an earlier row (such rows weigh more than the rest): {data} line 3 = {data} line 1",
+        f"1 row was cut at max_seq_length 64 (tokens past it are never trained): {data} line 4 ({long_tokens:,} tokens)",
     ]
     empty = examples[1]
     trained = [label for label in empty.labels if label != -100]

@@ -103,14 +103,15 @@ class TokenizeReport:
         """One line per kind of suspicious kept row, with counts and the first rows."""
         found = []
         if self.end_of_turn_only:
-            found.append(f"{self.end_of_turn_only} of {self.kept} rows train only on end-of-turn tokens (empty "
-                         f"assistant answers teach the model to answer nothing): {', '.join(self.end_of_turn_only_where)}")
+            found.append(f"{self.end_of_turn_only} of {self.kept} rows have only end-of-turn tokens to train on "
+                         f"(empty assistant answers teach the model to answer nothing): "
+                         f"{', '.join(self.end_of_turn_only_where)}")
         if self.duplicates:
-            found.append(f"{self.duplicates} rows repeat an earlier row (such rows weigh more than the rest): "
-                         f"{', '.join(self.duplicates_where)}")
+            found.append(f"{_rows(self.duplicates, 'repeats', 'repeat')} an earlier row (such rows weigh more than "
+                         f"the rest): {', '.join(self.duplicates_where)}")
         if self.truncated:
-            found.append(f"{self.truncated} rows were cut at max_seq_length {self.max_seq_length} (their ends "
-                         f"are not trained): {', '.join(self.truncated_where)}")
+            found.append(f"{_rows(self.truncated, 'was', 'were')} cut at max_seq_length {self.max_seq_length} "
+                         f"(tokens past it are never trained): {', '.join(self.truncated_where)}")
         return found
 
     def note(self, kind: str, where: str) -> None:
@@ -118,6 +119,10 @@ class TokenizeReport:
         named = getattr(self, f"{kind}_where")
         if len(named) < REPORTED_DROPS:
             named.append(where)
+
+
+def _rows(count: int, verb_one: str, verb_many: str) -> str:
+    return f"1 row {verb_one}" if count == 1 else f"{count} rows {verb_many}"
 
 
 def tokenize_samples(samples: Sequence[Sample], tokenizer: ChatTokenizer, *,

@@ -107,10 +107,10 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
                         "training data cannot be tokenized")
     data: TrainData = load_train_data(config, tokenizer)
     say(f"data: {config.dataset}: train {data.train_report.summary()}")
-    for warning in data.train_report.warnings():
-        say(f"warning: {warning}", style="yellow", markup=False)
     if data.eval_report is not None:
         say(f"      eval  {data.eval_report.summary()}")
+    for warning in data.train_report.warnings():
+        say(f"warning: {warning}", style="yellow", markup=False)
     torch.manual_seed(config.seed)                       # adapter init does not depend on data loading
     methods.prepare(model, config)
     if initialised := methods.init_adapters(model, config, [e.input_ids for e in data.train],
