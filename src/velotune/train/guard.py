@@ -82,7 +82,7 @@ class LoopGuard:
             self._watch(step, loss, lr)
             return True
         trainer.optimizer.zero_grad(set_to_none=True)
-        numbers = f"loss {loss}, grad norm {grad_norm}, lr {lr}"
+        numbers = f"loss {loss:.6g}, grad norm {grad_norm:.6g}, lr {lr:.6g}"
         if self.on_nonfinite == "skip" and self.skipped_in_a_row + 1 < MAX_SKIPPED_IN_A_ROW:
             self.skipped_in_a_row += 1
             with warnings.catch_warnings():      # torch warns of a schedule stepped before any update
