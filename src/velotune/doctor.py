@@ -79,8 +79,9 @@ class Check:
 
 def collect(output_dir: str | Path = "runs") -> Facts:
     """The facts of this machine (see the module docstring)."""
-    facts = Facts(python=platform.python_version(), output_dir=str(output_dir),
-                  kernels_enabled=os.environ.get("VELOTUNE_KERNELS", "1").strip().lower() not in {"0", "false", "no", "off"},
+    from velotune.kernels.dispatch import kernels_enabled
+
+    facts = Facts(python=platform.python_version(), output_dir=str(output_dir), kernels_enabled=kernels_enabled(),
                   visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                   nccl_env={k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")})
     facts.python_required, facts.torch_required = _our_requirements()
@@ -199,7 +200,8 @@ def diagnose(facts: Facts) -> list[Check]:
 def _software(f: Facts) -> list[Check]:
     checks = []
     if meets(f.python, f.python_required):
-        checks.append(Check("ok", f"Python {f.python}" + (f" (velotune needs {f.python_required})" if f.python_required else "")))
+        needs = f" (velotune needs {f.python_required})" if f.python_required else ""
+        checks.append(Check("ok", f"Python {f.python}{needs}"))
     else:
         checks.append(Check("fail", f"Python {f.python}, velotune needs {f.python_required}",
                             f"use a Python {f.python_required} environment (e.g. uv venv --python 3.12)"))
@@ -242,7 +244,8 @@ def _gpu(f: Facts) -> list[Check]:
                    f"CUDA_VISIBLE_DEVICES={f.visible_devices!r} hides them" if f.visible_devices is not None
                    else "see the driver check above")
             fix = ("install a CUDA build of torch (pytorch.org: pip install torch --index-url "
-                   "https://download.pytorch.org/whl/cu128)" if not f.torch_cuda else "unset or correct CUDA_VISIBLE_DEVICES")
+                   "https://download.pytorch.org/whl/cu128)" if not f.torch_cuda
+                   else "unset or correct CUDA_VISIBLE_DEVICES")
             checks.append(Check("fail", f"nvidia-smi lists {f.smi_gpus} GPU(s) but torch cannot use them ({why})", fix))
         else:
             checks.append(Check("warn", "no CUDA GPU: training runs on the CPU (fine for the demo, slow for "
@@ -256,7 +259,8 @@ def _gpu(f: Facts) -> list[Check]:
                                 "set VELOTUNE_KERNELS=0 to train with the PyTorch paths"))
         elif not gpu.bf16:
             checks.append(Check("warn", f"{text}: no bfloat16, so training runs float16 with loss scaling "
-                                        "(a narrower range)", "a GPU of compute capability 8.0+ (A100, L4, H100, RTX 30xx+)"))
+                                        "(a narrower range)",
+                                "a GPU of compute capability 8.0+ (A100, L4, H100, RTX 30xx+)"))
         else:
             checks.append(Check("ok", f"{text}, bfloat16"))
     return checks
@@ -297,8 +301,8 @@ def _extras(f: Facts) -> list[Check]:
         shown = ", ".join(f"{k}={v}" for k, v in f.nccl_env.items()) or "no NCCL_* variables set"
         checks.append(Check("ok", f"NCCL {f.nccl} ({shown})"))
     elif len(f.gpus) > 1:
-        checks.append(Check("warn", f"{len(f.gpus)} GPUs but no NCCL in this torch build: several GPUs cannot train together",
-                            "install a CUDA build of torch from pytorch.org"))
+        checks.append(Check("warn", f"{len(f.gpus)} GPUs but no NCCL in this torch build: several GPUs cannot "
+                                    "train together", "install a CUDA build of torch from pytorch.org"))
     else:
         checks.append(Check("note", "no NCCL in this torch build (only several GPUs need it; CPU ranks use gloo)"))
     interface = f.nccl_env.get("NCCL_SOCKET_IFNAME")

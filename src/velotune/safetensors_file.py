@@ -23,6 +23,7 @@ def normal_mode() -> int:
     return 0o666 & ~umask
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> None:
     save_file(tensors, str(path), metadata=metadata)
     os.chmod(path, normal_mode())

@@ -140,7 +140,7 @@ def check_resume_config(config: TrainConfig, resume_from: Path, say: Callable[[s
     if blocked:
         raise TrainConfigError(
             f"{saved}: resuming {resume_from.name} with a changed config ({shown}); the changes to "
-            f"{', '.join(blocked)} break exact resumption (the data order, schedule or update differ from the run that wrote the "
-            f"checkpoint): pass --resume_allow_changes=[{','.join(blocked)}] to resume anyway")
+            f"{', '.join(blocked)} break exact resumption (the data order, schedule or update differ from the run "
+            f"that wrote the checkpoint): pass --resume_allow_changes=[{','.join(blocked)}] to resume anyway")
     say(f"resume: config changed since {saved} ({shown})")
     return True

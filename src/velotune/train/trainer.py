@@ -389,12 +389,13 @@ class Trainer:
                 state.elapsed_s += seconds
                 result.losses.append(loss)
                 all_tokens, all_seconds = all_tokens + tokens, all_seconds + seconds
-                for key, value in (("loss_sum", loss * targets if targets else 0.0), ("targets", targets), ("tokens", tokens),
-                                   ("seconds", seconds)):
+                for key, value in (("loss_sum", loss * targets if targets else 0.0), ("targets", targets),
+                                   ("tokens", tokens), ("seconds", seconds)):
                     window[key] += value
                 record = None
                 if state.step % cfg.logging_steps == 0 or state.step == self.total_steps:
-                    record = {"step": state.step, "loss": window["loss_sum"] / window["targets"] if window["targets"] else math.nan,
+                    record = {"step": state.step,
+                              "loss": window["loss_sum"] / window["targets"] if window["targets"] else math.nan,
                               "lr": outcome.lr, "grad_norm": outcome.grad_norm,
                               "tokens_per_s": window["tokens"] / window["seconds"],
                               "peak_memory_gib": peak_memory_gib(self.device), "epoch": state.epoch,
