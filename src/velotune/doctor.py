@@ -198,23 +198,13 @@ def diagnose(facts: Facts) -> list[Check]:
 
 
 def _software(f: Facts) -> list[Check]:
-    checks = []
-    if meets(f.python, f.python_required):
-        needs = f" (velotune needs {f.python_required})" if f.python_required else ""
-        checks.append(Check("ok", f"Python {f.python}{needs}"))
-    else:
-        checks.append(Check("fail", f"Python {f.python}, velotune needs {f.python_required}",
-                            f"use a Python {f.python_required} environment (e.g. uv venv --python 3.12)"))
+    checks = [_required("Python", f.python, f.python_required,
+                        f"use a Python {f.python_required} environment (e.g. uv venv --python 3.12)")]
     if f.torch is None:
         checks.append(Check("fail", "torch is not installed", "pip install torch (see pytorch.org for your CUDA)"))
         return checks
-    build = f"CUDA {f.torch_cuda} build" if f.torch_cuda else "CPU build"
-    if meets(f.torch, f.torch_required):
-        needs = f", velotune needs {f.torch_required}" if f.torch_required else ""
-        checks.append(Check("ok", f"torch {f.torch} ({build}{needs})"))
-    else:
-        checks.append(Check("fail", f"torch {f.torch}, velotune needs {f.torch_required}",
-                            f"pip install 'torch{f.torch_required}'"))
+    build = f", CUDA {f.torch_cuda} build" if f.torch_cuda else ", CPU build"
+    checks.append(_required("torch", f.torch, f.torch_required, f"pip install 'torch{f.torch_required}'", build))
     if f.triton_pinned and f.triton != f.triton_pinned:
         have = f"triton {f.triton} is installed" if f.triton else "triton is not installed"
         checks.append(Check("fail", f"{have}, but torch {f.torch} was built for triton {f.triton_pinned}",
@@ -225,6 +215,13 @@ def _software(f: Facts) -> list[Check]:
         checks.append(Check("warn", "triton is not installed: the fused kernels are off, training runs the slower "
                                     "PyTorch paths", "pip install 'velotune[kernels]'"))
     return checks
+
+
+def _required(name: str, version: str, required: str | None, fix: str, detail: str = "") -> Check:
+    """ok when `version` meets velotune's requirement, else a failure with `fix`."""
+    if meets(version, required):
+        return Check("ok", f"{name} {version}{detail}" + (f" (velotune needs {required})" if required else ""))
+    return Check("fail", f"{name} {version}, velotune needs {required}", fix)
 
 
 def _gpu(f: Facts) -> list[Check]:
