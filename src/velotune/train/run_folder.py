@@ -36,8 +36,10 @@ CONFIG_FILE = "config.yaml"
 RESULT_DIRS = ("adapter", "model")
 RUN_FILES = ("report.md",)
 INVOCATION_KEYS = frozenset({"resume", "overwrite_output_dir", "resume_allow_changes", "output_dir"})
-FREE_ON_RESUME = frozenset({    # keys that leave the numbers of a resumed run alone
-    "logging_steps", "save_steps", "save_total_limit", "eval_steps", "sample_prompts", "report",
+# Keys that leave the numbers of a resumed run alone. micro_batch_size may change with the number
+# of ranks: what must stay is micro_batch_size x ranks, which `Trainer.resume_from` checks.
+FREE_ON_RESUME = frozenset({
+    "micro_batch_size", "logging_steps", "save_steps", "save_total_limit", "eval_steps", "sample_prompts", "report",
     "export", "on_nonfinite", "divergence_ratio", "gradient_checkpointing", "offload_checkpoints",
     "offload_embeddings", "mlp_chunk_tokens", "memory_budget_gib", "cuda_graphs", "distributed", "fsdp_cpu_offload"})
 
