@@ -39,3 +39,4 @@ def test_ordinary_templates_render_as_before():
     assert rendered("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}") == "user: Hi\nassistant: Hello\n"
     assert rendered("{% for i in range(3) %}{{ loop.index }}/{{ loop.length }} {% endfor %}") == "1/3 2/3 3/3 "
     assert rendered("{{ '-' * 3 }}{{ 2 ** 10 }}") == "---1024"
+    assert rendered("{{ range(3)|length }}{{ range(5)[2] }}{% for i in range(3)|reverse %}{{ i }}{% endfor %}") == "32210"

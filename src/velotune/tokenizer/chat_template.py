@@ -14,7 +14,7 @@ token strings (`bos_token`, `eos_token`, ...) and any extra keyword arguments.
 
 The sandbox stops unsafe attribute access, not work: a template with two nested
 `range(100000)` loops used to hang the process. Each render therefore runs under limits
-(`RenderLimits`), checked where a template can spend time: every item a `range` yields counts
+(`RenderLimits`), checked where a template can spend time: the length of every `range` counts
 against one budget for the whole render (nested loops multiply, so their items add up), `*` and
 `**` refuse results past the output or size limit before computing them, and the clock is read at
 every call, attribute or item lookup and output piece (the render is consumed through
@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
@@ -70,13 +70,14 @@ class _Budget:
         if time.monotonic() > self.deadline:
             raise TemplateLimitError(f"rendering took more than {self.limits.seconds:g} s")
 
-    def range(self, *args: int) -> Iterator[int]:
-        for value in range(*args):
-            self.items += 1
-            if self.items > self.limits.range_items:
-                raise TemplateLimitError(f"its loops went past {self.limits.range_items:,} range() items")
-            self.tick()
-            yield value
+    def range(self, *args: int) -> range:
+        """A real range (len, indexing, reversed all work), its length charged to the budget."""
+        values = range(*args)
+        self.items += len(values)
+        if self.items > self.limits.range_items:
+            raise TemplateLimitError(f"its loops went past {self.limits.range_items:,} range() items")
+        self.tick()
+        return values
 
 
 _BUDGET: ContextVar[_Budget | None] = ContextVar("velotune_chat_template_budget", default=None)
