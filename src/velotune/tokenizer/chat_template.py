@@ -19,8 +19,10 @@ against one budget for the whole render (nested loops multiply, so their items a
 `**` refuse results past the output or size limit before computing them, and the clock is read at
 every call, attribute or item lookup and output piece (the render is consumed through
 `Template.generate`). A template past a limit fails with a `ChatTemplateError` naming the limit.
-Real templates loop over the messages and tools once or twice: SmolLM2's renders a 10-turn
-conversation with no `range` item and in well under a millisecond.
+Real templates loop over the messages and tools once or twice and come nowhere near the limits.
+The checks cost little: SmolLM2's template renders a 20-message conversation in 0.123 ms against
+0.090 ms without them (best of 15 x 300 renders, the 2-core CPU machine), +0.1 s over the demo's
+800 conversations, each rendered three times for its labels.
 """
 from __future__ import annotations
 

@@ -55,8 +55,8 @@ class NonFiniteStep(TrainingStopped):
 
 
 class LoopGuard:
-    """Judges every optimizer step (`admit`) and eval loss (`observe_eval`); `say` prints
-    (None on ranks other than 0). `warnings` keeps every divergence report."""
+    """Judges every optimizer step (`admit`) and eval loss (`observe_eval`); `say` prints a
+    line of plain text (None on ranks other than 0). `warnings` keeps every divergence report."""
 
     def __init__(self, on_nonfinite: str = "stop", divergence_ratio: float = 2.0, *,
                  say: Callable[[str], Any] | None = None, loss_scaled: bool = False) -> None:
@@ -90,8 +90,8 @@ class LoopGuard:
                 trainer.scheduler.step()
             if trainer.scaler is not None:
                 trainer.scaler.update()
-            self.say(f"[yellow]step {step}: non-finite {bad} ({numbers}); update skipped "
-                     f"(on_nonfinite: skip); rows: {shown(rows_of(micro_batches))}[/yellow]")
+            self.say(f"step {step}: non-finite {bad} ({numbers}); update skipped (on_nonfinite: skip); "
+                     f"rows: {shown(rows_of(micro_batches))}")
             return False
         in_a_row = f" ({MAX_SKIPPED_IN_A_ROW} steps in a row)" if self.on_nonfinite == "skip" else ""
         raise NonFiniteStep(stop_message(trainer, micro_batches, step, f"non-finite {bad}{in_a_row} ({numbers})"))
@@ -120,7 +120,7 @@ class LoopGuard:
 
     def _warn(self, text: str) -> None:
         self.warnings.append(text)
-        self.say(f"[yellow]warning: {text}[/yellow]")
+        self.say(f"warning: {text}")
 
 
 def nonfinite(lr: float, loss: float, grad_norm: float | None) -> str:

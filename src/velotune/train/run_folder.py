@@ -55,7 +55,7 @@ def run_contents(folder: Path) -> list[str]:
     return found
 
 
-def prepare_run_folder(config: TrainConfig, world: World, say: Callable[[str], Any]) -> Path | None:
+def prepare_run_folder(config: TrainConfig, world: World, say: Callable[..., Any]) -> Path | None:
     """Check `config.output_dir` as the module docstring says, move an earlier run aside when
     asked, write config.yaml; the checkpoint to resume from, or None. Every rank calls it."""
     out = Path(config.output_dir)
@@ -71,12 +71,12 @@ def prepare_run_folder(config: TrainConfig, world: World, say: Callable[[str], A
     changed = resume_from is not None and check_resume_config(config, resume_from, say)
     if world.is_main:
         if moved is not None:
-            say(f"overwrite_output_dir: the earlier run in {out} was moved to {moved}")
+            say(f"overwrite_output_dir: the earlier run in {out} was moved to {moved}", markup=False)
         out.mkdir(parents=True, exist_ok=True)
         if changed and in_place:
             kept = out / f"config.before-{resume_from.name}.yaml"
             (out / CONFIG_FILE).replace(kept)
-            say(f"resume: the earlier config is kept as {kept}")
+            say(f"resume: the earlier config is kept as {kept}", markup=False)
         (out / CONFIG_FILE).write_text(config_yaml(config), encoding="utf-8")
     distributed.barrier(world)
     return resume_from
@@ -118,14 +118,14 @@ def config_differences(old: dict[str, Any], config: TrainConfig) -> list[tuple[s
             if key in old and old[key] != new[key] and key not in INVOCATION_KEYS]
 
 
-def check_resume_config(config: TrainConfig, resume_from: Path, say: Callable[[str], Any]) -> bool:
+def check_resume_config(config: TrainConfig, resume_from: Path, say: Callable[..., Any]) -> bool:
     """Print how `config` differs from the config.yaml of the run that wrote `resume_from`;
     refuse differences that break exact resumption unless `resume_allow_changes` names them.
     True when something differs."""
     run = resume_from.parent.parent if resume_from.parent.name == CHECKPOINTS_DIR else None
     saved = run / CONFIG_FILE if run is not None else None
     if saved is None or not saved.is_file():
-        say(f"resume: no {CONFIG_FILE} beside {resume_from} to compare this config with")
+        say(f"resume: no {CONFIG_FILE} beside {resume_from} to compare this config with", markup=False)
         return False
     try:
         old = yaml.safe_load(saved.read_text(encoding="utf-8"))
@@ -144,5 +144,5 @@ def check_resume_config(config: TrainConfig, resume_from: Path, say: Callable[[s
             f"{saved}: resuming {resume_from.name} with a changed config ({shown}); the changes to "
             f"{', '.join(blocked)} break exact resumption (the data order, schedule or update differ from the run "
             f"that wrote the checkpoint): pass --resume_allow_changes=[{','.join(blocked)}] to resume anyway")
-    say(f"resume: config changed since {saved} ({shown})")
+    say(f"resume: config changed since {saved} ({shown})", markup=False)
     return True

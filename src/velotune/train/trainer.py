@@ -169,7 +169,7 @@ class Trainer:
         self.eval_examples = list(eval_examples)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.guard = LoopGuard(config.on_nonfinite, config.divergence_ratio, loss_scaled=self.scaler is not None,
-                               say=self.console.print if self.world.is_main else None)
+                               say=self._warn if self.world.is_main else None)
         self.graphed = self._graphed_step()
         self.batches = RankMicroBatches(train_examples, config.micro_batch_size, self.world, pad_id=pad_id,
                                         seed=config.seed, packing=config.packing,
@@ -187,6 +187,9 @@ class Trainer:
         for note in (memory_note, embeddings_note):
             if note:
                 self.console.print(note)
+
+    def _warn(self, text: str) -> None:
+        self.console.print(text, style="yellow", markup=False)     # rows like "conversations[16]" are not markup
 
     def _offload_embeddings(self, model: nn.Module) -> str | None:
         """`offload_embeddings`: move a frozen, untied input embedding table to host memory (auto:
