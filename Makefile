@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/velotune train --demo
+	# a second make demo moves the first run aside (runs/demo.replaced-TIME) rather than refusing
+	$(BIN)/velotune train --demo --overwrite_output_dir=true
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

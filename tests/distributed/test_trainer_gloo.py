@@ -104,6 +104,6 @@ def test_resume_with_another_global_micro_batch_is_refused(tmp_path):
                    eval_split=0.0)
     train_from_config(first, console=quiet(), show_progress=False)
     other = config(tmp_path, "other", method="lora", micro_batch_size=2, eval_split=0.0,
-                   resume=str(tmp_path / "first"))
+                   resume=str(tmp_path / "first"), resume_allow_changes=["max_steps"])   # past the config check
     with pytest.raises(ckpt.CheckpointError, match=r"global micro-batch of 4 rows .* 2 x 1 = 2"):
         train_from_config(other, console=quiet(), show_progress=False)

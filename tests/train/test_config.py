@@ -59,6 +59,13 @@ def test_unknown_option_on_command_line():
     ("export: [gguf:q9_9]\n", "key 'export' has an entry 'gguf:q9_9' that cannot be exported"),
     ("export: [zip]\n", "unknown export target 'zip'"),
     ("cuda_graphs: always\n", "key 'cuda_graphs' must be true, false or auto"),
+    ("learning_rate: .inf\n", "line 1: key 'learning_rate' must be a finite number, got inf"),
+    ("learning_rate: nan\n", "line 1: key 'learning_rate' must be a finite number, got nan"),
+    ("learning_rate: -.inf\n", "line 1: key 'learning_rate' must be a finite number, got -inf"),
+    ("max_grad_norm: .nan\n", "line 1: key 'max_grad_norm' must be a finite number, got nan"),
+    ("on_nonfinite: ignore\n", "line 1: key 'on_nonfinite' must be one of stop, skip"),
+    ("divergence_ratio: 0.5\n", "line 1: key 'divergence_ratio' must be above 1 (or 0 to never warn)"),
+    ("resume_allow_changes: [max_step]\n", "unknown key 'max_step' (did you mean 'max_steps'?)"),
 ])
 def test_bad_values_name_the_key_and_line(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -116,3 +123,25 @@ def test_galore_only_with_full_fine_tuning():
     with pytest.raises(TrainConfigError, match="galore needs method: full"):
         load_config(None, ["--optimizer=galore"])
     assert load_config(None, ["--optimizer=galore", "--method=full"]).optimizer == "galore"
+
+
+def test_data_paths_in_a_config_file_are_read_from_its_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "train.jsonl").write_text("{}\n")
+    (folder / "run.yaml").write_text("dataset: data/train.jsonl\neval_dataset: data/train.jsonl\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(folder / "run.yaml")
+    assert config.dataset == config.eval_dataset == str(folder / "data" / "train.jsonl")
+    # On the command line a relative path is the shell's: read from the current directory.
+    assert load_config(folder / "run.yaml", ["--dataset=mine.jsonl"]).dataset == "mine.jsonl"
+    assert load_config(None, ["--dataset=chatterbot:ai"]).dataset == "chatterbot:ai"
+
+    (folder / "bad.yaml").write_text("model: null\ndataset: data/missing.jsonl\n")
+    with pytest.raises(TrainConfigError) as info:
+        load_config(folder / "bad.yaml")
+    assert str(info.value) == (
+        f"{folder / 'bad.yaml'} line 2: key 'dataset': no file 'data/missing.jsonl' in the config's folder "
+        f"(looked for {folder / 'data' / 'missing.jsonl'}; relative paths in a config file are read from its folder)")

@@ -9,7 +9,18 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("train", "chat", "generate", "eval", "export", "estimate")
+SUBCOMMANDS = ("train", "chat", "generate", "eval", "export", "estimate", "doctor")
+
+
+def version_text() -> str:
+    """`velotune --version`: ours, and the Python and torch it runs on (what a bug report needs)."""
+    import platform
+
+    import torch
+
+    import velotune
+
+    return f"velotune {velotune.__version__} (Python {platform.python_version()}, torch {torch.__version__})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="velotune",
         description="Fine-tune open LLMs fast and lean: LoRA, QLoRA, full; SFT, DPO, ORPO, GRPO; export.",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:

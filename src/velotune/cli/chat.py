@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from velotune.cli.generate import add_model_options, load_or_report, prompt_ids, with_system
+from velotune.tokenizer.chat_template import ChatTemplateError
 
 EXIT_COMMANDS = ("/exit", "/quit")
 RESET_COMMAND = "/reset"
@@ -52,10 +53,11 @@ def run(args: argparse.Namespace) -> int:
             print("(history cleared)")
             continue
         history.append({"role": "user", "content": text})
-        ids = prompt_ids(tokenizer, with_system(args.system, history))
-        while len(ids) + params.max_new_tokens > context and len(history) > 1:
-            del history[:2]                                  # drop the oldest exchange
-            ids = prompt_ids(tokenizer, with_system(args.system, history))
+        try:
+            ids = fitting_prompt(tokenizer, args.system, history, context - params.max_new_tokens)
+        except ChatTemplateError as exc:      # a template that refuses, is blocked, or runs past its limits
+            print(f"velotune chat: error: {exc}", file=sys.stderr)
+            return 2
         print("bot> " if interactive else "", end="", flush=True)
         pieces = []
         for piece in stream(model, tokenizer, ids, params):
@@ -64,3 +66,12 @@ def run(args: argparse.Namespace) -> int:
         print()
         history.append({"role": "assistant", "content": "".join(pieces).strip()})
     return 0
+
+
+def fitting_prompt(tokenizer, system: str | None, history: list[dict[str, str]], room: int) -> list[int]:
+    """The prompt ids of `history`, its oldest exchanges dropped (in place) until it fits `room`."""
+    ids = prompt_ids(tokenizer, with_system(system, history))
+    while len(ids) > room and len(history) > 1:
+        del history[:2]
+        ids = prompt_ids(tokenizer, with_system(system, history))
+    return ids

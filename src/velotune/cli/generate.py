@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from velotune.infer.sampling import SamplingParams
+from velotune.tokenizer.chat_template import ChatTemplateError
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -83,11 +84,15 @@ def run(args: argparse.Namespace) -> int:
     if loaded is None:
         return 2
     model, tokenizer, params = loaded
-    if args.raw:
-        prompts = [tokenizer.encode(text) for text in args.prompt]
-    else:
-        prompts = [prompt_ids(tokenizer, with_system(args.system, [{"role": "user", "content": text}]))
-                   for text in args.prompt]
+    try:
+        if args.raw:
+            prompts = [tokenizer.encode(text) for text in args.prompt]
+        else:
+            prompts = [prompt_ids(tokenizer, with_system(args.system, [{"role": "user", "content": text}]))
+                       for text in args.prompt]
+    except ChatTemplateError as exc:          # a template that refuses, is blocked, or runs past its limits
+        print(f"velotune generate: error: {exc}", file=sys.stderr)
+        return 2
     completions = generate(model, tokenizer, prompts, params)
     for text, completion in zip(args.prompt, completions):
         if len(args.prompt) > 1:

@@ -61,9 +61,11 @@ def demo_config_path() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from velotune.data import DataError
+    from velotune.export import ExportError
     from velotune.loaders.checkpoint import LoadError
     from velotune.models.config import ConfigError
     from velotune.train.checkpoint import CheckpointError
+    from velotune.train.guard import TrainingStopped
     from velotune.train.run import train_from_config
 
     from velotune import distributed
@@ -77,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         if args.nproc_per_node is not None:
             return launch(args, config.device)
         train_from_config(config, show_progress=not args.no_progress)
-    except (TrainConfigError, DataError, LoadError, ConfigError, CheckpointError, LaunchError) as exc:
+    except (TrainConfigError, DataError, LoadError, ConfigError, CheckpointError, LaunchError, TrainingStopped,
+            ExportError) as exc:
         print(f"velotune train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -41,7 +41,7 @@ import torch
 
 from velotune.data.tokenize import IGNORE_INDEX, Example
 
-Batch = dict[str, torch.Tensor | int | None]
+Batch = dict[str, torch.Tensor | int | list[str] | None]
 
 
 class LengthGroupedSampler:

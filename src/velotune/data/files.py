@@ -52,7 +52,8 @@ def read_rows(source: str | Path | Iterable[dict[str, Any]]) -> list[Row]:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise DataError(f"{path}: no such dataset file")
+            looked = f" (looked for {path.resolve()})" if not path.is_absolute() else ""
+            raise DataError(f"{path}: no such dataset file{looked}")
         rows = list(_read_file(path))
         name = str(path)
     else:

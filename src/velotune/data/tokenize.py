@@ -22,6 +22,12 @@ Raw text samples: BOS (if the tokenizer adds one) + text + EOS, all trained.
 After truncation to max_seq_length, an example with no target left (no trained label after the
 model's shift, i.e. in labels[1:]) is dropped and counted; if every example is dropped, that is
 an error, because training would silently do nothing.
+
+Kept rows that will probably train something unintended are counted, with the first few named
+(`TokenizeReport.warnings`): conversations whose only targets are end-of-turn tokens (empty
+assistant answers, which teach the model to answer nothing; the end-of-turn ids are EOS and the
+marker `probe_end_of_turn` finds), rows identical to an earlier one after truncation (trained
+twice as often), and rows cut at max_seq_length (their ends never trained).
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from velotune.data.formats import ChatSample, Conversation, Sample, TextSample
 
 IGNORE_INDEX = -100
 PROBE_ANSWER = "velotune probe answer"
-REPORTED_DROPS = 5
+REPORTED_DROPS = 5            # rows named per kind of problem
 
 
 class ChatTokenizer(Protocol):
@@ -76,6 +82,12 @@ class TokenizeReport:
     dropped_no_targets: int = 0
     target_tokens: int = 0
     dropped_where: list[str] = field(default_factory=list)   # the first few dropped rows
+    max_seq_length: int = 0
+    truncated_where: list[str] = field(default_factory=list)          # "where (N tokens)"
+    end_of_turn_only: int = 0
+    end_of_turn_only_where: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    duplicates_where: list[str] = field(default_factory=list)         # "where = earlier where"
 
     @property
     def kept(self) -> int:
@@ -88,6 +100,9 @@ class TokenizeReport:
         self.dropped_no_targets += other.dropped_no_targets
         self.target_tokens += other.target_tokens
         self.dropped_where = (self.dropped_where + other.dropped_where)[:REPORTED_DROPS]
+        self.truncated_where = (self.truncated_where + other.truncated_where)[:REPORTED_DROPS]
+        self.end_of_turn_only += other.end_of_turn_only
+        self.end_of_turn_only_where = (self.end_of_turn_only_where + other.end_of_turn_only_where)[:REPORTED_DROPS]
 
     def summary(self) -> str:
         text = (f"{self.total} examples: {self.kept} kept, {self.truncated} truncated, "
@@ -96,6 +111,31 @@ class TokenizeReport:
         if self.dropped_where:
             text += f"; dropped e.g. {', '.join(self.dropped_where)}"
         return text
+
+    def warnings(self) -> list[str]:
+        """One line per kind of suspicious kept row, with counts and the first rows."""
+        found = []
+        if self.end_of_turn_only:
+            found.append(f"{self.end_of_turn_only} of {self.kept} rows have only end-of-turn tokens to train on "
+                         f"(empty assistant answers teach the model to answer nothing): "
+                         f"{', '.join(self.end_of_turn_only_where)}")
+        if self.duplicates:
+            found.append(f"{_rows(self.duplicates, 'repeats', 'repeat')} an earlier row (such rows weigh more than "
+                         f"the rest): {', '.join(self.duplicates_where)}")
+        if self.truncated:
+            found.append(f"{_rows(self.truncated, 'was', 'were')} cut at max_seq_length {self.max_seq_length} "
+                         f"(tokens past it are never trained): {', '.join(self.truncated_where)}")
+        return found
+
+    def note(self, kind: str, where: str) -> None:
+        """Name a row under `kind` ("truncated", "end_of_turn_only", "duplicates") if few are named yet."""
+        named = getattr(self, f"{kind}_where")
+        if len(named) < REPORTED_DROPS:
+            named.append(where)
+
+
+def _rows(count: int, verb_one: str, verb_many: str) -> str:
+    return f"1 row {verb_one}" if count == 1 else f"{count} rows {verb_many}"
 
 
 def tokenize_samples(samples: Sequence[Sample], tokenizer: ChatTokenizer, *,
@@ -109,6 +149,7 @@ def tokenize_samples(samples: Sequence[Sample], tokenizer: ChatTokenizer, *,
         examples, report = _tokenize_in_processes(samples, tokenizer, max_seq_length, workers)
     else:
         examples, report = _tokenize_rows(samples, tokenizer, max_seq_length)
+    count_duplicates(examples, report)
     if not examples:
         raise DataError(
             f"all {report.total} examples have no trainable tokens left after truncation to "
@@ -153,7 +194,7 @@ def _tokenize_in_processes(samples: Sequence[Sample], tokenizer: ChatTokenizer, 
     finally:
         _SHARED = None
     examples: list[Example] = []
-    report = TokenizeReport()
+    report = TokenizeReport(max_seq_length=max_seq_length)
     for part_examples, part_report in parts:
         examples += part_examples
         report.add(part_report)
@@ -162,8 +203,9 @@ def _tokenize_in_processes(samples: Sequence[Sample], tokenizer: ChatTokenizer, 
 
 def _tokenize_rows(samples: Sequence[Sample], tokenizer: ChatTokenizer,
                    max_seq_length: int) -> tuple[list[Example], TokenizeReport]:
-    report = TokenizeReport()
+    report = TokenizeReport(max_seq_length=max_seq_length)
     examples = []
+    end_of_turn: set[int] | None = None
     for sample in samples:
         if isinstance(sample, TextSample):
             example = tokenize_text(sample, tokenizer)
@@ -172,6 +214,7 @@ def _tokenize_rows(samples: Sequence[Sample], tokenizer: ChatTokenizer,
         report.total += 1
         if len(example) > max_seq_length:
             report.truncated += 1
+            report.note("truncated", f"{example.where} ({len(example):,} tokens)")
             example = Example(example.input_ids[:max_seq_length], example.labels[:max_seq_length],
                               example.where)
         if example.num_targets == 0:
@@ -179,9 +222,27 @@ def _tokenize_rows(samples: Sequence[Sample], tokenizer: ChatTokenizer,
             if len(report.dropped_where) < REPORTED_DROPS:
                 report.dropped_where.append(example.where)
             continue
+        if isinstance(sample, ChatSample):
+            end_of_turn = end_of_turn_ids(tokenizer) if end_of_turn is None else end_of_turn
+            if all(label in end_of_turn for label in example.labels[1:] if label != IGNORE_INDEX):
+                report.end_of_turn_only += 1
+                report.note("end_of_turn_only", example.where)
         report.target_tokens += example.num_targets
         examples.append(example)
     return examples, report
+
+
+def count_duplicates(examples: Sequence[Example], report: TokenizeReport) -> None:
+    """Count the kept rows that repeat an earlier one (same ids and labels), over all the rows
+    (after the workers, whose chunks cannot see each other's)."""
+    seen: dict[int, str] = {}
+    for example in examples:
+        key = hash((tuple(example.input_ids), tuple(example.labels)))
+        if key in seen:
+            report.duplicates += 1
+            report.note("duplicates", f"{example.where} = {seen[key]}")
+        else:
+            seen[key] = example.where
 
 
 def tokenize_text(sample: TextSample, tokenizer: ChatTokenizer) -> Example:
@@ -248,6 +309,12 @@ def probe_end_of_turn(tokenizer: ChatTokenizer) -> str:
     text = _render(tokenizer, probe, False, "a probe conversation")
     after = text[text.rfind(PROBE_ANSWER) + len(PROBE_ANSWER):].split()
     return after[0] if after else ""
+
+
+def end_of_turn_ids(tokenizer: ChatTokenizer) -> set[int]:
+    """EOS and the ids of the template's end-of-turn marker: what an empty answer trains on."""
+    ids = set(tokenizer.encode(probe_end_of_turn(tokenizer), add_special_tokens=False))
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
 def label_spans(ids: Sequence[int], offsets: Sequence[tuple[int, int]],

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from velotune.export.errors import ExportError
 from velotune.export.progress import track
@@ -26,6 +25,7 @@ from velotune.export.weights import PlannedTensor, export_config, plan_tensors
 from velotune.models.config import ModelConfig
 from velotune.models.families import FAMILIES
 from velotune.models.transformer import Transformer
+from velotune.safetensors_file import save_safetensors
 
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -121,7 +121,7 @@ def save_hf(model: Transformer, tokenizer: Any, out: Path, dtype: torch.dtype,
             index = shard_of[t.name]
             weight_map[t.name] = names[index]
             if t is shards[index][-1]:
-                save_file(pending, str(out / names[index]), metadata={"format": "pt"})
+                save_safetensors(pending, str(out / names[index]), metadata={"format": "pt"})
                 pending = {}
     if len(shards) > 1:
         index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from velotune.loaders.checkpoint import LoadError
 from velotune.lora.config import ALL_LINEAR, INITS, LoraConfig, LoraConfigError
 from velotune.lora.model import apply_lora, lora_layers, lora_named_parameters, lora_state_dict
+from velotune.safetensors_file import save_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -105,7 +106,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {PREFIX + name: t.contiguous().cpu() for name, t in lora_state_dict(model).items()}
-    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_safetensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(peft_config(config, base_model_name_or_path), indent=2) + "\n")
     base = getattr(model, "adapter_base", None)
     if base is not None:

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from velotune.quant.linear4bit import Linear4bit
 from velotune.quant.serialization import state_to_tensors
+from velotune.safetensors_file import save_safetensors
 
 # The tensor names a 4-bit weight P owns besides P itself.
 PIECE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
@@ -106,7 +106,7 @@ def save_4bit_hf(model: nn.Module, out: str | Path, tokenizer: Any = None) -> Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.contiguous().cpu().clone() for k, v in tensors.items()}  # tables may share storage
-    save_file(contiguous, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(contiguous, str(out / "model.safetensors"), metadata={"format": "pt"})
     dtype = max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
     cfg = config_json(config, dtype if dtype in DTYPE_NAMES else torch.float32)
     cfg["quantization_config"] = quantization_config(model, kept)

@@ -29,15 +29,16 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from velotune.distributed import World, barrier, broadcast_object
 from velotune.distributed import sharded_checkpoint as sharded
+from velotune.safetensors_file import save_safetensors
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
@@ -139,8 +140,7 @@ def remove_stale_temporaries(output_dir: str | Path) -> None:
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = checkpoints_dir(output_dir)
-    found = [p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and p.name[len(STEP_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    return sorted((p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and _step(p) >= 0), key=_step)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -207,7 +207,7 @@ def write_contents(folder: Path, model: nn.Module, optimizer: torch.optim.Optimi
     (an FSDP checkpoint holds them in sharded/, see `write_sharded`)."""
     (folder / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n", encoding="utf-8")
     if with_weights:
-        save_file(trainable_tensors(model), str(folder / WEIGHTS_FILE))
+        save_safetensors(trainable_tensors(model), str(folder / WEIGHTS_FILE))
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     torch.save(rng_state(), folder / "rng.pt")
@@ -239,26 +239,52 @@ def read_contents(folder: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if missing:
         raise CheckpointError(f"{folder}: incomplete checkpoint, missing {', '.join(missing)}")
     device = next(model.parameters()).device
+    # Every file is read before anything is applied, so a damaged one changes nothing.
+    schedule = _read(folder / "scheduler.pt", lambda path: torch.load(path, weights_only=True))
+    rng = _read(folder / "rng.pt", lambda path: torch.load(path, weights_only=True))
+    state = _read(folder / "state.json", lambda path: TrainState(**json.loads(path.read_text(encoding="utf-8"))))
     if is_sharded:
         if not all(p.requires_grad for p in model.parameters()):
             raise CheckpointError(f"{folder}: a sharded (full fine-tuning) checkpoint, but this run trains "
                                   "adapters; resume it with method: full")
         sharded.load_sharded(folder / SHARDED_DIR, model, optimizer, world)
     else:
-        saved = load_file(str(folder / WEIGHTS_FILE))
+        saved = _read(folder / WEIGHTS_FILE, lambda path: load_file(str(path)))
         check_saved_weights(folder, saved, model)
-        optim_state = torch.load(folder / "optimizer.pt", map_location=device, weights_only=True)
+        optim_state = _read(folder / "optimizer.pt",
+                            lambda path: torch.load(path, map_location=device, weights_only=True))
         if is_fsdp(model):
             sharded.load_full_into_sharded(model, optimizer, saved, optim_state)
         else:
+            _read(folder / "optimizer.pt", lambda path: optimizer.load_state_dict(optim_state))
             params = dict(model.named_parameters())
             with torch.no_grad():
                 for name, tensor in saved.items():
                     params[name].copy_(tensor)
-            optimizer.load_state_dict(optim_state)
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
-    return TrainState(**json.loads((folder / "state.json").read_text(encoding="utf-8")))
+    _read(folder / "scheduler.pt", lambda path: scheduler.load_state_dict(schedule))
+    set_rng_state(rng)
+    return state
+
+
+T = TypeVar("T")
+
+
+def _read(path: Path, read: Callable[[Path], T]) -> T:
+    """`read(path)`, or a CheckpointError naming the file and an earlier checkpoint to use."""
+    try:
+        return read(path)
+    except Exception as exc:   # a truncated or foreign file fails in zip, pickle, safetensors, JSON or load_state_dict
+        cause = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        folder = path.parent
+        earlier = [p for p in list_checkpoints(folder.parent.parent) if _step(p) < _step(folder)]
+        fix = f"resume from {earlier[-1]} (--resume={earlier[-1]})" if earlier else "start afresh"
+        raise CheckpointError(f"{path}: cannot be read ({cause}); the checkpoint is damaged: {fix}") from exc
+
+
+def _step(folder: Path) -> int:
+    """N of a step-N folder, -1 for any other name."""
+    name = folder.name
+    return int(name[len(STEP_PREFIX):]) if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit() else -1
 
 
 def check_saved_weights(folder: Path, saved: dict[str, torch.Tensor], model: nn.Module) -> None:

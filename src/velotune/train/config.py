@@ -12,11 +12,18 @@ Design choices:
   the spelling everybody writes for learning rates works.
 - Every error names the key and where it came from: the file and line, or the command line; an
   unknown key gets a did-you-mean from difflib.
+- Relative data paths written in a config file (`dataset`, `eval_dataset`) are read from the
+  config file's folder, so a config and its data move together and run from any directory; the
+  same paths given on the command line are read from the current directory, as a shell user
+  expects. A missing file fails at load time, naming the key, its line and where we looked.
+- Every number must be finite: `learning_rate: .inf` or `nan` would otherwise train an adapter
+  full of NaN and exit 0.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +41,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 LORA_INITS = ("zero", "quant_error")
+NONFINITE_ACTIONS = ("stop", "skip")
+PATH_KEYS = ("dataset", "eval_dataset")     # read from the config file's folder when relative
 CHATTERBOT = "chatterbot"   # `dataset: chatterbot` (or `chatterbot:ai,greetings`) = the bundled corpus
 
 
@@ -103,6 +112,17 @@ class TrainConfig:
     save_steps: int = 0                      # 0 = no intermediate checkpoints
     save_total_limit: int = 0                # keep the newest N checkpoints; 0 = keep all
     resume: bool | str = False               # true = OUTPUT_DIR/checkpoints/latest, or a path
+    # A run already in output_dir is refused unless resumed or this is true: it is then moved aside
+    # whole (OUTPUT_DIR.replaced-TIME), never mixed with the new one (train/run_folder.py).
+    overwrite_output_dir: bool = False
+    # Keys a resumed run may change although the change breaks exact resumption (the data order,
+    # schedule or math differ from the interrupted run), e.g. [max_steps, learning_rate]; others
+    # (logging, saving, eval, memory settings) may always change, and every difference is printed.
+    resume_allow_changes: list[str] = field(default_factory=list)
+    # Non-finite loss, gradient norm or learning rate (train/guard.py): stop (keep the last good
+    # state as a checkpoint and name the step's rows) or skip the update and go on.
+    on_nonfinite: str = "stop"
+    divergence_ratio: float = 2.0            # warn when the smoothed loss passes this x its best; 0 = never
     report: bool = True                      # OUTPUT_DIR/report.md + loss/lr plot
     # Many GPUs under torchrun (velotune train --nproc-per-node N); see docs/distributed.md.
     distributed: str = "auto"                # auto (ddp for lora/qlora, fsdp for full) | ddp | fsdp
@@ -138,7 +158,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     origins: dict[str, str] = {}
     if path is not None:
         file_values, file_origins = read_yaml(Path(path))
-        values.update(file_values)
+        values.update(relative_to_config(file_values, file_origins, Path(path)))
         origins.update(file_origins)
     values.update(cli_values)
     origins.update(cli_origins)
@@ -173,6 +193,28 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     for key in data:
         check_known(str(key), origins.get(str(key), str(path)), option=False)
     return {str(k): v for k, v in data.items()}, origins
+
+
+def relative_to_config(values: dict[str, Any], origins: dict[str, str], path: Path) -> dict[str, Any]:
+    """`values` with relative data paths (PATH_KEYS) joined to the config file's folder; a file
+    that is not there fails here, saying where it was looked for."""
+    resolved = dict(values)
+    for key in PATH_KEYS:
+        value = values.get(key)
+        if not isinstance(value, str) or is_bundled(value) or Path(value).is_absolute():
+            continue
+        candidate = path.parent / value
+        if not candidate.is_file():
+            raise TrainConfigError(f"{origins.get(key, path)}: key {key!r}: no file {value!r} in the config's "
+                                   f"folder (looked for {candidate.resolve()}; relative paths in a config file "
+                                   "are read from its folder)")
+        resolved[key] = str(candidate)
+    return resolved
+
+
+def is_bundled(dataset: str) -> bool:
+    """`chatterbot` or `chatterbot:cat1,cat2`: the corpus shipped as a package, not a file."""
+    return dataset == CHATTERBOT or dataset.startswith(CHATTERBOT + ":")
 
 
 def parse_overrides(args: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -284,8 +326,18 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
             fail(key, "must not be negative")
     if config.max_seq_length < 2:
         fail("max_seq_length", "must be at least 2")
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(item.name, "must be a finite number")
     if config.learning_rate <= 0:
         fail("learning_rate", "must be positive")
+    if config.on_nonfinite not in NONFINITE_ACTIONS:
+        fail("on_nonfinite", f"must be one of {', '.join(NONFINITE_ACTIONS)}")
+    if config.divergence_ratio != 0 and config.divergence_ratio <= 1:
+        fail("divergence_ratio", "must be above 1 (or 0 to never warn)")
+    for key in config.resume_allow_changes:
+        check_known(key, f"{where('resume_allow_changes')}: key 'resume_allow_changes'", option=False)
     for key in ("warmup_ratio", "eval_split"):
         if not 0.0 <= getattr(config, key) < 1.0:
             fail(key, "must be in [0, 1)")

@@ -30,7 +30,7 @@ from velotune.data import (
     tokenize_samples,
 )
 from velotune.data.batching import Batch, bucket_width, collate_flat, document_slots, pad_documents
-from velotune.train.config import CHATTERBOT, TrainConfig
+from velotune.train.config import TrainConfig, is_bundled
 
 
 @dataclass
@@ -44,7 +44,7 @@ class TrainData:
 
 def read_samples(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
     """(train, eval) samples as the config describes them."""
-    bundled = config.dataset == CHATTERBOT or config.dataset.startswith(CHATTERBOT + ":")
+    bundled = is_bundled(config.dataset)
     if bundled:
         _, _, names = config.dataset.partition(":")
         categories = [name.strip() for name in names.split(",") if name.strip()] or None
@@ -119,13 +119,19 @@ class MicroBatches:
         return self.sampler.epoch_batches(epoch)
 
     def collate(self, rows: list[int]) -> Batch:
-        """The collated micro-batch, with `num_tokens`: its real (non-padding) tokens."""
+        """The collated micro-batch, with `num_tokens`: its real (non-padding) tokens, and `where`:
+        each batch row's provenance ("train.jsonl line 17", packed examples joined by " + "; one
+        per document of a padding-free batch)."""
         if self.flat:
-            batch = self.collate_flat([example for r in rows for example in self.rows[r]])
-        elif self.packing:
-            batch = collate_packed([self.rows[r] for r in rows], self.pad_id, self.width)
+            examples = [example for r in rows for example in self.rows[r]]
+            batch = self.collate_flat(examples)
+            batch["where"] = [example.where for example in examples]
         else:
-            batch = collate_padded([self.rows[r][0] for r in rows], self.pad_id)
+            if self.packing:
+                batch = collate_packed([self.rows[r] for r in rows], self.pad_id, self.width)
+            else:
+                batch = collate_padded([self.rows[r][0] for r in rows], self.pad_id)
+            batch["where"] = [" + ".join(example.where for example in self.rows[r]) for r in rows]
         batch["num_tokens"] = sum(len(example) for r in rows for example in self.rows[r])
         return batch
 

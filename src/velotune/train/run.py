@@ -25,11 +25,11 @@ from velotune import distributed
 from velotune.distributed import World
 from velotune.loaders.checkpoint import LoadError
 from velotune.train import methods
-from velotune.train.checkpoint import resolve_resume
-from velotune.train.config import RL_METHODS, TrainConfig, TrainConfigError, check_values, config_yaml
+from velotune.train.config import RL_METHODS, TrainConfig, TrainConfigError, check_values
 from velotune.train.data import TrainData, load_train_data
 from velotune.train.metrics import peak_memory_gib, read_metrics
 from velotune.train.report import RunSummary, write_report
+from velotune.train.run_folder import prepare_run_folder
 from velotune.train.samples import answer, sample_prompts
 from velotune.train.trainer import Trainer, TrainResult
 
@@ -86,11 +86,7 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
     torch.manual_seed(config.seed)
     device = pick_device(config.device, world)
     out = Path(config.output_dir)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_yaml(config), encoding="utf-8")
-    distributed.barrier(world)
-    resume_from = resolve_resume(config.resume, out)
+    resume_from = prepare_run_folder(config, world, say)     # refuses to mix runs; writes config.yaml
     strategy = distributed.resolve_strategy(config.distributed, config.uses_lora, world)
 
     say(f"[bold]velotune train[/bold]: {config.method} on {config.model or 'SmolLM2-135M-Instruct (default)'}, "
@@ -113,6 +109,8 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
     say(f"data: {config.dataset}: train {data.train_report.summary()}")
     if data.eval_report is not None:
         say(f"      eval  {data.eval_report.summary()}")
+    for warning in data.train_report.warnings():
+        say(f"warning: {warning}", style="yellow", markup=False)
     torch.manual_seed(config.seed)                       # adapter init does not depend on data loading
     methods.prepare(model, config)
     if initialised := methods.init_adapters(model, config, [e.input_ids for e in data.train],

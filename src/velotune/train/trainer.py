@@ -23,6 +23,10 @@ Design choices:
   gradients of one process x micro-batch N*b. DDP reduces gradients only on the last
   accumulation micro-batch (`no_sync` before). Only rank 0 logs, shows progress and writes
   files, except FSDP checkpoints, of which every rank writes its shards.
+- Failures explain themselves: `LoopGuard` (train/guard.py) judges each step's learning rate,
+  loss and gradient norm before the update (stop or skip on a non-finite one, naming the rows;
+  warn on a diverging loss), and an out-of-memory in `train` becomes a `TrainingOutOfMemory`
+  with the estimator's breakdown and the changes that fit (train/oom.py).
 """
 from __future__ import annotations
 
@@ -55,7 +59,9 @@ from velotune.train.checkpoint import (
 )
 from velotune.train.config import TrainConfig, TrainConfigError, check_values
 from velotune.train.graphed_step import GraphedMicroStep, graph_blockers
+from velotune.train.guard import LoopGuard
 from velotune.train.metrics import RunLog, peak_memory_gib
+from velotune.train.oom import explain_out_of_memory
 from velotune.train.optim import build_optimizer
 from velotune.train.rank_batches import RankMicroBatches
 from velotune.train.schedule import build_scheduler, warmup_steps_for
@@ -191,6 +197,8 @@ class Trainer:
         self.eval_examples = list(eval_examples)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.flat = padding_free(model, self.device, self.amp_dtype)
+        self.guard = LoopGuard(config.on_nonfinite, config.divergence_ratio, loss_scaled=self.scaler is not None,
+                               say=self._warn if self.world.is_main else None)
         self.graphed = self._graphed_step()
         graphed = self.graphed is not None
         self.batches = RankMicroBatches(train_examples, config.micro_batch_size, self.world, pad_id=pad_id,
@@ -210,6 +218,9 @@ class Trainer:
         for note in (memory_note, embeddings_note):
             if note:
                 self.console.print(note)
+
+    def _warn(self, text: str) -> None:
+        self.console.print(text, style="yellow", markup=False)     # rows like "conversations[16]" are not markup
 
     def _offload_embeddings(self, model: nn.Module) -> str | None:
         """`offload_embeddings`: move a frozen, untied input embedding table to host memory (auto:
@@ -325,6 +336,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         limit = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
         grad_norm = distributed.local_norm(torch.nn.utils.clip_grad_norm_(self.params, limit))
+        if not self.guard.admit(self, micro_batches, loss, grad_norm, lr):     # a non-finite step, skipped
+            return StepOutcome(math.nan, grad_norm, lr, 0, tokens)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -346,6 +359,7 @@ class Trainer:
         result.eval_losses[self.state.step] = loss = self.evaluate()
         log.write({"step": self.state.step, "eval_loss": loss})
         log.message(f"step {self.state.step}: eval loss {loss:.4f}")
+        self.guard.observe_eval(self.state.step, loss)
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -380,6 +394,7 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------
 
+    @explain_out_of_memory
     def train(self) -> TrainResult:
         cfg, state = self.config, self.state
         if self.world.is_main:
@@ -413,12 +428,13 @@ class Trainer:
                 state.elapsed_s += seconds
                 result.losses.append(loss)
                 all_tokens, all_seconds = all_tokens + tokens, all_seconds + seconds
-                for key, value in (("loss_sum", loss * targets), ("targets", targets), ("tokens", tokens),
-                                   ("seconds", seconds)):
+                for key, value in (("loss_sum", loss * targets if targets else 0.0), ("targets", targets),
+                                   ("tokens", tokens), ("seconds", seconds)):
                     window[key] += value
                 record = None
                 if state.step % cfg.logging_steps == 0 or state.step == self.total_steps:
-                    record = {"step": state.step, "loss": window["loss_sum"] / window["targets"],
+                    record = {"step": state.step,
+                              "loss": window["loss_sum"] / window["targets"] if window["targets"] else math.nan,
                               "lr": outcome.lr, "grad_norm": outcome.grad_norm,
                               "tokens_per_s": window["tokens"] / window["seconds"],
                               "peak_memory_gib": peak_memory_gib(self.device), "epoch": state.epoch,
