@@ -59,6 +59,8 @@ def test_unknown_option_on_command_line():
     ("export: [gguf:q9_9]\n", "key 'export' has an entry 'gguf:q9_9' that cannot be exported"),
     ("export: [zip]\n", "unknown export target 'zip'"),
     ("cuda_graphs: always\n", "key 'cuda_graphs' must be true, false or auto"),
+    ("router_aux_loss_coef: -0.1\n", "line 1: key 'router_aux_loss_coef' must not be negative"),
+    ("router_aux_loss_coef: lots\n", "key 'router_aux_loss_coef' must be a number or null"),
 ])
 def test_bad_values_name_the_key_and_line(tmp_path, text, message):
     path = write(tmp_path, text)

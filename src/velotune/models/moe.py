@@ -33,8 +33,12 @@ from velotune.models.config import ModelConfig
 
 
 class Router(nn.Module):
+    """A linear map to one logit per expert. Not an `nn.Linear`, so 4-bit loading never quantizes
+    it; its `in_features`/`out_features` let LoRA wrap it when `router` is named."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.in_features, self.out_features = config.hidden_size, config.num_experts
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
         self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
 
