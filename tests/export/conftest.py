@@ -36,6 +36,13 @@ FAMILIES = {
                    query_pre_attn_scalar=16, rope_theta=1e6, rope_local_base_freq=10000.0,
                    rope_scaling=dict(rope_type="linear", factor=8.0)),
     "smollm3": dict(model_type="smollm3", num_hidden_layers=4, rope_theta=2e6),
+    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=16, num_experts=5, num_experts_per_tok=2,
+                      moe_intermediate_size=40, norm_topk_prob=True, tie_word_embeddings=False),
+    # gpt-oss's YaRN with the correction range llama.cpp computes (truncate: true)
+    "gpt_oss": dict(model_type="gpt_oss", head_dim=16, num_local_experts=5, num_experts_per_tok=2, intermediate_size=40,
+                    sliding_window=4, rope_theta=150000.0, tie_word_embeddings=False,
+                    rope_scaling=dict(rope_type="yarn", factor=32.0, original_max_position_embeddings=64,
+                                      beta_fast=32.0, beta_slow=1.0, truncate=True)),
 }
 
 
