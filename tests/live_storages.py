@@ -33,7 +33,8 @@ class LiveStorages(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if not (isinstance(t, torch.Tensor) and t.is_floating_point() and self.shape_matches(t.shape)):
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point() and self.shape_matches(t.shape)) \
+                    or t.device.type == "meta":    # meta tensors hold no memory
                 continue
             storage = t.untyped_storage().data_ptr()
             if storage in self.ignored:
