@@ -69,6 +69,34 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides) -> Tran
     return model.eval()
 
 
+def assert_transformers_matches(model: Transformer, folder: Path, atol: float = 1e-5) -> None:
+    """transformers (the oracle) loads the exported folder and computes the model's logits."""
+    import transformers
+
+    ids = sample_ids(model.config.vocab_size)
+    with torch.no_grad():
+        ours = model(ids).logits
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(ids).logits
+    scale = ours.abs().max()
+    assert (ours - ref).abs().max() <= atol * scale, float((ours - ref).abs().max() / scale)
+
+
+def merged_export(model: Transformer, out: Path) -> set[str]:
+    """Export `model` as a merged HF folder, check the live model is left as it was (adapters are
+    merged on the side) and that transformers computes its logits; the tensor names written."""
+    from safetensors import safe_open
+
+    from velotune.export import export
+
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    export(model, to="hf", out=out)
+    assert_transformers_matches(model, out)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
+
+
 def sample_ids(vocab_size: int, seed: int = 1, length: int = 12) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab_size, (2, length), generator=g)

@@ -11,10 +11,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import sample_ids, tiny_model
+from conftest import assert_transformers_matches, merged_export, sample_ids, tiny_model
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, quants
-from safetensors import safe_open
 
 import velotune
 from velotune.export import ExportError, export
@@ -51,15 +50,6 @@ def hf_source(family: str, tmp_path):
     return model.eval()
 
 
-def assert_transformers_matches(model, folder):
-    ids = sample_ids(model.config.vocab_size)
-    with torch.no_grad():
-        ours = model(ids).logits
-        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(ids).logits
-    scale = ours.abs().max()
-    assert (ours - ref).abs().max() <= 1e-5 * scale, float((ours - ref).abs().max() / scale)
-
-
 def adapt(model, seed: int = 3):
     with torch.no_grad():
         before = model(sample_ids(VOCAB)).logits
@@ -72,14 +62,7 @@ def adapt(model, seed: int = 3):
 
 @pytest.mark.parametrize("family", sorted(SOURCES))
 def test_merged_export_with_expert_adapters_matches_transformers(family, tmp_path):
-    model = adapt(hf_source(family, tmp_path))
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    out = export(model, to="hf", out=tmp_path / "merged")
-    assert_transformers_matches(model, out)
-    for n, p in model.named_parameters():      # the live model is left as it was
-        assert torch.equal(p, before[n]), n
-    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        names = set(f.keys())
+    names = merged_export(adapt(hf_source(family, tmp_path)), tmp_path / "merged")
     assert not any("lora" in n for n in names)
     if family == "qwen3_moe":
         assert {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.5.up_proj.weight"} <= names
