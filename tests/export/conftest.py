@@ -69,6 +69,28 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides) -> Tran
     return model.eval()
 
 
+def hf_source(config_class: str, folder: Path, **config) -> Transformer:
+    """A tiny random transformers model (vocabulary 160, 2 layers) saved to `folder` and loaded by
+    us (so ModelConfig.source is set); norms random around 1, and the experts, routers and sinks
+    (which transformers starts at zero or near it) random too."""
+    import transformers
+
+    cfg = getattr(transformers, config_class)(**{**dict(
+        vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2), **config})
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+            elif "experts" in name or "router" in name or name.endswith("mlp.gate.weight") or "sinks" in name:
+                p.normal_(0.0, 0.2)
+    ref.save_pretrained(folder)
+    model, _ = velotune.load_model(folder, dtype=torch.float32, device="cpu")
+    return model.eval()
+
+
 def assert_transformers_matches(model: Transformer, folder: Path, atol: float = 1e-5) -> None:
     """transformers (the oracle) loads the exported folder and computes the model's logits."""
     import transformers

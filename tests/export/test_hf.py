@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import assert_transformers_matches, merged_export, sample_ids, tiny_model
+from conftest import hf_source as conftest_hf_source
 from safetensors import safe_open
 
 import velotune
@@ -21,20 +22,8 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 160
 
 
-def hf_source(family_cls: str, tmp_path, **extra):
-    """A tiny transformers model saved to disk and loaded by us (so ModelConfig.source is set)."""
-    cfg = getattr(transformers, family_cls)(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                            bos_token_id=1, eos_token_id=2, **extra)
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg).float()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.2)
-    ref.save_pretrained(tmp_path / "base")
-    model, _ = velotune.load_model(tmp_path / "base", dtype=torch.float32, device="cpu")
-    return model.eval()
+def hf_source(config_class: str, tmp_path, **extra):
+    return conftest_hf_source(config_class, tmp_path / "base", intermediate_size=96, **extra)
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_transformers_matches, merged_export, sample_ids, tiny_model
+from conftest import assert_transformers_matches, hf_source, merged_export, sample_ids, tiny_model
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, quants
 
@@ -32,22 +32,9 @@ SOURCES = {
 ADAPTED = ["q_proj", "o_proj", "experts", "router"]
 
 
-def hf_source(family: str, tmp_path):
+def moe_source(family: str, tmp_path):
     cls, extra = SOURCES[family]
-    cfg = getattr(transformers, cls)(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
-                                     eos_token_id=2, **extra)
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg).float()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.2)
-            elif "experts" in name or "router" in name or name.endswith("mlp.gate.weight") or "sinks" in name:
-                p.normal_(0.0, 0.2)
-    ref.save_pretrained(tmp_path / "base")
-    model, _ = velotune.load_model(tmp_path / "base", dtype=torch.float32, device="cpu")
-    return model.eval()
+    return hf_source(cls, tmp_path / "base", **extra)
 
 
 def adapt(model, seed: int = 3):
@@ -62,7 +49,7 @@ def adapt(model, seed: int = 3):
 
 @pytest.mark.parametrize("family", sorted(SOURCES))
 def test_merged_export_with_expert_adapters_matches_transformers(family, tmp_path):
-    names = merged_export(adapt(hf_source(family, tmp_path)), tmp_path / "merged")
+    names = merged_export(adapt(moe_source(family, tmp_path)), tmp_path / "merged")
     assert not any("lora" in n for n in names)
     if family == "qwen3_moe":
         assert {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.5.up_proj.weight"} <= names
@@ -72,7 +59,7 @@ def test_merged_export_with_expert_adapters_matches_transformers(family, tmp_pat
 
 @pytest.mark.parametrize("family", sorted(SOURCES))
 def test_adapters_over_4bit_experts_are_merged_into_the_dequantized_base(family, tmp_path):
-    model = hf_source(family, tmp_path)
+    model = moe_source(family, tmp_path)
     assert quantize_experts(model) == 2
     adapt(model)
     out = export(model, to="hf", quant="f32", out=tmp_path / "merged")
