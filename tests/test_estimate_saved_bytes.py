@@ -182,9 +182,14 @@ def test_one_layer_keeps_exactly_the_estimated_bytes(config, method, recomputati
         with recording(kept, monkeypatch), _recomputation() if recomputation else contextlib.nullcontext():
             out = layer(x, cos, sin, None)
         kept.add_ctx_attributes(out)
-        if not config.attention_sinks:   # gpt-oss's sinks attention: padded, with a mask (velotune.estimate)
+        want = expected(config, method, batch, seq, recomputation=recomputation)
+        if not config.attention_sinks:
             flash_attention_saved(kept, config, batch, seq)
-        assert kept.total == expected(config, method, batch, seq, recomputation=recomputation), (batch, seq)
+            assert kept.total == want, (batch, seq)
+        elif device.type == "cpu":   # gpt-oss's sinks attention: padded, with a mask (velotune.estimate)
+            assert kept.total == want, (batch, seq)
+        else:   # CUDA's memory-efficient kernel pads its log-sum-exp to 32 rows and the mask to 16 columns
+            assert want <= kept.total <= want + 4 * batch * config.num_attention_heads * 31 + 2 * seq * 15, (batch, seq)
 
 
 CHECKPOINTED = [(LLAMA, "full"), (LLAMA, "lora"), (LLAMA, "qlora"), (QWEN3_MOE, "lora")]   # the plan is the same for every method
@@ -222,7 +227,6 @@ def test_experts_backward_peak_is_the_estimated_temporaries(method, device):
     peak lies between the temporaries and the temporaries plus those gradients."""
     from tests.live_storages import LiveBytes
     from velotune.estimate_experts import backward_terms
-    from velotune.kernels import force_triton
     from velotune.kernels.moe_reference import ExpertAdapters, Experts
     from velotune.kernels.ops.moe import moe_experts_triton
 
@@ -241,11 +245,10 @@ def test_experts_backward_peak_is_the_estimated_temporaries(method, device):
     x = torch.randn(tokens, h, **bf16, requires_grad=True)
     ids = torch.stack([torch.randperm(e, device=device)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k, **bf16, requires_grad=True)
-    with force_triton() if device.type == "cpu" else contextlib.nullcontext():
-        y = moe_experts_triton(x, ids, weights, Experts(gate_up, down, None, None, *adapters, "silu"))
-        grad = torch.randn_like(y)
-        with LiveBytes() as allocated:
-            y.backward(grad)
+    y = moe_experts_triton(x, ids, weights, Experts(gate_up, down, None, None, *adapters, "silu"))
+    grad = torch.randn_like(y)
+    with LiveBytes() as allocated:
+        y.backward(grad)
     estimated = sum(t.bytes(tokens) for t in backward_terms(c, method, RANK))
     weight_gradients = 2 * (gate_up.numel() + down.numel()) if method == "full" else 0
     if method == "lora":
