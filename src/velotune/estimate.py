@@ -71,9 +71,17 @@ h @ A_down as a ctx attribute:
     The head gradient (2 B x V x h) exists from the forward pass on; the embedding gradient (an
     untied, trained embedding) only after the last layer's backward.
 
+Mixture-of-experts layers (Qwen3-MoE, gpt-oss) replace the MLP's terms by their router's and
+grouped experts' (velotune.estimate_experts: routed gate|up rows 2 B x 2I x k, the route plan,
+which a checkpointed layer keeps too, the router's probabilities; their backward's peak; a 4-bit
+layer's experts dequantized whole, 2 B x 3 E I h, instead of one projection), their adapters are
+per expert, and only q/k/v/o go through the fused LoRA blocks. A model with dense and MoE layers
+sums them layer by layer. gpt-oss's attention sinks pad q, k, v to d + 1 rounded up to 8
+(`attention_terms`).
+
 The per-layer terms, the recomputed layer's and the checkpointed layer's are pinned exactly
-against what autograd saves (tests/test_estimate_saved_bytes.py, small Llama and Qwen3 layers, full,
-LoRA and QLoRA). The step peak: measured on an H100 with the decoder of velotune.models.transformer
+against what autograd saves (tests/test_estimate_saved_bytes.py, small Llama, Qwen3, Qwen3-MoE and
+gpt-oss layers, full, LoRA and QLoRA), and the experts' backward peak against what it allocates. The step peak: measured on an H100 with the decoder of velotune.models.transformer
 (Llama-3.2-1B full at batch 8 x 2048 and 4 x 1024, checkpointing on and off; small Gemma 2 and
 Qwen3 configs), max(forward end, backward start, backward end) came within 4% of the measured peak
 above the weights; the weights came about 64 MiB under what was allocated before the step (buffers
@@ -91,11 +99,12 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from velotune import estimate_experts as experts
+from velotune.memory_terms import BF16, F32, Term
 from velotune.models.config import ModelConfig
 from velotune.models.known_configs import KNOWN_CONFIGS, known_config
 
 GIB = 2**30
-BF16, F32 = 2, 4
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -162,11 +171,24 @@ class Estimate:
 
 
 def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each projection of one decoder layer."""
+    """(out_features, in_features) of each projection of one dense decoder layer."""
     h, i = config.hidden_size, config.intermediate_size
+    return {**attention_shapes(config), "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def attention_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    h = config.hidden_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+
+
+def layer_kinds(config: ModelConfig) -> list[bool]:
+    """For each decoder layer, whether its MLP is a mixture of experts."""
+    return [config.is_moe(i) for i in range(config.num_hidden_layers)]
+
+
+def mlp_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    return [shape for name, shape in projection_shapes(config).items() if name not in attention_shapes(config)]
 
 
 def nf4_bytes(numel: int) -> int:
@@ -176,7 +198,29 @@ def nf4_bytes(numel: int) -> int:
 
 
 def lora_parameters(config: ModelConfig, r: int) -> int:
-    return config.num_hidden_layers * sum(r * (o + i) for o, i in projection_shapes(config).values())
+    """Adapters on the seven projections of every layer; on a mixture-of-experts layer the MLP
+    projections mean its experts (per-expert adapters)."""
+    return sum(adapter_tensors(config, r))
+
+
+def adapter_tensors(config: ModelConfig, r: int) -> list[int]:
+    """Element counts of every adapter tensor (A and B) of the model."""
+    out: list[int] = []
+    for moe in layer_kinds(config):
+        out += [n for o, i in attention_shapes(config).values() for n in (r * i, o * r)]
+        out += experts.expert_adapter_tensors(config, r) if moe else [n for o, i in mlp_shapes(config)
+                                                                      for n in (r * i, o * r)]
+    return out
+
+
+def quantized_matrices(config: ModelConfig) -> list[int]:
+    """Element counts of the matrices a 4-bit base stores as NF4: every layer's attention
+    projections and its MLP's (a mixture-of-experts layer's two stacked expert weights)."""
+    out: list[int] = []
+    for moe in layer_kinds(config):
+        out += [o * i for o, i in attention_shapes(config).values()]
+        out += experts.expert_matrices(config) if moe else [o * i for o, i in mlp_shapes(config)]
+    return out
 
 
 def embedding_bytes(config: ModelConfig) -> int:
@@ -206,19 +250,17 @@ def _all_weight_bytes(config: ModelConfig, setup: Setup) -> int:
     adapters = F32 * lora_parameters(config, setup.lora_r)
     if setup.method == "lora":
         return BF16 * params + adapters
-    matrices = [o * i for o, i in projection_shapes(config).values()]
-    quantized = config.num_hidden_layers * sum(matrices)
-    return BF16 * (params - quantized) + config.num_hidden_layers * sum(map(nf4_bytes, matrices)) + adapters
+    matrices = quantized_matrices(config)
+    return BF16 * (params - sum(matrices)) + sum(map(nf4_bytes, matrices)) + adapters
 
 
 def trainable_tensors(config: ModelConfig, setup: Setup) -> list[int]:
     """Element counts of the trainable tensors: the adapters' A and B, or for a full fine-tune
-    the matrices plus the vectors (norm weights; biases counted as hidden-size vectors)."""
-    shapes = projection_shapes(config).values()
+    the matrices (routers included) plus the vectors (norm weights; biases counted as
+    hidden-size vectors)."""
     if setup.method != "full":
-        r = setup.lora_r
-        return [n for o, i in shapes for n in (r * i, o * r)] * config.num_hidden_layers
-    matrices = [o * i for o, i in shapes] * config.num_hidden_layers
+        return adapter_tensors(config, setup.lora_r)
+    matrices = quantized_matrices(config) + [config.num_experts * config.hidden_size] * experts.moe_layers(config)
     matrices += [config.vocab_size * config.hidden_size] * (1 if config.tie_word_embeddings else 2)
     rest = config.num_parameters() - sum(matrices)
     h = config.hidden_size
@@ -235,19 +277,6 @@ def optimizer_bytes(tensors: list[int], optim: str) -> int:
         else:
             total += 2 * (n + F32 * -(-n // ADAMW8BIT_BLOCKSIZE) + F32 * 256)
     return total
-
-
-@dataclass(frozen=True)
-class Term:
-    """One thing kept in memory: `what` names it with its size in symbols; `per_token` bytes
-    for each of the T = batch x seq tokens, plus `fixed` bytes that do not scale with T."""
-
-    what: str
-    per_token: int
-    fixed: int = 0
-
-    def bytes(self, tokens: int) -> int:
-        return self.per_token * tokens + self.fixed
 
 
 def mlp_wide_bytes(config: ModelConfig, setup: Setup) -> tuple[int, int]:
@@ -275,50 +304,85 @@ def mlp_chunk_bytes(config: ModelConfig, tokens: int) -> int:
     return row * min(rows, tokens)
 
 
-def layer_terms(config: ModelConfig, setup: Setup, recomputation: bool = False) -> list[Term]:
-    """What one decoder layer keeps for backward without checkpointing (see module docstring).
-    `recomputation`: what a checkpoint's recomputation of the layer keeps, the same less h @ A of
-    the down adapter, which only the layer's first forward makes (`checkpoint_terms` counts it)."""
+def layer_terms(config: ModelConfig, setup: Setup, recomputation: bool = False, moe: bool = False) -> list[Term]:
+    """What one decoder layer keeps for backward without checkpointing (see module docstring);
+    `moe`: a mixture-of-experts layer (velotune.estimate_experts). `recomputation`: what a
+    checkpoint's recomputation of the layer keeps, the same less h @ A of the down adapter, which
+    only a dense layer's first forward makes (`checkpoint_terms` counts it)."""
     h, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
     q, kv = heads * config.head_dim, kv_heads * config.head_dim
-    explicit_attention = config.attn_logit_softcapping is not None
-    mlp_saved = mlp_wide_bytes(config, setup)[0]
-    mlp = (Term("gate, up and act(gate) * up: 2 B x 3i", mlp_saved) if setup.method == "full"
-           else Term("gate and up (act(gate) * up is remade in the backward): 2 B x 2i", mlp_saved))
     terms = [
         Term("layer input x and input_layernorm output: 2 B x 2h", BF16 * 2 * h),
-        Term("q after RoPE and attention output: 2 B x 2q", BF16 * 2 * q),
         Term("x_mid = x + attention and the MLP norm output: 2 B x 2h", BF16 * 2 * h),
-        mlp,
         Term("RMSNorm rstd, 2 norms: 4 B x 2", F32 * 2),
+        *attention_terms(config, setup),
     ]
-    if explicit_attention:  # Gemma 2 soft-capping: matmul, tanh, softmax instead of SDPA
-        b, s = setup.batch, setup.seq
-        terms += [Term("k and v repeated to all heads: 2 B x 2q", BF16 * 2 * q),
-                  Term("tanh(scores) bf16, softmax f32, probs bf16, causal mask: (8 B x batch x H + 1 B) x seq^2",
-                       0, (8 * b * heads + 1) * s * s)]
-    else:
-        terms += [Term("k after RoPE and v: 2 B x 2kv", BF16 * 2 * kv),
-                  Term("flash-attention log-sum-exp: 4 B x H", F32 * heads)]
     if config.qk_norm:
         terms.append(Term("q and k before q_norm/k_norm, their rstd: 2 B x (q + kv) + 4 B x (H + Hkv)",
                           BF16 * (q + kv) + F32 * (heads + kv_heads)))
     if config.sandwich_norms:
         terms.append(Term("attention and MLP outputs into the sandwich norms, rstd: 2 B x 2h + 4 B x 2",
                           BF16 * 2 * h + F32 * 2))
+    r = setup.lora_r
+    if moe:
+        terms += experts.saved_terms(config, setup.method, setup.batch * setup.seq, r)
+    elif setup.method == "full":
+        terms.append(Term("gate, up and act(gate) * up: 2 B x 3i", mlp_wide_bytes(config, setup)[0]))
+    else:
+        terms.append(Term("gate and up (act(gate) * up is remade in the backward): 2 B x 2i",
+                          mlp_wide_bytes(config, setup)[0]))
     if setup.method != "full":
-        r = setup.lora_r
-        terms.append(Term("X @ A of the q/k/v, o and gate/up adapters: 2 B x 6r", BF16 * 6 * r))
-        if not recomputation:
+        if moe:
+            terms.append(Term("X @ A of the q/k/v and o adapters: 2 B x 4r", BF16 * 4 * r))
+        else:
+            terms.append(Term("X @ A of the q/k/v, o and gate/up adapters: 2 B x 6r", BF16 * 6 * r))
+        if not recomputation and not moe:
             terms.append(_down_xa_term(setup))
+        fused = attention_shapes(config).values() if moe else projection_shapes(config).values()
         terms.append(Term("bf16 copies of the adapters' A and B, saved by the fused blocks: 2 B x r x sum(in + out)",
-                          0, BF16 * lora_parameters(config, r) // config.num_hidden_layers))
+                          0, BF16 * r * sum(o + i for o, i in fused)))
     return terms
+
+
+def attention_terms(config: ModelConfig, setup: Setup) -> list[Term]:
+    """What attention keeps: flash attention's q, k, v, output and log-sum-exp; Gemma 2's
+    soft-capped explicit attention; or gpt-oss's sinks (models/sinks.py), where q, k, v and the
+    output are padded to W = d + 1 rounded up to 8 per head, k and v repeated to every head with
+    the sink key first, the mask carries the sink's column and o_proj keeps a copy of the output
+    cut back to d (measured on the CPU; the GPU's memory-efficient kernel pads its log-sum-exp
+    to 32 rows)."""
+    heads, d = config.num_attention_heads, config.head_dim
+    q, kv = heads * d, config.num_key_value_heads * d
+    b, s = setup.batch, setup.seq
+    if config.attn_logit_softcapping is not None:  # Gemma 2 soft-capping: matmul, tanh, softmax instead of SDPA
+        return [Term("q after RoPE and attention output: 2 B x 2q", BF16 * 2 * q),
+                Term("k and v repeated to all heads: 2 B x 2q", BF16 * 2 * q),
+                Term("tanh(scores) bf16, softmax f32, probs bf16, causal mask: (8 B x batch x H + 1 B) x seq^2",
+                     0, (8 * b * heads + 1) * s * s)]
+    if config.attention_sinks:
+        width = (d + 1 + 7) // 8 * 8
+        return [Term("padded q and output, the output cut back for o_proj: 2 B x (2 H W + q)",
+                     BF16 * (2 * heads * width + q)),
+                Term("padded k and v on every head, the sink key too: 2 B x 2 H W x (1 + 1/seq)",
+                     BF16 * 2 * heads * width, BF16 * 2 * b * heads * width),
+                Term("log-sum-exp: 4 B x H", F32 * heads),
+                Term("the mask with the sink's column, bf16: 2 B x seq x (seq + 1)", 0, BF16 * s * (s + 1))]
+    return [Term("q after RoPE and attention output: 2 B x 2q", BF16 * 2 * q),
+            Term("k after RoPE and v: 2 B x 2kv", BF16 * 2 * kv),
+            Term("flash-attention log-sum-exp: 4 B x H", F32 * heads)]
 
 
 def _down_xa_term(setup: Setup) -> Term:
     return Term("h @ A of the down adapter, kept by the fused MLP from forward to backward: 2 B x r",
                 BF16 * setup.lora_r)
+
+
+def layer_bytes(config: ModelConfig, setup: Setup, recomputation: bool = False) -> list[int]:
+    """What each decoder layer keeps for backward (`layer_terms`), layer by layer."""
+    tokens = setup.batch * setup.seq
+    kinds = layer_kinds(config)
+    size = {moe: sum(t.bytes(tokens) for t in layer_terms(config, setup, recomputation, moe)) for moe in set(kinds)}
+    return [size[moe] for moe in kinds]
 
 
 def model_terms(config: ModelConfig, setup: Setup) -> list[Term]:
@@ -333,20 +397,26 @@ def model_terms(config: ModelConfig, setup: Setup) -> list[Term]:
         terms.append(Term("loss head gradient, f32 accumulator and bf16 copy: 6 B x V x h", 0,
                           (F32 + BF16) * config.vocab_size * h))
     if setup.method == "qlora":
-        terms.append(_dequantized_term(config))
+        terms.append(max((_dequantized_term(config, moe) for moe in set(layer_kinds(config))), key=lambda t: t.fixed))
     return terms
 
 
-def _dequantized_term(config: ModelConfig) -> Term:
+def _dequantized_term(config: ModelConfig, moe: bool) -> Term:
+    if moe:
+        return Term("a layer's 4-bit experts dequantized: 2 B x 3 E I h", 0, experts.dequantized_experts_bytes(config))
     largest = max(o * i for o, i in projection_shapes(config).values())
     return Term("one dequantized projection: 2 B x largest out x in", 0, BF16 * largest)
 
 
-def backward_terms(config: ModelConfig, setup: Setup) -> list[Term]:
+def backward_terms(config: ModelConfig, setup: Setup, moe: bool = False) -> list[Term]:
     """Tmp: temporaries of one layer's backward, on top of its saved activations. The peak is in
-    the MLP's backward, while every saved tensor of the layer is still alive."""
+    the MLP's backward, while every saved tensor of the layer is still alive; `moe`: of a
+    mixture-of-experts layer (velotune.estimate_experts)."""
     h = config.hidden_size
-    if setup.method == "full":
+    if moe:
+        terms = [Term("gradient of the layer output: 2 B x h", BF16 * h),
+                 *experts.backward_terms(config, setup.method, setup.lora_r)]
+    elif setup.method == "full":
         terms = [Term("activation gradients of one layer: 2 B x (2h + 2i)",
                       BF16 * 2 * h + mlp_wide_bytes(config, setup)[1])]
     else:
@@ -356,29 +426,41 @@ def backward_terms(config: ModelConfig, setup: Setup) -> list[Term]:
         terms = [Term("gradient of the layer output: 2 B x h", BF16 * h),
                  Term("then one of: a dh chunk of the fused MLP (rows x i, <= 64 MiB) or its input gradient "
                       "(2 B x T x h)", 0, max(mlp_chunk_bytes(config, tokens), BF16 * h * tokens))]
-        if setup.method == "qlora":
-            terms.append(_dequantized_term(config))
+    if setup.method == "qlora":
+        terms.append(_dequantized_term(config, moe))
     if config.attn_logit_softcapping is not None:
         terms.append(Term("f32 gradient of the attention scores: 4 B x batch x H x seq^2", 0,
                           F32 * setup.batch * config.num_attention_heads * setup.seq**2))
     return terms
 
 
-def checkpoint_terms(config: ModelConfig, setup: Setup | None = None) -> list[Term]:
-    """What one checkpointed layer keeps from its forward to its backward: its input, and with
-    the fused LoRA MLP h @ A of the down adapter (a ctx attribute, not a saved tensor, so
-    torch's checkpoint does not drop it). Without a setup: a full fine-tune's."""
+def backward_bytes(config: ModelConfig, setup: Setup) -> int:
+    """Tmp of the layer kind whose backward adds the most."""
+    tokens = setup.batch * setup.seq
+    return max(sum(t.bytes(tokens) for t in backward_terms(config, setup, moe)) for moe in set(layer_kinds(config)))
+
+
+def checkpoint_terms(config: ModelConfig, setup: Setup | None = None, moe: bool = False) -> list[Term]:
+    """What one checkpointed layer keeps from its forward to its backward: its input, and what
+    autograd Functions keep as ctx attributes, which torch's checkpoint does not drop: the fused
+    LoRA MLP's h @ A of the down adapter, a mixture-of-experts layer's route plan. Without a
+    setup: a full fine-tune's dense layer."""
     terms = [Term("layer input: 2 B x h", BF16 * config.hidden_size)]
-    if setup is not None and setup.method != "full":
+    if setup is not None and moe:
+        terms += experts.plan_terms(config, setup.batch * setup.seq)
+    elif setup is not None and setup.method != "full":
         terms.append(_down_xa_term(setup))
     return terms
 
 
 def checkpoint_term(config: ModelConfig, setup: Setup | None = None) -> Term:
-    per_layer = checkpoint_terms(config, setup)
-    what = "checkpointed layer inputs: L x 2 B x h" if len(per_layer) == 1 else \
-        "checkpointed layer inputs and h @ A_down: L x 2 B x (h + r)"
-    return Term(what, config.num_hidden_layers * sum(t.per_token for t in per_layer))
+    """Every layer checkpointed: their inputs and what their graphs keep."""
+    kinds = layer_kinds(config)
+    per_kind = {moe: checkpoint_terms(config, setup, moe) for moe in set(kinds)}
+    what = ("checkpointed layer inputs: L x 2 B x h" if all(len(t) == 1 for t in per_kind.values()) else
+            "checkpointed layer inputs and what their graphs keep (h @ A_down, route plans)")
+    return Term(what, sum(t.per_token for moe in kinds for t in per_kind[moe]),
+                sum(t.fixed for moe in kinds for t in per_kind[moe]))
 
 
 def estimate(config: ModelConfig, setup: Setup) -> Estimate:
@@ -386,10 +468,10 @@ def estimate(config: ModelConfig, setup: Setup) -> Estimate:
     trainable = params if setup.method == "full" else lora_parameters(config, setup.lora_r)
     grad_bytes = BF16 if setup.method == "full" else F32
     tokens = setup.batch * setup.seq
-    layer = sum(term.bytes(tokens) for term in layer_terms(config, setup))
-    recomputed = sum(term.bytes(tokens) for term in layer_terms(config, setup, recomputation=True))
+    layers = layer_bytes(config, setup)
+    recomputed = max(layer_bytes(config, setup, recomputation=True))
     model_wide = sum(term.bytes(tokens) for term in model_terms(config, setup))
-    temporaries = sum(term.bytes(tokens) for term in backward_terms(config, setup))
+    temporaries = backward_bytes(config, setup)
     gradients = grad_bytes * trainable
     full = setup.method == "full"
     head_gradient = BF16 * config.vocab_size * config.hidden_size if full else 0
@@ -399,15 +481,15 @@ def estimate(config: ModelConfig, setup: Setup) -> Estimate:
         backward_start = checkpointed + head_gradient + temporaries + recomputed
         last_layer = recomputed
     else:
-        backward_start = config.num_hidden_layers * layer + head_gradient + temporaries
-        last_layer = layer
+        backward_start = sum(layers) + head_gradient + temporaries
+        last_layer = max(layers)
     backward_end = max(gradients - embedding_gradient + last_layer + temporaries, gradients)
     return Estimate(
         config=config, setup=setup, parameters=params, trainable_parameters=trainable,
         weights=weight_bytes(config, setup), gradients=gradients, host_weights=host_weight_bytes(config, setup),
         optimizer=optimizer_bytes(trainable_tensors(config, setup), setup.optim),
         activations_checkpointed=checkpointed + max(model_wide, recomputed),
-        activations_full=config.num_hidden_layers * layer + model_wide,
+        activations_full=sum(layers) + model_wide,
         backward_peak=max(backward_start, backward_end),
     )
 

@@ -1,6 +1,8 @@
 """`velotune train` through the CLI on a tiny random model of each family issue 20 added (LoRA,
-a few steps on the CPU), then the run exported to GGUF and read back with the same logits
-(dense families; llama.cpp's own loading of these files is `make test-llamacpp`)."""
+a few steps on the CPU), then the run exported to GGUF and read back with the same logits, and
+(mixture-of-experts families, whose adapters sit on the experts) to a merged Hugging Face folder
+that transformers runs with the same logits. llama.cpp's own loading of such files is
+tests/export/test_llamacpp.py (`make test-llamacpp`)."""
 from __future__ import annotations
 
 import json
@@ -22,8 +24,11 @@ FAMILIES = {
         original_max_position_embeddings=64))),
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
                                          norm_topk_prob=True)),
+    # YaRN as llama.cpp computes it (truncate: true), so the GGUF reads back with the same logits
     "gpt_oss": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
-                                     sliding_window=8)),
+                                     sliding_window=8, rope_parameters=dict(
+                                         rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                                         beta_slow=1.0, original_max_position_embeddings=64, truncate=True))),
 }
 DENSE = {"gemma3", "smollm3", "phi4", "mistral-small", "llama3.2"}
 
@@ -45,13 +50,19 @@ def test_train_and_export(family, tmp_path):
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0], losses
     trained, tokenizer = velotune.load_model(run / "adapter", dtype=torch.float32, device="cpu")
+    ids = torch.tensor([tokenizer.encode("What is 3 plus 3?")])
+    with torch.no_grad():
+        want = trained.eval()(ids).logits
+    assert main(["export", str(run), "--to", "gguf", "--quant", "f32"]) == 0
+    back, _ = velotune.load_model(run / "export-gguf" / "model-f32.gguf", dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        assert (back.eval()(ids).logits - want).abs().max() <= 1e-4 * want.abs().max()
     if family not in DENSE:
         adapted = {n for n, _ in trained.named_parameters() if "lora" in n}
         assert any(".experts.gate_up_lora_A" in n for n in adapted) and not any("router" in n for n in adapted)
-        return
-    assert main(["export", str(run), "--to", "gguf", "--quant", "f32"]) == 0
-    back, _ = velotune.load_model(run / "export-gguf" / "model-f32.gguf", dtype=torch.float32, device="cpu")
-    ids = torch.tensor([tokenizer.encode("What is 3 plus 3?")])
-    with torch.no_grad():
-        want, got = trained.eval()(ids).logits, back.eval()(ids).logits
-    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+        import transformers
+
+        assert main(["export", str(run), "--to", "hf"]) == 0
+        merged = transformers.AutoModelForCausalLM.from_pretrained(run / "export-hf", dtype=torch.float32)
+        with torch.no_grad():
+            assert (merged.eval()(ids).logits - want).abs().max() <= 1e-5 * want.abs().max()

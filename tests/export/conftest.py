@@ -36,6 +36,13 @@ FAMILIES = {
                    query_pre_attn_scalar=16, rope_theta=1e6, rope_local_base_freq=10000.0,
                    rope_scaling=dict(rope_type="linear", factor=8.0)),
     "smollm3": dict(model_type="smollm3", num_hidden_layers=4, rope_theta=2e6),
+    "qwen3_moe": dict(model_type="qwen3_moe", head_dim=16, num_experts=5, num_experts_per_tok=2,
+                      moe_intermediate_size=40, norm_topk_prob=True, tie_word_embeddings=False),
+    # gpt-oss's YaRN with the correction range llama.cpp computes (truncate: true)
+    "gpt_oss": dict(model_type="gpt_oss", head_dim=16, num_local_experts=5, num_experts_per_tok=2, intermediate_size=40,
+                    sliding_window=4, rope_theta=150000.0, tie_word_embeddings=False,
+                    rope_scaling=dict(rope_type="yarn", factor=32.0, original_max_position_embeddings=64,
+                                      beta_fast=32.0, beta_slow=1.0, truncate=True)),
 }
 
 
@@ -60,6 +67,56 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides) -> Tran
         for name, p in model.named_parameters():
             p.normal_(0.0, 0.3 if ("norm" in name or name.endswith("bias")) else 0.1)
     return model.eval()
+
+
+def hf_source(config_class: str, folder: Path, **config) -> Transformer:
+    """A tiny random transformers model (vocabulary 160, 2 layers) saved to `folder` and loaded by
+    us (so ModelConfig.source is set); norms random around 1, and the experts, routers and sinks
+    (which transformers starts at zero or near it) random too."""
+    import transformers
+
+    cfg = getattr(transformers, config_class)(**{**dict(
+        vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2), **config})
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+            elif "experts" in name or "router" in name or name.endswith("mlp.gate.weight") or "sinks" in name:
+                p.normal_(0.0, 0.2)
+    ref.save_pretrained(folder)
+    model, _ = velotune.load_model(folder, dtype=torch.float32, device="cpu")
+    return model.eval()
+
+
+def assert_transformers_matches(model: Transformer, folder: Path, atol: float = 1e-5) -> None:
+    """transformers (the oracle) loads the exported folder and computes the model's logits."""
+    import transformers
+
+    ids = sample_ids(model.config.vocab_size)
+    with torch.no_grad():
+        ours = model(ids).logits
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(ids).logits
+    scale = ours.abs().max()
+    assert (ours - ref).abs().max() <= atol * scale, float((ours - ref).abs().max() / scale)
+
+
+def merged_export(model: Transformer, out: Path) -> set[str]:
+    """Export `model` as a merged HF folder, check the live model is left as it was (adapters are
+    merged on the side) and that transformers computes its logits; the tensor names written."""
+    from safetensors import safe_open
+
+    from velotune.export import export
+
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    export(model, to="hf", out=out)
+    assert_transformers_matches(model, out)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
 
 
 def sample_ids(vocab_size: int, seed: int = 1, length: int = 12) -> torch.Tensor:

@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import sample_ids, tiny_model
+from conftest import assert_transformers_matches, merged_export, sample_ids, tiny_model
+from conftest import hf_source as conftest_hf_source
 from safetensors import safe_open
 
 import velotune
@@ -21,29 +22,8 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 160
 
 
-def hf_source(family_cls: str, tmp_path, **extra):
-    """A tiny transformers model saved to disk and loaded by us (so ModelConfig.source is set)."""
-    cfg = getattr(transformers, family_cls)(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                            bos_token_id=1, eos_token_id=2, **extra)
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg).float()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.2)
-    ref.save_pretrained(tmp_path / "base")
-    model, _ = velotune.load_model(tmp_path / "base", dtype=torch.float32, device="cpu")
-    return model.eval()
-
-
-def assert_transformers_matches(model, folder, atol=1e-5):
-    ids = sample_ids(model.config.vocab_size)
-    with torch.no_grad():
-        ours = model(ids).logits
-        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(ids).logits
-    scale = ours.abs().max()
-    assert (ours - ref).abs().max() <= atol * scale, float((ours - ref).abs().max() / scale)
+def hf_source(config_class: str, tmp_path, **extra):
+    return conftest_hf_source(config_class, tmp_path / "base", intermediate_size=96, **extra)
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
@@ -57,13 +37,8 @@ def test_lora_merged_matches_transformers(tmp_path, dora):
     with torch.no_grad():
         adapted = model(sample_ids(VOCAB)).logits
     assert (adapted - base_logits).abs().max() > 1e-2  # the adapter really changes the model
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    out = export(model, to="hf", out=tmp_path / "merged")
-    assert_transformers_matches(model, out)
-    for n, p in model.named_parameters():  # the live model is left as it was
-        assert torch.equal(p, before[n]), n
-    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        names = set(f.keys())
+    out = tmp_path / "merged"
+    names = merged_export(model, out)
     assert "lm_head.weight" not in names and not any("lora" in n for n in names)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
 

@@ -26,7 +26,12 @@ FAMILY_TOKENS = {
     "mistral": ("<s>", "</s>", "</s>", "Mistral"),
     "gemma2": ("<bos>", "<eos>", "<end_of_turn>", "Gemma"),
     "phi3": ("<s>", "<|endoftext|>", "<|end|>", "Phi-3"),
+    "gemma3": ("<bos>", "<eos>", "<end_of_turn>", "Gemma"),
+    "smollm3": ("<|begin_of_text|>", "<|im_end|>", "<|im_end|>", "ChatML"),
+    "phi4": ("<|endoftext|>", "<|im_end|>", "<|im_end|>", "Phi-4"),
+    "mistral-small3": ("<s>", "</s>", "</s>", "Mistral (system prompt)"),
 }
+WITH_DEFAULT_SYSTEM = ("smollm2", "qwen2", "smollm3", "mistral-small3")
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there!"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
@@ -61,6 +66,17 @@ def test_go_template_renders_like_the_jinja_template(family):
     assert compared >= 2
 
 
+def test_smollm3_system_turn_keeps_its_metadata_preamble_and_open_end():
+    """SmolLM3's system turn: a dated metadata preamble before the text, a blank line and no
+    end-of-turn marker after it (as its template writes it without tools)."""
+    fmt = detect_chat_format((FIXTURES / "smollm3.jinja").read_text(), "<|begin_of_text|>", "<|im_end|>")
+    assert fmt.system_prefix.startswith("<|im_start|>system\n## Metadata\n\nKnowledge Cutoff Date: June 2025\n")
+    assert fmt.system_suffix == "\n\n" and fmt.default_system.startswith("You are a helpful AI assistant")
+    prompt = ollama_prompt(fmt.go_template(), CONVERSATIONS[1], fmt.default_system)
+    assert prompt.endswith("## Custom Instructions\n\nBe brief.\n\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+                           "<|im_start|>assistant\n")
+
+
 def test_gemma2_system_prompt_goes_into_the_first_user_turn():
     fmt = detect_chat_format((FIXTURES / "gemma2.jinja").read_text(), "<bos>", "<eos>")
     prompt = ollama_prompt(fmt.go_template(), CONVERSATIONS[1], None)
@@ -78,7 +94,7 @@ def test_modelfile_stops_and_sampling(family):
     assert f'PARAMETER stop "{end_of_turn}"' in lines and f'PARAMETER stop "{eos}"' in lines
     assert {"PARAMETER temperature 0.2", "PARAMETER top_p 0.9", "PARAMETER top_k 40"} <= set(lines)
     assert not any("max_length" in line for line in lines)
-    assert any(line.startswith("SYSTEM ") for line in lines) == (family in ("smollm2", "qwen2"))
+    assert any(line.startswith("SYSTEM ") for line in lines) == (family in WITH_DEFAULT_SYSTEM)
 
 
 def test_ollama_export_writes_gguf_and_modelfile(tmp_path, bpe_tokenizer):

@@ -334,8 +334,8 @@ def test_unexpected_tensor(tmp_path):
 
 def test_unsupported_rope_scaling(tmp_path):
     _, _, contents = write_family(tmp_path, "llama")
-    contents.metadata["llama.rope.scaling.type"] = "yarn"
-    with pytest.raises(LoadError, match=r"m\.gguf: llama\.rope\.scaling\.type='yarn' is not supported"):
+    contents.metadata["llama.rope.scaling.type"] = "longrope"
+    with pytest.raises(LoadError, match=r"m\.gguf: llama\.rope\.scaling\.type='longrope' is not supported"):
         open_gguf(write_gguf(tmp_path / "m.gguf", contents))
 
 

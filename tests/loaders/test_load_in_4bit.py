@@ -179,3 +179,63 @@ def test_peak_gpu_memory_while_loading_stays_near_the_4bit_size(tmp_path):
     assert resident < 2 * linear * 0.6 + 2 * 2 * 8000 * 2048          # 4-bit linears + bf16 embed/head
     assert peak - resident < 24 * largest                              # one layer's quantization workspace
     assert peak < 0.6 * (2 * linear + 2 * 2 * 8000 * 2048)            # well under the bf16 model
+
+
+MOE = {"qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=96,
+                                            head_dim=16)),
+       "gpt_oss": ("GptOssConfig", dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=96,
+                                        head_dim=16, sliding_window=8))}
+
+
+@pytest.mark.parametrize("family", sorted(MOE))
+def test_experts_are_quantized_as_they_stream_one_layer_at_a_time(family, tmp_path):
+    """Qwen3-MoE's experts arrive one tensor per expert, gpt-oss's whole and transposed: either way
+    the 4-bit experts equal quantizing after the load, and only one layer's 16-bit stacked expert
+    weights are alive at any time: for Qwen3-MoE its two buffers, which fill together (the file
+    goes expert by expert), for gpt-oss one buffer, the file's tensor and its de-interleaved copy
+    on their way in. Quantizing after the load held all 2 x 6."""
+    from tests.live_storages import LiveStorages
+    from velotune.quant.experts4bit import ExpertWeights4bit, quantize_experts
+
+    cls, extra = MOE[family]
+    config = getattr(transformers, cls)(**{**TINY, "num_hidden_layers": 6, **extra})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    expert_shapes = {(6, 192, 64), (6, 64, 96)}
+    with LiveStorages(lambda shape: tuple(shape) in expert_shapes) as live:
+        streamed, _ = velotune.load_model(tmp_path, dtype=torch.float32, device="cpu", load_in_4bit=True)
+    assert 1 <= live.most <= (2 if family == "qwen3_moe" else 3), live.most
+    assert all(isinstance(layer.mlp.experts, ExpertWeights4bit) for layer in streamed.model.layers)
+    assert len(streamed.quant_report.quantized) == 6 * 4 + 6          # q/k/v/o per layer, and the experts
+    after, _ = velotune.load_model(tmp_path, dtype=torch.float32, device="cpu")
+    assert sum(tuple(p.shape) in expert_shapes for p in after.parameters()) == 2 * 6   # what quantizing after held
+    quantize_linears(after)
+    assert quantize_experts(after) == 6
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        assert torch.equal(streamed.eval()(ids).logits, after.eval()(ids).logits)
+    kept, _ = velotune.load_model(tmp_path, dtype=torch.float32, device="cpu", load_in_4bit=True,
+                                  keep_16bit=["lm_head", "model.layers.0.mlp.experts"])
+    assert not isinstance(kept.model.layers[0].mlp.experts, ExpertWeights4bit)
+    assert kept.quant_report.kept["model.layers.0.mlp.experts"] == "keep_16bit"
+
+
+@pytest.mark.gpu
+def test_peak_gpu_memory_while_loading_4bit_experts_stays_near_one_layer(tmp_path):
+    """A random Qwen3-MoE with 16 layers of 16 experts (bf16 experts: 151 MiB a layer, 2.4 GiB in
+    all): loading in 4-bit peaks at the resident 4-bit model plus about one layer's 16-bit experts
+    and their quantization workspace, not at the 16-bit experts of every layer."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=8000, hidden_size=2048, intermediate_size=4096, num_hidden_layers=16,
+                                      num_attention_heads=16, num_key_value_heads=4, head_dim=128, num_experts=16,
+                                      num_experts_per_tok=4, moe_intermediate_size=768)
+    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model, _ = velotune.load_model(tmp_path, dtype=torch.bfloat16, device="cuda", load_in_4bit=True)
+    peak = torch.cuda.max_memory_allocated() - before
+    resident = torch.cuda.memory_allocated() - before
+    layer = 2 * 16 * 3 * 2048 * 768                                   # one layer's bf16 experts
+    assert peak - resident < 4 * layer, (peak - resident) / layer
+    # 4-bit experts (~0.27 of bf16), bf16 embedding and head, attention at under 1 byte a weight
+    assert resident < 0.35 * 16 * layer + 2 * 2 * 8000 * 2048 + 16 * 2048 * 5120

@@ -224,3 +224,24 @@ def test_trainer_reports_the_auto_choice_and_trains_with_offload(tmp_path):
     assert model.checkpoint_choice.layers >= 3       # the last forward's own choice
     assert model.offload_stats.offloaded == 5 * model.checkpoint_choice.layers   # 3 pieces: input, q, k, v, residual
     assert auto == plain
+
+
+QWEN3_MOE, _ = load_config("Qwen3-30B-A3B")
+# Hand arithmetic, Qwen3-30B-A3B LoRA r16 (h 2048, q 4096, kv 512, 32 heads, 4 kv heads, q/k norms;
+# 128 experts of 768, top 8), per token: attention and norms keep 2 B x (4h + 2q + 2kv) + 4 B x (2 + 32)
+# + 2 B x (q + kv) + 4 B x (32 + 4) = 44,312 B; the router and experts 2 B x 2 x 768 x 8 (gate|up rows)
+# + 6 B x 8 (routing weights) + 8 B x 8 (expert ids) + 28 B x 8 (route plan) + 4 B x 128 (router
+# probabilities) + 4 B x 9 (renormalised top 8) + 2 B x 2 x 16 x 8 (X A^T, h A^T) = 25,972 B; the
+# attention adapters' X @ A 2 B x 4 x 16 = 128 B. A checkpointed layer keeps its input and the route
+# plan, 2 B x 2048 + 28 B x 8 = 4,320 B; each layer also keeps bf16 copies of its attention adapters,
+# 2 B x 16 x 17,408 = 557,056 B whatever the tokens (the route plan's tile tables are kept either way).
+MOE_LAYER_PER_TOKEN = 44_312 + 25_972 + 128
+
+
+def test_each_checkpointed_moe_layer_saves_its_activations_minus_its_input_and_route_plan():
+    b = budget(80)
+    for n in range(0, 47):
+        saved = activation_peak(QWEN3_MOE, b, 4, 2048, n) - activation_peak(QWEN3_MOE, b, 4, 2048, n + 1)
+        assert saved == (MOE_LAYER_PER_TOKEN - 4_320) * TOKENS + 557_056
+    choice = choose_checkpointed_layers(QWEN3_MOE, budget(40, resident_gib=20.0), 4, 2048)
+    assert 0 < choice.layers < 48 and choice.fits

@@ -66,6 +66,8 @@ def test_unknown_option_on_command_line():
     ("on_nonfinite: ignore\n", "line 1: key 'on_nonfinite' must be one of stop, skip"),
     ("divergence_ratio: 0.5\n", "line 1: key 'divergence_ratio' must be above 1 (or 0 to never warn)"),
     ("resume_allow_changes: [max_step]\n", "unknown key 'max_step' (did you mean 'max_steps'?)"),
+    ("router_aux_loss_coef: -0.1\n", "line 1: key 'router_aux_loss_coef' must not be negative"),
+    ("router_aux_loss_coef: lots\n", "key 'router_aux_loss_coef' must be a number or null"),
 ])
 def test_bad_values_name_the_key_and_line(tmp_path, text, message):
     path = write(tmp_path, text)

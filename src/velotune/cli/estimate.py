@@ -22,6 +22,7 @@ from velotune.estimate import (
     backward_terms,
     checkpoint_term,
     estimate,
+    layer_kinds,
     layer_terms,
     load_config,
     model_terms,
@@ -98,17 +99,24 @@ def run(args: argparse.Namespace) -> int:
     terms.add_column("kept for backward, per layer")
     terms.add_column("GiB", justify="right")
     layers = config.num_hidden_layers
-    for term in layer_terms(config, setup):
-        terms.add_row(term.what, f"{layers * term.bytes(tokens) / GIB:.2f}")
+    kinds = layer_kinds(config)
+    for moe in sorted(set(kinds)):
+        count = kinds.count(moe)
+        if len(set(kinds)) > 1 or moe:
+            terms.add_row(f"[italic]{count} {'mixture-of-experts' if moe else 'dense'} layers[/italic]", "")
+        for term in layer_terms(config, setup, moe=moe):
+            terms.add_row(term.what, f"{count * term.bytes(tokens) / GIB:.2f}")
     terms.add_row("[italic]model-wide[/italic]", "")
     for term in model_terms(config, setup):
         terms.add_row(term.what, f"{term.bytes(tokens) / GIB:.2f}")
     terms.add_row("[italic]with checkpointing, instead of the per-layer terms[/italic]", "")
     ckpt = checkpoint_term(config, setup)
     terms.add_row(ckpt.what, f"{ckpt.bytes(tokens) / GIB:.2f}")
-    terms.add_row("[italic]backward temporaries (Tmp)[/italic]", "")
-    for term in backward_terms(config, setup):
-        terms.add_row(term.what, f"{term.bytes(tokens) / GIB:.2f}")
+    for moe in sorted(set(kinds)):
+        kind = f", {'mixture-of-experts' if moe else 'dense'} layer" if len(set(kinds)) > 1 or moe else ""
+        terms.add_row(f"[italic]backward temporaries (Tmp){kind}[/italic]", "")
+        for term in backward_terms(config, setup, moe=moe):
+            terms.add_row(term.what, f"{term.bytes(tokens) / GIB:.2f}")
     console.print(terms)
     console.print(f"  forward end: no checkpointing = L ({layers}) x per layer + model-wide; checkpointing = "
                   "layer inputs + max(model-wide, one layer)")

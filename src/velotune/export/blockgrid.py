@@ -78,8 +78,9 @@ class Codec:
         return (grid.scale[..., None] * q + grid.offset[..., None]).reshape(n, self.block)
 
     def quantize(self, w: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-        """Round-to-nearest on fitted grids: a [rows, cols] float32 matrix -> GGUF tensor bytes."""
-        rows, cols = w.shape
+        """Round-to-nearest on fitted grids: a [..., cols] float32 tensor (a matrix, or stacked
+        experts) -> GGUF tensor bytes."""
+        *lead, cols = w.shape
         x = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, self.block)
         wt = None if weights is None else np.broadcast_to(weights, w.shape).reshape(-1, self.block)
         data = np.empty((len(x), GGML_QUANT_SIZES[self.qtype][1]), np.uint8)
@@ -87,7 +88,7 @@ class Codec:
             part = slice(start, start + CHUNK_VALUES // self.block)
             grid = self.fit(x[part], None if wt is None else wt[part])
             data[part] = self.pack(self.round(x[part], grid), grid)
-        return data.reshape(rows, cols // self.block * GGML_QUANT_SIZES[self.qtype][1])
+        return data.reshape(*lead, cols // self.block * GGML_QUANT_SIZES[self.qtype][1])
 
 
 def f16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

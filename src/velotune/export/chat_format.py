@@ -4,17 +4,20 @@ Recognition never reads the template's source. Probe conversations with marker c
 rendered through the template (`velotune.tokenizer.chat_template.render`, the renderer training
 uses) and compared with what each known family's turn markers produce:
 
-    ChatML (Qwen, SmolLM2)  <|im_start|>{role}\n ... <|im_end|>\n
-    Llama 3                 <|start_header_id|>{role}<|end_header_id|>\n\n ... <|eot_id|>
-    Phi-3                   <|{role}|>\n ... <|end|>\n
-    Gemma                   <start_of_turn>{user|model}\n ... <end_of_turn>\n
-    Mistral                 [INST] ... [/INST] answer</s>   (with or without inner spaces)
+    ChatML (Qwen, SmolLM2/3) <|im_start|>{role}\n ... <|im_end|>\n
+    Llama 3                  <|start_header_id|>{role}<|end_header_id|>\n\n ... <|eot_id|>
+    Phi-3                    <|{role}|>\n ... <|end|>\n
+    Phi-4                    <|im_start|>{role}<|im_sep|> ... <|im_end|>
+    Gemma (2, 3)             <start_of_turn>{user|model}\n ... <end_of_turn>\n
+    Mistral                  [INST] ... [/INST] answer</s>   (with or without inner spaces)
+    Mistral Small 3          [SYSTEM_PROMPT] ... [/SYSTEM_PROMPT][INST] ... [/INST] answer</s>
 
 What differs between templates of one family is learned from the renders, not assumed: where a
 system message goes (its own turn, or prefixed to the first or the last user message, and with
-which separator), text the template puts before it (Llama 3.1's knowledge-date preamble, fixed
-at the date of the export when the template reads the clock), and the default system prompt it
-inserts when there is none (Qwen's, SmolLM2's). A format is accepted only when it reproduces
+which separator), text the template puts before and after it in its turn (Llama 3.1's and
+SmolLM3's metadata preambles, fixed at the date of the export when the template reads the clock;
+what closes the turn, which for SmolLM3 is a blank line and no marker), and the default system prompt it inserts when there is none
+(Qwen's, SmolLM2's, SmolLM3's, Mistral Small 3's). A format is accepted only when it reproduces
 every probe exactly; otherwise `ExportError` names the families tried.
 
 `ChatFormat.render` is the Python statement of the Go template's meaning under Ollama's rules:
@@ -53,10 +56,13 @@ FAMILIES = (
            "<|start_header_id|>assistant<|end_header_id|>\n\n"),
     Family("Phi-3", ("<|user|>\n", "<|end|>\n"), ("<|assistant|>\n", "<|end|>\n"), ("<|system|>\n", "<|end|>\n"),
            "<|assistant|>\n"),
+    Family("Phi-4", ("<|im_start|>user<|im_sep|>", "<|im_end|>"), ("<|im_start|>assistant<|im_sep|>", "<|im_end|>"),
+           ("<|im_start|>system<|im_sep|>", "<|im_end|>"), "<|im_start|>assistant<|im_sep|>"),
     Family("Gemma", ("<start_of_turn>user\n", "<end_of_turn>\n"), ("<start_of_turn>model\n", "<end_of_turn>\n"),
            None, "<start_of_turn>model\n"),
     Family("Mistral", ("[INST]", "[/INST]"), ("", EOS), None, ""),
     Family("Mistral (spaced)", ("[INST] ", " [/INST]"), ("", EOS), None, ""),
+    Family("Mistral (system prompt)", ("[INST]", "[/INST]"), ("", EOS), ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"), ""),
 )
 
 # Marker contents of the probe conversations.
@@ -81,6 +87,7 @@ class ChatFormat:
     eos: str
     system_mode: str = "turn"                 # "turn", "first_user" or "last_user"
     system_prefix: str = ""                   # turn mode: the system turn's opening (with any preamble)
+    system_suffix: str = ""                   # turn mode: what follows the system text (its closing marker)
     separator: str = "\n\n"                   # merged modes: between the system text and the user's
     default_system: str | None = None         # turn mode: the system turn when there is none (None: omitted)
     system_supported: bool = True             # False: the jinja template refuses system messages
@@ -102,7 +109,7 @@ class ChatFormat:
         system = "\n\n".join(m["content"] for m in msgs if m["role"] == "system")
         out = ""
         if self.system_mode == "turn" and (system or self.default_system is not None):
-            out += self.system_prefix + system + self.marker(self.family.system[1])  # type: ignore[index]
+            out += self.system_prefix + system + self.system_suffix
         turns = [m for m in msgs if m["role"] != "system"]
         users = [i for i, m in enumerate(turns) if m["role"] == "user"]
         for i, m in enumerate(turns):
@@ -123,7 +130,8 @@ class ChatFormat:
     def go_template(self) -> str:
         f = self.family
         lit = self.marker
-        for text in (self.system_prefix, self.separator, self.default_system or "", *f.user, *f.assistant,
+        for text in (self.system_prefix, self.system_suffix, self.separator, self.default_system or "", *f.user,
+                     *f.assistant,
                      f.generation, *(f.system or ())):
             if "{{" in text or "}}" in text:
                 raise ExportError(f"chat template: marker {text!r} contains Go template braces")
@@ -134,10 +142,10 @@ class ChatFormat:
         if self.system_mode != "turn":
             lines += ["{{- $system := $.System }}", "{{- " + loop]
         elif self.default_system is None:
-            block = f"{self.system_prefix}{{{{ $.System }}}}{lit(f.system[1])}"  # type: ignore[index]
+            block = f"{self.system_prefix}{{{{ $.System }}}}{self.system_suffix}"
             lines += ["{{- if $.System }}" + block + "{{ end }}", "{{- " + loop]
         else:  # the template always opens with a system turn
-            lines.append(f"{self.system_prefix}{{{{ $.System }}}}{lit(f.system[1])}{{{{ {loop}")  # type: ignore[index]
+            lines.append(f"{self.system_prefix}{{{{ $.System }}}}{self.system_suffix}{{{{ {loop}")
         lines.append("{{- $last := eq (len (slice $.Messages $i)) 1 }}")
         if self.system_mode == "first_user":
             merged = f"{{{{ if $system }}}}{{{{ $system }}}}{self.separator}{{{{ $system = \"\" }}}}{{{{ end }}}}"
@@ -198,17 +206,18 @@ def learn_system(family: Family, eos: str, head: str, rendered: str, body: str) 
     if at < 0:
         return found
     if family.system is not None and rendered.endswith(body):
-        opening, closing = family.system[0], ChatFormat(family, eos).marker(family.system[1])
+        # the system turn opens with the family's marker; what follows the text is learned, since
+        # not every template closes it with the family's marker (SmolLM3 leaves a blank line only)
         block = rendered[: len(rendered) - len(body)]
-        if block.startswith(opening) and block.endswith(SYSTEM + closing):
-            prefix = block[:at]
+        if block.startswith(family.system[0]) and at + len(SYSTEM) <= len(block):
+            prefix, suffix = block[:at], block[at + len(SYSTEM):]
             default = None
             if head:
-                default = head[len(prefix): len(head) - len(closing)] if (
-                    head.startswith(prefix) and head.endswith(closing)) else None
+                default = head[len(prefix): len(head) - len(suffix)] if (
+                    head.startswith(prefix) and head.endswith(suffix) and len(head) >= len(prefix) + len(suffix)) else None
                 if default is None:
                     return found
-            found.append(ChatFormat(family, eos, system_prefix=prefix, default_system=default))
+            found.append(ChatFormat(family, eos, system_prefix=prefix, system_suffix=suffix, default_system=default))
     if head == "":
         after = rendered[at + len(SYSTEM):]
         for mode, user in (("first_user", USER.format(0)), ("last_user", USER.format(1))):

@@ -46,7 +46,7 @@ from velotune.export.progress import track
 from velotune.export.weights import PlannedTensor, export_config, plan_tensors
 from velotune.loaders.gguf import GEMMA3_LOCAL_ROPE_THETA, ROPE_FREQS, SMOLLM3_NOPE_INTERVAL, llama3_divisors
 from velotune.models.config import ModelConfig
-from velotune.models.families import FAMILIES, GGUF_GLOBAL_NAMES
+from velotune.models.families import FAMILIES, GGUF_BARE_PARAMETERS, GGUF_GLOBAL_NAMES
 from velotune.models.transformer import Transformer
 
 Q = GGMLQuantizationType
@@ -71,7 +71,10 @@ CALIBRATED_BY_DEFAULT = ("q4_k_m", "q4_k_s", "q4_1", "q4_0")
 FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 CODECS = {**LEGACY, **K_QUANTS}
 # model_type -> llama.cpp general.architecture, for the families a GGUF can hold (models/families.py)
-ARCHITECTURES = {f.model_type: f.gguf_arch for f in FAMILIES.values() if f.gguf_arch and f.model_type != "qwen3_moe"}
+ARCHITECTURES = {f.model_type: f.gguf_arch for f in FAMILIES.values() if f.gguf_arch}
+# llama.cpp's gpt-oss: its clamped SwiGLU's constants are fixed in its graph, and it loads every
+# bias and an output head of its own
+GPT_OSS_SWIGLU = (1.702, 7.0)
 
 
 def gguf_tensor_name(hf_name: str, family: str) -> str:
@@ -84,6 +87,8 @@ def gguf_tensor_name(hf_name: str, family: str) -> str:
     if parts[:2] == ["model", "layers"] and len(parts) > 3:
         table = {hf: gg for gg, hf in FAMILIES[family].gguf_block_names().items()}
         module = ".".join(parts[3:])
+        if f"{module}.{kind}" in GGUF_BARE_PARAMETERS and f"{module}.{kind}" in table:
+            return f"blk.{parts[2]}.{table[f'{module}.{kind}']}.weight"
         if module in table:
             return f"blk.{parts[2]}.{table[module]}.{kind}"
     raise ExportError(f"tensor {hf_name!r} has no llama.cpp name for a {family} model")
@@ -103,7 +108,7 @@ def check_architecture(config: ModelConfig) -> str:
     if arch is None:
         raise ExportError(f"architecture {family!r} cannot be exported to GGUF; supported: "
                           f"{', '.join(ARCHITECTURES)}")
-    if arch in ("qwen3", "gemma2", "gemma3", "phi3", "smollm3") and (config.qkv_bias or config.o_bias):
+    if arch in ("qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "smollm3") and (config.qkv_bias or config.o_bias):
         raise ExportError(f"{family}: attention biases cannot be expressed in a llama.cpp {arch} GGUF")
     if arch != "llama" and config.mlp_bias:
         raise ExportError(f"{family}: MLP biases cannot be expressed in a llama.cpp {arch} GGUF")
@@ -118,6 +123,8 @@ def check_architecture(config: ModelConfig) -> str:
                               f"{config.layer_types} differ")
     if arch == "gemma3":
         _check_gemma3(config)
+    if config.num_experts:
+        _check_experts(config, arch)
     if arch == "smollm3":
         pattern = [int((i + 1) % SMOLLM3_NOPE_INTERVAL != 0) for i in range(config.num_hidden_layers)]
         if config.no_rope_layers and config.no_rope_layers != pattern:
@@ -126,8 +133,9 @@ def check_architecture(config: ModelConfig) -> str:
     if arch in ("gemma2", "gemma3") and not config.tie_word_embeddings:
         raise ExportError(f"{arch}: llama.cpp's Gemma has no output head of its own; an adapter on the tied "
                           "embedding or head cannot be exported to GGUF")
-    linear_ok = arch == "gemma3" and (config.rope_scaling or {}).get("rope_type") == "linear"
-    if config.rope_scaling and arch != "llama" and not linear_ok:
+    kind = (config.rope_scaling or {}).get("rope_type")
+    scaling_ok = (arch == "gemma3" and kind == "linear") or (arch == "gpt-oss" and kind == "yarn")
+    if config.rope_scaling and arch != "llama" and not scaling_ok:
         raise ExportError(f"{family}: RoPE scaling {config.rope_scaling} is only written for llama GGUFs")
     return arch
 
@@ -146,6 +154,28 @@ def _check_gemma3(config: ModelConfig) -> None:
         if (config.local_rope_theta or config.rope_theta) != GEMMA3_LOCAL_ROPE_THETA:
             raise ExportError(f"gemma3: llama.cpp's sliding layers use RoPE base {GEMMA3_LOCAL_ROPE_THETA:g}, this "
                               f"config {config.local_rope_theta or config.rope_theta:g}")
+
+
+def _check_experts(config: ModelConfig, arch: str) -> None:
+    """What llama.cpp's qwen3moe and gpt-oss graphs assume of the experts and the layers."""
+    if not all(config.moe_layers):
+        dense = [i for i, moe in enumerate(config.moe_layers) if not moe]
+        raise ExportError(f"{config.model_type}: llama.cpp's {arch} has experts in every layer; layers {dense} "
+                          "are dense (mlp_only_layers / decoder_sparse_step)")
+    if arch == "qwen3moe" and not config.norm_topk_prob:
+        raise ExportError("qwen3_moe: llama.cpp renormalises the chosen experts' weights; norm_topk_prob=false "
+                          "cannot be expressed in GGUF")
+    if arch == "gpt-oss":
+        if (config.swiglu_alpha, config.swiglu_limit) != GPT_OSS_SWIGLU:
+            raise ExportError(f"gpt_oss: llama.cpp's clamped SwiGLU uses alpha, limit = {GPT_OSS_SWIGLU}; this "
+                              f"config has {(config.swiglu_alpha, config.swiglu_limit)}")
+        if not (config.qkv_bias and config.o_bias and config.expert_bias and config.router_bias):
+            raise ExportError("gpt_oss: llama.cpp's gpt-oss loads attention, router and expert biases; this "
+                              "config has none (attention_bias: false)")
+        pattern = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(config.num_hidden_layers)]
+        if config.sliding_window and config.layer_types != pattern:
+            raise ExportError("gpt_oss: llama.cpp slides the window on even layers only; this config's layer_types "
+                              f"{config.layer_types} differ")
 
 
 @dataclass(frozen=True)
@@ -171,18 +201,18 @@ def use_more_bits(layer: int, layers: int) -> bool:
 def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str, tied: bool, layers: int) -> Q:
     """The GGUF type of one tensor in a `quant` export, following llama-quantize's mix."""
     qtype, _ = GGUF_QUANTS[quant]
-    if len(shape) < 2 or gguf_name.endswith("norm.weight"):
-        return Q.F32
+    if len(shape) < 2 or gguf_name.endswith(("norm.weight", ".bias")) or ".ffn_gate_inp." in gguf_name:
+        return Q.F32     # like llama-quantize, the experts' router and the (stacked) biases stay f32
     is_head = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
     layer = int(gguf_name.split(".")[1]) if gguf_name.startswith("blk.") else -1
     if is_head and qtype not in (Q.F32, Q.F16, Q.BF16, Q.Q8_0):
         qtype = Q.Q6_K
     elif quant == "q4_k_m" and ".attn_qkv." in gguf_name:
         qtype = Q.Q5_K
-    elif quant == "q4_k_m" and (".attn_v." in gguf_name or ".ffn_down." in gguf_name) and use_more_bits(layer, layers):
+    elif quant == "q4_k_m" and (".attn_v." in gguf_name or ".ffn_down" in gguf_name) and use_more_bits(layer, layers):
         qtype = Q.Q6_K
     elif quant == "q4_k_s" and ((".attn_v." in gguf_name and layer < 4) or
-                                (".ffn_down." in gguf_name and layer < layers // 8)):
+                                (".ffn_down" in gguf_name and layer < layers // 8)):
         qtype = Q.Q5_K
     if shape[-1] % GGML_QUANT_SIZES[qtype][0]:
         qtype = FALLBACK.get(qtype, Q.F16)
@@ -209,10 +239,15 @@ def plan_gguf(model: Transformer, quant: str) -> list[GGUFTensor]:
             return w.numpy()
         return read
 
+    planned = plan_tensors(model, "gguf")
+    if row.gguf_untied_head and config.tie_word_embeddings:   # the head written as a tensor of its own
+        embedding = next(t for t in planned if t.name == "model.embed_tokens.weight")
+        planned.append(PlannedTensor("lm_head.weight", embedding.shape, embedding.read))
+    tied = config.tie_word_embeddings and not row.gguf_untied_head
     tensors = []
-    for t in plan_tensors(model):
+    for t in planned:
         name = gguf_tensor_name(t.name, family)
-        qtype = tensor_type(name, t.shape, quant, config.tie_word_embeddings, config.num_hidden_layers)
+        qtype = tensor_type(name, t.shape, quant, tied, config.num_hidden_layers)
         tensors.append(GGUFTensor(name, t.shape, qtype, converted(t), t.name))
     if config.rope_scaling and config.rope_scaling["rope_type"] == "llama3":
         dim = config.rotary_dim
@@ -253,8 +288,18 @@ def architecture_metadata(config: ModelConfig, arch: str, quant: str) -> dict[st
         meta[p + "final_logit_softcapping"] = config.final_logit_softcapping or 0.0
     if arch == "gemma3" and config.final_logit_softcapping:
         meta[p + "final_logit_softcapping"] = config.final_logit_softcapping
-    if arch in ("gemma2", "gemma3", "phi3") and config.sliding_window:
+    if arch in ("gemma2", "gemma3", "phi3", "gpt-oss") and config.sliding_window:
         meta[p + "attention.sliding_window"] = config.sliding_window
+    if config.num_experts:
+        meta[p + "expert_count"] = config.num_experts
+        meta[p + "expert_used_count"] = config.num_experts_per_tok
+        meta[p + "expert_feed_forward_length"] = config.moe_intermediate_size
+    if scaling.get("rope_type") == "yarn":     # llama.cpp rounds the correction range (truncate: true)
+        meta[p + "rope.scaling.type"] = "yarn"
+        meta[p + "rope.scaling.factor"] = float(scaling["factor"])
+        meta[p + "rope.scaling.original_context_length"] = int(scaling["original_max_position_embeddings"])
+        meta[p + "rope.scaling.yarn_beta_fast"] = float(scaling.get("beta_fast", 32.0))
+        meta[p + "rope.scaling.yarn_beta_slow"] = float(scaling.get("beta_slow", 1.0))
     if arch == "phi3" and (original := config.source.get("original_max_position_embeddings")):
         meta[p + "rope.scaling.original_context_length"] = int(original)
     return meta

@@ -7,8 +7,9 @@ Writes, into one folder:
   or, for a model built from a config alone, one composed from the `ModelConfig` fields;
 - generation_config.json (the model's, with its BOS/EOS ids);
 - the tokenizer files (`Tokenizer.save`).
-Weights come from `weights.plan_tensors`: adapters merged, a 4-bit base dequantized first, Phi-3
-re-fused, no `lm_head` when it is tied to the embedding. A shard's tensors are computed just
+Weights come from `weights.plan_tensors`: adapters merged (per-expert ones too), a 4-bit base
+dequantized first, Phi-3 re-fused, experts in the family's checkpoint layout (Qwen3-MoE per
+expert, gpt-oss stacked and interleaved), no `lm_head` when it is tied to the embedding. A shard's tensors are computed just
 before the shard is written, so memory holds one shard, not the model twice.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ def composed_config(c: ModelConfig) -> dict[str, Any]:
     }
     if c.partial_rotary_factor != 1.0:
         cfg["partial_rotary_factor"] = c.partial_rotary_factor
-    if c.model_type in ("llama", "qwen3", "gemma3_text", "smollm3"):
+    if c.model_type in ("llama", "qwen3", "qwen3_moe", "gemma3_text", "smollm3", "gpt_oss"):
         cfg["attention_bias"] = c.qkv_bias
     if c.model_type in ("llama", "smollm3"):
         cfg["mlp_bias"] = c.mlp_bias
@@ -58,12 +59,29 @@ def composed_config(c: ModelConfig) -> dict[str, Any]:
     if c.sliding_window:
         cfg["sliding_window"] = c.sliding_window
         cfg["layer_types"] = list(c.layer_types)
-        if c.model_type in ("qwen2", "qwen3"):
+        if c.model_type in ("qwen2", "qwen3", "qwen3_moe"):
             cfg["use_sliding_window"] = True
     if c.model_type in ("gemma2", "gemma3_text"):
         cfg.update(hidden_activation=c.hidden_act, attn_logit_softcapping=c.attn_logit_softcapping,
                    final_logit_softcapping=c.final_logit_softcapping,
                    query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim)
+    if c.num_experts:
+        cfg.update(_experts_config(c))
+    return cfg
+
+
+def _experts_config(c: ModelConfig) -> dict[str, Any]:
+    """The mixture-of-experts keys of a composed config.json (the load-balancing weight is
+    written as transformers applies it: with output_router_logits)."""
+    cfg: dict[str, Any] = {"num_experts_per_tok": c.num_experts_per_tok, "output_router_logits": c.router_aux_loss_coef > 0,
+                           "router_aux_loss_coef": c.router_aux_loss_coef}
+    if c.model_type == "qwen3_moe":
+        cfg.update(num_experts=c.num_experts, moe_intermediate_size=c.moe_intermediate_size,
+                   norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=1,
+                   mlp_only_layers=[i for i, moe in enumerate(c.moe_layers) if not moe])
+    else:   # gpt-oss: the experts' size is intermediate_size
+        cfg.update(num_local_experts=c.num_experts, intermediate_size=c.moe_intermediate_size,
+                   swiglu_alpha=c.swiglu_alpha, swiglu_limit=c.swiglu_limit)
     return cfg
 
 
@@ -98,9 +116,6 @@ def save_hf(model: Transformer, tokenizer: Any, out: Path, dtype: torch.dtype,
     if max_shard_size <= 0:
         raise ExportError(f"max_shard_size must be positive, got {max_shard_size}")
     config = export_config(model)
-    if config.num_experts:
-        raise ExportError(f"{config.model_type}: merged export of mixture-of-experts models is not supported yet "
-                          "(save the adapter with save_adapter instead)")
     tensors = plan_tensors(model)
     shards = shard_plan(tensors, dtype, max_shard_size)
     names = (["model.safetensors"] if len(shards) == 1 else

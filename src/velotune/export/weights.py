@@ -1,9 +1,11 @@
 """The tensors an export writes: Hugging Face names and shapes up front, values on demand.
 
 `plan_tensors(model)` lists every tensor of the merged model (names as in a Hugging Face
-checkpoint, Phi-3's q/k/v and gate/up fused back into `qkv_proj`/`gate_up_proj`, no `lm_head`
-when the head is tied to the embedding) with its shape, and a `read()` that computes its value
-only when the writer gets to it. Writers can therefore lay out a whole file (safetensors shard
+checkpoint, Phi-3's q/k/v and gate/up fused back into `qkv_proj`/`gate_up_proj`, experts and
+router in the family's checkpoint layout, no `lm_head` when the head is tied to the embedding)
+with its shape, and a `read()` that computes its value only when the writer gets to it;
+`plan_tensors(model, "gguf")` keeps the experts stacked with gate and up apart, as llama.cpp
+stores them (`loaders/expert_tensors.stored_parts` states both layouts). Writers can therefore lay out a whole file (safetensors shard
 plan, GGUF tensor table) before any weight is touched, and hold one tensor at a time after.
 
 What `read()` returns is the weight the model effectively computes with:
@@ -11,7 +13,9 @@ What `read()` returns is the weight the model effectively computes with:
 - a 4-bit base (`Linear4bit`, QLoRA): dequantized to float32 first;
 - a LoRA/DoRA layer: base + adapter, merged by `velotune.lora` in float32, one layer at a
   time, without touching the live model (so nothing needs unmerging afterwards and a bf16 base
-  never rounds twice).
+  never rounds twice);
+- stacked experts: W_e + s B_e A_e per expert with per-expert adapters, a 4-bit base dequantized,
+  once per layer for all of that layer's expert tensors.
 The canonical names and shapes come from a `Transformer` built on the meta device from the
 model's config, so a wrapped or quantized layer cannot change what the file holds. One exception
 (`export_config`): a tied head whose embedding or head carries an adapter is written untied.
@@ -26,8 +30,10 @@ import torch
 from torch import nn
 
 from velotune.export.errors import ExportError
+from velotune.loaders.expert_tensors import stored_parts
 from velotune.lora import LoraLayer, merged_linear
 from velotune.models.config import ModelConfig
+from velotune.models.moe import Router
 from velotune.models.transformer import Transformer
 from velotune.quant import Linear4bit
 
@@ -51,12 +57,30 @@ def effective_linear(module: nn.Module, where: str) -> tuple[torch.Tensor, torch
         weight, bias = merged
     elif isinstance(module, Linear4bit):
         weight, bias = module.dequantized_weight(torch.float32), module.bias
-    elif isinstance(module, nn.Linear):
+    elif isinstance(module, (nn.Linear, Router)):
         weight, bias = module.weight, module.bias
     else:
         raise ExportError(f"{where}: cannot export a {type(module).__name__} layer (expected a linear, "
                           "4-bit linear or LoRA layer)")
     return weight.detach().float().cpu(), None if bias is None else bias.detach().float().cpu()
+
+
+def effective_experts(module: nn.Module, where: str) -> dict[str, torch.Tensor | None]:
+    """A layer's stacked expert parameters (our names) in float32 as the kernels compute with
+    them: per-expert adapters merged, a 4-bit base dequantized."""
+    if not callable(getattr(module, "computed", None)):
+        raise ExportError(f"{where}: cannot export a {type(module).__name__} as experts")
+    experts = module.computed()
+    weights = {}
+    for name, weight, lora in (("gate_up_proj", experts.weights()[0], experts.gate_up_lora),
+                               ("down_proj", experts.weights()[1], experts.down_lora)):
+        weight = weight.detach().float().cpu()
+        if lora is not None:
+            weight = weight + lora.scale * torch.bmm(lora.b.detach().float().cpu(), lora.a.detach().float().cpu())
+        weights[name] = weight
+    for name, bias in (("gate_up_proj_bias", experts.gate_up_bias), ("down_proj_bias", experts.down_bias)):
+        weights[name] = None if bias is None else bias.detach().float().cpu()
+    return weights
 
 
 def export_config(model: Transformer) -> ModelConfig:
@@ -70,12 +94,12 @@ def export_config(model: Transformer) -> ModelConfig:
 
 
 def canonical_layout(config: ModelConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """Name -> shape of every tensor a checkpoint of this config holds, and the module paths of
-    its linear layers."""
+    """Name -> shape of every parameter of this config, and the module paths of its linear
+    layers (routers included)."""
     with torch.device("meta"):
         reference = Transformer(config)
     shapes = {name: tuple(p.shape) for name, p in reference.named_parameters()}  # tied head listed once
-    linears = {name for name, m in reference.named_modules() if isinstance(m, nn.Linear)}
+    linears = {name for name, m in reference.named_modules() if isinstance(m, (nn.Linear, Router))}
     return shapes, linears
 
 
@@ -88,10 +112,13 @@ def parameter(model: Transformer, name: str) -> torch.Tensor:
     return model.get_parameter(name).detach().float().cpu()
 
 
-def plan_tensors(model: Transformer) -> list[PlannedTensor]:
-    shapes, linears = canonical_layout(export_config(model))
+def plan_tensors(model: Transformer, layout: str = "hf") -> list[PlannedTensor]:
+    """`layout`: "hf" (the family's checkpoint) or "gguf" (experts as llama.cpp stacks them)."""
+    config = export_config(model)
+    shapes, linears = canonical_layout(config)
     family = model.config.model_type
     cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    expert_cache: dict[str, dict[str, torch.Tensor | None]] = {}
 
     def linear_part(path: str, kind: str) -> torch.Tensor:
         # weight and bias of one layer are read back to back: merge once, hand out both
@@ -103,10 +130,22 @@ def plan_tensors(model: Transformer) -> list[PlannedTensor]:
             raise ExportError(f"{path}: the config calls for a {kind} but the layer has none")
         return value
 
+    def expert_part(path: str, kind: str) -> torch.Tensor:
+        # all of a layer's expert tensors come from one merge of its experts
+        if path not in expert_cache:
+            expert_cache.clear()
+            expert_cache[path] = effective_experts(model.get_submodule(path), path)
+        value = expert_cache[path][kind]
+        if value is None:
+            raise ExportError(f"{path}: the config calls for {kind} but the experts have none")
+        return value
+
     def reader(name: str) -> Callable[[], torch.Tensor]:
         path, kind = name.rsplit(".", 1)
         if path in linears:
             return lambda: linear_part(path, kind)
+        if path.endswith(".mlp.experts"):
+            return lambda: expert_part(path, kind)
         return lambda: parameter(model, name)
 
     planned: list[PlannedTensor] = []
@@ -127,5 +166,7 @@ def plan_tensors(model: Transformer) -> list[PlannedTensor]:
             planned.append(PlannedTensor(fused_name, (rows, *shape[1:]),
                                          lambda rs=readers: torch.cat([r() for r in rs], dim=0)))
             continue
-        planned.append(PlannedTensor(name, shape, reader(name)))
+        read = reader(name)
+        for part_name, part_shape, convert in stored_parts(config, name, shape, layout):
+            planned.append(PlannedTensor(part_name, part_shape, lambda r=read, f=convert: f(r())))
     return planned

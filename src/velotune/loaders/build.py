@@ -90,8 +90,4 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
         raise LoadError(f"{ckpt.source}: missing tensors {shown}")
     if stream is not None:
         model.quant_report = stream.finish()
-    if four_bit is not None and config.num_experts:
-        from velotune.quant.experts4bit import quantize_experts
-
-        quantize_experts(model, four_bit.quant_type)   # layer by layer, after loading (not yet as they stream)
     return model

@@ -15,6 +15,8 @@ Two sources:
   16-bit layers are alive and the final choice is the K largest over the whole model.
 - a `*-bnb-4bit` checkpoint: each weight's packed codes and quantization state (several tensors,
   listed by the checkpoint's header) are gathered and installed as they are, never dequantized.
+Stacked experts of a mixture-of-experts model are quantized as they stream in too, a layer at a
+time (`loaders/four_bit_experts.py`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from velotune.loaders.checkpoint import LoadError
+from velotune.loaders.four_bit_experts import FourBitExperts
 from velotune.models.transformer import Transformer
 from velotune.quant.linear4bit import Linear4bit
 from velotune.quant.nf4 import quantize_nf4
@@ -78,6 +81,12 @@ class FourBitStream:
                 else:
                     targets[f"{name}.weight"] = name
             self.policy.check_dynamic(len(targets), source)
+        self.experts = None
+        if not self.pieces and model.config.num_experts:
+            kept = {n for n, m in model.named_modules() if getattr(m, "stacked_experts", False) and self.policy.kept(n)}
+            self.report.kept.update({n: "keep_16bit" for n in kept})
+            self.experts = FourBitExperts(model, source=source, dtype=dtype, device=self.device,
+                                          quant_type=self.policy.quant_type, kept=kept)
         self.targets = targets                     # weight name -> module name
         self.shapes = {w: tuple(linears[m].weight.shape) for w, m in targets.items()}
         for module in targets.values():
@@ -89,7 +98,9 @@ class FourBitStream:
 
     def take(self, name: str, tensor: torch.Tensor, index: tuple | None = None) -> bool:
         """Handle `name` if it is (part of) a 4-bit weight; False means the builder places it
-        (always for a piece of a stacked expert parameter, `index` not None)."""
+        (always for a piece of a 16-bit parameter, `index` not None)."""
+        if self.experts is not None and self.experts.take(name, tensor, index):
+            return True
         if index is not None:
             return False
         if self.pieces:
@@ -133,10 +144,12 @@ class FourBitStream:
             except QuantFormatError as exc:
                 raise LoadError(f"{self.source}: {exc}") from None
             raise LoadError(f"{self.source}: tensor {weight!r} is missing (its quantization state is present)")
-        missing = sorted(set(self.targets) - self.seen)
+        missing = sorted(set(self.targets) - self.seen) + (self.experts.missing() if self.experts else [])
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise LoadError(f"{self.source}: missing tensors {shown}")
+        if self.experts is not None:
+            self.report.quantized += self.experts.installed
         logger.info("%s: %s", self.source, self.report.summary())
         return self.report
 

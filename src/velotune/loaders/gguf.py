@@ -24,8 +24,11 @@ What llama.cpp's converter (convert_hf_to_gguf.py) changed on the way in, and is
     checked by recomputing the divisors; a tensor that is not of that form is refused.
   * Gemma 2 stores no `query_pre_attn_scalar`; like llama.cpp, the 46-layer (27B) model scales
     attention by hidden/heads and the others by head_dim.
+  * gpt-oss: the sinks are `attn_sinks.weight`, the experts stacked with gate and up apart (and
+    their biases likewise); YaRN is read with llama.cpp's rounded correction range (transformers'
+    `truncate: true`; gpt-oss's own config says false, a difference llama.cpp itself makes).
 Not supported, with an error naming it: Phi-3 "longrope" (`rope_factors_long/short` tensors),
-YaRN and other `rope.scaling.type`s besides none/linear.
+`rope.scaling.type`s besides none/linear/yarn.
 """
 from __future__ import annotations
 
@@ -41,11 +44,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderField
 
 from velotune.loaders.checkpoint import Checkpoint, LoadError
 from velotune.models.config import ConfigError, ModelConfig
-from velotune.models.families import FAMILIES, GGUF_ARCHITECTURES, GGUF_GLOBAL_NAMES
+from velotune.models.families import FAMILIES, GGUF_ARCHITECTURES, GGUF_BARE_PARAMETERS, GGUF_GLOBAL_NAMES
 
-# Types llama.cpp commonly ships, all dequantized by gguf-py.
+# Types llama.cpp commonly ships, all dequantized by gguf-py (MXFP4: gpt-oss's experts).
 SUPPORTED_TYPES = frozenset(GGMLQuantizationType[n] for n in (
-    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4"))
 
 BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 GLOBAL_TENSOR = re.compile(r"(\w+)\.(weight|bias)")
@@ -137,6 +140,8 @@ def hf_name(gguf_name: str, family: str, num_layers: int, path: Path) -> str:
         layer, part, kind = int(m[1]), m[2], m[3]
         table = FAMILIES[family].gguf_block_names()
         if part in table and layer < num_layers:
+            if table[part] in GGUF_BARE_PARAMETERS and kind == "weight":
+                return f"model.layers.{layer}.{table[part]}"
             return f"model.layers.{layer}.{table[part]}.{kind}"
     elif (m := GLOBAL_TENSOR.fullmatch(gguf_name)) and m[1] in GGUF_GLOBAL_NAMES:
         return f"{GGUF_GLOBAL_NAMES[m[1]]}.{m[2]}"
@@ -207,8 +212,14 @@ def hf_config(meta: Metadata, tensor_names: set[str], family: str, arch: str) ->
     scaling = meta.get(p + "rope.scaling.type", "none")
     if scaling == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta.need(p + "rope.scaling.factor"))}
+    elif scaling == "yarn":   # llama.cpp rounds the correction range outward: transformers' truncate=True
+        cfg["rope_scaling"] = {"rope_type": "yarn", "factor": float(meta.need(p + "rope.scaling.factor")),
+                               "original_max_position_embeddings":
+                                   int(meta.need(p + "rope.scaling.original_context_length")),
+                               "beta_fast": float(meta.get(p + "rope.scaling.yarn_beta_fast", 32.0)),
+                               "beta_slow": float(meta.get(p + "rope.scaling.yarn_beta_slow", 1.0)), "truncate": True}
     elif scaling != "none":
-        raise LoadError(f"{meta.path}: {p}rope.scaling.type={scaling!r} is not supported (none, linear, "
+        raise LoadError(f"{meta.path}: {p}rope.scaling.type={scaling!r} is not supported (none, linear, yarn, "
                         f"or Llama 3's {ROPE_FREQS} tensor)")
     for key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                           ("pad_token_id", "padding_token_id")):
@@ -234,6 +245,12 @@ def hf_config(meta: Metadata, tensor_names: set[str], family: str, arch: str) ->
         cfg.update(num_experts=int(meta.need(p + "expert_count")),
                    num_experts_per_tok=int(meta.need(p + "expert_used_count")),
                    moe_intermediate_size=int(meta.need(p + "expert_feed_forward_length")), norm_topk_prob=True)
+    elif family == "gpt_oss":   # llama.cpp: every layer's experts, even layers sliding, biases throughout
+        cfg.update(num_local_experts=int(meta.need(p + "expert_count")),
+                   num_experts_per_tok=int(meta.need(p + "expert_used_count")),
+                   intermediate_size=int(meta.need(p + "expert_feed_forward_length")), attention_bias=True)
+        if (window := meta.get(p + "attention.sliding_window")):
+            cfg["sliding_window"] = int(window)
     elif family == "phi3" and (window := meta.get(p + "attention.sliding_window")):
         cfg["sliding_window"] = int(window)
     return cfg

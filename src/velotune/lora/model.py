@@ -9,7 +9,8 @@ Design choices:
   such a head gives it a private merged copy and sets `config.tie_word_embeddings` to False (an
   export must then write the head); unmerging puts the shared weight and the flag back.
 - `disable_adapters` is how DPO gets its reference model without a second copy: the same modules
-  with every adapter switched off (a merged model is unmerged for the duration).
+  with every adapter switched off, per-expert ones included (a merged model is unmerged for the
+  duration).
 """
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def is_merged(model: nn.Module) -> bool:
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes as its base model (adapters off)."""
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = [m for m in model.modules() if isinstance(m, (LoraLayer, LoraExperts))]
     merged = is_merged(model)
     if merged:
         unmerge_lora(model)

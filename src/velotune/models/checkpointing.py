@@ -9,7 +9,8 @@ the smallest number n of checkpointed layers whose estimated peak fits:
     peak(n) = resident + saved(n) + max(model-wide, backward temporaries)          n < L
     peak(L) = resident + saved(L) + max(model-wide, backward temporaries + one recomputed layer)
     saved(n) = n x layer input (0 when offloaded, plus two layers' parked tensors in flight)
-               + n x h @ A_down (LoRA: the fused MLP's graph keeps it) + (L - n) x one layer
+               + what the first n layers' graphs keep (LoRA: the fused MLP's h @ A_down; a
+                 mixture-of-experts layer's route plan) + the last L - n layers' activations
 
 with the per-token terms of `velotune.estimate` (its module docstring states the formula and
 how it was measured against an H100), and `resident` the bytes of this model's weights and
@@ -39,9 +40,11 @@ from velotune.estimate import (
     BF16,
     RESERVED_GIB,
     Setup,
+    backward_bytes,
     backward_terms,
     checkpoint_terms,
-    layer_terms,
+    layer_bytes,
+    layer_kinds,
     mlp_wide_bytes,
     model_terms,
 )
@@ -150,21 +153,28 @@ def activation_peak(config: ModelConfig, budget: MemoryBudget, batch: int, seq: 
         raise ValueError(f"checkpointed layers must be in [0, {L}], got {checkpointed}")
     setup = Setup(method=budget.method, batch=batch, seq=seq, checkpointing=True, lora_r=budget.lora_r)
     tokens = batch * seq
-    layer = sum(term.bytes(tokens) for term in layer_terms(config, setup))
-    recomputed = sum(term.bytes(tokens) for term in layer_terms(config, setup, recomputation=True))
-    temporaries = sum(term.bytes(tokens) for term in backward_terms(config, setup))
-    if mlp_chunk and mlp_chunk < tokens:
+    kinds = layer_kinds(config)           # mixture-of-experts layers keep other tensors than dense ones
+    layers = layer_bytes(config, setup)
+    recomputed = layer_bytes(config, setup, recomputation=True)
+    temporaries = backward_bytes(config, setup)
+    if mlp_chunk and mlp_chunk < tokens and not all(kinds):
         # The tiled MLP keeps only its input (already counted as the MLP norm output), not its
-        # [tokens x intermediate] tensors; its backward remakes them, and their gradients, for one chunk.
+        # [tokens x intermediate] tensors; its backward remakes them, and their gradients, for one
+        # chunk. Mixture-of-experts layers are never tiled.
         saved_wide, grad_wide = mlp_wide_bytes(config, setup)
-        layer -= saved_wide * tokens
-        recomputed -= saved_wide * tokens
-        temporaries += (saved_wide + grad_wide) * mlp_chunk - grad_wide * tokens
+        layers = [n if moe else n - saved_wide * tokens for n, moe in zip(layers, kinds)]
+        recomputed = [n if moe else n - saved_wide * tokens for n, moe in zip(recomputed, kinds)]
+        dense = sum(t.bytes(tokens) for t in backward_terms(config, setup))
+        candidates = [dense + (saved_wide + grad_wide) * mlp_chunk - grad_wide * tokens]
+        if any(kinds):
+            candidates.append(sum(t.bytes(tokens) for t in backward_terms(config, setup, moe=True)))
+        temporaries = max(candidates)
     model_wide = sum(term.bytes(tokens) for term in model_terms(config, setup))
     layer_input = BF16 * config.hidden_size * tokens
     # besides its input, a checkpointed layer keeps what its graph holds outside the saved tensors
-    # (the fused LoRA MLP's h @ A_down), on the GPU even when the input is offloaded
-    graph_kept = sum(term.bytes(tokens) for term in checkpoint_terms(config, setup)) - layer_input
+    # (the fused LoRA MLP's h @ A_down, a mixture-of-experts layer's route plan), on the GPU even
+    # when the input is offloaded
+    graph_kept = [sum(t.bytes(tokens) for t in checkpoint_terms(config, setup, moe)) - layer_input for moe in kinds]
     if offload:
         # Two layers' parked tensors are on the GPU at a time (one restored, the next prefetched):
         # three pieces' worth, the most a run parks (fewer when the host lacks room, so this errs high).
@@ -172,8 +182,8 @@ def activation_peak(config: ModelConfig, budget: MemoryBudget, batch: int, seq: 
         kept_inputs = 2 * parked if checkpointed else 0
     else:
         kept_inputs = checkpointed * layer_input
-    saved = kept_inputs + checkpointed * graph_kept + (L - checkpointed) * layer
-    return saved + max(model_wide, temporaries + (recomputed if checkpointed == L else 0))
+    saved = kept_inputs + sum(graph_kept[:checkpointed]) + sum(layers[checkpointed:])
+    return saved + max(model_wide, temporaries + (max(recomputed) if checkpointed == L else 0))
 
 
 def choose_checkpointed_layers(config: ModelConfig, budget: MemoryBudget, batch: int, seq: int, *,

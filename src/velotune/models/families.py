@@ -35,6 +35,8 @@ SANDWICH_NAMES = {"post_attention_norm": "post_attention_layernorm", "ffn_norm":
                   "post_ffw_norm": "post_feedforward_layernorm"}
 MOE_NAMES = {"ffn_gate_inp": "mlp.router", "ffn_gate_exps": "mlp.experts.gate_proj",
              "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj"}
+# Parameters that are not a module's weight, stored in GGUF as "<name>.weight" (gpt-oss's sinks).
+GGUF_BARE_PARAMETERS = ("self_attn.sinks",)
 
 Quirks = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
 
@@ -135,7 +137,13 @@ class Family:
     gguf_names: dict[str, str] = field(default_factory=dict)   # overrides of GGUF_BLOCK_NAMES
     gguf_qk_interleaved: bool = False    # llama.cpp's converter interleaves q/k rows per head
     gguf_norm_shift: float = 0.0         # GGUF stores RMSNorm weights as w + shift
+    gguf_untied_head: bool = False       # llama.cpp needs output.weight even when the head is tied
     fused_checkpoint: bool = False       # checkpoints fuse q/k/v and gate/up (the builder splits them)
+    # Mixture of experts in Hugging Face checkpoints: "per_expert" (experts.{e}.gate_proj/up_proj/
+    # down_proj.weight) or "interleaved" (stacked [E, in, out], gate and up alternating); the
+    # router's module name under `mlp`. loaders/expert_tensors.py reads and writes both.
+    hf_experts: str | None = None
+    hf_router: str = "router"
 
     def gguf_block_names(self) -> dict[str, str]:
         return {**GGUF_BLOCK_NAMES, **self.gguf_names}
@@ -156,8 +164,11 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            gguf_names={"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}, fused_checkpoint=True),
     Family("smollm3", "SmolLM3ForCausalLM", _smollm3, tie_by_default=True, gguf_arch="smollm3",
            gguf_qk_interleaved=True),
-    Family("qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe, gguf_arch="qwen3moe", gguf_names=MOE_NAMES),
-    Family("gpt_oss", "GptOssForCausalLM", _gpt_oss),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe, gguf_arch="qwen3moe", gguf_names=MOE_NAMES,
+           hf_experts="per_expert", hf_router="gate"),
+    # gpt-oss: llama.cpp's "gpt-oss" names its post-attention norm post_attention_norm (no ffn_norm)
+    Family("gpt_oss", "GptOssForCausalLM", _gpt_oss, gguf_arch="gpt-oss", hf_experts="interleaved", gguf_untied_head=True,
+           gguf_names={**MOE_NAMES, "post_attention_norm": "post_attention_layernorm", "attn_sinks": "self_attn.sinks"}),
 )}
 # Hugging Face `architectures` entries we accept, mapped to their family.
 ARCHITECTURES = {f.architecture: f.model_type for f in FAMILIES.values()}

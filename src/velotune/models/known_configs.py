@@ -92,6 +92,30 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
             "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
         },
     },
+    "Qwen3-30B-A3B": {
+        "hub_id": "Qwen/Qwen3-30B-A3B",
+        "config": {
+            "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+            "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+            "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+            "bos_token_id": 151643, "eos_token_id": 151645,
+        },
+    },
+    "gpt-oss-20b": {
+        "hub_id": "openai/gpt-oss-20b",
+        "config": {
+            "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+            "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+            "num_local_experts": 32, "num_experts_per_tok": 4, "sliding_window": 128, "attention_bias": True,
+            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 150000.0,
+            "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                             "original_max_position_embeddings": 4096, "truncate": False},
+            "swiglu_limit": 7.0, "tie_word_embeddings": False, "hidden_act": "silu",
+            "eos_token_id": 200002, "pad_token_id": 199999,
+        },
+    },
 }
 
 

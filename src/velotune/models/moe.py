@@ -33,8 +33,12 @@ from velotune.models.config import ModelConfig
 
 
 class Router(nn.Module):
+    """A linear map to one logit per expert. Not an `nn.Linear`, so 4-bit loading never quantizes
+    it; its `in_features`/`out_features` let LoRA wrap it when `router` is named."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.in_features, self.out_features = config.hidden_size, config.num_experts
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
         self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
 
@@ -73,13 +77,17 @@ class MoE(nn.Module):
         self.aux_statistics: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.collect_aux = False     # set by Transformer for a training forward with an aux loss
 
-    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(expert ids [N, k], routing weights [N, k], probabilities over all experts [N, E] in float32)."""
+    def route(self, logits: torch.Tensor, probabilities: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(expert ids [N, k], routing weights [N, k], probabilities over all experts [N, E] in
+        float32). gpt-oss's routing needs no probabilities over all experts: they are made only
+        when asked for (the load-balancing loss), so no [N, E] float32 tensor is kept for nothing."""
         c = self.config
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         if c.router_softmax_after_topk:
             top, ids = torch.topk(logits, c.num_experts_per_tok, dim=-1)
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32) if probabilities else None
             return ids, torch.softmax(top, dim=-1, dtype=top.dtype), probs
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         top, ids = torch.topk(probs, c.num_experts_per_tok, dim=-1)
         if c.norm_topk_prob:
             top = top / top.sum(dim=-1, keepdim=True)
@@ -87,8 +95,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, output_needed: bool = True) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        ids, weights, probs = self.route(self.router(flat))
-        if self.collect_aux and not recomputing():   # a checkpoint's rerun adds nothing twice
+        collect = self.collect_aux and not recomputing()   # a checkpoint's rerun adds nothing twice
+        ids, weights, probs = self.route(self.router(flat), probabilities=collect)
+        if collect:
             b = x.shape[0] if x.dim() == 3 else 1
             counts = F.one_hot(ids, self.config.num_experts).sum(dim=1).to(probs.dtype)
             self.aux_statistics.append((counts.view(b, -1, self.config.num_experts),

@@ -93,6 +93,9 @@ class TrainConfig:
     # as the best rank-r part of its layer's 4-bit rounding error on training rows
     # (quant/error_init.py); the saved adapter then belongs to the 4-bit base
     lora_init: str = "zero"
+    # Mixture of experts: weight of the router's load-balancing loss; null = the checkpoint's own
+    # (config.json's router_aux_loss_coef where output_router_logits is true, as transformers applies it; else 0)
+    router_aux_loss_coef: float | None = None
     # Memory and numerics.
     gradient_checkpointing: bool | str = False  # true | false | auto (only as many layers as memory needs)
     offload_checkpoints: bool = False        # checkpointed layer inputs to pinned CPU memory, back before backward
@@ -324,6 +327,8 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
                 "weight_decay", "max_grad_norm", "lora_dropout", "keep_16bit_dynamic"):
         if getattr(config, key) < 0:
             fail(key, "must not be negative")
+    if config.router_aux_loss_coef is not None and config.router_aux_loss_coef < 0:
+        fail("router_aux_loss_coef", "must not be negative (or null for the checkpoint's own value)")
     if config.max_seq_length < 2:
         fail("max_seq_length", "must be at least 2")
     for item in dataclasses.fields(config):

@@ -62,7 +62,8 @@ def load_options(config: TrainConfig) -> dict[str, Any]:
 
 
 def prepare(model: nn.Module, config: TrainConfig) -> nn.Module:
-    """Freeze/adapt `model` for the method (in place); returns it."""
+    """Freeze/adapt `model` for the method (in place) and set its load-balancing weight; returns it."""
+    set_router_aux_loss(model, config)
     if config.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -76,6 +77,17 @@ def prepare(model: nn.Module, config: TrainConfig) -> nn.Module:
             raise TrainConfigError("method qlora needs a 4-bit base: load the model with "
                                    "load_model(..., **load_options(config)), i.e. load_in_4bit=True")
     return apply_lora(model, lora_config(config), dtype=torch.float32)
+
+
+def set_router_aux_loss(model: nn.Module, config: TrainConfig) -> None:
+    """`router_aux_loss_coef` onto a mixture-of-experts model (null keeps the checkpoint's value)."""
+    if config.router_aux_loss_coef is None:
+        return
+    if not model.config.num_experts:
+        raise TrainConfigError(f"key 'router_aux_loss_coef' weights the router's load-balancing loss of a "
+                               f"mixture-of-experts model; this {model.config.model_type} model has no experts "
+                               "(leave the key out or null)")
+    model.config.router_aux_loss_coef = config.router_aux_loss_coef
 
 
 def calibration_rows(rows: Sequence[Sequence[int]], tokens: int = CALIBRATION_TOKENS,
