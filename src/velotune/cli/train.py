@@ -18,8 +18,9 @@ from velotune.train.config import TrainConfigError, load_config
 DEMO_CONFIG = "demo.yaml"
 EPILOG = """\
 overrides: any config key as --key=value (values are YAML: --packing=true, --target_modules=[q_proj,v_proj]).
-common keys: model, dataset, dataset_format, output_dir, method (lora|qlora|full), max_steps, num_epochs,
-  micro_batch_size, gradient_accumulation_steps, learning_rate, lr_scheduler, warmup_steps, max_seq_length,
+common keys: model, dataset, dataset_format, output_dir, method (lora|qlora|full|dpo|orpo|kto|simpo|grpo),
+  max_steps, num_epochs, micro_batch_size, gradient_accumulation_steps, learning_rate, lr_scheduler,
+  warmup_steps, max_seq_length,
   packing, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing, eval_split, eval_steps,
   save_steps, resume, seed.  See examples/*.yaml for annotated configs.
 
@@ -35,7 +36,7 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", help="fine-tune a model (LoRA, QLoRA or full) from a YAML config",
+        "train", help="fine-tune a model (LoRA, QLoRA, full; DPO, ORPO, KTO, SimPO, GRPO) from a YAML config",
         usage="velotune train [-h] [--no-progress] [--nproc-per-node N] [CONFIG.yaml] [--key=value ...]",
         description="Fine-tune a model as CONFIG.yaml says; with no config, run the demo "
                     "(LoRA on SmolLM2-135M-Instruct with the chatterbot-corpus dialogues).",
@@ -53,8 +54,7 @@ def demo_config_path() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from velotune.data import DataError
-    from velotune.loaders.checkpoint import LoadError
-    from velotune.models.config import ConfigError
+    from velotune.errors import ConfigError, LoadError
     from velotune.train.checkpoint import CheckpointError
     from velotune.train.run import train_from_config
 

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from velotune.loaders.checkpoint import LoadError
+from velotune.errors import LoadError
 from velotune.models.transformer import Transformer
 from velotune.quant.linear4bit import Linear4bit
 from velotune.quant.nf4 import quantize_nf4

@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderField, quants
 
-from velotune.loaders.checkpoint import Checkpoint, LoadError
-from velotune.models.config import ConfigError, ModelConfig
+from velotune.errors import ConfigError, LoadError
+from velotune.loaders.checkpoint import Checkpoint
+from velotune.models.config import ModelConfig
 
 # llama.cpp `general.architecture` -> Hugging Face model_type.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "phi3": "phi3"}

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from velotune.errors import ConfigError
+
 # Families the decoder supports, keyed by Hugging Face's `model_type`.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
 
@@ -24,10 +26,6 @@ ARCHITECTURE_TO_MODEL_TYPE = {
     "Gemma2ForCausalLM": "gemma2",
     "Phi3ForCausalLM": "phi3",
 }
-
-
-class ConfigError(ValueError):
-    """A model configuration we cannot build a model from (names the file and the key)."""
 
 
 @dataclass

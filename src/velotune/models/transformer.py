@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from velotune import kernels
+from velotune.infer.cache import KVCache
+from velotune.infer.engine import generate_tensor
+from velotune.infer.sampling import SamplingParams
 from velotune.lora import fused as lora_fused
 from velotune.models import host_embedding
-from velotune.models.cache import KVCache
 from velotune.models.checkpointing import (
     CheckpointChoice,
     MemoryBudget,
@@ -38,6 +40,7 @@ from velotune.models.config import ModelConfig
 from velotune.models.masks import attention_mask_for, document_ids
 from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_has_room
 from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
+from velotune.models.token_logps import token_logps
 
 
 @dataclass
@@ -47,6 +50,7 @@ class ModelOutput:
     loss_sum: torch.Tensor | None = None        # summed token losses (for exact accumulation)
     num_targets: torch.Tensor | None = None     # tokens that contributed to loss_sum
     hidden_states: torch.Tensor | None = None   # final-norm output, [B, T, H]
+    token_logps: torch.Tensor | None = None     # [B, T-1] log p(labels[:, 1:]), 0 where ignored
 
 
 class RMSNorm(nn.Module):
@@ -327,12 +331,17 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         return_logits: bool = True,
         inputs_embeds: torch.Tensor | None = None,
+        return_token_logps: bool = False,
     ) -> ModelOutput:
         """`inputs_embeds` [B, T, H], when given, replaces the embedding lookup of `input_ids` (the
-        CUDA-graph step looks up a host-memory table outside its graph: train/graphed_step.py)."""
+        CUDA-graph step looks up a host-memory table outside its graph: train/graphed_step.py).
+        With labels, `return_token_logps` gives each target's log-probability (`token_logps`)
+        instead of the summed loss: what the preference and RL objectives read."""
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds)
         out = ModelOutput(hidden_states=hidden)
-        if labels is not None:
+        if labels is not None and return_token_logps:
+            out.token_logps = self.token_logps_from_hidden(hidden, labels)
+        elif labels is not None:
             out.loss_sum, out.num_targets = self.loss_from_hidden(hidden, labels)
             out.loss = out.loss_sum / out.num_targets.clamp(min=1)
         if return_logits:
@@ -441,6 +450,16 @@ class Transformer(nn.Module):
             h, kept = hidden[:, :-1][keep], targets[keep]
         return kernels.linear_cross_entropy(h, self.lm_head.weight, kept, softcap=self.config.final_logit_softcapping)
 
+    def token_logps_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[B, T-1] float32 log p(labels[:, t+1] | ..t) (0 where the label is -100), through the head
+        a chunk of target positions at a time (models/token_logps.py)."""
+        targets = labels[:, 1:]
+        keep = targets != -100
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+        out[keep] = token_logps(hidden[:, :-1][keep], self.lm_head.weight, targets[keep],
+                                softcap=self.config.final_logit_softcapping)
+        return out
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0, *,
                  attention_mask: torch.Tensor | None = None, stop_token_ids: list[int] | None = None,
@@ -448,9 +467,6 @@ class Transformer(nn.Module):
         """Prompt + generated ids [B, T + n] (greedy at temperature 0). Batched prompts are
         left-padded with `attention_mask`; stop tokens default to the config's EOS. Other keyword
         arguments are `SamplingParams` fields (top_k, top_p, min_p, repetition_penalty, seed)."""
-        from velotune.infer.engine import generate_tensor
-        from velotune.infer.sampling import SamplingParams
-
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
         return generate_tensor(self, input_ids, params, attention_mask=attention_mask,
                                stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)
