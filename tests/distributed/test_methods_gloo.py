@@ -1,5 +1,5 @@
-"""The preference and RL methods on 2 CPU processes (gloo, DDP over the adapters) against 1 process
-with twice the micro-batch: the same losses, method metrics, eval metrics and adapters, since the
+"""The preference and RL methods, and QLoRA, on 2 CPU processes (gloo, DDP over the adapters)
+against 1 process with twice the micro-batch (lora and full: test_trainer_gloo.py): the same losses, method metrics, eval metrics and adapters, since the
 step's divisor (pairs, examples, completions), KTO's reference point and GRPO's completions
 (sampled from per-prompt seeds, grouped on the rank of their prompt) do not depend on the ranks."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.cli.cli_helpers import make_chat_model
-from tests.distributed.gloo_helpers import quiet, run_on_ranks, train_job
+from tests.distributed.gloo_helpers import quiet, run_on_ranks, train_job, write_chat_data
 from velotune.train.config import TrainConfig
 from velotune.train.metrics import read_metrics
 from velotune.train.run import train_from_config
@@ -35,8 +35,13 @@ def config(tmp_path, method: str, name: str, micro_batch: int) -> TrainConfig:
         make_chat_model(model)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
-    extra = ({"rewards": ["tests.distributed.test_methods_gloo:length_reward"], "num_generations": 3,
-              "max_completion_length": 5} if method == "grpo" else {"beta": 0.5})
+    if method == "qlora":     # 10 conversations, 8 trained: 2 global micro-batches of 4
+        data, extra = write_chat_data(tmp_path / "chat.jsonl", 10), {"dataset_format": "messages"}
+    elif method == "grpo":
+        extra = {"rewards": ["tests.distributed.test_methods_gloo:length_reward"], "num_generations": 3,
+                 "max_completion_length": 5}
+    else:
+        extra = {"beta": 0.5}
     return TrainConfig(model=str(model), dataset=str(data), method=method, output_dir=str(tmp_path / name),
                        max_steps=3, micro_batch_size=micro_batch, gradient_accumulation_steps=2, learning_rate=2e-2,
                        max_seq_length=64, lora_r=4, lora_alpha=8, eval_split=0.2, eval_steps=2, report=False,
@@ -49,7 +54,8 @@ def records(folder) -> list[dict]:
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(tmp_path):
-    methods = {"dpo": 2, "kto": 2, "grpo": 3}     # grpo: 3 completions x 2 micro-batches = 2 prompts per rank
+    # grpo: 3 completions x 2 micro-batches = 2 prompts per rank and step
+    methods = {"dpo": 2, "orpo": 2, "kto": 2, "simpo": 2, "grpo": 3, "qlora": 2}
     for method, b in methods.items():
         train_from_config(config(tmp_path, method, f"{method}-one", 2 * b), console=quiet(), show_progress=False)
     run_on_ranks(2, train_job, *(config(tmp_path, method, f"{method}-two", b) for method, b in methods.items()))

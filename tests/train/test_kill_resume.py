@@ -1,7 +1,8 @@
 """Checkpoints survive a hard kill for every method: a run killed with SIGKILL in the middle of
-step 5 (its last checkpoint at step 4), then resumed, logs exactly the losses of the run that was
-never interrupted, for supervised LoRA, DPO, KTO and GRPO (whose completions are sampled again
-from the same per-step seeds and reach the same rewards)."""
+step 5 (its last checkpoint at step 4), then resumed, logs exactly the records of the run that was
+never interrupted (losses, gradient norms, the method's metrics), for lora, qlora, full, dpo,
+orpo, kto, simpo and grpo (whose completions are sampled again from the same per-step seeds and
+reach the same rewards)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ import pytest
 
 from tests.cli.cli_helpers import make_chat_model
 from tests.distributed.gloo_helpers import quiet, write_chat_data
-from velotune.train.config import TrainConfig
+from velotune.train.config import METHODS, TrainConfig
 from velotune.train.metrics import read_metrics
 from velotune.train.run import train_from_config
 
@@ -24,7 +25,7 @@ KILLED_RUN = """
 import json, os, signal, sys
 import torch
 torch.set_num_threads(1)
-from velotune.train.config import TrainConfig
+from velotune.train.config import METHODS, TrainConfig
 from velotune.train.run import train_from_config
 from velotune.train.trainer import Trainer
 
@@ -58,7 +59,7 @@ def config_for(tmp_path: Path, method: str, name: str, **values) -> TrainConfig:
     model = tmp_path / "model"
     if not model.exists():
         make_chat_model(model)
-    if method == "lora":
+    if method in ("lora", "qlora", "full"):
         data, extra = write_chat_data(tmp_path / "chat.jsonl", 12), {"dataset_format": "messages"}
     elif method == "grpo":
         data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PAIRS])
@@ -68,8 +69,10 @@ def config_for(tmp_path: Path, method: str, name: str, **values) -> TrainConfig:
         data, extra = write_jsonl(tmp_path / "pairs.jsonl", PAIRS), {"beta": 0.5}
     settings = dict(model=str(model), dataset=str(data), method=method, output_dir=str(tmp_path / name),
                     max_steps=6, save_steps=2, micro_batch_size=3 if method == "grpo" else 2,
-                    gradient_accumulation_steps=2, learning_rate=2e-2, max_seq_length=64, lora_r=4, lora_alpha=8,
-                    lora_dropout=0.1, eval_split=0.0, report=False, device="cpu", seed=4, **extra)
+                    learning_rate=1e-3 if method == "full" else 2e-2,
+                    gradient_accumulation_steps=2, max_seq_length=64, eval_split=0.0,
+                    report=False, device="cpu", seed=4, **extra,
+                    **({} if method == "full" else {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1}))
     return TrainConfig(**{**settings, **values})
 
 
@@ -77,7 +80,7 @@ def logged(folder: Path) -> list[dict]:
     return [{k: r[k] for k in r if k not in ("tokens_per_s", "peak_memory_gib")} for r in read_metrics(folder)]
 
 
-@pytest.mark.parametrize("method", ["lora", "dpo", "kto", "grpo"])
+@pytest.mark.parametrize("method", METHODS)
 def test_killed_run_resumes_to_the_same_losses(tmp_path, method):
     whole = config_for(tmp_path, method, "whole")
     train_from_config(whole, console=quiet(), show_progress=False)
@@ -88,7 +91,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, method):
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, done.stderr[-2000:]                   # SIGKILL, not a clean exit
     assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step-4"
-    assert not (tmp_path / "killed" / "adapter").exists()               # it never finished
+    assert not (tmp_path / "killed" / ("model" if method == "full" else "adapter")).exists()   # it never finished
     assert [r["step"] for r in logged(tmp_path / "killed")] == [1, 2, 3, 4]
 
     train_from_config(dataclasses.replace(killed, resume=True), console=quiet(), show_progress=False)
