@@ -55,6 +55,7 @@ def demo_config_path() -> str:
 def run(args: argparse.Namespace) -> int:
     from velotune.data import DataError
     from velotune.errors import ConfigError, LoadError
+    from velotune.rl.rewards import RewardError
     from velotune.train.checkpoint import CheckpointError
     from velotune.train.run import train_from_config
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         if args.nproc_per_node is not None:
             return launch(args, config.device)
         train_from_config(config, show_progress=not args.no_progress)
-    except (TrainConfigError, DataError, LoadError, ConfigError, CheckpointError, LaunchError) as exc:
+    except (TrainConfigError, DataError, LoadError, ConfigError, CheckpointError, LaunchError, RewardError) as exc:
         print(f"velotune train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
