@@ -301,9 +301,9 @@ class Trainer:
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += summed.detach().double()
             add_metrics(metrics, batch_metrics)
-        names = self.objective.metric_names
-        totals = distributed.global_sum(torch.cat([torch.stack([loss_sum, loss_sum.new_zeros(())])[None],
-                                                   stacked(metrics, names, self.device)]), self.world)
+        names = self.objective.metric_names      # one all-reduce: the loss sum, then [sum, count] rows
+        metrics["loss"] = torch.stack([loss_sum, torch.ones_like(loss_sum)])
+        totals = distributed.global_sum(stacked(metrics, ("loss", *names), self.device), self.world)
         self.metrics = means(totals[1:], names)
         return float(totals[0, 0]) / total, total
 
