@@ -50,6 +50,7 @@ from velotune.distributed import World
 from velotune.lora.model import disable_adapters
 from velotune.models.checkpointing import configure_training_memory
 from velotune.models.host_embedding import EmbeddingOffloadError, stage_host_ids
+from velotune.rl.objective import Metrics, add_metrics, means, stacked
 from velotune.train.checkpoint import (
     CheckpointError,
     TrainState,
@@ -62,11 +63,11 @@ from velotune.train.checkpoint import (
 from velotune.train.config import TrainConfig, TrainConfigError, check_values
 from velotune.train.graphed_step import GraphedMicroStep, graph_blockers
 from velotune.train.metrics import RunLog, peak_memory_gib
-from velotune.train.optim import build_optimizer
-from velotune.rl.objective import Metrics, add_metrics, means, stacked
 from velotune.train.methods import build_objective
+from velotune.train.optim import build_optimizer
 from velotune.train.rank_batches import RankMicroBatches
 from velotune.train.schedule import build_scheduler, warmup_steps_for
+from velotune.train.sft import SFTObjective
 from velotune.train.unit_batches import UnitMicroBatches
 
 
@@ -157,7 +158,7 @@ class Trainer:
         self.eval_examples = list(eval_examples)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.graphed = self._graphed_step()
-        if self.objective.graphable:
+        if isinstance(self.objective, SFTObjective):   # examples, collated (padded or packed) by the sampler
             self.batches = RankMicroBatches(train_examples, config.micro_batch_size, self.world, pad_id=pad_id,
                                             seed=config.seed, packing=config.packing,
                                             max_seq_length=config.max_seq_length, fixed_width=self.graphed is not None)
