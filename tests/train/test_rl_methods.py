@@ -77,3 +77,20 @@ def test_reward_that_raises_is_named(tmp_path):
                  max_completion_length=4, rewards=["tests.train.test_rl_methods:failing_reward"])
     with pytest.raises(RewardError, match="failing_reward raised ValueError: no answer column"):
         train_from_config(cfg, console=quiet())
+
+
+def test_grpo_arithmetic_example_config_and_rewards(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from velotune.rl.rewards import resolve
+    from velotune.train.config import check_values
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "examples"))
+    import grpo_arithmetic
+
+    problems = grpo_arithmetic.write_problems(tmp_path / "p.jsonl", 5, seed=1)
+    check_values(grpo_arithmetic.config(tmp_path / "run", 3, problems), "example")
+    fns = [resolve(name) for name in grpo_arithmetic.REWARDS]
+    row = json.loads(problems.read_text().splitlines()[0])
+    right = f"So it is {row['answer']}. Answer: {row['answer']}"
+    assert [fn([row["prompt"]], [right], answer=[row["answer"]])[0] for fn in fns] == [1.0, 0.5]
