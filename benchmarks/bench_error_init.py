@@ -35,7 +35,7 @@ def main() -> None:
     require_cuda()
     import velotune
     from velotune.lora import LoraConfig, apply_lora
-    from velotune.quant.error_init import compensate_quantization_error
+    from velotune.train.error_init import compensate_quantization_error
     from velotune.train.methods import CALIBRATION_ROW_TOKENS, CALIBRATION_TOKENS
 
     cfg = hf_config(args.model)

@@ -7,7 +7,7 @@ row to RESULTS.md under "QLoRA vs LoRA on the demo". On a CPU each run takes a f
 `--keep-16bit-dynamic K` keeps the K projections with the largest activation-weighted NF4 error in
 16-bit on the QLoRA side; the row records K and the share of projection weights that stayed 16-bit.
 `--lora-init` sets how the QLoRA adapters start: zero (the default, PEFT's start) or quant_error
-(as their layer's 4-bit rounding error, quant/error_init.py); the config cell names it.
+(as their layer's 4-bit rounding error, train/error_init.py); the config cell names it.
 
 `--seed N` replaces the demo's seed 0 on both sides (it also draws another held-out split): the
 gap moves by a few points between seeds, which one row cannot show.

@@ -15,14 +15,14 @@ from velotune.estimate import (
     checkpoint_terms,
     estimate,
     layer_terms,
-    load_config,
     lora_parameters,
     mlp_chunk_bytes,
     nf4_bytes,
     what_fits,
 )
 from velotune.models.config import ModelConfig
-from velotune.models.known_configs import KNOWN_CONFIGS
+from velotune.errors import ConfigError
+from velotune.models.known_configs import KNOWN_CONFIGS, load_config
 
 # Published totals (safetensors metadata of each Hub repository).
 PUBLISHED_PARAMETERS = {
@@ -176,7 +176,7 @@ def test_bad_setup_names_the_setting():
 
 
 def test_unknown_name_suggests_close_ones():
-    with pytest.raises(EstimateError, match="unknown model 'Lama-3-8B'.*Did you mean Llama-3-8B"):
+    with pytest.raises(ConfigError, match="unknown model 'Lama-3-8B'.*Did you mean Llama-3-8B"):
         load_config("Lama-3-8B")
     assert load_config("llama-3.2-1b")[0].num_hidden_layers == 16  # names ignore case
 
@@ -186,18 +186,18 @@ def test_local_folder_and_config_file(tmp_path):
     assert load_config(str(tmp_path))[0].num_parameters() == PUBLISHED_PARAMETERS["Phi-3-mini"]
     assert load_config(str(tmp_path / "config.json"))[1] == str(tmp_path / "config.json")
     (tmp_path / "bad.json").write_text('{\n  "hidden_size": 4096,\n  oops\n}')
-    with pytest.raises(EstimateError, match=r"bad.json:3:3: invalid JSON"):
+    with pytest.raises(ConfigError, match=r"bad.json:3:3: invalid JSON"):
         load_config(str(tmp_path / "bad.json"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(EstimateError, match="no config.json in this folder"):
+    with pytest.raises(ConfigError, match="no config.json in this folder"):
         load_config(str(empty))
 
 
 def test_hub_id_offline_says_so(monkeypatch):
     constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never reach the network, whatever the env
-    with pytest.raises(EstimateError, match="nobody/no-such-model: cannot fetch config.json.*Offline, pass a local"):
+    with pytest.raises(ConfigError, match="nobody/no-such-model: cannot fetch config.json.*Offline, pass a local"):
         load_config("nobody/no-such-model")
 
 

@@ -20,7 +20,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 
 from velotune.loaders import default_model_path
-from velotune.loaders.checkpoint import LoadError
+from velotune.errors import LoadError
 from velotune.tokenizer import ChatTemplateError, Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -409,7 +409,7 @@ def test_corrupt_tokenizer_json(saved_folder):
 
 def test_malformed_tokenizer_config(saved_folder):
     (saved_folder / "tokenizer_config.json").write_text('{\n  "bos_token": "<|im_start|>",,\n}')
-    with pytest.raises(LoadError, match=r"tokenizer_config\.json: not valid JSON .*line 2 column"):
+    with pytest.raises(LoadError, match=r"tokenizer_config\.json, line 2: not valid JSON .*column"):
         Tokenizer.from_hf_folder(saved_folder)
 
 

@@ -2,9 +2,9 @@
 
 Public entry points: `load_model`, and the `velotune` command (`velotune --help`).
 """
+from velotune.errors import ConfigError, LoadError
 from velotune.loaders import load_model
-from velotune.loaders.checkpoint import LoadError
-from velotune.models.config import ConfigError, ModelConfig
+from velotune.models.config import ModelConfig
 
 __all__ = ["load_model", "LoadError", "ConfigError", "ModelConfig"]
 __version__ = "0.1.0"

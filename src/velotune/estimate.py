@@ -94,15 +94,14 @@ RESERVED_GIB aside for those).
 """
 from __future__ import annotations
 
-import difflib
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from velotune import estimate_experts as experts
 from velotune.memory_terms import BF16, F32, Term
-from velotune.models.config import ModelConfig
-from velotune.models.known_configs import KNOWN_CONFIGS, known_config
+
+if TYPE_CHECKING:   # the terms read config fields only, so the estimator sits below models/
+    from velotune.models.config import ModelConfig
 
 GIB = 2**30
 METHODS = ("full", "lora", "qlora")
@@ -529,49 +528,6 @@ def what_fits(config: ModelConfig, setup: Setup, gpu_gib: float, max_batch: int 
     batch = _largest(lambda b: fits(config, replace(setup, batch=b), gpu_gib), max_batch)
     seq = _largest(lambda s: fits(config, replace(setup, batch=1, seq=s), gpu_gib), seq_limit)
     return Fit(budget_gib=gpu_gib, max_batch=batch, max_seq=seq, seq_capped=seq == seq_limit)
-
-
-def load_config(model: str) -> tuple[ModelConfig, str]:
-    """The config of `model` and where it came from. `model` is a folder holding config.json, a
-    config.json file, a name from the bundled table (`KNOWN_CONFIGS`), or a Hub id (online)."""
-    path = Path(model)
-    if path.exists():
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise EstimateError(f"{path}: no config.json in this folder")
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise EstimateError(f"{file}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from exc
-        if not isinstance(data, dict):
-            raise EstimateError(f"{file}: expected a JSON object")
-        return ModelConfig.from_hf_config(data, str(file)), str(file)
-    found = known_config(model)
-    if found is not None:
-        name, entry = found
-        return ModelConfig.from_hf_config(entry["config"], f"bundled config {name}"), f"{name} ({entry['hub_id']}, bundled)"
-    if "/" in model:
-        return _hub_config(model)
-    close = difflib.get_close_matches(model.lower(), [n.lower() for n in KNOWN_CONFIGS], n=3, cutoff=0.4)
-    names = {n.lower(): n for n in KNOWN_CONFIGS}
-    hint = f" Did you mean {' or '.join(names[c] for c in close)}?" if close else ""
-    raise EstimateError(f"unknown model {model!r}: not a local path, a Hub id (owner/name) or a known name."
-                        f"{hint} Known: {', '.join(KNOWN_CONFIGS)}")
-
-
-def _hub_config(repo_id: str) -> tuple[ModelConfig, str]:
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError as exc:
-        raise EstimateError(f"{repo_id}: reading a Hub id needs huggingface_hub (pip install velotune[hub])") from exc
-    try:
-        file = hf_hub_download(repo_id, "config.json")
-    except Exception as exc:  # offline, network, gated, missing repo: all end the same way for the user
-        raise EstimateError(f"{repo_id}: cannot fetch config.json from the Hugging Face Hub "
-                            f"({type(exc).__name__}: {exc}). Offline, pass a local folder or a known name "
-                            f"({', '.join(KNOWN_CONFIGS)})") from exc
-    with open(file, encoding="utf-8") as f:
-        return ModelConfig.from_hf_config(json.load(f), f"{repo_id}/config.json"), f"{repo_id} (Hub)"
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,12 @@ CPU allocates (tests/test_estimate_saved_bytes.py, through the interpreted kerne
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from velotune.memory_terms import BF16, F32, I32, I64, Term
-from velotune.models.config import ModelConfig
+
+if TYPE_CHECKING:   # config fields only: the estimator sits below models/ (see estimate.py)
+    from velotune.models.config import ModelConfig
 
 TILE_ROWS = 64   # the grouped kernels' row tile on a GPU (kernels/ops/moe.py `_block_m`)
 

@@ -67,6 +67,6 @@ def test_eval_reports_the_trained_and_base_loss(demo_run, capsys):
     base = capsys.readouterr().out
     assert float(re.search(r"eval loss ([0-9.]+)", base).group(1)) == pytest.approx(before, abs=1e-4)
     assert main(["eval", str(config), "--eval_split=0"]) == 2
-    assert "no eval examples" in capsys.readouterr().err
+    assert "needs eval data (eval_split > 0 or eval_dataset)" in capsys.readouterr().err
 
 

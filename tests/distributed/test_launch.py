@@ -52,7 +52,7 @@ def test_cli_reports_a_zero_process_count(tmp_path, capsys):
 
 @pytest.mark.parametrize(("values", "message"), [
     (["--method=lora", "--distributed=fsdp"], "key 'distributed' fsdp shards full fine-tuning; method lora"),
-    (["--method=qlora", "--fsdp_cpu_offload=true"], "key 'fsdp_cpu_offload' needs FSDP"),
+    (["--method=qlora", "--fsdp_cpu_offload=true"], "key 'fsdp_cpu_offload' does not apply to method qlora"),
     (["--method=full", "--distributed=ddp", "--fsdp_cpu_offload=true"], "key 'fsdp_cpu_offload' needs FSDP"),
     (["--distributed=zero3"], "key 'distributed' must be one of auto, ddp, fsdp"),
     (["--method=full", "--optimizer=galore", "--distributed=fsdp"], "galore needs whole weight matrices"),

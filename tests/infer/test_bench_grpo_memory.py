@@ -1,5 +1,6 @@
 """benchmarks/bench_grpo_memory.py on a tiny config on the CPU: the code path the H100 run takes
-(bf16 build, NF4 projections, LoRA, a group sampled by the engine, one GRPO optimizer step)."""
+(bf16 build, NF4 projections, LoRA, one optimizer step of the trainer with method grpo: a group
+sampled by the engine, scored, accumulated over two micro-batches)."""
 import math
 from pathlib import Path
 
@@ -10,15 +11,16 @@ TINY = dict(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size
             rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
-def test_bench_grpo_memory_runs_one_step_on_cpu(monkeypatch):
+def test_bench_grpo_memory_runs_one_step_on_cpu(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "benchmarks"))
     import bench_grpo_memory
 
-    r = bench_grpo_memory.run(TINY, group=4, prompt=9, new=12, micro_batch=2, device="cpu")
+    r = bench_grpo_memory.run(TINY, group=4, prompt=9, new=12, micro_batch=2, device="cpu", offload=False,
+                              workdir=str(tmp_path))
     gen, upd = r["generation"], r["update"]
     assert gen.seconds > 0 and upd.seconds > 0
     assert gen.peak_allocated_gib is None  # no CUDA counters on the CPU
-    assert len(r["rewards"]) == 4 and len(set(r["rewards"])) > 1  # the group has non-zero advantages
-    assert math.isfinite(r["loss"])
-    assert r["adapters"] == 2 * 7 * 2 and r["adapters_changed"] == r["adapters"]  # the step moved every A and B
+    assert r["reward"] > 1 and math.isfinite(r["loss"])
+    # the step moved every B (each A has no gradient while its B is zero: LoRA's zero start)
+    assert r["adapters"] == 2 * 7 * 2 and r["adapters_changed"] == 2 * 7
     assert torch.get_default_dtype() == torch.float32  # the bf16 build put the default back

@@ -43,6 +43,21 @@ def test_batched_prompts_of_different_lengths_equal_one_at_a_time(model):
         assert len(got.token_ids) == 12 and got.finish_reason == "length"
 
 
+def test_row_seeds_make_each_sampled_row_independent_of_its_batch(model):
+    tok = CharTokenizer()
+    prompts = [[5, 9, 13], [7, 2, 11, 4, 19, 3, 8], [1], [5, 9, 13]]
+    seeds = [11, 12, 13, 14]
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, stop_token_ids=[], row_seeds=seeds)
+    together = [c.token_ids for c in generate(model, tok, prompts, params)]
+    apart = [generate(model, tok, prompts[i:i + 2], SamplingParams(max_new_tokens=10, temperature=1.0,
+                                                                    stop_token_ids=[], row_seeds=seeds[i:i + 2]))
+             for i in (0, 2)]
+    assert together == [c.token_ids for pair in apart for c in pair]
+    assert together[0] != together[3]          # same prompt, other seed: another sample
+    with pytest.raises(ValueError, match="row_seeds holds 1 seeds for 4 prompts"):
+        generate(model, tok, prompts, SamplingParams(temperature=1.0, row_seeds=[1]))
+
+
 def test_greedy_equals_model_generate(model):
     ids = torch.tensor([[4, 8, 15, 16, 23]])
     out = model.generate(ids, max_new_tokens=10, stop_token_ids=[])

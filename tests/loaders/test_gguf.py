@@ -15,7 +15,7 @@ from gguf import GGUFReader, quants
 from tests.loaders.gguf_builder import (FAMILY_CONFIGS, build_gguf, llama3_divisors, random_state_dict, write_gguf)
 
 import velotune
-from velotune.loaders.checkpoint import LoadError
+from velotune.errors import LoadError
 from velotune.loaders.gguf import open_gguf
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

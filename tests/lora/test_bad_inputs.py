@@ -9,9 +9,9 @@ from tests.lora.lora_helpers import load_ours, make_reference
 from safetensors.torch import load_file, save_file
 
 import velotune
-from velotune.loaders.checkpoint import LoadError
-from velotune.lora import LoraConfig, LoraConfigError, apply_lora, load_adapter_weights, save_adapter
-from velotune.lora.peft_format import load_adapter
+from velotune.errors import LoadError
+from velotune.loaders.adapter import load_adapter, load_adapter_weights
+from velotune.lora import LoraConfig, LoraConfigError, apply_lora, save_adapter
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_config_not_json(adapter):
     ("task_type", "SEQ_CLS", "task_type 'SEQ_CLS' is not supported"),
     ("fan_in_fan_out", True, "fan_in_fan_out = True is not supported"),
     ("rank_pattern", {"q_proj": 8}, "rank_pattern = .* is not supported"),
-    ("modules_to_save", ["lm_head"], "modules_to_save = .* is not supported"),
+    ("modules_to_save", "lm_head", "modules_to_save must be a list of module names"),
     ("init_lora_weights", "pissa", "init_lora_weights 'pissa' is not supported"),
     ("target_modules", ".*q_proj", "target_modules '.\\*q_proj' is a regular expression"),
     ("target_modules", ["q_proj", "conv1d"], r"LoraConfig.target_modules: unknown module\(s\) \['conv1d'\]"),
@@ -76,6 +76,12 @@ def test_config_not_json(adapter):
 def test_unsupported_config(adapter, key, value, message):
     edit_config(adapter, **{key: value})
     with pytest.raises(LoadError, match=f"adapter_config.json: {message}"):
+        load_adapter(adapter)
+
+
+def test_modules_to_save_without_their_tensors(adapter):
+    edit_config(adapter, modules_to_save=["lm_head"])
+    with pytest.raises(LoadError, match=r"adapter_model.safetensors: missing adapter tensors base_model.model.lm_head.weight"):
         load_adapter(adapter)
 
 

@@ -8,7 +8,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from velotune.estimate import load_config
 from velotune.models.checkpointing import (
     GIB,
     MemoryBudget,
@@ -19,6 +18,7 @@ from velotune.models.checkpointing import (
     training_method,
 )
 from velotune.models.config import ModelConfig
+from velotune.models.known_configs import load_config
 from velotune.models.transformer import Transformer
 from velotune.train.config import TrainConfigError, load_config as load_train_config
 

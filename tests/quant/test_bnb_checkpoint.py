@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import velotune
+from tests.quant.bnb_saver import save_4bit_hf
 from velotune import LoadError
 from velotune.quant import Linear4bit
-from velotune.quant.bnb_checkpoint import save_4bit_hf
 
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")

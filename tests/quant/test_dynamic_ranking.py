@@ -10,7 +10,7 @@ from torch import nn
 import velotune
 from tests.cli.cli_helpers import make_chat_model
 from velotune import LoadError
-from velotune.export.calibration import calibration_ids
+from velotune.models.calibration import calibration_ids
 from velotune.quant import Linear4bit, quantize_nf4
 from velotune.quant.policy import relative_error, weighted_relative_error
 

@@ -75,7 +75,7 @@ def test_padding_free_batches_equal_unpadded_rows_one_by_one(tiny_model_dir, tmp
     examples = make_examples(5, seed=4)
     model = load_tiny(tiny_model_dir("qwen2"))
     [batch] = flat_batches(examples, 5, bucketed=True)
-    from velotune.train.trainer import batch_documents
+    from velotune.train.sft import batch_documents
 
     together = model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
                      documents=batch_documents(batch, torch.device("cpu")), return_logits=False).loss_sum.detach()

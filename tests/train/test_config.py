@@ -17,10 +17,10 @@ def write(tmp_path, text: str):
 
 
 def test_file_and_overrides(tmp_path):
-    path = write(tmp_path, "method: full\nlearning_rate: 2e-4\nmax_steps: 10\ntarget_modules: [q_proj]\n")
+    path = write(tmp_path, "method: lora\nlearning_rate: 2e-4\nmax_steps: 10\ntarget_modules: [q_proj]\n")
     config = load_config(path, ["--max-steps=25", "--packing", "true", "--target_modules=[q_proj,v_proj]",
                                 "--model=null", "--resume=runs/x"])
-    assert config.method == "full"
+    assert config.method == "lora"
     assert config.learning_rate == 2e-4                      # PyYAML reads "2e-4" as a string
     assert config.max_steps == 25 and config.packing is True
     assert config.target_modules == ["q_proj", "v_proj"]
@@ -50,7 +50,7 @@ def test_unknown_option_on_command_line():
     ("target_modules: {q: 1}\n", "line 1: key 'target_modules' must be a list of strings"),
     ("method: grpo\n", "line 1: key 'method' grpo needs at least one reward function in key 'rewards'"),
     ("dpo_loss: hinge\n", "key 'dpo_loss' must be one of sigmoid, ipo"),
-    ("method: lroa\n", "line 1: key 'method' must be one of lora, qlora, full, dpo, orpo, grpo, got 'lroa'"),
+    ("method: lroa\n", "line 1: key 'method' must be one of lora, qlora, full, dpo, orpo, kto, simpo, grpo, got 'lroa'"),
     ("lr_scheduler: step\n", "key 'lr_scheduler' must be one of linear, cosine, constant"),
     ("micro_batch_size: 0\n", "key 'micro_batch_size' must be at least 1, got 0"),
     ("eval_split: 1.5\n", "key 'eval_split' must be in [0, 1), got 1.5"),

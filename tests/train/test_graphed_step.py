@@ -201,7 +201,7 @@ def flat_training(graphed: bool, lengths_per_step, offload: bool = False):
     graph widths (as the trainer collates them on a GPU); returns losses, adapters, the step."""
     from velotune.data.batching import IGNORE_INDEX
     from velotune.train.data import MicroBatches
-    from velotune.train.trainer import batch_documents
+    from velotune.train.sft import batch_documents
 
     g = torch.Generator().manual_seed(5)
     examples = []

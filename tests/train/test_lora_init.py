@@ -23,8 +23,11 @@ transformers = pytest.importorskip("transformers")
 def test_lora_init_key_is_checked(tmp_path):
     with pytest.raises(TrainConfigError, match="key 'lora_init' must be one of zero, quant_error"):
         check_values(load_config(None, ["--lora_init=loftq"]), "cli")
-    with pytest.raises(TrainConfigError, match="key 'lora_init' quant_error .* needs method qlora, not lora"):
+    with pytest.raises(TrainConfigError, match="key 'lora_init' does not apply to method lora"):
         check_values(load_config(None, ["--method=lora", "--lora_init=quant_error"]), "cli")
+    with pytest.raises(TrainConfigError, match="key 'lora_init' needs a 4-bit base .* load_in_4bit: true with method dpo"):
+        check_values(load_config(None, ["--method=dpo", "--lora_init=quant_error"]), "cli")
+    check_values(load_config(None, ["--method=dpo", "--load_in_4bit=true", "--lora_init=quant_error"]), "cli")
     check_values(load_config(None, ["--method=qlora", "--lora_init=quant_error"]), "cli")
     check_values(load_config(None, ["--method=lora", "--lora_init=zero"]), "cli")
 

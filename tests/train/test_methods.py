@@ -9,7 +9,8 @@ from rich.console import Console
 import velotune
 from tests.cli.cli_helpers import make_chat_model
 from velotune.quant import Linear4bit
-from velotune.train.config import TrainConfig
+from velotune.train.config import METHODS, TrainConfig
+from velotune.train.methods import REGISTRY
 from velotune.train.run import train_from_config
 
 transformers = pytest.importorskip("transformers")
@@ -77,3 +78,8 @@ def test_each_method_trains_on_the_gpu_with_bf16_autocast(tmp_path, method):
     config = run_config(tmp_path, method=method, learning_rate=3e-3 if method == "full" else 2e-2, device="cuda")
     result = train_from_config(config, console=quiet(), show_progress=False)
     assert result.eval_loss_after < 0.9 * result.eval_loss_before
+
+
+def test_the_registry_holds_every_method_of_the_config():
+    assert sorted(REGISTRY) == sorted(METHODS)
+    assert {m.objective for m in REGISTRY.values()} == {"sft", "pairs", "kto", "grpo"}

@@ -10,6 +10,7 @@ from torch import nn
 from tests.train.train_helpers import load_tiny, make_examples
 from velotune.data import collate_padded
 from velotune.models.host_embedding import HostEmbedding
+from velotune.rl.preference import PreferenceExample
 from velotune.train import methods
 from velotune.train.config import TrainConfig, TrainConfigError, load_config
 from velotune.train.trainer import Trainer
@@ -29,9 +30,8 @@ def test_default_is_auto_and_bad_values_name_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, reason", [
-    (["--method=full"], "method full trains them"),
+    (["--method=full"], "does not apply to method full"),
     (["--target_modules=[q_proj, model.embed_tokens]"], "LoRA adapter on embed_tokens"),
-    (["--method=dpo"], "method dpo keeps the embeddings on the GPU"),
 ])
 def test_true_where_it_cannot_apply_is_refused_at_parse_time(overrides, reason):
     with pytest.raises(TrainConfigError, match=rf"key 'offload_embeddings' .*{reason}"):
@@ -39,8 +39,8 @@ def test_true_where_it_cannot_apply_is_refused_at_parse_time(overrides, reason):
     load_config(None, ["--offload_embeddings=auto", *overrides])   # auto decides later, quietly
 
 
-def lora_trainer(folder, tmp_path, examples, offload) -> Trainer:
-    config = TrainConfig(method="lora", lora_r=4, output_dir=str(tmp_path / f"run-{offload}"), micro_batch_size=2,
+def lora_trainer(folder, tmp_path, examples, offload, method="lora") -> Trainer:
+    config = TrainConfig(method=method, lora_r=4, output_dir=str(tmp_path / f"run-{offload}"), micro_batch_size=2,
                          offload_embeddings=offload, device="cpu")
     torch.manual_seed(0)
     model = methods.prepare(load_tiny(folder), config)
@@ -68,6 +68,21 @@ def test_trainer_step_equal_with_the_table_on_the_host(tiny_model_dir, tmp_path)
     for name, grad in expected[1].items():
         assert torch.equal(got[1][name], grad), name
     assert not any(p is on_host.model.model.embed_tokens.weight for p in on_host.params)
+
+
+def test_dpo_step_equal_with_the_table_on_the_host(tiny_model_dir, tmp_path):
+    """The policy and the adapter-free reference both read the host table (Trainer.forward)."""
+    pairs = [PreferenceExample(e.input_ids[:4], e.input_ids[4:], e.input_ids[4:][::-1], e.where)
+             for e in make_examples(4, seed=6, min_len=7)]
+    folder = tiny_model_dir("qwen2")
+    on_device = lora_trainer(folder, tmp_path, pairs, False, "dpo")
+    on_host = lora_trainer(folder, tmp_path, pairs, True, "dpo")
+    assert isinstance(on_host.model.model.embed_tokens, HostEmbedding)
+    batches = on_device.objective.micro_batches(on_device, [pairs[:2], pairs[2:]], 0)
+    expected, got = step(on_device, batches), step(on_host, batches)
+    assert got[0] == expected[0] and got[1].keys() == expected[1].keys()
+    for name, grad in expected[1].items():
+        assert torch.equal(got[1][name], grad), name
 
 
 def test_tied_model_is_refused_with_the_reason_and_auto_leaves_it(tiny_model_dir, tmp_path):

@@ -44,10 +44,11 @@ def config(tmp_path, method, data, **values) -> TrainConfig:
     return TrainConfig(**{**settings, **values})
 
 
-@pytest.mark.parametrize("method", ["dpo", "orpo"])
+@pytest.mark.parametrize("method", ["dpo", "orpo", "kto", "simpo"])
 def test_preference_methods_lower_their_loss(tmp_path, method):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    result = train_from_config(config(tmp_path, method, data, max_steps=12, beta=0.5), console=quiet())
+    result = train_from_config(config(tmp_path, method, data, max_steps=12, beta=0.5, eval_split=0.0),
+                               console=quiet())
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 12 and losses[-1] < losses[0]
     model, _ = velotune.load_model(result.output)
@@ -56,11 +57,11 @@ def test_preference_methods_lower_their_loss(tmp_path, method):
 
 def test_grpo_runs_with_a_named_reward(tmp_path):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Say something"}, {"prompt": "Count"}])
-    cfg = config(tmp_path, "grpo", data, max_steps=3, micro_batch_size=2, num_generations=3,
+    cfg = config(tmp_path, "grpo", data, max_steps=3, micro_batch_size=6, num_generations=3, eval_split=0.0,
                  max_completion_length=6, rewards=["tests.train.test_rl_methods:short_reward"])
     result = train_from_config(cfg, console=quiet())
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3] and all("mean_reward" in r for r in records)
+    assert [r["step"] for r in records] == [1, 2, 3] and all("reward" in r for r in records)
     assert (result.output / "adapter_model.safetensors").exists()
 
 
@@ -72,7 +73,24 @@ def test_missing_rejected_names_the_line(tmp_path):
 
 def test_reward_that_raises_is_named(tmp_path):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Say something"}])
-    cfg = config(tmp_path, "grpo", data, max_steps=1, micro_batch_size=1, num_generations=2,
+    cfg = config(tmp_path, "grpo", data, max_steps=1, micro_batch_size=2, num_generations=2, eval_split=0.0,
                  max_completion_length=4, rewards=["tests.train.test_rl_methods:failing_reward"])
     with pytest.raises(RewardError, match="failing_reward raised ValueError: no answer column"):
         train_from_config(cfg, console=quiet())
+
+
+def test_grpo_arithmetic_example_config_and_rewards(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from velotune.rl.rewards import resolve
+    from velotune.train.config import check_values
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "examples"))
+    import grpo_arithmetic
+
+    problems = grpo_arithmetic.write_problems(tmp_path / "p.jsonl", 5, seed=1)
+    check_values(grpo_arithmetic.config(tmp_path / "run", 3, problems), "example")
+    fns = [resolve(name) for name in grpo_arithmetic.REWARDS]
+    row = json.loads(problems.read_text().splitlines()[0])
+    right = f"So it is {row['answer']}. Answer: {row['answer']}"
+    assert [fn([row["prompt"]], [right], answer=[row["answer"]])[0] for fn in fns] == [1.0, 0.5]

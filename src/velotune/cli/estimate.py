@@ -24,12 +24,12 @@ from velotune.estimate import (
     estimate,
     layer_kinds,
     layer_terms,
-    load_config,
     model_terms,
     savings,
     what_fits,
 )
-from velotune.models.config import ConfigError
+from velotune.errors import ConfigError
+from velotune.models.known_configs import load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

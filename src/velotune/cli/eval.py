@@ -41,12 +41,12 @@ def pick_source(args: argparse.Namespace, config) -> str | None:
 def run(args: argparse.Namespace) -> int:
     import velotune
     from velotune.data import DataError
-    from velotune.loaders.checkpoint import LoadError
-    from velotune.models.config import ConfigError
+    from velotune.errors import ConfigError, LoadError
     from velotune.train.data import load_train_data
     from velotune.train.methods import load_dtype
     from velotune.train.run import pad_id_of, pick_device
-    from velotune.train.trainer import autocast_dtype, evaluate_loss
+    from velotune.train.sft import evaluate_loss
+    from velotune.train.trainer import autocast_dtype
 
     try:
         config = load_config(args.config, args.extra)

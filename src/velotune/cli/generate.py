@@ -35,7 +35,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 def load_for_cli(args: argparse.Namespace):
     """(model, tokenizer) named by --adapter / --model; raises LoadError with the path."""
     import velotune
-    from velotune.loaders.checkpoint import LoadError
+    from velotune.errors import LoadError
 
     model, tokenizer = velotune.load_model(args.adapter or args.model, device=args.device)
     if tokenizer is None:
@@ -46,8 +46,8 @@ def load_for_cli(args: argparse.Namespace):
 
 def load_or_report(args: argparse.Namespace, command: str):
     """(model, tokenizer, sampling params), or None after printing the error for `command`."""
-    from velotune.loaders.checkpoint import LoadError
-    from velotune.models.config import ConfigError
+    from velotune.errors import LoadError
+    from velotune.errors import ConfigError
 
     try:
         params = sampling_params(args)

@@ -22,8 +22,9 @@ from velotune.train.config import TrainConfigError, load_config
 DEMO_CONFIG = "demo.yaml"
 EPILOG = """\
 overrides: any config key as --key=value (values are YAML: --packing=true, --target_modules=[q_proj,v_proj]).
-common keys: model, dataset, dataset_format, output_dir, method (lora|qlora|full), max_steps, num_epochs,
-  micro_batch_size, gradient_accumulation_steps, learning_rate, lr_scheduler, warmup_steps, max_seq_length,
+common keys: model, dataset, dataset_format, output_dir, method (lora|qlora|full|dpo|orpo|kto|simpo|grpo),
+  max_steps, num_epochs, micro_batch_size, gradient_accumulation_steps, learning_rate, lr_scheduler,
+  warmup_steps, max_seq_length,
   packing, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing, eval_split, eval_steps,
   save_steps, resume, seed.  See examples/*.yaml for annotated configs.
 
@@ -40,7 +41,7 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", help="fine-tune a model (LoRA, QLoRA or full) from a YAML config",
+        "train", help="fine-tune a model (LoRA, QLoRA, full; DPO, ORPO, KTO, SimPO, GRPO) from a YAML config",
         usage="velotune train [-h] [--demo] [--no-progress] [--nproc-per-node N] [CONFIG.yaml] [--key=value ...]",
         description="Fine-tune a model as CONFIG.yaml says; with no config, with the defaults of every "
                     "key (see examples/*.yaml) and the --key=value overrides given.",
@@ -61,9 +62,9 @@ def demo_config_path() -> str:
 
 def run(args: argparse.Namespace) -> int:
     from velotune.data import DataError
+    from velotune.errors import ConfigError, LoadError
     from velotune.export import ExportError
-    from velotune.loaders.checkpoint import LoadError
-    from velotune.models.config import ConfigError
+    from velotune.rl.rewards import RewardError
     from velotune.train.checkpoint import CheckpointError
     from velotune.train.guard import TrainingStopped
     from velotune.train.run import train_from_config
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             return launch(args, config.device)
         train_from_config(config, show_progress=not args.no_progress)
     except (TrainConfigError, DataError, LoadError, ConfigError, CheckpointError, LaunchError, TrainingStopped,
-            ExportError) as exc:
+            ExportError, RewardError) as exc:
         print(f"velotune train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -68,9 +68,8 @@ def resolve_source(path: str | Path) -> Path:
 
 
 def load_source(path: Path, quant: str | None) -> tuple[Transformer, Any, dict[str, Any]]:
-    from velotune import load_model
-    from velotune.loaders.checkpoint import LoadError
-    from velotune.models.config import ConfigError
+    from velotune.errors import ConfigError, LoadError
+    from velotune.loaders import load_model
 
     dtype = torch.bfloat16 if quant == "bf16" else torch.float32
     try:

@@ -7,7 +7,7 @@ base itself came from a 4-bit file. What matters is not each weight but each lay
 real inputs, so here the rounding minimises that instead:
 
 - `LayerStatistics` runs a few generic calibration conversations (the model's own chat template,
-  text disjoint from any benchmark prompt) through the model one decoder layer at a time and
+  text disjoint from any benchmark prompt; models/calibration.py) through the model one decoder layer at a time and
   accumulates H = X^T X of every linear layer's input, so memory holds one layer's statistics and
   the calibration hidden states, never every layer's.
 - `gptq_quantize` keeps the block format's grid (fitted per block, with the input channels'
@@ -25,50 +25,9 @@ import torch
 from gguf import GGML_QUANT_SIZES
 
 from velotune.export.blockgrid import Codec, interleave
-from velotune.models.layerwise import layer_arguments, run_with_input_statistics
+from velotune.models.calibration import (CALIBRATION_CONVERSATIONS, calibration_ids, layer_arguments,
+                                         run_with_input_statistics)
 from velotune.models.transformer import Transformer
-
-# Generic chat turns for calibration. Keep them generic and disjoint from the evaluation prompts
-# of benchmarks/quantized_answers.py and the tests; they are never tuned to a result.
-CALIBRATION_CONVERSATIONS: tuple[tuple[str, str], ...] = (
-    ("Can you explain what a database index is?",
-     "An index is a separate structure that lets the database find rows without scanning the whole table."),
-    ("How do I boil an egg?", "Put the egg in boiling water for about nine minutes, then cool it in cold water."),
-    ("Write a short poem about autumn.", "Leaves of amber drift and fall, / the quiet wind collects them all."),
-    ("What is the difference between weather and climate?",
-     "Weather is what happens on a given day; climate is the pattern of weather over many years."),
-    ("Give me three tips for better sleep.",
-     "Keep a regular schedule, avoid screens before bed, and keep your bedroom cool and dark."),
-    ("Summarize the plot of a typical detective story.",
-     "A crime happens, a detective gathers clues and questions suspects, and finally reveals the culprit."),
-    ("Why is the sky blue?", "Air scatters short blue wavelengths of sunlight more than red ones."),
-    ("How can I learn a new programming language quickly?",
-     "Build a small project, read other people's code, and practise a little every day."),
-    ("What should I pack for a weekend hiking trip?",
-     "Water, snacks, a map, a rain jacket, sturdy shoes, a first aid kit and a charged phone."),
-    ("Hi there! How is your day going?", "Hello! I'm doing well, thank you. How can I help you today?"),
-    ("Convert 5 kilometres to miles.", "5 kilometres is about 3.1 miles."),
-    ("List some healthy breakfast ideas.", "Oatmeal with fruit, yogurt with nuts, eggs on toast, or a smoothie."),
-    ("What does a mitochondrion do?", "It produces most of the chemical energy a cell needs, in the form of ATP."),
-    ("Tell me a joke.", "Why did the scarecrow win an award? Because he was outstanding in his field."),
-    ("How do plants grow?", "Plants take in light, water and carbon dioxide and turn them into sugar to build new tissue."),
-    ("What is a good way to save money?", "Track your spending, set a budget, and put a fixed amount aside every month."),
-)
-
-
-def calibration_ids(tokenizer: Any, conversations: Sequence[tuple[str, str]] = CALIBRATION_CONVERSATIONS
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The conversations rendered with the chat template and packed into one row: (ids [1, T],
-    position ids [1, T] restarting per conversation, which the model reads as separate documents)."""
-    ids: list[int] = []
-    positions: list[int] = []
-    for user, assistant in conversations:
-        turn = tokenizer.apply_chat_template([{"role": "user", "content": user},
-                                              {"role": "assistant", "content": assistant}])
-        ids += turn
-        positions += range(len(turn))
-    return torch.tensor([ids]), torch.tensor([positions])
-
 
 # Phi-3 exports fuse these; their input is that of the first part.
 FUSED_INPUT = {"qkv_proj": "q_proj", "gate_up_proj": "gate_proj"}

@@ -21,7 +21,7 @@ import torch
 
 from velotune.infer.sampling import SamplingParams, sample
 from velotune.infer.static import StaticDecoder
-from velotune.models.cache import KVCache
+from velotune.infer.cache import KVCache
 
 if TYPE_CHECKING:
     from velotune.models.transformer import Transformer
@@ -82,8 +82,12 @@ class GenerationRun:
         self.mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         self.stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
         self.pad_id = int(self.stops[0]) if len(self.stops) else 0
-        self.generator = None
-        if params.seed is not None:
+        self.generator: torch.Generator | list[torch.Generator] | None = None
+        if params.row_seeds is not None:
+            if len(params.row_seeds) != b:
+                raise ValueError(f"row_seeds holds {len(params.row_seeds)} seeds for {b} prompts")
+            self.generator = [torch.Generator(device=device).manual_seed(s) for s in params.row_seeds]
+        elif params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
         self.seen = None
         if params.repetition_penalty != 1.0:

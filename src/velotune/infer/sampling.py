@@ -23,6 +23,10 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None   # None: the tokenizer's / model's stop tokens
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None
+    # One seed per prompt row instead: each row draws from its own generator, so a row's
+    # completion does not depend on which other rows share its batch (GRPO splits a step's prompts
+    # over ranks and must sample what one process would). Costs one draw call per row and token.
+    row_seeds: list[int] | None = None
     # How decode steps run (see velotune.infer.static): "auto" = CUDA graphs on CUDA (eager if
     # capture fails), the static step eagerly elsewhere; "graph" = CUDA graphs or an error;
     # "static" = the static step without graphs; "dynamic" = a Python-int cache offset and
@@ -73,11 +77,14 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids [B] from last-position logits [B, V]."""
+           generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V]; `generator` is one generator, or one
+    per row."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
     if p.temperature == 0:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, p).softmax(-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

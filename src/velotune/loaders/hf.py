@@ -3,7 +3,6 @@ files and generation_config.json. Tensors are read one at a time through safeten
 `safe_open`, never through pickle."""
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,17 +10,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from velotune.loaders.checkpoint import Checkpoint, LoadError
+from velotune.errors import LoadError, read_json
+from velotune.loaders.checkpoint import Checkpoint
 from velotune.models.config import ModelConfig
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LoadError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LoadError(f"{path}: not valid JSON ({exc})") from None
 
 
 def weight_files(folder: Path) -> dict[str, list[str] | None]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from velotune.loaders.checkpoint import LoadError
+from velotune.errors import LoadError
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from velotune.errors import ConfigError
 from velotune.models.families import ARCHITECTURES, FAMILIES
 
 # Families the decoder supports, keyed by Hugging Face's `model_type`.
@@ -19,10 +20,6 @@ SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 ARCHITECTURE_TO_MODEL_TYPE = ARCHITECTURES
 # Activations of the GLU: SwiGLU, GeGLU-tanh, and gpt-oss's clamped SwiGLU ((up + 1) * clamped swish).
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "swiglu_clamped")
-
-
-class ConfigError(ValueError):
-    """A model configuration we cannot build a model from (names the file and the key)."""
 
 
 @dataclass

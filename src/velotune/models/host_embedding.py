@@ -48,6 +48,11 @@ class HostEmbedding(nn.Module):
     """An embedding lookup whose frozen table lives in host memory and whose rows are delivered to
     `device`. `weight` keeps nn.Embedding's name, shape and dtype."""
 
+    # Its lookup is a host gather, which a CUDA graph cannot hold: graphed steps (the decode step
+    # of infer/static.py, which sits below models/ and so asks this flag rather than the class)
+    # look rows up before each replay.
+    gathers_on_host = True
+
     def __init__(self, weight: torch.Tensor, device: torch.device | str) -> None:
         super().__init__()
         if weight.dim() != 2:

@@ -1,4 +1,5 @@
-"""A few published model configs, bundled so that `velotune estimate` works offline.
+"""A few published model configs, bundled so that `velotune estimate` works offline, and
+`load_config`, which finds a model's config by folder, file, bundled name or Hub id.
 
 Each entry is the Hub repository it was copied from and the shape-relevant keys of its
 `config.json`, numbers as published; `ModelConfig.from_hf_config` reads them like any other
@@ -6,7 +7,13 @@ config. Names are matched case-insensitively.
 """
 from __future__ import annotations
 
+import difflib
+import json
+from pathlib import Path
 from typing import Any
+
+from velotune.errors import ConfigError
+from velotune.models.config import ModelConfig
 
 _LLAMA3_ROPE_8B = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 8192}
@@ -125,3 +132,46 @@ def known_config(name: str) -> tuple[str, dict[str, Any]] | None:
         if canonical.lower() == name.lower():
             return canonical, entry
     return None
+
+
+def load_config(model: str) -> tuple[ModelConfig, str]:
+    """The config of `model` and where it came from. `model` is a folder holding config.json, a
+    config.json file, a name from the bundled table (`KNOWN_CONFIGS`), or a Hub id (online)."""
+    path = Path(model)
+    if path.exists():
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"{path}: no config.json in this folder")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{file}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: expected a JSON object")
+        return ModelConfig.from_hf_config(data, str(file)), str(file)
+    found = known_config(model)
+    if found is not None:
+        name, entry = found
+        return ModelConfig.from_hf_config(entry["config"], f"bundled config {name}"), f"{name} ({entry['hub_id']}, bundled)"
+    if "/" in model:
+        return _hub_config(model)
+    close = difflib.get_close_matches(model.lower(), [n.lower() for n in KNOWN_CONFIGS], n=3, cutoff=0.4)
+    names = {n.lower(): n for n in KNOWN_CONFIGS}
+    hint = f" Did you mean {' or '.join(names[c] for c in close)}?" if close else ""
+    raise ConfigError(f"unknown model {model!r}: not a local path, a Hub id (owner/name) or a known name."
+                        f"{hint} Known: {', '.join(KNOWN_CONFIGS)}")
+
+
+def _hub_config(repo_id: str) -> tuple[ModelConfig, str]:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:
+        raise ConfigError(f"{repo_id}: reading a Hub id needs huggingface_hub (pip install velotune[hub])") from exc
+    try:
+        file = hf_hub_download(repo_id, "config.json")
+    except Exception as exc:  # offline, network, gated, missing repo: all end the same way for the user
+        raise ConfigError(f"{repo_id}: cannot fetch config.json from the Hugging Face Hub "
+                            f"({type(exc).__name__}: {exc}). Offline, pass a local folder or a known name "
+                            f"({', '.join(KNOWN_CONFIGS)})") from exc
+    with open(file, encoding="utf-8") as f:
+        return ModelConfig.from_hf_config(json.load(f), f"{repo_id}/config.json"), f"{repo_id} (Hub)"

@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from velotune import kernels
+from velotune.infer.cache import KVCache
+from velotune.infer.engine import generate_tensor
+from velotune.infer.sampling import SamplingParams
 from velotune.lora import fused as lora_fused
 from velotune.models import host_embedding
-from velotune.models.cache import KVCache
 from velotune.models.checkpointing import (
     CheckpointChoice,
     MemoryBudget,
@@ -40,6 +42,7 @@ from velotune.models.moe import MoE
 from velotune.models.sinks import attend_with_sinks
 from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_has_room
 from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
+from velotune.models.token_logps import token_logps
 
 
 @dataclass
@@ -50,6 +53,7 @@ class ModelOutput:
     num_targets: torch.Tensor | None = None     # tokens that contributed to loss_sum
     hidden_states: torch.Tensor | None = None   # final-norm output, [B, T, H]
     aux_loss_sum: torch.Tensor | None = None    # load balancing, summed over rows by target count (models/moe.py)
+    token_logps: torch.Tensor | None = None     # [B, T-1] log p(labels[:, 1:]), 0 where ignored
 
 
 class RMSNorm(nn.Module):
@@ -408,20 +412,24 @@ class Transformer(nn.Module):
         return_logits: bool = True,
         inputs_embeds: torch.Tensor | None = None,
         documents: DocumentSpans | None = None,
+        return_token_logps: bool = False,
     ) -> ModelOutput:
         """`inputs_embeds` [B, T, H], when given, replaces the embedding lookup of `input_ids` (the
         CUDA-graph step looks up a host-memory table outside its graph: train/graphed_step.py).
         `documents` (with `position_ids`): the packed documents' spans, as a padding-free batch
         brings them (data/batching.py:collate_flat); without it they are read from restarting
-        position ids."""
+        position ids. With labels, `return_token_logps` gives each target's log-probability
+        (`token_logps`) instead of the summed loss: what the preference and RL objectives read."""
         experts = [m for m in self.modules() if isinstance(m, MoE)]
-        balance = (labels is not None and self.training and torch.is_grad_enabled() and bool(experts)
-                   and self.config.router_aux_loss_coef > 0)
+        balance = (labels is not None and not return_token_logps and self.training and torch.is_grad_enabled()
+                   and bool(experts) and self.config.router_aux_loss_coef > 0)
         for moe in experts:
             moe.collect_aux, moe.aux_statistics = balance, []
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds, documents)
         out = ModelOutput(hidden_states=hidden)
-        if labels is not None:
+        if labels is not None and return_token_logps:
+            out.token_logps = self.token_logps_from_hidden(hidden, labels)
+        elif labels is not None:
             out.loss_sum, out.num_targets = self.loss_from_hidden(hidden, labels)
             if balance:
                 stats = [s for moe in experts for s in moe.aux_statistics]
@@ -550,6 +558,16 @@ class Transformer(nn.Module):
             h, kept = hidden[:, :-1][keep], targets[keep]
         return kernels.linear_cross_entropy(h, self.lm_head.weight, kept, softcap=self.config.final_logit_softcapping)
 
+    def token_logps_from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """[B, T-1] float32 log p(labels[:, t+1] | ..t) (0 where the label is -100), through the head
+        a chunk of target positions at a time (models/token_logps.py)."""
+        targets = labels[:, 1:]
+        keep = targets != -100
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+        out[keep] = token_logps(hidden[:, :-1][keep], self.lm_head.weight, targets[keep],
+                                softcap=self.config.final_logit_softcapping)
+        return out
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0, *,
                  attention_mask: torch.Tensor | None = None, stop_token_ids: list[int] | None = None,
@@ -557,9 +575,6 @@ class Transformer(nn.Module):
         """Prompt + generated ids [B, T + n] (greedy at temperature 0). Batched prompts are
         left-padded with `attention_mask`; stop tokens default to the config's EOS. Other keyword
         arguments are `SamplingParams` fields (top_k, top_p, min_p, repetition_penalty, seed)."""
-        from velotune.infer.engine import generate_tensor
-        from velotune.infer.sampling import SamplingParams
-
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
         return generate_tensor(self, input_ids, params, attention_mask=attention_mask,
                                stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)

@@ -8,7 +8,7 @@ quantization error is largest.
 The error of a layer is the relative error of its output on real inputs, with the input channels
 taken as uncorrelated: sqrt(sum_ij dW_ij^2 s_j / sum_ij W_ij^2 s_j), where dW = dequant(quant(W)) - W
 and s_j is input channel j's mean squared activation on a few calibration conversations
-(`input_scales`, from quant/calibration.py). Why not the plain weight error ||dW|| / ||W||: on
+(`input_scales`, from models/calibration.py). Why not the plain weight error ||dW|| / ||W||: on
 SmolLM2-135M (whose weights come from a Q4_1 file) that error is about 0.1 for every projection,
 so it ranks almost at random: keeping its worst 30 linears in 16-bit left the demo's eval loss
 before training +8.4% above the 16-bit model, against +5.9% for the activation-weighted ranking

@@ -30,7 +30,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
-from velotune.loaders.checkpoint import LoadError
+from velotune.errors import LoadError
 
 logger = logging.getLogger(__name__)
 

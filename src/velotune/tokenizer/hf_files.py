@@ -20,8 +20,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as Backend
 
-from velotune.loaders.checkpoint import LoadError
-from velotune.loaders.hf import read_json
+from velotune.errors import LoadError
+from velotune.errors import read_json
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"

@@ -25,7 +25,7 @@ import gguf
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as Backend
 
-from velotune.loaders.checkpoint import LoadError
+from velotune.errors import LoadError
 from velotune.tokenizer import chat_template as templating
 from velotune.tokenizer.gguf_vocab import build_backend, read_gguf_vocab
 from velotune.tokenizer.hf_files import read_hf_folder, write_hf_folder
@@ -118,6 +118,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Every id this tokenizer can produce (added tokens included): what embeddings must cover."""
         return len(self)
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Add `tokens` as special tokens (never split, skipped when decoding with
+        skip_special_tokens); returns their ids. A token already known keeps its id."""
+        self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        return [self.backend.token_to_id(t) for t in tokens]
 
     @property
     def special_tokens_map(self) -> dict[str, str | None]:

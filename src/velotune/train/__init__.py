@@ -1,4 +1,5 @@
-"""Supervised fine-tuning: configs, the training loop, checkpoints, reports.
+"""Training for every method (lora, qlora, full, dpo, orpo, kto, simpo, grpo): configs, the
+one training loop, checkpoints, reports.
 
     from velotune.train import load_config, train_from_config
     result = train_from_config(load_config("run.yaml", ["--max_steps=100"]))

@@ -18,6 +18,10 @@ Design choices:
   expects. A missing file fails at load time, naming the key, its line and where we looked.
 - Every number must be finite: `learning_rate: .inf` or `nan` would otherwise train an adapter
   full of NaN and exit 0.
+- No silent settings: a key that does not apply to the chosen method (`ONLY_FOR`), or that another
+  setting makes meaningless (galore_rank without optimizer galore, warmup_ratio beside
+  warmup_steps), is refused when it differs from its default, naming the key and the method,
+  before anything is loaded. A default never fails: it is not a choice the user made.
 """
 from __future__ import annotations
 
@@ -28,13 +32,18 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
 
-METHODS = ("lora", "qlora", "full", "dpo", "orpo", "grpo")
-RL_METHODS = ("dpo", "orpo", "grpo")      # trained as LoRA adapters; the reference is adapters-off
+SFT_METHODS = ("lora", "qlora", "full")
+PREFERENCE_METHODS = ("dpo", "orpo", "kto", "simpo")
+ALIGN_METHODS = (*PREFERENCE_METHODS, "grpo")   # LoRA adapters; a reference is the model with them off
+METHODS = (*SFT_METHODS, *ALIGN_METHODS)
 DPO_LOSSES = ("sigmoid", "ipo")
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")   # rl/losses.py says what each divides by
+IMPORTANCE_SAMPLING = ("token", "sequence")
 SCHEDULERS = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "galore")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -59,7 +68,7 @@ class TrainConfig:
     eval_dataset: str | None = None          # a separate eval file (instead of eval_split)
     eval_split: float = 0.1                  # fraction of the dataset held out for eval loss
     output_dir: str = "runs/velotune"
-    method: str = "lora"                     # lora | qlora | full
+    method: str = "lora"                     # lora | qlora | full | dpo | orpo | kto | simpo | grpo
     # How long and how big.
     max_steps: int = 0                       # optimizer steps; 0 = num_epochs over the data
     num_epochs: int = 1
@@ -89,9 +98,16 @@ class TrainConfig:
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     use_rslora: bool = False
     use_dora: bool = False
+    # Modules trained in full beside the adapters (PEFT's modules_to_save), e.g. [embed_tokens,
+    # lm_head] for continued pre-training or new tokens; at trainable_modules_lr (null: learning_rate).
+    trainable_modules: list[str] = field(default_factory=list)
+    trainable_modules_lr: float | None = None
+    # Special tokens added to the tokenizer and the embeddings (rows start at the mean embedding);
+    # with lora/qlora, trainable_modules must train embed_tokens (and an untied lm_head).
+    new_tokens: list[str] = field(default_factory=list)
     # zero: B = 0, PEFT's start | quant_error (qlora over a 16-bit checkpoint): each adapter starts
     # as the best rank-r part of its layer's 4-bit rounding error on training rows
-    # (quant/error_init.py); the saved adapter then belongs to the 4-bit base
+    # (train/error_init.py); the saved adapter then belongs to the 4-bit base
     lora_init: str = "zero"
     # Mixture of experts: weight of the router's load-balancing loss; null = the checkpoint's own
     # (config.json's router_aux_loss_coef where output_router_logits is true, as transformers applies it; else 0)
@@ -105,6 +121,7 @@ class TrainConfig:
     cuda_graphs: bool | str = "auto"         # replay each micro-batch shape's forward+backward (auto: with packing)
     keep_16bit: list[str] = field(default_factory=lambda: ["embed_tokens", "lm_head"])  # qlora: not quantized
     keep_16bit_dynamic: int = 0              # qlora: also keep the N linears with the largest 4-bit error
+    load_in_4bit: bool = False               # dpo/orpo/kto/simpo/grpo: adapters over a 4-bit NF4 base (QLoRA)
     dtype: str = "auto"                      # auto: bf16 (autocast) on a GPU, float32 on the CPU
     device: str = "auto"                     # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -131,22 +148,63 @@ class TrainConfig:
     distributed: str = "auto"                # auto (ddp for lora/qlora, fsdp for full) | ddp | fsdp
     fsdp_cpu_offload: bool = False           # fsdp: shards and the optimizer step live on the CPU
     fsdp_mixed_precision: bool = True        # fsdp on a GPU: gather params in bf16/fp16, reduce grads in fp32
-    # Preference and RL methods (dpo, orpo, grpo).
-    beta: float = 0.1                        # DPO/IPO/ORPO strength; GRPO's KL weight is grpo_beta
+    # Preference and RL methods (dpo, orpo, kto, simpo, grpo).
+    beta: float = 0.1                        # DPO/IPO/ORPO/KTO/SimPO strength; GRPO's KL weight is grpo_beta
     dpo_loss: str = "sigmoid"                # sigmoid (DPO) or ipo
+    simpo_gamma: float = 0.5                 # SimPO: the target margin between chosen and rejected
+    kto_desirable_weight: float = 1.0        # KTO: lambda_D
+    kto_undesirable_weight: float = 1.0      # KTO: lambda_U
     rewards: list[str] = field(default_factory=list)  # GRPO: "module:function" each
     num_generations: int = 8                 # GRPO: completions sampled per prompt
     max_completion_length: int = 128         # GRPO
     temperature: float = 1.0                 # GRPO sampling
     grpo_beta: float = 0.04                  # GRPO: weight of the KL term to the reference
     prompt_column: str = "prompt"            # GRPO: the dataset column holding the prompt
+    loss_type: str = "grpo"                  # GRPO: grpo | dr_grpo | dapo | bnpo (how token losses are averaged)
+    importance_sampling: str = "token"       # GRPO: token | sequence (GSPO: one ratio per completion)
     # Exports written at the end of the run, each "FORMAT" or "FORMAT:QUANT" (hf, gguf, ollama),
     # e.g. [hf, "ollama:q8_0"]: a merged HF folder and a q8_0 GGUF with its Ollama Modelfile.
     export: list[str] = field(default_factory=list)
 
     @property
     def uses_lora(self) -> bool:
-        return self.method in ("lora", "qlora", *RL_METHODS)
+        return self.method != "full"
+
+    @property
+    def four_bit(self) -> bool:
+        """The base is loaded in 4-bit (qlora, or a preference/RL method with load_in_4bit)."""
+        return self.method == "qlora" or self.load_in_4bit
+
+
+_LORA = tuple(m for m in METHODS if m != "full")
+_FOUR_BIT = ("qlora", *ALIGN_METHODS)
+# Keys that apply to some methods only; every other key applies to all. A value other than the
+# default for another method is refused (check_values).
+ONLY_FOR: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("dataset_format", "packing", "sample_prompts", "cuda_graphs", "new_tokens"), SFT_METHODS),
+    **dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",
+                     "offload_embeddings"), _LORA),
+    **dict.fromkeys(("lora_init", "keep_16bit", "keep_16bit_dynamic"), _FOUR_BIT),
+    "load_in_4bit": ALIGN_METHODS,
+    **dict.fromkeys(("galore_rank", "galore_update_proj_gap", "galore_scale", "fsdp_cpu_offload",
+                     "fsdp_mixed_precision"), ("full",)),
+    **dict.fromkeys(("trainable_modules", "trainable_modules_lr"), ("lora", "qlora", "orpo", "simpo")),
+    "beta": PREFERENCE_METHODS,
+    "dpo_loss": ("dpo",),
+    "simpo_gamma": ("simpo",),
+    **dict.fromkeys(("kto_desirable_weight", "kto_undesirable_weight"), ("kto",)),
+    **dict.fromkeys(("rewards", "num_generations", "max_completion_length", "temperature", "grpo_beta",
+                     "prompt_column", "loss_type", "importance_sampling"), ("grpo",)),
+}
+# Why, where the plain "does not apply" would leave the user guessing.
+NOT_APPLYING_BECAUSE = {
+    "trainable_modules": "dpo, kto and grpo compare with the model with its adapters off, which fully "
+                         "trained modules would change too",
+    "cuda_graphs": "graphs replay the supervised micro-batch; preference and RL micro-batches change shape",
+    "packing": "preference and RL rows are scored one sequence each",
+    "sample_prompts": "it answers held-out chat prompts of a supervised dataset",
+    "dataset_format": "preference and RL files have their own columns (prompt, chosen, rejected, completion, label)",
+}
 
 
 def field_types() -> dict[str, Any]:
@@ -308,23 +366,20 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
     def fail(key: str, message: str) -> None:
         raise TrainConfigError(f"{where(key)}: key {key!r} {message}, got {getattr(config, key)!r}")
 
-    if config.dpo_loss not in DPO_LOSSES:
-        fail("dpo_loss", f"must be one of {', '.join(DPO_LOSSES)}")
-    if config.method == "grpo" and not config.rewards:
-        fail("method", "grpo needs at least one reward function in key 'rewards' ('module:function')")
-    if config.method == "grpo" and config.num_generations < 2:
-        fail("num_generations", "must be at least 2 (advantages compare completions of one prompt)")
     for key, choices in (("method", METHODS), ("lr_scheduler", SCHEDULERS), ("optimizer", OPTIMIZERS),
                          ("dtype", DTYPES), ("dataset_format", DATASET_FORMATS), ("distributed", DISTRIBUTED),
-                         ("lora_init", LORA_INITS)):
+                         ("lora_init", LORA_INITS), ("dpo_loss", DPO_LOSSES), ("loss_type", GRPO_LOSS_TYPES),
+                         ("importance_sampling", IMPORTANCE_SAMPLING)):
         if getattr(config, key) not in choices:
             fail(key, f"must be one of {', '.join(choices)}")
+    check_applies(config, where)
     for key in ("num_epochs", "micro_batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps",
-                "galore_rank", "galore_update_proj_gap"):
+                "galore_rank", "galore_update_proj_gap", "max_completion_length"):
         if getattr(config, key) < 1:
             fail(key, "must be at least 1")
     for key in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "save_total_limit", "sample_prompts",
-                "weight_decay", "max_grad_norm", "lora_dropout", "keep_16bit_dynamic"):
+                "weight_decay", "max_grad_norm", "lora_dropout", "keep_16bit_dynamic", "simpo_gamma",
+                "kto_desirable_weight", "kto_undesirable_weight", "grpo_beta"):
         if getattr(config, key) < 0:
             fail(key, "must not be negative")
     if config.router_aux_loss_coef is not None and config.router_aux_loss_coef < 0:
@@ -335,8 +390,11 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
         value = getattr(config, item.name)
         if isinstance(value, float) and not math.isfinite(value):
             fail(item.name, "must be a finite number")
-    if config.learning_rate <= 0:
-        fail("learning_rate", "must be positive")
+    for key in ("learning_rate", "beta"):
+        if getattr(config, key) <= 0:
+            fail(key, "must be positive")
+    if config.trainable_modules_lr is not None and config.trainable_modules_lr <= 0:
+        fail("trainable_modules_lr", "must be positive (or null for learning_rate)")
     if config.on_nonfinite not in NONFINITE_ACTIONS:
         fail("on_nonfinite", f"must be one of {', '.join(NONFINITE_ACTIONS)}")
     if config.divergence_ratio != 0 and config.divergence_ratio <= 1:
@@ -348,9 +406,7 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
             fail(key, "must be in [0, 1)")
     if config.lora_dropout >= 1.0:
         fail("lora_dropout", "must be below 1")
-    if config.lora_init == "quant_error" and config.method != "qlora":
-        fail("lora_init", f"quant_error starts adapters as the 4-bit rounding error: it needs method qlora, "
-                          f"not {config.method}")
+    check_method_settings(config, fail)
     from velotune.export import ExportError, check_request
 
     for entry in config.export:
@@ -381,9 +437,6 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
     if config.offload_embeddings is True and config.method == "full":
         fail("offload_embeddings", "keeps frozen embeddings in host memory, but method full trains them "
                                    "(use auto or false)")
-    if config.offload_embeddings is True and config.method in RL_METHODS:
-        fail("offload_embeddings", f"is wired into the lora/qlora trainer only; method {config.method} keeps the "
-                                   "embeddings on the GPU (use auto or false)")
     if config.offload_embeddings is True and config.uses_lora and any(
             str(t).rsplit(".", 1)[-1] == "embed_tokens" for t in config.target_modules):
         fail("offload_embeddings", "keeps frozen embeddings in host memory, but target_modules puts a LoRA "
@@ -394,6 +447,64 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
         fail("memory_budget_gib", "must be positive (or null for the GPU's memory minus a margin)")
     if config.device != "auto" and not (config.device == "cpu" or config.device.startswith("cuda")):
         fail("device", "must be auto, cpu, cuda or cuda:N")
+
+
+def is_set(config: TrainConfig, key: str) -> bool:
+    """Whether `key` holds something other than its default."""
+    spec = TrainConfig.__dataclass_fields__[key]
+    default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    return getattr(config, key) != default
+
+
+def check_applies(config: TrainConfig, where: Callable[[str], str]) -> None:
+    """Refuse a key set for a method it does not apply to (`ONLY_FOR`), naming both."""
+    for key, methods in ONLY_FOR.items():
+        if config.method not in methods and is_set(config, key):
+            because = NOT_APPLYING_BECAUSE.get(key)
+            raise TrainConfigError(
+                f"{where(key)}: key {key!r} does not apply to method {config.method} (it applies to "
+                f"{', '.join(methods)}{'; ' + because if because else ''}); remove it, got {getattr(config, key)!r}")
+
+
+def check_method_settings(config: TrainConfig, fail: Callable[[str, str], None]) -> None:
+    """Settings that another setting of the same run makes meaningless or impossible."""
+    four_bit_only = {"lora_init": "quant_error starts adapters as the 4-bit rounding error",
+                     "keep_16bit": "it chooses what the 4-bit load leaves in 16-bit",
+                     "keep_16bit_dynamic": "it chooses what the 4-bit load leaves in 16-bit"}
+    for key, why in four_bit_only.items():
+        if is_set(config, key) and not config.four_bit:
+            fail(key, f"needs a 4-bit base ({why}): method qlora, or load_in_4bit: true with method {config.method}")
+    for key in ("galore_rank", "galore_update_proj_gap", "galore_scale"):
+        if is_set(config, key) and config.optimizer != "galore":
+            fail(key, "applies to optimizer galore only")
+    if is_set(config, "warmup_ratio") and config.warmup_steps > 0:
+        fail("warmup_ratio", "is used only when warmup_steps is 0 (set one of them)")
+    if is_set(config, "num_epochs") and config.max_steps > 0:
+        fail("num_epochs", "is used only when max_steps is 0 (max_steps sets the length of the run)")
+    if config.memory_budget_gib is not None and config.gradient_checkpointing != "auto":
+        fail("memory_budget_gib", "is the budget of gradient_checkpointing: auto; it does nothing otherwise")
+    if is_set(config, "save_total_limit") and config.save_steps == 0:
+        fail("save_total_limit", "limits the checkpoints of save_steps, which is 0 (no checkpoints)")
+    if config.eval_steps and not config.eval_dataset and config.eval_split == 0:
+        fail("eval_steps", "needs eval data (eval_split > 0 or eval_dataset)")
+    if config.trainable_modules_lr is not None and not config.trainable_modules:
+        fail("trainable_modules_lr", "is the learning rate of trainable_modules, which is empty")
+    if config.new_tokens and config.uses_lora and "embed_tokens" not in config.trainable_modules:
+        fail("new_tokens", "adds embedding rows that only training embed_tokens can move: add embed_tokens "
+                           "(and lm_head for an untied head) to trainable_modules")
+    if config.method == "grpo":
+        if not config.rewards:
+            fail("method", "grpo needs at least one reward function in key 'rewards' ('module:function')")
+        if config.num_generations < 2:
+            fail("num_generations", "must be at least 2 (advantages compare completions of one prompt)")
+        if (config.micro_batch_size * config.gradient_accumulation_steps) % config.num_generations:
+            fail("micro_batch_size", f"x gradient_accumulation_steps counts the completions of a step, which must "
+                                     f"be whole groups of num_generations = {config.num_generations}")
+        if config.max_completion_length >= config.max_seq_length:
+            fail("max_completion_length", f"must leave room for the prompt within max_seq_length "
+                                          f"({config.max_seq_length})")
+        if config.temperature <= 0:
+            fail("temperature", "must be positive: greedy completions of one prompt are all alike and teach nothing")
 
 
 def config_yaml(config: TrainConfig) -> str:

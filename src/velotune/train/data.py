@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from velotune.data import (
     DataError,
@@ -31,6 +32,8 @@ from velotune.data import (
 )
 from velotune.data.batching import Batch, bucket_width, collate_flat, document_slots, pad_documents
 from velotune.train.config import TrainConfig, is_bundled
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -58,14 +61,19 @@ def read_samples(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
     if bundled:
         train, held = held_out_split(samples, config.eval_split, seed=config.seed)  # type: ignore[arg-type]  (the corpus yields ChatSamples)
         return list(train), list(held)
-    order = list(range(len(samples)))
-    random.Random(config.seed).shuffle(order)
-    n_eval = max(1, round(config.eval_split * len(samples)))
-    if n_eval >= len(samples):
-        raise DataError(f"{config.dataset}: {len(samples)} rows are too few for eval_split={config.eval_split}")
+    return held_out(samples, config.eval_split, config.seed, config.dataset)
+
+
+def held_out(items: Sequence[T], fraction: float, seed: int, dataset: str) -> tuple[list[T], list[T]]:
+    """(train, eval): a seeded `fraction` of the items held out, the rest in their order."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * len(items)))
+    if n_eval >= len(items):
+        raise DataError(f"{dataset}: {len(items)} rows are too few for eval_split={fraction}")
     held_set = set(order[:n_eval])
-    return ([s for i, s in enumerate(samples) if i not in held_set],
-            [s for i, s in enumerate(samples) if i in held_set])
+    return ([s for i, s in enumerate(items) if i not in held_set],
+            [s for i, s in enumerate(items) if i in held_set])
 
 
 def load_train_data(config: TrainConfig, tokenizer) -> TrainData:

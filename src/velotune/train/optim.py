@@ -23,19 +23,23 @@ from velotune.train.config import TrainConfig, TrainConfigError
 BNB_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "paged_adamw": "PagedAdamW"}
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, modules_lr: float | None = None) -> list[dict]:
+    """Matrices (decayed) and vectors (not); with `modules_lr`, the modules trained in full beside
+    adapters (`model.modules_to_save`) form their own groups at that learning rate."""
+    own_lr = {id(p) for path in getattr(model, "modules_to_save", None) or []
+              for p in model.get_submodule(path).parameters()} if modules_lr is not None else set()
     seen: set[int] = set()
-    matrices, vectors = [], []
+    found: dict[tuple[bool, bool], list[nn.Parameter]] = {}    # (own lr, matrix) -> parameters
     for param in model.parameters():
         if param.requires_grad and id(param) not in seen:
             seen.add(id(param))
-            (matrices if param.ndim >= 2 else vectors).append(param)
-    groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+            found.setdefault((id(param) in own_lr, param.ndim >= 2), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if matrix else 0.0, **({"lr": modules_lr} if own else {})}
+            for (own, matrix), params in sorted(found.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, config.weight_decay)
+    groups = parameter_groups(model, config.weight_decay, config.trainable_modules_lr)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     betas = (config.adam_beta1, config.adam_beta2)

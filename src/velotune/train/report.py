@@ -30,6 +30,7 @@ class RunSummary:
     device: str
     eval_loss_before: float | None = None
     eval_loss_after: float | None = None
+    eval_metrics: dict[str, tuple[float | None, float]] = field(default_factory=dict)   # name -> (before, after)
     saved: dict[str, str] = field(default_factory=dict)         # what -> path
     samples: list[tuple[str, str, str]] = field(default_factory=list)   # prompt, before, after
 
@@ -84,6 +85,9 @@ def write_report(output_dir: str | Path, summary: RunSummary, records: list[dict
         lines.append(f"| eval loss | {s.eval_loss_before:.4f} -> {s.eval_loss_after:.4f} ({change:+.1f}%) |")
     elif s.eval_loss_after is not None:
         lines.append(f"| eval loss | {s.eval_loss_after:.4f} |")
+    for name, (before, after) in s.eval_metrics.items():
+        shown = f"{before:.4f} -> {after:.4f}" if before is not None else f"{after:.4f}"
+        lines.append(f"| eval {name.replace('_', ' ')} | {shown} |")
     for what, path in s.saved.items():
         lines.append(f"| {what} | `{path}` |")
     lines += ["", f"![loss and learning rate]({PLOT_FILE})" if plotted

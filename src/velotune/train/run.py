@@ -1,8 +1,9 @@
-"""One training run from a `TrainConfig`, start to finish: what `velotune train` does.
+"""One training run from a `TrainConfig`, start to finish: what `velotune train` does, for every
+method (the registry is train/methods.py; all of them train in the one `Trainer` loop).
 
-Load the model and data, adapt the model for the method, measure eval loss (and answer a few
-held-out prompts) before training, train, measure again, save the adapter or model, write the
-report, and print where everything went. A resumed run skips the "before" measurements (the
+Load the model and data, adapt the model for the method, measure the method's eval metrics (and
+answer a few held-out prompts) before training, train, measure again, save the adapter or model,
+write the report and the exports, and print where everything went. A resumed run skips the "before" measurements (the
 model is already part-trained) and takes them from the interrupted run's metrics when present.
 
 Under torchrun every rank runs this function: each loads the model and data, the Trainer wraps
@@ -16,17 +17,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Any
+
 import torch
 from rich.console import Console
 from rich.table import Table
 
-import velotune
 from velotune import distributed
 from velotune.distributed import World
-from velotune.loaders.checkpoint import LoadError
+from velotune.errors import LoadError
+from velotune.loaders import load_model
+from velotune.rl.rewards import resolve
 from velotune.train import methods
-from velotune.train.config import RL_METHODS, TrainConfig, TrainConfigError, check_values
-from velotune.train.data import TrainData, load_train_data
+from velotune.train.config import TrainConfig, TrainConfigError, check_values
+from velotune.train.data import TrainData
 from velotune.train.metrics import peak_memory_gib, read_metrics
 from velotune.train.report import RunSummary, write_report
 from velotune.train.run_folder import prepare_run_folder
@@ -40,6 +44,8 @@ class RunResult:
     train: TrainResult
     eval_loss_before: float | None = None
     eval_loss_after: float | None = None
+    eval_before: dict[str, float] = field(default_factory=dict)   # every eval metric at step 0
+    eval_after: dict[str, float] = field(default_factory=dict)    # ... and at the last step
     report: Path | None = None
     samples: list[tuple[str, str, str]] = field(default_factory=list)
     exports: list[Path] = field(default_factory=list)
@@ -63,10 +69,7 @@ def join_world(config: TrainConfig) -> World:
     """The torchrun process group (gloo for device: cpu or without GPUs, else nccl); World()
     in a plain process."""
     cpu = config.device == "cpu" or not torch.cuda.is_available()
-    world = distributed.setup("gloo" if cpu else "nccl")
-    if world.distributed and config.method in RL_METHODS:
-        raise TrainConfigError(f"key 'method': {config.method} runs in one process; start it without torchrun")
-    return world
+    return distributed.setup("gloo" if cpu else "nccl")
 
 
 def pad_id_of(tokenizer, model) -> int:
@@ -91,30 +94,28 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
 
     say(f"[bold]velotune train[/bold]: {config.method} on {config.model or 'SmolLM2-135M-Instruct (default)'}, "
         f"device {device}" + (f", {world.world_size} ranks ({strategy})" if world.distributed else ""))
-    if config.method in RL_METHODS:
-        from velotune.train.rl_run import run_rl
-
-        rl = run_rl(config, console, device)
-        say(f"done in {time.perf_counter() - started:.0f} s")
-        return RunResult(output=rl.output, train=TrainResult(steps=len(rl.history)))
+    objective_rewards = [resolve(spec) for spec in config.rewards]  # a bad reward name fails before loading
     load_device = torch.device("cpu") if strategy == "fsdp" else device   # FSDP moves shards, not the model
-    model, tokenizer = velotune.load_model(config.model, dtype=methods.load_dtype(config, device), device=load_device,
-                                           max_seq_length=config.max_seq_length, **methods.load_options(config))
+    model, tokenizer = load_model(config.model, dtype=methods.load_dtype(config, device), device=load_device,
+                                  max_seq_length=config.max_seq_length, **methods.load_options(config))
     if getattr(model, "quant_report", None) is not None:
         say(f"4-bit base: {model.quant_report.summary()}")
     if tokenizer is None:
         raise LoadError(f"{config.model}: no tokenizer found next to the model (tokenizer.json); "
                         "training data cannot be tokenized")
-    data: TrainData = load_train_data(config, tokenizer)
-    say(f"data: {config.dataset}: train {data.train_report.summary()}")
-    if data.eval_report is not None:
-        say(f"      eval  {data.eval_report.summary()}")
-    for warning in data.train_report.warnings():
-        say(f"warning: {warning}", style="yellow", markup=False)
+    data = methods.load_data(config, tokenizer)
+    if isinstance(data, TrainData):
+        say(f"data: {config.dataset}: train {data.train_report.summary()}")
+        if data.eval_report is not None:
+            say(f"      eval  {data.eval_report.summary()}")
+        for warning in data.train_report.warnings():
+            say(f"warning: {warning}", style="yellow", markup=False)
+    else:
+        say(f"data: {data.summary(config.dataset, config.method)}")
     torch.manual_seed(config.seed)                       # adapter init does not depend on data loading
-    methods.prepare(model, config)
-    if initialised := methods.init_adapters(model, config, [e.input_ids for e in data.train],
-                                                   fresh=resume_from is None):
+    methods.prepare(model, config, tokenizer)
+    calibration = [e.input_ids for e in data.train] if isinstance(data, TrainData) else []
+    if initialised := methods.init_adapters(model, config, calibration, fresh=resume_from is None):
         say(initialised)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -124,7 +125,9 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
     before_answers: list[str] = []
     if resume_from is None:                  # answered before wrapping: rank 0 alone, unsharded model
         before_answers = answer(model, tokenizer, prompts)
-    trainer = Trainer(model, config, data.train, data.eval, pad_id=pad_id_of(tokenizer, model), console=console,
+    pad_id = pad_id_of(tokenizer, model)
+    objective = methods.build_objective(config, pad_id=pad_id, tokenizer=tokenizer, rewards=objective_rewards)
+    trainer = Trainer(model, config, data.train, data.eval, pad_id=pad_id, objective=objective, console=console,
                       show_progress=show_progress and world.is_main, world=world, device=device,
                       save_extra=_adapter_saver(model, tokenizer, config))
     result = RunResult(output=out, train=TrainResult())
@@ -155,16 +158,18 @@ def _silent(*args, **kwargs) -> None:
     """`say` on ranks other than 0."""
 
 
-def finish(result: RunResult, model, tokenizer, config: TrainConfig, trainer: Trainer, data: TrainData,
+def finish(result: RunResult, model, tokenizer, config: TrainConfig, trainer: Trainer, data: Any,
            prompts, before_answers: list[str], console: Console, device: torch.device,
            parameters: tuple[int, int]) -> None:
     """Rank 0 after training: answers, the adapter or model, the report, exports."""
     say = console.print
     out = Path(config.output_dir)
     trainable, total = parameters
-    evals = {r["step"]: r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r}
-    result.eval_loss_before = evals.get(0)
-    result.eval_loss_after = evals.get(trainer.state.step)
+    evals = {r["step"]: {k: v for k, v in r.items() if k.startswith("eval_")}
+             for r in read_metrics(out) if any(k.startswith("eval_") for k in r)}
+    result.eval_before, result.eval_after = evals.get(0, {}), evals.get(trainer.state.step, {})
+    result.eval_loss_before = result.eval_before.get("eval_loss")
+    result.eval_loss_after = result.eval_after.get("eval_loss")
     after_answers = answer(model, tokenizer, prompts)
     result.output = methods.save_result(model, tokenizer, config)
     if before_answers:
@@ -177,6 +182,8 @@ def finish(result: RunResult, model, tokenizer, config: TrainConfig, trainer: Tr
             trainable_parameters=trainable, total_parameters=total, train_seconds=trainer.state.elapsed_s,
             tokens_per_s=result.train.tokens_per_s, peak_memory_gib=peak_memory_gib(device), device=str(device),
             eval_loss_before=result.eval_loss_before, eval_loss_after=result.eval_loss_after,
+            eval_metrics={k[len("eval_"):]: (result.eval_before.get(k), v) for k, v in result.eval_after.items()
+                          if k != "eval_loss"},
             saved={"adapter" if config.uses_lora else "model": str(result.output)}, samples=result.samples)
         result.report = write_report(out, summary, read_metrics(out))
         say(f"report: {result.report}")
@@ -214,11 +221,13 @@ def _adapter_saver(model, tokenizer, config: TrainConfig):
 
 def print_outcome(console: Console, result: RunResult, prompts, after_answers: list[str]) -> None:
     r = result
-    if r.eval_loss_before is not None and r.eval_loss_after is not None:
-        change = 100 * (r.eval_loss_after - r.eval_loss_before) / r.eval_loss_before
-        console.print(f"[bold]eval loss: {r.eval_loss_before:.4f} -> {r.eval_loss_after:.4f} ({change:+.1f}%)[/bold]")
-    elif r.eval_loss_after is not None:
-        console.print(f"[bold]eval loss: {r.eval_loss_after:.4f}[/bold]")
+    for key, after in r.eval_after.items():
+        name, before = key[len("eval_"):].replace("_", " "), r.eval_before.get(key)
+        if before is not None:
+            change = f" ({100 * (after - before) / abs(before):+.1f}%)" if before else ""
+            console.print(f"[bold]eval {name}: {before:.4f} -> {after:.4f}{change}[/bold]")
+        else:
+            console.print(f"[bold]eval {name}: {after:.4f}[/bold]")
     if prompts:
         table = Table(title="held-out prompts", show_lines=True)
         for column in ("prompt", "dataset answer", *(("before",) if r.samples else ()), "after"):

@@ -1,11 +1,18 @@
-"""The training loop: exact gradient accumulation, schedule, clipping, eval, checkpoints, resume.
+"""The training loop of every method: exact gradient accumulation, schedule, clipping, eval,
+checkpoints, resume, autocast, memory settings, CUDA graphs, many ranks.
+
+One loop for all methods: a method is an objective (`train/methods.py` builds it; the contract is
+in rl/objective.py) that turns a micro-batch into (summed loss, count) and may prepare the step's
+micro-batches (GRPO generates them, KTO measures its reference point); supervised fine-tuning is
+the objective of train/sft.py. Everything below holds for every method.
 
 Design choices:
-- Exact accumulation. An optimizer step takes its k micro-batches up front and counts their
-  target tokens (labels after the shift, from the collated labels, before any forward). Each
-  micro-batch's backward is on loss_sum / (targets of the whole step), so the summed gradient is
-  exactly that of one batch holding all k micro-batches, whatever their lengths or padding.
-  Averaging per-micro-batch means instead would weight a short answer's tokens more.
+- Exact accumulation. An optimizer step takes its k micro-batches up front and counts what its
+  loss divides by (target tokens for SFT, from the collated labels; pairs, examples, completions
+  or completion tokens for the others) before any forward. Each micro-batch's backward is on
+  loss_sum / (count of the whole step), so the summed gradient is exactly that of one batch holding
+  all k micro-batches, whatever their lengths or padding. Averaging per-micro-batch means instead
+  would weight a short answer's tokens more.
 - Right-padded batches need no attention mask: with causal attention no real token sees a pad
   that follows it, and pad labels are ignored, so the model takes its plain causal path.
   Packed rows carry position ids that restart per example, which the model turns into
@@ -42,12 +49,12 @@ from rich.console import Console
 from torch import nn
 
 from velotune import distributed
-from velotune.data import Example
 from velotune.data.batching import Batch
 from velotune.distributed import World
+from velotune.lora.model import disable_adapters
 from velotune.models.checkpointing import configure_training_memory
 from velotune.models.host_embedding import EmbeddingOffloadError, stage_host_ids
-from velotune.models.masks import DocumentSpans
+from velotune.rl.objective import Metrics, add_metrics, means, stacked
 from velotune.train.checkpoint import (
     CheckpointError,
     TrainState,
@@ -61,10 +68,13 @@ from velotune.train.config import TrainConfig, TrainConfigError, check_values
 from velotune.train.graphed_step import GraphedMicroStep, graph_blockers
 from velotune.train.guard import LoopGuard
 from velotune.train.metrics import RunLog, peak_memory_gib
+from velotune.train.methods import build_objective
 from velotune.train.oom import explain_out_of_memory
 from velotune.train.optim import build_optimizer
 from velotune.train.rank_batches import RankMicroBatches
 from velotune.train.schedule import build_scheduler, warmup_steps_for
+from velotune.train.sft import SFTObjective, batch_documents, padding_free
+from velotune.train.unit_batches import UnitMicroBatches
 
 
 # Bucketed padding-free widths up to 8 x 2,048 tokens number 24 (data/batching.py:bucket_width);
@@ -77,6 +87,7 @@ MAX_GRAPHED_SHAPES = 64
 class TrainResult:
     losses: list[float] = field(default_factory=list)       # every optimizer step run by this call
     eval_losses: dict[int, float] = field(default_factory=dict)   # step -> eval loss (0 = before)
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)   # step -> every eval metric
     steps: int = 0                                           # optimizer steps done in total
     tokens_per_s: float = 0.0
     train_seconds: float = 0.0
@@ -96,54 +107,9 @@ class StepOutcome:
     loss: float            # mean token loss of the step over every rank
     grad_norm: float
     lr: float              # the learning rate the step used
-    targets: int           # target tokens of the step, all ranks
+    targets: int           # what the step's loss is divided by (target tokens for SFT), all ranks
     tokens: int            # real (non-padding) input tokens of the step, all ranks
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int,
-                  amp_dtype: torch.dtype | None = None, *, world: World = World(),
-                  device: torch.device | None = None, flat: bool = False) -> float:
-    """Mean token loss of `model` over `examples` (summed over all targets, then divided). With
-    many ranks each evaluates its share and the sums are added over ranks (every rank calls it).
-    `flat`: padding-free batches (as the trainer trains on a GPU)."""
-    if not examples:
-        raise ValueError("no eval examples: set eval_split > 0 or eval_dataset")
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=device)     # loss sum, target count
-    try:
-        for batch in distributed.rank_eval_batches(examples, batch_size, pad_id, world, flat=flat):
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                            labels=batch["labels"].to(device), return_logits=False,
-                            documents=batch_documents(batch, device))
-            sums[0] += out.loss_sum.double()
-            sums[1] += out.num_targets
-    finally:
-        model.train(was_training)
-    loss_sum, targets = distributed.global_sum(sums, world).tolist()
-    return loss_sum / targets
-
-
-def batch_documents(batch: Batch, device: torch.device) -> DocumentSpans | None:
-    """A padding-free batch's document spans on `device` (None for padded or packed batches)."""
-    if batch.get("cu_seqlens") is None:
-        return None
-    return DocumentSpans(batch["cu_seqlens"].to(device, non_blocking=True),   # type: ignore[union-attr]
-                         int(batch["max_document_length"]))                      # type: ignore[arg-type]
-
-
-def padding_free(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> bool:
-    """Whether micro-batches are laid end to end (data/batching.py:collate_flat): on a GPU in half
-    precision, where attention over packed documents is flash's variable-length kernel, for a
-    dense model whose attention takes it (`ModelConfig.varlen_attention`: soft-capped or sink
-    attention runs explicitly over a whole-row mask, where a long flat row costs more than
-    padding). Mixture-of-experts models keep padded rows: their load-balancing loss is per row."""
-    config = getattr(model, "config", None)
-    return (device.type == "cuda" and amp_dtype in (torch.bfloat16, torch.float16) and config is not None
-            and getattr(config, "varlen_attention", False) and not getattr(config, "num_experts", 0))
+    metrics: dict[str, float] = field(default_factory=dict)   # the method's, e.g. mean reward
 
 
 class _QuietLog:
@@ -168,17 +134,24 @@ class _QuietLog:
 class Trainer:
     """Trains the trainable parameters of `model` on `train_examples` as `config` says.
 
+    `train_examples` are the method's units: `Example`s for lora/qlora/full, preference pairs, KTO
+    examples or GRPO prompts (rl/). `objective` is the method (default: `build_objective(config)`,
+    which GRPO cannot use: it needs a tokenizer and reward functions).
     `save_extra(folder)` (optional) adds files to every checkpoint, e.g. the PEFT adapter.
     `world` defaults to the joined process group (one process without one); `device` to the
     model's (pass it when FSDP should move a CPU-loaded model to the GPU while sharding).
     `self.model` stays the plain module (for eval and saving); `self.wrapped` is what trains."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig, train_examples: Sequence[Example],
-                 eval_examples: Sequence[Example] = (), *, pad_id: int = 0, console: Console | None = None,
-                 show_progress: bool = True, save_extra: Callable[[Path], None] | None = None,
-                 world: World | None = None, device: torch.device | None = None) -> None:
+    def __init__(self, model: nn.Module, config: TrainConfig, train_examples: Sequence[Any],
+                 eval_examples: Sequence[Any] = (), *, pad_id: int = 0, objective: Any | None = None,
+                 console: Console | None = None, show_progress: bool = True,
+                 save_extra: Callable[[Path], None] | None = None, world: World | None = None,
+                 device: torch.device | None = None) -> None:
         check_values(config, "config")
         self.model, self.config = model, config
+        self.objective = objective or build_objective(config, pad_id=pad_id)
+        self.draws_per_step, units_per_draw = self.objective.sampling(config.micro_batch_size,
+                                                                      config.gradient_accumulation_steps)
         self.world = world or distributed.current()
         self.device = device or next(model.parameters()).device
         self.strategy = distributed.resolve_strategy(config.distributed, config.uses_lora, self.world)
@@ -196,17 +169,19 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.eval_examples = list(eval_examples)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.flat = padding_free(model, self.device, self.amp_dtype)
+        self.flat = isinstance(self.objective, SFTObjective) and padding_free(model, self.device, self.amp_dtype)
         self.guard = LoopGuard(config.on_nonfinite, config.divergence_ratio, loss_scaled=self.scaler is not None,
                                say=self._warn if self.world.is_main else None)
         self.graphed = self._graphed_step()
-        graphed = self.graphed is not None
-        self.batches = RankMicroBatches(train_examples, config.micro_batch_size, self.world, pad_id=pad_id,
-                                        seed=config.seed, packing=config.packing,
-                                        max_seq_length=config.max_seq_length, flat=self.flat,
-                                        bucketed=graphed and self.flat, fixed_width=graphed and not self.flat)
-        self.total_steps = config.max_steps or math.ceil(
-            config.num_epochs * len(self.batches) / config.gradient_accumulation_steps)
+        if isinstance(self.objective, SFTObjective):   # examples, collated (padding-free, padded or packed)
+            graphed = self.graphed is not None
+            self.batches = RankMicroBatches(train_examples, config.micro_batch_size, self.world, pad_id=pad_id,
+                                            seed=config.seed, packing=config.packing,
+                                            max_seq_length=config.max_seq_length, flat=self.flat,
+                                            bucketed=graphed and self.flat, fixed_width=graphed and not self.flat)
+        else:
+            self.batches = UnitMicroBatches(train_examples, units_per_draw, self.world, seed=config.seed)
+        self.total_steps = config.max_steps or math.ceil(config.num_epochs * len(self.batches) / self.draws_per_step)
         self.optimizer = build_optimizer(model, config)
         warmup = warmup_steps_for(config.warmup_steps, config.warmup_ratio, self.total_steps)
         self.scheduler = build_scheduler(self.optimizer, config.lr_scheduler, warmup, self.total_steps)
@@ -214,7 +189,8 @@ class Trainer:
         memory_note = configure_training_memory(
             model, checkpointing=config.gradient_checkpointing, offload=config.offload_checkpoints,
             mlp_chunk_tokens=config.mlp_chunk_tokens, budget_gib=config.memory_budget_gib,
-            batch=config.micro_batch_size, seq=config.max_seq_length)
+            batch=config.micro_batch_size * self.objective.rows_per_unit, seq=config.max_seq_length)
+        self.metrics: dict[str, float] = {}      # the last step's method metrics
         for note in (memory_note, embeddings_note):
             if note:
                 self.console.print(note)
@@ -271,6 +247,8 @@ class Trainer:
             blockers.append("float16 training rescales its loss on the host")
         if self.config.optimizer == "galore":
             blockers.append("galore projects gradients on the host")
+        if not self.objective.graphable:
+            blockers.append(f"method {self.config.method}'s micro-batches change shape")
         if mode is True and blockers:
             raise TrainConfigError("key 'cuda_graphs': cannot be used here: " + "; ".join(blockers))
         if blockers or (mode == "auto" and not (self.flat or self.config.packing)):
@@ -283,36 +261,58 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
-    def forward_sum(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed token loss, target count) of one collated batch."""
+    def device_inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, position ids, labels) of a collated batch on the device; an embedding table in
+        host memory gets the CPU copy of the ids (no device-to-host sync)."""
         host_ids = batch["input_ids"]
         ids = host_ids.to(self.device)                                # type: ignore[union-attr]
         stage_host_ids(self.model, ids, host_ids)                     # type: ignore[arg-type]
-        labels = batch["labels"].to(self.device)                      # type: ignore[union-attr]
-        positions = batch["position_ids"].to(self.device)             # type: ignore[union-attr]
+        return ids, batch["position_ids"].to(self.device), batch["labels"].to(self.device)  # type: ignore[union-attr]
+
+    def forward_sum(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed token loss, target count) of one collated batch."""
+        ids, positions, labels = self.device_inputs(batch)
         with self.autocast():
             out = self.wrapped(ids, position_ids=positions, labels=labels, return_logits=False,
                                documents=batch_documents(batch, self.device))
         return out.loss_sum.float(), out.num_targets
 
+    def forward(self, batch: Batch, *, reference: bool = False) -> Any:
+        """The output of a collated batch with each target's log-probability (`token_logps`), for
+        the preference and RL objectives: through the wrapped model (DDP) while gradients are
+        recorded, through the plain one otherwise; `reference` runs it with adapters off and no
+        gradient."""
+        ids, positions, labels = self.device_inputs(batch)
+        if reference:
+            with torch.no_grad(), disable_adapters(self.model), self.autocast():
+                return self.model(ids, position_ids=positions, labels=labels, return_logits=False,
+                                  return_token_logps=True)
+        module = self.wrapped if torch.is_grad_enabled() else self.model
+        with self.autocast():
+            return module(ids, position_ids=positions, labels=labels, return_logits=False, return_token_logps=True)
+
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        return distributed.global_sum(value, self.world)
+
     def step_counts(self, micro_batches: Sequence[Batch]) -> tuple[int, int]:
-        """(target tokens, real input tokens) of one optimizer step summed over all ranks, known
-        before any forward (one all-reduce)."""
-        local = [sum(int(b["num_target_tokens"]) for b in micro_batches),       # type: ignore[arg-type]
-                 sum(int(b.get("num_tokens") or 0) for b in micro_batches)]      # type: ignore[arg-type]
+        """(what the step's loss divides by, real input tokens) of one optimizer step summed over
+        all ranks, known before any forward (one all-reduce)."""
+        local = [sum(self.objective.count(b) for b in micro_batches),
+                 sum(self.objective.tokens(b) for b in micro_batches)]
         total = distributed.global_sum(torch.tensor(local, dtype=torch.float64, device=self.device), self.world)
         return int(total[0]), int(total[1])
 
     def accumulate(self, micro_batches: Sequence[Batch], targets: int | None = None) -> tuple[float, int]:
-        """Backward over the micro-batches of one optimizer step, normalised by the step's target
-        count over all ranks (`targets`, else counted here); returns (loss of the step over all
-        ranks, its target tokens). Gradients are added to .grad (reduced over ranks on the last
-        micro-batch)."""
+        """Backward over the micro-batches of one optimizer step, normalised by the step's count
+        over all ranks (`targets`, else counted here); returns (loss of the step over all ranks,
+        its count); the method's metrics of the step land in `self.metrics`. Gradients are added
+        to .grad (reduced over ranks on the last micro-batch)."""
         total = self.step_counts(micro_batches)[0] if targets is None else targets
         if total == 0:
             raise ValueError("an optimizer step has no target tokens (every label is -100)")
         scale = distributed.loss_scale(self.world, averaged=self.strategy != "none") / total
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        metrics: Metrics = {}
         for i, batch in enumerate(micro_batches):
             if self.graphed is not None:
                 summed = self.graphed(batch["input_ids"], batch["labels"], batch["position_ids"], scale,  # type: ignore[arg-type]
@@ -321,11 +321,16 @@ class Trainer:
                 loss_sum += summed.double()
                 continue
             with distributed.gradient_sync(self.wrapped, enabled=i == len(micro_batches) - 1):
-                summed, _ = self.forward_sum(batch)
+                summed, batch_metrics = self.objective.loss(self, batch)
                 scaled = summed * scale
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += summed.detach().double()
-        return float(distributed.global_sum(loss_sum, self.world)) / total, total
+            add_metrics(metrics, batch_metrics)
+        names = self.objective.metric_names      # one all-reduce: the loss sum, then [sum, count] rows
+        metrics["loss"] = torch.stack([loss_sum, torch.ones_like(loss_sum)])
+        totals = distributed.global_sum(stacked(metrics, ("loss", *names), self.device), self.world)
+        self.metrics = means(totals[1:], names)
+        return float(totals[0, 0]) / total, total
 
     def optimizer_step(self, micro_batches: Sequence[Batch]) -> StepOutcome:
         """One full step: accumulate, clip, update, schedule."""
@@ -345,21 +350,24 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(loss, grad_norm, lr, targets, tokens)
+        return StepOutcome(loss, grad_norm, lr, targets, tokens, dict(self.metrics))
 
     # --- evaluation ---------------------------------------------------------------------------
 
-    def evaluate(self, examples: Sequence[Example] | None = None) -> float:
-        """Mean token loss over `examples` (default: the eval split)."""
+    def evaluate(self, examples: Sequence[Any] | None = None) -> dict[str, float]:
+        """The method's eval metrics over `examples` (default: the eval split): `eval_loss` (mean
+        token loss for SFT, mean loss per pair or example for the preference methods), the
+        method's own (e.g. `eval_chosen_logp`), or GRPO's `eval_reward`."""
         examples = self.eval_examples if examples is None else examples
-        return evaluate_loss(self.model, examples, self.config.micro_batch_size, self.pad_id, self.amp_dtype,
-                             world=self.world, device=self.device, flat=self.flat)
+        return self.objective.evaluate(self, examples)
 
     def _evaluate_into(self, result: TrainResult, log: RunLog) -> None:
-        result.eval_losses[self.state.step] = loss = self.evaluate()
-        log.write({"step": self.state.step, "eval_loss": loss})
-        log.message(f"step {self.state.step}: eval loss {loss:.4f}")
-        self.guard.observe_eval(self.state.step, loss)
+        result.evals[self.state.step] = metrics = self.evaluate()
+        if "eval_loss" in metrics:
+            result.eval_losses[self.state.step] = metrics["eval_loss"]
+            self.guard.observe_eval(self.state.step, metrics["eval_loss"])
+        log.write({"step": self.state.step, **metrics})
+        log.message(f"step {self.state.step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()))
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -403,6 +411,7 @@ class Trainer:
         result = TrainResult(steps=state.step)
         stream = self.batches.iterate(state.epoch, state.batch_index)
         window = {"loss_sum": 0.0, "targets": 0, "tokens": 0, "seconds": 0.0}
+        window_metrics: dict[str, list[float]] = {}    # name -> [sum of the logged steps' values, steps]
         all_tokens, all_seconds, data_seconds = 0, 0.0, 0.0
         self.model.train()
         log = (RunLog(self.output_dir, self.total_steps, start_step=state.step, console=self.console,
@@ -412,9 +421,9 @@ class Trainer:
                 self._evaluate_into(result, log)
             while state.step < self.total_steps:
                 started = time.perf_counter()
-                drawn = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
+                drawn = [next(stream) for _ in range(self.draws_per_step)]
                 data_seconds += time.perf_counter() - started    # the GPU idles meanwhile (synchronised)
-                micro = [batch for _, _, batch in drawn]
+                micro = self.objective.micro_batches(self, [batch for _, _, batch in drawn], state.step)
                 outcome = self.optimizer_step(micro)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
@@ -431,6 +440,9 @@ class Trainer:
                 for key, value in (("loss_sum", loss * targets if targets else 0.0), ("targets", targets),
                                    ("tokens", tokens), ("seconds", seconds)):
                     window[key] += value
+                for name, value in outcome.metrics.items():
+                    kept = window_metrics.setdefault(name, [0.0, 0])
+                    kept[0], kept[1] = kept[0] + value, kept[1] + 1
                 record = None
                 if state.step % cfg.logging_steps == 0 or state.step == self.total_steps:
                     record = {"step": state.step,
@@ -439,9 +451,11 @@ class Trainer:
                               "tokens_per_s": window["tokens"] / window["seconds"],
                               "peak_memory_gib": peak_memory_gib(self.device), "epoch": state.epoch,
                               "tokens_seen": state.tokens_seen, "train_seconds": round(state.elapsed_s, 3),
-                              "data_seconds": round(data_seconds, 3)}
+                              "data_seconds": round(data_seconds, 3),
+                              **{name: total / steps for name, (total, steps) in window_metrics.items()}}
                     log.write(record)
                     window = dict.fromkeys(window, 0.0)
+                    window_metrics = {}
                 log.advance(state.step, record)
                 if cfg.eval_steps and self.eval_examples and state.step % cfg.eval_steps == 0:
                     self._evaluate_into(result, log)

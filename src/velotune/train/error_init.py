@@ -40,6 +40,9 @@ before their layer is reached are held until then.
 
 An adapter made this way belongs to the 4-bit base it was computed on: applied to the 16-bit
 base it would add E a second time. `lora/peft_format.py` records that base next to the adapter.
+
+It sits in train/ because it reads the checkpoint again through the loaders, which sit above
+`quant/` and `lora/`; `lora_init: quant_error` is a training setting.
 """
 from __future__ import annotations
 
@@ -49,8 +52,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from velotune.loaders import open_checkpoint
+from velotune.loaders.build import split_fused
 from velotune.lora.layers import LoraLinear
-from velotune.models.layerwise import layer_arguments, run_with_input_statistics
+from velotune.models.calibration import layer_arguments, run_with_input_statistics
 from velotune.quant.linear4bit import Linear4bit
 
 DEFAULT_DAMP = 1.0   # times H's mean diagonal, added to H (module docstring)
@@ -176,9 +181,6 @@ class OriginalWeights:
     passed on the way (only those) until they are asked for."""
 
     def __init__(self, source: str, wanted: set[str], model_config: Any) -> None:
-        from velotune.loaders import open_checkpoint
-        from velotune.loaders.build import split_fused
-
         ckpt = open_checkpoint(source)
         if ckpt.prequantized:
             raise ValueError(f"{source}: a pre-quantized (*-bnb-4bit) checkpoint holds no 16-bit weights to "

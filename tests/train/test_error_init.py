@@ -8,11 +8,11 @@ from torch import nn
 
 import velotune
 from tests.cli.cli_helpers import make_chat_model
-from velotune.export.calibration import calibration_ids
+from velotune.models.calibration import calibration_ids
 from velotune.lora.config import LoraConfig
 from velotune.lora.layers import LoraLinear
 from velotune.lora.model import apply_lora
-from velotune.quant.error_init import (
+from velotune.train.error_init import (
     A_ROW_NORM,
     compensate_quantization_error,
     layer_by_layer,
@@ -20,7 +20,7 @@ from velotune.quant.error_init import (
     set_adapter_to,
     top_singular_triplets,
 )
-from velotune.quant import error_init
+from velotune.train import error_init
 
 pytest.importorskip("transformers")
 

@@ -1,9 +1,12 @@
 """A preallocated key/value cache: one buffer per layer, filled in place during decoding."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from velotune.models.config import ModelConfig
+if TYPE_CHECKING:
+    from velotune.models.config import ModelConfig
 
 
 class KVCache:

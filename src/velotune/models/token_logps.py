@@ -1,4 +1,6 @@
-"""Per-token log-probabilities without the [tokens x vocab] tensor.
+"""Per-token log-probabilities without the [tokens x vocab] tensor, for the preference and RL
+objectives (`Transformer.forward(..., return_token_logps=True)`), which need each sequence's
+log-probability rather than one summed loss.
 
 Tokens go through the output head a chunk at a time; each chunk's logits live only inside a
 checkpointed function, so the backward recomputes them chunk by chunk instead of keeping them.
@@ -30,15 +32,3 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
         else:
             pieces.append(_chunk_logps(h, weight, t, softcap))
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-
-
-def sequence_token_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
-                         attention_mask: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
-    """[B, T-1] log-probs of each next token (0 where labels[:, 1:] == -100)."""
-    hidden = model.hidden_states(input_ids, attention_mask)[:, :-1]
-    targets = labels[:, 1:]
-    keep = targets != -100
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-    out[keep] = token_logps(hidden[keep], model.lm_head.weight, targets[keep],
-                            softcap=model.config.final_logit_softcapping, chunk_size=chunk_size)
-    return out
