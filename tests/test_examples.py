@@ -14,9 +14,9 @@ from velotune.cli import main
 from velotune.train.config import load_config
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
-SMALL = ["--model=null", "--device=cpu", "--max_steps=1", "--micro_batch_size=1", "--gradient_accumulation_steps=1",
-         "--max_seq_length=64", "--no-progress"]
-PER_METHOD = {"grpo": ["--num_generations=2", "--max_completion_length=8"]}
+SMALL = ["--model=null", "--device=cpu", "--max_steps=1", "--num_epochs=1", "--micro_batch_size=1",
+         "--gradient_accumulation_steps=1", "--max_seq_length=64", "--no-progress"]
+PER_METHOD = {"grpo": ["--num_generations=2", "--max_completion_length=8", "--micro_batch_size=2"]}  # whole groups
 
 
 def test_every_example_is_covered():

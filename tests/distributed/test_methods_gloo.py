@@ -49,7 +49,8 @@ def config(tmp_path, method: str, name: str, micro_batch: int) -> TrainConfig:
 
 
 def records(folder) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_memory_gib", "elapsed_s")}
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_memory_gib", "elapsed_s", "train_seconds",
+                                                          "data_seconds")}
             for r in read_metrics(folder)]
 
 

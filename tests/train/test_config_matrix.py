@@ -34,9 +34,13 @@ EXPECTED: dict[str, tuple[object, set[str], dict[str, object]]] = {
     "logging_steps": (5, ALL, {}), "save_steps": (10, ALL, {}), "save_total_limit": (2, ALL, {"save_steps": 10}),
     "resume": (True, ALL, {}), "report": (False, ALL, {}), "distributed": ("ddp", ALL, {}),
     "export": (["gguf"], ALL, {}),
+    # runs that never lose work (train/run_folder.py, train/guard.py): every method goes through them
+    "overwrite_output_dir": (True, ALL, {}), "resume_allow_changes": (["max_steps"], ALL, {}),
+    "on_nonfinite": ("skip", ALL, {}), "divergence_ratio": (3.0, ALL, {}),
     # supervised data and steps
     "dataset_format": ("messages", SFT, {}), "packing": (True, SFT, {}), "sample_prompts": (2, SFT, {}),
     "cuda_graphs": (False, SFT, {}), "new_tokens": (["<tool>"], SFT, {"trainable_modules": ["embed_tokens"]}),
+    "router_aux_loss_coef": (0.01, SFT, {}),
     # adapters
     "lora_r": (8, LORA, {}), "lora_alpha": (8.0, LORA, {}), "lora_dropout": (0.1, LORA, {}),
     "target_modules": (["q_proj"], LORA, {}), "use_rslora": (True, LORA, {}), "use_dora": (True, LORA, {}),

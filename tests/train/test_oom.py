@@ -15,11 +15,14 @@ from velotune.train.oom import TrainingOutOfMemory, breakdown, setup_of
 from velotune.train.trainer import Trainer
 
 
-def failing_trainer(folder, tmp_path, **overrides) -> Trainer:
+def failing_trainer(folder, tmp_path, memory_budget_gib: float = 2.0, **overrides) -> Trainer:
     settings = dict(method="full", output_dir=str(tmp_path / "run"), max_steps=3, micro_batch_size=8,
-                    max_seq_length=65536, memory_budget_gib=2.0, gradient_checkpointing=False, seed=0)
+                    max_seq_length=65536, gradient_checkpointing=False, seed=0)
     trainer = Trainer(load_tiny(folder), TrainConfig(**{**settings, **overrides}), make_examples(16),
                       show_progress=False)
+    # A GPU of this many GiB, on the CPU: the advice reads memory_budget_gib as the device's size
+    # (a config refuses the key without gradient_checkpointing: auto, where it sets the budget)
+    trainer.config.memory_budget_gib = memory_budget_gib
 
     def forward_sum(batch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")

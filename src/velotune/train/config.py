@@ -182,6 +182,8 @@ _FOUR_BIT = ("qlora", *ALIGN_METHODS)
 # default for another method is refused (check_values).
 ONLY_FOR: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("dataset_format", "packing", "sample_prompts", "cuda_graphs", "new_tokens"), SFT_METHODS),
+    # the preference and RL objectives read token log-probs, to which no load-balancing term is added
+    "router_aux_loss_coef": SFT_METHODS,
     **dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",
                      "offload_embeddings"), _LORA),
     **dict.fromkeys(("lora_init", "keep_16bit", "keep_16bit_dynamic"), _FOUR_BIT),
