@@ -127,10 +127,14 @@ def cache_key(rows: Sequence[Row], specs: Sequence[str], functions: Sequence[Row
 
 
 def _source_of(function: RowFunction) -> str:
-    """The function's module source (a change anywhere in it may change the output)."""
+    """The function's module file as it is on disk now (a change anywhere in it may change the
+    output; `inspect.getsource` would answer from a stale line cache)."""
     module = inspect.getmodule(function)
+    file = getattr(module, "__file__", None)
+    if file and Path(file).is_file():
+        return Path(file).read_text(encoding="utf-8", errors="replace")
     try:
-        return inspect.getsource(module) if module is not None else inspect.getsource(function)
+        return inspect.getsource(function)
     except (OSError, TypeError):
         return repr(function)
 

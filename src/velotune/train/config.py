@@ -340,9 +340,17 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
             values[key] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             values[key] = raw
+        if isinstance(values[key], (dict, list)) and not _takes_collections(key):
+            values[key] = raw                # --column_template={question}: a text with braces, not a mapping
         origins[key] = f"command line --{name}"
         i += 1
     return values, origins
+
+
+def _takes_collections(key: str) -> bool:
+    annotation = field_types()[key]
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    return any(typing.get_origin(kind) in (list, dict) for kind in options)
 
 
 def check_known(key: str, where: str, *, option: bool) -> None:
@@ -368,7 +376,10 @@ def coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
         if ok:
             return converted
     wanted = " or ".join(_describe(kind) for kind in options)
-    raise TrainConfigError(f"{where}: key {key!r} must be {wanted}, got {value!r} ({type(value).__name__})")
+    hint = ""
+    if isinstance(value, dict) and str in options:
+        hint = "; YAML reads an unquoted {...} as a mapping: quote the text, e.g. '{question}'"
+    raise TrainConfigError(f"{where}: key {key!r} must be {wanted}, got {value!r} ({type(value).__name__}){hint}")
 
 
 def _convert(value: Any, kind: Any) -> tuple[bool, Any]:

@@ -102,10 +102,13 @@ def show_statistics(console: Console, config: TrainConfig, data: TrainData) -> N
     say("statistics", style="bold")
     for line in source_lines(data):
         say(f"  {line}", markup=False, highlight=False)
-    held = len(data.eval_samples)
-    say(f"  rows: {read} read, {report.total} training rows"
-        + (f" ({config.dialogue_extension} per dialogue)" if config.dialogue_extension > 1 else "")
-        + (f", {held} eval rows" if held else ""), markup=False, highlight=False)
+    held = sum(part.samples.held_rows for part in data.sources)
+    transformed = sum(p.samples.transforms.rows_out for p in data.sources if p.samples.transforms is not None)
+    after = f" ({transformed} after the transforms)" if any(p.samples.transforms for p in data.sources) else ""
+    joined = (f", joined {config.dialogue_extension} per dialogue into {report.total}"
+              if config.dialogue_extension > 1 else "")
+    say(f"  rows: {read} read{after}, {held} held out for eval, the rest trained{joined}", markup=False,
+        highlight=False)
     say(f"  kept {report.kept}, dropped {report.dropped_no_targets} (no trainable token left)"
         + (f": {', '.join(report.dropped_where)}" if report.dropped_where else "")
         + f", truncated {report.truncated} at max_seq_length {config.max_seq_length}"

@@ -110,7 +110,7 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
         if data.eval_report is not None:
             say(f"      eval  {data.eval_report.summary()}", markup=False)
         for line in source_lines(data):
-            say(f"      {line}", markup=False)
+            say(f"      {line}", markup=False, soft_wrap=True)       # file paths stay searchable in logs
         for warning in data.train_report.warnings():
             say(f"warning: {warning}", style="yellow", markup=False)
     else:

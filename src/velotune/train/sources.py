@@ -47,6 +47,7 @@ class SourceSamples:
     train: list[Sample]
     eval: list[Sample] = field(default_factory=list)
     transforms: TransformReport | None = None
+    held_rows: int = 0                          # rows held out for eval (before dialogue extension)
 
 
 def source_rows(path: str, config: TrainConfig) -> tuple[list[Row], TransformReport | None]:
@@ -95,8 +96,8 @@ def read_source(source: DataSource, config: TrainConfig, *, split: bool) -> Sour
             samples, held = list(train), list(held)
         else:
             samples, held = held_out(samples, config.eval_split, config.seed, source.path)
-    return SourceSamples(source, len(rows) if report is None else report.rows_in,
-                         extended(samples, config, source.path), extended(held, config, source.path), report)
+    return SourceSamples(source, len(rows) if report is None else report.rows_in, extended(samples, config, source.path),
+                         extended(held, config, source.path), report, held_rows=len(held))
 
 
 def read_sources(config: TrainConfig) -> tuple[list[SourceSamples], list[SourceSamples]]:

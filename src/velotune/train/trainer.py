@@ -200,7 +200,7 @@ class Trainer:
     def _say_plain(self, text: str) -> None:
         """Rank 0's lines that hold names rich would read as markup (profiled ops such as "[memory]")."""
         if self.world.is_main:
-            self.console.print(text, markup=False, highlight=False)
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def _warn(self, text: str) -> None:
         self.console.print(text, style="yellow", markup=False)     # rows like "conversations[16]" are not markup
