@@ -58,14 +58,15 @@ def render_example(example: Example, tokenizer, *, markers: bool) -> Text:
     return text
 
 
-def length_histogram(lengths: Sequence[int], max_seq_length: int, bins: int = HISTOGRAM_BINS
-                     ) -> list[tuple[int, int, int]]:
-    """(low, high, count) over equal-width bins of 1..max_seq_length tokens."""
-    width = -(-max_seq_length // bins)
-    counts = [0] * bins
+def length_histogram(lengths: Sequence[int], bins: int = HISTOGRAM_BINS) -> list[tuple[int, int, int]]:
+    """(low, high, count) over equal-width bins from the shortest row to the longest."""
+    shortest, longest = min(lengths), max(lengths)
+    width = -(-(longest - shortest + 1) // bins)
+    counts = [0] * -(-(longest - shortest + 1) // width)
     for length in lengths:
-        counts[min((length - 1) // width, bins - 1)] += 1
-    return [(b * width + 1, min((b + 1) * width, max_seq_length), counts[b]) for b in range(bins)]
+        counts[(length - shortest) // width] += 1
+    return [(shortest + b * width, min(shortest + (b + 1) * width - 1, longest), count)
+            for b, count in enumerate(counts)]
 
 
 def packing_fill(lengths: Sequence[int], max_seq_length: int) -> tuple[int, float]:
@@ -121,13 +122,16 @@ def show_statistics(console: Console, config: TrainConfig, data: TrainData) -> N
     say(f"  target tokens per row: mean {statistics.fmean(targets):.1f}, median {statistics.median(targets):g}, "
         f"min {min(targets)}, max {max(targets)}; {report.target_tokens:,} in all "
         f"({100 * report.target_tokens / sum(lengths):.1f}% of the tokens)", markup=False, highlight=False)
-    histogram = Table(title="tokens per row", box=None, padding=(0, 1), title_justify="left")
+    histogram = Table(title="  tokens per row", box=None, padding=(0, 1), title_justify="left")
     for column, justify in (("tokens", "right"), ("rows", "right"), ("", "left")):
         histogram.add_column(column, justify=justify)       # type: ignore[arg-type]
-    top = max(count for _, _, count in length_histogram(lengths, config.max_seq_length)) or 1
-    for low, high, count in length_histogram(lengths, config.max_seq_length):
+    bars = length_histogram(lengths)
+    top = max(count for _, _, count in bars)
+    for low, high, count in bars:
         histogram.add_row(f"{low}-{high}", str(count), "#" * round(BAR_WIDTH * count / top))
     say(histogram)
+    say(f"  shortest row {min(lengths)} tokens, longest {max(lengths)} (max_seq_length {config.max_seq_length})",
+        markup=False, highlight=False)
     packed_rows, packed = packing_fill(lengths, config.max_seq_length)
     say(f"  packing at max_seq_length {config.max_seq_length}: {len(lengths)} rows fill {packed_rows} packed rows, "
         f"{100 * packed:.1f}% real tokens (packing is {'on' if config.packing else 'off'}); micro-batches of "
