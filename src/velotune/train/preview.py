@@ -88,7 +88,8 @@ def show(console: Console, config: TrainConfig, data: TrainData, tokenizer, rows
         f"(max_seq_length {config.max_seq_length}); nothing is trained", markup=False, highlight=False)
     markers = not console.is_terminal
     legend = f"{MARK_OPEN}trained tokens{MARK_CLOSE}" if markers else Text("trained tokens", style=TRAINED_STYLE)
-    say(Text.assemble("the first rows as the trainer receives them; ", legend, " are the targets of the loss"))
+    if rows:
+        say(Text.assemble("the first rows as the trainer receives them; ", legend, " are the targets of the loss"))
     for number, example in enumerate(data.train[:rows], start=1):
         say(f"── row {number}: {example.where} ({len(example)} tokens, {example.num_targets} trained)",
             markup=False, highlight=False, style="bold")
