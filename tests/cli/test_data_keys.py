@@ -14,7 +14,7 @@ from tests.cli.cli_helpers import write_config
 from velotune.cli import main
 from velotune.data import load_chatterbot
 from velotune.train.config import TrainConfig
-from velotune.train.data import read_samples
+from velotune.train.sources import read_sources
 
 END = "<|im_end|>"
 TEMPLATE = "{question}[[ (topic: {topic})]][[ Note: {note}.]]"
@@ -79,9 +79,10 @@ def test_a_template_typo_fails_with_the_real_columns(tiny_chat_model, chatterbot
 
 def test_dialogue_extension_equals_the_rows_joined_by_hand():
     corpus = {sample.where: sample for sample in load_chatterbot(categories=["greetings"])}
-    samples, held = read_samples(TrainConfig(dataset="chatterbot:greetings", dialogue_extension=3, eval_split=0.0,
-                                             system_prompt=SYSTEM))
-    assert held == [] and [len(s.where.split(" + ")) for s in samples] == [3] * (len(corpus) // 3) + \
+    [source], separate_eval = read_sources(TrainConfig(dataset="chatterbot:greetings", dialogue_extension=3,
+                                                       eval_split=0.0, system_prompt=SYSTEM))
+    samples = source.train
+    assert source.eval == separate_eval == [] and [len(s.where.split(" + ")) for s in samples] == [3] * (len(corpus) // 3) + \
         ([len(corpus) % 3] if len(corpus) % 3 else [])
     joined = [where for sample in samples for where in sample.where.split(" + ")]
     assert sorted(joined) == sorted(corpus)                              # every dialogue used once
@@ -90,8 +91,8 @@ def test_dialogue_extension_equals_the_rows_joined_by_hand():
         for where in sample.where.split(" + "):
             by_hand += corpus[where].messages
         assert sample.messages == by_hand
-    again, _ = read_samples(TrainConfig(dataset="chatterbot:greetings", dialogue_extension=3, eval_split=0.0, seed=1))
-    assert [s.where for s in again] != [s.where for s in samples]      # seeded: another seed, other groups
+    [again], _ = read_sources(TrainConfig(dataset="chatterbot:greetings", dialogue_extension=3, eval_split=0.0, seed=1))
+    assert [s.where for s in again.train] != [s.where for s in samples]      # seeded: another seed, other groups
 
 
 SYNONYMS = '''

@@ -51,13 +51,6 @@ class TrainData:
     sources: list[SourceExamples] = field(default_factory=list)       # the train sources, in order
 
 
-def read_samples(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
-    """(train, eval) samples as the config describes them, every source's in order (unweighted)."""
-    train, evaluation = read_sources(config)
-    held = [s for part in train for s in part.eval] + [s for part in evaluation for s in part.train]
-    return [s for part in train for s in part.train], held
-
-
 def tokenize_sources(parts: Sequence[tuple[Sequence[Sample], float]], tokenizer, *, max_seq_length: int,
                      seed: int) -> tuple[list[Example], TokenizeReport, list[tuple[int, int]]]:
     """Examples of every (samples, weight) part, each part's repeated by its weight; the report of
