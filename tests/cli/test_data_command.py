@@ -72,3 +72,13 @@ def test_statistics_only_and_errors(tiny_chat_model, tmp_path, capsys):
     assert "── row" not in out and "kept 2, dropped 0" in out and "no warnings" in out
     assert main(["data", str(config), "--max_seq_lenght=64"]) == 2
     assert "did you mean --max_seq_length?" in capsys.readouterr().err
+
+
+def test_preference_data_is_counted_in_its_units(tiny_chat_model, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."}) + "\n"
+                             for i in range(10)), encoding="utf-8")
+    config = write_config(tmp_path / "run.yaml", model=str(tiny_chat_model), method="dpo",
+                          dataset=[{"path": str(pairs), "weight": 2}], eval_split=0.2)
+    assert main(["data", str(config)]) == 0
+    assert f"{pairs} x2: 16 train / 4 eval pairs" in capsys.readouterr().out

@@ -52,3 +52,14 @@ def test_a_run_that_ends_inside_the_range_still_writes_its_trace(tmp_path):
         profiler.after(step)
     profiler.finish()
     assert (tmp_path / "profile" / "steps_2-3.pt.trace.json").is_file()
+
+
+def test_a_run_that_never_reaches_the_steps_says_so(tmp_path):
+    lines: list[str] = []
+    profiler = StepProfiler([5, 6], tmp_path, torch.device("cpu"), say=lines.append)
+    for step in (1, 2, 3):
+        profiler.before(step)
+        profiler.after(step)
+    profiler.finish()
+    assert lines == ["profile_steps [5, 6]: this run ran steps 1-3; nothing was profiled"]
+    assert not (tmp_path / "profile").exists()

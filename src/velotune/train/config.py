@@ -12,8 +12,8 @@ Design choices:
   the spelling everybody writes for learning rates works.
 - Every error names the key and where it came from: the file and line, or the command line; an
   unknown key gets a did-you-mean from difflib.
-- Relative data paths written in a config file (`dataset`, `eval_dataset`) are read from the
-  config file's folder, so a config and its data move together and run from any directory; the
+- Relative data paths written in a config file (`dataset`, `eval_dataset`, and each entry of
+  their lists) are read from the config file's folder, so a config and its data move together and run from any directory; the
   same paths given on the command line are read from the current directory, as a shell user
   expects. A missing file fails at load time, naming the key, its line and where we looked.
 - Every number must be finite: `learning_rate: .inf` or `nan` would otherwise train an adapter
@@ -576,7 +576,7 @@ def check_data_settings(config: TrainConfig, where: Callable[[str], str], fail: 
     """The data keys: dataset lists (each entry named by its own line), the column template,
     transforms and profile_steps."""
     from velotune.data import DataError
-    from velotune.data.mixing import parse_sources
+    from velotune.data.mixing import SourceError, parse_sources
     from velotune.data.templates import ColumnTemplate
 
     for key in PATH_KEYS:
@@ -585,11 +585,9 @@ def check_data_settings(config: TrainConfig, where: Callable[[str], str], fail: 
             continue
         try:
             parse_sources(value)
-        except ValueError as exc:
-            number = str(exc).split(" ")[1].rstrip(":") if str(exc).startswith("entry ") else ""
-            origin = where(f"{key}[{int(number) - 1}]") if number.isdigit() else "default"
-            origin = where(key) if origin == "default" else origin
-            raise TrainConfigError(f"{origin}: key {key!r}: {exc}") from None
+        except SourceError as exc:
+            origin = where(f"{key}[{exc.entry}]") if exc.entry is not None else "default"
+            raise TrainConfigError(f"{where(key) if origin == 'default' else origin}: key {key!r}: {exc}") from None
     if config.column_template is not None:
         if config.output_column is None:
             fail("column_template", "needs output_column (the column holding the assistant's answer)")

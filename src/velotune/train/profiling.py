@@ -4,8 +4,8 @@ The profiler records only the chosen steps (recording costs time and memory, and
 of a run are not typical: kernels compile, CUDA graphs are captured, allocators warm up). Each
 profiled step is wrapped in a "velotune step N" annotation, so the trace shows step boundaries.
 Written to OUTPUT_DIR/profile/steps_FIRST-LAST.pt.trace.json (one per rank under torchrun): a
-Chrome trace that chrome://tracing and ui.perfetto.dev open, with the `.pt.trace.json` suffix
-that TensorBoard's PyTorch profiler plugin lists.
+Chrome trace that chrome://tracing and ui.perfetto.dev open, named like the traces of torch's
+`tensorboard_trace_handler` (`*.pt.trace.json`), which TensorBoard's PyTorch profiler plugin reads.
 
 The printed summary: the operations that took most time (self time on the GPU, or on the CPU when
 no GPU ran), and the share of the profiled steps' wall time in which the GPU ran no kernel or copy
@@ -38,10 +38,12 @@ class StepProfiler:
         self.profiler: profile | None = None
         self.annotation: Any = None
         self.recorded: list[int] = []
+        self.ran: list[int] = []              # the first and last step this run ran
         self.trace: Path | None = None
 
     def before(self, step: int) -> None:
         """Called before optimizer step `step` (1-based) runs."""
+        self.ran = [self.ran[0] if self.ran else step, step]
         if not self.first <= step <= self.last:
             return
         if self.profiler is None:
@@ -63,8 +65,13 @@ class StepProfiler:
             self.finish()
 
     def finish(self) -> None:
-        """Stop, write the trace, print the summary (also when the run ended before `last`)."""
+        """Stop, write the trace, print the summary (also when the run ended before `last`); say so
+        when no chosen step ran (a resumed run past them, or a run shorter than `first`)."""
         if self.profiler is None:
+            if self.first and not self.recorded and self.ran:
+                self.say(f"profile_steps [{self.first}, {self.last}]: this run ran steps {self.ran[0]}-{self.ran[1]}; "
+                         "nothing was profiled")
+                self.first = 0                 # said once
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
