@@ -107,3 +107,12 @@ def test_unknown_functions_fail_before_any_row(plugin, tmp_path):
         apply_transforms(rows, ["my_cleaning:nope"])
     with pytest.raises(DataError, match="cannot import module 'not_there'"):
         apply_transforms(rows, ["not_there:f"])
+
+
+def test_a_module_in_the_current_directory_is_found(tmp_path, monkeypatch):
+    (tmp_path / "here_cleaning.py").write_text("def keep(row):\n    return {**row, 'kept': 'yes'}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.setenv("VELOTUNE_CACHE", str(tmp_path / "cache"))
+    rows, _ = apply_transforms(read_rows([{"a": "1"}]), ["here_cleaning:keep"])
+    assert rows[0].data == {"a": "1", "kept": "yes"}

@@ -23,6 +23,7 @@ import importlib
 import inspect
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,18 +58,30 @@ def cache_folder() -> Path:
 
 
 def resolve_transform(spec: str) -> RowFunction:
-    """'module:function' imported (the module from sys.path, the current directory included)."""
+    """'module:function' imported from sys.path, then from the current directory (the `velotune`
+    command's sys.path does not hold it, and a user's my_cleaning.py usually sits there)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise DataError(f"transform {spec!r}: expected 'module:function'")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except ImportError as exc:
         raise DataError(f"transform {spec!r}: cannot import module {module_name!r} ({exc})") from None
     function = getattr(module, attr, None)
     if not callable(function):
         raise DataError(f"transform {spec!r}: module {module_name} has no function {attr!r}")
     return function
+
+
+def _import(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != name.split(".")[0] or here in sys.path:
+            raise
+        sys.path.append(here)                # searched last: never shadows an installed package
+        return importlib.import_module(name)
 
 
 def apply_transforms(rows: Sequence[Row], specs: Sequence[str], *, use_cache: bool = True
