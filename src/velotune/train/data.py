@@ -75,8 +75,10 @@ def tokenize_sources(parts: Sequence[tuple[Sequence[Sample], float]], tokenizer,
     return examples, report, counts
 
 
-def load_train_data(config: TrainConfig, tokenizer) -> TrainData:
-    train_parts, eval_parts = read_sources(config)
+def load_train_data(config: TrainConfig, tokenizer,
+                    sources: tuple[list[SourceSamples], list[SourceSamples]] | None = None) -> TrainData:
+    """`sources`: what `read_sources(config)` returned (read here when None)."""
+    train_parts, eval_parts = read_sources(config) if sources is None else sources
     length = config.max_seq_length
     train, train_report, counts = tokenize_sources([(p.train, p.source.weight) for p in train_parts], tokenizer,
                                                    max_seq_length=length, seed=config.seed)

@@ -62,8 +62,9 @@ def tokenize_units(rows: list[Row], config: TrainConfig, tokenizer: Any, first_i
     return tokenize_preferences(rows, tokenizer, max_seq_length=config.max_seq_length)
 
 
-def load_units(config: TrainConfig, tokenizer: Any) -> UnitData:
-    train, held = read_split(config)
+def load_units(config: TrainConfig, tokenizer: Any, rows: tuple[list[Row], list[Row]] | None = None) -> UnitData:
+    """`rows`: what `read_split(config)` returned (read here when None)."""
+    train, held = read_split(config) if rows is None else rows
     # Eval prompts are numbered after the training ones, so no two GRPO prompts share a seed.
     return UnitData(tokenize_units(train, config, tokenizer),
                     tokenize_units(held, config, tokenizer, first_index=len(train)) if held else [])

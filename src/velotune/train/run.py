@@ -96,6 +96,7 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
     say(f"[bold]velotune train[/bold]: {config.method} on {config.model or 'SmolLM2-135M-Instruct (default)'}, "
         f"device {device}" + (f", {world.world_size} ranks ({strategy})" if world.distributed else ""))
     objective_rewards = [resolve(spec) for spec in config.rewards]  # a bad reward name fails before loading
+    rows = methods.read_data(config)                     # so does bad data: files, templates, transforms
     load_device = torch.device("cpu") if strategy == "fsdp" else device   # FSDP moves shards, not the model
     model, tokenizer = load_model(config.model, dtype=methods.load_dtype(config, device), device=load_device,
                                   max_seq_length=config.max_seq_length, **methods.load_options(config))
@@ -104,7 +105,7 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
     if tokenizer is None:
         raise LoadError(f"{config.model}: no tokenizer found next to the model (tokenizer.json); "
                         "training data cannot be tokenized")
-    data = methods.load_data(config, tokenizer)
+    data = methods.load_data(config, tokenizer, rows)
     if isinstance(data, TrainData):
         say(f"data: {describe(config.dataset)}: train {data.train_report.summary()}", markup=False)
         if data.eval_report is not None:
