@@ -12,7 +12,7 @@ import pytest
 from tests.cli.cli_helpers import write_config
 
 from velotune.cli import main
-from velotune.data import load_chatterbot
+from velotune.data import DataError, load_chatterbot
 from velotune.train.config import TrainConfig
 from velotune.train.sources import read_sources
 
@@ -150,3 +150,12 @@ def test_csv_and_datasets_folder_mixed_with_a_template(tiny_chat_model, chatterb
     assert re.search(rf"{folder}: 10 rows, 9 examples x weight 2 = 18 per epoch", printed)
     assert re.search(rf"{chatterbot_csv}: {len(exchanges)} rows, {len(exchanges) - round(0.1 * len(exchanges))} "
                      r"examples x weight 1", printed)
+
+
+def test_settings_for_conversations_on_raw_text_are_refused(tmp_path):
+    text = tmp_path / "book.jsonl"
+    text.write_text(json.dumps({"text": "Call me Ishmael."}) + "\n" + json.dumps({"text": "Some years ago."}) + "\n")
+    with pytest.raises(DataError, match=f"{text}: system_prompt applies to conversations, but the rows are raw text"):
+        read_sources(TrainConfig(dataset=str(text), system_prompt=SYSTEM, eval_split=0.0))
+    with pytest.raises(DataError, match=f"{text}: dialogue_extension joins conversations, but the rows are raw text"):
+        read_sources(TrainConfig(dataset=str(text), dialogue_extension=2, eval_split=0.0))

@@ -70,6 +70,9 @@ def to_samples(rows: list[Row], config: TrainConfig) -> list[Sample]:
     samples = convert_rows(rows, config.dataset_format)
     if config.system_prompt is None:
         return samples
+    if not any(isinstance(s, ChatSample) for s in samples):
+        raise DataError(f"{rows[0].source}: system_prompt applies to conversations, but the rows are raw text "
+                        "(the text layout)")
     system = {"role": "system", "content": config.system_prompt}
     return [ChatSample([system, *s.messages], s.where, s.metadata)
             if isinstance(s, ChatSample) and not any(m["role"] == "system" for m in s.messages) else s
