@@ -20,7 +20,8 @@ PER_METHOD = {"grpo": ["--num_generations=2", "--max_completion_length=8", "--mi
 
 
 def test_every_example_is_covered():
-    assert {path.stem for path in EXAMPLES} == {"dpo", "full_galore", "grpo", "lora_alpaca", "qlora_llama3_8b"}
+    assert {path.stem for path in EXAMPLES} == {"column_template", "dpo", "full_galore", "grpo", "lora_alpaca",
+                                               "qlora_llama3_8b"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)

@@ -41,6 +41,12 @@ EXPECTED: dict[str, tuple[object, set[str], dict[str, object]]] = {
     "dataset_format": ("messages", SFT, {}), "packing": (True, SFT, {}), "sample_prompts": (2, SFT, {}),
     "cuda_graphs": (False, SFT, {}), "new_tokens": (["<tool>"], SFT, {"trainable_modules": ["embed_tokens"]}),
     "router_aux_loss_coef": (0.01, SFT, {}),
+    # rows into conversations: preference and RL rows have their own columns
+    "column_template": ("Q: {question}", SFT, {"output_column": "answer"}),
+    "output_column": ("answer", SFT, {"column_template": "Q: {question}"}),
+    "system_prompt": ("Be brief.", SFT, {}), "dialogue_extension": (3, SFT, {}),
+    # every method reads rows, and every method's steps run in the one loop
+    "transforms": (["my.cleaning:strip"], ALL, {}), "profile_steps": ([2, 3], ALL, {}),
     # adapters
     "lora_r": (8, LORA, {}), "lora_alpha": (8.0, LORA, {}), "lora_dropout": (0.1, LORA, {}),
     "target_modules": (["q_proj"], LORA, {}), "use_rslora": (True, LORA, {}), "use_dora": (True, LORA, {}),

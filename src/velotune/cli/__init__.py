@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("train", "chat", "generate", "eval", "export", "estimate", "doctor")
+SUBCOMMANDS = ("train", "data", "chat", "generate", "eval", "export", "estimate", "doctor")
 
 
 def version_text() -> str:
@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    config = getattr(args, "config", None)
+    if getattr(args, "accepts_extra", False) and isinstance(config, str) and config.startswith("--"):
+        # argparse takes an option holding a space ("--system_prompt=Be brief.") for a positional
+        args.config, extra = None, [config, *extra]
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra

@@ -32,6 +32,7 @@ examples:
   velotune train --demo                           # the demo (what make demo runs)
   velotune train --model DIR --dataset rows.jsonl # TrainConfig's defaults: one epoch of LoRA
   velotune train run.yaml --learning_rate=1e-4 --max_steps=200
+  velotune data run.yaml                          # first: the rows as training sees them, and statistics
   velotune train run.yaml --resume=true           # continue from OUTPUT_DIR/checkpoints/latest
   velotune train run.yaml --nproc-per-node 4      # 4 GPUs (DDP for LoRA/QLoRA, FSDP2 for full)
   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \

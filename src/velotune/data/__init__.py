@@ -2,10 +2,13 @@
 
     examples, report = load_dataset("train.jsonl", tokenizer, max_seq_length=2048)
 
-Stages (each usable on its own): `files.read_rows` (rows with provenance), `formats.convert_rows`
-(alpaca / sharegpt / messages / text) or `templates.apply_template` (arbitrary columns),
-`templates.extend_dialogues`, `tokenize.tokenize_samples` (assistant-only labels from the chat
-template), then `batching` (length-grouped padded batches, or padding-free packing).
+Stages (each usable on its own): `files.read_rows` (rows with provenance; `datasets` save_to_disk
+folders through `arrow_folder`), `transforms.apply_transforms` (user row functions, cached),
+`formats.convert_rows` (alpaca / sharegpt / messages / text) or `templates.apply_template`
+(arbitrary columns), `templates.extend_dialogues`, `tokenize.tokenize_samples` (assistant-only
+labels from the chat template), `mixing` (several files by weight), then `batching`
+(length-grouped padded batches, or padding-free packing). A training config drives them through
+train/sources.py and train/data.py.
 Every error is a `DataError` naming the file and line (or row) and the field.
 """
 from __future__ import annotations

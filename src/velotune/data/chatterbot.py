@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from velotune.data.files import DataError
+from velotune.data.files import DataError, Row
 from velotune.data.formats import ChatSample
 
 DISTRIBUTION = "chatterbot-corpus"
@@ -55,13 +55,34 @@ def load_chatterbot(language: str = "english",
     return samples
 
 
+def chatterbot_rows(language: str = "english", categories: Sequence[str] | None = None) -> list[Row]:
+    """The dialogues as rows of the "messages" layout (what a config's `dataset: chatterbot` reads,
+    so transforms and formatting treat the corpus like any file), each named by file and entry."""
+    rows = []
+    for path in corpus_files(language):
+        if categories is None or path.stem in categories:
+            rows += read_corpus_rows(path)
+    if not rows:
+        raise DataError(f"{DISTRIBUTION}: no dialogues for categories {list(categories or [])}")
+    return rows
+
+
 def read_corpus_file(path: Path) -> list[ChatSample]:
+    metadata = {"file": path.stem}
+    samples = []
+    for row in read_corpus_rows(path):
+        metadata["categories"] = row.data["categories"]
+        samples.append(ChatSample(row.data["messages"], row.where, dict(metadata)))
+    return samples
+
+
+def read_corpus_rows(path: Path) -> list[Row]:
     with path.open(encoding="utf-8") as handle:
         document = yaml.load(handle, Loader=yaml.BaseLoader)
     if not isinstance(document, dict) or not isinstance(document.get("conversations"), list):
         raise DataError(f"{path}: expected a mapping with a 'conversations' list")
-    metadata = {"file": path.stem, "categories": list(document.get("categories") or [])}
-    samples = []
+    categories = list(document.get("categories") or [])
+    rows = []
     for i, lines in enumerate(document["conversations"]):
         where = f"{path} conversations[{i}]"
         if isinstance(lines, str):          # a lone line (trivia.yml has one): nothing answered
@@ -73,8 +94,8 @@ def read_corpus_file(path: Path) -> list[ChatSample]:
             continue
         messages = [{"role": "user" if k % 2 == 0 else "assistant", "content": line}
                     for k, line in enumerate(answered)]
-        samples.append(ChatSample(messages, where, metadata))
-    return samples
+        rows.append(Row({"messages": messages, "categories": categories}, str(path), place=f"conversations[{i}]"))
+    return rows
 
 
 def held_out_split(samples: Sequence[ChatSample], fraction: float, *, seed: int = 0
@@ -82,7 +103,7 @@ def held_out_split(samples: Sequence[ChatSample], fraction: float, *, seed: int 
     """(train, held_out): about `fraction` of the dialogues, grouped by their first user line."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"held-out fraction must be between 0 and 1, got {fraction}")
-    counts = Counter(sample.messages[0]["content"] for sample in samples)
+    counts = Counter(_opening(sample) for sample in samples)
     openings = sorted(counts)
     random.Random(seed).shuffle(openings)
     target = round(fraction * len(samples))
@@ -93,6 +114,11 @@ def held_out_split(samples: Sequence[ChatSample], fraction: float, *, seed: int 
             break
         held_openings.add(opening)
         held += counts[opening]
-    train = [s for s in samples if s.messages[0]["content"] not in held_openings]
-    held_out = [s for s in samples if s.messages[0]["content"] in held_openings]
+    train = [s for s in samples if _opening(s) not in held_openings]
+    held_out = [s for s in samples if _opening(s) in held_openings]
     return train, held_out
+
+
+def _opening(sample: ChatSample) -> str:
+    """The first user line (a system prompt added by the config is the same for every dialogue)."""
+    return next((m["content"] for m in sample.messages if m["role"] == "user"), "")

@@ -11,6 +11,7 @@ Supported inputs:
   value); a `.json` file that is really JSONL is read as JSONL;
 - `.csv` / `.tsv`: a header row, then records (values stay strings; empty cells are "");
 - `.parquet`: through pyarrow, imported only when needed (`pip install velotune[data]`);
+- a folder written by `datasets`' `save_to_disk` (Arrow files, read with pyarrow: `arrow_folder.py`);
 - a list of dicts, or a `datasets.Dataset`-like object (has `column_names`, iterates dicts).
   The `datasets` package itself is never imported.
 """
@@ -22,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from velotune.data.arrow_folder import arrow_records, is_arrow_folder
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
@@ -38,12 +41,15 @@ class Row:
     data: dict[str, Any]
     source: str                 # file path, or a description of the in-memory object
     line: int | None = None     # 1-based line (JSONL, CSV)
-    index: int | None = None    # 0-based position (JSON, Parquet, in-memory)
+    index: int | None = None    # 0-based position (JSON, Parquet, Arrow, in-memory)
+    place: str | None = None    # where else a record sits, e.g. "conversations[3]" of a corpus file
 
     @property
     def where(self) -> str:
         if self.line is not None:
             return f"{self.source} line {self.line}"
+        if self.place is not None:
+            return f"{self.source} {self.place}"
         return f"{self.source} row {self.index}"
 
 
@@ -51,11 +57,17 @@ def read_rows(source: str | Path | Iterable[dict[str, Any]]) -> list[Row]:
     """All rows of `source` (a path or an in-memory dataset); raises DataError if there are none."""
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
+        name = str(path)
+        if is_arrow_folder(path):
+            rows = [_as_row(record, name, index=i) for i, record in enumerate(arrow_records(path, DataError))]
+        elif path.is_dir():
+            raise DataError(f"{path}: a folder, but not one written by `datasets`' save_to_disk (no state.json); "
+                            "give a data file or such a folder")
+        elif not path.is_file():
             looked = f" (looked for {path.resolve()})" if not path.is_absolute() else ""
             raise DataError(f"{path}: no such dataset file{looked}")
-        rows = list(_read_file(path))
-        name = str(path)
+        else:
+            rows = list(_read_file(path))
     else:
         name = _describe(source)
         rows = list(_read_in_memory(source, name))

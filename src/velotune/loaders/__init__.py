@@ -54,6 +54,24 @@ def open_checkpoint(name_or_path: str | Path | None) -> Checkpoint:
     raise LoadError(f"{name}: no such file or folder")
 
 
+def load_tokenizer(name_or_path: str | Path | None = None):
+    """The tokenizer of what `load_model` would load, without reading any weights (`velotune data`
+    tokenizes with it). An adapter folder's own tokenizer wins (it holds added tokens)."""
+    path = Path(name_or_path) if name_or_path is not None else None
+    if path is not None and (path / "adapter_config.json").is_file():
+        from velotune.loaders.adapter import TOKENIZER_FILE, read_adapter_config, resolve_base
+        from velotune.tokenizer import Tokenizer
+
+        if (path / TOKENIZER_FILE).is_file():
+            return Tokenizer.from_hf_folder(path)
+        _, base_name, _ = read_adapter_config(path / "adapter_config.json")
+        return load_tokenizer(resolve_base(base_name, path))
+    tokenizer = open_checkpoint(name_or_path).tokenizer
+    if tokenizer is None:
+        raise LoadError(f"{name_or_path}: no tokenizer found next to the model (tokenizer.json)")
+    return tokenizer
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -12,8 +12,8 @@ Design choices:
   the spelling everybody writes for learning rates works.
 - Every error names the key and where it came from: the file and line, or the command line; an
   unknown key gets a did-you-mean from difflib.
-- Relative data paths written in a config file (`dataset`, `eval_dataset`) are read from the
-  config file's folder, so a config and its data move together and run from any directory; the
+- Relative data paths written in a config file (`dataset`, `eval_dataset`, and each entry of
+  their lists) are read from the config file's folder, so a config and its data move together and run from any directory; the
   same paths given on the command line are read from the current directory, as a shell user
   expects. A missing file fails at load time, naming the key, its line and where we looked.
 - Every number must be finite: `learning_rate: .inf` or `nan` would otherwise train an adapter
@@ -51,7 +51,7 @@ DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 LORA_INITS = ("zero", "quant_error")
 NONFINITE_ACTIONS = ("stop", "skip")
-PATH_KEYS = ("dataset", "eval_dataset")     # read from the config file's folder when relative
+PATH_KEYS = ("dataset", "eval_dataset")     # read from the config file's folder when relative; lists mix files
 CHATTERBOT = "chatterbot"   # `dataset: chatterbot` (or `chatterbot:ai,greetings`) = the bundled corpus
 
 
@@ -63,12 +63,24 @@ class TrainConfigError(ValueError):
 class TrainConfig:
     # What to train, on what, and where the results go.
     model: str | None = None                 # path, .gguf, Hub id; None = SmolLM2-135M-Instruct
-    dataset: str = CHATTERBOT                # a data file, or chatterbot[:category,...]
+    # A data file or `datasets` save_to_disk folder, chatterbot[:category,...], or a list of them to
+    # mix, each a path or {path: FILE, weight: N} (N x its rows per epoch; data/mixing.py).
+    dataset: str | list[str | dict[str, Any]] = CHATTERBOT
     dataset_format: str = "auto"             # auto | alpaca | sharegpt | messages | text
-    eval_dataset: str | None = None          # a separate eval file (instead of eval_split)
+    eval_dataset: str | list[str | dict[str, Any]] | None = None   # separate eval data (instead of eval_split), same forms
     eval_split: float = 0.1                  # fraction of the dataset held out for eval loss
     output_dir: str = "runs/velotune"
     method: str = "lora"                     # lora | qlora | full | dpo | orpo | kto | simpo | grpo
+    # Rows into conversations (supervised methods; data/templates.py). column_template is the user
+    # turn over the row's columns, "Describe {name}.[[ Born {year}.]]" ([[...]] is left out when a
+    # column it names is empty); output_column holds the answer.
+    column_template: str | None = None
+    output_column: str | None = None
+    system_prompt: str | None = None         # a system turn for every conversation that has none
+    dialogue_extension: int = 1              # join N shuffled (seeded) conversations into one dialogue
+    # User row functions "module:function" run in order over the raw rows before formatting (clean,
+    # filter, augment), cached (data/transforms.py).
+    transforms: list[str] = field(default_factory=list)
     # How long and how big.
     max_steps: int = 0                       # optimizer steps; 0 = num_epochs over the data
     num_epochs: int = 1
@@ -144,6 +156,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     divergence_ratio: float = 2.0            # warn when the smoothed loss passes this x its best; 0 = never
     report: bool = True                      # OUTPUT_DIR/report.md + loss/lr plot
+    # [first, last]: a PyTorch profiler trace of those optimizer steps (1-based, inclusive) in
+    # OUTPUT_DIR/profile, and the top operations and the GPU's idle share printed (train/profiling.py).
+    profile_steps: list[int] = field(default_factory=list)
     # Many GPUs under torchrun (velotune train --nproc-per-node N); see docs/distributed.md.
     distributed: str = "auto"                # auto (ddp for lora/qlora, fsdp for full) | ddp | fsdp
     fsdp_cpu_offload: bool = False           # fsdp: shards and the optimizer step live on the CPU
@@ -181,7 +196,8 @@ _FOUR_BIT = ("qlora", *ALIGN_METHODS)
 # Keys that apply to some methods only; every other key applies to all. A value other than the
 # default for another method is refused (check_values).
 ONLY_FOR: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("dataset_format", "packing", "sample_prompts", "cuda_graphs", "new_tokens"), SFT_METHODS),
+    **dict.fromkeys(("dataset_format", "packing", "sample_prompts", "cuda_graphs", "new_tokens", "column_template",
+                     "output_column", "system_prompt", "dialogue_extension"), SFT_METHODS),
     # the preference and RL objectives read token log-probs, to which no load-balancing term is added
     "router_aux_loss_coef": SFT_METHODS,
     **dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",
@@ -206,6 +222,9 @@ NOT_APPLYING_BECAUSE = {
     "packing": "preference and RL rows are scored one sequence each",
     "sample_prompts": "it answers held-out chat prompts of a supervised dataset",
     "dataset_format": "preference and RL files have their own columns (prompt, chosen, rejected, completion, label)",
+    **dict.fromkeys(("column_template", "output_column", "system_prompt", "dialogue_extension"),
+                    "preference and RL rows have their own columns (prompt, chosen, rejected, completion, label); "
+                    "a transform can reshape rows into them"),
 }
 
 
@@ -224,6 +243,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         values.update(relative_to_config(file_values, file_origins, Path(path)))
         origins.update(file_origins)
     values.update(cli_values)
+    origins = {k: v for k, v in origins.items() if k.partition("[")[0] not in cli_values}
     origins.update(cli_origins)
     return build(values, origins)
 
@@ -253,6 +273,10 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise TrainConfigError(f"{path}: expected a mapping of keys to values at the top level")
     origins = {str(key.value): f"{path} line {key.start_mark.line + 1}" for key, _ in node.value}
+    for key, value in node.value:            # entries of a list, e.g. dataset[1], get their own line
+        if isinstance(value, yaml.SequenceNode):
+            origins.update({f"{key.value}[{i}]": f"{path} line {item.start_mark.line + 1}"
+                            for i, item in enumerate(value.value)})
     for key in data:
         check_known(str(key), origins.get(str(key), str(path)), option=False)
     return {str(k): v for k, v in data.items()}, origins
@@ -264,15 +288,30 @@ def relative_to_config(values: dict[str, Any], origins: dict[str, str], path: Pa
     resolved = dict(values)
     for key in PATH_KEYS:
         value = values.get(key)
-        if not isinstance(value, str) or is_bundled(value) or Path(value).is_absolute():
-            continue
-        candidate = path.parent / value
-        if not candidate.is_file():
-            raise TrainConfigError(f"{origins.get(key, path)}: key {key!r}: no file {value!r} in the config's "
-                                   f"folder (looked for {candidate.resolve()}; relative paths in a config file "
-                                   "are read from its folder)")
-        resolved[key] = str(candidate)
+        if isinstance(value, str):
+            resolved[key] = _from_folder(value, path, origins.get(key, str(path)), key)
+        elif isinstance(value, list):        # mixed data: each entry's path, or the entry as it is
+            resolved[key] = [_entry_from_folder(entry, path, origins.get(f"{key}[{i}]", str(path)), key)
+                             for i, entry in enumerate(value)]
     return resolved
+
+
+def _entry_from_folder(entry: Any, config_file: Path, where: str, key: str) -> Any:
+    if isinstance(entry, str):
+        return _from_folder(entry, config_file, where, key)
+    if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+        return {**entry, "path": _from_folder(entry["path"], config_file, where, key)}
+    return entry                             # malformed: check_values names it
+
+
+def _from_folder(value: str, config_file: Path, where: str, key: str) -> str:
+    if is_bundled(value) or Path(value).is_absolute():
+        return value
+    candidate = config_file.parent / value
+    if not candidate.exists():
+        raise TrainConfigError(f"{where}: key {key!r}: no file {value!r} in the config's folder (looked for "
+                               f"{candidate.resolve()}; relative paths in a config file are read from its folder)")
+    return str(candidate)
 
 
 def is_bundled(dataset: str) -> bool:
@@ -301,9 +340,17 @@ def parse_overrides(args: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
             values[key] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             values[key] = raw
+        if isinstance(values[key], (dict, list)) and not _takes_collections(key):
+            values[key] = raw                # --column_template={question}: a text with braces, not a mapping
         origins[key] = f"command line --{name}"
         i += 1
     return values, origins
+
+
+def _takes_collections(key: str) -> bool:
+    annotation = field_types()[key]
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    return any(typing.get_origin(kind) in (list, dict) for kind in options)
 
 
 def check_known(key: str, where: str, *, option: bool) -> None:
@@ -329,7 +376,10 @@ def coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
         if ok:
             return converted
     wanted = " or ".join(_describe(kind) for kind in options)
-    raise TrainConfigError(f"{where}: key {key!r} must be {wanted}, got {value!r} ({type(value).__name__})")
+    hint = ""
+    if isinstance(value, dict) and str in options:
+        hint = "; YAML reads an unquoted {...} as a mapping: quote the text, e.g. '{question}'"
+    raise TrainConfigError(f"{where}: key {key!r} must be {wanted}, got {value!r} ({type(value).__name__}){hint}")
 
 
 def _convert(value: Any, kind: Any) -> tuple[bool, Any]:
@@ -348,16 +398,28 @@ def _convert(value: Any, kind: Any) -> tuple[bool, Any]:
         return False, None
     if kind is str:
         return isinstance(value, str), value
+    if isinstance(kind, types.UnionType):
+        return next(((True, v) for ok, v in (_convert(value, k) for k in typing.get_args(kind)) if ok), (False, None))
+    if typing.get_origin(kind) is dict:
+        return isinstance(value, dict), value
     if typing.get_origin(kind) is list:
-        if isinstance(value, str):          # one name is a list of one: --target_modules=q_proj
+        (item,) = typing.get_args(kind)
+        if isinstance(value, str) and item is str:   # one name is a list of one: --target_modules=q_proj
             value = [value]
-        return isinstance(value, list) and all(isinstance(v, str) for v in value), value
+        if not isinstance(value, list):
+            return False, None
+        converted = [_convert(v, item) for v in value]
+        return all(ok for ok, _ in converted), [v for _, v in converted]
     return False, None
 
 
 def _describe(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        item = typing.get_args(kind)[0]
+        return {str: "a list of strings", int: "a list of integers"}.get(
+            item, "a list of data files or {path: FILE, weight: N} entries")
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            type(None): "null"}.get(kind, "a list of strings")
+            type(None): "null"}.get(kind, str(kind))
 
 
 def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
@@ -376,7 +438,7 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
             fail(key, f"must be one of {', '.join(choices)}")
     check_applies(config, where)
     for key in ("num_epochs", "micro_batch_size", "gradient_accumulation_steps", "lora_r", "logging_steps",
-                "galore_rank", "galore_update_proj_gap", "max_completion_length"):
+                "galore_rank", "galore_update_proj_gap", "max_completion_length", "dialogue_extension"):
         if getattr(config, key) < 1:
             fail(key, "must be at least 1")
     for key in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "save_total_limit", "sample_prompts",
@@ -409,6 +471,7 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
     if config.lora_dropout >= 1.0:
         fail("lora_dropout", "must be below 1")
     check_method_settings(config, fail)
+    check_data_settings(config, where, fail)
     from velotune.export import ExportError, check_request
 
     for entry in config.export:
@@ -507,6 +570,51 @@ def check_method_settings(config: TrainConfig, fail: Callable[[str, str], None])
                                           f"({config.max_seq_length})")
         if config.temperature <= 0:
             fail("temperature", "must be positive: greedy completions of one prompt are all alike and teach nothing")
+
+
+def check_data_settings(config: TrainConfig, where: Callable[[str], str], fail: Callable[[str, str], None]) -> None:
+    """The data keys: dataset lists (each entry named by its own line), the column template,
+    transforms and profile_steps."""
+    from velotune.data import DataError
+    from velotune.data.mixing import SourceError, parse_sources
+    from velotune.data.templates import ColumnTemplate
+
+    for key in PATH_KEYS:
+        value = getattr(config, key)
+        if value is None:
+            continue
+        try:
+            parse_sources(value)
+        except SourceError as exc:
+            origin = where(f"{key}[{exc.entry}]") if exc.entry is not None else "default"
+            raise TrainConfigError(f"{where(key) if origin == 'default' else origin}: key {key!r}: {exc}") from None
+    if config.column_template is not None:
+        if config.output_column is None:
+            fail("column_template", "needs output_column (the column holding the assistant's answer)")
+        try:
+            ColumnTemplate(config.column_template, config.output_column or "").fields()
+        except (DataError, ValueError) as exc:
+            fail("column_template", f"is not a valid template ({exc}; write {{column}} for a column, [[...]] around "
+                                    "an optional part, {{ and }} for literal braces)")
+        if config.dataset_format != "auto":
+            fail("dataset_format", "is replaced by column_template, which builds the conversations from the columns "
+                                   "itself (remove one of them)")
+    elif config.output_column is not None:
+        fail("output_column", "is the answer column of column_template, which is not set")
+    if config.dataset_format == "text":
+        for key in ("system_prompt", "dialogue_extension"):
+            if is_set(config, key):
+                fail(key, "applies to conversations, but dataset_format text trains on raw text")
+    for spec in config.transforms:
+        module, sep, function = spec.partition(":")
+        if not (sep and module and function):
+            fail("transforms", f"entries are 'module:function'; {spec!r} is not")
+    if config.profile_steps:
+        steps = config.profile_steps
+        if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+            fail("profile_steps", "must be [first, last]: two optimizer steps counted from 1, first <= last")
+        if config.max_steps and steps[1] > config.max_steps:
+            fail("profile_steps", f"ends after the run's last step (max_steps {config.max_steps})")
 
 
 def config_yaml(config: TrainConfig) -> str:

@@ -1,20 +1,18 @@
 """The data side of a run: examples for training and evaluation, and micro-batches in a
 deterministic, resumable order.
 
-- `dataset: chatterbot[:cat1,cat2]` reads the bundled chatterbot corpus and holds out whole
-  question groups (`held_out_split`), so an eval question was never trained on; any other value
-  is a data file read through `velotune.data`, split by a seeded shuffle (`eval_split`), or
-  evaluated on `eval_dataset`.
+- Samples come source by source from train/sources.py (files, `datasets` folders or the bundled
+  chatterbot corpus, through transforms, templates and dialogue extension, split into train and
+  eval). Each source is tokenized on its own, its examples then repeated by its weight
+  (data/mixing.py); the report counts every source's rows once, and duplicates across sources.
 - `MicroBatches` numbers every micro-batch by (epoch, index in that epoch's sampler order); the
   order is a pure function of (seed, epoch), so the position alone resumes a run exactly.
   With packing, the unit the sampler orders is a packed row of up to max_seq_length tokens.
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
 
 from velotune.data import (
     DataError,
@@ -24,16 +22,23 @@ from velotune.data import (
     TokenizeReport,
     collate_packed,
     collate_padded,
-    held_out_split,
-    load_chatterbot,
-    load_samples,
     pack_examples,
     tokenize_samples,
 )
 from velotune.data.batching import Batch, bucket_width, collate_flat, document_slots, pad_documents
-from velotune.train.config import TrainConfig, is_bundled
+from velotune.data.mixing import repeat_by_weight
+from velotune.data.tokenize import count_duplicates
+from velotune.train.config import TrainConfig
+from velotune.train.sources import SourceSamples, read_sources
 
-T = TypeVar("T")
+
+@dataclass
+class SourceExamples:
+    """One source in the training set: its samples, and how many examples it adds per epoch."""
+
+    samples: SourceSamples
+    examples: int = 0          # tokenized examples kept (once each)
+    per_epoch: int = 0         # examples per epoch after its weight
 
 
 @dataclass
@@ -43,46 +48,63 @@ class TrainData:
     eval_samples: list[Sample]          # the held-out samples, for answers before/after training
     train_report: TokenizeReport
     eval_report: TokenizeReport | None
+    sources: list[SourceExamples] = field(default_factory=list)       # the train sources, in order
 
 
-def read_samples(config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
-    """(train, eval) samples as the config describes them."""
-    bundled = is_bundled(config.dataset)
-    if bundled:
-        _, _, names = config.dataset.partition(":")
-        categories = [name.strip() for name in names.split(",") if name.strip()] or None
-        samples: list[Sample] = list(load_chatterbot(categories=categories))
-    else:
-        samples = load_samples(config.dataset, format=config.dataset_format, seed=config.seed)
-    if config.eval_dataset:
-        return samples, load_samples(config.eval_dataset, format=config.dataset_format, seed=config.seed)
-    if config.eval_split == 0:
-        return samples, []
-    if bundled:
-        train, held = held_out_split(samples, config.eval_split, seed=config.seed)  # type: ignore[arg-type]  (the corpus yields ChatSamples)
-        return list(train), list(held)
-    return held_out(samples, config.eval_split, config.seed, config.dataset)
+def tokenize_sources(parts: Sequence[tuple[Sequence[Sample], float]], tokenizer, *, max_seq_length: int,
+                     seed: int) -> tuple[list[Example], TokenizeReport, list[tuple[int, int]]]:
+    """Examples of every (samples, weight) part, each part's repeated by its weight; the report of
+    the rows once each; per part (examples kept, examples per epoch)."""
+    examples: list[Example] = []
+    unique: list[Example] = []
+    report = TokenizeReport(max_seq_length=max_seq_length)
+    counts = []
+    for number, (samples, weight) in enumerate(parts):
+        if not samples:
+            counts.append((0, 0))
+            continue
+        kept, part_report = tokenize_samples(samples, tokenizer, max_seq_length=max_seq_length)
+        report.add(part_report)
+        unique += kept
+        weighted = repeat_by_weight(kept, weight, seed + number)
+        examples += weighted
+        counts.append((len(kept), len(weighted)))
+    if not examples:
+        raise DataError("no rows to tokenize")
+    count_duplicates(unique, report)          # over every source: a row in two files is a repeat too
+    return examples, report, counts
 
 
-def held_out(items: Sequence[T], fraction: float, seed: int, dataset: str) -> tuple[list[T], list[T]]:
-    """(train, eval): a seeded `fraction` of the items held out, the rest in their order."""
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(fraction * len(items)))
-    if n_eval >= len(items):
-        raise DataError(f"{dataset}: {len(items)} rows are too few for eval_split={fraction}")
-    held_set = set(order[:n_eval])
-    return ([s for i, s in enumerate(items) if i not in held_set],
-            [s for i, s in enumerate(items) if i in held_set])
-
-
-def load_train_data(config: TrainConfig, tokenizer) -> TrainData:
-    train_samples, eval_samples = read_samples(config)
-    train, train_report = tokenize_samples(train_samples, tokenizer, max_seq_length=config.max_seq_length)
+def load_train_data(config: TrainConfig, tokenizer,
+                    sources: tuple[list[SourceSamples], list[SourceSamples]] | None = None) -> TrainData:
+    """`sources`: what `read_sources(config)` returned (read here when None)."""
+    train_parts, eval_parts = read_sources(config) if sources is None else sources
+    length = config.max_seq_length
+    train, train_report, counts = tokenize_sources([(p.train, p.source.weight) for p in train_parts], tokenizer,
+                                                   max_seq_length=length, seed=config.seed)
+    held = ([(p.eval, p.source.weight) for p in train_parts] if not eval_parts
+            else [(p.train, p.source.weight) for p in eval_parts])
+    eval_samples = [s for samples, _ in held for s in samples]
     evaluation, eval_report = ([], None)
     if eval_samples:
-        evaluation, eval_report = tokenize_samples(eval_samples, tokenizer, max_seq_length=config.max_seq_length)
-    return TrainData(train, evaluation, eval_samples, train_report, eval_report)
+        evaluation, eval_report, _ = tokenize_sources(held, tokenizer, max_seq_length=length, seed=config.seed)
+    sources = [SourceExamples(part, kept, per_epoch) for part, (kept, per_epoch) in zip(train_parts, counts)]
+    return TrainData(train, evaluation, eval_samples, train_report, eval_report, sources)
+
+
+def source_lines(data: TrainData) -> list[str]:
+    """What happened to each source's rows, when there is more to say than the totals: one line
+    per source of a mix (rows, weight, examples per epoch) and each source's transforms."""
+    lines = []
+    for part in data.sources:
+        source = part.samples.source
+        if len(data.sources) > 1:
+            share = part.per_epoch / max(1, len(data.train))
+            lines.append(f"{source.path}: {part.samples.rows} rows, {part.examples} examples x weight "
+                         f"{source.weight:g} = {part.per_epoch} per epoch ({100 * share:.1f}%)")
+        if part.samples.transforms is not None:
+            lines.append(f"{source.path}: {part.samples.transforms.summary()}")
+    return lines
 
 
 class MicroBatches:

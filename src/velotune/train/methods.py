@@ -93,15 +93,29 @@ def build_objective(config: TrainConfig, *, pad_id: int, tokenizer: Any = None, 
                          pad_id=pad_id)
 
 
-def load_data(config: TrainConfig, tokenizer: Any):
-    """The run's train and eval units: `TrainData` of examples (SFT) or `UnitData` (train/method_data.py)."""
+def read_data(config: TrainConfig) -> Any:
+    """The run's rows, read and transformed but not tokenized: done before the model loads, so a
+    missing file, a template's unknown column or a failing transform costs no model load."""
+    if REGISTRY[config.method].objective == "sft":
+        from velotune.train.sources import read_sources
+
+        return read_sources(config)
+    from velotune.train.method_data import read_split
+
+    return read_split(config)
+
+
+def load_data(config: TrainConfig, tokenizer: Any, read: Any = None):
+    """The run's train and eval units: `TrainData` of examples (SFT) or `UnitData` (train/method_data.py);
+    `read` is what `read_data` returned (read here when None)."""
+    read = read_data(config) if read is None else read
     if REGISTRY[config.method].objective == "sft":
         from velotune.train.data import load_train_data
 
-        return load_train_data(config, tokenizer)
+        return load_train_data(config, tokenizer, read)
     from velotune.train.method_data import load_units
 
-    return load_units(config, tokenizer)
+    return load_units(config, tokenizer, read)
 
 
 def lora_config(config: TrainConfig):

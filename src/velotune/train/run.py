@@ -24,13 +24,14 @@ from rich.console import Console
 from rich.table import Table
 
 from velotune import distributed
+from velotune.data.mixing import describe
 from velotune.distributed import World
 from velotune.errors import LoadError
 from velotune.loaders import load_model
 from velotune.rl.rewards import resolve
 from velotune.train import methods
 from velotune.train.config import TrainConfig, TrainConfigError, check_values
-from velotune.train.data import TrainData
+from velotune.train.data import TrainData, source_lines
 from velotune.train.metrics import peak_memory_gib, read_metrics
 from velotune.train.report import RunSummary, write_report
 from velotune.train.run_folder import prepare_run_folder
@@ -95,6 +96,7 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
     say(f"[bold]velotune train[/bold]: {config.method} on {config.model or 'SmolLM2-135M-Instruct (default)'}, "
         f"device {device}" + (f", {world.world_size} ranks ({strategy})" if world.distributed else ""))
     objective_rewards = [resolve(spec) for spec in config.rewards]  # a bad reward name fails before loading
+    rows = methods.read_data(config)                     # so does bad data: files, templates, transforms
     load_device = torch.device("cpu") if strategy == "fsdp" else device   # FSDP moves shards, not the model
     model, tokenizer = load_model(config.model, dtype=methods.load_dtype(config, device), device=load_device,
                                   max_seq_length=config.max_seq_length, **methods.load_options(config))
@@ -103,15 +105,17 @@ def train_from_config(config: TrainConfig, *, console: Console | None = None, sh
     if tokenizer is None:
         raise LoadError(f"{config.model}: no tokenizer found next to the model (tokenizer.json); "
                         "training data cannot be tokenized")
-    data = methods.load_data(config, tokenizer)
+    data = methods.load_data(config, tokenizer, rows)
     if isinstance(data, TrainData):
-        say(f"data: {config.dataset}: train {data.train_report.summary()}")
+        say(f"data: {describe(config.dataset)}: train {data.train_report.summary()}", markup=False)
         if data.eval_report is not None:
-            say(f"      eval  {data.eval_report.summary()}")
+            say(f"      eval  {data.eval_report.summary()}", markup=False)
+        for line in source_lines(data):
+            say(f"      {line}", markup=False, soft_wrap=True)       # file paths stay searchable in logs
         for warning in data.train_report.warnings():
             say(f"warning: {warning}", style="yellow", markup=False)
     else:
-        say(f"data: {data.summary(config.dataset, config.method)}")
+        say(f"data: {data.summary(describe(config.dataset), config.method)}", markup=False)
     torch.manual_seed(config.seed)                       # adapter init does not depend on data loading
     methods.prepare(model, config, tokenizer)
     calibration = [e.input_ids for e in data.train] if isinstance(data, TrainData) else []
@@ -177,7 +181,7 @@ def finish(result: RunResult, model, tokenizer, config: TrainConfig, trainer: Tr
     print_outcome(console, result, prompts, after_answers)
     if config.report:
         summary = RunSummary(
-            model=config.model or "SmolLM2-135M-Instruct", method=config.method, dataset=config.dataset,
+            model=config.model or "SmolLM2-135M-Instruct", method=config.method, dataset=describe(config.dataset),
             steps=result.train.steps, train_examples=len(data.train), eval_examples=len(data.eval),
             trainable_parameters=trainable, total_parameters=total, train_seconds=trainer.state.elapsed_s,
             tokens_per_s=result.train.tokens_per_s, peak_memory_gib=peak_memory_gib(device), device=str(device),

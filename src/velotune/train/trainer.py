@@ -34,6 +34,7 @@ Design choices:
   loss and gradient norm before the update (stop or skip on a non-finite one, naming the rows;
   warn on a diverging loss), and an out-of-memory in `train` becomes a `TrainingOutOfMemory`
   with the estimator's breakdown and the changes that fit (train/oom.py).
+- `profile_steps` records those steps with the PyTorch profiler (train/profiling.py).
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ from velotune.train.metrics import RunLog, peak_memory_gib
 from velotune.train.methods import build_objective
 from velotune.train.oom import explain_out_of_memory
 from velotune.train.optim import build_optimizer
+from velotune.train.profiling import StepProfiler
 from velotune.train.rank_batches import RankMicroBatches
 from velotune.train.schedule import build_scheduler, warmup_steps_for
 from velotune.train.sft import SFTObjective, batch_documents, padding_free
@@ -194,6 +196,11 @@ class Trainer:
         for note in (memory_note, embeddings_note):
             if note:
                 self.console.print(note)
+
+    def _say_plain(self, text: str) -> None:
+        """Rank 0's lines that hold names rich would read as markup (profiled ops such as "[memory]")."""
+        if self.world.is_main:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def _warn(self, text: str) -> None:
         self.console.print(text, style="yellow", markup=False)     # rows like "conversations[16]" are not markup
@@ -416,10 +423,13 @@ class Trainer:
         self.model.train()
         log = (RunLog(self.output_dir, self.total_steps, start_step=state.step, console=self.console,
                       show_progress=self.show_progress) if self.world.is_main else _QuietLog())
+        profiler = StepProfiler(cfg.profile_steps, self.output_dir, self.device, say=self._say_plain,
+                                rank=self.world.rank if self.world.distributed else None)
         with log:
             if self.eval_examples and state.step == 0:
                 self._evaluate_into(result, log)
             while state.step < self.total_steps:
+                profiler.before(state.step + 1)
                 started = time.perf_counter()
                 drawn = [next(stream) for _ in range(self.draws_per_step)]
                 data_seconds += time.perf_counter() - started    # the GPU idles meanwhile (synchronised)
@@ -432,6 +442,7 @@ class Trainer:
                 epoch, index, _ = drawn[-1]
                 state.epoch, state.batch_index = (epoch, index + 1) if index + 1 < len(self.batches) else (epoch + 1, 0)
                 state.step += 1
+                profiler.after(state.step)
                 state.tokens_seen += tokens
                 state.target_tokens_seen += targets
                 state.elapsed_s += seconds
@@ -461,6 +472,7 @@ class Trainer:
                     self._evaluate_into(result, log)
                 if cfg.save_steps and state.step % cfg.save_steps == 0:
                     self.save_checkpoint()
+            profiler.finish()                              # a run that ended inside profile_steps
             if self.eval_examples and state.step not in result.eval_losses:
                 self._evaluate_into(result, log)
             if self.graphed is not None:
