@@ -5,6 +5,10 @@
 #   bash benchmarks/gpu_session.sh rl      # GRPO memory (8B QLoRA); checkpointing auto (8B LoRA mb4)
 #   bash benchmarks/gpu_session.sh qlora   # QLoRA vs transformers+PEFT+bitsandbytes (8B, mb1 and mb4)
 #   bash benchmarks/gpu_session.sh long    # longest trainable context (8B QLoRA, batch 1)
+#   bash benchmarks/gpu_session.sh memory  # what is allocated at the peak of an eager step (8B mb4, 8B mb1
+#                                          # offload, 1B mb8 offload), then an offloaded e2e run profiled
+#   bash benchmarks/gpu_session.sh sites   # the e2e 8B LoRA padded run (with and without offloaded
+#                                          # checkpoints) recorded: its peak's allocation sites, step times
 #   bash benchmarks/gpu_session.sh e2e     # velotune train vs Unsloth+TRL (and transformers+PEFT+TRL) on
 #                                          # variable-length rows: E2E_ARGS are bench_e2e.py run's options
 # Run from the repository root on the device machine. Wheels carried in .whl/ (bitsandbytes,
@@ -36,6 +40,33 @@ case "${1:-tests}" in
     python3 benchmarks/bench_train.py --model Llama-3.1-8B --batch 1 4 --seq 2048 --steps 3 --qlora 2>&1 | grep -v -i warn | tail -6 ;;
   e2e)
     python3 benchmarks/bench_e2e.py run ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | grep -v -i warn | grep -E "tok/s|vs Unsloth|failed|Error|error|graph|data:" | tail -40 ;;
+  memory)
+    for a in "--model Llama-3.1-8B --batch 4" "--model Llama-3.1-8B --batch 1 --offload" \
+             "--model Llama-3.2-1B --batch 8 --offload"; do
+      python3 benchmarks/profile_step.py $a --seq 2048 --eager --memory --sites --rows 22 2>&1 \
+        | grep -E "^(sites|memory|step|Llama)" | tee -a "$OUT/memory.log"
+    done
+    python3 benchmarks/bench_e2e.py run --rows 300 --layouts padded --systems velotune-offload 2>&1 \
+      | grep -E "tok/s|vs Unsloth|Error|error" | tail -4
+    python3 -m velotune train --no-progress --model=/tmp/velotune-e2e/Llama-3.1-8B \
+      --dataset=/tmp/velotune-e2e/rows-300/train.jsonl --dataset_format=text --micro_batch_size=4 \
+      --max_seq_length=2048 --gradient_checkpointing=true --offload_checkpoints=true --num_epochs=1 \
+      --output_dir=/tmp/velotune-prof --profile_steps=[40,42] 2>&1 | tee "$OUT/profiled.log" | tail -25 ;;
+  sites)
+    python3 benchmarks/bench_e2e.py run --rows 300 --layouts padded --systems velotune 2>&1 \
+      | grep -E "tok/s|vs Unsloth|Error|error" | tail -3
+    for extra in "--offload_checkpoints=false" "--offload_checkpoints=true"; do
+      echo "== velotune train $extra"
+      python3 benchmarks/memory_sites.py --rows 14 -- train --no-progress --model=/tmp/velotune-e2e/Llama-3.1-8B \
+        --dataset=/tmp/velotune-e2e/rows-300/train.jsonl --eval_dataset=/tmp/velotune-e2e/rows-300/eval.jsonl \
+        --dataset_format=text --micro_batch_size=4 --max_seq_length=2048 --gradient_checkpointing=true \
+        --num_epochs=1 --logging_steps=1 --output_dir=/tmp/velotune-sites $extra 2>&1 \
+        | grep -E "^sites|rror|CUDA graphs|replay" | tee -a "$OUT/sites.log"
+      python3 -c "import json; r=[json.loads(l) for l in open('/tmp/velotune-sites/metrics.jsonl') if 'train_seconds' in l]
+t=[b['train_seconds']-a['train_seconds'] for a,b in zip(r,r[1:])]; print('step ms:', ' '.join(f'{1e3*x:.0f}' for x in t))
+print('peak GiB by step:', ' '.join(f\"{x['peak_memory_gib']:.2f}\" for x in r[::4]))" | tee -a "$OUT/sites.log"
+      rm -rf /tmp/velotune-sites
+    done ;;
   long)
     python3 benchmarks/bench_long_context.py --seq ${SEQS:-350000} 2>&1 | tee "$OUT/long.log" | grep -v -i warn | tail -12 ;;
 esac

@@ -235,6 +235,30 @@ def test_a_longer_sequence_replaces_the_buffers_and_a_shorter_one_reuses_them():
     assert pool.release_free() == sum(parked_bytes(t=20)) and pool.buffers == []
 
 
+def test_a_pool_told_the_longest_micro_batch_pins_once_for_every_later_shape():
+    """`PinnedHostPool.max_tokens` (a graphed trainer step sets it): the first forward's buffers
+    are sized for that many tokens of each parked tensor's width, so wider shapes later in the
+    run reuse them; a shape past the bound still gets exact buffers; losses stay exact."""
+    model = tiny_model()
+    model.gradient_checkpointing, model.offload_checkpoints = True, True
+    pool = model.offload_pool
+    pool.max_tokens = 2 * 20
+    allocated = []
+    for t in (5, 11, 20):
+        ids, labels = batch(t=t)
+        reference = loss_and_grads(model, ids, labels, offload_checkpoints=False)
+        got = loss_and_grads(model, ids, labels, offload_checkpoints=True)
+        allocated.append(model.offload_stats.allocated)
+        assert torch.equal(got[0], reference[0])
+        assert all(torch.equal(got[1][n], g) for n, g in reference[1].items())
+    assert allocated == [PARKED, 0, 0]
+    assert sorted(b.nbytes for b in pool.buffers) == parked_bytes(t=20)
+    ids, labels = batch(t=23)
+    loss_and_grads(model, ids, labels, offload_checkpoints=True)
+    assert model.offload_stats.allocated == PARKED
+    assert sorted(b.nbytes for b in pool.buffers) == parked_bytes(t=23)
+
+
 def test_two_graphs_alive_at_once_lease_different_buffers():
     """Two forwards before either backward: the second must not overwrite the first's inputs."""
     model = tiny_model()

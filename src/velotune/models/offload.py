@@ -193,6 +193,10 @@ class PinnedHostPool:
         # pool serving a graphed step allocates there: sizes round up to a power of two, which
         # the short sequences graphs serve mostly are already (2 x 2,048 x 4,096 bf16 = 32 MiB).
         self.capturable = False
+        # The most tokens a forward will park (set by a graphed step that knows its largest
+        # micro-batch): new buffers are then sized for it, so a wider shape later in the run finds
+        # buffers that fit instead of pinning new ones (`LayerInputOffloader._host_buffer`).
+        self.max_tokens: int | None = None
 
     @contextmanager
     def recording(self) -> Iterator[list[HostBuffer]]:
@@ -367,8 +371,9 @@ class LayerInputOffloader:
         return parked
 
     def _host_buffer(self, tensor: torch.Tensor, index: int) -> HostBuffer:
-        """A pooled buffer when a free one holds `tensor`; otherwise a new exact-size one, once
-        the free (too small) buffers are released and the host is known to have room."""
+        """A pooled buffer when a free one holds `tensor`; otherwise a new one, once the free (too
+        small) buffers are released and the host is known to have room: sized for the pool's
+        `max_tokens` rows of this tensor's width where the host has room for that, else exact."""
         nbytes = tensor.numel() * tensor.element_size()
         buffer = self.pool.take(nbytes)
         if buffer is not None:
@@ -376,15 +381,21 @@ class LayerInputOffloader:
             return buffer
         self.pool.release_free()
         remaining = max(self.planned - index, 1)
-        if remaining * nbytes > host_room_bytes():
+        room = host_room_bytes()
+        if remaining * nbytes > room:
             raise self._no_room_error(tensor, index, remaining)
+        size = nbytes
+        if self.pool.max_tokens and tensor.dim() > 0:
+            largest = self.pool.max_tokens * tensor.shape[-1] * tensor.element_size()
+            if largest > nbytes and remaining * largest <= room:
+                size = largest
         start = time.perf_counter()
         try:
-            buffer = self.pool.allocate(nbytes, pinned=self.cuda)
+            buffer = self.pool.allocate(size, pinned=self.cuda)
         except RuntimeError as exc:
             raise self._host_memory_error(tensor, index, exc) from exc
         self.stats.allocated += 1
-        self.stats.allocated_bytes += nbytes
+        self.stats.allocated_bytes += size
         self.stats.allocation_seconds += time.perf_counter() - start
         return buffer
 

@@ -50,7 +50,7 @@ from rich.console import Console
 from torch import nn
 
 from velotune import distributed
-from velotune.data.batching import Batch
+from velotune.data.batching import Batch, bucket_width
 from velotune.distributed import World
 from velotune.lora.model import disable_adapters
 from velotune.models.checkpointing import configure_training_memory
@@ -260,7 +260,8 @@ class Trainer:
             raise TrainConfigError("key 'cuda_graphs': cannot be used here: " + "; ".join(blockers))
         if blockers or (mode == "auto" and not (self.flat or self.config.packing)):
             return None
-        return GraphedMicroStep(self.model, self.params, amp_dtype=self.amp_dtype, max_shapes=MAX_GRAPHED_SHAPES)
+        return GraphedMicroStep(self.model, self.params, amp_dtype=self.amp_dtype, max_shapes=MAX_GRAPHED_SHAPES,
+                                max_tokens=bucket_width(self.config.micro_batch_size * self.config.max_seq_length))
 
     # --- one step ---------------------------------------------------------------------------
 
