@@ -8,12 +8,15 @@ from dataclasses import replace
 import pytest
 import torch
 
+from velotune.models import checkpointing as checkpointing_module
 from velotune.models.checkpointing import (
     GIB,
     MemoryBudget,
     activation_peak,
+    auto_offload,
     choose_checkpointed_layers,
     configure_training_memory,
+    host_holds_layer_inputs,
     resident_bytes,
     training_method,
 )
@@ -173,6 +176,19 @@ def test_configure_training_memory_sets_the_model_and_reports_auto():
         model(torch.randint(0, 61, (1, 5)))
 
 
+def test_offload_auto_offloads_only_checkpointed_layers_on_a_gpu_with_host_room(monkeypatch):
+    model = tiny_model()
+    assert load_train_config(None, []).offload_checkpoints == "auto"
+    configure_training_memory(model, checkpointing=True, offload="auto")
+    assert model.offload_checkpoints is False                        # the CPU: nothing to free
+    assert not auto_offload(model, True, 4096) and not auto_offload(model, False, 4096)
+    layer_inputs = model.config.num_hidden_layers * 4096 * model.config.hidden_size * 2
+    monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs)
+    assert host_holds_layer_inputs(model.config, 4096, 2)
+    monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs - 1)
+    assert not host_holds_layer_inputs(model.config, 4096, 2)       # the host cannot hold them
+
+
 def test_train_config_keys(tmp_path):
     cfg = load_train_config(None, ["--gradient_checkpointing=auto", "--offload_checkpoints=true",
                                    "--mlp_chunk_tokens=4096", "--memory_budget_gib=70"])
@@ -186,6 +202,9 @@ def test_train_config_keys(tmp_path):
         load_train_config(path)
     with pytest.raises(TrainConfigError, match="offload_checkpoints.*needs gradient_checkpointing"):
         load_train_config(None, ["--offload_checkpoints=true"])
+    assert load_train_config(None, ["--offload_checkpoints=auto"]).offload_checkpoints == "auto"
+    with pytest.raises(TrainConfigError, match="key 'offload_checkpoints' must be true, false or auto"):
+        load_train_config(None, ["--offload_checkpoints=sometimes"])
     with pytest.raises(TrainConfigError, match="mlp_chunk_tokens"):
         load_train_config(None, ["--mlp_chunk_tokens=-5"])
     with pytest.raises(TrainConfigError, match="memory_budget_gib"):

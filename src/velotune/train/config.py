@@ -126,7 +126,9 @@ class TrainConfig:
     router_aux_loss_coef: float | None = None
     # Memory and numerics.
     gradient_checkpointing: bool | str = False  # true | false | auto (only as many layers as memory needs)
-    offload_checkpoints: bool = False        # checkpointed layer inputs to pinned CPU memory, back before backward
+    # checkpointed layer inputs to pinned CPU memory, back before backward: true | false | auto
+    # (auto: on a GPU whenever layers are checkpointed and host memory holds them)
+    offload_checkpoints: bool | str = "auto"
     offload_embeddings: bool | str = "auto"  # true | false | auto: frozen untied input embeddings in host memory
     mlp_chunk_tokens: int | None = None      # MLP tiled over the sequence: null = above 16k tokens, 0 = never
     memory_budget_gib: float | None = None   # for gradient_checkpointing auto; null = GPU memory minus a margin
@@ -495,7 +497,9 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
         fail("gradient_checkpointing", "must be true, false or auto")
     if isinstance(config.cuda_graphs, str) and config.cuda_graphs != "auto":
         fail("cuda_graphs", "must be true, false or auto")
-    if config.offload_checkpoints and config.gradient_checkpointing is False:
+    if isinstance(config.offload_checkpoints, str) and config.offload_checkpoints != "auto":
+        fail("offload_checkpoints", "must be true, false or auto")
+    if config.offload_checkpoints is True and config.gradient_checkpointing is False:
         fail("offload_checkpoints", "offloads checkpointed layer inputs: it needs gradient_checkpointing true or auto")
     if isinstance(config.offload_embeddings, str) and config.offload_embeddings != "auto":
         fail("offload_embeddings", "must be true, false or auto")
