@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -51,6 +52,7 @@ DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 LORA_INITS = ("zero", "quant_error")
 NONFINITE_ACTIONS = ("stop", "skip")
+REPORT_TO = ("tensorboard",)              # where metrics go besides metrics.jsonl (train/tensorboard.py)
 PATH_KEYS = ("dataset", "eval_dataset")     # read from the config file's folder when relative; lists mix files
 CHATTERBOT = "chatterbot"   # `dataset: chatterbot` (or `chatterbot:ai,greetings`) = the bundled corpus
 
@@ -156,6 +158,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     divergence_ratio: float = 2.0            # warn when the smoothed loss passes this x its best; 0 = never
     report: bool = True                      # OUTPUT_DIR/report.md + loss/lr plot
+    # Where metrics also go: [tensorboard] writes OUTPUT_DIR/tensorboard (scalars, the config, the
+    # held-out answers) for TensorBoard; needs the tensorboard package (velotune[tensorboard]).
+    report_to: list[str] = field(default_factory=list)
     # [first, last]: a PyTorch profiler trace of those optimizer steps (1-based, inclusive) in
     # OUTPUT_DIR/profile, and the top operations and the GPU's idle share printed (train/profiling.py).
     profile_steps: list[int] = field(default_factory=list)
@@ -459,6 +464,7 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
             fail(key, "must be positive")
     if config.trainable_modules_lr is not None and config.trainable_modules_lr <= 0:
         fail("trainable_modules_lr", "must be positive (or null for learning_rate)")
+    check_report_to(config, fail)
     if config.on_nonfinite not in NONFINITE_ACTIONS:
         fail("on_nonfinite", f"must be one of {', '.join(NONFINITE_ACTIONS)}")
     if config.divergence_ratio != 0 and config.divergence_ratio <= 1:
@@ -512,6 +518,19 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
         fail("memory_budget_gib", "must be positive (or null for the GPU's memory minus a margin)")
     if config.device != "auto" and not (config.device == "cpu" or config.device.startswith("cuda")):
         fail("device", "must be auto, cpu, cuda or cuda:N")
+
+
+def check_report_to(config: TrainConfig, fail: Callable[[str, str], None]) -> None:
+    """Known destinations only, and their package installed: a run must not train for hours and
+    then find it cannot write what was asked."""
+    for entry in config.report_to:
+        if entry not in REPORT_TO:
+            close = difflib.get_close_matches(str(entry), REPORT_TO, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            fail("report_to", f"has {entry!r}, not one of {', '.join(REPORT_TO)}{hint}")
+    if "tensorboard" in config.report_to and importlib.util.find_spec("tensorboard") is None:
+        fail("report_to", "names tensorboard, but the tensorboard package is not installed "
+                          "(pip install 'velotune[tensorboard]')")
 
 
 def is_set(config: TrainConfig, key: str) -> bool:

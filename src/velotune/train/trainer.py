@@ -65,7 +65,7 @@ from velotune.train.checkpoint import (
     write_contents,
     write_sharded,
 )
-from velotune.train.config import TrainConfig, TrainConfigError, check_values
+from velotune.train.config import TrainConfig, TrainConfigError, check_values, config_yaml
 from velotune.train.graphed_step import GraphedMicroStep, graph_blockers
 from velotune.train.guard import LoopGuard
 from velotune.train.metrics import RunLog, peak_memory_gib
@@ -422,7 +422,8 @@ class Trainer:
         all_tokens, all_seconds, data_seconds = 0, 0.0, 0.0
         self.model.train()
         log = (RunLog(self.output_dir, self.total_steps, start_step=state.step, console=self.console,
-                      show_progress=self.show_progress) if self.world.is_main else _QuietLog())
+                      show_progress=self.show_progress, report_to=cfg.report_to, config_yaml=config_yaml(cfg))
+               if self.world.is_main else _QuietLog())
         profiler = StepProfiler(cfg.profile_steps, self.output_dir, self.device, say=self._say_plain,
                                 rank=self.world.rank if self.world.distributed else None)
         with log:
