@@ -262,12 +262,29 @@ def build(values: dict[str, Any], origins: dict[str, str]) -> TrainConfig:
     return config
 
 
+def load_config_text(text: str, name: str, folder: Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A config written somewhere other than a file (the studio's form): errors say "NAME line
+    N", relative data paths are read from `folder`."""
+    cli_values, cli_origins = parse_overrides(overrides or [])
+    values, origins = parse_yaml(text, name)
+    values = relative_to_config(values, origins, folder / name)
+    values.update(cli_values)
+    origins = {k: v for k, v in origins.items() if k.partition("[")[0] not in cli_values}
+    origins.update(cli_origins)
+    return build(values, origins)
+
+
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Values and, per key, "FILE line N"; unknown keys fail here with a did-you-mean."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TrainConfigError(f"{path}: config file not found") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """`read_yaml` of text already read; `path` names it in errors."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
