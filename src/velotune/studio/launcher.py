@@ -120,6 +120,17 @@ def estimate_for(config: TrainConfig) -> dict[str, Any]:
     return result
 
 
+def child_environment() -> dict[str, str]:
+    """This environment, with the folder this velotune is imported from first on the path: the
+    child trains with the same code as the studio that started it (also from a source checkout
+    whose relative PYTHONPATH means nothing in the child's working directory)."""
+    import velotune
+
+    root = str(Path(velotune.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
 class Launcher:
     """The runs this studio started, by name."""
 
@@ -159,7 +170,7 @@ class Launcher:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "velotune", "train", str(config_file), "--no-progress"],
                     cwd=self.base_dir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                    start_new_session=True, env=child_environment())
             run = self.launched[name] = Launched(name, process, log)
             return run
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,11 +63,12 @@ def is_run(folder: Path) -> bool:
         (folder / CONFIG_FILE).is_file() or (folder / METRICS_FILE).is_file() or bool(run_contents(folder)))
 
 
-def list_runs(runs_dir: Path) -> list[Path]:
+def list_runs(runs_dir: Path, starting: Collection[str] = ()) -> list[Path]:
+    """The run folders under RUNS_DIR; `starting` names runs whose folder may still be empty."""
     if not runs_dir.is_dir():
         return []
-    return sorted((p for p in runs_dir.iterdir() if NAME_PATTERN.fullmatch(p.name) and is_run(p)),
-                  key=lambda p: p.name)
+    return sorted((p for p in runs_dir.iterdir() if NAME_PATTERN.fullmatch(p.name)
+                   and (is_run(p) or p.name in starting and p.is_dir())), key=lambda p: p.name)
 
 
 @dataclass

@@ -68,6 +68,13 @@ class Studio:
         self.launcher = Launcher(self.runs_dir, self.base_dir)
         self.chat = ChatModels()
 
+    def folder(self, name: str) -> Path:
+        """RUNS_DIR/NAME of a known run (one this studio started counts from its first moment)."""
+        return run_folder(self.runs_dir, name, must_exist=name not in self.launcher.launched)
+
+    def folders(self) -> list[Path]:
+        return list_runs(self.runs_dir, self.launcher.launched)
+
     def status(self, folder: Path) -> str:
         launched = self.launcher.launched.get(folder.name)
         return launched.status() if launched is not None else files_status(folder)
@@ -75,7 +82,7 @@ class Studio:
     def runs(self, tails: dict[str, MetricsTail] | None = None) -> list[dict[str, Any]]:
         tails = tails if tails is not None else {}
         found = []
-        for folder in list_runs(self.runs_dir):
+        for folder in self.folders():
             tail = tails.get(folder.name) or MetricsTail(folder / METRICS_FILE)
             if folder.name not in tails:
                 tail.read()
@@ -83,11 +90,11 @@ class Studio:
         return found
 
     def active_elsewhere(self) -> list[str]:
-        return [f.name for f in list_runs(self.runs_dir)
+        return [f.name for f in self.folders()
                 if f.name not in self.launcher.launched and files_status(f) == "running"]
 
     def detail(self, name: str) -> dict[str, Any]:
-        folder = run_folder(self.runs_dir, name)
+        folder = self.folder(name)
         text, _ = read_config(folder)
         launched = self.launcher.launched.get(name)
         return {**summary(folder, self.status(folder)), "config": text, "samples": read_samples(folder),
@@ -95,7 +102,7 @@ class Studio:
                 "log": launched.log_tail() if launched is not None else ""}
 
     def metrics(self, name: str) -> list[dict[str, Any]]:
-        tail = MetricsTail(run_folder(self.runs_dir, name) / METRICS_FILE)
+        tail = MetricsTail(self.folder(name) / METRICS_FILE)
         tail.read()
         return tail.records
 
@@ -110,12 +117,12 @@ class Studio:
         return {"name": run.name, "status": run.status()}
 
     def stop(self, name: str) -> dict[str, Any]:
-        run_folder(self.runs_dir, name)
+        self.folder(name)
         run = self.launcher.stop(name)
         return {"name": name, "status": run.status()}
 
     def reply(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        folder = run_folder(self.runs_dir, name)
+        folder = self.folder(name)
         messages = check_messages(body.get("messages"))
         return {"reply": self.chat.reply(folder, messages)}
 
@@ -265,7 +272,7 @@ class Handler(BaseHTTPRequestHandler):
         last_runs, last_beat = None, time.monotonic()
         try:
             while not self.server.stopping.is_set():
-                for folder in list_runs(studio.runs_dir):
+                for folder in studio.folders():
                     tail = tails.setdefault(folder.name, MetricsTail(folder / METRICS_FILE))
                     records, restart = tail.read()
                     if records or restart:
