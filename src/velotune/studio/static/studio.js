@@ -36,6 +36,12 @@ function series(records, key) {
   return [rows.map((r) => r.step), rows.map((r) => r[key])];
 }
 
+// Axis labels: small numbers (learning rates) in exponent form, others with separators.
+function number(v) {
+  if (v == null) return "";
+  return v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) : v.toLocaleString(undefined, { maximumFractionDigits: 3 });
+}
+
 // One chart per element: created on first data, then only fed new data (uPlot.setData).
 function draw(id, lines) {
   const el = $(id);
@@ -53,7 +59,7 @@ function draw(id, lines) {
   const opts = {
     width: Math.max(el.clientWidth, 300), height: 210,
     scales: { x: { time: false } },
-    axes: [{ label: "step" }, {}],
+    axes: [{ label: "step" }, { values: (u, ticks) => ticks.map(number), size: 60 }],
     series: [{ label: "step" }, ...drawn.map((l, i) => ({
       label: l.label, stroke: l.color || COLORS[i % COLORS.length], width: 2, spanGaps: true,
       points: { show: l.points || false },
