@@ -18,6 +18,7 @@ studio leaves a training run alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import subprocess
@@ -83,6 +84,22 @@ def check_form(runs_dir: Path, name: str, text: str, base_dir: Path) -> TrainCon
         raise StudioError(400, str(exc)) from None
 
 
+@functools.lru_cache(maxsize=8)
+def model_config(model: str | None, stamp: float | None) -> Any:
+    """The model's config (reading a GGUF's takes seconds: its vocabulary is parsed too), kept
+    per model and file time, so checking a form again is instant."""
+    from velotune.loaders import open_checkpoint
+
+    return open_checkpoint(model).config
+
+
+def _stamp(model: str | None) -> float | None:
+    try:
+        return Path(model).stat().st_mtime if model is not None else None
+    except OSError:
+        return None
+
+
 def estimate_for(config: TrainConfig) -> dict[str, Any]:
     """The memory estimate of `config` on this machine's GPU: the estimate's parts in GiB, whether
     it fits and, when not, the config changes the out-of-memory advice would give. `error` when
@@ -91,11 +108,10 @@ def estimate_for(config: TrainConfig) -> dict[str, Any]:
 
     from velotune.errors import ConfigError, LoadError
     from velotune.estimate import GIB, RESERVED_GIB, EstimateError, estimate
-    from velotune.loaders import open_checkpoint
     from velotune.train.oom import candidates, combined, peak, setup_of
 
     try:
-        model = open_checkpoint(config.model).config
+        model = model_config(config.model, _stamp(config.model))
         found = estimate(model, setup_of(config))
     except (LoadError, ConfigError, EstimateError, OSError, ValueError) as exc:
         return {"error": f"no estimate: {exc}"}

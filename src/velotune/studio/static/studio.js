@@ -209,6 +209,7 @@ function estimateLines(est) {
 }
 
 async function check() {
+  showResult([text("p", "Checking the config and estimating memory…", "hint")]);
   try {
     const result = await call("POST", "/api/check", { name: $("new-name").value, config: $("new-config").value });
     showResult([text("p", `Config OK: ${result.method}, into ${result.output_dir}`, "ok"),
