@@ -55,7 +55,8 @@ class Launched:
             return "stopping" if self.stop_requested else "running"
         if code == 0:
             return "finished"
-        return "stopped" if code == STOPPED_EXIT_CODE else "failed"
+        # before its first step a run has nothing to checkpoint, and SIGTERM simply ends it
+        return "stopped" if code == STOPPED_EXIT_CODE or self.stop_requested and code == -signal.SIGTERM else "failed"
 
     def log_tail(self) -> str:
         try:
