@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.studio.conftest import Client, long_run_config, serve, shut
+from tests.studio.studio_helpers import Client, long_run_config, serve, shut
 
 from velotune.cli import main
 from velotune.train.metrics import read_metrics

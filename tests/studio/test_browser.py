@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.studio.conftest import long_run_config, serve, shut
+from tests.studio.studio_helpers import long_run_config, serve, shut
 
 from velotune.train.metrics import read_metrics
 
