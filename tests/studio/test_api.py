@@ -206,3 +206,30 @@ def test_a_token_is_required_when_set_and_foreign_hosts_are_refused(tmp_path):
 def test_listening_elsewhere_needs_allow_remote(capsys):
     assert main(["studio", "--host", "0.0.0.0", "--port", "0"]) == 2
     assert "--allow-remote" in capsys.readouterr().err
+
+
+def test_the_command_prints_its_url_and_serves_the_page(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    child = subprocess.Popen([sys.executable, "-m", "velotune", "studio", str(tmp_path / "runs"), "--port", "0"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        lines = [child.stdout.readline(), child.stdout.readline()]
+        assert lines[0].startswith("velotune studio: runs in ") and str(tmp_path / "runs") in lines[0]
+        assert lines[1].startswith("velotune studio: open http://127.0.0.1:")
+        url = lines[1].split("open ")[1].strip()
+        with urllib.request.urlopen(url, timeout=30) as page:
+            html = page.read().decode()
+        assert "<title>velotune studio</title>" in html and "uPlot.iife.min.js" in html
+        with urllib.request.urlopen(url + "static/vendor/uPlot.iife.min.js", timeout=30) as script:
+            assert len(script.read()) > 40_000                 # the vendored chart library, served locally
+        with urllib.request.urlopen(url + "api/runs", timeout=30) as runs:
+            assert json.loads(runs.read()) == []
+    finally:
+        child.terminate()
+        child.wait(timeout=30)
