@@ -1,5 +1,5 @@
 """The studio in a real browser: headless Chromium (Debian's chromium + chromium-driver, driven by
-selenium) opens the page, checks a config (a typo gets its did-you-mean, a good one its memory
+selenium) opens the page, sees a run written elsewhere appear, checks a config (a typo gets its did-you-mean, a good one its memory
 estimate), starts a run and sees it appear, sees its loss curve grow while it trains, takes a
 screenshot and checks the chart is drawn in it, stops the run (a checkpoint is written first),
 compares two runs and chats with a finished run's adapter.
@@ -104,6 +104,8 @@ def test_watch_start_stop_compare_chat_in_chromium(browser, tmp_path, finished_r
         driver.get(server.url)
         wait_for(lambda: driver.find_element("id", "connection").text == "live", what="the event stream")
         wait_for(lambda: status_of(driver, "done") == "finished", what="the finished run in the list")
+        shutil.copytree(finished_run, runs / "from-a-terminal")      # a run written by velotune train elsewhere
+        wait_for(lambda: status_of(driver, "from-a-terminal") == "finished", what="a new run to appear")
 
         # a typo is caught by the CLI's own check, with its did-you-mean
         type_into(driver.find_element("id", "new-name"), "live")
