@@ -197,6 +197,9 @@ def test_a_token_is_required_when_set_and_foreign_hosts_are_refused(tmp_path):
         assert client.request("GET", "/api/runs?token=s3cret") == (200, [])
         assert client.request("GET", "/api/runs", headers={"X-Studio-Token": "s3cret"}) == (200, [])
         assert client.request("GET", "/?token=s3cret")[0] == 200
+        assert client.request("GET", "/static/studio.js")[0] == 200          # the page's code holds no data
+        assert client.request("POST", "/api/check", {"name": "x", "config": ""})[0] == 401
+        assert client.request("GET", "/api/events")[0] == 401
         status, answer = client.request("GET", "/api/runs?token=s3cret", headers={"Host": "evil.example:80"})
         assert status == 403 and "not this studio's address" in answer["error"]
     finally:

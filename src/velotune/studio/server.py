@@ -20,7 +20,8 @@ API (JSON in and out; every error is {"error": message} with a 4xx status, and c
   POST /api/runs/NAME/chat {messages}   the finished run's adapter answers
 
 Safety: bound to 127.0.0.1 unless told otherwise (cli/studio.py); then a token is required on
-every request (`?token=` or the X-Studio-Token header, compared in constant time). On loopback
+every API request (`?token=` or the X-Studio-Token header, compared in constant time; the page
+and its scripts, which hold no data, load without it and pass it on from the URL). On loopback
 the Host header must name the loopback address the page was served from, which defeats DNS
 rebinding, and POSTs must be application/json, which a cross-site form cannot send.
 """
@@ -166,8 +167,9 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def allowed(self) -> bool:
-        query = parse_qs(urlsplit(self.path).query)
-        if self.server.token is not None:
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        if self.server.token is not None and url.path.startswith("/api/"):   # the page's own files hold no data
             given = self.headers.get("X-Studio-Token") or (query.get("token") or [""])[0]
             if not hmac.compare_digest(given.encode(), self.server.token.encode()):
                 self.send_json(HTTPStatus.UNAUTHORIZED, {"error": "this studio needs its token: open the URL it printed"})
