@@ -98,7 +98,7 @@ def test_watch_start_stop_compare_chat_in_chromium(browser, tmp_path, finished_r
     runs = tmp_path / "runs"
     runs.mkdir()
     shutil.copytree(finished_run, runs / "done")
-    server = serve(runs, tmp_path)
+    server = serve(runs, tmp_path, token="browser-token")   # the page passes the URL's token on to the API
     try:
         driver = browser
         driver.get(server.url)
