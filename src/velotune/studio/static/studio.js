@@ -36,10 +36,13 @@ function series(records, key) {
   return [rows.map((r) => r.step), rows.map((r) => r[key])];
 }
 
-// Axis labels: small numbers (learning rates) in exponent form, others with separators.
-function number(v) {
-  if (v == null) return "";
-  return v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) : v.toLocaleString(undefined, { maximumFractionDigits: 3 });
+// Axis labels: small numbers (learning rates) in exponent form, others with as many decimals as
+// the spacing of the ticks needs (a memory curve may move in its fourth decimal).
+function labels(ticks) {
+  const step = ticks.length > 1 ? Math.abs(ticks[1] - ticks[0]) : 0;
+  const decimals = step > 0 ? Math.min(6, Math.max(0, Math.ceil(-Math.log10(step)))) : 3;
+  return ticks.map((v) => v == null ? "" : v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) :
+    v.toLocaleString(undefined, { maximumFractionDigits: decimals }));
 }
 
 // One chart per element: created on first data, then only fed new data (uPlot.setData).
@@ -59,7 +62,7 @@ function draw(id, lines) {
   const opts = {
     width: Math.max(el.clientWidth, 300), height: 210,
     scales: { x: { time: false } },
-    axes: [{ label: "step" }, { values: (u, ticks) => ticks.map(number), size: 60 }],
+    axes: [{ label: "step" }, { values: (u, ticks) => labels(ticks), size: 60 }],
     series: [{ label: "step" }, ...drawn.map((l, i) => ({
       label: l.label, stroke: l.color || COLORS[i % COLORS.length], width: 2, spanGaps: true,
       points: { show: l.points || false },
