@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gpu test-llamacpp install browser clean
+.PHONY: demo studio test test-gpu test-llamacpp install browser clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ install: $(STAMP) browser
 demo: $(STAMP)
 	# a second make demo moves the first run aside (runs/demo.replaced-TIME) rather than refusing
 	$(BIN)/velotune train --demo --overwrite_output_dir=true
+
+# the local dashboard over ./runs (make demo writes runs/demo): http://127.0.0.1:8765/
+studio: $(STAMP)
+	$(BIN)/velotune studio runs
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
