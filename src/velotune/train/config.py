@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -51,6 +52,7 @@ DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 LORA_INITS = ("zero", "quant_error")
 NONFINITE_ACTIONS = ("stop", "skip")
+REPORT_TO = ("tensorboard",)              # where metrics go besides metrics.jsonl (train/tensorboard.py)
 PATH_KEYS = ("dataset", "eval_dataset")     # read from the config file's folder when relative; lists mix files
 CHATTERBOT = "chatterbot"   # `dataset: chatterbot` (or `chatterbot:ai,greetings`) = the bundled corpus
 
@@ -158,6 +160,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     divergence_ratio: float = 2.0            # warn when the smoothed loss passes this x its best; 0 = never
     report: bool = True                      # OUTPUT_DIR/report.md + loss/lr plot
+    # Where metrics also go: [tensorboard] writes OUTPUT_DIR/tensorboard (scalars, the config, the
+    # held-out answers) for TensorBoard; needs the tensorboard package (velotune[tensorboard]).
+    report_to: list[str] = field(default_factory=list)
     # [first, last]: a PyTorch profiler trace of those optimizer steps (1-based, inclusive) in
     # OUTPUT_DIR/profile, and the top operations and the GPU's idle share printed (train/profiling.py).
     profile_steps: list[int] = field(default_factory=list)
@@ -259,12 +264,29 @@ def build(values: dict[str, Any], origins: dict[str, str]) -> TrainConfig:
     return config
 
 
+def load_config_text(text: str, name: str, folder: Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A config written somewhere other than a file (the studio's form): errors say "NAME line
+    N", relative data paths are read from `folder`."""
+    cli_values, cli_origins = parse_overrides(overrides or [])
+    values, origins = parse_yaml(text, name)
+    values = relative_to_config(values, origins, folder / name)
+    values.update(cli_values)
+    origins = {k: v for k, v in origins.items() if k.partition("[")[0] not in cli_values}
+    origins.update(cli_origins)
+    return build(values, origins)
+
+
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Values and, per key, "FILE line N"; unknown keys fail here with a did-you-mean."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TrainConfigError(f"{path}: config file not found") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """`read_yaml` of text already read; `path` names it in errors."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -461,6 +483,7 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
             fail(key, "must be positive")
     if config.trainable_modules_lr is not None and config.trainable_modules_lr <= 0:
         fail("trainable_modules_lr", "must be positive (or null for learning_rate)")
+    check_report_to(config, fail)
     if config.on_nonfinite not in NONFINITE_ACTIONS:
         fail("on_nonfinite", f"must be one of {', '.join(NONFINITE_ACTIONS)}")
     if config.divergence_ratio != 0 and config.divergence_ratio <= 1:
@@ -516,6 +539,19 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
         fail("memory_budget_gib", "must be positive (or null for the GPU's memory minus a margin)")
     if config.device != "auto" and not (config.device == "cpu" or config.device.startswith("cuda")):
         fail("device", "must be auto, cpu, cuda or cuda:N")
+
+
+def check_report_to(config: TrainConfig, fail: Callable[[str, str], None]) -> None:
+    """Known destinations only, and their package installed: a run must not train for hours and
+    then find it cannot write what was asked."""
+    for entry in config.report_to:
+        if entry not in REPORT_TO:
+            close = difflib.get_close_matches(str(entry), REPORT_TO, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            fail("report_to", f"has {entry!r}, not one of {', '.join(REPORT_TO)}{hint}")
+    if "tensorboard" in config.report_to and importlib.util.find_spec("tensorboard") is None:
+        fail("report_to", "names tensorboard, but the tensorboard package is not installed "
+                          "(pip install 'velotune[tensorboard]')")
 
 
 def is_set(config: TrainConfig, key: str) -> bool:
