@@ -171,14 +171,15 @@ def parked_bytes(b: int = 2, t: int = 11) -> list[int]:
 
 
 def test_missing_host_memory_is_refused_before_anything_is_copied(monkeypatch):
-    """MemAvailable holds 1.5 of the 3 layer inputs (past the reserve): the forward stops at the
-    first layer, names the sizes and how many checkpoints to keep on the device, and pins
-    nothing. Keeping 2 on the device (one input left to offload) then runs."""
+    """MemAvailable holds 1.5 of the 3 layer inputs (past the reserve) and the user asked for
+    every input in host memory (checkpoints_kept_on_gpu 0): the forward stops at the first layer,
+    names the sizes and how many checkpoints to keep on the device, and pins nothing. Keeping 2
+    on the device (one input left to offload) then runs."""
     model = tiny_model()
     ids, labels = batch()
     available = offload.HOST_RESERVE_BYTES + 3 * one_input_bytes() // 2
     monkeypatch.setattr(offload, "host_memory_bytes", lambda: (64 * 2**30, available))
-    model.gradient_checkpointing, model.offload_checkpoints = True, True
+    model.gradient_checkpointing, model.offload_checkpoints, model.checkpoints_kept_on_gpu = True, True, 0
     with pytest.raises(OffloadError) as err:
         model(ids, labels=labels, return_logits=False)
     text = str(err.value)
@@ -447,3 +448,36 @@ def test_offloaded_inputs_are_freed_between_forward_and_backward(offload):
     assert len(alive) == (2 if offload else 1) * model.config.num_hidden_layers
     assert alive == [not offload] * len(alive)
     (out.loss_sum / out.num_targets).backward()   # and the backward still finds every input
+
+
+def test_auto_placement_keeps_on_the_device_what_the_host_has_no_room_for(monkeypatch):
+    """The default plan (checkpoints_kept_on_gpu auto): room for 1.5 whole inputs parks the first
+    layer's input in host memory, whole (no room for its pieces), keeps the other two on the
+    device, and trains exactly as without offload."""
+    model = tiny_model()
+    ids, labels = batch()
+    reference = loss_and_grads(model, ids, labels, gradient_checkpointing=True)
+    available = offload.HOST_RESERVE_BYTES + 3 * one_input_bytes() // 2
+    monkeypatch.setattr(offload, "host_memory_bytes", lambda: (64 * 2**30, available))
+    placed = loss_and_grads(model, ids, labels, offload_checkpoints=True)
+    assert model.placement.where == ("host", "gpu", "gpu") and model.placement.pieces == (1, 1, 1)
+    assert model.offload_stats.offloaded == 1 and model.offload_pool.held_bytes == one_input_bytes()
+    assert torch.equal(placed[0], reference[0])
+    assert all(torch.equal(placed[1][n], g) for n, g in reference[1].items())
+
+
+def test_auto_placement_spends_spare_host_room_on_pieces_layer_by_layer(monkeypatch):
+    """Room for every whole input and one layer's three pieces: layer 0 parks its five tensors,
+    layers 1 and 2 their input alone (or with the residual, where that fits), all exact."""
+    model = tiny_model()
+    ids, labels = batch()
+    reference = loss_and_grads(model, ids, labels, gradient_checkpointing=True)
+    per_value = one_input_bytes() // HIDDEN
+    room = LAYERS * one_input_bytes() + (sum(PIECES) - HIDDEN) * per_value + HIDDEN * per_value // 2
+    monkeypatch.setattr(offload, "host_memory_bytes", lambda: (64 * 2**30, offload.HOST_RESERVE_BYTES + room))
+    placed = loss_and_grads(model, ids, labels, offload_checkpoints=True)
+    assert model.placement.where == ("host",) * 3 and model.placement.pieces == (3, 1, 1)
+    assert model.offload_stats.offloaded == len(PIECES) + 2
+    assert model.offload_stats.offloaded_bytes == model.placement.host_bytes <= room
+    assert torch.equal(placed[0], reference[0])
+    assert all(torch.equal(placed[1][n], g) for n, g in reference[1].items())

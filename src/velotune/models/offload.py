@@ -310,16 +310,19 @@ class LayerInputOffloader:
 
     Use one per forward pass: `with offloader.saving(x): x = checkpoint(layer, x, ...)` for each
     checkpointed layer, in order. `pool` holds the host buffers across forwards (a fresh one when
-    not given); `planned` is how many inputs this forward will offload, so that missing host
-    memory is reported before the first of them is copied. `stats` counts what moved."""
+    not given); `planned` is how many inputs this forward will offload and `planned_bytes` their
+    bytes (`velotune.placement`; without it, `planned` inputs as large as the one at hand), so
+    that missing host memory is reported before the first of them is copied. `stats` counts what
+    moved."""
 
     def __init__(self, device: torch.device, stats: OffloadStats | None = None,
-                 pool: PinnedHostPool | None = None, planned: int = 0) -> None:
+                 pool: PinnedHostPool | None = None, planned: int = 0, planned_bytes: int = 0) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = side_stream(self.device) if self.cuda else None
         self.pool = pool if pool is not None else PinnedHostPool()
         self.planned = planned
+        self.planned_bytes = planned_bytes
         self.groups: list[list[_Parked]] = []   # per checkpoint (`saving` block), in forward order
         self.stats = stats if stats is not None else OffloadStats()
 
@@ -376,7 +379,8 @@ class LayerInputOffloader:
             return buffer
         self.pool.release_free()
         remaining = max(self.planned - index, 1)
-        if remaining * nbytes > host_room_bytes():
+        still = self.planned_bytes - self.stats.offloaded_bytes if self.planned_bytes else remaining * nbytes
+        if max(still, nbytes) > host_room_bytes():
             raise self._no_room_error(tensor, index, remaining)
         start = time.perf_counter()
         try:

@@ -1,0 +1,131 @@
+"""Where each checkpointed decoder-layer input lives between the forward and the backward: in
+pinned host memory or on the GPU, and in how many pieces (a plan of "what fits where").
+
+With checkpointing at decoder-layer boundaries and offloaded checkpoints
+(`velotune.models.offload`), each layer keeps one [tokens x hidden] input until its backward:
+Llama-3.1-8B at 500,000 tokens keeps 3.8 GiB per layer, 122 GiB for its 32 layers, which a host of
+128 GiB (about 116 GiB of it free for pinning) cannot hold, and the GPU, with about 60 GiB of
+working set at that length, cannot hold either. Split, both can: the host takes as many whole
+inputs as it has room for, and the GPU keeps the rest (2 to 3 layers' inputs at 500,000 tokens).
+
+Pieces: a layer checkpointed in three pieces (`Transformer`: the q/k/v projections, attention
+through o_proj, the MLP half) parks its input, q, k, v and the residual between its halves
+(2h + q + 2kv values per token, 3.5x the input for Llama-3.1-8B), and its recomputation then skips
+the base matmuls of the attention; two pieces park 2h. Finer pieces only save matmuls, so they are
+spent last: first every checkpointed input goes to the host whole (one tensor per layer), then,
+with room left, layers are upgraded to three pieces (then two) one by one. At 350,000 tokens and
+more nothing is upgraded on a 128 GiB host: one tensor per layer.
+
+Which layers stay on the GPU: the last ones. Their backward comes first, so their inputs are
+freed first; and the host-parked ones, all earlier, are prefetched one layer ahead as before.
+
+This module is arithmetic on config fields and byte counts only, so the memory estimator
+(`velotune.estimate_offload`) and the decoder (`velotune.models.transformer`) use the same plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from velotune.models.config import ModelConfig
+
+GIB = 2**30
+HOST, GPU, NONE = "host", "gpu", "none"
+# Values each checkpointed input in host memory brings in flight on the GPU at once: the layer
+# being recomputed and the one prefetched ahead of it (models/offload.py).
+IN_FLIGHT_LAYERS = 2
+
+
+def parked_per_token(config: ModelConfig, pieces: int) -> int:
+    """Values per token one layer parks when checkpointed in `pieces` pieces: 1, its input (h);
+    2, its input and the residual between its halves (2h); 3, those and q, k, v (2h + q + 2kv)."""
+    h = config.hidden_size
+    if pieces == 1:
+        return h
+    if pieces == 2:
+        return 2 * h
+    if pieces == 3:
+        return 2 * h + (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    raise ValueError(f"a layer is checkpointed in 1, 2 or 3 pieces, not {pieces}")
+
+
+def parked_count(pieces: int) -> int:
+    """How many tensors a layer checkpointed in `pieces` pieces parks (input; + residual; + q, k, v)."""
+    return {1: 1, 2: 2, 3: 5}[pieces]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Per decoder layer: where its checkpointed input lives (`HOST`, `GPU`, or `NONE` when the
+    layer is not checkpointed) and in how many pieces it is checkpointed (1 unless parked in host
+    memory). Bytes are for one forward of `tokens` tokens."""
+
+    where: tuple[str, ...]
+    pieces: tuple[int, ...]
+    host_bytes: int          # pinned host memory the parked inputs take
+    gpu_bytes: int           # checkpointed inputs kept on the GPU for the whole step
+    in_flight_bytes: int     # host-parked inputs on the GPU at once in the backward (two layers' worth)
+    host_room: int | None    # what the host had room for when planned (None: not asked)
+
+    @property
+    def offloaded(self) -> int:
+        """Layers whose inputs go to host memory (the first ones)."""
+        return self.where.count(HOST)
+
+    @property
+    def kept_on_gpu(self) -> int:
+        return self.where.count(GPU)
+
+    @property
+    def fits_host(self) -> bool:
+        return self.host_room is None or self.host_bytes <= self.host_room
+
+    def describe(self) -> str:
+        host = [p for w, p in zip(self.where, self.pieces) if w == HOST]
+        split = ", ".join(f"{host.count(p)} in {p} piece{'s' * (p > 1)}" for p in (3, 2, 1) if host.count(p))
+        return (f"checkpoints: {self.offloaded} layer inputs in host memory ({split or 'none'}; "
+                f"{self.host_bytes / GIB:.1f} GiB pinned), {self.kept_on_gpu} kept on the GPU "
+                f"({self.gpu_bytes / GIB:.1f} GiB)")
+
+
+def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed: int, *, offload: bool,
+                   host_room: int | None = None, kept_on_gpu: int | str = "auto") -> Placement:
+    """Where the first `checkpointed` layers' inputs go for a forward of `tokens` tokens of
+    `itemsize` bytes per value.
+
+    `offload` False: all on the GPU. Otherwise `kept_on_gpu` "auto" parks as many whole inputs in
+    host memory as `host_room` bytes hold (all, when `host_room` is None) and keeps the rest, the
+    last ones, on the GPU; an int keeps that many of the last on the GPU whatever the room (the
+    offloader then refuses, naming the remedy, if the host cannot hold the others). Room left
+    after every parked layer has its input there upgrades layers, first to last, to three pieces,
+    then two (see the module docstring); Gemma 2's sandwich norms read the MLP output, so its
+    layers stay whole."""
+    L = config.num_hidden_layers
+    if not 0 <= checkpointed <= L:
+        raise ValueError(f"checkpointed layers must be in [0, {L}], got {checkpointed}")
+    if kept_on_gpu != "auto" and (isinstance(kept_on_gpu, bool) or not isinstance(kept_on_gpu, int)
+                                  or kept_on_gpu < 0):
+        raise ValueError(f"checkpoints_kept_on_gpu must be 'auto' or a whole number >= 0, got {kept_on_gpu!r}")
+    per_layer = lambda pieces: tokens * itemsize * parked_per_token(config, pieces)  # noqa: E731
+    whole = per_layer(1)
+    if not offload:
+        host = 0
+    elif kept_on_gpu == "auto":
+        host = checkpointed if host_room is None or whole == 0 else min(checkpointed, max(host_room, 0) // whole)
+    else:
+        host = max(checkpointed - kept_on_gpu, 0)
+    pieces = [1] * L
+    spare = None if host_room is None else host_room - host * whole
+    if host and not config.sandwich_norms:
+        for finer in (3, 2):
+            extra = per_layer(finer) - whole
+            for i in range(host):
+                if pieces[i] == 1 and (spare is None or extra <= spare):
+                    pieces[i] = finer
+                    spare = None if spare is None else spare - extra
+    where = tuple(HOST if i < host else GPU if i < checkpointed else NONE for i in range(L))
+    parked = [per_layer(p) if w == HOST else 0 for w, p in zip(where, pieces)]
+    in_flight = max((sum(parked[i:i + IN_FLIGHT_LAYERS]) for i in range(L)), default=0)
+    return Placement(where=where, pieces=tuple(pieces), host_bytes=sum(parked),
+                     gpu_bytes=(checkpointed - host) * whole, in_flight_bytes=in_flight, host_room=host_room)
