@@ -11,10 +11,12 @@ inputs as it has room for, and the GPU keeps the rest (2 to 3 layers' inputs at 
 Pieces: a layer checkpointed in three pieces (`Transformer`: the q/k/v projections, attention
 through o_proj, the MLP half) parks its input, q, k, v and the residual between its halves
 (2h + q + 2kv values per token, 3.5x the input for Llama-3.1-8B), and its recomputation then skips
-the base matmuls of the attention; two pieces park 2h. Finer pieces only save matmuls, so they are
-spent last: first every checkpointed input goes to the host whole (one tensor per layer), then,
-with room left, layers are upgraded to three pieces (then two) one by one. At 350,000 tokens and
-more nothing is upgraded on a 128 GiB host: one tensor per layer.
+the base matmuls of the attention; two pieces park 2h. Finer pieces only save matmuls, and cost
+GPU memory too (two layers' parked tensors are on the GPU at once in the backward: 56 KB a token
+in three pieces against 16 KB whole for Llama-3.1-8B), so they are taken only when the host holds
+every parked layer so, all layers alike (a mix would pay the GPU cost of the finest for part of
+the saving). Otherwise each layer parks one tensor, its input: from about 80,000 tokens on for
+Llama-3.1-8B on a 128 GiB host.
 
 Which layers stay on the GPU: the last ones. Their backward comes first, so their inputs are
 freed first; and the host-parked ones, all earlier, are prefetched one layer ahead as before.
@@ -97,10 +99,9 @@ def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed
     `offload` False: all on the GPU. Otherwise `kept_on_gpu` "auto" parks as many whole inputs in
     host memory as `host_room` bytes hold (all, when `host_room` is None) and keeps the rest, the
     last ones, on the GPU; an int keeps that many of the last on the GPU whatever the room (the
-    offloader then refuses, naming the remedy, if the host cannot hold the others). Room left
-    after every parked layer has its input there upgrades layers, first to last, to three pieces,
-    then two (see the module docstring); Gemma 2's sandwich norms read the MLP output, so its
-    layers stay whole."""
+    offloader then refuses, naming the remedy, if the host cannot hold the others). When the host
+    has room for every parked layer in three pieces, or else two, they are all parked so (see the
+    module docstring); Gemma 2's sandwich norms read the MLP output, so its layers stay whole."""
     L = config.num_hidden_layers
     if not 0 <= checkpointed <= L:
         raise ValueError(f"checkpointed layers must be in [0, {L}], got {checkpointed}")
@@ -115,17 +116,10 @@ def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed
         host = checkpointed if host_room is None or whole == 0 else min(checkpointed, max(host_room, 0) // whole)
     else:
         host = max(checkpointed - kept_on_gpu, 0)
-    pieces = [1] * L
-    spare = None if host_room is None else host_room - host * whole
+    pieces = 1
     if host and not config.sandwich_norms:
-        for finer in (3, 2):
-            extra = per_layer(finer) - whole
-            for i in range(host):
-                if pieces[i] == 1 and (spare is None or extra <= spare):
-                    pieces[i] = finer
-                    spare = None if spare is None else spare - extra
+        pieces = next((p for p in (3, 2) if host_room is None or host * per_layer(p) <= host_room), 1)
     where = tuple(HOST if i < host else GPU if i < checkpointed else NONE for i in range(L))
-    parked = [per_layer(p) if w == HOST else 0 for w, p in zip(where, pieces)]
-    in_flight = max((sum(parked[i:i + IN_FLIGHT_LAYERS]) for i in range(L)), default=0)
-    return Placement(where=where, pieces=tuple(pieces), host_bytes=sum(parked),
-                     gpu_bytes=(checkpointed - host) * whole, in_flight_bytes=in_flight, host_room=host_room)
+    return Placement(where=where, pieces=tuple(pieces if w == HOST else 1 for w in where),
+                     host_bytes=host * per_layer(pieces), gpu_bytes=(checkpointed - host) * whole,
+                     in_flight_bytes=min(host, IN_FLIGHT_LAYERS) * per_layer(pieces), host_room=host_room)

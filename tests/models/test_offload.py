@@ -466,18 +466,17 @@ def test_auto_placement_keeps_on_the_device_what_the_host_has_no_room_for(monkey
     assert all(torch.equal(placed[1][n], g) for n, g in reference[1].items())
 
 
-def test_auto_placement_spends_spare_host_room_on_pieces_layer_by_layer(monkeypatch):
-    """Room for every whole input and one layer's three pieces: layer 0 parks its five tensors,
-    layers 1 and 2 their input alone (or with the residual, where that fits), all exact."""
+def test_auto_placement_takes_pieces_only_when_every_parked_layer_has_room_for_them(monkeypatch):
+    """Room for every input in two pieces but not three: all three layers park two tensors each
+    (input and the residual between the halves), and the result is exact."""
     model = tiny_model()
     ids, labels = batch()
     reference = loss_and_grads(model, ids, labels, gradient_checkpointing=True)
-    per_value = one_input_bytes() // HIDDEN
-    room = LAYERS * one_input_bytes() + (sum(PIECES) - HIDDEN) * per_value + HIDDEN * per_value // 2
+    room = 2 * LAYERS * one_input_bytes() + one_input_bytes() // 2
     monkeypatch.setattr(offload, "host_memory_bytes", lambda: (64 * 2**30, offload.HOST_RESERVE_BYTES + room))
     placed = loss_and_grads(model, ids, labels, offload_checkpoints=True)
-    assert model.placement.where == ("host",) * 3 and model.placement.pieces == (3, 1, 1)
-    assert model.offload_stats.offloaded == len(PIECES) + 2
-    assert model.offload_stats.offloaded_bytes == model.placement.host_bytes <= room
+    assert model.placement.where == ("host",) * 3 and model.placement.pieces == (2, 2, 2)
+    assert model.offload_stats.offloaded == 2 * LAYERS
+    assert model.offload_stats.offloaded_bytes == model.placement.host_bytes == 2 * LAYERS * one_input_bytes()
     assert torch.equal(placed[0], reference[0])
     assert all(torch.equal(placed[1][n], g) for n, g in reference[1].items())
