@@ -14,8 +14,8 @@ through o_proj, the MLP half) parks its input, q, k, v and the residual between 
 the base matmuls of the attention; two pieces park 2h. Finer pieces only save matmuls, and cost
 GPU memory too (two layers' parked tensors are on the GPU at once in the backward: 56 KB a token
 in three pieces against 16 KB whole for Llama-3.1-8B), so they are taken only when the host holds
-every parked layer so, all layers alike (a mix would pay the GPU cost of the finest for part of
-the saving). Otherwise each layer parks one tensor, its input: from about 80,000 tokens on for
+every parked layer so and the GPU has room for that in-flight cost, all layers alike (a mix would
+pay the GPU cost of the finest for part of the saving). Otherwise each layer parks one tensor, its input: from about 80,000 tokens on for
 Llama-3.1-8B on a 128 GiB host.
 
 Which layers stay on the GPU: the last ones. Their backward comes first, so their inputs are
@@ -92,7 +92,8 @@ class Placement:
 
 
 def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed: int, *, offload: bool,
-                   host_room: int | None = None, kept_on_gpu: int | str = "auto") -> Placement:
+                   host_room: int | None = None, kept_on_gpu: int | str = "auto",
+                   gpu_room: int | None = None) -> Placement:
     """Where the first `checkpointed` layers' inputs go for a forward of `tokens` tokens of
     `itemsize` bytes per value.
 
@@ -101,7 +102,9 @@ def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed
     last ones, on the GPU; an int keeps that many of the last on the GPU whatever the room (the
     offloader then refuses, naming the remedy, if the host cannot hold the others). When the host
     has room for every parked layer in three pieces, or else two, they are all parked so (see the
-    module docstring); Gemma 2's sandwich norms read the MLP output, so its layers stay whole."""
+    module docstring), as long as the GPU has `gpu_room` bytes (None: no limit) for what finer
+    pieces bring in flight beyond whole inputs; Gemma 2's sandwich norms read the MLP output, so
+    its layers stay whole."""
     L = config.num_hidden_layers
     if not 0 <= checkpointed <= L:
         raise ValueError(f"checkpointed layers must be in [0, {L}], got {checkpointed}")
@@ -118,7 +121,11 @@ def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed
         host = max(checkpointed - kept_on_gpu, 0)
     pieces = 1
     if host and not config.sandwich_norms:
-        pieces = next((p for p in (3, 2) if host_room is None or host * per_layer(p) <= host_room), 1)
+        def room_for(p: int) -> bool:
+            extra_in_flight = min(host, IN_FLIGHT_LAYERS) * (per_layer(p) - whole)
+            return ((host_room is None or host * per_layer(p) <= host_room)
+                    and (gpu_room is None or extra_in_flight <= gpu_room))
+        pieces = next((p for p in (3, 2) if room_for(p)), 1)
     where = tuple(HOST if i < host else GPU if i < checkpointed else NONE for i in range(L))
     return Placement(where=where, pieces=tuple(pieces if w == HOST else 1 for w in where),
                      host_bytes=host * per_layer(pieces), gpu_bytes=(checkpointed - host) * whole,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from velotune import kernels
+from velotune.estimate import Setup
 from velotune.infer.cache import KVCache
 from velotune.infer.engine import generate_tensor
 from velotune.infer.sampling import SamplingParams
@@ -42,6 +43,7 @@ from velotune.models.sinks import attend_with_sinks
 from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_room_bytes
 from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
 from velotune.models.token_logps import token_logps
+from velotune.models.long_context import working_bytes
 from velotune.placement import HOST, NONE, Placement, parked_count, plan_placement
 
 
@@ -516,11 +518,22 @@ class Transformer(nn.Module):
         """Where this forward's checkpointed layer inputs go (`velotune.placement`): with
         `offload_checkpoints`, as many as the host has room for (MemAvailable beyond the reserve,
         plus the offload buffers already held) to pinned host memory, the rest (or the last
-        `checkpoints_kept_on_gpu`, when a number) on the GPU; finer pieces where room is left."""
+        `checkpoints_kept_on_gpu`, when a number) on the GPU; finer pieces where both the host and
+        the GPU have room for them (the GPU's: its free memory less one recomputed layer's
+        working set at this length, `models/long_context.working_bytes`)."""
         offload = self.offload_checkpoints and checkpointed > 0
         room = host_room_bytes() + self.offload_pool.held_bytes if offload else None
-        self.placement = plan_placement(self.config, x.shape[0] * x.shape[1], x.element_size(), checkpointed,
-                                        offload=offload, host_room=room, kept_on_gpu=self.checkpoints_kept_on_gpu)
+        tokens = x.shape[0] * x.shape[1]
+
+        def plan(gpu_room: int | None = None) -> Placement:
+            return plan_placement(self.config, tokens, x.element_size(), checkpointed, offload=offload,
+                                  host_room=room, kept_on_gpu=self.checkpoints_kept_on_gpu, gpu_room=gpu_room)
+        self.placement = plan()
+        if max(self.placement.pieces) > 1 and x.is_cuda and not kernels.capturing(x):
+            free, _ = torch.cuda.mem_get_info(x.device)
+            free += torch.cuda.memory_reserved(x.device) - torch.cuda.memory_allocated(x.device)
+            working = working_bytes(self.config, Setup(method="full"), tokens)
+            self.placement = plan(free - working - 2 * x.numel() * x.element_size())
         return self.placement
 
     def checkpointed_layers(self, batch: int, seq: int, mlp_chunk: int = 0) -> int:
