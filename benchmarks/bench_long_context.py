@@ -256,7 +256,7 @@ def record(rows: list[dict], args: argparse.Namespace) -> None:
                   f"tiled MLP ({args.mlp_chunk or 'auto'}), chunked CE, SDPA causal, expandable segments"
                   + (f"; probe: backward of the last {r['probe']} layers only" if r["probe"] else ""))
         per_token = None if r["seconds"] is None or r["probe"] else r["seconds"] / r["seq"] * 1e6
-        append_row("Long-context training (QLoRA, batch 1)", cols,
+        append_row("Long-context training (QLoRA, batch 1, placed checkpoints)", cols,
                    [today(), machine(), config, f"{r['seq']:,}", r["outcome"],
                     "-" if r["probe"] else fmt(r["seconds"], ".1f"), fmt(per_token, ".0f"),
                     fmt(r["alloc_gib"], ".1f"), fmt(r["reserved_gib"], ".1f"), fmt(r["est_gib"], ".1f"),
