@@ -102,6 +102,7 @@ def build(config, device: torch.device, dtype: torch.dtype, args: argparse.Names
     model.gradient_checkpointing = True
     model.offload_checkpoints = True
     model.checkpoints_kept_on_gpu = args.keep_on_gpu
+    model.keep_attention_outputs = not args.no_keep_attention
     model.mlp_chunk_tokens = args.mlp_chunk
     params = list(lora_parameters(model))
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -168,12 +169,13 @@ def step(model, optimizer, seq: int, device: torch.device, amp: bool,
     return seconds
 
 
-def predicted(config, seq: int, gpu_gib: float, host_gib: float, keep_on_gpu):
+def predicted(config, seq: int, gpu_gib: float, host_gib: float, args: argparse.Namespace):
     """The estimator's figures for this length on this machine (velotune.models.long_context)."""
     from velotune.estimate import Setup
     from velotune.models.long_context import context_estimate
 
-    return context_estimate(config, Setup(method="qlora", lora_r=16), seq, gpu_gib, host_gib, keep_on_gpu)
+    return context_estimate(config, Setup(method="qlora", lora_r=16), seq, gpu_gib, host_gib, args.keep_on_gpu,
+                            not args.no_keep_attention)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -210,9 +212,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                 rows.append(row)
                 break
         if gpu_gib is not None and dtype == torch.bfloat16 and args.layers == 0:
-            est = predicted(config, seq, gpu_gib, host_gib, args.keep_on_gpu)
+            est = predicted(config, seq, gpu_gib, host_gib, args)
             row["est_gib"] = est.gpu_total / GIB
-            longest, _ = longest_context(config, Setup(method="qlora", lora_r=16), gpu_gib, host_gib, args.keep_on_gpu)
+            longest, _ = longest_context(config, Setup(method="qlora", lora_r=16), gpu_gib, host_gib, args.keep_on_gpu,
+                                         not args.no_keep_attention)
             row["est_longest"] = longest.seq if longest else 0
             log(f"seq {seq:,}: estimator {row['est_gib']:.1f} GiB on the GPU ({est.placement.describe()}); "
                 f"longest length it predicts here {row['est_longest']:,}")
@@ -233,7 +236,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         if model.placement is not None:
             p = model.placement
             row["placement"] = (f"{p.offloaded} host ({'/'.join(sorted({str(x) for x in p.pieces[:p.offloaded]}))} "
-                                f"piece) + {p.kept_on_gpu} GPU")
+                                f"piece) + {p.kept_on_gpu} GPU" + (f"; {sum(p.kept)} keep attention" if any(p.kept) else ""))
         if device.type == "cuda":
             row["alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
             row["reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
@@ -254,6 +257,7 @@ def record(rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         config = (f"{args.model} QLoRA r16, {r['layers']} layers, batch 1, offload (keep on GPU: {r['keep_on_gpu']}), "
                   f"tiled MLP ({args.mlp_chunk or 'auto'}), chunked CE, SDPA causal, expandable segments"
+                  + (", attention recomputed everywhere" if args.no_keep_attention else "")
                   + (f"; probe: backward of the last {r['probe']} layers only" if r["probe"] else ""))
         per_token = None if r["seconds"] is None or r["probe"] else r["seconds"] / r["seq"] * 1e6
         append_row("Long-context training (QLoRA, batch 1, placed checkpoints)", cols,
@@ -282,6 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-on-gpu", type=keep_on_gpu_arg, default="auto",
                    help="auto (velotune's placement plan) or the number of last checkpoints kept on the GPU")
     p.add_argument("--mlp-chunk", type=int, default=None, help="MLP tile in tokens (default: automatic)")
+    p.add_argument("--no-keep-attention", action="store_true",
+                   help="recompute every layer's attention (no attention outputs kept beside parked inputs)")
     p.add_argument("--probe-layers", type=int, default=0,
                    help="memory probe: stop the backward after this many layers (0: whole steps)")
     p.add_argument("--device", default="cuda")

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from velotune.models.config import ModelConfig
 
 GIB = 2**30
+F32 = 4
 HOST, GPU, NONE = "host", "gpu", "none"
 # Values each checkpointed input in host memory brings in flight on the GPU at once: the layer
 # being recomputed and the one prefetched ahead of it (models/offload.py).
@@ -65,7 +66,8 @@ class Placement:
 
     where: tuple[str, ...]
     pieces: tuple[int, ...]
-    host_bytes: int          # pinned host memory the parked inputs take
+    kept: tuple[bool, ...]   # layers whose attention output is parked too (models/kept_attention.py)
+    host_bytes: int          # pinned host memory the parked inputs (and kept outputs) take
     gpu_bytes: int           # checkpointed inputs kept on the GPU for the whole step
     in_flight_bytes: int     # host-parked inputs on the GPU at once in the backward (two layers' worth)
     host_room: int | None    # what the host had room for when planned (None: not asked)
@@ -86,14 +88,15 @@ class Placement:
     def describe(self) -> str:
         host = [p for w, p in zip(self.where, self.pieces) if w == HOST]
         split = ", ".join(f"{host.count(p)} in {p} piece{'s' * (p > 1)}" for p in (3, 2, 1) if host.count(p))
-        return (f"checkpoints: {self.offloaded} layer inputs in host memory ({split or 'none'}; "
+        kept = f", {sum(self.kept)} with their attention output" if any(self.kept) else ""
+        return (f"checkpoints: {self.offloaded} layer inputs in host memory ({split or 'none'}{kept}; "
                 f"{self.host_bytes / GIB:.1f} GiB pinned), {self.kept_on_gpu} kept on the GPU "
                 f"({self.gpu_bytes / GIB:.1f} GiB)")
 
 
 def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed: int, *, offload: bool,
                    host_room: int | None = None, kept_on_gpu: int | str = "auto",
-                   gpu_room: int | None = None) -> Placement:
+                   gpu_room: int | None = None, keep_attention: bool = True) -> Placement:
     """Where the first `checkpointed` layers' inputs go for a forward of `tokens` tokens of
     `itemsize` bytes per value.
 
@@ -104,7 +107,9 @@ def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed
     has room for every parked layer in three pieces, or else two, they are all parked so (see the
     module docstring), as long as the GPU has `gpu_room` bytes (None: no limit) for what finer
     pieces bring in flight beyond whole inputs; Gemma 2's sandwich norms read the MLP output, so
-    its layers stay whole."""
+    its layers stay whole. Whole parked layers then keep their attention output too
+    (`keep_attention`, plain causal attention only), first to last, as far as the host's room
+    left over goes and the GPU has room for one more layer's output in flight."""
     L = config.num_hidden_layers
     if not 0 <= checkpointed <= L:
         raise ValueError(f"checkpointed layers must be in [0, {L}], got {checkpointed}")
@@ -126,7 +131,28 @@ def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed
             return ((host_room is None or host * per_layer(p) <= host_room)
                     and (gpu_room is None or extra_in_flight <= gpu_room))
         pieces = next((p for p in (3, 2) if room_for(p)), 1)
+    kept = 0
+    per_kept = tokens * kept_attention_per_token(config, itemsize)
+    if keep_attention and host and pieces == 1 and attention_keepable(config) and per_kept:
+        spare = None if host_room is None else max(host_room - host * whole, 0)
+        if gpu_room is None or per_kept <= gpu_room:
+            kept = host if spare is None else min(host, spare // per_kept)
     where = tuple(HOST if i < host else GPU if i < checkpointed else NONE for i in range(L))
     return Placement(where=where, pieces=tuple(pieces if w == HOST else 1 for w in where),
-                     host_bytes=host * per_layer(pieces), gpu_bytes=(checkpointed - host) * whole,
-                     in_flight_bytes=min(host, IN_FLIGHT_LAYERS) * per_layer(pieces), host_room=host_room)
+                     kept=tuple(i < kept for i in range(L)),
+                     host_bytes=host * per_layer(pieces) + kept * per_kept, gpu_bytes=(checkpointed - host) * whole,
+                     in_flight_bytes=min(host, IN_FLIGHT_LAYERS) * per_layer(pieces) + (per_kept if kept else 0),
+                     host_room=host_room)
+
+
+def attention_keepable(config: ModelConfig) -> bool:
+    """Whether every layer's attention is the plain causal kind whose output a layer can keep
+    (`models/kept_attention.py`): no soft-cap, sinks or sliding windows."""
+    return (config.attn_logit_softcapping is None and not config.attention_sinks
+            and not any(config.is_sliding(i) for i in range(config.num_hidden_layers)))
+
+
+def kept_attention_per_token(config: ModelConfig, itemsize: int) -> int:
+    """Bytes per token of one layer's kept attention output (`itemsize` per value) and its float32
+    log-sum-exp."""
+    return itemsize * config.num_attention_heads * config.head_dim + F32 * config.num_attention_heads

@@ -480,3 +480,40 @@ def test_auto_placement_takes_pieces_only_when_every_parked_layer_has_room_for_t
     assert model.offload_stats.offloaded_bytes == model.placement.host_bytes == 2 * LAYERS * one_input_bytes()
     assert torch.equal(placed[0], reference[0])
     assert all(torch.equal(placed[1][n], g) for n, g in reference[1].items())
+
+
+def test_kept_attention_outputs_skip_the_recomputed_attention_and_stay_exact(monkeypatch):
+    """Room for every whole input and two layers' attention outputs (not for pieces): layers 0 and
+    1 park their output and log-sum-exp beside their input, their recomputation runs no attention
+    kernel, and loss and gradients equal the plain checkpointed run's bit for bit (awkward length 13)."""
+    from velotune.models import kept_attention
+
+    model = tiny_model()
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ids, labels = batch(b=1, t=13)
+    reference = loss_and_grads(model, ids, labels, gradient_checkpointing=True)
+    input_bytes = one_input_bytes(1, 13)
+    per_kept = 13 * (HEADS * HEAD_DIM * 4 + 4 * HEADS)
+    room = LAYERS * input_bytes + 2 * per_kept + 7
+    monkeypatch.setattr(offload, "host_memory_bytes", lambda: (64 * 2**30, offload.HOST_RESERVE_BYTES + room))
+    kernel_calls = []
+    forward = kept_attention._forward
+
+    def counting(*args):
+        kernel_calls.append(True)
+        return forward(*args)
+    monkeypatch.setattr(kept_attention, "_forward", counting)
+    kept = loss_and_grads(model, ids, labels, offload_checkpoints=True)
+    assert model.placement.pieces == (1, 1, 1) and model.placement.kept == (True, True, False)
+    assert model.placement.host_bytes == LAYERS * input_bytes + 2 * per_kept <= room
+    assert len(kernel_calls) == 2                        # the two first forwards; no recomputation ran one
+    assert model.offload_stats.offloaded == LAYERS + 2 * 2 and model.offload_stats.restored == LAYERS + 4
+    assert model.offload_stats.offloaded_bytes == model.placement.host_bytes
+    assert torch.equal(kept[0], reference[0])
+    assert all(torch.equal(kept[1][n], g) for n, g in reference[1].items())
+    off = loss_and_grads(model, ids, labels, keep_attention_outputs=False)
+    assert not any(model.placement.kept) and torch.equal(off[0], reference[0])

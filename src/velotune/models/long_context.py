@@ -155,10 +155,11 @@ def host_budget_bytes(host_gib: float) -> int:
 
 
 def context_estimate(config: ModelConfig, setup: Setup, seq: int, gpu_gib: float, host_gib: float,
-                     kept_on_gpu: int | str = "auto") -> ContextEstimate:
+                     kept_on_gpu: int | str = "auto", keep_attention: bool = True) -> ContextEstimate:
     """GPU and host memory of one batch-1 step of `seq` tokens with offloaded checkpoints, on a
     GPU of `gpu_gib` (RESERVED_GIB kept for the CUDA context) and `host_gib` of available host
-    memory (MemAvailable)."""
+    memory (MemAvailable); `kept_on_gpu` and `keep_attention` as the model's settings
+    (`velotune.placement.plan_placement`)."""
     _check_modelled(config)
     setup = replace(setup, batch=1, seq=seq, checkpointing=True)
     tokens, L = seq, config.num_hidden_layers
@@ -169,7 +170,7 @@ def context_estimate(config: ModelConfig, setup: Setup, seq: int, gpu_gib: float
     gpu_budget = int((gpu_gib - RESERVED_GIB) * GIB)
     gpu_room = gpu_budget - resident - working_bytes(config, setup, tokens) - 2 * BF16 * config.hidden_size * tokens
     placement = plan_placement(config, tokens, BF16, L, offload=True, host_room=host_budget - process,
-                               kept_on_gpu=kept_on_gpu, gpu_room=gpu_room)
+                               kept_on_gpu=kept_on_gpu, gpu_room=gpu_room, keep_attention=keep_attention)
     chunk = mlp_chunk_size(None, tokens) or tokens
     everywhere = Term("RoPE cos and sin: 2 x 2 B x rotary_dim", BF16 * 2 * config.rotary_dim).bytes(tokens)
     if setup.method != "full":
@@ -192,13 +193,14 @@ def context_estimate(config: ModelConfig, setup: Setup, seq: int, gpu_gib: float
 
 
 def longest_context(config: ModelConfig, setup: Setup, gpu_gib: float, host_gib: float,
-                    kept_on_gpu: int | str = "auto") -> tuple[ContextEstimate | None, ContextEstimate]:
+                    kept_on_gpu: int | str = "auto",
+                    keep_attention: bool = True) -> tuple[ContextEstimate | None, ContextEstimate]:
     """(the longest batch-1 length that fits, the next length, which does not). The first is None
     when not even one token fits. The model's max_position_embeddings is no bound here: long-context
     training extends the positions (RoPE scaling), and memory always runs out."""
     if gpu_gib <= RESERVED_GIB:
         raise EstimateError(f"gpu-gib must exceed the {RESERVED_GIB} GiB kept for the CUDA context, got {gpu_gib}")
-    at = lambda n: context_estimate(config, setup, n, gpu_gib, host_gib, kept_on_gpu)  # noqa: E731
+    at = lambda n: context_estimate(config, setup, n, gpu_gib, host_gib, kept_on_gpu, keep_attention)  # noqa: E731
     if not at(1).fits:
         return None, at(1)
     lo, hi = 1, 2

@@ -351,6 +351,16 @@ class LayerInputOffloader:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
 
+    def park(self, tensor: torch.Tensor) -> _Parked:
+        """Park `tensor` with the checkpoint being saved now (inside its `saving` block), outside
+        autograd's saved tensors: it comes back with that checkpoint's inputs (`fetch`). For
+        what a layer keeps besides its input (`models/kept_attention.py`)."""
+        return self._offload(tensor, len(self.groups) - 1)
+
+    def fetch(self, parked: _Parked) -> torch.Tensor:
+        """The device copy of a tensor parked with `park` (prefetched with its checkpoint's inputs)."""
+        return self._restore(parked)
+
     def _offload(self, tensor: torch.Tensor, group: int) -> _Parked:
         buffer = self._host_buffer(tensor, self.stats.offloaded)
         host = buffer.view(tensor.shape, tensor.dtype)

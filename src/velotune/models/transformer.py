@@ -27,7 +27,7 @@ from velotune.infer.cache import KVCache
 from velotune.infer.engine import generate_tensor
 from velotune.infer.sampling import SamplingParams
 from velotune.lora import fused as lora_fused
-from velotune.models import host_embedding
+from velotune.models import host_embedding, kept_attention
 from velotune.models.checkpointing import (
     CheckpointChoice,
     MemoryBudget,
@@ -43,6 +43,7 @@ from velotune.models.sinks import attend_with_sinks
 from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_room_bytes
 from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
 from velotune.models.token_logps import token_logps
+from velotune.models.kept_attention import KeptAttention, with_kept_attention
 from velotune.models.long_context import working_bytes
 from velotune.placement import HOST, NONE, Placement, parked_count, plan_placement
 
@@ -226,6 +227,9 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         causal = mask is None and q.shape[2] > 1
+        kept = kept_attention.current()
+        if kept is not None and causal and self.softcap is None and (not q.is_cuda or q.dtype != torch.float32):
+            return kept_attention.flash_attention(q, k, v, self.scale, kept)
         groups = self.num_heads // self.num_kv_heads
         if self.softcap is None and q.shape[2] == 1 and groups > 1:
             # Decoding one token: the query heads sharing a key/value head become that head's
@@ -379,6 +383,7 @@ class Transformer(nn.Module):
         self.offload_checkpoints = False                   # checkpointed inputs to pinned host memory
         self.checkpoints_kept_on_gpu: int | str = "auto"   # ...except those the host has no room for, or the last N
         self.placement: Placement | None = None            # where the last training forward put them
+        self.keep_attention_outputs = True                 # parked layers keep them where room allows
         self.mlp_chunk_tokens: int | None = None           # None: tile long inputs; 0: never; N: chunks of N
         self.memory_budget: MemoryBudget | None = None     # for "auto"; None: this device, AdamW states
         self.checkpoint_choice: CheckpointChoice | None = None   # what "auto" chose for the last forward
@@ -505,6 +510,9 @@ class Transformer(nn.Module):
             elif where == HOST and pieces == 2:
                 x = run_checkpointed(layer.attention_residual, x, cos, sin, mask, cache, offloader=offloader)
                 x = run_checkpointed(layer.mlp_residual, x, mlp_chunk, offloader=offloader)
+            elif where == HOST and placement.kept[i]:   # its attention output parked beside its input
+                kept = with_kept_attention(layer, KeptAttention(offloader))
+                x = run_checkpointed(kept, x, cos, sin, mask, cache, mlp_chunk, offloader=offloader)
             elif where != NONE:
                 parked = offloader if where == HOST else None
                 x = run_checkpointed(layer, x, cos, sin, mask, cache, mlp_chunk, offloader=parked)
@@ -518,18 +526,20 @@ class Transformer(nn.Module):
         """Where this forward's checkpointed layer inputs go (`velotune.placement`): with
         `offload_checkpoints`, as many as the host has room for (MemAvailable beyond the reserve,
         plus the offload buffers already held) to pinned host memory, the rest (or the last
-        `checkpoints_kept_on_gpu`, when a number) on the GPU; finer pieces where both the host and
-        the GPU have room for them (the GPU's: its free memory less one recomputed layer's
-        working set at this length, `models/long_context.working_bytes`)."""
+        `checkpoints_kept_on_gpu`, when a number) on the GPU; finer pieces, or else kept attention
+        outputs (`keep_attention_outputs`), where both the host and the GPU have room for them (the
+        GPU's: its free memory less one recomputed layer's working set at this length,
+        `models/long_context.working_bytes`)."""
         offload = self.offload_checkpoints and checkpointed > 0
         room = host_room_bytes() + self.offload_pool.held_bytes if offload else None
         tokens = x.shape[0] * x.shape[1]
 
         def plan(gpu_room: int | None = None) -> Placement:
             return plan_placement(self.config, tokens, x.element_size(), checkpointed, offload=offload,
-                                  host_room=room, kept_on_gpu=self.checkpoints_kept_on_gpu, gpu_room=gpu_room)
+                                  host_room=room, kept_on_gpu=self.checkpoints_kept_on_gpu, gpu_room=gpu_room,
+                                  keep_attention=self.keep_attention_outputs)
         self.placement = plan()
-        if max(self.placement.pieces) > 1 and x.is_cuda and not kernels.capturing(x):
+        if (max(self.placement.pieces) > 1 or any(self.placement.kept)) and x.is_cuda and not kernels.capturing(x):
             free, _ = torch.cuda.mem_get_info(x.device)
             free += torch.cuda.memory_reserved(x.device) - torch.cuda.memory_allocated(x.device)
             working = working_bytes(self.config, Setup(method="full"), tokens)
