@@ -96,7 +96,7 @@ class Placement:
 
 def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed: int, *, offload: bool,
                    host_room: int | None = None, kept_on_gpu: int | str = "auto",
-                   gpu_room: int | None = None, keep_attention: bool = True) -> Placement:
+                   gpu_room: int | None = None, keep_attention: bool = True, seq: int | None = None) -> Placement:
     """Where the first `checkpointed` layers' inputs go for a forward of `tokens` tokens of
     `itemsize` bytes per value.
 
@@ -109,7 +109,10 @@ def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed
     pieces bring in flight beyond whole inputs; Gemma 2's sandwich norms read the MLP output, so
     its layers stay whole. Whole parked layers then keep their attention output too
     (`keep_attention`, plain causal attention only), first to last, as far as the host's room
-    left over goes and the GPU has room for one more layer's output in flight."""
+    left over goes and the GPU has room for one more layer's output in flight. Where sequences
+    (`seq` tokens each; default `tokens`) are long enough that the attention kernel a kept output
+    spares costs more than the projections' matmuls pieces spare (`attention_outweighs_pieces`),
+    kept outputs come first and no layer is split."""
     L = config.num_hidden_layers
     if not 0 <= checkpointed <= L:
         raise ValueError(f"checkpointed layers must be in [0, {L}], got {checkpointed}")
@@ -125,7 +128,8 @@ def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed
     else:
         host = max(checkpointed - kept_on_gpu, 0)
     pieces = 1
-    if host and not config.sandwich_norms:
+    keeping = keep_attention and attention_keepable(config)
+    if host and not config.sandwich_norms and not (keeping and attention_outweighs_pieces(config, seq or tokens)):
         def room_for(p: int) -> bool:
             extra_in_flight = min(host, IN_FLIGHT_LAYERS) * (per_layer(p) - whole)
             return ((host_room is None or host * per_layer(p) <= host_room)
@@ -133,7 +137,7 @@ def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed
         pieces = next((p for p in (3, 2) if room_for(p)), 1)
     kept = 0
     per_kept = tokens * kept_attention_per_token(config, itemsize)
-    if keep_attention and host and pieces == 1 and attention_keepable(config) and per_kept:
+    if keeping and host and pieces == 1 and per_kept:
         spare = None if host_room is None else max(host_room - host * whole, 0)
         if gpu_room is None or per_kept <= gpu_room:
             kept = host if spare is None else min(host, spare // per_kept)
@@ -143,6 +147,16 @@ def plan_placement(config: ModelConfig, tokens: int, itemsize: int, checkpointed
                      host_bytes=host * per_layer(pieces) + kept * per_kept, gpu_bytes=(checkpointed - host) * whole,
                      in_flight_bytes=min(host, IN_FLIGHT_LAYERS) * per_layer(pieces) + (per_kept if kept else 0),
                      host_room=host_room)
+
+
+def attention_outweighs_pieces(config: ModelConfig, seq: int) -> bool:
+    """Whether a layer's causal attention forward over sequences of `seq` tokens (2 x seq x q
+    FLOP a token) costs more than the base matmuls of its q, k, v and o projections (2 x h x
+    (2q + 2kv) a token), which is what three pieces spare the recomputation: from about 10,000
+    tokens on for Llama-3.1-8B. Past that, keeping the attention output spares more."""
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    return seq * q > config.hidden_size * (2 * q + 2 * kv)
 
 
 def attention_keepable(config: ModelConfig) -> bool:

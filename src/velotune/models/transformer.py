@@ -537,7 +537,7 @@ class Transformer(nn.Module):
         def plan(gpu_room: int | None = None) -> Placement:
             return plan_placement(self.config, tokens, x.element_size(), checkpointed, offload=offload,
                                   host_room=room, kept_on_gpu=self.checkpoints_kept_on_gpu, gpu_room=gpu_room,
-                                  keep_attention=self.keep_attention_outputs)
+                                  keep_attention=self.keep_attention_outputs, seq=x.shape[1])
         self.placement = plan()
         if (max(self.placement.pieces) > 1 or any(self.placement.kept)) and x.is_cuda and not kernels.capturing(x):
             free, _ = torch.cuda.mem_get_info(x.device)
