@@ -335,6 +335,7 @@ def test_offload_on_gpu_matches_and_frees_device_memory():
     cfg = ModelConfig(model_type="llama", vocab_size=256, hidden_size=512, intermediate_size=1024,
                       num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
     model = Transformer(cfg).cuda().train()
+    model.keep_attention_outputs = False     # pieces, not kept attention outputs (tested below)
     ids = torch.randint(0, 256, (1, 8192), device="cuda")
     peaks, held, results = {}, {}, {}
     for offloaded in (False, True):
@@ -372,6 +373,7 @@ def test_gpu_host_buffers_are_pinned_exact_and_reused_across_training_steps():
                       num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
     model = Transformer(cfg).to("cuda", torch.bfloat16).train()
     model.gradient_checkpointing = True
+    model.keep_attention_outputs = False     # pieces, not kept attention outputs (tested below)
     start = {n: t.clone() for n, t in model.state_dict().items()}
     batches = [torch.randint(0, 256, (1, seq), device="cuda") for _ in range(2)]
     pool = model.offload_pool
@@ -517,3 +519,32 @@ def test_kept_attention_outputs_skip_the_recomputed_attention_and_stay_exact(mon
     assert all(torch.equal(kept[1][n], g) for n, g in reference[1].items())
     off = loss_and_grads(model, ids, labels, keep_attention_outputs=False)
     assert not any(model.placement.kept) and torch.equal(off[0], reference[0])
+
+
+@pytest.mark.gpu
+def test_gpu_kept_attention_outputs_match_recomputed_attention(monkeypatch):
+    """CUDA, bf16, grouped-query heads: layers keep their flash output and log-sum-exp in pinned
+    host memory (the aten flash kernel and its backward, called directly), the recomputation runs
+    no attention kernel, and loss and gradients match recomputing the attention with SDPA."""
+    from velotune.models import kept_attention
+
+    layers, seq = 4, 8192
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="llama", vocab_size=256, hidden_size=512, intermediate_size=1024,
+                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    model = Transformer(cfg).to("cuda", torch.bfloat16).train()
+    ids = torch.randint(0, 256, (1, seq), device="cuda")
+    recomputed = loss_and_grads(model, ids, ids, gradient_checkpointing=True, offload_checkpoints=True,
+                                keep_attention_outputs=False)
+    assert not any(model.placement.kept)
+    calls = []
+    forward = kept_attention._forward
+    monkeypatch.setattr(kept_attention, "_forward", lambda *a: calls.append(1) or forward(*a))
+    kept = loss_and_grads(model, ids, ids, keep_attention_outputs=True)
+    torch.cuda.synchronize()
+    assert model.placement.kept == (True,) * layers and len(calls) == layers
+    assert model.offload_stats.offloaded == 3 * layers           # input, output, log-sum-exp
+    assert float(kept[0]) == pytest.approx(float(recomputed[0]), rel=1e-3)
+    for name, grad in recomputed[1].items():
+        torch.testing.assert_close(kept[1][name].float(), grad.float(), rtol=3e-2,
+                                   atol=3e-2 * float(grad.abs().max()) + 1e-6)

@@ -33,21 +33,26 @@ from velotune.models.offload import LayerInputOffloader
 class KeptAttention:
     """One layer's parked attention output and log-sum-exp for one forward."""
 
-    __slots__ = ("offloader", "parked", "extra")
+    __slots__ = ("offloader", "parked", "extra", "flipped")
 
     def __init__(self, offloader: LayerInputOffloader) -> None:
         self.offloader = offloader
         self.parked: tuple | None = None
         self.extra: tuple | None = None   # the CUDA kernel's small outputs its backward takes back
+        self.flipped = False
 
     def keep(self, out: torch.Tensor, lse: torch.Tensor, extra: tuple | None) -> None:
-        self.parked = (self.offloader.park(out), self.offloader.park(lse))
+        # The CUDA kernel writes [B, H, T, D] in [B, T, H, D] memory order: parked in that order,
+        # it comes back with the same strides, so the output projection reads it without a copy.
+        self.flipped = out.transpose(1, 2).is_contiguous()
+        self.parked = (self.offloader.park(out.transpose(1, 2) if self.flipped else out), self.offloader.park(lse))
         self.extra = extra
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         out, lse = self.parked
         self.parked = None          # the recomputation holds them from here; the buffers go back
-        return self.offloader.fetch(out), self.offloader.fetch(lse), self.extra
+        out = self.offloader.fetch(out)
+        return (out.transpose(1, 2) if self.flipped else out), self.offloader.fetch(lse), self.extra
 
 
 class _Current(threading.local):

@@ -537,7 +537,10 @@ class Transformer(nn.Module):
         def plan(gpu_room: int | None = None) -> Placement:
             return plan_placement(self.config, tokens, x.element_size(), checkpointed, offload=offload,
                                   host_room=room, kept_on_gpu=self.checkpoints_kept_on_gpu, gpu_room=gpu_room,
-                                  keep_attention=self.keep_attention_outputs, seq=x.shape[1])
+                                  keep_attention=keep_attention, seq=x.shape[1])
+        # The flash kernel a kept output comes from takes 16-bit q, k, v on a GPU (autocast makes them so)
+        keep_attention = self.keep_attention_outputs and not (
+            x.is_cuda and x.dtype == torch.float32 and not torch.is_autocast_enabled("cuda"))
         self.placement = plan()
         if (max(self.placement.pieces) > 1 or any(self.placement.kept)) and x.is_cuda and not kernels.capturing(x):
             free, _ = torch.cuda.mem_get_info(x.device)
