@@ -5,6 +5,7 @@ projections, one forward + backward + AdamW step per length, stopping at the fir
     python benchmarks/bench_long_context.py --seq 500000               # ~13 minutes: gpu_session.sh long-start/-wait
     python benchmarks/bench_long_context.py --seq 548000 575000 --probe-layers 6   # memory only, ~5 min each
     python benchmarks/bench_long_context.py --seq 500000 --layers 4    # memory probe, ~8x faster
+    python benchmarks/bench_long_context.py --seq 262144 --vs-unsloth  # ~13 minutes: long-start/-wait
 
 Each length's checkpointed layer inputs are placed by velotune's plan (`velotune/placement.py`,
 `--keep-on-gpu auto`): as many as the host has room for in pinned host memory, the rest on the GPU.
@@ -178,6 +179,43 @@ def predicted(config, seq: int, gpu_gib: float, host_gib: float, args: argparse.
                             not args.no_keep_attention)
 
 
+def run_unsloth(args: argparse.Namespace) -> dict[int, dict]:
+    """Unsloth's step at each length, each in its own process (long_context_peer.py), on a random
+    8B checkpoint written once to --workdir (bench_e2e.py's, with SmolLM2's tokenizer from .bench/)."""
+    import subprocess
+    import sys
+
+    from bench_e2e import write_checkpoint
+
+    folder = write_checkpoint(args.model, Path(args.workdir) / args.model)
+    env = {**os.environ, "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    found = {}
+    for seq in args.seq:
+        done = subprocess.run([sys.executable, str(Path(__file__).with_name("long_context_peer.py")), "--model",
+                               str(folder), "--seq", str(seq)], env=env, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("PEER ")]
+        found[seq] = (json.loads(lines[-1][5:]) if lines else
+                      {"outcome": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"})
+        print(f"[unsloth] seq {seq:,}: {found[seq]}", flush=True)
+    return found
+
+
+def record_vs_unsloth(rows: list[dict], peers: dict[int, dict], args: argparse.Namespace) -> None:
+    cols = ["date", "machine", "seq", "velotune s/step", "Unsloth s/step", "speed vs Unsloth", "velotune peak GiB",
+            "Unsloth peak GiB", "velotune placement", "Unsloth outcome"]
+    results = Path(args.results) if args.results else None
+    for r in rows:
+        peer = peers.get(r["seq"], {})
+        ours, theirs = r["seconds"] if r["outcome"] == "ok" else None, peer.get("seconds")
+        ratio = f"{theirs / ours:.2f}x" if ours and theirs else "-"
+        append_row("Long-context training vs Unsloth (Llama-3.1-8B QLoRA r16, batch 1)", cols,
+                   [today(), machine(), f"{r['seq']:,}", "-" if ours is None else f"{ours:.1f}",
+                    "-" if theirs is None else f"{theirs:.1f}", ratio,
+                    "-" if r["alloc_gib"] is None else f"{r['alloc_gib']:.1f}",
+                    "-" if peer.get("peak_gib") is None else f"{peer['peak_gib']:.1f}", r["placement"] or "-",
+                    peer.get("outcome", "-")], results)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """One row per length, in order, up to and including the first that does not fit."""
     from velotune.estimate import Setup
@@ -293,6 +331,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--results", help="append rows to this file instead of benchmarks/RESULTS.md")
+    p.add_argument("--vs-unsloth", action="store_true",
+                   help="first run Unsloth's step at each length (long_context_peer.py) and record the speed ratio")
+    p.add_argument("--workdir", default="/tmp/velotune-long", help="where --vs-unsloth writes its random checkpoint")
     p.add_argument("--no-record", action="store_true", help="print rows only, do not append to RESULTS.md")
     return p.parse_args(argv)
 
@@ -301,9 +342,12 @@ def main() -> None:
     args = parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (run it on the device machine)")
+    peers = run_unsloth(args) if args.vs_unsloth else {}
     rows = run(args)
     if not args.no_record:
         record(rows, args)
+        if peers:
+            record_vs_unsloth(rows, peers, args)
 
 
 if __name__ == "__main__":

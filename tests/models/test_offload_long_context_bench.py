@@ -162,3 +162,17 @@ def test_bench_runs_on_the_gpu_with_a_tiny_config(bench, tiny_config):
     assert [r["outcome"] for r in rows] == ["ok", "ok"]
     assert all(r["alloc_gib"] is not None and r["alloc_gib"] > 0 for r in rows)
     assert rows[1]["host_offloaded_gib"] == pytest.approx(3 * PARKED_PER_TOKEN * 8192 * 2 / 2**30)   # three pieces
+
+
+def test_the_unsloth_comparison_row_gives_the_speed_ratio(bench, tmp_path):
+    """--vs-unsloth's row: Unsloth's seconds over velotune's, and a dash where either did not run."""
+    results = tmp_path / "RESULTS.md"
+    args = bench.parse_args(["--results", str(results), "--seq", "262144", "300000"])
+    rows = [dict(seq=262144, seconds=180.0, outcome="ok", alloc_gib=36.0, placement="32 host (1 piece) + 0 GPU"),
+            dict(seq=300000, seconds=None, outcome="GPU OOM (x)", alloc_gib=None, placement=None)]
+    peers = {262144: {"seconds": 270.0, "peak_gib": 40.0, "outcome": "ok"}, 300000: {"outcome": "GPU OOM (y)"}}
+    bench.record_vs_unsloth(rows, peers, args)
+    text = results.read_text()
+    assert "## Long-context training vs Unsloth" in text
+    assert "| 262,144 | 180.0 | 270.0 | 1.50x | 36.0 | 40.0 | 32 host (1 piece) + 0 GPU | ok |" in text
+    assert "| 300,000 | - | - | - | - | - | - | GPU OOM (y) |" in text
