@@ -488,7 +488,9 @@ class Transformer(nn.Module):
         }
         mlp_chunk = mlp_chunk_size(self.mlp_chunk_tokens, b * t)
         checkpointed = self.checkpointed_layers(b, t, mlp_chunk)
-        placement = self.plan_placement(x, checkpointed)
+        # packed documents attend within themselves: their longest sets the attention's cost
+        span = documents.max_len if documents is not None else t
+        placement = self.plan_placement(x, checkpointed, span)
         offloader = None
         if placement.offloaded:
             self.offload_stats = OffloadStats()
@@ -522,14 +524,15 @@ class Transformer(nn.Module):
             cache.advance(t)
         return self.model.norm.add_and_normalize(x, pending)[0]
 
-    def plan_placement(self, x: torch.Tensor, checkpointed: int) -> Placement:
+    def plan_placement(self, x: torch.Tensor, checkpointed: int, span: int | None = None) -> Placement:
         """Where this forward's checkpointed layer inputs go (`velotune.placement`): with
         `offload_checkpoints`, as many as the host has room for (MemAvailable beyond the reserve,
         plus the offload buffers already held) to pinned host memory, the rest (or the last
         `checkpoints_kept_on_gpu`, when a number) on the GPU; finer pieces, or else kept attention
         outputs (`keep_attention_outputs`), where both the host and the GPU have room for them (the
         GPU's: its free memory less one recomputed layer's working set at this length,
-        `models/long_context.working_bytes`)."""
+        `models/long_context.working_bytes`). `span`: the longest stretch a token attends over
+        (the sequence, or the longest packed document), which decides pieces against kept outputs."""
         offload = self.offload_checkpoints and checkpointed > 0
         room = host_room_bytes() + self.offload_pool.held_bytes if offload else None
         tokens = x.shape[0] * x.shape[1]
@@ -537,7 +540,7 @@ class Transformer(nn.Module):
         def plan(gpu_room: int | None = None) -> Placement:
             return plan_placement(self.config, tokens, x.element_size(), checkpointed, offload=offload,
                                   host_room=room, kept_on_gpu=self.checkpoints_kept_on_gpu, gpu_room=gpu_room,
-                                  keep_attention=keep_attention, seq=x.shape[1])
+                                  keep_attention=keep_attention, seq=span or x.shape[1])
         # The flash kernel a kept output comes from takes 16-bit q, k, v on a GPU (autocast makes them so)
         keep_attention = self.keep_attention_outputs and not (
             x.is_cuda and x.dtype == torch.float32 and not torch.is_autocast_enabled("cuda"))
