@@ -33,7 +33,7 @@ from velotune.estimate import (
 )
 from velotune.errors import ConfigError
 from velotune.models.known_configs import load_config
-from velotune.models.long_context import longest_context
+from velotune.models.long_context import grpo_longest_completion, kv_cache_per_token, longest_context
 from velotune.models.offload import host_memory_gib
 
 
@@ -59,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host-gib", type=float,
                    help="with --seq max: host memory available for pinned checkpoints, GiB (default: this machine's "
                         "MemAvailable)")
+    p.add_argument("--grpo-batch", type=int,
+                   help="with --seq max: GRPO, this many completions decoded at once (generation_batch_size); "
+                        "reports the longest completion that both generation and the update fit")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="with --grpo-batch: prompt length (default 256)")
     p.set_defaults(func=run)
 
 
@@ -82,6 +86,10 @@ def run_longest(args: argparse.Namespace, console: Console) -> int:
         config, source = load_config(args.model)
         setup = Setup(method=args.method, optim=args.optim, lora_r=args.lora_r,
                       offload_embeddings=args.offload_embeddings)
+        if args.grpo_batch is not None:
+            if args.grpo_batch < 1 or args.prompt_tokens < 1:
+                raise EstimateError("--grpo-batch and --prompt-tokens must be at least 1")
+            return _print_grpo(console, source, config, setup, args, host_gib)
         best, first_failing = longest_context(config, setup, args.gpu_gib, host_gib)
     except (EstimateError, ConfigError) as exc:
         print(f"velotune estimate: error: {exc}", file=sys.stderr)
@@ -105,12 +113,28 @@ def run_longest(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _print_grpo(console: Console, source: str, config, setup: Setup, args: argparse.Namespace,
+                host_gib: float) -> int:
+    best, nxt = grpo_longest_completion(config, setup, args.prompt_tokens, args.grpo_batch, args.gpu_gib, host_gib)
+    console.print(f"[bold]{source}[/bold] GRPO {setup.method} r{setup.lora_r}: {args.grpo_batch} completions decoded "
+                  f"at once (generation_batch_size), prompt {args.prompt_tokens:,} tokens, one completion per update "
+                  f"micro-batch with offloaded checkpoints; {args.gpu_gib:g} GiB GPU, {host_gib:.1f} GiB host memory")
+    if best is None:
+        console.print(f"[red]Nothing fits[/red]: {nxt.why_not()}")
+        return 0
+    console.print(f"Longest completion: [bold]{best.completion:,} tokens[/bold]")
+    console.print(f"  generation {best.generation_gpu / GIB:.1f} GiB (KV cache {kv_cache_per_token(config):,} B a token); "
+                  f"update {best.training.gpu_total / GIB:.1f} GiB, {best.training.placement.describe()}")
+    console.print(f"  {nxt.completion:,} tokens does not fit: {nxt.why_not()}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True)
     if args.seq == "max":
         return run_longest(args, console)
-    if args.host_gib is not None:
-        print("velotune estimate: error: --host-gib applies to --seq max only", file=sys.stderr)
+    if args.host_gib is not None or args.grpo_batch is not None:
+        print("velotune estimate: error: --host-gib and --grpo-batch apply to --seq max only", file=sys.stderr)
         return 2
     try:
         config, source = load_config(args.model)

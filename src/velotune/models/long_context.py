@@ -210,3 +210,64 @@ def longest_context(config: ModelConfig, setup: Setup, gpu_gib: float, host_gib:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if at(mid).fits else (lo, mid)
     return at(lo), at(hi)
+
+
+def kv_cache_per_token(config: ModelConfig) -> int:
+    """Bytes of keys and values one token takes in the generation engine's cache, every layer (bf16)."""
+    return 2 * BF16 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+
+
+@dataclass(frozen=True)
+class GRPOEstimate:
+    """GRPO with long completions: the generation phase (KV cache for `generation_batch` rows of
+    prompt + completion) and the update (one completion per micro-batch, as `context_estimate`);
+    they take turns, so each must fit on its own."""
+
+    completion: int
+    generation_batch: int
+    generation_gpu: int
+    training: ContextEstimate
+
+    @property
+    def fits_generation(self) -> bool:
+        return self.generation_gpu <= self.training.gpu_budget
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_generation and self.training.fits
+
+    def why_not(self) -> str:
+        if not self.fits_generation:
+            return (f"generation: the KV cache of {self.generation_batch} rows needs {self.generation_gpu / GIB:.1f} "
+                    f"GiB of {self.training.gpu_budget / GIB:.1f}")
+        return f"update: {self.training.why_not()}" if not self.training.fits else ""
+
+
+def grpo_estimate(config: ModelConfig, setup: Setup, prompt: int, completion: int, generation_batch: int,
+                  gpu_gib: float, host_gib: float) -> GRPOEstimate:
+    """Both GRPO phases at one completion length. Generation: the weights, the adapters with their
+    gradients and optimizer states (alive throughout), and the cache; the decode step's logits
+    (float32, [rows x vocab]) and its mask ([rows x span], span the next power of two) beside it.
+    Update: one row of prompt + completion tokens with offloaded checkpoints (`context_estimate`)."""
+    training = context_estimate(config, setup, prompt + completion, gpu_gib, host_gib)
+    length = prompt + completion
+    span = 1 << max(length - 1, 1).bit_length()
+    generation = (training.resident + generation_batch * length * kv_cache_per_token(config)
+                  + generation_batch * (2 * F32 * config.vocab_size + span))
+    return GRPOEstimate(completion, generation_batch, generation, training)
+
+
+def grpo_longest_completion(config: ModelConfig, setup: Setup, prompt: int, generation_batch: int, gpu_gib: float,
+                            host_gib: float) -> tuple[GRPOEstimate | None, GRPOEstimate]:
+    """(the longest completion both GRPO phases fit, the next length, which does not)."""
+    _check_modelled(config)
+    at = lambda n: grpo_estimate(config, setup, prompt, n, generation_batch, gpu_gib, host_gib)  # noqa: E731
+    if not at(1).fits:
+        return None, at(1)
+    lo, hi = 1, 2
+    while at(hi).fits:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if at(mid).fits else (lo, mid)
+    return at(lo), at(hi)
