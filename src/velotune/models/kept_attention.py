@@ -120,9 +120,11 @@ class FlashAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if q.is_cuda:
             cum_q, cum_k, max_q, max_k, seed, offset = ctx.extra
+            # (the kernel reads [B, T, H, D] memory order, as the output projection's gradient
+            # arrives: only a last dimension that is not contiguous needs a copy)
+            grad = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                grad_out.contiguous(), q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset,
-                scale=ctx.scale)
+                grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=ctx.scale)
         else:
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad_out, q, k, v, out, lse, 0.0, True, scale=ctx.scale)
