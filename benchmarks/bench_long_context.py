@@ -273,8 +273,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             gc.collect()
         if model.placement is not None:
             p = model.placement
-            row["placement"] = (f"{p.offloaded} host ({'/'.join(sorted({str(x) for x in p.pieces[:p.offloaded]}))} "
-                                f"piece) + {p.kept_on_gpu} GPU" + (f"; {sum(p.kept)} keep attention" if any(p.kept) else ""))
+            pieces = "/".join(sorted({str(x) for x in p.pieces[:p.offloaded]}))
+            row["placement"] = (f"{p.offloaded} host ({pieces} piece) + {p.kept_on_gpu} GPU"
+                                + (f"; {sum(p.kept)} keep attention" if any(p.kept) else ""))
         if device.type == "cuda":
             row["alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
             row["reserved_gib"] = torch.cuda.max_memory_reserved() / GIB

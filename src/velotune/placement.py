@@ -15,14 +15,20 @@ the base matmuls of the attention; two pieces park 2h. Finer pieces only save ma
 GPU memory too (two layers' parked tensors are on the GPU at once in the backward: 56 KB a token
 in three pieces against 16 KB whole for Llama-3.1-8B), so they are taken only when the host holds
 every parked layer so and the GPU has room for that in-flight cost, all layers alike (a mix would
-pay the GPU cost of the finest for part of the saving). Otherwise each layer parks one tensor, its input: from about 80,000 tokens on for
-Llama-3.1-8B on a 128 GiB host.
+pay the GPU cost of the finest for part of the saving), and only while sequences are short enough
+that the matmuls pieces spare cost more than the attention kernel (below about 10,000 tokens for
+Llama-3.1-8B).
+
+Kept attention outputs: past that length a whole parked layer keeps its attention output and
+log-sum-exp beside its input instead (`models/kept_attention.py`; 8 KB a token for Llama-3.1-8B),
+so its recomputation runs no attention kernel, for as many layers as the host's room left after
+the inputs allows (25 of 32 at 262,144 tokens on a host with 122 GiB available, none at 500,000).
 
 Which layers stay on the GPU: the last ones. Their backward comes first, so their inputs are
 freed first; and the host-parked ones, all earlier, are prefetched one layer ahead as before.
 
 This module is arithmetic on config fields and byte counts only, so the memory estimator
-(`velotune.estimate_offload`) and the decoder (`velotune.models.transformer`) use the same plan.
+(`velotune.models.long_context`) and the decoder (`velotune.models.transformer`) use the same plan.
 """
 from __future__ import annotations
 

@@ -99,7 +99,8 @@ def test_grpo_longest_completion_is_bound_by_the_kv_cache_of_the_rows_decoded_at
         lengths[rows] = best.completion
         if rows > 1:
             assert nxt.why_not().startswith("generation: the KV cache of")
-            assert best.generation_gpu >= best.training.resident + rows * (256 + best.completion) * kv_cache_per_token(qwen)
+            cache = rows * (256 + best.completion) * kv_cache_per_token(qwen)
+            assert best.generation_gpu >= best.training.resident + cache
     assert lengths[8] < lengths[2] < lengths[1] and lengths[2] >= 220_000
     assert grpo_estimate(qwen, setup, 256, lengths[1] + 1, 1, H100_GIB, 122).why_not().startswith("update: GPU")
     assert main(["estimate", "Qwen3-8B", "--seq", "max", "--gpu-gib", str(H100_GIB), "--host-gib", "122",

@@ -123,7 +123,8 @@ def _print_grpo(console: Console, source: str, config, setup: Setup, args: argpa
         console.print(f"[red]Nothing fits[/red]: {nxt.why_not()}")
         return 0
     console.print(f"Longest completion: [bold]{best.completion:,} tokens[/bold]")
-    console.print(f"  generation {best.generation_gpu / GIB:.1f} GiB (KV cache {kv_cache_per_token(config):,} B a token); "
+    kv = kv_cache_per_token(config)
+    console.print(f"  generation {best.generation_gpu / GIB:.1f} GiB (KV cache {kv:,} B a token); "
                   f"update {best.training.gpu_total / GIB:.1f} GiB, {best.training.placement.describe()}")
     console.print(f"  {nxt.completion:,} tokens does not fit: {nxt.why_not()}")
     return 0

@@ -30,8 +30,10 @@ head. Per token, 2 B = bf16, h hidden, q = heads x head_dim, kv = kv_heads x hea
 
 How it was checked: on an H100 (benchmarks/RESULTS.md, "Long-context training"), Llama-3.1-8B
 QLoRA r16 with every input offloaded whole peaked at 33.9 GiB at 262,144 tokens and 43.4 GiB at
-350,000; the formula gives 34.4 and 43.9 (+1.5%, +1.2%), and the measured slope (116.1 KB a
-token) against 116.6 from the terms above. The host side is exact by construction (the offloader
+350,000; the formula gives 34.5 and 44.0 (+1.8%, +1.5%), and the measured slope (116.1 KB a
+token) against 116.6 from the terms above. One term is inferred rather than traced: that the
+layer output's gradient is still alive in the attention's backward (without it the terms give
+108.4 KB a token, 7% under the measured slope); a profile of that moment on the GPU would settle it. The host side is exact by construction (the offloader
 pins exact-size buffers); the process itself took 1.5 GiB beside them (max RSS 86.9 GiB with 85.4
 GiB offloaded). Only dense layers with flash attention are modelled: Gemma 2's soft-capped
 attention keeps [seq x seq] scores, and mixture-of-experts layers route per token in ways this
