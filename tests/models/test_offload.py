@@ -548,3 +548,31 @@ def test_gpu_kept_attention_outputs_match_recomputed_attention(monkeypatch):
     for name, grad in recomputed[1].items():
         torch.testing.assert_close(kept[1][name].float(), grad.float(), rtol=3e-2,
                                    atol=3e-2 * float(grad.abs().max()) + 1e-6)
+
+
+def test_one_long_row_given_as_one_document_runs_plain_causal_and_keeps_attention(monkeypatch):
+    """The trainer hands a padding-free row its document spans; a single row longer than
+    LONG_ROW_TOKENS that is one document runs as plain causal attention (the same loss and
+    gradients as with the spans), so its layers can keep their attention outputs. Two documents
+    keep the spans."""
+    from velotune.models import transformer
+    from velotune.models.masks import DocumentSpans
+
+    monkeypatch.setattr(transformer, "LONG_ROW_TOKENS", 16)
+    model = tiny_model()
+    ids, labels = batch(b=1, t=101)    # past 96 tokens attention outweighs pieces here
+    positions = torch.arange(101)[None]
+    one = DocumentSpans(torch.tensor([0, 101, 101], dtype=torch.int32), 101)   # an empty slot, as graphs pad them
+    model.gradient_checkpointing, model.offload_checkpoints = True, True
+    results = {}
+    for name, spans in (("spans", one), ("plain", None)):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=labels, position_ids=positions, documents=spans, return_logits=False)
+        (out.loss_sum / out.num_targets).backward()
+        results[name] = (out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        assert any(model.placement.kept)
+        assert model.offload_stats.offloaded == LAYERS + 2 * sum(model.placement.kept)   # outputs parked: used
+    assert torch.equal(results["spans"][0], results["plain"][0])
+    assert all(torch.equal(results["spans"][1][n], g) for n, g in results["plain"][1].items())
+    two = DocumentSpans(torch.tensor([0, 20, 101], dtype=torch.int32), 81)
+    assert not transformer.one_document(two) and transformer.one_document(one)

@@ -370,6 +370,17 @@ class Decoder(nn.Module):
         self.rotary = Rotary(config)
 
 
+# A single row longer than this that the caller gave as one packed document runs as plain causal
+# attention (checking costs one device sync, nothing at these lengths), so a layer can keep its
+# attention output (models/kept_attention.py), which the variable-length kernel does not offer.
+LONG_ROW_TOKENS = 16384
+
+
+def one_document(documents: DocumentSpans) -> bool:
+    """Whether the spans hold exactly one non-empty document (waits for the device)."""
+    return int((documents.cu_seqlens.diff() > 0).sum()) == 1
+
+
 class Transformer(nn.Module):
     """The causal language model: `model` (the decoder stack) and `lm_head`."""
 
@@ -476,6 +487,9 @@ class Transformer(nn.Module):
                 docs = document_ids(position_ids)
         if documents is not None and not spans_allowed:
             docs, documents = document_ids(position_ids), None
+        if documents is not None and b == 1 and t > LONG_ROW_TOKENS and documents.max_len >= t \
+                and not kernels.capturing(input_ids) and one_document(documents):
+            documents = None   # one long row: plain causal attention, the same, whose output a layer can keep
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if c.embedding_multiplier != 1.0:
             x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
