@@ -14,8 +14,8 @@ from velotune.models.transformer import Transformer
 
 LAYERS, HIDDEN = 3, 32
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
-# Offloaded layers are checkpointed in three pieces, host room allowing (`Transformer.
-# checkpoint_pieces`): a forward parks per layer its input, q, k, v and the residual between the
+# Offloaded layers are checkpointed in three pieces, host room allowing, at these short lengths
+# (`velotune.placement`): a forward parks per layer its input, q, k, v and the residual between the
 # attention and the MLP (per token, elements of each):
 PIECES = [HIDDEN, HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, HIDDEN]
 PARKED = len(PIECES) * LAYERS

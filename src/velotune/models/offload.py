@@ -6,8 +6,10 @@ is its input, [batch, seq, hidden]: for Llama-3.1-8B at 350,000 tokens that is 2
 side CUDA stream as soon as it is saved (the copy overlaps the next layers' compute), and in the
 backward brings layer i-1's input back on the same side stream while layer i is recomputed, so at
 most two layer inputs are on the GPU at any time. (A layer checkpointed in pieces, see
-`Transformer.checkpoint_pieces`, parks each piece's inputs: q, k and v go and come back together
-as one checkpoint's group; "layer input" below covers them all.)
+`velotune.placement`, parks each piece's inputs: q, k and v go and come back together
+as one checkpoint's group; a layer keeping its attention output, `models/kept_attention.py`,
+parks it into its input's group with `park`; "layer input" below covers them all. Which layers
+park at all, and which stay on the GPU, is the placement plan's choice.)
 
 Why saved-tensor hooks around `torch.utils.checkpoint` (non-reentrant) instead of a custom
 autograd Function per layer: the non-reentrant checkpoint stores the layer's inputs through the
@@ -108,12 +110,6 @@ def host_room_bytes() -> int:
     """Host memory that new offload buffers may take: MemAvailable beyond the reserve (may be < 0)."""
     total, available = host_memory_bytes()
     return available - host_reserve_bytes(total)
-
-
-def host_has_room(pool: PinnedHostPool, count: int, nbytes: int) -> bool:
-    """Whether `count` offloaded inputs of `nbytes` each fit in host memory: what the pool
-    already holds (reused) plus `host_room_bytes`."""
-    return count * nbytes <= pool.held_bytes + host_room_bytes()
 
 
 def host_memory_gib() -> tuple[float, float]:
