@@ -4,11 +4,17 @@
 #   bash benchmarks/gpu_session.sh train   # LoRA training throughput 1B mb8, 8B mb1/mb4; decode throughput
 #   bash benchmarks/gpu_session.sh rl      # GRPO memory (8B QLoRA); checkpointing auto (8B LoRA mb4)
 #   bash benchmarks/gpu_session.sh qlora   # QLoRA vs transformers+PEFT+bitsandbytes (8B, mb1 and mb4)
-#   bash benchmarks/gpu_session.sh long    # longest trainable context (8B QLoRA, batch 1)
 #   bash benchmarks/gpu_session.sh memory  # what is allocated at the peak of an eager step (8B mb4, 8B mb1
 #                                          # offload, 1B mb8 offload), then an offloaded e2e run profiled
 #   bash benchmarks/gpu_session.sh sites   # the e2e 8B LoRA padded run (with and without offloaded
 #                                          # checkpoints) recorded: its peak's allocation sites, step times
+#   bash benchmarks/gpu_session.sh long    # longest trainable context (8B QLoRA, batch 1), one call
+#   LONG_ARGS="--seq 500000" bash benchmarks/gpu_session.sh long-start   # a run longer than one call:
+#   bash benchmarks/gpu_session.sh long-wait                             # the next call, at once after
+#     long-start runs bench_long_context.py LONG_ARGS in its own process session (it outlives the
+#     call) and returns after ~9.5 minutes; long-wait waits up to ~9.5 minutes more for it and
+#     returns its log and RESULTS.md (rows appended to a copy in /tmp/long: the working tree is
+#     copied afresh at each call). The machine stays warm 30 s after a call: call again at once.
 #   bash benchmarks/gpu_session.sh e2e     # velotune train vs Unsloth+TRL (and transformers+PEFT+TRL) on
 #                                          # variable-length rows: E2E_ARGS are bench_e2e.py run's options
 # Run from the repository root on the device machine. Wheels carried in .whl/ (bitsandbytes,
@@ -69,5 +75,20 @@ print('peak GiB by step:', ' '.join(f\"{x['peak_memory_gib']:.2f}\" for x in r[:
     done ;;
   long)
     python3 benchmarks/bench_long_context.py --seq ${SEQS:-350000} 2>&1 | tee "$OUT/long.log" | grep -v -i warn | tail -12 ;;
+  long-start)
+    mkdir -p /tmp/long && cp benchmarks/RESULTS.md /tmp/long/RESULTS.md
+    setsid python3 benchmarks/bench_long_context.py ${LONG_ARGS:---seq 500000} --results /tmp/long/RESULTS.md \
+      > /tmp/long/log 2>&1 < /dev/null &
+    echo $! > /tmp/long/pid
+    while kill -0 "$(cat /tmp/long/pid)" 2>/dev/null && [ $SECONDS -lt 560 ]; do sleep 5; done
+    grep -v -i warn /tmp/long/log | tail -8
+    kill -0 "$(cat /tmp/long/pid)" 2>/dev/null && echo "still running: call long-wait now"
+    cp /tmp/long/RESULTS.md "$OUT/RESULTS.md"; cp /tmp/long/log "$OUT/long.log"; exit 0 ;;
+  long-wait)
+    [ -f /tmp/long/pid ] || { echo "no long-start run on this machine (it was given back?)"; exit 1; }
+    while kill -0 "$(cat /tmp/long/pid)" 2>/dev/null && [ $SECONDS -lt 570 ]; do sleep 5; done
+    grep -v -i warn /tmp/long/log | tail -12
+    kill -0 "$(cat /tmp/long/pid)" 2>/dev/null && echo "still running: call long-wait again"
+    cp /tmp/long/RESULTS.md "$OUT/RESULTS.md"; cp /tmp/long/log "$OUT/long.log"; exit 0 ;;
 esac
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"

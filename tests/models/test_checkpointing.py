@@ -23,6 +23,7 @@ from velotune.models.checkpointing import (
 from velotune.models.config import ModelConfig
 from velotune.models.known_configs import load_config
 from velotune.models.transformer import Transformer
+from velotune.placement import kept_attention_per_token
 from velotune.train.config import TrainConfigError, load_config as load_train_config
 
 LLAMA8B, _ = load_config("Llama-3.1-8B")
@@ -91,15 +92,20 @@ def test_nothing_needed_with_room_everything_when_nothing_fits():
 
 def test_offload_and_tiling_lower_the_estimated_peak():
     b = budget(80)
+    # 8,192 tokens: 32 inputs on the GPU -> two layers' parked tensors in flight, in three pieces:
+    # input, residual, q, k, v (4096 + 4096 + 4096 + 1024 + 1024 = 3.5 inputs each)
+    short = activation_peak(LLAMA8B, b, 1, 8192, 32) - activation_peak(LLAMA8B, b, 1, 8192, 32, offload=True)
+    assert short == (32 - 7) * INPUT_PER_TOKEN * 8192
+    # 65,536 tokens: the attention kernel costs more than the projections' matmuls, so layers stay
+    # whole and keep their attention output instead (the previous layer's in flight with its input)
     plain = activation_peak(LLAMA8B, b, 1, 65536, 32)
     offloaded = activation_peak(LLAMA8B, b, 1, 65536, 32, offload=True)
-    # 32 inputs on the GPU -> two layers' parked tensors in flight: input, residual, q, k, v
-    # (4096 + 4096 + 4096 + 1024 + 1024 = 3.5 inputs each)
-    assert plain - offloaded == (32 - 7) * INPUT_PER_TOKEN * 65536
-    # Sandwich norms (Gemma 2) keep layers whole: one input parked per layer.
+    assert plain - offloaded == (32 - 2) * INPUT_PER_TOKEN * 65536 - kept_attention_per_token(LLAMA8B, 2) * 65536
+    # Sandwich norms (Gemma 2) keep layers whole at any length: one input parked per layer, and
+    # (the host having room) each layer's attention output beside it.
     sandwich = replace(LLAMA8B, sandwich_norms=True)
     assert (activation_peak(sandwich, b, 1, 65536, 32) - activation_peak(sandwich, b, 1, 65536, 32, offload=True)
-            == (32 - 2) * INPUT_PER_TOKEN * 65536)
+            == (32 - 2) * INPUT_PER_TOKEN * 65536 - kept_attention_per_token(sandwich, 2) * 65536)
     tiled = activation_peak(LLAMA8B, b, 1, 65536, 32, offload=True, mlp_chunk=8192)
     assert tiled < offloaded - 3 * 2 * 14336 * 65536 // 2
 

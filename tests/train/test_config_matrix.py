@@ -71,7 +71,7 @@ EXPECTED: dict[str, tuple[object, set[str], dict[str, object]]] = {
     "rewards": (["my.rewards:score"], {"grpo"}, {}), "num_generations": (4, {"grpo"}, {}),
     "max_completion_length": (64, {"grpo"}, {}), "temperature": (0.7, {"grpo"}, {}), "grpo_beta": (0.0, {"grpo"}, {}),
     "prompt_column": ("question", {"grpo"}, {}), "loss_type": ("dapo", {"grpo"}, {}),
-    "importance_sampling": ("sequence", {"grpo"}, {}),
+    "importance_sampling": ("sequence", {"grpo"}, {}), "generation_batch_size": (2, {"grpo"}, {}),
 }
 BASE = {"grpo": {"rewards": ["m:f"], "micro_batch_size": 8}}   # what a valid grpo config needs anyway
 

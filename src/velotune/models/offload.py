@@ -6,8 +6,10 @@ is its input, [batch, seq, hidden]: for Llama-3.1-8B at 350,000 tokens that is 2
 side CUDA stream as soon as it is saved (the copy overlaps the next layers' compute), and in the
 backward brings layer i-1's input back on the same side stream while layer i is recomputed, so at
 most two layer inputs are on the GPU at any time. (A layer checkpointed in pieces, see
-`Transformer.checkpoint_pieces`, parks each piece's inputs: q, k and v go and come back together
-as one checkpoint's group; "layer input" below covers them all.)
+`velotune.placement`, parks each piece's inputs: q, k and v go and come back together
+as one checkpoint's group; a layer keeping its attention output, `models/kept_attention.py`,
+parks it into its input's group with `park`; "layer input" below covers them all. Which layers
+park at all, and which stay on the GPU, is the placement plan's choice.)
 
 Why saved-tensor hooks around `torch.utils.checkpoint` (non-reentrant) instead of a custom
 autograd Function per layer: the non-reentrant checkpoint stores the layer's inputs through the
@@ -108,12 +110,6 @@ def host_room_bytes() -> int:
     """Host memory that new offload buffers may take: MemAvailable beyond the reserve (may be < 0)."""
     total, available = host_memory_bytes()
     return available - host_reserve_bytes(total)
-
-
-def host_has_room(pool: PinnedHostPool, count: int, nbytes: int) -> bool:
-    """Whether `count` offloaded inputs of `nbytes` each fit in host memory: what the pool
-    already holds (reused) plus `host_room_bytes`."""
-    return count * nbytes <= pool.held_bytes + host_room_bytes()
 
 
 def host_memory_gib() -> tuple[float, float]:
@@ -314,16 +310,19 @@ class LayerInputOffloader:
 
     Use one per forward pass: `with offloader.saving(x): x = checkpoint(layer, x, ...)` for each
     checkpointed layer, in order. `pool` holds the host buffers across forwards (a fresh one when
-    not given); `planned` is how many inputs this forward will offload, so that missing host
-    memory is reported before the first of them is copied. `stats` counts what moved."""
+    not given); `planned` is how many inputs this forward will offload and `planned_bytes` their
+    bytes (`velotune.placement`; without it, `planned` inputs as large as the one at hand), so
+    that missing host memory is reported before the first of them is copied. `stats` counts what
+    moved."""
 
     def __init__(self, device: torch.device, stats: OffloadStats | None = None,
-                 pool: PinnedHostPool | None = None, planned: int = 0) -> None:
+                 pool: PinnedHostPool | None = None, planned: int = 0, planned_bytes: int = 0) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = side_stream(self.device) if self.cuda else None
         self.pool = pool if pool is not None else PinnedHostPool()
         self.planned = planned
+        self.planned_bytes = planned_bytes
         self.groups: list[list[_Parked]] = []   # per checkpoint (`saving` block), in forward order
         self.stats = stats if stats is not None else OffloadStats()
 
@@ -351,6 +350,16 @@ class LayerInputOffloader:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
+
+    def park(self, tensor: torch.Tensor) -> _Parked:
+        """Park `tensor` with the checkpoint being saved now (inside its `saving` block), outside
+        autograd's saved tensors: it comes back with that checkpoint's inputs (`fetch`). For
+        what a layer keeps besides its input (`models/kept_attention.py`)."""
+        return self._offload(tensor, len(self.groups) - 1)
+
+    def fetch(self, parked: _Parked) -> torch.Tensor:
+        """The device copy of a tensor parked with `park` (prefetched with its checkpoint's inputs)."""
+        return self._restore(parked)
 
     def _offload(self, tensor: torch.Tensor, group: int) -> _Parked:
         buffer = self._host_buffer(tensor, self.stats.offloaded)
@@ -382,12 +391,13 @@ class LayerInputOffloader:
         self.pool.release_free()
         remaining = max(self.planned - index, 1)
         room = host_room_bytes()
-        if remaining * nbytes > room:
+        still = self.planned_bytes - self.stats.offloaded_bytes if self.planned_bytes else remaining * nbytes
+        if max(still, nbytes) > room:
             raise self._no_room_error(tensor, index, remaining)
         size = nbytes
         if self.pool.max_tokens and tensor.dim() > 0:
             largest = self.pool.max_tokens * tensor.shape[-1] * tensor.element_size()
-            if largest > nbytes and remaining * largest <= room:
+            if largest > nbytes and max(still, nbytes) * largest // nbytes <= room:
                 size = largest
         start = time.perf_counter()
         try:

@@ -179,6 +179,7 @@ class TrainConfig:
     rewards: list[str] = field(default_factory=list)  # GRPO: "module:function" each
     num_generations: int = 8                 # GRPO: completions sampled per prompt
     max_completion_length: int = 128         # GRPO
+    generation_batch_size: int = 0           # GRPO: completions decoded at once (0: all of a step's); the KV cache holds that many
     temperature: float = 1.0                 # GRPO sampling
     grpo_beta: float = 0.04                  # GRPO: weight of the KL term to the reference
     prompt_column: str = "prompt"            # GRPO: the dataset column holding the prompt
@@ -219,7 +220,7 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
     "simpo_gamma": ("simpo",),
     **dict.fromkeys(("kto_desirable_weight", "kto_undesirable_weight"), ("kto",)),
     **dict.fromkeys(("rewards", "num_generations", "max_completion_length", "temperature", "grpo_beta",
-                     "prompt_column", "loss_type", "importance_sampling"), ("grpo",)),
+                     "prompt_column", "loss_type", "importance_sampling", "generation_batch_size"), ("grpo",)),
 }
 # Why, where the plain "does not apply" would leave the user guessing.
 NOT_APPLYING_BECAUSE = {
@@ -610,6 +611,8 @@ def check_method_settings(config: TrainConfig, fail: Callable[[str, str], None])
                                           f"({config.max_seq_length})")
         if config.temperature <= 0:
             fail("temperature", "must be positive: greedy completions of one prompt are all alike and teach nothing")
+        if config.generation_batch_size < 0:
+            fail("generation_batch_size", "must be 0 (every completion of a step at once) or a positive number")
 
 
 def check_data_settings(config: TrainConfig, where: Callable[[str], str], fail: Callable[[str, str], None]) -> None:
