@@ -42,6 +42,7 @@ from velotune.models.moe import MoE
 from velotune.models.sinks import attend_with_sinks
 from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_has_room
 from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
+from velotune.models.vision import Projector, VisionTower
 from velotune.models.token_logps import token_logps
 
 
@@ -382,6 +383,9 @@ class Transformer(nn.Module):
         self.offload_stats = OffloadStats()                # what the last forward's offload moved
         self.offload_pool = PinnedHostPool()               # its host buffers, reused from step to step
         self.max_seq_length = config.max_position_embeddings
+        if config.vision is not None:   # a vision-language model (models/vision.py)
+            self.vision_tower = VisionTower(config.vision)
+            self.multi_modal_projector = Projector(config.vision)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -413,19 +417,28 @@ class Transformer(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         documents: DocumentSpans | None = None,
         return_token_logps: bool = False,
+        pixel_values: torch.Tensor | None = None,
     ) -> ModelOutput:
         """`inputs_embeds` [B, T, H], when given, replaces the embedding lookup of `input_ids` (the
         CUDA-graph step looks up a host-memory table outside its graph: train/graphed_step.py).
         `documents` (with `position_ids`): the packed documents' spans, as a padding-free batch
         brings them (data/batching.py:collate_flat); without it they are read from restarting
         position ids. With labels, `return_token_logps` gives each target's log-probability
-        (`token_logps`) instead of the summed loss: what the preference and RL objectives read."""
+        (`token_logps`) instead of the summed loss: what the preference and RL objectives read.
+        `pixel_values` [images, C, H, W] (vision-language models): the images of the batch in the
+        order their placeholder tokens appear, row by row (`embed_with_images`)."""
         experts = [m for m in self.modules() if isinstance(m, MoE)]
         balance = (labels is not None and not return_token_logps and self.training and torch.is_grad_enabled()
                    and bool(experts) and self.config.router_aux_loss_coef > 0)
         for moe in experts:
             moe.collect_aux, moe.aux_statistics = balance, []
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds, documents)
+        scaled = False
+        if pixel_values is not None:
+            if inputs_embeds is not None:
+                raise ValueError("pass pixel_values or inputs_embeds, not both")
+            inputs_embeds, scaled = self.embed_with_images(input_ids, pixel_values), True
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds, documents,
+                                    embeds_scaled=scaled)
         out = ModelOutput(hidden_states=hidden)
         if labels is not None and return_token_logps:
             out.token_logps = self.token_logps_from_hidden(hidden, labels)
@@ -445,8 +458,9 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                       inputs_embeds: torch.Tensor | None = None,
-                      documents: DocumentSpans | None = None) -> torch.Tensor:
-        """Final-norm hidden states [B, T, H]."""
+                      documents: DocumentSpans | None = None, *, embeds_scaled: bool = False) -> torch.Tensor:
+        """Final-norm hidden states [B, T, H]. `embeds_scaled`: `inputs_embeds` already carry the
+        family's embedding multiplier (`embed_with_images` scales the text rows, not the images')."""
         c = self.config
         b, t = input_ids.shape
         offset = cache.length if cache is not None else 0
@@ -469,7 +483,7 @@ class Transformer(nn.Module):
         if documents is not None and not spans_allowed:
             docs, documents = document_ids(position_ids), None
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if c.embedding_multiplier != 1.0:
+        if c.embedding_multiplier != 1.0 and not embeds_scaled:
             x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
         ropes = self.model.rotary.per_layer(position_ids, x.dtype)
         windows = {c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)}
@@ -508,6 +522,28 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(t)
         return self.model.norm.add_and_normalize(x, pending)[0]
+
+    def embed_with_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, H] (scaled by the embedding multiplier) whose image placeholder
+        positions hold the projected image features, image after image in reading order, as the
+        Hugging Face models merge them. The vision tower runs in the model's dtype."""
+        c = self.config
+        if c.vision is None:
+            raise ValueError("pixel_values given to a model without a vision tower")
+        x = self.model.embed_tokens(input_ids)
+        if c.embedding_multiplier != 1.0:
+            x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
+        features = self.image_features(pixel_values).to(x.dtype)
+        slots = input_ids == c.image_token_id
+        placeholders, given = int(slots.sum()), features.shape[0] * features.shape[1]
+        if placeholders != given:
+            raise ValueError(f"the batch has {placeholders} image placeholder tokens, its {features.shape[0]} "
+                             f"image(s) give {given} ({features.shape[1]} each)")
+        return x.masked_scatter(slots[..., None], features)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image features [images, image_tokens, H] of preprocessed pixels."""
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
 
     def checkpoint_pieces(self, x: torch.Tensor, offloaded: int) -> int:
         """In how many pieces each of the `offloaded` layers is checkpointed: 3 (q/k/v projections;
