@@ -111,6 +111,10 @@ class VisionFamily:
     text_model_type: str              # text_config's model_type when it does not say
     projector: Callable[[dict[str, Any], int, str], dict[str, Any]]
     default_image_token_id: int
+    # The prompt text of one image: what the chat template writes ("" = the image token itself)
+    # and what it becomes around the image's tokens (the processor's expansion).
+    placeholder: str = ""
+    expansion: str = "{tokens}"
     # Gemma 3: image tokens attend to every token of their own image, not only earlier ones.
     bidirectional_images: bool = False
 
@@ -126,6 +130,7 @@ class VisionFamily:
 VISION_FAMILIES: dict[str, VisionFamily] = {f.model_type: f for f in (
     VisionFamily("llava", "LlavaForConditionalGeneration", "llama", _llava, 32000),
     VisionFamily("gemma3", "Gemma3ForConditionalGeneration", "gemma3_text", _gemma3, 262_144,
+                 placeholder="<start_of_image>", expansion="\n\n<start_of_image>{tokens}<end_of_image>\n\n",
                  bidirectional_images=True),
 )}
 VISION_ARCHITECTURES = {f.architecture: f.model_type for f in VISION_FAMILIES.values()}
