@@ -112,7 +112,9 @@ def read_adapter_config(path: Path) -> tuple[LoraConfig, str | None, list[str]]:
     try:
         config = LoraConfig(r=data.get("r", 8), alpha=data.get("lora_alpha", 8), dropout=data.get("lora_dropout", 0.0),
                             target_modules=targets, use_rslora=bool(data.get("use_rslora", False)),
-                            use_dora=bool(data.get("use_dora", False)), init=init)
+                            use_dora=bool(data.get("use_dora", False)), init=init,
+                            projector=bool(data.get("velotune_lora_projector", True)),
+                            vision_tower=bool(data.get("velotune_lora_vision_tower", False)))
     except (LoraConfigError, TypeError) as err:
         raise LoadError(f"{path}: {err}") from None
     whole = data.get("modules_to_save") or []
@@ -209,7 +211,9 @@ def load_adapter(path: str | Path, *, dtype: torch.dtype | None = None, device: 
         raise LoadError(f"{folder / CONFIG_FILE}: base_model_name_or_path names the adapter folder itself")
     model, tokenizer = load_model(base, dtype=dtype, device=device, max_seq_length=max_seq_length, **base_options)
     if (folder / TOKENIZER_FILE).is_file():      # new tokens were added: the adapter's tokenizer has them
+        processor = getattr(tokenizer, "image_processor", None)
         tokenizer = Tokenizer.from_hf_folder(folder)
+        tokenizer.image_processor = processor
     try:
         if whole:
             grow_vocab(model, weights)

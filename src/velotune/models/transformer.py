@@ -607,10 +607,12 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0, *,
                  attention_mask: torch.Tensor | None = None, stop_token_ids: list[int] | None = None,
-                 pad_token_id: int | None = None, **sampling) -> torch.Tensor:
+                 pad_token_id: int | None = None, pixel_values: torch.Tensor | None = None,
+                 **sampling) -> torch.Tensor:
         """Prompt + generated ids [B, T + n] (greedy at temperature 0). Batched prompts are
         left-padded with `attention_mask`; stop tokens default to the config's EOS. Other keyword
-        arguments are `SamplingParams` fields (top_k, top_p, min_p, repetition_penalty, seed)."""
+        arguments are `SamplingParams` fields (top_k, top_p, min_p, repetition_penalty, seed).
+        `pixel_values`: the prompts' images (vision-language models), as `forward` takes them."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
         return generate_tensor(self, input_ids, params, attention_mask=attention_mask,
-                               stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)
+                               stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, pixel_values=pixel_values)

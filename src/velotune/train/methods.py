@@ -124,9 +124,11 @@ def lora_config(config: TrainConfig):
     targets = ALL_LINEAR if config.target_modules == [ALL_LINEAR] else list(config.target_modules)
     try:
         return LoraConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                          target_modules=targets, use_rslora=config.use_rslora, use_dora=config.use_dora)
+                          target_modules=targets, use_rslora=config.use_rslora, use_dora=config.use_dora,
+                          projector=config.lora_projector, vision_tower=config.lora_vision_tower)
     except LoraConfigError as exc:
-        raise TrainConfigError(f"LoRA settings (lora_r, lora_alpha, lora_dropout, target_modules): {exc}") from None
+        raise TrainConfigError(f"LoRA settings (lora_r, lora_alpha, lora_dropout, target_modules, lora_projector, "
+                               f"lora_vision_tower): {exc}") from None
 
 
 def load_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:

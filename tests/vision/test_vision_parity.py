@@ -1,0 +1,75 @@
+"""Vision-language parity with transformers, in float32 on the CPU, on tiny random LLaVA configs
+(CLIP tower, Llama decoder) with every quirk's switch exercised: logits, loss and every parameter
+gradient (vision tower and projector included), with real photographs as the images."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.vision.vlm_helpers import make_vlm_model, write_samples
+
+import velotune
+from velotune.models.vision_families import to_ours
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("skimage")
+
+
+def randomised(ref) -> None:
+    """Norms, biases and the tower's embeddings away from their neutral starts, so their
+    placement and arithmetic matter."""
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(0.0, 0.3)
+            elif "class_embedding" in name or "position_embedding" in name:
+                p.normal_(0.0, 0.5)
+            elif "vision_tower" in name and ("q_proj" in name or "k_proj" in name):
+                p.mul_(3.0)
+
+
+@pytest.mark.parametrize("select,layer", [("default", -2), ("full", -1), ("default", 1)])
+def test_llava_logits_and_gradients(tmp_path, select, layer):
+    folder = make_vlm_model(tmp_path / "model", select=select, feature_layer=layer)
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    randomised(ref)
+    ref.save_pretrained(folder)
+    ours, tokenizer = velotune.load_model(folder, dtype=torch.float32, device="cpu")
+    processor = tokenizer.image_processor
+    files = write_samples(tmp_path / "images")
+    pixels = processor.pixel_values([str(files["astronaut"]), str(files["camera"]), str(files["coffee"])], "test")
+    image = processor.image_text()
+    rows = [f"<|im_start|>user\n{image}What is it?<|im_end|>\n<|im_start|>assistant\nAn astronaut.<|im_end|>",
+            f"<|im_start|>user\nTwo: {image} and {image}<|im_end|>\n<|im_start|>assistant\nA camera, coffee."]
+    encoded = [tokenizer.encode(r, add_special_tokens=False) for r in rows]
+    width = max(map(len, encoded))
+    ids = torch.tensor([e + [tokenizer.pad_token_id] * (width - len(e)) for e in encoded])
+    mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded])
+    labels = ids.masked_fill(mask == 0, -100).masked_fill(ids == ours.config.image_token_id, -100)
+    want = ref(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=labels)
+    got = ours(ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+    real = mask.bool()
+    assert (got.logits[real] - want.logits[real]).abs().max() <= 1e-5 * want.logits.abs().max()
+    assert abs(got.loss.item() - want.loss.item()) <= 1e-5 * want.loss.item()
+    want.loss.backward()
+    got.loss.backward()
+    params = dict(ours.named_parameters())
+    checked = 0
+    for name, p in ref.named_parameters():
+        if p.grad is None:      # layers past vision_feature_layer feed nothing
+            continue
+        mine, transposed = to_ours(name)
+        grad = params[mine].grad
+        reference = p.grad.t() if transposed else p.grad
+        assert grad is not None, name
+        assert (grad - reference).abs().max() <= 1e-5 * reference.abs().max() + 1e-9, name
+        checked += 1
+    assert checked >= 40
+    assert params["vision_tower.embeddings.patch_embedding.weight"].grad.abs().max() > 0
+
+
+def test_wrong_number_of_images_is_named(tmp_path):
+    folder = make_vlm_model(tmp_path / "model")
+    ours, tokenizer = velotune.load_model(folder, dtype=torch.float32, device="cpu")
+    ids = torch.tensor([tokenizer.encode(tokenizer.image_processor.image_text() + "hi", add_special_tokens=False)])
+    with pytest.raises(ValueError, match="16 image placeholder tokens, its 2 image"):
+        ours(ids, pixel_values=torch.zeros(2, 3, 28, 28))
