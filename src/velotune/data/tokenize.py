@@ -271,7 +271,10 @@ def tokenize_chat(sample: ChatSample, tokenizer: ChatTokenizer) -> Example:
     pixels = None
     if processor is not None:
         text, spans = expand_images(text, spans, processor, len(images), sample.where)
-        pixels = processor.pixel_values(images, sample.where) if images else None
+        try:
+            pixels = processor.pixel_values(images, sample.where) if images else None
+        except ValueError as error:     # ImageError: a missing or unreadable file, named with the row
+            raise DataError(str(error)) from None
     ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=False)
     return Example(list(ids), label_spans(ids, offsets, spans), sample.where, tuple(images), pixels)
 
