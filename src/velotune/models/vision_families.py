@@ -2,8 +2,8 @@
 decoder and the vision tower, which `VisionConfig` fields it implies, and how its checkpoints
 name tensors.
 
-A vision-language checkpoint is a decoder of a family `families.py` already knows (LLaVA: Llama
-or Mistral; Gemma 3: gemma3_text) plus a vision tower and a projector. So the row reads the
+A vision-language checkpoint is a decoder of a family `families.py` already knows (LLaVA: Llama,
+Mistral, Qwen 2 ...) plus a vision tower and a projector. So the row reads the
 decoder from `text_config` through the ordinary `ModelConfig` reader and adds the vision fields;
 the model is the same `Transformer` with a `vision_tower` and a `multi_modal_projector`.
 
@@ -34,8 +34,9 @@ READ_PREFIXES = (
     ("model.multi_modal_projector.", "multi_modal_projector."),
 )
 WRITE_PREFIXES = (("model.", "model.language_model."),)
-# Parameters Hugging Face keeps as bare matrices that we hold as nn.Linear weights (transposed).
-TRANSPOSED = {"multi_modal_projector.mm_input_projection_weight": "multi_modal_projector.mm_input_projection.weight"}
+# Parameters Hugging Face keeps as bare matrices that we would hold as nn.Linear weights (transposed);
+# none yet (Gemma 3's projector matrix will be one).
+TRANSPOSED: dict[str, str] = {}
 
 
 def to_ours(name: str) -> tuple[str, bool]:
@@ -99,11 +100,6 @@ def _llava(cfg: dict[str, Any], text_hidden: int, path: str) -> dict[str, Any]:
                 projector_bias=bool(cfg.get("multimodal_projector_bias", True)))
 
 
-def _gemma3(cfg: dict[str, Any], text_hidden: int, path: str) -> dict[str, Any]:
-    return dict(feature_layer=-1, projector="pool_norm_linear", tokens_per_image=int(cfg.get("mm_tokens_per_image", 256)),
-                projector_norm_eps=float(cfg["vision_config"].get("layer_norm_eps", 1e-6)))
-
-
 @dataclass(frozen=True)
 class VisionFamily:
     model_type: str                   # Hugging Face `model_type` of the whole model
@@ -115,8 +111,6 @@ class VisionFamily:
     # and what it becomes around the image's tokens (the processor's expansion).
     placeholder: str = ""
     expansion: str = "{tokens}"
-    # Gemma 3: image tokens attend to every token of their own image, not only earlier ones.
-    bidirectional_images: bool = False
 
     def vision_config(self, cfg: dict[str, Any], text_hidden: int, path: str) -> VisionConfig:
         vision = cfg.get("vision_config")
@@ -129,9 +123,6 @@ class VisionFamily:
 
 VISION_FAMILIES: dict[str, VisionFamily] = {f.model_type: f for f in (
     VisionFamily("llava", "LlavaForConditionalGeneration", "llama", _llava, 32000),
-    VisionFamily("gemma3", "Gemma3ForConditionalGeneration", "gemma3_text", _gemma3, 262_144,
-                 placeholder="<start_of_image>", expansion="\n\n<start_of_image>{tokens}<end_of_image>\n\n",
-                 bidirectional_images=True),
 )}
 VISION_ARCHITECTURES = {f.architecture: f.model_type for f in VISION_FAMILIES.values()}
 

@@ -3,7 +3,7 @@
 The settings come from the model folder's `preprocessor_config.json` (resize, crop, rescale,
 normalise, RGB conversion), the arithmetic from Pillow and NumPy in the order and precision of
 transformers' Pillow backend (`CLIPImageProcessorPil`, `SiglipImageProcessorPil`,
-`Gemma3ImageProcessorPil`), so the tensors are equal to theirs (tests/tokenizer/
+`Gemma3ImageProcessorPil`), so the tensors are equal to theirs (tests/vision/
 test_image_processor.py, on scikit-image's sample photographs). transformers' torchvision
 backend resizes with torch's antialiased kernels instead of Pillow's and differs from both by
 up to a few 1e-2; training does not care which, a parity test does.
