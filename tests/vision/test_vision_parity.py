@@ -1,11 +1,13 @@
-"""Vision-language parity with transformers, in float32 on the CPU, on tiny random LLaVA configs
-(CLIP tower, Llama decoder) with every quirk's switch exercised: logits, loss and every parameter
-gradient (vision tower and projector included), with real photographs as the images."""
+"""Vision-language parity with transformers, in float32 on the CPU, on tiny random configs with
+every quirk's switch exercised: LLaVA (CLIP tower, Llama decoder; feature layer and class-token
+strategy) and Gemma 3 (SigLIP tower, pooled projector, images seen both ways across a sliding
+window, as transformers masks them in training): logits, loss and every parameter gradient
+(vision tower and projector included), with real photographs as the images."""
 from __future__ import annotations
 
 import pytest
 import torch
-from tests.vision.vlm_helpers import make_vlm_model, write_samples
+from tests.vision.vlm_helpers import make_gemma3_vlm, make_vlm_model, write_samples
 
 import velotune
 from velotune.models.vision_families import to_ours
@@ -23,14 +25,27 @@ def randomised(ref) -> None:
                 p.normal_(0.0, 0.3)
             elif "class_embedding" in name or "position_embedding" in name:
                 p.normal_(0.0, 0.5)
+            elif "mm_input_projection" in name:       # Gemma 3 starts it at zero
+                p.normal_(0.0, 0.1)
             elif "vision_tower" in name and ("q_proj" in name or "k_proj" in name):
                 p.mul_(3.0)
 
 
-@pytest.mark.parametrize("select,layer", [("default", -2), ("full", -1), ("default", 1)])
-def test_llava_logits_and_gradients(tmp_path, select, layer):
-    folder = make_vlm_model(tmp_path / "model", select=select, feature_layer=layer)
-    ref = transformers.LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+CASES = {
+    "llava-default--2": (make_vlm_model, dict(select="default", feature_layer=-2), "LlavaForConditionalGeneration"),
+    "llava-full--1": (make_vlm_model, dict(select="full", feature_layer=-1), "LlavaForConditionalGeneration"),
+    "llava-default-1": (make_vlm_model, dict(select="default", feature_layer=1), "LlavaForConditionalGeneration"),
+    "gemma3": (make_gemma3_vlm, {}, "Gemma3ForConditionalGeneration"),
+}
+TURNS = {"llava": ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
+         "gemma3": ("<bos><start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n", "<end_of_turn>")}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_and_gradients(tmp_path, case):
+    make, options, architecture = CASES[case]
+    folder = make(tmp_path / "model", **options)
+    ref = getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32).eval()
     randomised(ref)
     ref.save_pretrained(folder)
     ours, tokenizer = velotune.load_model(folder, dtype=torch.float32, device="cpu")
@@ -38,14 +53,16 @@ def test_llava_logits_and_gradients(tmp_path, select, layer):
     files = write_samples(tmp_path / "images")
     pixels = processor.pixel_values([str(files["astronaut"]), str(files["camera"]), str(files["coffee"])], "test")
     image = processor.image_text()
-    rows = [f"<|im_start|>user\n{image}What is it?<|im_end|>\n<|im_start|>assistant\nAn astronaut.<|im_end|>",
-            f"<|im_start|>user\nTwo: {image} and {image}<|im_end|>\n<|im_start|>assistant\nA camera, coffee."]
+    user, assistant, end = TURNS[case.split("-")[0]]
+    rows = [f"{user}{image}What is it?{assistant}An astronaut.{end}", f"{user}Two: {image} and {image}{assistant}A camera."]
     encoded = [tokenizer.encode(r, add_special_tokens=False) for r in rows]
     width = max(map(len, encoded))
     ids = torch.tensor([e + [tokenizer.pad_token_id] * (width - len(e)) for e in encoded])
     mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded])
     labels = ids.masked_fill(mask == 0, -100).masked_fill(ids == ours.config.image_token_id, -100)
-    want = ref(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=labels)
+    image_tokens = (ids == ours.config.image_token_id).long()   # Gemma 3 reads them as token_type_ids
+    extra = {"token_type_ids": image_tokens} if case == "gemma3" else {}
+    want = ref(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=labels, **extra)
     got = ours(ids, attention_mask=mask, pixel_values=pixels, labels=labels)
     real = mask.bool()
     assert (got.logits[real] - want.logits[real]).abs().max() <= 1e-5 * want.logits.abs().max()
@@ -65,6 +82,9 @@ def test_llava_logits_and_gradients(tmp_path, select, layer):
         checked += 1
     assert checked >= 40
     assert params["vision_tower.embeddings.patch_embedding.weight"].grad.abs().max() > 0
+    if extra:   # the two-way image attention is what made them agree
+        causal = ref(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+        assert (causal[real] - want.logits[real]).abs().max() > 1e-2
 
 
 def test_wrong_number_of_images_is_named(tmp_path):

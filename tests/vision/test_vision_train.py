@@ -1,7 +1,8 @@
-"""`velotune train` on a tiny random LLaVA and real photographs (scikit-image's samples) on the
+"""`velotune train` on a tiny random LLaVA and Gemma 3 and real photographs (scikit-image's samples) on the
 CPU: LoRA on the decoder and the projector, the tower frozen; the loss falls; the adapter answers
 with images through `generate`; the merged Hugging Face export loads in transformers as
-LlavaForConditionalGeneration and answers the same greedy tokens; GGUF export is refused with
+the same class (LlavaForConditionalGeneration, Gemma3ForConditionalGeneration) and answers the
+same greedy tokens; GGUF export is refused with
 the reason."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import pytest
 import torch
 from tests.cli.cli_helpers import write_config
-from tests.vision.vlm_helpers import image_rows, make_vlm_model, write_rows, write_samples
+from tests.vision.vlm_helpers import image_rows, make_gemma3_vlm, make_vlm_model, write_rows, write_samples
 
 import velotune
 from velotune.cli import main
@@ -27,14 +28,20 @@ def prompt(tokenizer, files, name):
     return ids, processor.pixel_values([str(files[name])], name)
 
 
-def test_train_generate_and_export(tmp_path, capsys):
-    model = make_vlm_model(tmp_path / "model")
+FAMILIES = {"llava": (make_vlm_model, "LlavaForConditionalGeneration", ["linear_1", "linear_2"]),
+            "gemma3": (make_gemma3_vlm, "Gemma3ForConditionalGeneration", ["mm_input_projection"])}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_train_generate_and_export(tmp_path, capsys, family):
+    make, architecture, projector = FAMILIES[family]
+    model = make(tmp_path / "model")
     files = write_samples(tmp_path / "data")
     data = write_rows(tmp_path / "data" / "train.jsonl", image_rows(files, repeat=2))
     run = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", model=str(model), dataset=str(data), output_dir=str(run),
                           method="lora", lora_r=8, lora_alpha=16, max_steps=12, micro_batch_size=4,
-                          learning_rate=1e-2, warmup_steps=0, max_seq_length=64, sample_prompts=0,
+                          learning_rate=1e-2, warmup_steps=0, max_seq_length=96, sample_prompts=0,
                           eval_split=0.0, save_steps=0, seed=0)
     assert main(["train", str(config), "--no-progress"]) == 0
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
@@ -42,7 +49,7 @@ def test_train_generate_and_export(tmp_path, capsys):
 
     trained, tokenizer = velotune.load_model(run / "adapter", dtype=torch.float32, device="cpu")
     adapted = {n.rsplit(".lora_", 1)[0] for n, _ in trained.named_parameters() if ".lora_A" in n}
-    assert {"multi_modal_projector.linear_1", "multi_modal_projector.linear_2"} <= adapted
+    assert {f"multi_modal_projector.{name}" for name in projector} <= adapted
     assert not any(n.startswith("vision_tower.") for n in adapted)
     assert any(n.endswith("self_attn.q_proj") and n.startswith("model.layers.") for n in adapted)
     base, _ = velotune.load_model(model, dtype=torch.float32, device="cpu")
@@ -50,17 +57,19 @@ def test_train_generate_and_export(tmp_path, capsys):
         assert torch.equal(trained.vision_tower.state_dict()[name.replace(".weight", ".weight")], value)
 
     assert main(["export", str(run), "--to", "hf"]) == 0
-    merged = transformers.LlavaForConditionalGeneration.from_pretrained(run / "export-hf", dtype=torch.float32).eval()
+    merged = getattr(transformers, architecture).from_pretrained(run / "export-hf", dtype=torch.float32).eval()
     for name in ("astronaut", "chelsea", "camera"):
         ids, pixels = prompt(tokenizer, files, name)
-        ours = trained.generate(ids, max_new_tokens=12, pixel_values=pixels, stop_token_ids=[])[0, ids.shape[1]:]
-        theirs = merged.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=12, min_new_tokens=12,
-                                 do_sample=False)[0, ids.shape[1]:]
-        assert ours.tolist() == theirs.tolist(), name
+        stop = [tokenizer.eos_token_id]           # what transformers' generate stops at
+        ours = trained.generate(ids, max_new_tokens=12, pixel_values=pixels, stop_token_ids=stop)[0, ids.shape[1]:]
+        types = {"token_type_ids": (ids == trained.config.image_token_id).long()} if family == "gemma3" else {}
         with torch.no_grad():
-            want = merged(input_ids=ids, pixel_values=pixels).logits
+            want = merged(input_ids=ids, pixel_values=pixels, **types).logits
             got = trained.eval()(ids, pixel_values=pixels).logits
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        theirs = merged.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=12, do_sample=False,
+                                 **types)[0, ids.shape[1]:]
+        assert ours.tolist() == theirs.tolist(), name
 
     assert main(["export", str(run), "--to", "gguf"]) == 2
     assert "GGUF export of a vision-language model" in capsys.readouterr().err

@@ -114,9 +114,10 @@ def checkpoint_names(config: ModelConfig, tensors: list[PlannedTensor]) -> list[
     transposed where the checkpoint stores a bare matrix; a text model's as they are."""
     if config.multimodal_type is None:
         return tensors
+    family = VISION_FAMILIES[config.multimodal_type]
     renamed = []
     for t in tensors:
-        name, flip = to_hf(t.name)
+        name, flip = to_hf(t.name, family)
         renamed.append(PlannedTensor(name, t.shape[::-1], lambda r=t.read: r().t()) if flip
                        else PlannedTensor(name, t.shape, t.read))
     return renamed

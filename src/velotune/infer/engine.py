@@ -109,8 +109,9 @@ class GenerationRun:
         self._host_columns: list[list[int]] = [[] for _ in range(b)]  # columns copied to the host
         with torch.no_grad():  # prefill stays dynamic: one forward over the padded prompts
             embeds = None if pixel_values is None else model.embed_with_images(input_ids, pixel_values)
+            blocks = None if pixel_values is None else model.image_blocks(input_ids)
             hidden = model.hidden_states(input_ids, self.mask, positions, self.cache, embeds,
-                                         embeds_scaled=embeds is not None)[:, -1]
+                                         embeds_scaled=embeds is not None, image_blocks=blocks)[:, -1]
             self.logits = model.logits_from_hidden(hidden)
         mode = decode_mode(params.decode, device)
         self.decoder: StaticDecoder | None = None

@@ -84,6 +84,7 @@ class ModelConfig:
     vision: VisionConfig | None = None
     multimodal_type: str | None = None
     image_token_id: int | None = None
+    bidirectional_images: bool = False     # Gemma 3: an image's tokens see each other both ways
     # The config.json this was read from, kept so that exports can write it back faithfully.
     source: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -249,6 +250,7 @@ class ModelConfig:
         config.vision = family.vision_config(cfg, config.hidden_size, path)
         config.multimodal_type = model_type
         config.image_token_id = image_token_id(cfg, family)
+        config.bidirectional_images = family.bidirectional_images
         if not 0 <= config.image_token_id < config.vocab_size:
             raise ConfigError(f"{path}: image_token_id {config.image_token_id} is outside the vocabulary "
                               f"of {config.vocab_size}")

@@ -37,7 +37,14 @@ from velotune.models.checkpointing import (
     run_checkpointed,
 )
 from velotune.models.config import ModelConfig
-from velotune.models.masks import DocumentSpans, Mask, attention_mask_for, document_ids, spans_from_positions
+from velotune.models.masks import (
+    DocumentSpans,
+    Mask,
+    attention_mask_for,
+    document_ids,
+    image_blocks,
+    spans_from_positions,
+)
 from velotune.models.moe import MoE
 from velotune.models.sinks import attend_with_sinks
 from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_has_room
@@ -432,13 +439,14 @@ class Transformer(nn.Module):
                    and bool(experts) and self.config.router_aux_loss_coef > 0)
         for moe in experts:
             moe.collect_aux, moe.aux_statistics = balance, []
-        scaled = False
+        scaled, blocks = False, None
         if pixel_values is not None:
             if inputs_embeds is not None:
                 raise ValueError("pass pixel_values or inputs_embeds, not both")
             inputs_embeds, scaled = self.embed_with_images(input_ids, pixel_values), True
+            blocks = self.image_blocks(input_ids)
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds, documents,
-                                    embeds_scaled=scaled)
+                                    embeds_scaled=scaled, image_blocks=blocks)
         out = ModelOutput(hidden_states=hidden)
         if labels is not None and return_token_logps:
             out.token_logps = self.token_logps_from_hidden(hidden, labels)
@@ -458,9 +466,12 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                       inputs_embeds: torch.Tensor | None = None,
-                      documents: DocumentSpans | None = None, *, embeds_scaled: bool = False) -> torch.Tensor:
+                      documents: DocumentSpans | None = None, *, embeds_scaled: bool = False,
+                      image_blocks: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, H]. `embeds_scaled`: `inputs_embeds` already carry the
-        family's embedding multiplier (`embed_with_images` scales the text rows, not the images')."""
+        family's embedding multiplier (`embed_with_images` scales the text rows, not the images').
+        `image_blocks` [B, T] (`masks.image_blocks`): each image's tokens see each other both ways
+        (Gemma 3), which takes an explicit mask."""
         c = self.config
         b, t = input_ids.shape
         offset = cache.length if cache is not None else 0
@@ -470,7 +481,7 @@ class Transformer(nn.Module):
         # Attention without a soft-cap or sinks takes packed documents as spans (variable-length
         # attention); a soft-capped one, or one with sinks, as a boolean mask.
         docs = None
-        spans_allowed = c.varlen_attention and cache is None and attention_mask is None
+        spans_allowed = c.varlen_attention and cache is None and attention_mask is None and image_blocks is None
         if documents is not None and position_ids is None:
             raise ValueError("documents (packed spans) need the position_ids that restart at each document")
         if position_ids is None:
@@ -489,7 +500,7 @@ class Transformer(nn.Module):
         windows = {c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)}
         masks: dict[int | None, Mask] = {
             window: (documents.windowed(window) if documents is not None
-                     else attention_mask_for(t, offset, attention_mask, docs, window, x.device))
+                     else attention_mask_for(t, offset, attention_mask, docs, window, x.device, image_blocks))
             for window in windows
         }
         mlp_chunk = mlp_chunk_size(self.mlp_chunk_tokens, b * t)
@@ -540,6 +551,13 @@ class Transformer(nn.Module):
             raise ValueError(f"the batch has {placeholders} image placeholder tokens, its {features.shape[0]} "
                              f"image(s) give {given} ({features.shape[1]} each)")
         return x.masked_scatter(slots[..., None], features)
+
+    def image_blocks(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Each image's run of tokens where the family lets them see each other both ways
+        (`ModelConfig.bidirectional_images`), else None (causal like the text)."""
+        if not self.config.bidirectional_images:
+            return None
+        return image_blocks(input_ids == self.config.image_token_id)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected image features [images, image_tokens, H] of preprocessed pixels."""

@@ -8,13 +8,15 @@ Design choices:
   field values a checkpoint's config.json implies.
 - Parameter names equal transformers 5's under `vision_tower.` (`encoder.layers.0.self_attn.
   q_proj.weight`, ...), so checkpoints load without renaming inside the tower.
-- The projector's kind is a field too: LLaVA's two-layer MLP (`mlp`) for now.
+- The projector's kind is a field too: LLaVA's two-layer MLP (`mlp`), or Gemma 3's average pool
+  to a fixed number of tokens, (1 + w) RMSNorm and a bias-free matrix (`pool_norm_linear`).
 - The tower is frozen by default in training (`lora/config.py` keeps adapters off it unless
   `lora_vision` is set) and runs in the model's dtype; attention is SDPA without a mask (every
   patch sees every patch).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,7 @@ from torch import nn
 from velotune.errors import ConfigError
 
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
-PROJECTORS = ("mlp",)
+PROJECTORS = ("mlp", "pool_norm_linear")
 
 
 @dataclass
@@ -53,6 +55,8 @@ class VisionConfig:
     projector: str = "mlp"
     projector_act: str = "gelu"
     projector_bias: bool = True
+    tokens_per_image: int = 0              # pool_norm_linear: tokens after pooling (Gemma 3: 256)
+    projector_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         if self.hidden_act not in VISION_ACTIVATIONS:
@@ -69,6 +73,12 @@ class VisionConfig:
         if not -self.num_hidden_layers - 1 <= self.feature_layer <= self.num_hidden_layers:
             raise ConfigError(f"vision_feature_layer {self.feature_layer} is outside the tower's "
                               f"{self.num_hidden_layers} layers")
+        if self.projector == "pool_norm_linear":
+            side = self.patches_per_side
+            pooled = math.isqrt(self.tokens_per_image)
+            if pooled * pooled != self.tokens_per_image or pooled == 0 or side % pooled:
+                raise ConfigError(f"mm_tokens_per_image {self.tokens_per_image} is not a square whose side "
+                                  f"divides the {side} patches per side")
 
     @property
     def patches_per_side(self) -> int:
@@ -81,6 +91,8 @@ class VisionConfig:
     @property
     def image_tokens(self) -> int:
         """Decoder tokens one image becomes."""
+        if self.projector == "pool_norm_linear":
+            return self.tokens_per_image
         return self.num_positions - int(self.drop_class_token)
 
 
@@ -192,8 +204,34 @@ class Projector(nn.Module):
     def __init__(self, c: VisionConfig) -> None:
         super().__init__()
         self.config = c
-        self.linear_1 = nn.Linear(c.hidden_size, c.text_hidden_size, bias=c.projector_bias)
-        self.linear_2 = nn.Linear(c.text_hidden_size, c.text_hidden_size, bias=c.projector_bias)
+        if c.projector == "mlp":
+            self.linear_1 = nn.Linear(c.hidden_size, c.text_hidden_size, bias=c.projector_bias)
+            self.linear_2 = nn.Linear(c.text_hidden_size, c.text_hidden_size, bias=c.projector_bias)
+        else:
+            self.mm_soft_emb_norm = OffsetRMSNorm(c.hidden_size, c.projector_norm_eps)
+            self.mm_input_projection = nn.Linear(c.hidden_size, c.text_hidden_size, bias=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(activation(self.config.projector_act, self.linear_1(features)))
+        c = self.config
+        if c.projector == "mlp":
+            return self.linear_2(activation(c.projector_act, self.linear_1(features)))
+        n, _, h = features.shape
+        side, pooled = c.patches_per_side, math.isqrt(c.tokens_per_image)
+        grid = features.transpose(1, 2).reshape(n, h, side, side)
+        pooled_features = F.avg_pool2d(grid, side // pooled).flatten(2).transpose(1, 2)
+        normed = self.mm_soft_emb_norm(pooled_features)
+        return self.mm_input_projection(normed.to(self.mm_input_projection.weight.dtype))
+
+
+class OffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm, scaling by (1 + w) in float32, as Gemma 3's projector computes it."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())
+        return out.to(x.dtype)

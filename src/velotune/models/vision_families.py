@@ -3,16 +3,17 @@ decoder and the vision tower, which `VisionConfig` fields it implies, and how it
 name tensors.
 
 A vision-language checkpoint is a decoder of a family `families.py` already knows (LLaVA: Llama,
-Mistral, Qwen 2 ...) plus a vision tower and a projector. So the row reads the
+Mistral, Qwen 2 ...; Gemma 3: gemma3_text) plus a vision tower and a projector. So the row reads the
 decoder from `text_config` through the ordinary `ModelConfig` reader and adds the vision fields;
 the model is the same `Transformer` with a `vision_tower` and a `multi_modal_projector`.
 
-Checkpoint names come in several spellings: transformers 5.25 saves `model.language_model.*`,
-`vision_tower.*`, `multi_modal_projector.*` and `lm_head.*` (and holds `model.vision_tower.*` and
-`model.multi_modal_projector.*` in memory); checkpoints saved by transformers 4 (most of the Hub)
-write `language_model.model.*`, `language_model.lm_head.*`, `vision_tower.vision_model.*` and
+Checkpoint names come in several spellings: transformers 5.25 saves a LLaVA as
+`model.language_model.*`, `vision_tower.*`, `multi_modal_projector.*` and `lm_head.*` (and holds
+`model.vision_tower.*` and `model.multi_modal_projector.*` in memory), but a Gemma 3 with the
+decoder as `language_model.model.*`; checkpoints saved by transformers 4 (most of the Hub) write
+`language_model.model.*`, `language_model.lm_head.*`, `vision_tower.vision_model.*` and
 `multi_modal_projector.*`. All are read (`to_ours`); exports write what transformers 5.25 saves
-(`to_hf`), which it reads back as the same class.
+for the family (`to_hf`, the row's `write_prefixes`), which it reads back as the same class.
 """
 from __future__ import annotations
 
@@ -33,10 +34,8 @@ READ_PREFIXES = (
     ("vision_tower.vision_model.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
 )
-WRITE_PREFIXES = (("model.", "model.language_model."),)
-# Parameters Hugging Face keeps as bare matrices that we would hold as nn.Linear weights (transposed);
-# none yet (Gemma 3's projector matrix will be one).
-TRANSPOSED: dict[str, str] = {}
+# Parameters Hugging Face keeps as bare matrices that we hold as nn.Linear weights (transposed).
+TRANSPOSED = {"multi_modal_projector.mm_input_projection_weight": "multi_modal_projector.mm_input_projection.weight"}
 
 
 def to_ours(name: str) -> tuple[str, bool]:
@@ -50,14 +49,15 @@ def to_ours(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def to_hf(name: str) -> tuple[str, bool]:
-    """(transformers 5's checkpoint name, whether to write the tensor transposed) of ours."""
+def to_hf(name: str, family: VisionFamily) -> tuple[str, bool]:
+    """(transformers 5.25's checkpoint name for the family, whether to write the tensor
+    transposed) of ours."""
     transposed = {ours: hf for hf, ours in TRANSPOSED.items()}
     if name in transposed:
         name, flip = transposed[name], True
     else:
         flip = False
-    for prefix, hf in WRITE_PREFIXES:
+    for prefix, hf in family.write_prefixes:
         if name.startswith(prefix):
             return hf + name[len(prefix):], flip
     return name, flip
@@ -88,6 +88,11 @@ def _tower(vision: dict[str, Any], path: str) -> dict[str, Any]:
                 class_token=clip, pre_norm=clip, patch_bias=not clip, post_norm=True, post_norm_on_features=not clip)
 
 
+def _gemma3(cfg: dict[str, Any], text_hidden: int, path: str) -> dict[str, Any]:
+    return dict(feature_layer=-1, projector="pool_norm_linear", tokens_per_image=int(cfg.get("mm_tokens_per_image", 256)),
+                projector_norm_eps=float(cfg["vision_config"].get("layer_norm_eps", 1e-6)))
+
+
 def _llava(cfg: dict[str, Any], text_hidden: int, path: str) -> dict[str, Any]:
     layer = cfg.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
@@ -111,6 +116,10 @@ class VisionFamily:
     # and what it becomes around the image's tokens (the processor's expansion).
     placeholder: str = ""
     expansion: str = "{tokens}"
+    # Gemma 3: image tokens attend to every token of their own image, not only earlier ones
+    # (transformers does so whenever its processor's token_type_ids are passed, as in training).
+    bidirectional_images: bool = False
+    write_prefixes: tuple[tuple[str, str], ...] = (("model.", "model.language_model."),)
 
     def vision_config(self, cfg: dict[str, Any], text_hidden: int, path: str) -> VisionConfig:
         vision = cfg.get("vision_config")
@@ -123,6 +132,10 @@ class VisionFamily:
 
 VISION_FAMILIES: dict[str, VisionFamily] = {f.model_type: f for f in (
     VisionFamily("llava", "LlavaForConditionalGeneration", "llama", _llava, 32000),
+    VisionFamily("gemma3", "Gemma3ForConditionalGeneration", "gemma3_text", _gemma3, 262_144,
+                 placeholder="<start_of_image>", expansion="\n\n<start_of_image>{tokens}<end_of_image>\n\n",
+                 bidirectional_images=True,
+                 write_prefixes=(("model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))),
 )}
 VISION_ARCHITECTURES = {f.architecture: f.model_type for f in VISION_FAMILIES.values()}
 
