@@ -7,7 +7,15 @@ import json
 
 import pytest
 import torch
-from tests.vision.vlm_helpers import IMAGE, image_rows, make_vlm_model, write_rows, write_samples
+from tests.vision.vlm_helpers import (
+    IMAGE,
+    TEMPLATES,
+    image_rows,
+    make_gemma3_vlm,
+    make_vlm_model,
+    write_rows,
+    write_samples,
+)
 
 import velotune
 from velotune.loaders import load_tokenizer
@@ -61,6 +69,31 @@ def test_examples_equal_llava_processor(vlm):
         answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
         assert trained == "".join(a + "<|im_end|>" for a in answers)
     assert sum(t == tokenizer.convert_tokens_to_ids(IMAGE) for t in got[-1].input_ids) == 2 * 16
+
+
+def test_gemma3_examples_equal_its_processor(tmp_path):
+    """Gemma 3's template writes <start_of_image>; its processor frames the image's tokens with
+    blank lines and <end_of_image>: ids, pixels and labels as transformers' Gemma3Processor makes them."""
+    model = make_gemma3_vlm(tmp_path / "model")
+    files = write_samples(tmp_path / "data")
+    tokenizer = load_tokenizer(model)
+    rows = image_rows(files)
+    got, _ = examples(write_rows(tmp_path / "data" / "rows.jsonl", rows), tokenizer)
+    reference = transformers.Gemma3Processor(
+        image_processor=transformers.Gemma3ImageProcessorPil.from_pretrained(model),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(model, extra_special_tokens={
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}),
+        image_seq_length=16, chat_template=(TEMPLATES / "gemma3.jinja").read_text())
+    for row, example in zip(rows, got):
+        messages = [{**m, "content": m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]}
+                    for m in row["messages"]]
+        text = reference.apply_chat_template(messages, tokenize=False)
+        path = files["coffee"].parent / row["messages"][0]["content"][0]["path"]
+        want = reference(text=text, images=[PIL.open(path)], return_tensors="pt")
+        assert example.input_ids == want["input_ids"][0].tolist()
+        assert torch.equal(example.pixel_values, want["pixel_values"])
+        trained = tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
+        assert trained == row["messages"][1]["content"] + "<end_of_turn>"
 
 
 def test_collations_keep_placeholder_order(vlm):
