@@ -73,3 +73,22 @@ def test_train_generate_and_export(tmp_path, capsys, family):
 
     assert main(["export", str(run), "--to", "gguf"]) == 2
     assert "GGUF export of a vision-language model" in capsys.readouterr().err
+
+
+def test_packed_rows_and_eval_with_images(tmp_path, capsys):
+    """Packed rows carry each example's images; eval batches do too; `velotune data` shows an
+    image as one line naming its file."""
+    model = make_vlm_model(tmp_path / "model")
+    files = write_samples(tmp_path / "data")
+    data = write_rows(tmp_path / "data" / "train.jsonl", image_rows(files, repeat=2))
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", model=str(model), dataset=str(data), output_dir=str(run),
+                          method="lora", lora_r=4, max_steps=2, micro_batch_size=2, packing=True,
+                          max_seq_length=160, eval_split=0.25, eval_steps=2, sample_prompts=0, save_steps=0, seed=0)
+    assert main(["train", str(config), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in records)
+    capsys.readouterr()
+    assert main(["data", str(config), "--rows", "1", "--output_dir", str(tmp_path / "other")]) == 0
+    shown = capsys.readouterr().out
+    assert "<image> x 16 (" in shown and "<image><image>" not in shown
