@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh rl      # GRPO memory (8B QLoRA); checkpointing auto (8B LoRA mb4)
 #   bash benchmarks/gpu_session.sh qlora   # QLoRA vs transformers+PEFT+bitsandbytes (8B, mb1 and mb4)
 #   bash benchmarks/gpu_session.sh long    # longest trainable context (8B QLoRA, batch 1)
+#   bash benchmarks/gpu_session.sh vision  # vision-language LoRA vs transformers+PEFT (Gemma-3-4B, LLaVA-1.5-7B)
 #   bash benchmarks/gpu_session.sh e2e     # velotune train vs Unsloth+TRL (and transformers+PEFT+TRL) on
 #                                          # variable-length rows: E2E_ARGS are bench_e2e.py run's options
 # Run from the repository root on the device machine. Wheels carried in .whl/ (bitsandbytes,
@@ -36,6 +37,9 @@ case "${1:-tests}" in
     python3 benchmarks/bench_train.py --model Llama-3.1-8B --batch 1 4 --seq 2048 --steps 3 --qlora 2>&1 | grep -v -i warn | tail -6 ;;
   e2e)
     python3 benchmarks/bench_e2e.py run ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | grep -v -i warn | grep -E "tok/s|vs Unsloth|failed|Error|error|graph|data:" | tail -40 ;;
+  vision)
+    python3 benchmarks/bench_vision.py --model gemma-3-4b --batch 1 4 --seq 2048 2>&1 | grep -v -i warn | tail -3
+    python3 benchmarks/bench_vision.py --model llava-1.5-7b --batch 1 4 --seq 2048 2>&1 | grep -v -i warn | tail -3 ;;
   long)
     python3 benchmarks/bench_long_context.py --seq ${SEQS:-350000} 2>&1 | tee "$OUT/long.log" | grep -v -i warn | tail -12 ;;
 esac

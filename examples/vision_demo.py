@@ -91,7 +91,7 @@ def write_data(folder: Path) -> Path:
                                                                {"type": "text", "text": QUESTION}]},
                                   {"role": "assistant", "content": answer + "."}]})
     path = folder / "photos.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows * 8), encoding="utf-8")
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
 
 
@@ -115,7 +115,7 @@ def main_demo(root: Path) -> int:
     data = write_data(root / "photos")
     config = {"model": str(root / "model"), "dataset": str(data), "output_dir": str(root / "run"),
               "method": "lora", "lora_r": 16, "lora_alpha": 32, "max_steps": 200, "micro_batch_size": 6,
-              "learning_rate": 1e-2, "warmup_steps": 10, "max_seq_length": 64, "eval_split": 0.0,
+              "learning_rate": 1e-2, "warmup_steps": 10, "max_seq_length": 96, "eval_split": 0.0,
               "sample_prompts": 0, "save_steps": 0, "seed": 0, "overwrite_output_dir": True}
     (root / "vision_demo.yaml").write_text(json.dumps(config, indent=2), encoding="utf-8")
     before = answers(root / "model", root / "photos")

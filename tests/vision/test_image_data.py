@@ -153,3 +153,33 @@ def test_images_for_a_text_model_are_refused(tmp_path, vlm):
     path = write_rows(files["coffee"].parent / "for-text.jsonl", image_rows(files)[:1])
     with pytest.raises(DataError, match=r"for-text.jsonl line 1: the row holds 1 image\(s\), but the model has no vision"):
         examples(path, load_tokenizer(text_model))
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_padding_free_and_packed_batches_give_the_padded_loss(tmp_path, family):
+    """The GPU's padding-free layout (rows end to end, variable-length attention, or Gemma 3's
+    image blocks through an explicit mask) and packed rows give the padded batch's loss and
+    gradients, images included."""
+    make = make_vlm_model if family == "llava" else make_gemma3_vlm
+    model, tokenizer = velotune.load_model(make(tmp_path / "model"), dtype=torch.float32, device="cpu")
+    files = write_samples(tmp_path / "data")
+    rows = image_rows(files)[:4]
+    rows[2]["messages"][0]["content"].append({"type": "image", "path": "coins.png"})
+    got, _ = examples(write_rows(tmp_path / "data" / "rows.jsonl", rows), tokenizer)
+    from velotune.models.masks import DocumentSpans
+
+    def loss_and_grad(batch):
+        model.zero_grad()
+        documents = (DocumentSpans(batch["cu_seqlens"], int(batch["max_document_length"]))
+                     if batch.get("cu_seqlens") is not None else None)
+        out = model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                    pixel_values=batch["pixel_values"], documents=documents, return_logits=False)
+        out.loss_sum.backward()
+        return out.loss_sum.item(), model.multi_modal_projector.state_dict(keep_vars=True)
+    padded, padded_grads = loss_and_grad(collate_padded(got, tokenizer.pad_token_id))
+    padded_grads = {k: v.grad.clone() for k, v in padded_grads.items()}
+    for batch in (collate_flat(got, tokenizer.pad_token_id), collate_packed([got[:2], got[2:]], tokenizer.pad_token_id)):
+        loss, grads = loss_and_grad(batch)
+        assert abs(loss - padded) <= 1e-5 * padded
+        for name, p in grads.items():
+            assert (p.grad - padded_grads[name]).abs().max() <= 1e-5 * padded_grads[name].abs().max(), name
