@@ -71,6 +71,19 @@ def test_train_generate_and_export(tmp_path, capsys, family):
                                  **types)[0, ids.shape[1]:]
         assert ours.tolist() == theirs.tolist(), name
 
+    if family == "llava":   # PEFT loads the adapter onto transformers' model: the same logits
+        import peft
+
+        base_hf = transformers.LlavaForConditionalGeneration.from_pretrained(model, dtype=torch.float32)
+        peft_model = peft.PeftModel.from_pretrained(base_hf, run / "adapter").eval()
+        ids, pixels = prompt(tokenizer, files, "coffee")
+        with torch.no_grad():
+            want = peft_model(input_ids=ids, pixel_values=pixels).logits
+            got = trained(ids, pixel_values=pixels).logits
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        adapted_hf = {n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+        assert not any("vision_tower" in n for n in adapted_hf) and len(adapted_hf) == len(adapted)
+
     assert main(["export", str(run), "--to", "gguf"]) == 2
     assert "GGUF export of a vision-language model" in capsys.readouterr().err
 

@@ -36,6 +36,7 @@ from velotune.lora.config import ALL_LINEAR, INITS, LoraConfig, LoraConfigError
 from velotune.lora.model import apply_lora, lora_layers, lora_named_parameters
 from velotune.lora.modules_to_save import EMBEDDING, module_tensors, saved_modules, train_in_full
 from velotune.lora.peft_format import BASE_FILE, BASE_KEYS, BASE_SUFFIX, CONFIG_FILE, PREFIX, WEIGHTS_FILE
+from velotune.models.vision_families import to_ours
 from velotune.models.vocab import add_token_rows
 from velotune.tokenizer import Tokenizer
 
@@ -110,6 +111,8 @@ def read_adapter_config(path: Path) -> tuple[LoraConfig, str | None, list[str]]:
         raise LoadError(f"{path}: target_modules {targets!r} is a regular expression; only a list of "
                         f"module names or {ALL_LINEAR!r} is supported")
     try:
+        if isinstance(targets, list):
+            targets = [to_ours(t)[0] if isinstance(t, str) else t for t in targets]
         config = LoraConfig(r=data.get("r", 8), alpha=data.get("lora_alpha", 8), dropout=data.get("lora_dropout", 0.0),
                             target_modules=targets, use_rslora=bool(data.get("use_rslora", False)),
                             use_dora=bool(data.get("use_dora", False)), init=init,
@@ -142,7 +145,7 @@ def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
         for key, tensor in tensors.items():
             if not key.startswith(PREFIX):
                 raise LoadError(f"{path}: tensor {key!r} does not start with {PREFIX!r} (not a PEFT adapter key)")
-            name = key[len(PREFIX):]
+            name = to_ours(key[len(PREFIX):])[0]     # a vision-language model's nested names, ours
             if name in bases:
                 copy_base_weight(bases[name], tensor, path, key)
                 continue

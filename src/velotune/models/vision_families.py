@@ -63,6 +63,20 @@ def to_hf(name: str, family: VisionFamily) -> tuple[str, bool]:
     return name, flip
 
 
+# Ours -> transformers 5's module paths in memory (what PEFT's adapter keys and target_modules name).
+IN_MEMORY_PREFIXES = (("model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+                      ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def transformers_name(name: str) -> str:
+    """Our parameter or module path as transformers 5 names it in a vision-language model's memory;
+    `to_ours` reads it back."""
+    for prefix, hf in IN_MEMORY_PREFIXES:
+        if name.startswith(prefix):
+            return hf + name[len(prefix):]
+    return name
+
+
 def _tower(vision: dict[str, Any], path: str) -> dict[str, Any]:
     """The tower's fields from `vision_config` (CLIP or SigLIP)."""
     kind = vision.get("model_type")
