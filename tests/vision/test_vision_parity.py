@@ -93,3 +93,14 @@ def test_wrong_number_of_images_is_named(tmp_path):
     ids = torch.tensor([tokenizer.encode(tokenizer.image_processor.image_text() + "hi", add_special_tokens=False)])
     with pytest.raises(ValueError, match="16 image placeholder tokens, its 2 image"):
         ours(ids, pixel_values=torch.zeros(2, 3, 28, 28))
+
+
+@pytest.mark.parametrize("case", ["llava-default--2", "gemma3"])
+def test_parameter_count_from_the_config(tmp_path, case):
+    """The memory estimator's weights include the tower and projector, counted from the config."""
+    make, options, _ = CASES[case]
+    model, _ = velotune.load_model(make(tmp_path / "model", **options), dtype=torch.float32, device="cpu")
+    vision = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("vision_tower.", "multi_modal_projector.")))
+    assert model.config.vision.num_parameters() == vision
+    total = sum(p.numel() for p in model.parameters())   # a tied head counted once, as the config counts it
+    assert model.config.num_parameters() == total

@@ -146,7 +146,8 @@ class ModelConfig:
         return bool(self.num_experts and self.moe_layers[layer])
 
     def num_parameters(self, embeddings: bool = True) -> int:
-        """Parameter count from shapes alone (used by the memory estimator and MFU)."""
+        """Parameter count from shapes alone (used by the memory estimator and MFU); a
+        vision-language model's tower and projector included."""
         h, i, hd = self.hidden_size, self.intermediate_size, self.head_dim
         q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         attn = h * q + 2 * h * kv + q * h
@@ -164,7 +165,7 @@ class ModelConfig:
         total = self.num_hidden_layers * (attn + norms) + moe * experts + (self.num_hidden_layers - moe) * mlp + h
         if embeddings:
             total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return total
+        return total + (self.vision.num_parameters() if self.vision is not None else 0)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -88,6 +88,20 @@ class VisionConfig:
     def num_positions(self) -> int:
         return self.patches_per_side ** 2 + int(self.class_token)
 
+    def num_parameters(self) -> int:
+        """Parameters of the tower and the projector, from the config alone (the memory estimator's
+        weights; a frozen tower keeps no activations for the backward)."""
+        h, i, layers, th = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.text_hidden_size
+        embeddings = self.num_channels * self.patch_size ** 2 * h + h * self.patch_bias + self.num_positions * h
+        embeddings += h * self.class_token
+        layer = 4 * (h * h + h) + 2 * h * i + i + h + 4 * h
+        norms = 2 * h * (int(self.pre_norm) + int(self.post_norm))
+        if self.projector == "mlp":
+            projector = h * th + th * th + 2 * th * self.projector_bias
+        else:
+            projector = h + h * th
+        return embeddings + layers * layer + norms + projector
+
     @property
     def image_tokens(self) -> int:
         """Decoder tokens one image becomes."""
