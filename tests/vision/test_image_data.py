@@ -96,6 +96,17 @@ def test_gemma3_examples_equal_its_processor(tmp_path):
         assert trained == row["messages"][1]["content"] + "<end_of_turn>"
 
 
+def test_examples_keep_no_pixels(vlm):
+    """Pixels are made per batch (a 896-pixel image is 9.6 MB of float32): an example holds the
+    file names and the processor, every image having been opened once when its row was read."""
+    import dataclasses
+
+    _, files, tokenizer = vlm
+    [example], _ = examples(write_rows(files["coffee"].parent / "lean.jsonl", image_rows(files)[:1]), tokenizer)
+    assert not any(isinstance(getattr(example, f.name), torch.Tensor) for f in dataclasses.fields(example))
+    assert example.image_processor is tokenizer.image_processor and example.pixel_values.shape == (1, 3, 28, 28)
+
+
 def test_collations_keep_placeholder_order(vlm):
     _, files, tokenizer = vlm
     rows = image_rows(files)[:3]

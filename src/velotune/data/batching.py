@@ -29,7 +29,8 @@ number of slots with empty documents.
 
 Rows with images (vision-language models) carry their pixels: every collation returns
 `pixel_values`, the images of its examples concatenated in the order the examples are laid out,
-which is the order of their placeholder tokens in the batch (None without images).
+which is the order of their placeholder tokens in the batch (None without images); the files are
+read and preprocessed here, batch by batch, rather than kept in memory for the whole run.
 
 All collations return `num_target_tokens`: the number of labels the loss sees after the shift
 (labels[:, 1:] != IGNORE_INDEX), which the trainer uses to normalise the loss exactly across
@@ -160,7 +161,7 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, width: int | 
 def pixels(examples: Sequence[Example]) -> torch.Tensor | None:
     """The images of examples laid out in this order, in the order of their placeholder tokens
     (what `Transformer.embed_with_images` fills them in by); None without images."""
-    found = [example.pixel_values for example in examples if example.pixel_values is not None]
+    found = [example.pixel_values for example in examples if example.images]
     return torch.cat(found) if found else None
 
 

@@ -36,7 +36,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -69,7 +69,18 @@ class Example:
     labels: list[int]          # same length as input_ids; IGNORE_INDEX where not trained
     where: str = ""            # provenance, for error messages
     images: tuple[str, ...] = ()                  # image files, in placeholder order
-    pixel_values: torch.Tensor | None = None      # their pixels [images, C, H, W] (data/images.py)
+    # What turns them into pixels (tokenizer/image_processor.py). Pixels are made when a batch is
+    # collated, not kept: a 896-pixel Gemma 3 image is 9.6 MB of float32, so a data set of ten
+    # thousand would hold 96 GB. Every image was opened once when the row was read, so a missing
+    # or unreadable file fails then, naming its row, before the model loads.
+    image_processor: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        """The images' pixels [images, C, H, W], read and preprocessed now (None without images)."""
+        if not self.images:
+            return None
+        return self.image_processor.pixel_values(list(self.images), self.where)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -223,7 +234,7 @@ def _tokenize_rows(samples: Sequence[Sample], tokenizer: ChatTokenizer,
             if example.images:
                 check_image_tokens_kept(example, tokenizer, max_seq_length)
             example = Example(example.input_ids[:max_seq_length], example.labels[:max_seq_length],
-                              example.where, example.images, example.pixel_values)
+                              example.where, example.images, example.image_processor)
         if example.num_targets == 0:
             report.dropped_no_targets += 1
             if len(report.dropped_where) < REPORTED_DROPS:
@@ -268,15 +279,16 @@ def tokenize_chat(sample: ChatSample, tokenizer: ChatTokenizer) -> Example:
     if processor is not None:
         sample = with_part_lists(sample)
     text, spans = assistant_spans(sample, tokenizer)
-    pixels = None
     if processor is not None:
         text, spans = expand_images(text, spans, processor, len(images), sample.where)
         try:
-            pixels = processor.pixel_values(images, sample.where) if images else None
+            for path in images:         # read now, so a bad file fails here and names its row
+                processor.open(path, sample.where)
         except ValueError as error:     # ImageError: a missing or unreadable file, named with the row
             raise DataError(str(error)) from None
     ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=False)
-    return Example(list(ids), label_spans(ids, offsets, spans), sample.where, tuple(images), pixels)
+    return Example(list(ids), label_spans(ids, offsets, spans), sample.where, tuple(images),
+                   processor if images else None)
 
 
 def with_part_lists(sample: ChatSample) -> ChatSample:
