@@ -105,3 +105,28 @@ def test_packed_rows_and_eval_with_images(tmp_path, capsys):
     assert main(["data", str(config), "--rows", "1", "--output_dir", str(tmp_path / "other")]) == 0
     shown = capsys.readouterr().out
     assert "<image> x 16 (" in shown and "<image><image>" not in shown
+
+
+def test_generate_command_with_images(tmp_path, capsys):
+    """`velotune generate --image FILE` answers as `Transformer.generate` with the image does, and a
+    missing file or a text model is an error naming it."""
+    from tests.cli.cli_helpers import make_chat_model
+
+    model = make_vlm_model(tmp_path / "model")
+    files = write_samples(tmp_path / "data")
+    loaded, tokenizer = velotune.load_model(model, dtype=torch.float32, device="cpu")
+    ids, pixels = prompt(tokenizer, files, "chelsea")
+    want = tokenizer.decode(loaded.generate(ids, max_new_tokens=8, pixel_values=pixels,
+                                            stop_token_ids=tokenizer.stop_token_ids)[0, ids.shape[1]:].tolist(),
+                            skip_special_tokens=True).strip()
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model), "--device", "cpu", "--image", str(files["chelsea"]),
+                 "--prompt", "What is in the picture?", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() == want
+    assert main(["generate", "--model", str(model), "--device", "cpu", "--image", str(tmp_path / "no.png"),
+                 "--prompt", "hi"]) == 2
+    assert "--image: image" in capsys.readouterr().err
+    text_model = make_chat_model(tmp_path / "text")
+    assert main(["generate", "--model", str(text_model), "--device", "cpu", "--image", str(files["chelsea"]),
+                 "--prompt", "hi"]) == 2
+    assert "needs a vision-language model" in capsys.readouterr().err

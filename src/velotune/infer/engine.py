@@ -223,15 +223,18 @@ def generate_tensor(model: Transformer, input_ids: torch.Tensor, params: Samplin
 
 
 def generate(model: Transformer, tokenizer: Any, prompts: Sequence[Sequence[int] | str],
-             params: SamplingParams | None = None) -> list[Completion]:
-    """Completions for a batch of prompts (token ids, or strings encoded without chat template)."""
+             params: SamplingParams | None = None, pixel_values: torch.Tensor | None = None) -> list[Completion]:
+    """Completions for a batch of prompts (token ids, or strings encoded without chat template);
+    `pixel_values`: the prompts' images in the order of their placeholder tokens (vision-language
+    models)."""
     params = params or SamplingParams()
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     device = next(model.parameters()).device
     stops = stop_ids(model, tokenizer, params.stop_token_ids)
     input_ids, mask = left_pad(ids, stops[0] if stops else 0, device)
     with eval_mode(model):
-        run = GenerationRun(model, input_ids, mask, params, stops, tokenizer)
+        run = GenerationRun(model, input_ids, mask, params, stops, tokenizer,
+                            None if pixel_values is None else pixel_values.to(device))
         while run.step() is not None:
             pass
     return [Completion(ids[r], run.token_ids(r), run.text(r), run.finish_reason(r)) for r in range(len(ids))]
