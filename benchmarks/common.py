@@ -47,9 +47,10 @@ def train_flops_per_token(config, seq_len: int) -> float:
     return 6 * config.num_parameters(embeddings=False) + attn
 
 
-def append_row(section: str, columns: list[str], values: list[str]) -> None:
-    """Append one row to the table under `## section` in RESULTS.md, creating it if needed."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEvery row names its date and machine.\n"
+def append_row(section: str, columns: list[str], values: list[str], results: Path | None = None) -> None:
+    """Append one row to the table under `## section` in RESULTS.md (or `results`), creating it if needed."""
+    path = results or RESULTS
+    text = path.read_text() if path.exists() else "# Benchmark results\n\nEvery row names its date and machine.\n"
     heading = f"## {section}"
     row = "| " + " | ".join(values) + " |"
     if heading not in text:
@@ -64,7 +65,7 @@ def append_row(section: str, columns: list[str], values: list[str]) -> None:
         else:
             tail = tail[:table_end] + "\n" + row + tail[table_end:]
         text = head + heading + tail
-    RESULTS.write_text(text)
+    path.write_text(text)
 
 
 def today() -> str:

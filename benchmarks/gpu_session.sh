@@ -4,7 +4,17 @@
 #   bash benchmarks/gpu_session.sh train   # LoRA training throughput 1B mb8, 8B mb1/mb4; decode throughput
 #   bash benchmarks/gpu_session.sh rl      # GRPO memory (8B QLoRA); checkpointing auto (8B LoRA mb4)
 #   bash benchmarks/gpu_session.sh qlora   # QLoRA vs transformers+PEFT+bitsandbytes (8B, mb1 and mb4)
-#   bash benchmarks/gpu_session.sh long    # longest trainable context (8B QLoRA, batch 1)
+#   bash benchmarks/gpu_session.sh memory  # what is allocated at the peak of an eager step (8B mb4, 8B mb1
+#                                          # offload, 1B mb8 offload), then an offloaded e2e run profiled
+#   bash benchmarks/gpu_session.sh sites   # the e2e 8B LoRA padded run (with and without offloaded
+#                                          # checkpoints) recorded: its peak's allocation sites, step times
+#   bash benchmarks/gpu_session.sh long    # longest trainable context (8B QLoRA, batch 1), one call
+#   LONG_ARGS="--seq 500000" bash benchmarks/gpu_session.sh long-start   # a run longer than one call:
+#   bash benchmarks/gpu_session.sh long-wait                             # the next call, at once after
+#     long-start runs bench_long_context.py LONG_ARGS in its own process session (it outlives the
+#     call) and returns after ~9.5 minutes; long-wait waits up to ~9.5 minutes more for it and
+#     returns its log and RESULTS.md (rows appended to a copy in /tmp/long: the working tree is
+#     copied afresh at each call). The machine stays warm 30 s after a call: call again at once.
 #   bash benchmarks/gpu_session.sh vision  # vision-language LoRA vs transformers+PEFT (Gemma-3-4B, LLaVA-1.5-7B)
 #   bash benchmarks/gpu_session.sh e2e     # velotune train vs Unsloth+TRL (and transformers+PEFT+TRL) on
 #                                          # variable-length rows: E2E_ARGS are bench_e2e.py run's options
@@ -40,7 +50,49 @@ case "${1:-tests}" in
   vision)
     python3 benchmarks/bench_vision.py --model gemma-3-4b --batch 1 4 --seq 2048 2>&1 | grep -v -i warn | tail -3
     python3 benchmarks/bench_vision.py --model llava-1.5-7b --batch 1 4 --seq 2048 2>&1 | grep -v -i warn | tail -3 ;;
+  memory)
+    for a in "--model Llama-3.1-8B --batch 4" "--model Llama-3.1-8B --batch 1 --offload" \
+             "--model Llama-3.2-1B --batch 8 --offload"; do
+      python3 benchmarks/profile_step.py $a --seq 2048 --eager --memory --sites --rows 22 2>&1 \
+        | grep -E "^(sites|memory|step|Llama)" | tee -a "$OUT/memory.log"
+    done
+    python3 benchmarks/bench_e2e.py run --rows 300 --layouts padded --systems velotune-offload 2>&1 \
+      | grep -E "tok/s|vs Unsloth|Error|error" | tail -4
+    python3 -m velotune train --no-progress --model=/tmp/velotune-e2e/Llama-3.1-8B \
+      --dataset=/tmp/velotune-e2e/rows-300/train.jsonl --dataset_format=text --micro_batch_size=4 \
+      --max_seq_length=2048 --gradient_checkpointing=true --offload_checkpoints=true --num_epochs=1 \
+      --output_dir=/tmp/velotune-prof --profile_steps=[40,42] 2>&1 | tee "$OUT/profiled.log" | tail -25 ;;
+  sites)
+    python3 benchmarks/bench_e2e.py run --rows 300 --layouts padded --systems velotune 2>&1 \
+      | grep -E "tok/s|vs Unsloth|Error|error" | tail -3
+    for extra in "--offload_checkpoints=false" "--offload_checkpoints=true"; do
+      echo "== velotune train $extra"
+      python3 benchmarks/memory_sites.py --rows 14 -- train --no-progress --model=/tmp/velotune-e2e/Llama-3.1-8B \
+        --dataset=/tmp/velotune-e2e/rows-300/train.jsonl --eval_dataset=/tmp/velotune-e2e/rows-300/eval.jsonl \
+        --dataset_format=text --micro_batch_size=4 --max_seq_length=2048 --gradient_checkpointing=true \
+        --num_epochs=1 --logging_steps=1 --output_dir=/tmp/velotune-sites $extra 2>&1 \
+        | grep -E "^sites|rror|CUDA graphs|replay" | tee -a "$OUT/sites.log"
+      python3 -c "import json; r=[json.loads(l) for l in open('/tmp/velotune-sites/metrics.jsonl') if 'train_seconds' in l]
+t=[b['train_seconds']-a['train_seconds'] for a,b in zip(r,r[1:])]; print('step ms:', ' '.join(f'{1e3*x:.0f}' for x in t))
+print('peak GiB by step:', ' '.join(f\"{x['peak_memory_gib']:.2f}\" for x in r[::4]))" | tee -a "$OUT/sites.log"
+      rm -rf /tmp/velotune-sites
+    done ;;
   long)
     python3 benchmarks/bench_long_context.py --seq ${SEQS:-350000} 2>&1 | tee "$OUT/long.log" | grep -v -i warn | tail -12 ;;
+  long-start)
+    mkdir -p /tmp/long && cp benchmarks/RESULTS.md /tmp/long/RESULTS.md
+    setsid python3 benchmarks/bench_long_context.py ${LONG_ARGS:---seq 500000} --results /tmp/long/RESULTS.md \
+      > /tmp/long/log 2>&1 < /dev/null &
+    echo $! > /tmp/long/pid
+    while kill -0 "$(cat /tmp/long/pid)" 2>/dev/null && [ $SECONDS -lt 560 ]; do sleep 5; done
+    grep -v -i warn /tmp/long/log | tail -8
+    kill -0 "$(cat /tmp/long/pid)" 2>/dev/null && echo "still running: call long-wait now"
+    cp /tmp/long/RESULTS.md "$OUT/RESULTS.md"; cp /tmp/long/log "$OUT/long.log"; exit 0 ;;
+  long-wait)
+    [ -f /tmp/long/pid ] || { echo "no long-start run on this machine (it was given back?)"; exit 1; }
+    while kill -0 "$(cat /tmp/long/pid)" 2>/dev/null && [ $SECONDS -lt 570 ]; do sleep 5; done
+    grep -v -i warn /tmp/long/log | tail -12
+    kill -0 "$(cat /tmp/long/pid)" 2>/dev/null && echo "still running: call long-wait again"
+    cp /tmp/long/RESULTS.md "$OUT/RESULTS.md"; cp /tmp/long/log "$OUT/long.log"; exit 0 ;;
 esac
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"

@@ -37,14 +37,16 @@ def main() -> None:
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (the profiler then sees every kernel)")
     p.add_argument("--shapes", action="store_true", help="also group operators by input shapes")
     p.add_argument("--memory", action="store_true", help="peak memory of each phase of an eager step")
+    p.add_argument("--sites", action="store_true",
+                   help="what is allocated at the step's peak, grouped by the velotune line that allocated it")
     p.add_argument("--steps", type=int, default=3, help="unprofiled steps averaged for the wall time")
     p.add_argument("--trace", help="write the profiled steps' Chrome trace to this file")
     p.add_argument("--profiled-steps", type=int, default=1,
                    help="steps profiled back to back (more than one shows what lies between steps: "
                         "idle GPU time, or slower replays once the GPU runs at its power limit)")
     args = p.parse_args()
-    if args.memory and not args.eager:
-        p.error("--memory splits an eager step into its phases: add --eager")
+    if (args.memory or args.sites) and not args.eager:
+        p.error("--memory and --sites look inside an eager step: add --eager")
     cfg = hf_config(args.model)
     folder = None
     if args.qlora:
@@ -78,6 +80,8 @@ def main() -> None:
         print(f"host embedding lookup of {ids.numel()} ids: {(time.perf_counter() - start) * 1e3:.1f} ms on the CPU")
     if args.memory:
         memory_phases(model, ids, opt)
+    if args.sites:
+        memory_sites(one_step, model, opt, args.rows)
     n = args.profiled_steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.shapes) as prof:
         start = time.perf_counter()
@@ -129,6 +133,24 @@ def memory_phases(model: torch.nn.Module, ids: torch.Tensor, opt: torch.optim.Op
         print(f"memory: {name:16s} allocated after {after / gib:7.3f} GiB"
               + ("" if peak is None else f", peak {peak / gib:7.3f} GiB"))
 
+
+def memory_sites(one_step, model: torch.nn.Module, opt: torch.optim.Optimizer, rows: int) -> None:
+    """The live allocations at the peak of one step, by the velotune line that made them
+    (benchmarks/memory_sites.py); what was allocated before the step is split into the parts we
+    can name (weights, adapters, optimizer state)."""
+    from memory_sites import print_sites, recorded_trace
+
+    gib = 2 ** 30
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.is_cuda)
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                if torch.is_tensor(t) and t.is_cuda)
+    print(f"sites: before the step {before / gib:.3f} GiB = parameters {params / gib:.3f} + optimizer state "
+          f"{state / gib:.3f} + other {(before - params - state) / gib:.3f}")
+    with recorded_trace() as trace:
+        one_step()
+    print_sites(trace, before, rows)
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,7 @@ PUBLISHED_PARAMETERS = {
     "Llama-3.2-1B": 1_235_814_400, "Mistral-7B": 7_248_023_552, "Qwen2.5-7B": 7_615_616_512,
     "Gemma-2-9B": 9_241_705_984, "Phi-3-mini": 3_821_079_552, "Qwen3-30B-A3B": 30_532_122_624,
     "gpt-oss-20b": 20_914_757_184,
+    "Qwen3-8B": 8_190_735_360,      # model.safetensors.index.json total_size 16,381,470,720 bf16 bytes
 }
 
 

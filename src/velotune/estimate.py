@@ -87,7 +87,7 @@ Qwen3 configs), max(forward end, backward start, backward end) came within 4% of
 above the weights; the weights came about 64 MiB under what was allocated before the step (buffers
 and workspaces outside the parameters, covered by RESERVED_GIB). `benchmarks/measure_activations.py`
 repeats that measurement (Llama-3.2-1B full, LoRA, QLoRA). With offloaded checkpoints a layer is
-recomputed in pieces (`Transformer.checkpoint_pieces`), each smaller than the layer counted here.
+recomputed in pieces (`velotune.placement`), each smaller than the layer counted here.
 Not counted: padding and packed-document attention masks (1 B x batch x seq^2 each) and the
 SDPA math fallback they can trigger; CUDA context and allocator fragmentation (`what_fits` keeps
 RESERVED_GIB aside for those).

@@ -8,18 +8,22 @@ from dataclasses import replace
 import pytest
 import torch
 
+from velotune.models import checkpointing as checkpointing_module
 from velotune.models.checkpointing import (
     GIB,
     MemoryBudget,
     activation_peak,
+    auto_offload,
     choose_checkpointed_layers,
     configure_training_memory,
+    host_holds_layer_inputs,
     resident_bytes,
     training_method,
 )
 from velotune.models.config import ModelConfig
 from velotune.models.known_configs import load_config
 from velotune.models.transformer import Transformer
+from velotune.placement import kept_attention_per_token
 from velotune.train.config import TrainConfigError, load_config as load_train_config
 
 LLAMA8B, _ = load_config("Llama-3.1-8B")
@@ -88,15 +92,20 @@ def test_nothing_needed_with_room_everything_when_nothing_fits():
 
 def test_offload_and_tiling_lower_the_estimated_peak():
     b = budget(80)
+    # 8,192 tokens: 32 inputs on the GPU -> two layers' parked tensors in flight, in three pieces:
+    # input, residual, q, k, v (4096 + 4096 + 4096 + 1024 + 1024 = 3.5 inputs each)
+    short = activation_peak(LLAMA8B, b, 1, 8192, 32) - activation_peak(LLAMA8B, b, 1, 8192, 32, offload=True)
+    assert short == (32 - 7) * INPUT_PER_TOKEN * 8192
+    # 65,536 tokens: the attention kernel costs more than the projections' matmuls, so layers stay
+    # whole and keep their attention output instead (the previous layer's in flight with its input)
     plain = activation_peak(LLAMA8B, b, 1, 65536, 32)
     offloaded = activation_peak(LLAMA8B, b, 1, 65536, 32, offload=True)
-    # 32 inputs on the GPU -> two layers' parked tensors in flight: input, residual, q, k, v
-    # (4096 + 4096 + 4096 + 1024 + 1024 = 3.5 inputs each)
-    assert plain - offloaded == (32 - 7) * INPUT_PER_TOKEN * 65536
-    # Sandwich norms (Gemma 2) keep layers whole: one input parked per layer.
+    assert plain - offloaded == (32 - 2) * INPUT_PER_TOKEN * 65536 - kept_attention_per_token(LLAMA8B, 2) * 65536
+    # Sandwich norms (Gemma 2) keep layers whole at any length: one input parked per layer, and
+    # (the host having room) each layer's attention output beside it.
     sandwich = replace(LLAMA8B, sandwich_norms=True)
     assert (activation_peak(sandwich, b, 1, 65536, 32) - activation_peak(sandwich, b, 1, 65536, 32, offload=True)
-            == (32 - 2) * INPUT_PER_TOKEN * 65536)
+            == (32 - 2) * INPUT_PER_TOKEN * 65536 - kept_attention_per_token(sandwich, 2) * 65536)
     tiled = activation_peak(LLAMA8B, b, 1, 65536, 32, offload=True, mlp_chunk=8192)
     assert tiled < offloaded - 3 * 2 * 14336 * 65536 // 2
 
@@ -173,6 +182,19 @@ def test_configure_training_memory_sets_the_model_and_reports_auto():
         model(torch.randint(0, 61, (1, 5)))
 
 
+def test_offload_auto_offloads_only_checkpointed_layers_on_a_gpu_with_host_room(monkeypatch):
+    model = tiny_model()
+    assert load_train_config(None, []).offload_checkpoints == "auto"
+    configure_training_memory(model, checkpointing=True, offload="auto")
+    assert model.offload_checkpoints is False                        # the CPU: nothing to free
+    assert not auto_offload(model, True, 4096) and not auto_offload(model, False, 4096)
+    layer_inputs = model.config.num_hidden_layers * 4096 * model.config.hidden_size * 2
+    monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs)
+    assert host_holds_layer_inputs(model.config, 4096, 2)
+    monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs - 1)
+    assert not host_holds_layer_inputs(model.config, 4096, 2)       # the host cannot hold them
+
+
 def test_train_config_keys(tmp_path):
     cfg = load_train_config(None, ["--gradient_checkpointing=auto", "--offload_checkpoints=true",
                                    "--mlp_chunk_tokens=4096", "--memory_budget_gib=70"])
@@ -186,6 +208,9 @@ def test_train_config_keys(tmp_path):
         load_train_config(path)
     with pytest.raises(TrainConfigError, match="offload_checkpoints.*needs gradient_checkpointing"):
         load_train_config(None, ["--offload_checkpoints=true"])
+    assert load_train_config(None, ["--offload_checkpoints=auto"]).offload_checkpoints == "auto"
+    with pytest.raises(TrainConfigError, match="key 'offload_checkpoints' must be true, false or auto"):
+        load_train_config(None, ["--offload_checkpoints=sometimes"])
     with pytest.raises(TrainConfigError, match="mlp_chunk_tokens"):
         load_train_config(None, ["--mlp_chunk_tokens=-5"])
     with pytest.raises(TrainConfigError, match="memory_budget_gib"):

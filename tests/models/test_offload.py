@@ -14,8 +14,8 @@ from velotune.models.transformer import Transformer
 
 LAYERS, HIDDEN = 3, 32
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
-# Offloaded layers are checkpointed in three pieces, host room allowing (`Transformer.
-# checkpoint_pieces`): a forward parks per layer its input, q, k, v and the residual between the
+# Offloaded layers are checkpointed in three pieces, host room allowing, at these short lengths
+# (`velotune.placement`): a forward parks per layer its input, q, k, v and the residual between the
 # attention and the MLP (per token, elements of each):
 PIECES = [HIDDEN, HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, HIDDEN]
 PARKED = len(PIECES) * LAYERS
@@ -171,14 +171,15 @@ def parked_bytes(b: int = 2, t: int = 11) -> list[int]:
 
 
 def test_missing_host_memory_is_refused_before_anything_is_copied(monkeypatch):
-    """MemAvailable holds 1.5 of the 3 layer inputs (past the reserve): the forward stops at the
-    first layer, names the sizes and how many checkpoints to keep on the device, and pins
-    nothing. Keeping 2 on the device (one input left to offload) then runs."""
+    """MemAvailable holds 1.5 of the 3 layer inputs (past the reserve) and the user asked for
+    every input in host memory (checkpoints_kept_on_gpu 0): the forward stops at the first layer,
+    names the sizes and how many checkpoints to keep on the device, and pins nothing. Keeping 2
+    on the device (one input left to offload) then runs."""
     model = tiny_model()
     ids, labels = batch()
     available = offload.HOST_RESERVE_BYTES + 3 * one_input_bytes() // 2
     monkeypatch.setattr(offload, "host_memory_bytes", lambda: (64 * 2**30, available))
-    model.gradient_checkpointing, model.offload_checkpoints = True, True
+    model.gradient_checkpointing, model.offload_checkpoints, model.checkpoints_kept_on_gpu = True, True, 0
     with pytest.raises(OffloadError) as err:
         model(ids, labels=labels, return_logits=False)
     text = str(err.value)
@@ -233,6 +234,30 @@ def test_a_longer_sequence_replaces_the_buffers_and_a_shorter_one_reuses_them():
     assert torch.equal(shorter[0], reference[0])
     assert all(torch.equal(shorter[1][n], g) for n, g in reference[1].items())
     assert pool.release_free() == sum(parked_bytes(t=20)) and pool.buffers == []
+
+
+def test_a_pool_told_the_longest_micro_batch_pins_once_for_every_later_shape():
+    """`PinnedHostPool.max_tokens` (a graphed trainer step sets it): the first forward's buffers
+    are sized for that many tokens of each parked tensor's width, so wider shapes later in the
+    run reuse them; a shape past the bound still gets exact buffers; losses stay exact."""
+    model = tiny_model()
+    model.gradient_checkpointing, model.offload_checkpoints = True, True
+    pool = model.offload_pool
+    pool.max_tokens = 2 * 20
+    allocated = []
+    for t in (5, 11, 20):
+        ids, labels = batch(t=t)
+        reference = loss_and_grads(model, ids, labels, offload_checkpoints=False)
+        got = loss_and_grads(model, ids, labels, offload_checkpoints=True)
+        allocated.append(model.offload_stats.allocated)
+        assert torch.equal(got[0], reference[0])
+        assert all(torch.equal(got[1][n], g) for n, g in reference[1].items())
+    assert allocated == [PARKED, 0, 0]
+    assert sorted(b.nbytes for b in pool.buffers) == parked_bytes(t=20)
+    ids, labels = batch(t=23)
+    loss_and_grads(model, ids, labels, offload_checkpoints=True)
+    assert model.offload_stats.allocated == PARKED
+    assert sorted(b.nbytes for b in pool.buffers) == parked_bytes(t=23)
 
 
 def test_two_graphs_alive_at_once_lease_different_buffers():
@@ -334,6 +359,7 @@ def test_offload_on_gpu_matches_and_frees_device_memory():
     cfg = ModelConfig(model_type="llama", vocab_size=256, hidden_size=512, intermediate_size=1024,
                       num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
     model = Transformer(cfg).cuda().train()
+    model.keep_attention_outputs = False     # pieces, not kept attention outputs (tested below)
     ids = torch.randint(0, 256, (1, 8192), device="cuda")
     peaks, held, results = {}, {}, {}
     for offloaded in (False, True):
@@ -371,6 +397,7 @@ def test_gpu_host_buffers_are_pinned_exact_and_reused_across_training_steps():
                       num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
     model = Transformer(cfg).to("cuda", torch.bfloat16).train()
     model.gradient_checkpointing = True
+    model.keep_attention_outputs = False     # pieces, not kept attention outputs (tested below)
     start = {n: t.clone() for n, t in model.state_dict().items()}
     batches = [torch.randint(0, 256, (1, seq), device="cuda") for _ in range(2)]
     pool = model.offload_pool
@@ -447,3 +474,129 @@ def test_offloaded_inputs_are_freed_between_forward_and_backward(offload):
     assert len(alive) == (2 if offload else 1) * model.config.num_hidden_layers
     assert alive == [not offload] * len(alive)
     (out.loss_sum / out.num_targets).backward()   # and the backward still finds every input
+
+
+def test_auto_placement_keeps_on_the_device_what_the_host_has_no_room_for(monkeypatch):
+    """The default plan (checkpoints_kept_on_gpu auto): room for 1.5 whole inputs parks the first
+    layer's input in host memory, whole (no room for its pieces), keeps the other two on the
+    device, and trains exactly as without offload."""
+    model = tiny_model()
+    ids, labels = batch()
+    reference = loss_and_grads(model, ids, labels, gradient_checkpointing=True)
+    available = offload.HOST_RESERVE_BYTES + 3 * one_input_bytes() // 2
+    monkeypatch.setattr(offload, "host_memory_bytes", lambda: (64 * 2**30, available))
+    placed = loss_and_grads(model, ids, labels, offload_checkpoints=True)
+    assert model.placement.where == ("host", "gpu", "gpu") and model.placement.pieces == (1, 1, 1)
+    assert model.offload_stats.offloaded == 1 and model.offload_pool.held_bytes == one_input_bytes()
+    assert torch.equal(placed[0], reference[0])
+    assert all(torch.equal(placed[1][n], g) for n, g in reference[1].items())
+
+
+def test_auto_placement_takes_pieces_only_when_every_parked_layer_has_room_for_them(monkeypatch):
+    """Room for every input in two pieces but not three: all three layers park two tensors each
+    (input and the residual between the halves), and the result is exact."""
+    model = tiny_model()
+    ids, labels = batch()
+    reference = loss_and_grads(model, ids, labels, gradient_checkpointing=True)
+    room = 2 * LAYERS * one_input_bytes() + one_input_bytes() // 2
+    monkeypatch.setattr(offload, "host_memory_bytes", lambda: (64 * 2**30, offload.HOST_RESERVE_BYTES + room))
+    placed = loss_and_grads(model, ids, labels, offload_checkpoints=True)
+    assert model.placement.where == ("host",) * 3 and model.placement.pieces == (2, 2, 2)
+    assert model.offload_stats.offloaded == 2 * LAYERS
+    assert model.offload_stats.offloaded_bytes == model.placement.host_bytes == 2 * LAYERS * one_input_bytes()
+    assert torch.equal(placed[0], reference[0])
+    assert all(torch.equal(placed[1][n], g) for n, g in reference[1].items())
+
+
+def test_kept_attention_outputs_skip_the_recomputed_attention_and_stay_exact(monkeypatch):
+    """Room for every whole input and two layers' attention outputs (not for pieces): layers 0 and
+    1 park their output and log-sum-exp beside their input, their recomputation runs no attention
+    kernel, and loss and gradients equal the plain checkpointed run's bit for bit (awkward length 13)."""
+    from velotune.models import kept_attention
+
+    model = tiny_model()
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "o_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ids, labels = batch(b=1, t=13)
+    reference = loss_and_grads(model, ids, labels, gradient_checkpointing=True)
+    input_bytes = one_input_bytes(1, 13)
+    per_kept = 13 * (HEADS * HEAD_DIM * 4 + 4 * HEADS)
+    room = LAYERS * input_bytes + 2 * per_kept + 7
+    monkeypatch.setattr(offload, "host_memory_bytes", lambda: (64 * 2**30, offload.HOST_RESERVE_BYTES + room))
+    kernel_calls = []
+    forward = kept_attention._forward
+
+    def counting(*args):
+        kernel_calls.append(True)
+        return forward(*args)
+    monkeypatch.setattr(kept_attention, "_forward", counting)
+    kept = loss_and_grads(model, ids, labels, offload_checkpoints=True)
+    assert model.placement.pieces == (1, 1, 1) and model.placement.kept == (True, True, False)
+    assert model.placement.host_bytes == LAYERS * input_bytes + 2 * per_kept <= room
+    assert len(kernel_calls) == 2                        # the two first forwards; no recomputation ran one
+    assert model.offload_stats.offloaded == LAYERS + 2 * 2 and model.offload_stats.restored == LAYERS + 4
+    assert model.offload_stats.offloaded_bytes == model.placement.host_bytes
+    assert torch.equal(kept[0], reference[0])
+    assert all(torch.equal(kept[1][n], g) for n, g in reference[1].items())
+    off = loss_and_grads(model, ids, labels, keep_attention_outputs=False)
+    assert not any(model.placement.kept) and torch.equal(off[0], reference[0])
+
+
+@pytest.mark.gpu
+def test_gpu_kept_attention_outputs_match_recomputed_attention(monkeypatch):
+    """CUDA, bf16, grouped-query heads: layers keep their flash output and log-sum-exp in pinned
+    host memory (the aten flash kernel and its backward, called directly), the recomputation runs
+    no attention kernel, and loss and gradients match recomputing the attention with SDPA."""
+    from velotune.models import kept_attention
+
+    layers, seq = 4, 8192
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="llama", vocab_size=256, hidden_size=512, intermediate_size=1024,
+                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    model = Transformer(cfg).to("cuda", torch.bfloat16).train()
+    ids = torch.randint(0, 256, (1, seq), device="cuda")
+    recomputed = loss_and_grads(model, ids, ids, gradient_checkpointing=True, offload_checkpoints=True,
+                                keep_attention_outputs=False)
+    assert not any(model.placement.kept)
+    calls = []
+    forward = kept_attention._forward
+    monkeypatch.setattr(kept_attention, "_forward", lambda *a: calls.append(1) or forward(*a))
+    kept = loss_and_grads(model, ids, ids, keep_attention_outputs=True)
+    torch.cuda.synchronize()
+    assert model.placement.kept == (True,) * layers and len(calls) == layers
+    assert model.offload_stats.offloaded == 3 * layers           # input, output, log-sum-exp
+    assert float(kept[0]) == pytest.approx(float(recomputed[0]), rel=1e-3)
+    for name, grad in recomputed[1].items():
+        torch.testing.assert_close(kept[1][name].float(), grad.float(), rtol=3e-2,
+                                   atol=3e-2 * float(grad.abs().max()) + 1e-6)
+
+
+def test_one_long_row_given_as_one_document_runs_plain_causal_and_keeps_attention(monkeypatch):
+    """The trainer hands a padding-free row its document spans; a single row longer than
+    LONG_ROW_TOKENS that is one document runs as plain causal attention (the same loss and
+    gradients as with the spans), so its layers can keep their attention outputs. Two documents
+    keep the spans."""
+    from velotune.models import transformer
+    from velotune.models.masks import DocumentSpans
+
+    monkeypatch.setattr(transformer, "LONG_ROW_TOKENS", 16)
+    model = tiny_model()
+    ids, labels = batch(b=1, t=101)    # past 96 tokens attention outweighs pieces here
+    positions = torch.arange(101)[None]
+    one = DocumentSpans(torch.tensor([0, 101, 101], dtype=torch.int32), 101)   # an empty slot, as graphs pad them
+    model.gradient_checkpointing, model.offload_checkpoints = True, True
+    results = {}
+    for name, spans in (("spans", one), ("plain", None)):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=labels, position_ids=positions, documents=spans, return_logits=False)
+        (out.loss_sum / out.num_targets).backward()
+        results[name] = (out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        assert any(model.placement.kept)
+        assert model.offload_stats.offloaded == LAYERS + 2 * sum(model.placement.kept)   # outputs parked: used
+    assert torch.equal(results["spans"][0], results["plain"][0])
+    assert all(torch.equal(results["spans"][1][n], g) for n, g in results["plain"][1].items())
+    two = DocumentSpans(torch.tensor([0, 20, 101], dtype=torch.int32), 81)
+    assert not transformer.one_document(two) and transformer.one_document(one)

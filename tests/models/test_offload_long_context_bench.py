@@ -54,12 +54,13 @@ def test_build_quantizes_adds_adapters_and_one_step_trains_them(bench, tiny_conf
 
 
 def test_run_reports_each_length_and_stops_at_the_first_that_does_not_fit(bench, tiny_config):
-    args = bench.parse_args(["--config", tiny_config, "--device", "cpu", "--dtype", "float32",
+    args = bench.parse_args(["--config", tiny_config, "--device", "cpu", "--dtype", "float32", "--keep-on-gpu", "0",
                              "--mlp-chunk", "32", "--seq", "40", "129", "10000000000", "64", "--no-record"])
     rows = bench.run(args)
     assert [r["seq"] for r in rows] == [40, 129, 10_000_000_000]     # 64 never tried
     assert [r["outcome"] for r in rows[:2]] == ["ok", "ok"]
     assert rows[0]["host_offloaded_gib"] == pytest.approx(3 * PARKED_PER_TOKEN * 40 * 4 / 2**30)   # three pieces
+    assert rows[0]["placement"] == "3 host (3 piece) + 0 GPU"
     assert rows[2]["outcome"].startswith("host memory: offloaded inputs need") and rows[2]["seconds"] is None
 
 
@@ -105,13 +106,50 @@ def test_the_length_check_counts_the_pool_as_room(bench, tiny_config, monkeypatc
 
     monkeypatch.setattr(offload, "host_memory_bytes", memory)
     monkeypatch.setattr(bench, "build", build)
-    args = bench.parse_args(["--config", tiny_config, "--device", "cpu", "--dtype", "float32",
+    args = bench.parse_args(["--config", tiny_config, "--device", "cpu", "--dtype", "float32", "--keep-on-gpu", "0",
                              "--mlp-chunk", "32", "--seq", "40", "40", "41", "--no-record"])
     rows = bench.run(args)
     assert [r["outcome"] for r in rows[:2]] == ["ok", "ok"]
     assert rows[2]["outcome"].startswith("host memory: offloaded inputs need")   # 41 > 40 tokens of room
     out = capsys.readouterr().out
     assert "host buffers: 3 new" in out and "host buffers: 0 new" in out and "3 reused" in out
+
+
+def test_auto_placement_keeps_what_the_host_cannot_hold_on_the_device(bench, tiny_config, monkeypatch):
+    """The default (--keep-on-gpu auto): room for two of the three layer inputs parks two, whole,
+    and keeps the last on the device; the row says so."""
+    from velotune.models import offload
+
+    room = 2 * 48 * 64 * 4 + 100            # two float32 inputs of the tiny model at 48 tokens
+    monkeypatch.setattr(offload, "host_memory_bytes", lambda: (2**40, offload.HOST_RESERVE_BYTES + room))
+    args = bench.parse_args(["--config", tiny_config, "--device", "cpu", "--dtype", "float32",
+                             "--mlp-chunk", "16", "--seq", "48", "--no-record"])
+    (row,) = bench.run(args)
+    assert row["outcome"] == "ok" and row["placement"] == "2 host (1 piece) + 1 GPU"
+    assert row["host_offloaded_gib"] == pytest.approx(2 * 48 * 64 * 4 / 2**30)
+
+
+def test_a_probe_stops_the_backward_after_the_last_layers(bench, tiny_config):
+    """--probe-layers 1: the backward ends once the last layer has run its own: its adapters have
+    gradients, the first layer's none, and no optimizer step is taken."""
+    args = bench.parse_args(["--config", tiny_config, "--device", "cpu", "--dtype", "float32",
+                             "--mlp-chunk", "16", "--seq", "40", "--no-record"])
+    config = bench.model_config(args)
+    model, optimizer = bench.build(config, torch.device("cpu"), torch.float32, args)
+    seen, stepped = {}, []
+    clear = optimizer.zero_grad
+
+    def zero_grad(set_to_none=True):
+        seen.update({n: p.grad is not None for n, p in model.named_parameters() if p.requires_grad})
+        clear(set_to_none=set_to_none)
+    optimizer.zero_grad, optimizer.step = zero_grad, lambda: stepped.append(True)
+    bench.step(model, optimizer, 40, torch.device("cpu"), amp=False, probe_layers=1)
+    assert not stepped
+    last = [n for n in seen if n.startswith("model.layers.2.")]
+    assert last and all(seen[n] for n in last)
+    assert not any(seen[n] for n in seen if n.startswith("model.layers.0."))
+    bench.step(model, optimizer, 40, torch.device("cpu"), amp=False)          # hooks gone: a whole step
+    assert stepped and all(seen.values())
 
 
 @pytest.mark.gpu
@@ -124,3 +162,17 @@ def test_bench_runs_on_the_gpu_with_a_tiny_config(bench, tiny_config):
     assert [r["outcome"] for r in rows] == ["ok", "ok"]
     assert all(r["alloc_gib"] is not None and r["alloc_gib"] > 0 for r in rows)
     assert rows[1]["host_offloaded_gib"] == pytest.approx(3 * PARKED_PER_TOKEN * 8192 * 2 / 2**30)   # three pieces
+
+
+def test_the_unsloth_comparison_row_gives_the_speed_ratio(bench, tmp_path):
+    """--vs-unsloth's row: Unsloth's seconds over velotune's, and a dash where either did not run."""
+    results = tmp_path / "RESULTS.md"
+    args = bench.parse_args(["--results", str(results), "--seq", "262144", "300000"])
+    rows = [dict(seq=262144, seconds=180.0, outcome="ok", alloc_gib=36.0, placement="32 host (1 piece) + 0 GPU"),
+            dict(seq=300000, seconds=None, outcome="GPU OOM (x)", alloc_gib=None, placement=None)]
+    peers = {262144: {"seconds": 270.0, "peak_gib": 40.0, "outcome": "ok"}, 300000: {"outcome": "GPU OOM (y)"}}
+    bench.record_vs_unsloth(rows, peers, args)
+    text = results.read_text()
+    assert "## Long-context training vs Unsloth" in text
+    assert "| 262,144 | 180.0 | 270.0 | 1.50x | 36.0 | 40.0 | 32 host (1 piece) + 0 GPU | ok |" in text
+    assert "| 300,000 | - | - | - | - | - | - | GPU OOM (y) |" in text

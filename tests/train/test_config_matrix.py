@@ -32,7 +32,8 @@ EXPECTED: dict[str, tuple[object, set[str], dict[str, object]]] = {
     "mlp_chunk_tokens": (4096, ALL, {}), "memory_budget_gib": (20.0, ALL, {"gradient_checkpointing": "auto"}),
     "dtype": ("float32", ALL, {}), "device": ("cpu", ALL, {}), "seed": (7, ALL, {}), "eval_steps": (10, ALL, {}),
     "logging_steps": (5, ALL, {}), "save_steps": (10, ALL, {}), "save_total_limit": (2, ALL, {"save_steps": 10}),
-    "resume": (True, ALL, {}), "report": (False, ALL, {}), "distributed": ("ddp", ALL, {}),
+    "resume": (True, ALL, {}), "report": (False, ALL, {}),
+    "report_to": (["tensorboard"], ALL, {}), "distributed": ("ddp", ALL, {}),
     "export": (["gguf"], ALL, {}),
     # runs that never lose work (train/run_folder.py, train/guard.py): every method goes through them
     "overwrite_output_dir": (True, ALL, {}), "resume_allow_changes": (["max_steps"], ALL, {}),
@@ -72,7 +73,7 @@ EXPECTED: dict[str, tuple[object, set[str], dict[str, object]]] = {
     "rewards": (["my.rewards:score"], {"grpo"}, {}), "num_generations": (4, {"grpo"}, {}),
     "max_completion_length": (64, {"grpo"}, {}), "temperature": (0.7, {"grpo"}, {}), "grpo_beta": (0.0, {"grpo"}, {}),
     "prompt_column": ("question", {"grpo"}, {}), "loss_type": ("dapo", {"grpo"}, {}),
-    "importance_sampling": ("sequence", {"grpo"}, {}),
+    "importance_sampling": ("sequence", {"grpo"}, {}), "generation_batch_size": (2, {"grpo"}, {}),
 }
 BASE = {"grpo": {"rewards": ["m:f"], "micro_batch_size": 8}}   # what a valid grpo config needs anyway
 

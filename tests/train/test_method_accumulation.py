@@ -51,10 +51,10 @@ def length_reward(prompts, completions, **_):
     return [float(len(c)) for c in completions]
 
 
-def grpo_objective(micro_batch: int, loss_type: str, sampling: str) -> GRPOObjective:
+def grpo_objective(micro_batch: int, loss_type: str, sampling: str, generation_batch: int = 0) -> GRPOObjective:
     return GRPOObjective(byte_tokenizer(), [length_reward], num_generations=4, max_completion_length=6,
                          temperature=1.0, beta=0.1, loss_type=loss_type, importance_sampling=sampling, seed=3,
-                         micro_batch_size=micro_batch)
+                         micro_batch_size=micro_batch, generation_batch_size=generation_batch)
 
 
 def step(model, tmp_path, method: str, units, micro_batch: int, accumulation: int, objective=None, **settings):
@@ -104,3 +104,13 @@ def test_grpo_loss_types(tmp_path, loss_type, sampling):
     whole = step(model, tmp_path, "grpo", prompts, 8, 1, grpo_objective(8, loss_type, sampling))
     split = step(model, tmp_path, "grpo", prompts, 2, 4, grpo_objective(2, loss_type, sampling))
     assert_same(split, whole)
+
+
+def test_grpo_completions_decoded_in_smaller_batches_are_the_same(tmp_path):
+    """generation_batch_size 3 (a KV cache of 3 rows; 8 completions in batches of 3, 3, 2): the
+    same completions, rewards, loss and gradients as decoding all 8 at once."""
+    model = tiny_model()
+    prompts = [PromptExample([5, 9, 13, 7], {"prompt": "a"}, 0), PromptExample([3, 30, 8], {"prompt": "b"}, 1)]
+    whole = step(model, tmp_path, "grpo", prompts, 8, 1, grpo_objective(8, "grpo", "token"))
+    batched = step(model, tmp_path, "grpo", prompts, 8, 1, grpo_objective(8, "grpo", "token", generation_batch=3))
+    assert_same(batched, whole)

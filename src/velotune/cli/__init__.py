@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("train", "data", "chat", "generate", "eval", "export", "estimate", "doctor")
+SUBCOMMANDS = ("train", "data", "chat", "generate", "eval", "export", "estimate", "doctor", "studio")
 
 
 def version_text() -> str:

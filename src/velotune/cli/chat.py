@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from velotune.cli.generate import add_model_options, load_or_report, prompt_ids, with_system
+from velotune.cli.generate import add_model_options, load_or_report
+from velotune.infer.prompts import fitting_prompt
 from velotune.tokenizer.chat_template import ChatTemplateError
 
 EXIT_COMMANDS = ("/exit", "/quit")
@@ -67,11 +68,3 @@ def run(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": "".join(pieces).strip()})
     return 0
 
-
-def fitting_prompt(tokenizer, system: str | None, history: list[dict[str, str]], room: int) -> list[int]:
-    """The prompt ids of `history`, its oldest exchanges dropped (in place) until it fits `room`."""
-    ids = prompt_ids(tokenizer, with_system(system, history))
-    while len(ids) > room and len(history) > 1:
-        del history[:2]
-        ids = prompt_ids(tokenizer, with_system(system, history))
-    return ids

@@ -3,6 +3,9 @@
 Prints a table of weights, gradients, optimizer states and activations (with and without
 gradient checkpointing) in GiB, the activation formula term by term, what each memory saving
 does for this model, and with `--gpu-gib` the largest batch and sequence length that fit.
+`--seq max` instead gives the longest batch-1 context with offloaded checkpoints on a GPU and host
+of the given sizes (`velotune.models.long_context`), where its checkpoints go, and why the next
+length fails.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ from velotune.estimate import (
 )
 from velotune.errors import ConfigError
 from velotune.models.known_configs import load_config
+from velotune.models.long_context import grpo_longest_completion, kv_cache_per_token, longest_context
+from velotune.models.offload import host_memory_gib
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--method", choices=METHODS, default="qlora")
     p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
-    p.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--seq", type=_seq, default=2048,
+                   help="tokens per sequence (default 2048), or max: the longest batch-1 context that trains with "
+                        "offloaded checkpoints on --gpu-gib of GPU and --host-gib of host memory")
     p.add_argument("--optim", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing (default on)")
@@ -49,11 +56,87 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--offload-embeddings", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the frozen input embeddings in host memory (lora/qlora, untied models; default off)")
     p.add_argument("--gpu-gib", type=float, help="GPU memory in GiB: also report the largest batch and seq that fit")
+    p.add_argument("--host-gib", type=float,
+                   help="with --seq max: host memory available for pinned checkpoints, GiB (default: this machine's "
+                        "MemAvailable)")
+    p.add_argument("--grpo-batch", type=int,
+                   help="with --seq max: GRPO, this many completions decoded at once (generation_batch_size); "
+                        "reports the longest completion that both generation and the update fit")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="with --grpo-batch: prompt length (default 256)")
     p.set_defaults(func=run)
+
+
+def _seq(text: str) -> int | str:
+    if text == "max":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seq must be a number of tokens or max, got {text!r}") from None
+
+
+def run_longest(args: argparse.Namespace, console: Console) -> int:
+    """`--seq max`: the longest batch-1 context, where its checkpoints go, and what fails next."""
+    if args.gpu_gib is None:
+        print("velotune estimate: error: --seq max needs --gpu-gib (the GPU's memory in GiB, e.g. 79.6 for an "
+              "H100 80GB)", file=sys.stderr)
+        return 2
+    host_gib = args.host_gib if args.host_gib is not None else host_memory_gib()[1]
+    try:
+        config, source = load_config(args.model)
+        setup = Setup(method=args.method, optim=args.optim, lora_r=args.lora_r,
+                      offload_embeddings=args.offload_embeddings)
+        if args.grpo_batch is not None:
+            if args.grpo_batch < 1 or args.prompt_tokens < 1:
+                raise EstimateError("--grpo-batch and --prompt-tokens must be at least 1")
+            return _print_grpo(console, source, config, setup, args, host_gib)
+        best, first_failing = longest_context(config, setup, args.gpu_gib, host_gib)
+    except (EstimateError, ConfigError) as exc:
+        print(f"velotune estimate: error: {exc}", file=sys.stderr)
+        return 2
+    console.print(f"[bold]{source}[/bold] {setup.method} r{setup.lora_r}, batch 1, every layer checkpointed, "
+                  f"checkpoints offloaded, MLP tiled, loss chunked; {args.gpu_gib:g} GiB GPU "
+                  f"({RESERVED_GIB:g} GiB kept for the CUDA context), {host_gib:.1f} GiB host memory available")
+    if best is None:
+        console.print(f"[red]Nothing fits[/red]: {first_failing.why_not()}")
+        return 0
+    console.print(f"Longest context: [bold]{best.seq:,} tokens[/bold]")
+    console.print(f"  GPU {best.gpu_total / GIB:.1f} GiB at its peak ({best.moment}): weights, gradients and "
+                  f"optimizer {best.resident / GIB:.1f} + activations {best.activations / GIB:.1f}")
+    console.print(f"  {best.placement.describe()}; host {best.host_total / GIB:.1f} GiB of "
+                  f"{best.host_budget / GIB:.1f} (the rest is left to the system)")
+    if first_failing.seq != best.seq:
+        console.print(f"  {first_failing.seq:,} tokens does not fit: {first_failing.why_not()}")
+    if best.seq > config.max_position_embeddings:
+        console.print(f"  (beyond the model's max_position_embeddings, {config.max_position_embeddings:,}: "
+                      "positions past it need RoPE scaling to be meaningful)")
+    return 0
+
+
+def _print_grpo(console: Console, source: str, config, setup: Setup, args: argparse.Namespace,
+                host_gib: float) -> int:
+    best, nxt = grpo_longest_completion(config, setup, args.prompt_tokens, args.grpo_batch, args.gpu_gib, host_gib)
+    console.print(f"[bold]{source}[/bold] GRPO {setup.method} r{setup.lora_r}: {args.grpo_batch} completions decoded "
+                  f"at once (generation_batch_size), prompt {args.prompt_tokens:,} tokens, one completion per update "
+                  f"micro-batch with offloaded checkpoints; {args.gpu_gib:g} GiB GPU, {host_gib:.1f} GiB host memory")
+    if best is None:
+        console.print(f"[red]Nothing fits[/red]: {nxt.why_not()}")
+        return 0
+    console.print(f"Longest completion: [bold]{best.completion:,} tokens[/bold]")
+    kv = kv_cache_per_token(config)
+    console.print(f"  generation {best.generation_gpu / GIB:.1f} GiB (KV cache {kv:,} B a token); "
+                  f"update {best.training.gpu_total / GIB:.1f} GiB, {best.training.placement.describe()}")
+    console.print(f"  {nxt.completion:,} tokens does not fit: {nxt.why_not()}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True)
+    if args.seq == "max":
+        return run_longest(args, console)
+    if args.host_gib is not None or args.grpo_batch is not None:
+        print("velotune estimate: error: --host-gib and --grpo-batch apply to --seq max only", file=sys.stderr)
+        return 2
     try:
         config, source = load_config(args.model)
         setup = Setup(method=args.method, batch=args.batch, seq=args.seq, optim=args.optim,

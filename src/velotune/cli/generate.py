@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from velotune.infer.prompts import prompt_ids, with_system
 from velotune.infer.sampling import SamplingParams
 from velotune.tokenizer.chat_template import ChatTemplateError
 
@@ -57,15 +58,6 @@ def load_or_report(args: argparse.Namespace, command: str):
         print(f"velotune {command}: error: {exc}", file=sys.stderr)
         return None
     return model, tokenizer, params
-
-
-def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def with_system(system: str | None, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    return ([{"role": "system", "content": system}] if system else []) + messages
 
 
 def image_prompts(tokenizer, args: argparse.Namespace):

@@ -5,7 +5,8 @@ overrides given; `--demo` runs the bundled demo config instead (LoRA on SmolLM2-
 the chatterbot dialogues, 40 steps and exports, a few minutes on a CPU: what `make demo` runs).
 The demo's settings used to be the no-config default, and a user's `velotune train --model M
 --dataset D --num_epochs=1` then stopped after the demo's 40 steps and tried its Ollama export.
-Every YAML key can be overridden on the command line.
+Every YAML key can be overridden on the command line. SIGTERM stops a run after the step in
+progress, once its checkpoint is written (exit status 143; train/stop.py).
 `--nproc-per-node N` starts the same command on N processes of this machine through torchrun;
 started by torchrun directly, every process runs this module as a rank.
 """
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from velotune.train.checkpoint import CheckpointError
     from velotune.train.guard import TrainingStopped
     from velotune.train.run import train_from_config
+    from velotune.train.stop import STOPPED_EXIT_CODE, StopRequested
 
     from velotune import distributed
     from velotune.distributed.launch import LaunchError
@@ -81,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
         if args.nproc_per_node is not None:
             return launch(args, config.device)
         train_from_config(config, show_progress=not args.no_progress)
+    except StopRequested as exc:
+        print(f"velotune train: {exc}", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     except (TrainConfigError, DataError, LoadError, ConfigError, CheckpointError, LaunchError, TrainingStopped,
             ExportError, RewardError) as exc:
         print(f"velotune train: error: {exc}", file=sys.stderr)

@@ -99,6 +99,15 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
             "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
         },
     },
+    "Qwen3-8B": {
+        "hub_id": "Qwen/Qwen3-8B",
+        "config": {
+            "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+            "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
+        },
+    },
     "Qwen3-30B-A3B": {
         "hub_id": "Qwen/Qwen3-30B-A3B",
         "config": {

@@ -6,8 +6,10 @@ is its input, [batch, seq, hidden]: for Llama-3.1-8B at 350,000 tokens that is 2
 side CUDA stream as soon as it is saved (the copy overlaps the next layers' compute), and in the
 backward brings layer i-1's input back on the same side stream while layer i is recomputed, so at
 most two layer inputs are on the GPU at any time. (A layer checkpointed in pieces, see
-`Transformer.checkpoint_pieces`, parks each piece's inputs: q, k and v go and come back together
-as one checkpoint's group; "layer input" below covers them all.)
+`velotune.placement`, parks each piece's inputs: q, k and v go and come back together
+as one checkpoint's group; a layer keeping its attention output, `models/kept_attention.py`,
+parks it into its input's group with `park`; "layer input" below covers them all. Which layers
+park at all, and which stay on the GPU, is the placement plan's choice.)
 
 Why saved-tensor hooks around `torch.utils.checkpoint` (non-reentrant) instead of a custom
 autograd Function per layer: the non-reentrant checkpoint stores the layer's inputs through the
@@ -110,12 +112,6 @@ def host_room_bytes() -> int:
     return available - host_reserve_bytes(total)
 
 
-def host_has_room(pool: PinnedHostPool, count: int, nbytes: int) -> bool:
-    """Whether `count` offloaded inputs of `nbytes` each fit in host memory: what the pool
-    already holds (reused) plus `host_room_bytes`."""
-    return count * nbytes <= pool.held_bytes + host_room_bytes()
-
-
 def host_memory_gib() -> tuple[float, float]:
     """(total, available) host memory in GiB (see `host_memory_bytes`)."""
     total, available = host_memory_bytes()
@@ -193,6 +189,10 @@ class PinnedHostPool:
         # pool serving a graphed step allocates there: sizes round up to a power of two, which
         # the short sequences graphs serve mostly are already (2 x 2,048 x 4,096 bf16 = 32 MiB).
         self.capturable = False
+        # The most tokens a forward will park (set by a graphed step that knows its largest
+        # micro-batch): new buffers are then sized for it, so a wider shape later in the run finds
+        # buffers that fit instead of pinning new ones (`LayerInputOffloader._host_buffer`).
+        self.max_tokens: int | None = None
 
     @contextmanager
     def recording(self) -> Iterator[list[HostBuffer]]:
@@ -310,16 +310,19 @@ class LayerInputOffloader:
 
     Use one per forward pass: `with offloader.saving(x): x = checkpoint(layer, x, ...)` for each
     checkpointed layer, in order. `pool` holds the host buffers across forwards (a fresh one when
-    not given); `planned` is how many inputs this forward will offload, so that missing host
-    memory is reported before the first of them is copied. `stats` counts what moved."""
+    not given); `planned` is how many inputs this forward will offload and `planned_bytes` their
+    bytes (`velotune.placement`; without it, `planned` inputs as large as the one at hand), so
+    that missing host memory is reported before the first of them is copied. `stats` counts what
+    moved."""
 
     def __init__(self, device: torch.device, stats: OffloadStats | None = None,
-                 pool: PinnedHostPool | None = None, planned: int = 0) -> None:
+                 pool: PinnedHostPool | None = None, planned: int = 0, planned_bytes: int = 0) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.stream = side_stream(self.device) if self.cuda else None
         self.pool = pool if pool is not None else PinnedHostPool()
         self.planned = planned
+        self.planned_bytes = planned_bytes
         self.groups: list[list[_Parked]] = []   # per checkpoint (`saving` block), in forward order
         self.stats = stats if stats is not None else OffloadStats()
 
@@ -348,6 +351,16 @@ class LayerInputOffloader:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
 
+    def park(self, tensor: torch.Tensor) -> _Parked:
+        """Park `tensor` with the checkpoint being saved now (inside its `saving` block), outside
+        autograd's saved tensors: it comes back with that checkpoint's inputs (`fetch`). For
+        what a layer keeps besides its input (`models/kept_attention.py`)."""
+        return self._offload(tensor, len(self.groups) - 1)
+
+    def fetch(self, parked: _Parked) -> torch.Tensor:
+        """The device copy of a tensor parked with `park` (prefetched with its checkpoint's inputs)."""
+        return self._restore(parked)
+
     def _offload(self, tensor: torch.Tensor, group: int) -> _Parked:
         buffer = self._host_buffer(tensor, self.stats.offloaded)
         host = buffer.view(tensor.shape, tensor.dtype)
@@ -367,8 +380,9 @@ class LayerInputOffloader:
         return parked
 
     def _host_buffer(self, tensor: torch.Tensor, index: int) -> HostBuffer:
-        """A pooled buffer when a free one holds `tensor`; otherwise a new exact-size one, once
-        the free (too small) buffers are released and the host is known to have room."""
+        """A pooled buffer when a free one holds `tensor`; otherwise a new one, once the free (too
+        small) buffers are released and the host is known to have room: sized for the pool's
+        `max_tokens` rows of this tensor's width where the host has room for that, else exact."""
         nbytes = tensor.numel() * tensor.element_size()
         buffer = self.pool.take(nbytes)
         if buffer is not None:
@@ -376,15 +390,22 @@ class LayerInputOffloader:
             return buffer
         self.pool.release_free()
         remaining = max(self.planned - index, 1)
-        if remaining * nbytes > host_room_bytes():
+        room = host_room_bytes()
+        still = self.planned_bytes - self.stats.offloaded_bytes if self.planned_bytes else remaining * nbytes
+        if max(still, nbytes) > room:
             raise self._no_room_error(tensor, index, remaining)
+        size = nbytes
+        if self.pool.max_tokens and tensor.dim() > 0:
+            largest = self.pool.max_tokens * tensor.shape[-1] * tensor.element_size()
+            if largest > nbytes and max(still, nbytes) * largest // nbytes <= room:
+                size = largest
         start = time.perf_counter()
         try:
-            buffer = self.pool.allocate(nbytes, pinned=self.cuda)
+            buffer = self.pool.allocate(size, pinned=self.cuda)
         except RuntimeError as exc:
             raise self._host_memory_error(tensor, index, exc) from exc
         self.stats.allocated += 1
-        self.stats.allocated_bytes += nbytes
+        self.stats.allocated_bytes += size
         self.stats.allocation_seconds += time.perf_counter() - start
         return buffer
 

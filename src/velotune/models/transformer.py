@@ -22,16 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from velotune import kernels
+from velotune.estimate import Setup
 from velotune.infer.cache import KVCache
 from velotune.infer.engine import generate_tensor
 from velotune.infer.sampling import SamplingParams
 from velotune.lora import fused as lora_fused
-from velotune.models import host_embedding
+from velotune.models import host_embedding, kept_attention
 from velotune.models.checkpointing import (
     CheckpointChoice,
     MemoryBudget,
     choose_checkpointed_layers,
-    parked_per_token,
     parse_checkpointing,
     recomputing,
     run_checkpointed,
@@ -47,10 +47,13 @@ from velotune.models.masks import (
 )
 from velotune.models.moe import MoE
 from velotune.models.sinks import attend_with_sinks
-from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_has_room
+from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_room_bytes
 from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
 from velotune.models.vision import Projector, VisionTower
 from velotune.models.token_logps import token_logps
+from velotune.models.kept_attention import KeptAttention, with_kept_attention
+from velotune.models.long_context import working_bytes
+from velotune.placement import HOST, NONE, Placement, parked_count, plan_placement
 
 
 @dataclass
@@ -232,6 +235,9 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         causal = mask is None and q.shape[2] > 1
+        kept = kept_attention.current()
+        if kept is not None and causal and self.softcap is None and (not q.is_cuda or q.dtype != torch.float32):
+            return kept_attention.flash_attention(q, k, v, self.scale, kept)
         groups = self.num_heads // self.num_kv_heads
         if self.softcap is None and q.shape[2] == 1 and groups > 1:
             # Decoding one token: the query heads sharing a key/value head become that head's
@@ -372,6 +378,17 @@ class Decoder(nn.Module):
         self.rotary = Rotary(config)
 
 
+# A single row longer than this that the caller gave as one packed document runs as plain causal
+# attention (checking costs one device sync, nothing at these lengths), so a layer can keep its
+# attention output (models/kept_attention.py), which the variable-length kernel does not offer.
+LONG_ROW_TOKENS = 16384
+
+
+def one_document(documents: DocumentSpans) -> bool:
+    """Whether the spans hold exactly one non-empty document (waits for the device)."""
+    return int((documents.cu_seqlens.diff() > 0).sum()) == 1
+
+
 class Transformer(nn.Module):
     """The causal language model: `model` (the decoder stack) and `lm_head`."""
 
@@ -383,7 +400,9 @@ class Transformer(nn.Module):
         # Training memory (models/checkpointing.py, offload.py, tiled_mlp.py):
         self.gradient_checkpointing: bool | str = False   # True, False or "auto" (as the budget needs)
         self.offload_checkpoints = False                   # checkpointed inputs to pinned host memory
-        self.checkpoints_kept_on_gpu = 0                   # ...except the last N (when host memory binds)
+        self.checkpoints_kept_on_gpu: int | str = "auto"   # ...except those the host has no room for, or the last N
+        self.placement: Placement | None = None            # where the last training forward put them
+        self.keep_attention_outputs = True                 # parked layers keep them where room allows
         self.mlp_chunk_tokens: int | None = None           # None: tile long inputs; 0: never; N: chunks of N
         self.memory_budget: MemoryBudget | None = None     # for "auto"; None: this device, AdamW states
         self.checkpoint_choice: CheckpointChoice | None = None   # what "auto" chose for the last forward
@@ -493,6 +512,9 @@ class Transformer(nn.Module):
                 docs = document_ids(position_ids)
         if documents is not None and not spans_allowed:
             docs, documents = document_ids(position_ids), None
+        if documents is not None and b == 1 and t > LONG_ROW_TOKENS and documents.max_len >= t \
+                and not kernels.capturing(input_ids) and one_document(documents):
+            documents = None   # one long row: plain causal attention, the same, whose output a layer can keep
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if c.embedding_multiplier != 1.0 and not embeds_scaled:
             x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
@@ -505,28 +527,35 @@ class Transformer(nn.Module):
         }
         mlp_chunk = mlp_chunk_size(self.mlp_chunk_tokens, b * t)
         checkpointed = self.checkpointed_layers(b, t, mlp_chunk)
-        offloader, offloaded, pieces = None, 0, 1   # the first `offloaded` layers park their inputs
-        if self.offload_checkpoints and checkpointed:
+        # packed documents attend within themselves: their longest sets the attention's cost
+        span = documents.max_len if documents is not None else t
+        placement = self.plan_placement(x, checkpointed, span)
+        offloader = None
+        if placement.offloaded:
             self.offload_stats = OffloadStats()
-            offloaded = max(checkpointed - self.checkpoints_kept_on_gpu, 0)
-            pieces = self.checkpoint_pieces(x, offloaded)
             offloader = LayerInputOffloader(x.device, self.offload_stats, self.offload_pool,
-                                            planned=offloaded * {1: 1, 2: 2, 3: 5}[pieces])
+                                            planned=sum(parked_count(placement.pieces[i])
+                                                        for i in range(placement.offloaded)),
+                                            planned_bytes=placement.host_bytes)
         pending = None   # the last layer's MLP (or post-norm) output, not yet added to x
         for i, layer in enumerate(self.model.layers):
             mask = masks[c.sliding_window if c.is_sliding(i) else None]
             cos, sin = ropes[i]
-            if i < offloaded and pieces == 3:
+            where, pieces = placement.where[i], placement.pieces[i]
+            if where == HOST and pieces == 3:
                 q, k, v = run_checkpointed(layer.attention_inputs, x, offloader=offloader)
                 x = x + run_checkpointed(layer.attention_output, q, k, v, cos, sin, mask, offloader=offloader,
                                          parked=3)
                 del q, k, v
                 x = run_checkpointed(layer.mlp_residual, x, mlp_chunk, offloader=offloader)
-            elif i < offloaded and pieces == 2:
+            elif where == HOST and pieces == 2:
                 x = run_checkpointed(layer.attention_residual, x, cos, sin, mask, cache, offloader=offloader)
                 x = run_checkpointed(layer.mlp_residual, x, mlp_chunk, offloader=offloader)
-            elif i < checkpointed:
-                parked = offloader if i < offloaded else None
+            elif where == HOST and placement.kept[i]:   # its attention output parked beside its input
+                kept = with_kept_attention(layer, KeptAttention(offloader))
+                x = run_checkpointed(kept, x, cos, sin, mask, cache, mlp_chunk, offloader=offloader)
+            elif where != NONE:
+                parked = offloader if where == HOST else None
                 x = run_checkpointed(layer, x, cos, sin, mask, cache, mlp_chunk, offloader=parked)
             else:   # not checkpointed: each layer's last residual add joins the next norm
                 x, pending = layer(x, cos, sin, mask, cache, mlp_chunk, pending=pending, defer=True)
@@ -563,21 +592,33 @@ class Transformer(nn.Module):
         """Projected image features [images, image_tokens, H] of preprocessed pixels."""
         return self.multi_modal_projector(self.vision_tower(pixel_values))
 
-    def checkpoint_pieces(self, x: torch.Tensor, offloaded: int) -> int:
-        """In how many pieces each of the `offloaded` layers is checkpointed: 3 (q/k/v projections;
-        attention through o_proj; MLP half, see `DecoderLayer.attention_inputs`), 2 (attention
-        half, MLP half, see `DecoderLayer.attention_residual`) or 1 (whole). Finer pieces let the
-        recomputation skip more matmuls but park more per layer in pinned host memory (3: the
-        input, q, k, v and the residual between the halves; 2: two inputs), so each is taken only
-        when the host has room (`offload.host_has_room`): a 350,000-token 8B run parks 85 GiB as
-        whole layers. Sandwich norms (Gemma 2) read the MLP's output, so those layers stay whole."""
-        if self.config.sandwich_norms or not offloaded:
-            return 1
-        input_bytes = x.numel() * x.element_size()
-        if host_has_room(self.offload_pool, offloaded, input_bytes * parked_per_token(self.config) //
-                         self.config.hidden_size):
-            return 3
-        return 2 if host_has_room(self.offload_pool, 2 * offloaded, input_bytes) else 1
+    def plan_placement(self, x: torch.Tensor, checkpointed: int, span: int | None = None) -> Placement:
+        """Where this forward's checkpointed layer inputs go (`velotune.placement`): with
+        `offload_checkpoints`, as many as the host has room for (MemAvailable beyond the reserve,
+        plus the offload buffers already held) to pinned host memory, the rest (or the last
+        `checkpoints_kept_on_gpu`, when a number) on the GPU; finer pieces, or else kept attention
+        outputs (`keep_attention_outputs`), where both the host and the GPU have room for them (the
+        GPU's: its free memory less one recomputed layer's working set at this length,
+        `models/long_context.working_bytes`). `span`: the longest stretch a token attends over
+        (the sequence, or the longest packed document), which decides pieces against kept outputs."""
+        offload = self.offload_checkpoints and checkpointed > 0
+        room = host_room_bytes() + self.offload_pool.held_bytes if offload else None
+        tokens = x.shape[0] * x.shape[1]
+
+        def plan(gpu_room: int | None = None) -> Placement:
+            return plan_placement(self.config, tokens, x.element_size(), checkpointed, offload=offload,
+                                  host_room=room, kept_on_gpu=self.checkpoints_kept_on_gpu, gpu_room=gpu_room,
+                                  keep_attention=keep_attention, seq=span or x.shape[1])
+        # The flash kernel a kept output comes from takes 16-bit q, k, v on a GPU (autocast makes them so)
+        keep_attention = self.keep_attention_outputs and not (
+            x.is_cuda and x.dtype == torch.float32 and not torch.is_autocast_enabled("cuda"))
+        self.placement = plan()
+        if (max(self.placement.pieces) > 1 or any(self.placement.kept)) and x.is_cuda and not kernels.capturing(x):
+            free, _ = torch.cuda.mem_get_info(x.device)
+            free += torch.cuda.memory_reserved(x.device) - torch.cuda.memory_allocated(x.device)
+            working = working_bytes(self.config, Setup(method="full"), tokens)
+            self.placement = plan(free - working - 2 * x.numel() * x.element_size())
+        return self.placement
 
     def checkpointed_layers(self, batch: int, seq: int, mlp_chunk: int = 0) -> int:
         """How many decoder layers (the first ones) a training forward of batch x seq checkpoints."""
@@ -588,8 +629,10 @@ class Transformer(nn.Module):
             return self.config.num_hidden_layers
         if self.memory_budget is None:
             self.memory_budget = MemoryBudget.of_model(self)
+        room = host_room_bytes() + self.offload_pool.held_bytes if self.offload_checkpoints else None
         self.checkpoint_choice = choose_checkpointed_layers(self.config, self.memory_budget, batch, seq,
-                                                            offload=self.offload_checkpoints, mlp_chunk=mlp_chunk)
+                                                            offload=self.offload_checkpoints, mlp_chunk=mlp_chunk,
+                                                            host_room=room, kept_on_gpu=self.checkpoints_kept_on_gpu)
         return self.checkpoint_choice.layers
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:

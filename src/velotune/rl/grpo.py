@@ -81,7 +81,7 @@ class GRPOObjective:
     def __init__(self, tokenizer: Any, rewards: Sequence[RewardFn], *, prompt_column: str = "prompt",
                  num_generations: int = 8, max_completion_length: int = 128, temperature: float = 1.0,
                  beta: float = 0.04, loss_type: str = "grpo", importance_sampling: str = "token", seed: int = 0,
-                 micro_batch_size: int = 8, pad_id: int = 0) -> None:
+                 micro_batch_size: int = 8, pad_id: int = 0, generation_batch_size: int = 0) -> None:
         if loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"unknown GRPO loss_type {loss_type!r} ({', '.join(GRPO_LOSS_TYPES)})")
         if importance_sampling not in IMPORTANCE_SAMPLING:
@@ -90,6 +90,7 @@ class GRPOObjective:
         self.group, self.max_new, self.temperature = num_generations, max_completion_length, temperature
         self.beta, self.loss_type, self.sequence_ratio = beta, loss_type, importance_sampling == "sequence"
         self.seed, self.micro_batch_size, self.pad_id = seed, micro_batch_size, pad_id
+        self.generation_batch_size = generation_batch_size   # 0: every completion of the step at once
 
     def sampling(self, micro_batch_size: int, accumulation: int) -> tuple[int, int]:
         """One draw of the step's prompts: micro_batch_size x accumulation completions."""
@@ -110,9 +111,16 @@ class GRPOObjective:
         if not prompts:
             return []
         seeds = [row_seed(self.seed, step or 0, p.index, g) for p in prompts for g in range(self.group)]
-        params = SamplingParams(max_new_tokens=self.max_new, temperature=self.temperature, row_seeds=seeds)
-        completions = generate(runner.model, self.tokenizer, [p.prompt_ids for p in prompts for _ in range(self.group)],
-                               params)
+        asked = [p.prompt_ids for p in prompts for _ in range(self.group)]
+        # Decoded `generation_batch_size` at a time: the KV cache holds that many rows (one
+        # 220,000-token completion of Qwen3-8B takes 30 GiB of it), and each row's seed makes its
+        # completion the same whichever batch it is decoded in.
+        size = self.generation_batch_size or len(asked)
+        completions = []
+        for start in range(0, len(asked), size):
+            params = SamplingParams(max_new_tokens=self.max_new, temperature=self.temperature,
+                                    row_seeds=seeds[start:start + size])
+            completions += generate(runner.model, self.tokenizer, asked[start:start + size], params)
         rewards = self.score(prompts, completions, self.group)
         advantages = group_advantages(rewards, self.group).float()
         rows = [Example(c.prompt_ids + c.token_ids, [IGNORE_INDEX] * len(c.prompt_ids) + c.token_ids)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -51,6 +52,7 @@ DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
 LORA_INITS = ("zero", "quant_error")
 NONFINITE_ACTIONS = ("stop", "skip")
+REPORT_TO = ("tensorboard",)              # where metrics go besides metrics.jsonl (train/tensorboard.py)
 PATH_KEYS = ("dataset", "eval_dataset")     # read from the config file's folder when relative; lists mix files
 CHATTERBOT = "chatterbot"   # `dataset: chatterbot` (or `chatterbot:ai,greetings`) = the bundled corpus
 
@@ -130,7 +132,9 @@ class TrainConfig:
     router_aux_loss_coef: float | None = None
     # Memory and numerics.
     gradient_checkpointing: bool | str = False  # true | false | auto (only as many layers as memory needs)
-    offload_checkpoints: bool = False        # checkpointed layer inputs to pinned CPU memory, back before backward
+    # checkpointed layer inputs to pinned CPU memory, back before backward: true | false | auto
+    # (auto: on a GPU whenever layers are checkpointed and host memory holds them)
+    offload_checkpoints: bool | str = "auto"
     offload_embeddings: bool | str = "auto"  # true | false | auto: frozen untied input embeddings in host memory
     mlp_chunk_tokens: int | None = None      # MLP tiled over the sequence: null = above 16k tokens, 0 = never
     memory_budget_gib: float | None = None   # for gradient_checkpointing auto; null = GPU memory minus a margin
@@ -160,6 +164,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     divergence_ratio: float = 2.0            # warn when the smoothed loss passes this x its best; 0 = never
     report: bool = True                      # OUTPUT_DIR/report.md + loss/lr plot
+    # Where metrics also go: [tensorboard] writes OUTPUT_DIR/tensorboard (scalars, the config, the
+    # held-out answers) for TensorBoard; needs the tensorboard package (velotune[tensorboard]).
+    report_to: list[str] = field(default_factory=list)
     # [first, last]: a PyTorch profiler trace of those optimizer steps (1-based, inclusive) in
     # OUTPUT_DIR/profile, and the top operations and the GPU's idle share printed (train/profiling.py).
     profile_steps: list[int] = field(default_factory=list)
@@ -176,6 +183,7 @@ class TrainConfig:
     rewards: list[str] = field(default_factory=list)  # GRPO: "module:function" each
     num_generations: int = 8                 # GRPO: completions sampled per prompt
     max_completion_length: int = 128         # GRPO
+    generation_batch_size: int = 0           # GRPO: completions decoded at once (0: all of a step's); the KV cache holds that many
     temperature: float = 1.0                 # GRPO sampling
     grpo_beta: float = 0.04                  # GRPO: weight of the KL term to the reference
     prompt_column: str = "prompt"            # GRPO: the dataset column holding the prompt
@@ -216,7 +224,7 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
     "simpo_gamma": ("simpo",),
     **dict.fromkeys(("kto_desirable_weight", "kto_undesirable_weight"), ("kto",)),
     **dict.fromkeys(("rewards", "num_generations", "max_completion_length", "temperature", "grpo_beta",
-                     "prompt_column", "loss_type", "importance_sampling"), ("grpo",)),
+                     "prompt_column", "loss_type", "importance_sampling", "generation_batch_size"), ("grpo",)),
 }
 # Why, where the plain "does not apply" would leave the user guessing.
 NOT_APPLYING_BECAUSE = {
@@ -261,12 +269,29 @@ def build(values: dict[str, Any], origins: dict[str, str]) -> TrainConfig:
     return config
 
 
+def load_config_text(text: str, name: str, folder: Path, overrides: list[str] | None = None) -> TrainConfig:
+    """A config written somewhere other than a file (the studio's form): errors say "NAME line
+    N", relative data paths are read from `folder`."""
+    cli_values, cli_origins = parse_overrides(overrides or [])
+    values, origins = parse_yaml(text, name)
+    values = relative_to_config(values, origins, folder / name)
+    values.update(cli_values)
+    origins = {k: v for k, v in origins.items() if k.partition("[")[0] not in cli_values}
+    origins.update(cli_origins)
+    return build(values, origins)
+
+
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Values and, per key, "FILE line N"; unknown keys fail here with a did-you-mean."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TrainConfigError(f"{path}: config file not found") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """`read_yaml` of text already read; `path` names it in errors."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -463,6 +488,7 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
             fail(key, "must be positive")
     if config.trainable_modules_lr is not None and config.trainable_modules_lr <= 0:
         fail("trainable_modules_lr", "must be positive (or null for learning_rate)")
+    check_report_to(config, fail)
     if config.on_nonfinite not in NONFINITE_ACTIONS:
         fail("on_nonfinite", f"must be one of {', '.join(NONFINITE_ACTIONS)}")
     if config.divergence_ratio != 0 and config.divergence_ratio <= 1:
@@ -499,7 +525,9 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
         fail("gradient_checkpointing", "must be true, false or auto")
     if isinstance(config.cuda_graphs, str) and config.cuda_graphs != "auto":
         fail("cuda_graphs", "must be true, false or auto")
-    if config.offload_checkpoints and config.gradient_checkpointing is False:
+    if isinstance(config.offload_checkpoints, str) and config.offload_checkpoints != "auto":
+        fail("offload_checkpoints", "must be true, false or auto")
+    if config.offload_checkpoints is True and config.gradient_checkpointing is False:
         fail("offload_checkpoints", "offloads checkpointed layer inputs: it needs gradient_checkpointing true or auto")
     if isinstance(config.offload_embeddings, str) and config.offload_embeddings != "auto":
         fail("offload_embeddings", "must be true, false or auto")
@@ -516,6 +544,19 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
         fail("memory_budget_gib", "must be positive (or null for the GPU's memory minus a margin)")
     if config.device != "auto" and not (config.device == "cpu" or config.device.startswith("cuda")):
         fail("device", "must be auto, cpu, cuda or cuda:N")
+
+
+def check_report_to(config: TrainConfig, fail: Callable[[str, str], None]) -> None:
+    """Known destinations only, and their package installed: a run must not train for hours and
+    then find it cannot write what was asked."""
+    for entry in config.report_to:
+        if entry not in REPORT_TO:
+            close = difflib.get_close_matches(str(entry), REPORT_TO, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            fail("report_to", f"has {entry!r}, not one of {', '.join(REPORT_TO)}{hint}")
+    if "tensorboard" in config.report_to and importlib.util.find_spec("tensorboard") is None:
+        fail("report_to", "names tensorboard, but the tensorboard package is not installed "
+                          "(pip install 'velotune[tensorboard]')")
 
 
 def is_set(config: TrainConfig, key: str) -> bool:
@@ -574,6 +615,8 @@ def check_method_settings(config: TrainConfig, fail: Callable[[str, str], None])
                                           f"({config.max_seq_length})")
         if config.temperature <= 0:
             fail("temperature", "must be positive: greedy completions of one prompt are all alike and teach nothing")
+        if config.generation_batch_size < 0:
+            fail("generation_batch_size", "must be 0 (every completion of a step at once) or a positive number")
 
 
 def check_data_settings(config: TrainConfig, where: Callable[[str], str], fail: Callable[[str, str], None]) -> None:

@@ -33,7 +33,18 @@ What a capture needs, and how it is met:
 - The loss scale (1 / target tokens of the whole optimizer step, which makes accumulation exact)
   is an input buffer too.
 The first call for a shape runs eagerly on a side stream (Triton compiles, cuBLAS picks its
-kernels: nothing lazy may happen during a capture); the second captures and replays. Both are that
+kernels: nothing lazy may happen during a capture); the second captures and replays.
+
+Memory that does not grow with the number of shapes (measured with benchmarks/memory_sites.py on an
+H100, 2026-12-07, `velotune train` of Llama-3.1-8B LoRA over 300 rows of varying length, 12 shapes):
+- one stream for every warm-up and every capture. cuBLAS keeps a workspace per stream it has run
+  on, for the life of the process; a new stream per shape left 1.25 GiB of workspaces allocated
+  at the run's peak (the first matmul of each warm-up: the q/k/v projection of layer 0).
+- `max_tokens` (the most tokens a micro-batch can hold, which the trainer knows): the input
+  embeddings of every shape are views of one buffer of that size (0.41 GiB of per-shape buffers
+  at the same peak), and offloaded checkpoints lease host buffers of the largest size from the
+  first step on (`PinnedHostPool.max_tokens`), so a wider shape later in the run does not
+  pin new host memory: pinning 32 new buffers made such steps 1.5-2.7 s instead of 0.3-0.5 s. Both are that
 micro-batch's real work. Replays were measured no slower than eager steps at every shape tried:
 on an H100, Llama-3.1-8B LoRA micro-batch 1 x 2,048 went from 313 to 180 ms per step and
 micro-batch 4 x 2,048, which is not launch-bound, from 702 to 671 ms; so no shape is timed eagerly
@@ -100,22 +111,28 @@ class GraphedMicroStep:
     micro-batch, from a replayed graph."""
 
     def __init__(self, model: nn.Module, params: Sequence[nn.Parameter], *, amp_dtype: torch.dtype | None = None,
-                 max_shapes: int = 4) -> None:
+                 max_shapes: int = 4, max_tokens: int | None = None) -> None:
+        """`max_tokens`: the most tokens (batch x length) a micro-batch will have, when known: the
+        shapes then share their input-embedding buffer and offload buffers are sized for it."""
         self.model, self.params = model, list(params)
         self.device = self.params[0].device
         self.amp_dtype = amp_dtype
         self.max_shapes = max_shapes
+        self.max_tokens = max_tokens
         self.vocab_size: int = model.config.vocab_size
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.scale = torch.zeros((), dtype=torch.float32, device=self.device)
         self.shapes: dict[Shape, _Captured] = {}
         self.pool = None
+        self.stream = torch.cuda.Stream(self.device)   # every warm-up and capture (one cuBLAS workspace)
+        self.shared_embeds: torch.Tensor | None = None
         self.replays = 0
         self.eager_calls = 0
         offload_pool = getattr(model, "offload_pool", None)
         if offload_pool is not None:   # offloaded checkpoints: buffers a capture can copy into
             offload_pool.capturable = True
             offload_pool.release_free()
+            offload_pool.max_tokens = max_tokens
 
     def __call__(self, ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
                  scale: float = 1.0, *, cu_seqlens: torch.Tensor | None = None,
@@ -138,11 +155,10 @@ class GraphedMicroStep:
             entry = self.shapes[key] = self._buffers(ids.shape, position_ids is not None, cu_seqlens,
                                                      max_document_length)
             self._fill(entry, ids, labels, position_ids, cu_seqlens)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
                 loss = self._forward_backward(entry)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
             self.eager_calls += 1
             return loss
         self._fill(entry, ids, labels, position_ids, cu_seqlens)
@@ -192,7 +208,14 @@ class GraphedMicroStep:
         embeds = None
         if on_host(self.model):
             table = self.model.model.embed_tokens.weight
-            embeds = torch.empty(*shape, table.shape[1], dtype=table.dtype, device=self.device)
+            tokens = shape[0] * shape[1]
+            if self.max_tokens and tokens <= self.max_tokens:   # graphs replay one at a time: one buffer
+                if self.shared_embeds is None:
+                    self.shared_embeds = torch.empty(self.max_tokens, table.shape[1], dtype=table.dtype,
+                                                     device=self.device)
+                embeds = self.shared_embeds[:tokens].view(*shape, table.shape[1])
+            else:
+                embeds = torch.empty(*shape, table.shape[1], dtype=table.dtype, device=self.device)
         documents = None
         if cu_seqlens is not None:
             offsets = torch.empty(cu_seqlens.shape, dtype=torch.int32, device=self.device)
@@ -237,7 +260,7 @@ class GraphedMicroStep:
         pool = getattr(self.model, "offload_pool", None)
         recording = pool.recording() if pool is not None else contextlib.nullcontext([])
         try:   # (entering the capture synchronises and empties the allocator's cache of freed blocks)
-            with recording as leased, torch.cuda.graph(graph, pool=self.pool):
+            with recording as leased, torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 entry.loss_sum = self._forward_backward(entry)
         except RuntimeError as error:
             # Not a fallback to eager: on an H100 (torch 2.11) a process whose capture failed ran

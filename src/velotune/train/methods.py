@@ -90,7 +90,7 @@ def build_objective(config: TrainConfig, *, pad_id: int, tokenizer: Any = None, 
                          max_completion_length=config.max_completion_length, temperature=config.temperature,
                          beta=config.grpo_beta, loss_type=config.loss_type,
                          importance_sampling=config.importance_sampling, seed=config.seed, micro_batch_size=mbs,
-                         pad_id=pad_id)
+                         pad_id=pad_id, generation_batch_size=config.generation_batch_size)
 
 
 def read_data(config: TrainConfig) -> Any:

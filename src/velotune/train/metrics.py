@@ -4,19 +4,22 @@ metrics.jsonl has one JSON object per line: training records carry step, loss, l
 tokens_per_s, peak_memory_gib, epoch; evaluation records carry step and eval_loss. It is the
 source the end-of-run report is drawn from, and it is appended to when a run resumes (records
 after the resumed step, from the interrupted run, are dropped first so the curve has no double).
-TensorBoard is used when `torch.utils.tensorboard` imports (it needs the tensorboard package).
+With `report_to: [tensorboard]` every record also goes to TensorBoard (train/tensorboard.py).
 """
 from __future__ import annotations
 
 import json
 import resource
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from velotune.train.tensorboard import TensorBoardLog
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -37,17 +40,21 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class RunLog:
-    """Progress bar + metrics file + TensorBoard for one run; use as a context manager."""
+    """Progress bar + metrics file (+ TensorBoard when `report_to` names it) for one run; use as a
+    context manager. `config_yaml` is written to TensorBoard as the run's config."""
 
     def __init__(self, output_dir: str | Path, total_steps: int, *, start_step: int = 0,
-                 console: Console | None = None, show_progress: bool = True) -> None:
+                 console: Console | None = None, show_progress: bool = True,
+                 report_to: Sequence[str] = (), config_yaml: str | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / METRICS_FILE
         kept = [r for r in read_metrics(self.output_dir) if r.get("step", 0) <= start_step] if start_step else []
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self.records: list[dict[str, Any]] = kept
-        self.tensorboard = _tensorboard(self.output_dir / "tensorboard")
+        self.tensorboard = TensorBoardLog(self.output_dir, start_step=start_step) if "tensorboard" in report_to else None
+        if self.tensorboard is not None and config_yaml is not None and not start_step:
+            self.tensorboard.config(config_yaml)
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -69,9 +76,7 @@ class RunLog:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.scalars(record)
 
     def advance(self, step: int, record: dict[str, Any] | None) -> None:
         """Move the bar to `step`; `record` (when this step is logged) refreshes the numbers shown."""
@@ -83,11 +88,3 @@ class RunLog:
 
     def message(self, text: str) -> None:
         self.progress.console.print(text)
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:           # tensorboard is optional
-        return None
-    return SummaryWriter(str(folder))

@@ -89,7 +89,7 @@ def candidates(model: ModelConfig, config: TrainConfig, budget: int | None) -> l
         found.append(Change(("--optimizer=adamw8bit",), replace(setup, optim="adamw8bit")))
     if not setup.checkpointing:
         found.append(Change(("--gradient_checkpointing=auto",), replace(setup, checkpointing=True)))
-    if not config.offload_checkpoints:
+    if config.offload_checkpoints is False or not setup.checkpointing:   # (auto offloads what is checkpointed)
         switch = () if setup.checkpointing else ("--gradient_checkpointing=auto",)
         found.append(Change((*switch, "--offload_checkpoints=true"), replace(setup, checkpointing=True), True))
     if setup.batch > 1:

@@ -35,7 +35,8 @@ from velotune.train.data import TrainData, source_lines
 from velotune.train.metrics import peak_memory_gib, read_metrics
 from velotune.train.report import RunSummary, write_report
 from velotune.train.run_folder import prepare_run_folder
-from velotune.train.samples import answer, sample_prompts
+from velotune.train.samples import answer, sample_prompts, write_samples
+from velotune.train.tensorboard import TensorBoardLog
 from velotune.train.trainer import Trainer, TrainResult
 
 
@@ -178,6 +179,12 @@ def finish(result: RunResult, model, tokenizer, config: TrainConfig, trainer: Tr
     result.output = methods.save_result(model, tokenizer, config)
     if before_answers:
         result.samples = [(p.prompt, b, a) for p, b, a in zip(prompts, before_answers, after_answers)]
+    if prompts:
+        write_samples(out, [p.prompt for p in prompts], before_answers, after_answers)
+    if result.samples and "tensorboard" in config.report_to:
+        board = TensorBoardLog(out)
+        board.samples(result.samples, trainer.state.step)
+        board.close()
     print_outcome(console, result, prompts, after_answers)
     if config.report:
         summary = RunSummary(

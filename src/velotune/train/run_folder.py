@@ -40,6 +40,7 @@ INVOCATION_KEYS = frozenset({"resume", "overwrite_output_dir", "resume_allow_cha
 # of ranks: what must stay is micro_batch_size x ranks, which `Trainer.resume_from` checks.
 FREE_ON_RESUME = frozenset({
     "micro_batch_size", "logging_steps", "save_steps", "save_total_limit", "eval_steps", "sample_prompts", "report",
+    "report_to",
     "export", "on_nonfinite", "divergence_ratio", "gradient_checkpointing", "offload_checkpoints",
     "offload_embeddings", "mlp_chunk_tokens", "memory_budget_gib", "cuda_graphs", "distributed", "fsdp_cpu_offload",
     "profile_steps"})

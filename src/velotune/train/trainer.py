@@ -35,6 +35,8 @@ Design choices:
   warn on a diverging loss), and an out-of-memory in `train` becomes a `TrainingOutOfMemory`
   with the estimator's breakdown and the changes that fit (train/oom.py).
 - `profile_steps` records those steps with the PyTorch profiler (train/profiling.py).
+- SIGTERM stops the run after the step in progress, a checkpoint of it written first
+  (train/stop.py): what `velotune studio`'s Stop button sends.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ from rich.console import Console
 from torch import nn
 
 from velotune import distributed
-from velotune.data.batching import Batch
+from velotune.data.batching import Batch, bucket_width
 from velotune.distributed import World
 from velotune.lora.model import disable_adapters
 from velotune.models.checkpointing import configure_training_memory
@@ -65,7 +67,7 @@ from velotune.train.checkpoint import (
     write_contents,
     write_sharded,
 )
-from velotune.train.config import TrainConfig, TrainConfigError, check_values
+from velotune.train.config import TrainConfig, TrainConfigError, check_values, config_yaml
 from velotune.train.graphed_step import GraphedMicroStep, graph_blockers
 from velotune.train.guard import LoopGuard
 from velotune.train.metrics import RunLog, peak_memory_gib
@@ -76,6 +78,7 @@ from velotune.train.profiling import StepProfiler
 from velotune.train.rank_batches import RankMicroBatches
 from velotune.train.schedule import build_scheduler, warmup_steps_for
 from velotune.train.sft import SFTObjective, batch_documents, batch_images, padding_free
+from velotune.train.stop import StopOnSignal, StopRequested
 from velotune.train.unit_batches import UnitMicroBatches
 
 
@@ -260,7 +263,8 @@ class Trainer:
             raise TrainConfigError("key 'cuda_graphs': cannot be used here: " + "; ".join(blockers))
         if blockers or (mode == "auto" and not (self.flat or self.config.packing)):
             return None
-        return GraphedMicroStep(self.model, self.params, amp_dtype=self.amp_dtype, max_shapes=MAX_GRAPHED_SHAPES)
+        return GraphedMicroStep(self.model, self.params, amp_dtype=self.amp_dtype, max_shapes=MAX_GRAPHED_SHAPES,
+                                max_tokens=bucket_width(self.config.micro_batch_size * self.config.max_seq_length))
 
     # --- one step ---------------------------------------------------------------------------
 
@@ -423,10 +427,11 @@ class Trainer:
         all_tokens, all_seconds, data_seconds = 0, 0.0, 0.0
         self.model.train()
         log = (RunLog(self.output_dir, self.total_steps, start_step=state.step, console=self.console,
-                      show_progress=self.show_progress) if self.world.is_main else _QuietLog())
+                      show_progress=self.show_progress, report_to=cfg.report_to, config_yaml=config_yaml(cfg))
+               if self.world.is_main else _QuietLog())
         profiler = StepProfiler(cfg.profile_steps, self.output_dir, self.device, say=self._say_plain,
                                 rank=self.world.rank if self.world.distributed else None)
-        with log:
+        with log, StopOnSignal() as stop:
             if self.eval_examples and state.step == 0:
                 self._evaluate_into(result, log)
             while state.step < self.total_steps:
@@ -471,8 +476,11 @@ class Trainer:
                 log.advance(state.step, record)
                 if cfg.eval_steps and self.eval_examples and state.step % cfg.eval_steps == 0:
                     self._evaluate_into(result, log)
-                if cfg.save_steps and state.step % cfg.save_steps == 0:
-                    self.save_checkpoint()
+                saved = self.save_checkpoint() if cfg.save_steps and state.step % cfg.save_steps == 0 else None
+                if state.step < self.total_steps and stop.due(self.world, self.device):
+                    folder = saved or self.save_checkpoint()
+                    raise StopRequested(f"stopped on request after step {state.step} of {self.total_steps}; "
+                                        f"checkpoint {folder}; continue with --resume=true")
             profiler.finish()                              # a run that ended inside profile_steps
             if self.eval_examples and state.step not in result.eval_losses:
                 self._evaluate_into(result, log)
