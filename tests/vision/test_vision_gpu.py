@@ -20,6 +20,8 @@ from velotune.loaders import load_tokenizer
 from velotune.models.masks import DocumentSpans
 
 pytestmark = pytest.mark.gpu
+pytest.importorskip("skimage")          # the photographs (carry its wheel and Pillow's to the device)
+pytest.importorskip("transformers")     # writes the tiny models
 MAKERS = {"llava": make_vlm_model, "gemma3": make_gemma3_vlm}
 
 
