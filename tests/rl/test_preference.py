@@ -51,6 +51,8 @@ def test_truncation_keeps_the_reply_start(smollm2_tokenizer):
     ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}, "differ before"),
     ({"prompt": 3, "chosen": "a", "rejected": "b"}, "field 'prompt' must be"),
+    ({"prompt": [{"role": "user", "content": [{"type": "image", "path": "cat.png"}]}], "chosen": "a", "rejected": "b"},
+     r"row 0: field 'prompt' holds content parts \(images\?\); the preference and RL methods train on text only"),
 ])
 def test_bad_rows_are_named(smollm2_tokenizer, row, message):
     with pytest.raises(DataError, match=message):

@@ -51,6 +51,8 @@ EXPECTED: dict[str, tuple[object, set[str], dict[str, object]]] = {
     # adapters
     "lora_r": (8, LORA, {}), "lora_alpha": (8.0, LORA, {}), "lora_dropout": (0.1, LORA, {}),
     "target_modules": (["q_proj"], LORA, {}), "use_rslora": (True, LORA, {}), "use_dora": (True, LORA, {}),
+    # vision-language adapters: on the projector (default on), on the vision tower (default off)
+    "lora_projector": (False, LORA, {}), "lora_vision_tower": (True, LORA, {}),
     "offload_embeddings": (False, LORA, {}),
     "trainable_modules": (["lm_head"], NO_REFERENCE_LORA, {}),
     "trainable_modules_lr": (1e-5, NO_REFERENCE_LORA, {"trainable_modules": ["lm_head"]}),

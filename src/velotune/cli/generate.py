@@ -1,8 +1,9 @@
-"""`velotune generate --prompt TEXT [--adapter DIR | --model PATH]`: answer prompts and exit.
+"""`velotune generate --prompt TEXT [--image FILE] [--adapter DIR | --model PATH]`: answer prompts and exit.
 
 Each prompt is a user message rendered with the model's chat template (`--raw` feeds the text as
-is). Several --prompt options are answered together as one batch. The model options and
-`load_for_cli` are shared with `velotune chat`.
+is). Several --prompt options are answered together as one batch. `--image` files (a
+vision-language model) go in front of each prompt's text, as image parts of its user message. The
+model options and `load_for_cli` are shared with `velotune chat`.
 """
 from __future__ import annotations
 
@@ -59,12 +60,37 @@ def load_or_report(args: argparse.Namespace, command: str):
     return model, tokenizer, params
 
 
+def image_prompts(tokenizer, args: argparse.Namespace):
+    """(prompt ids, pixels of every prompt's images in order) for prompts shown `args.image`."""
+    import torch
+
+    processor = getattr(tokenizer, "image_processor", None)
+    if processor is None:
+        raise ValueError("--image needs a vision-language model (this one has no image processor)")
+    if args.raw:
+        raise ValueError("--image goes into the chat template's user message; it cannot be used with --raw")
+    parts = [{"type": "image", "path": path} for path in args.image]
+    pixels = processor.pixel_values(args.image, "--image")
+    prompts = []
+    for text in args.prompt:
+        messages = with_system(args.system, [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}])
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if rendered.count(processor.marker) != len(args.image):
+            raise ValueError(f"the chat template wrote {rendered.count(processor.marker)} image marker(s) "
+                             f"{processor.marker!r} for {len(args.image)} image(s)")
+        prompts.append(tokenizer.encode(rendered.replace(processor.marker, processor.image_text()),
+                                        add_special_tokens=False))
+    return prompts, torch.cat([pixels] * len(args.prompt))
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "generate", help="answer one or more prompts with a model or adapter",
         description="Answer each --prompt (as a user message in the model's chat template) and print the answers.")
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a prompt; repeat for several")
     p.add_argument("--raw", action="store_true", help="feed the prompt text as is, without the chat template")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image shown with every prompt (vision-language models); repeat for several")
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -76,16 +102,19 @@ def run(args: argparse.Namespace) -> int:
     if loaded is None:
         return 2
     model, tokenizer, params = loaded
+    pixels = None
     try:
-        if args.raw:
+        if args.image:
+            prompts, pixels = image_prompts(tokenizer, args)
+        elif args.raw:
             prompts = [tokenizer.encode(text) for text in args.prompt]
         else:
             prompts = [prompt_ids(tokenizer, with_system(args.system, [{"role": "user", "content": text}]))
                        for text in args.prompt]
-    except ChatTemplateError as exc:          # a template that refuses, is blocked, or runs past its limits
+    except (ChatTemplateError, ValueError) as exc:   # a template that refuses or runs past its limits; a bad image
         print(f"velotune generate: error: {exc}", file=sys.stderr)
         return 2
-    completions = generate(model, tokenizer, prompts, params)
+    completions = generate(model, tokenizer, prompts, params, pixel_values=pixels)
     for text, completion in zip(args.prompt, completions):
         if len(args.prompt) > 1:
             print(f"### {text}")

@@ -27,6 +27,11 @@ padded to a bucket width (`bucket_width`: multiples of 256 to 2,048 tokens, then
 doubling, at most 12.5% padding above 2,048) with a pad "document", and `cu_seqlens` to a fixed
 number of slots with empty documents.
 
+Rows with images (vision-language models) carry their pixels: every collation returns
+`pixel_values`, the images of its examples concatenated in the order the examples are laid out,
+which is the order of their placeholder tokens in the batch (None without images); the files are
+read and preprocessed here, batch by batch, rather than kept in memory for the whole run.
+
 All collations return `num_target_tokens`: the number of labels the loss sees after the shift
 (labels[:, 1:] != IGNORE_INDEX), which the trainer uses to normalise the loss exactly across
 micro-batches and devices. The same sampler orders packed rows (with their lengths).
@@ -99,7 +104,7 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> Batch:
         attention_mask[row, :n] = 1
     position_ids = torch.arange(width).expand(len(examples), width).clone()
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "position_ids": position_ids, "num_target_tokens": _targets(labels)}
+            "position_ids": position_ids, "num_target_tokens": _targets(labels), "pixel_values": pixels(examples)}
 
 
 def pack(lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
@@ -149,7 +154,15 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, width: int | 
             cursor += n
         position_ids[r, cursor:] = torch.arange(width - cursor)     # padding: its own document
     return {"input_ids": input_ids, "labels": labels, "attention_mask": None,
-            "position_ids": position_ids, "num_target_tokens": _targets(labels)}
+            "position_ids": position_ids, "num_target_tokens": _targets(labels),
+            "pixel_values": pixels([example for row in rows for example in row])}
+
+
+def pixels(examples: Sequence[Example]) -> torch.Tensor | None:
+    """The images of examples laid out in this order, in the order of their placeholder tokens
+    (what `Transformer.embed_with_images` fills them in by); None without images."""
+    found = [example.pixel_values for example in examples if example.images]
+    return torch.cat(found) if found else None
 
 
 def _targets(labels: torch.Tensor) -> int:
@@ -210,4 +223,4 @@ def collate_flat(examples: Sequence[Example], pad_id: int, *, width: int | None 
         cursor += n
     return {"input_ids": input_ids, "labels": labels, "attention_mask": None, "position_ids": position_ids,
             "cu_seqlens": cu_seqlens, "max_document_length": max(lengths) if max_len is None else max_len,
-            "num_target_tokens": _targets(labels)}
+            "num_target_tokens": _targets(labels), "pixel_values": pixels(examples)}

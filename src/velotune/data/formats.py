@@ -8,7 +8,11 @@ Layouts (`dataset_format`):
 - "alpaca":   instruction, optional input, output, optional system;
 - "sharegpt": conversations = [{"from": human|gpt|system|user|assistant, "value": ...}, ...]
               (role/content inside `conversations` is accepted as well);
-- "messages": messages = [{"role": ..., "content": ...}, ...] (OpenAI / Hugging Face chat);
+- "messages": messages = [{"role": ..., "content": ...}, ...] (OpenAI / Hugging Face chat); a
+              content may be a list of parts, {"type": "text", "text": ...} and {"type": "image",
+              "path" | "image" | "url": FILE} as in Hugging Face's chat-template convention, or a
+              row may list `images` (files) that go, in order, in front of its first user turn;
+              relative image paths are read from the data file's folder;
 - "text":     text = "..." for continued pre-training;
 - "auto":     the one layout whose columns every one of the first rows has.
 
@@ -18,12 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from velotune.data.files import DataError, Row
 
-Message = dict[str, str]
+Message = dict[str, Any]        # role, and content: a string or a list of text and image parts
 Conversation = list[Message]
+IMAGE_KEYS = ("path", "image", "url")
 
 FORMATS = ("alpaca", "sharegpt", "messages", "text")
 FORMAT_CHOICES = (*FORMATS, "auto")
@@ -45,6 +51,20 @@ class ChatSample:
     messages: Conversation
     where: str
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images(self) -> list[str]:
+        """The image files of the conversation, in the order the chat template writes them."""
+        return [part["path"] for message in self.messages if isinstance(message["content"], list)
+                for part in message["content"] if part["type"] == "image"]
+
+
+def message_text(message: Message) -> str:
+    """A message's text: its content, or its text parts joined."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content if part["type"] == "text")
 
 
 @dataclass(frozen=True)
@@ -133,8 +153,54 @@ def from_messages(row: Row) -> ChatSample:
             raise DataError(
                 f"{row.where}: messages[{i}] has role {role!r}; expected one of {', '.join(ROLES)}"
             )
-        messages.append({"role": role, "content": _turn_field(row, "messages", i, turn, "content")})
+        messages.append({"role": role, "content": _content(row, i, turn)})
+    images = row.data.get("images")
+    if images:
+        _attach_images(messages, images, row)
     return ChatSample(_checked(messages, row, "messages"), row.where)
+
+
+def _content(row: Row, i: int, turn: Any) -> str | list[dict[str, str]]:
+    """A message's content: a string, or a list of text and image parts (image paths resolved)."""
+    if isinstance(turn, dict) and isinstance(turn.get("content"), list):
+        return [_part(row, f"messages[{i}].content[{j}]", part) for j, part in enumerate(turn["content"])]
+    return _turn_field(row, "messages", i, turn, "content")
+
+
+def _part(row: Row, where: str, part: Any) -> dict[str, str]:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return {"type": "text", "text": part["text"]}
+    if kind == "image":
+        path = next((part[key] for key in IMAGE_KEYS if isinstance(part.get(key), str)), None)
+        if path is None:
+            raise DataError(f"{row.where}: {where} is an image part without a file "
+                            f"(one of {', '.join(IMAGE_KEYS)})")
+        return {"type": "image", "path": _image_path(row, path, where)}
+    raise DataError(f"{row.where}: {where} must be {{\"type\": \"text\", \"text\": ...}} or "
+                    f"{{\"type\": \"image\", \"path\": ...}}, found {part!r:.80}")
+
+
+def _image_path(row: Row, path: str, where: str) -> str:
+    """A local file path (file:// accepted) resolved from the data file's folder."""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    elif "://" in path:
+        raise DataError(f"{row.where}: {where}: {path!r} is not a local file (images are read from disk only)")
+    folder = Path(row.source).parent if Path(row.source).is_file() else Path.cwd()
+    return str(folder / Path(path).expanduser())
+
+
+def _attach_images(messages: Conversation, images: Any, row: Row) -> None:
+    """A row's `images` list, in front of the text of its first user turn."""
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise DataError(f"{row.where}: field 'images' must be a list of file paths")
+    first = next((m for m in messages if m["role"] == "user"), None)
+    if first is None:
+        raise DataError(f"{row.where}: field 'images' needs a user turn to put the images in")
+    parts = [{"type": "image", "path": _image_path(row, p, f"images[{k}]")} for k, p in enumerate(images)]
+    content = first["content"]
+    first["content"] = parts + (content if isinstance(content, list) else [{"type": "text", "text": content}])
 
 
 def from_text(row: Row) -> TextSample:

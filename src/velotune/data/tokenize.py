@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+import torch
 
 from velotune.data.files import DataError
-from velotune.data.formats import ChatSample, Conversation, Sample, TextSample
+from velotune.data.formats import ChatSample, Conversation, Sample, TextSample, message_text
 
 IGNORE_INDEX = -100
 PROBE_ANSWER = "velotune probe answer"
@@ -65,6 +68,19 @@ class Example:
     input_ids: list[int]
     labels: list[int]          # same length as input_ids; IGNORE_INDEX where not trained
     where: str = ""            # provenance, for error messages
+    images: tuple[str, ...] = ()                  # image files, in placeholder order
+    # What turns them into pixels (tokenizer/image_processor.py). Pixels are made when a batch is
+    # collated, not kept: a 896-pixel Gemma 3 image is 9.6 MB of float32, so a data set of ten
+    # thousand would hold 96 GB. Every image was opened once when the row was read, so a missing
+    # or unreadable file fails then, naming its row, before the model loads.
+    image_processor: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        """The images' pixels [images, C, H, W], read and preprocessed now (None without images)."""
+        if not self.images:
+            return None
+        return self.image_processor.pixel_values(list(self.images), self.where)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -215,8 +231,10 @@ def _tokenize_rows(samples: Sequence[Sample], tokenizer: ChatTokenizer,
         if len(example) > max_seq_length:
             report.truncated += 1
             report.note("truncated", f"{example.where} ({len(example):,} tokens)")
+            if example.images:
+                check_image_tokens_kept(example, tokenizer, max_seq_length)
             example = Example(example.input_ids[:max_seq_length], example.labels[:max_seq_length],
-                              example.where)
+                              example.where, example.images, example.image_processor)
         if example.num_targets == 0:
             report.dropped_no_targets += 1
             if len(report.dropped_where) < REPORTED_DROPS:
@@ -237,7 +255,7 @@ def count_duplicates(examples: Sequence[Example], report: TokenizeReport) -> Non
     (after the workers, whose chunks cannot see each other's)."""
     seen: dict[int, str] = {}
     for example in examples:
-        key = hash((tuple(example.input_ids), tuple(example.labels)))
+        key = hash((tuple(example.input_ids), tuple(example.labels), example.images))
         if key in seen:
             report.duplicates += 1
             report.note("duplicates", f"{example.where} = {seen[key]}")
@@ -253,9 +271,62 @@ def tokenize_text(sample: TextSample, tokenizer: ChatTokenizer) -> Example:
 
 
 def tokenize_chat(sample: ChatSample, tokenizer: ChatTokenizer) -> Example:
+    processor = getattr(tokenizer, "image_processor", None)
+    images = sample.images
+    if images and processor is None:
+        raise DataError(f"{sample.where}: the row holds {len(images)} image(s), but the model has no vision "
+                        "tower (train a vision-language model, or drop the images)")
+    if processor is not None:
+        sample = with_part_lists(sample)
     text, spans = assistant_spans(sample, tokenizer)
+    if processor is not None:
+        text, spans = expand_images(text, spans, processor, len(images), sample.where)
+        try:
+            for path in images:         # read now, so a bad file fails here and names its row
+                processor.open(path, sample.where)
+        except ValueError as error:     # ImageError: a missing or unreadable file, named with the row
+            raise DataError(str(error)) from None
     ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=False)
-    return Example(list(ids), label_spans(ids, offsets, spans), sample.where)
+    return Example(list(ids), label_spans(ids, offsets, spans), sample.where, tuple(images),
+                   processor if images else None)
+
+
+def with_part_lists(sample: ChatSample) -> ChatSample:
+    """Every content as a list of parts, the form vision-language chat templates read (some,
+    LLaVA's, render a plain string content as nothing)."""
+    messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+                for m in sample.messages]
+    return ChatSample(messages, sample.where, sample.metadata)
+
+
+def expand_images(text: str, spans: list[tuple[int, int]], processor, images: int, where: str
+                  ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text with each image marker the template wrote replaced by the image's
+    tokens (`ImageProcessor.image_text`), and the assistant spans moved to match."""
+    marker, replacement = processor.marker, processor.image_text()
+    found = text.count(marker)
+    if found != images:
+        raise DataError(f"{where}: the chat template wrote {found} image marker(s) {marker!r} for the row's "
+                        f"{images} image(s) (is {marker!r} typed in the text, or does the template drop images?)")
+    starts = [m.start() for m in re.finditer(re.escape(marker), text)]
+    grow = len(replacement) - len(marker)
+
+    def moved(p: int) -> int:
+        return p + grow * sum(1 for at in starts if at < p)
+
+    return text.replace(marker, replacement), [(moved(a), moved(b)) for a, b in spans]
+
+
+def check_image_tokens_kept(example: Example, tokenizer: ChatTokenizer, max_seq_length: int) -> None:
+    """Cutting a row at max_seq_length may not cut into its images' tokens (an image is all of
+    its tokens or it cannot be fed): such a row fails, naming itself."""
+    processor = tokenizer.image_processor            # type: ignore[attr-defined]
+    image_id = tokenizer.encode(processor.image_token, add_special_tokens=False)
+    last = max(i for i, t in enumerate(example.input_ids) if [t] == image_id)
+    if last >= max_seq_length:
+        raise DataError(f"{example.where}: the row's {len(example.images)} image(s) take "
+                        f"{len(example.images) * processor.tokens_per_image} tokens and end at token {last + 1:,}, "
+                        f"past max_seq_length={max_seq_length}; raise max_seq_length or use fewer images per row")
 
 
 def assistant_spans(sample: ChatSample, tokenizer: ChatTokenizer
@@ -271,7 +342,7 @@ def assistant_spans(sample: ChatSample, tokenizer: ChatTokenizer
         upto = _render(tokenizer, messages[:i + 1], False, sample.where)
         turn = upto[len(prompt):]
         if not (upto.startswith(prompt) and full.startswith(upto)
-                and message["content"].strip() in turn):
+                and message_text(message).strip() in turn):
             return full, _spans_by_search(full, messages, probe_end_of_turn(tokenizer),
                                           sample.where)
         start = len(prompt)
@@ -284,7 +355,7 @@ def _spans_by_search(full: str, messages: Conversation, end_of_turn: str, where:
     """Fallback for templates that are not prefix-stable: find each content in order."""
     spans, cursor = [], 0
     for i, message in enumerate(messages):
-        content = message["content"].strip()
+        content = message_text(message).strip()
         if message["role"] == "system":
             continue
         start = full.find(content, cursor)

@@ -41,5 +41,5 @@ def rank_eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int,
         mine = [examples[i] for i in chunk[world.rank::world.world_size]]
         if not mine:
             first = examples[chunk[0]]
-            mine = [Example(first.input_ids, [IGNORE_INDEX] * len(first), first.where)]
+            mine = [Example(first.input_ids, [IGNORE_INDEX] * len(first), first.where, first.images, first.image_processor)]
         yield collate_flat(mine, pad_id) if flat else collate_padded(mine, pad_id)

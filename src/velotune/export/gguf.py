@@ -104,6 +104,9 @@ def check_architecture(config: ModelConfig) -> str:
     """The llama.cpp architecture for this config, or an ExportError naming what a GGUF of that
     architecture cannot hold."""
     family = config.model_type
+    if config.multimodal_type is not None:
+        raise ExportError(f"{config.multimodal_type}: GGUF export of a vision-language model (the decoder plus "
+                          "llama.cpp's separate mmproj file) is not written yet; export --to hf")
     arch = ARCHITECTURES.get(family)
     if arch is None:
         raise ExportError(f"architecture {family!r} cannot be exported to GGUF; supported: "

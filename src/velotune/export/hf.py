@@ -25,6 +25,7 @@ from velotune.export.progress import track
 from velotune.export.weights import PlannedTensor, export_config, plan_tensors
 from velotune.models.config import ModelConfig
 from velotune.models.families import FAMILIES
+from velotune.models.vision_families import VISION_FAMILIES, to_hf
 from velotune.models.transformer import Transformer
 from velotune.safetensors_file import save_safetensors
 
@@ -86,12 +87,40 @@ def _experts_config(c: ModelConfig) -> dict[str, Any]:
 
 
 def config_json(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    if config.multimodal_type is not None:
+        return vision_language_config_json(config, dtype)
     cfg = dict(config.source) if config.source else composed_config(config)
     cfg["model_type"] = config.model_type
     cfg["architectures"] = [ARCHITECTURE_NAMES[config.model_type]]
     cfg["tie_word_embeddings"] = config.tie_word_embeddings
     cfg["dtype" if "dtype" in cfg else "torch_dtype"] = DTYPE_NAMES[dtype]
     return cfg
+
+
+def vision_language_config_json(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """The config.json it was read from, the decoder's tie flag and the dtype updated."""
+    cfg = dict(config.source)
+    text = dict(cfg.get("text_config") or {})
+    text["tie_word_embeddings"] = config.tie_word_embeddings
+    cfg.update(text_config=text, tie_word_embeddings=config.tie_word_embeddings,
+               model_type=config.multimodal_type,
+               architectures=[VISION_FAMILIES[config.multimodal_type].architecture])   # type: ignore[index]
+    cfg["dtype" if "dtype" in cfg else "torch_dtype"] = DTYPE_NAMES[dtype]
+    return cfg
+
+
+def checkpoint_names(config: ModelConfig, tensors: list[PlannedTensor]) -> list[PlannedTensor]:
+    """A vision-language model's tensors under its checkpoint names (models/vision_families.py),
+    transposed where the checkpoint stores a bare matrix; a text model's as they are."""
+    if config.multimodal_type is None:
+        return tensors
+    family = VISION_FAMILIES[config.multimodal_type]
+    renamed = []
+    for t in tensors:
+        name, flip = to_hf(t.name, family)
+        renamed.append(PlannedTensor(name, t.shape[::-1], lambda r=t.read: r().t()) if flip
+                       else PlannedTensor(name, t.shape, t.read))
+    return renamed
 
 
 def shard_plan(tensors: list[PlannedTensor], dtype: torch.dtype, max_bytes: int) -> list[list[PlannedTensor]]:
@@ -116,7 +145,7 @@ def save_hf(model: Transformer, tokenizer: Any, out: Path, dtype: torch.dtype,
     if max_shard_size <= 0:
         raise ExportError(f"max_shard_size must be positive, got {max_shard_size}")
     config = export_config(model)
-    tensors = plan_tensors(model)
+    tensors = checkpoint_names(config, plan_tensors(model))
     shards = shard_plan(tensors, dtype, max_shard_size)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])

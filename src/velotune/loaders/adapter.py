@@ -36,6 +36,7 @@ from velotune.lora.config import ALL_LINEAR, INITS, LoraConfig, LoraConfigError
 from velotune.lora.model import apply_lora, lora_layers, lora_named_parameters
 from velotune.lora.modules_to_save import EMBEDDING, module_tensors, saved_modules, train_in_full
 from velotune.lora.peft_format import BASE_FILE, BASE_KEYS, BASE_SUFFIX, CONFIG_FILE, PREFIX, WEIGHTS_FILE
+from velotune.models.vision_families import to_ours
 from velotune.models.vocab import add_token_rows
 from velotune.tokenizer import Tokenizer
 
@@ -110,9 +111,13 @@ def read_adapter_config(path: Path) -> tuple[LoraConfig, str | None, list[str]]:
         raise LoadError(f"{path}: target_modules {targets!r} is a regular expression; only a list of "
                         f"module names or {ALL_LINEAR!r} is supported")
     try:
+        if isinstance(targets, list):
+            targets = [to_ours(t)[0] if isinstance(t, str) else t for t in targets]
         config = LoraConfig(r=data.get("r", 8), alpha=data.get("lora_alpha", 8), dropout=data.get("lora_dropout", 0.0),
                             target_modules=targets, use_rslora=bool(data.get("use_rslora", False)),
-                            use_dora=bool(data.get("use_dora", False)), init=init)
+                            use_dora=bool(data.get("use_dora", False)), init=init,
+                            projector=bool(data.get("velotune_lora_projector", True)),
+                            vision_tower=bool(data.get("velotune_lora_vision_tower", False)))
     except (LoraConfigError, TypeError) as err:
         raise LoadError(f"{path}: {err}") from None
     whole = data.get("modules_to_save") or []
@@ -140,7 +145,7 @@ def load_adapter_weights(model: nn.Module, path: str | Path) -> None:
         for key, tensor in tensors.items():
             if not key.startswith(PREFIX):
                 raise LoadError(f"{path}: tensor {key!r} does not start with {PREFIX!r} (not a PEFT adapter key)")
-            name = key[len(PREFIX):]
+            name = to_ours(key[len(PREFIX):])[0]     # a vision-language model's nested names, ours
             if name in bases:
                 copy_base_weight(bases[name], tensor, path, key)
                 continue
@@ -209,7 +214,9 @@ def load_adapter(path: str | Path, *, dtype: torch.dtype | None = None, device: 
         raise LoadError(f"{folder / CONFIG_FILE}: base_model_name_or_path names the adapter folder itself")
     model, tokenizer = load_model(base, dtype=dtype, device=device, max_seq_length=max_seq_length, **base_options)
     if (folder / TOKENIZER_FILE).is_file():      # new tokens were added: the adapter's tokenizer has them
+        processor = getattr(tokenizer, "image_processor", None)
         tokenizer = Tokenizer.from_hf_folder(folder)
+        tokenizer.image_processor = processor
     try:
         if whole:
             grow_vocab(model, weights)

@@ -15,10 +15,11 @@ from velotune.loaders.checkpoint import Checkpoint
 from velotune.loaders.expert_tensors import ExpertTensors
 from velotune.models.config import ModelConfig
 from velotune.models.transformer import Transformer
+from velotune.models.vision_families import to_ours
 from velotune.quant.policy import FourBitPolicy
 
 # Tensors some checkpoints carry that the model derives itself.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
 
 def split_fused(name: str, tensor: torch.Tensor, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -65,7 +66,8 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
     for raw_name, tensor in ckpt.tensors():
         if raw_name.endswith(IGNORED_SUFFIXES):
             continue
-        for name, part in split_fused(raw_name, tensor, config):
+        ours, transposed = to_ours(raw_name)     # vision-language checkpoints nest the decoder
+        for name, part in split_fused(ours, tensor.t() if transposed else tensor, config):
             if name == tied:
                 continue  # the head is the embedding; a copy in the file adds nothing
             for piece in experts.pieces(name, part):

@@ -13,6 +13,8 @@ from safetensors import SafetensorError, safe_open
 from velotune.errors import LoadError, read_json
 from velotune.loaders.checkpoint import Checkpoint
 from velotune.models.config import ModelConfig
+from velotune.models.vision_families import VISION_FAMILIES
+from velotune.tokenizer.image_processor import ImageProcessor
 
 
 def weight_files(folder: Path) -> dict[str, list[str] | None]:
@@ -75,10 +77,22 @@ def open_hf_folder(path: str | Path) -> Checkpoint:
         from velotune.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_hf_folder(folder)
+        if config.vision is not None:
+            tokenizer.image_processor = image_processor(folder, config, tokenizer)
     gen_path = folder / "generation_config.json"
     generation_config = read_json(gen_path) if gen_path.exists() else {}
     return Checkpoint(config=config, tensors=lambda: iter_safetensors(folder, files), tokenizer=tokenizer,
                       source=str(folder), generation_config=generation_config, prequantized=prequantized)
+
+
+def image_processor(folder: Path, config: ModelConfig, tokenizer) -> ImageProcessor:
+    """A vision-language folder's image processor, with its family's prompt text of an image."""
+    family = VISION_FAMILIES[config.multimodal_type]   # type: ignore[index]
+    token = tokenizer.backend.id_to_token(config.image_token_id)
+    if token is None:
+        raise LoadError(f"{folder}: the image token id {config.image_token_id} is not in the tokenizer")
+    return ImageProcessor.from_folder(folder, image_token=token, tokens_per_image=config.vision.image_tokens,
+                                      placeholder=family.placeholder, expansion=family.expansion)
 
 
 def prequantized_weights(raw_config: dict[str, Any], names: set[str], config_path: Path) -> dict[str, frozenset[str]]:

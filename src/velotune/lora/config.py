@@ -9,6 +9,10 @@ Design choices:
   An entry's last component must be one of the modules we can adapt. "all-linear" means the seven
   projections of every decoder layer; like PEFT's shorthand it leaves out the output head, which
   must be named explicitly.
+- Vision-language models: the projector's linear layers get adapters too (`projector`, on by
+  default; they are what maps the new images into the decoder), the vision tower none unless
+  `vision_tower` is set, which adapts its attention and MLP projections (q/k/v/out_proj,
+  fc1/fc2): a target name such as "q_proj" alone never reaches into the tower.
 - The scale is alpha / r, or alpha / sqrt(r) with rsLoRA (rank-stabilised: the update's size does
   not shrink as r grows).
 """
@@ -22,7 +26,10 @@ EMBEDDING = "embed_tokens"
 HEAD = "lm_head"
 EXPERTS, ROUTER = "experts", "router"     # mixture-of-experts layers (lora/experts.py)
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-KNOWN_TARGETS = (*PROJECTIONS, EMBEDDING, HEAD, EXPERTS, ROUTER)
+PROJECTOR_LINEARS = ("linear_1", "linear_2", "mm_input_projection")       # models/vision.py:Projector
+VISION_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # models/vision.py:VisionLayer
+PROJECTOR, VISION_TOWER = "multi_modal_projector.", "vision_tower."
+KNOWN_TARGETS = (*PROJECTIONS, EMBEDDING, HEAD, EXPERTS, ROUTER, *PROJECTOR_LINEARS, *VISION_LINEARS[3:])
 ALL_LINEAR = "all-linear"
 INITS = (True, False, "gaussian")
 
@@ -45,6 +52,8 @@ class LoraConfig:
     # (A zeros, B ~ N(0, 1)), as PEFT does. Random draws come from torch's global RNG.
     init: bool | str = True
     bias: str = "none"
+    projector: bool = True              # a vision-language model's projector adapted too
+    vision_tower: bool = False          # ... and its vision tower
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -77,6 +86,14 @@ class LoraConfig:
         return list(dict.fromkeys(names))
 
     def matches(self, module_path: str) -> bool:
+        last = module_path.rsplit(".", 1)[-1]
+        if module_path.startswith(PROJECTOR) and self.projector and last in PROJECTOR_LINEARS:
+            return True
+        if module_path.startswith(VISION_TOWER):
+            if self.vision_tower and last in VISION_LINEARS:
+                return True   # below: only targets that name the tower's modules by path reach it
+            return any(t.startswith(VISION_TOWER) and (module_path == t or module_path.endswith("." + t))
+                       for t in self.targets())
         return any(module_path == t or module_path.endswith("." + t) for t in self.targets())
 
     def matches_experts(self, module_path: str) -> bool:

@@ -21,13 +21,14 @@ bitsandbytes NF4 base (double-quantized, blocksize 64), not on the 16-bit model.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from velotune.lora.config import LoraConfig, LoraConfigError
-from velotune.lora.model import lora_state_dict
+from velotune.lora.model import lora_layers, lora_state_dict
 from velotune.lora.modules_to_save import HEAD, is_tied, module_tensors, saved_modules
 from velotune.safetensors_file import save_safetensors
 
@@ -68,14 +69,21 @@ def peft_config(config: LoraConfig, base_model_name_or_path: str | Path | None,
         "ensure_weight_tying": bool(modules_to_save) and tied,
         "layers_to_transform": None,
         "layers_pattern": None,
+        # vision-language models, written only where they differ from LoraConfig's defaults
+        **({} if config.projector else {"velotune_lora_projector": False}),
+        **({"velotune_lora_vision_tower": True} if config.vision_tower else {}),
         "rank_pattern": {},
         "alpha_pattern": {},
         "revision": None,
     }
 
 
-def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | Path | None) -> Path:
-    """Write the model's adapters as a PEFT adapter folder; returns the folder."""
+def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | Path | None,
+                 names: Callable[[str], str] | None = None) -> Path:
+    """Write the model's adapters as a PEFT adapter folder; returns the folder. `names` maps our
+    parameter names to the transformers model's where they differ (a vision-language model nests
+    its decoder: models/vision_families.py); target_modules then lists every adapted module by
+    that path, so PEFT adapts exactly these (a bare "q_proj" would reach into the vision tower)."""
     config = getattr(model, "lora_config", None)
     if config is None:
         raise LoraConfigError("save_adapter: the model has no LoRA adapters (call apply_lora first)")
@@ -83,12 +91,15 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     folder.mkdir(parents=True, exist_ok=True)
     whole, tied = saved_modules(model), is_tied(model)
     named = {**lora_state_dict(model), **module_tensors(model, whole)}
-    tensors = {PREFIX + name: t.contiguous().cpu() for name, t in named.items()}
+    rename = names or (lambda name: name)
+    tensors = {PREFIX + rename(name): t.contiguous().cpu() for name, t in named.items()}
     head = f"{PREFIX}{HEAD}.weight"
     if tied and head in tensors:                 # safetensors stores no tensor twice
         tensors[head] = tensors[head].clone()
     save_safetensors(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
     settings = peft_config(config, base_model_name_or_path, whole, tied)
+    if names is not None:
+        settings["target_modules"] = sorted(rename(path) for path, _ in lora_layers(model))
     (folder / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     base = getattr(model, "adapter_base", None)
     if base is not None:

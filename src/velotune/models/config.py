@@ -13,6 +13,8 @@ from typing import Any
 
 from velotune.errors import ConfigError
 from velotune.models.families import ARCHITECTURES, FAMILIES
+from velotune.models.vision import VisionConfig
+from velotune.models.vision_families import VISION_ARCHITECTURES, VISION_FAMILIES, image_token_id
 
 # Families the decoder supports, keyed by Hugging Face's `model_type`.
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -76,6 +78,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # Vision-language models (models/vision_families.py): the tower and projector, the family
+    # (`multimodal_type`, e.g. "llava"; model_type stays the decoder's) and the placeholder id
+    # whose embeddings the projected image features replace.
+    vision: VisionConfig | None = None
+    multimodal_type: str | None = None
+    image_token_id: int | None = None
+    bidirectional_images: bool = False     # Gemma 3: an image's tokens see each other both ways
     # The config.json this was read from, kept so that exports can write it back faithfully.
     source: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -84,6 +93,8 @@ class ModelConfig:
             raise ConfigError(
                 f"unknown architecture {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        if isinstance(self.vision, dict):   # a config rebuilt from `to_dict`
+            self.vision = VisionConfig(**self.vision)
         if not self.layer_types:
             kind = "sliding_attention" if self.sliding_window else "full_attention"
             self.layer_types = [kind] * self.num_hidden_layers
@@ -135,7 +146,8 @@ class ModelConfig:
         return bool(self.num_experts and self.moe_layers[layer])
 
     def num_parameters(self, embeddings: bool = True) -> int:
-        """Parameter count from shapes alone (used by the memory estimator and MFU)."""
+        """Parameter count from shapes alone (used by the memory estimator and MFU); a
+        vision-language model's tower and projector included."""
         h, i, hd = self.hidden_size, self.intermediate_size, self.head_dim
         q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         attn = h * q + 2 * h * kv + q * h
@@ -153,7 +165,7 @@ class ModelConfig:
         total = self.num_hidden_layers * (attn + norms) + moe * experts + (self.num_hidden_layers - moe) * mlp + h
         if embeddings:
             total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return total
+        return total + (self.vision.num_parameters() if self.vision is not None else 0)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -167,11 +179,15 @@ class ModelConfig:
         model_type = cfg.get("model_type")
         if model_type is None:
             archs = cfg.get("architectures") or []
-            model_type = next((ARCHITECTURE_TO_MODEL_TYPE[a] for a in archs if a in ARCHITECTURE_TO_MODEL_TYPE), None)
+            model_type = next((ARCHITECTURE_TO_MODEL_TYPE[a] for a in archs if a in ARCHITECTURE_TO_MODEL_TYPE),
+                              next((VISION_ARCHITECTURES[a] for a in archs if a in VISION_ARCHITECTURES), None))
+        if model_type in VISION_FAMILIES:
+            return cls.from_vision_language_config(cfg, model_type, path)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"{path}: unknown architecture (model_type={cfg.get('model_type')!r}, "
-                f"architectures={cfg.get('architectures')!r}); supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"architectures={cfg.get('architectures')!r}); supported: "
+                f"{', '.join((*SUPPORTED_MODEL_TYPES, *VISION_FAMILIES))}"
             )
 
         def need(key: str) -> Any:
@@ -218,6 +234,29 @@ class ModelConfig:
         if layer_types and kw["sliding_window"]:
             kw["layer_types"] = list(layer_types)
         return cls(**kw)
+
+
+    @classmethod
+    def from_vision_language_config(cls, cfg: dict[str, Any], model_type: str, path: str) -> ModelConfig:
+        """A vision-language config.json: the decoder from `text_config` (its family's own reader),
+        the tower and projector from the family row (models/vision_families.py)."""
+        family = VISION_FAMILIES[model_type]
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{path}: a {model_type} config needs a text_config")
+        text = {"model_type": family.text_model_type, **text}
+        if "tie_word_embeddings" in cfg and "tie_word_embeddings" not in text:
+            text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+        config = cls.from_hf_config(text, f"{path} text_config")
+        config.vision = family.vision_config(cfg, config.hidden_size, path)
+        config.multimodal_type = model_type
+        config.image_token_id = image_token_id(cfg, family)
+        config.bidirectional_images = family.bidirectional_images
+        if not 0 <= config.image_token_id < config.vocab_size:
+            raise ConfigError(f"{path}: image_token_id {config.image_token_id} is outside the vocabulary "
+                              f"of {config.vocab_size}")
+        config.source = dict(cfg)
+        return config
 
 
 def _read_rope(cfg: dict[str, Any], path: str) -> tuple[float, dict[str, Any] | None]:

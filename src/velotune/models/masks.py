@@ -36,27 +36,43 @@ def attention_mask_for(
     docs: torch.Tensor | None,
     window: int | None,
     device: torch.device,
+    blocks: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean [B|1, 1, t, offset+t] mask (True = may attend) for t queries after `offset`
-    cached tokens; `attention_mask` [B, offset+t] marks real (1) vs padding (0) tokens."""
+    cached tokens; `attention_mask` [B, offset+t] marks real (1) vs padding (0) tokens.
+    `blocks` [B, offset+t] (`image_blocks`): tokens of one image block also see its later tokens,
+    the window still applying (Gemma 3's images, as transformers masks them)."""
     s = offset + t
     if attention_mask is not None and bool(attention_mask[:, :s].all()):
         attention_mask = None
     windowed = window is not None and s > window
-    if attention_mask is None and docs is None and not windowed and (t == s or t == 1):
+    if attention_mask is None and docs is None and blocks is None and not windowed and (t == s or t == 1):
         return None
     q = torch.arange(offset, s, device=device)[:, None]
     kv = torch.arange(s, device=device)[None, :]
     allowed = kv <= q
+    if blocks is not None:
+        mine = blocks[:, offset:s, None]
+        allowed = allowed[None] | ((mine == blocks[:, None, :s]) & (mine >= 0))
+        allowed = allowed[:, None]
     if windowed:
         allowed = allowed & (q - kv < window)
-    allowed = allowed[None, None]
+    if blocks is None:
+        allowed = allowed[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :s].bool()
     if docs is not None:
         allowed = allowed & (docs[:, None, :, None] == docs[:, None, None, :])
     # A token may always see itself, so padding rows never have an empty softmax (NaN).
     return allowed | (kv == q)[None, None]
+
+
+def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
+    """[B, T] number of the run of image tokens each token belongs to (counted per row from 0),
+    -1 for other tokens: an image's tokens form one run."""
+    previous = torch.nn.functional.pad(is_image, (1, 0), value=False)[:, :-1]
+    starts = is_image & ~previous
+    return torch.where(is_image, torch.cumsum(starts.int(), dim=1) - 1, -1)
 
 
 @dataclass(frozen=True)

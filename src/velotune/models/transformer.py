@@ -37,11 +37,19 @@ from velotune.models.checkpointing import (
     run_checkpointed,
 )
 from velotune.models.config import ModelConfig
-from velotune.models.masks import DocumentSpans, Mask, attention_mask_for, document_ids, spans_from_positions
+from velotune.models.masks import (
+    DocumentSpans,
+    Mask,
+    attention_mask_for,
+    document_ids,
+    image_blocks,
+    spans_from_positions,
+)
 from velotune.models.moe import MoE
 from velotune.models.sinks import attend_with_sinks
 from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_room_bytes
 from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
+from velotune.models.vision import Projector, VisionTower
 from velotune.models.token_logps import token_logps
 from velotune.models.kept_attention import KeptAttention, with_kept_attention
 from velotune.models.long_context import working_bytes
@@ -401,6 +409,9 @@ class Transformer(nn.Module):
         self.offload_stats = OffloadStats()                # what the last forward's offload moved
         self.offload_pool = PinnedHostPool()               # its host buffers, reused from step to step
         self.max_seq_length = config.max_position_embeddings
+        if config.vision is not None:   # a vision-language model (models/vision.py)
+            self.vision_tower = VisionTower(config.vision)
+            self.multi_modal_projector = Projector(config.vision)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -432,19 +443,29 @@ class Transformer(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         documents: DocumentSpans | None = None,
         return_token_logps: bool = False,
+        pixel_values: torch.Tensor | None = None,
     ) -> ModelOutput:
         """`inputs_embeds` [B, T, H], when given, replaces the embedding lookup of `input_ids` (the
         CUDA-graph step looks up a host-memory table outside its graph: train/graphed_step.py).
         `documents` (with `position_ids`): the packed documents' spans, as a padding-free batch
         brings them (data/batching.py:collate_flat); without it they are read from restarting
         position ids. With labels, `return_token_logps` gives each target's log-probability
-        (`token_logps`) instead of the summed loss: what the preference and RL objectives read."""
+        (`token_logps`) instead of the summed loss: what the preference and RL objectives read.
+        `pixel_values` [images, C, H, W] (vision-language models): the images of the batch in the
+        order their placeholder tokens appear, row by row (`embed_with_images`)."""
         experts = [m for m in self.modules() if isinstance(m, MoE)]
         balance = (labels is not None and not return_token_logps and self.training and torch.is_grad_enabled()
                    and bool(experts) and self.config.router_aux_loss_coef > 0)
         for moe in experts:
             moe.collect_aux, moe.aux_statistics = balance, []
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds, documents)
+        scaled, blocks = False, None
+        if pixel_values is not None:
+            if inputs_embeds is not None:
+                raise ValueError("pass pixel_values or inputs_embeds, not both")
+            inputs_embeds, scaled = self.embed_with_images(input_ids, pixel_values), True
+            blocks = self.image_blocks(input_ids)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds, documents,
+                                    embeds_scaled=scaled, image_blocks=blocks)
         out = ModelOutput(hidden_states=hidden)
         if labels is not None and return_token_logps:
             out.token_logps = self.token_logps_from_hidden(hidden, labels)
@@ -464,8 +485,12 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                       inputs_embeds: torch.Tensor | None = None,
-                      documents: DocumentSpans | None = None) -> torch.Tensor:
-        """Final-norm hidden states [B, T, H]."""
+                      documents: DocumentSpans | None = None, *, embeds_scaled: bool = False,
+                      image_blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, H]. `embeds_scaled`: `inputs_embeds` already carry the
+        family's embedding multiplier (`embed_with_images` scales the text rows, not the images').
+        `image_blocks` [B, T] (`masks.image_blocks`): each image's tokens see each other both ways
+        (Gemma 3), which takes an explicit mask."""
         c = self.config
         b, t = input_ids.shape
         offset = cache.length if cache is not None else 0
@@ -475,7 +500,7 @@ class Transformer(nn.Module):
         # Attention without a soft-cap or sinks takes packed documents as spans (variable-length
         # attention); a soft-capped one, or one with sinks, as a boolean mask.
         docs = None
-        spans_allowed = c.varlen_attention and cache is None and attention_mask is None
+        spans_allowed = c.varlen_attention and cache is None and attention_mask is None and image_blocks is None
         if documents is not None and position_ids is None:
             raise ValueError("documents (packed spans) need the position_ids that restart at each document")
         if position_ids is None:
@@ -491,13 +516,13 @@ class Transformer(nn.Module):
                 and not kernels.capturing(input_ids) and one_document(documents):
             documents = None   # one long row: plain causal attention, the same, whose output a layer can keep
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if c.embedding_multiplier != 1.0:
+        if c.embedding_multiplier != 1.0 and not embeds_scaled:
             x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
         ropes = self.model.rotary.per_layer(position_ids, x.dtype)
         windows = {c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)}
         masks: dict[int | None, Mask] = {
             window: (documents.windowed(window) if documents is not None
-                     else attention_mask_for(t, offset, attention_mask, docs, window, x.device))
+                     else attention_mask_for(t, offset, attention_mask, docs, window, x.device, image_blocks))
             for window in windows
         }
         mlp_chunk = mlp_chunk_size(self.mlp_chunk_tokens, b * t)
@@ -537,6 +562,35 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(t)
         return self.model.norm.add_and_normalize(x, pending)[0]
+
+    def embed_with_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, H] (scaled by the embedding multiplier) whose image placeholder
+        positions hold the projected image features, image after image in reading order, as the
+        Hugging Face models merge them. The vision tower runs in the model's dtype."""
+        c = self.config
+        if c.vision is None:
+            raise ValueError("pixel_values given to a model without a vision tower")
+        x = self.model.embed_tokens(input_ids)
+        if c.embedding_multiplier != 1.0:
+            x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
+        features = self.image_features(pixel_values).to(x.dtype)
+        slots = input_ids == c.image_token_id
+        placeholders, given = int(slots.sum()), features.shape[0] * features.shape[1]
+        if placeholders != given:
+            raise ValueError(f"the batch has {placeholders} image placeholder tokens, its {features.shape[0]} "
+                             f"image(s) give {given} ({features.shape[1]} each)")
+        return x.masked_scatter(slots[..., None], features)
+
+    def image_blocks(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Each image's run of tokens where the family lets them see each other both ways
+        (`ModelConfig.bidirectional_images`), else None (causal like the text)."""
+        if not self.config.bidirectional_images:
+            return None
+        return image_blocks(input_ids == self.config.image_token_id)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image features [images, image_tokens, H] of preprocessed pixels."""
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
 
     def plan_placement(self, x: torch.Tensor, checkpointed: int, span: int | None = None) -> Placement:
         """Where this forward's checkpointed layer inputs go (`velotune.placement`): with
@@ -614,10 +668,12 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0, *,
                  attention_mask: torch.Tensor | None = None, stop_token_ids: list[int] | None = None,
-                 pad_token_id: int | None = None, **sampling) -> torch.Tensor:
+                 pad_token_id: int | None = None, pixel_values: torch.Tensor | None = None,
+                 **sampling) -> torch.Tensor:
         """Prompt + generated ids [B, T + n] (greedy at temperature 0). Batched prompts are
         left-padded with `attention_mask`; stop tokens default to the config's EOS. Other keyword
-        arguments are `SamplingParams` fields (top_k, top_p, min_p, repetition_penalty, seed)."""
+        arguments are `SamplingParams` fields (top_k, top_p, min_p, repetition_penalty, seed).
+        `pixel_values`: the prompts' images (vision-language models), as `forward` takes them."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
         return generate_tensor(self, input_ids, params, attention_mask=attention_mask,
-                               stop_token_ids=stop_token_ids, pad_token_id=pad_token_id)
+                               stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, pixel_values=pixel_values)

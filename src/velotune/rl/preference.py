@@ -49,6 +49,9 @@ def messages(value: Any, row: Row, field: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        if any(not isinstance(m["content"], str) for m in value):
+            raise DataError(f"{row.where}: field {field!r} holds content parts (images?); the preference and RL "
+                            "methods train on text only (rows with images train with lora, qlora or full)")
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise DataError(f"{row.where}: field {field!r} must be a string or a list of {{role, content}} messages")
 

@@ -29,6 +29,7 @@ from velotune.errors import LoadError
 from velotune.tokenizer import chat_template as templating
 from velotune.tokenizer.gguf_vocab import build_backend, read_gguf_vocab
 from velotune.tokenizer.hf_files import read_hf_folder, write_hf_folder
+from velotune.tokenizer.image_processor import ImageProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class Tokenizer:
         self.pad_token, self.unk_token = pad_token, unk_token
         self._add_bos_token, self._add_eos_token = add_bos_token, add_eos_token
         self.source = source
+        # A vision-language model's images -> pixels and prompt text (tokenizer/image_processor.py),
+        # set by the loader; None for text models.
+        self.image_processor: ImageProcessor | None = None
         named = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token, "unk_token": unk_token}
         for key, token in named.items():
             if token is not None and backend.token_to_id(token) is None:
@@ -85,9 +89,12 @@ class Tokenizer:
             raise LoadError(str(error)) from None
 
     def save(self, directory: str | Path) -> None:
-        """tokenizer.json + tokenizer_config.json, loadable by transformers' AutoTokenizer."""
+        """tokenizer.json + tokenizer_config.json, loadable by transformers' AutoTokenizer (and the
+        image processor's files, for a vision-language model)."""
         write_hf_folder(Path(directory), self.backend, self.special_tokens_map, self.add_bos_token,
                         self.add_eos_token, self.chat_template)
+        if self.image_processor is not None:
+            self.image_processor.save(Path(directory))
 
     def _post_processor(self) -> processors.TemplateProcessing:
         bos = [f"{self.bos_token}:0"] if self.add_bos_token else []

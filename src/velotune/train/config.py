@@ -112,6 +112,10 @@ class TrainConfig:
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     use_rslora: bool = False
     use_dora: bool = False
+    # Vision-language models: adapters on the projector (images -> decoder) too, and on the vision
+    # tower (frozen by default); they do nothing for a text model.
+    lora_projector: bool = True
+    lora_vision_tower: bool = False
     # Modules trained in full beside the adapters (PEFT's modules_to_save), e.g. [embed_tokens,
     # lm_head] for continued pre-training or new tokens; at trainable_modules_lr (null: learning_rate).
     trainable_modules: list[str] = field(default_factory=list)
@@ -209,7 +213,7 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
     # the preference and RL objectives read token log-probs, to which no load-balancing term is added
     "router_aux_loss_coef": SFT_METHODS,
     **dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",
-                     "offload_embeddings"), _LORA),
+                     "offload_embeddings", "lora_projector", "lora_vision_tower"), _LORA),
     **dict.fromkeys(("lora_init", "keep_16bit", "keep_16bit_dynamic"), _FOUR_BIT),
     "load_in_4bit": ALIGN_METHODS,
     **dict.fromkeys(("galore_rank", "galore_update_proj_gap", "galore_scale", "fsdp_cpu_offload",

@@ -77,6 +77,8 @@ def graph_blockers(model: nn.Module) -> list[str]:
                        if isinstance(m, nn.Dropout) and m.p > 0 and m.training})
     if dropouts:
         reasons.append(f"dropout is random (e.g. {dropouts[0]}); set it to 0")
+    if getattr(getattr(model, "config", None), "vision", None) is not None:
+        reasons.append("a vision-language model's micro-batches carry a varying number of images")
     return reasons
 
 

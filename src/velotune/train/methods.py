@@ -124,9 +124,11 @@ def lora_config(config: TrainConfig):
     targets = ALL_LINEAR if config.target_modules == [ALL_LINEAR] else list(config.target_modules)
     try:
         return LoraConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                          target_modules=targets, use_rslora=config.use_rslora, use_dora=config.use_dora)
+                          target_modules=targets, use_rslora=config.use_rslora, use_dora=config.use_dora,
+                          projector=config.lora_projector, vision_tower=config.lora_vision_tower)
     except LoraConfigError as exc:
-        raise TrainConfigError(f"LoRA settings (lora_r, lora_alpha, lora_dropout, target_modules): {exc}") from None
+        raise TrainConfigError(f"LoRA settings (lora_r, lora_alpha, lora_dropout, target_modules, lora_projector, "
+                               f"lora_vision_tower): {exc}") from None
 
 
 def load_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -246,6 +248,15 @@ def init_adapters(model: nn.Module, config: TrainConfig, calibration: Sequence[S
             f"layer's 4-bit rounding error, measured on {ids.numel():,} training tokens")
 
 
+def transformers_names(model: nn.Module):
+    """Our parameter name -> the transformers model's, for a vision-language model (None: equal)."""
+    if getattr(model.config, "multimodal_type", None) is None:
+        return None
+    from velotune.models.vision_families import transformers_name
+
+    return transformers_name
+
+
 def save_result(model: nn.Module, tokenizer, config: TrainConfig, folder: Path | None = None) -> Path:
     """Write the run's result (adapter or full model) and return its folder."""
     out = Path(config.output_dir)
@@ -253,7 +264,7 @@ def save_result(model: nn.Module, tokenizer, config: TrainConfig, folder: Path |
         from velotune.lora.peft_format import save_adapter
 
         target = folder or out / ADAPTER_DIR
-        save_adapter(model, target, config.model)
+        save_adapter(model, target, config.model, names=transformers_names(model))
         if config.new_tokens:      # the base's tokenizer lacks them: loaders/adapter.py reads this one
             tokenizer.save(target)
         return target

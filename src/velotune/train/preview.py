@@ -19,7 +19,8 @@ warnings training would print (empty answers, repeated rows, cut rows).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -38,14 +39,27 @@ BAR_WIDTH = 40
 
 
 def trained_runs(example: Example, tokenizer) -> list[tuple[str, bool]]:
-    """The example's text as consecutive runs of tokens, each (text, trained)."""
+    """The example's text as consecutive runs of tokens, each (text, trained); an image's hundreds
+    of tokens shown as one `<image> x N (file)` (image tokens are never trained, so each image
+    lies inside one run)."""
     flags = [i > 0 and label != IGNORE_INDEX for i, label in enumerate(example.labels)]
+    files = iter(example.images)
     runs, start = [], 0
     for end in range(1, len(flags) + 1):
         if end == len(flags) or flags[end] != flags[start]:
-            runs.append((tokenizer.decode(example.input_ids[start:end]), flags[start]))
+            runs.append((with_images_named(tokenizer.decode(example.input_ids[start:end]), tokenizer, files),
+                         flags[start]))
             start = end
     return runs
+
+
+def with_images_named(text: str, tokenizer, files: Iterator[str]) -> str:
+    processor = getattr(tokenizer, "image_processor", None)
+    if processor is None:
+        return text
+    pieces = text.split(processor.image_token * processor.tokens_per_image)
+    return pieces[0] + "".join(f"{processor.image_token} x {processor.tokens_per_image:,} "
+                               f"({Path(next(files, '?')).name}){piece}" for piece in pieces[1:])
 
 
 def render_example(example: Example, tokenizer, *, markers: bool) -> Text:

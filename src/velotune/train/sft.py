@@ -42,6 +42,12 @@ def batch_documents(batch: Batch, device: torch.device) -> DocumentSpans | None:
                          int(batch["max_document_length"]))                      # type: ignore[arg-type]
 
 
+def batch_images(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """{"pixel_values": the batch's images on `device`} for a batch with images, else {}."""
+    pixels = batch.get("pixel_values")
+    return {} if pixels is None else {"pixel_values": pixels.to(device, non_blocking=True)}   # type: ignore[union-attr]
+
+
 class SFTObjective:
     metric_names: tuple[str, ...] = ()
     rows_per_unit = 1
@@ -89,7 +95,7 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                             labels=batch["labels"].to(device), return_logits=False,
-                            documents=batch_documents(batch, device))
+                            documents=batch_documents(batch, device), **batch_images(batch, device))
             sums[0] += out.loss_sum.double()
             sums[1] += out.num_targets
     finally:

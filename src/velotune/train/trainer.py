@@ -77,7 +77,7 @@ from velotune.train.optim import build_optimizer
 from velotune.train.profiling import StepProfiler
 from velotune.train.rank_batches import RankMicroBatches
 from velotune.train.schedule import build_scheduler, warmup_steps_for
-from velotune.train.sft import SFTObjective, batch_documents, padding_free
+from velotune.train.sft import SFTObjective, batch_documents, batch_images, padding_free
 from velotune.train.stop import StopOnSignal, StopRequested
 from velotune.train.unit_batches import UnitMicroBatches
 
@@ -285,7 +285,7 @@ class Trainer:
         ids, positions, labels = self.device_inputs(batch)
         with self.autocast():
             out = self.wrapped(ids, position_ids=positions, labels=labels, return_logits=False,
-                               documents=batch_documents(batch, self.device))
+                               documents=batch_documents(batch, self.device), **batch_images(batch, self.device))
         return out.loss_sum.float(), out.num_targets
 
     def forward(self, batch: Batch, *, reference: bool = False) -> Any:
@@ -297,10 +297,11 @@ class Trainer:
         if reference:
             with torch.no_grad(), disable_adapters(self.model), self.autocast():
                 return self.model(ids, position_ids=positions, labels=labels, return_logits=False,
-                                  return_token_logps=True)
+                                  return_token_logps=True, **batch_images(batch, self.device))
         module = self.wrapped if torch.is_grad_enabled() else self.model
         with self.autocast():
-            return module(ids, position_ids=positions, labels=labels, return_logits=False, return_token_logps=True)
+            return module(ids, position_ids=positions, labels=labels, return_logits=False, return_token_logps=True,
+                          **batch_images(batch, self.device))
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         return distributed.global_sum(value, self.world)

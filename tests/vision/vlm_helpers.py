@@ -1,0 +1,131 @@
+"""A tiny vision-language model folder for tests (a random LLaVA of a 2-layer Llama and a 2-layer
+CLIP tower at 28 x 28 pixels, written by transformers), with the byte tokenizer of
+tests/cli/cli_helpers.py plus an `<image>` token, a ChatML template that writes `<image>` per
+image part, and the Pillow CLIP processor's preprocessor_config.json; and real photographs from
+scikit-image's bundled samples, written as files the rows name."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tests.cli.cli_helpers import byte_tokenizer
+
+IMAGE = "<image>"
+CHATML_IMAGES = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>' }}"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# scikit-image sample -> what the demo rows call it (grey `camera` exercises RGB conversion)
+SAMPLES = {"astronaut": "an astronaut", "coffee": "a cup of coffee", "chelsea": "a cat", "camera": "a photographer",
+           "rocket": "a rocket", "coins": "some coins"}
+
+
+def write_samples(folder: Path) -> dict[str, Path]:
+    """The scikit-image sample photographs as PNG files."""
+    import PIL.Image
+    import skimage.data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name in SAMPLES:
+        path = folder / f"{name}.png"
+        if not path.exists():
+            PIL.Image.fromarray(getattr(skimage.data, name)()).save(path)
+        files[name] = path
+    return files
+
+
+def make_vlm_model(folder: Path, seed: int = 0, image_size: int = 28, patch_size: int = 7,
+                   select: str = "default", feature_layer: int = -2) -> Path:
+    import transformers
+
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens([IMAGE])
+    tokenizer.chat_template = CHATML_IMAGES
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    text = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.1)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+                                           projection_dim=32, initializer_range=0.1)
+    patches = (image_size // patch_size) ** 2
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                                      image_seq_length=patches + (select == "full"),
+                                      vision_feature_select_strategy=select, vision_feature_layer=feature_layer)
+    torch.manual_seed(seed)
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save(folder)
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                                   crop_size={"height": image_size, "width": image_size})
+    processor.save_pretrained(folder)
+    return folder
+
+
+def image_rows(files: dict[str, Path], repeat: int = 1) -> list[dict]:
+    """One row per photograph: "What is in the picture?" answered with its name."""
+    rows = []
+    for _ in range(repeat):
+        for name, path in files.items():
+            rows.append({"messages": [
+                {"role": "user", "content": [{"type": "image", "path": path.name},
+                                             {"type": "text", "text": "What is in the picture?"}]},
+                {"role": "assistant", "content": SAMPLES[name] + "."}]})
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                  "<image_soft_token>"]
+TEMPLATES = Path(__file__).parent.parent / "fixtures" / "chat_templates"
+
+
+def gemma_byte_tokenizer():
+    """Gemma 3's special tokens (image ones included) over 256 byte tokens, with its real chat template."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from velotune.tokenizer import Tokenizer
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(GEMMA_SPECIALS + sorted(alphabet))}
+    backend = Backend(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in GEMMA_SPECIALS])
+    return Tokenizer(backend, chat_template=(TEMPLATES / "gemma3.jinja").read_text(), bos_token="<bos>",
+                     eos_token="<eos>", pad_token="<pad>", add_bos_token=False)
+
+
+def make_gemma3_vlm(folder: Path, seed: int = 0, image_size: int = 32, patch_size: int = 4,
+                    tokens_per_image: int = 16) -> Path:
+    """A random Gemma 3 (3 decoder layers, a sliding window of 8, so images cross it) with a 2-layer
+    SigLIP tower, and the Pillow Gemma 3 processor's settings."""
+    import transformers
+
+    tokenizer = gemma_byte_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in GEMMA_SPECIALS}
+    text = transformers.Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=8, max_position_embeddings=512, query_pre_attn_scalar=16,
+        bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"], pad_token_id=ids["<pad>"], initializer_range=0.1)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+                                             vision_use_head=False)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_image,
+                                       image_token_index=ids["<image_soft_token>"],
+                                       boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"])
+    torch.manual_seed(seed)
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save(folder)
+    transformers.Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder
