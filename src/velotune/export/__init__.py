@@ -20,7 +20,8 @@ round-to-nearest measurably loses the fine-tune; False gives plain round-to-near
 
 `awq` / `gptq` (`export/serving.py`): W4A16 in the compressed-tensors layout, always calibrated:
 on `calibration` = (ids [B, L], positions [B, L]) of the run's own training rows when given
-(the CLI and the trainer pass them), else on generic chat text. `group_size` is theirs alone.
+(the CLI and the trainer pass them), else on generic chat text. `group_size` (theirs alone):
+None picks 128, or 64 or 32 for models whose widths 128 does not divide (SmolLM2's 576).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from velotune.export.errors import ExportError
 from velotune.export.gguf import GGUF_QUANTS, check_architecture, check_calibrate, save_gguf
 from velotune.export.hf import DEFAULT_SHARD_BYTES, HF_DTYPES, save_hf
 from velotune.export.ollama import save_ollama
-from velotune.export.serving import DEFAULT_GROUP_SIZE, DEFAULT_SCHEME, SCHEMES, save_w4a16
+from velotune.export.serving import DEFAULT_SCHEME, SCHEMES, save_w4a16
 from velotune.export.weights import export_config
 from velotune.models.transformer import Transformer
 
@@ -138,10 +139,10 @@ def write(model: Transformer, tokenizer: Any, to: str, quant: str | None, out: P
         return save_hf(model, tokenizer, out, dtype, generation, max_shard_size)
     quant = quant or DEFAULT_QUANT[to]
     if to in CALIBRATED_TARGETS:
-        return save_w4a16(model, tokenizer, out, to, quant, group_size or DEFAULT_GROUP_SIZE, calibration,
+        return save_w4a16(model, tokenizer, out, to, quant, group_size, calibration,
                           generation, max_shard_size)
     check_architecture(export_config(model))
     if to == "gguf":
         target = out if out.suffix == ".gguf" else out / f"model-{quant}.gguf"
-        return save_gguf(model, tokenizer, target, quant, calibrate=calibrate)
-    return save_ollama(model, tokenizer, out, quant, generation, calibrate=calibrate)
+        return save_gguf(model, tokenizer, target, quant, calibrate=calibrate, calibration=calibration)
+    return save_ollama(model, tokenizer, out, quant, generation, calibrate=calibrate, calibration=calibration)

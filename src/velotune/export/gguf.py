@@ -343,10 +343,10 @@ def check_calibrate(quant: str, calibrate: bool | None) -> bool:
 
 
 def save_gguf(model: Transformer, tokenizer: Any, out: Path, quant: str = "f16", name: str | None = None,
-              calibrate: bool | None = None) -> Path:
+              calibrate: bool | None = None, calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
     """Write `out` (a .gguf file) from the model as it computes (adapters merged). `calibrate`:
     round with calibration statistics (`calibration.py`); None picks the type's default
-    (on for the 4-bit types)."""
+    (on for the 4-bit types); `calibration`: the run's training rows (ids, positions), else generic text."""
     calibrate = check_calibrate(quant, calibrate)
     config = export_config(model)
     arch = check_architecture(config)
@@ -370,7 +370,7 @@ def save_gguf(model: Transformer, tokenizer: Any, out: Path, quant: str = "f16",
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     with torch.no_grad():
-        statistics = LayerStatistics(model, tokenizer) if calibrate else None
+        statistics = LayerStatistics(model, tokenizer, calibration=calibration) if calibrate else None
         for t in track(tensors, len(tensors), f"GGUF {quant}" + (" (calibrated)" if calibrate else "")):
             writer.write_tensor_data(encode(t, statistics))
     writer.close()

@@ -44,7 +44,7 @@ from velotune.safetensors_file import save_safetensors
 # scheme name (compressed-tensors' preset names) -> symmetric grids
 SCHEMES = {"w4a16": True, "w4a16_asym": False}
 DEFAULT_SCHEME = {"awq": "w4a16_asym", "gptq": "w4a16"}
-DEFAULT_GROUP_SIZE = 128
+GROUP_SIZES = (128, 64, 32)   # the default: the largest that divides every width (vLLM's kernels take these)
 IGNORED = ["lm_head"]
 
 
@@ -53,23 +53,28 @@ def is_decoder_linear(name: str, _module: nn.Module) -> bool:
     return name.count(".") == 1 and name.endswith("_proj")
 
 
-def check_model(model: Transformer, group_size: int) -> None:
-    """Before anything is computed: a dense model whose every decoder linear is whole groups wide."""
+def check_model(model: Transformer, group_size: int | None) -> int:
+    """Before anything is computed: a dense model whose every decoder linear is whole groups
+    wide; the group size (None: the largest of GROUP_SIZES that fits)."""
     config = export_config(model)
     if config.num_experts:
         raise ExportError(f"{config.model_type}: AWQ/GPTQ export of mixture-of-experts models is not supported "
                           "(export --to hf or gguf)")
-    if group_size <= 0:
+    if group_size is not None and group_size <= 0:
         raise ExportError(f"group size must be a positive number of input columns, got {group_size}")
     widths = {name: effective_in_features(module) for name, module in model.model.layers[0].named_modules()
               if is_decoder_linear(name, module)}
     common = math.gcd(*widths.values())
+    fits = [g for g in GROUP_SIZES if common % g == 0]
+    if group_size is None and not fits:
+        raise ExportError(f"no group size of {', '.join(map(str, GROUP_SIZES))} divides the input widths "
+                          f"{sorted(set(widths.values()))}; give --group-size (a divisor of {common})")
     for name, width in widths.items():
-        if width % group_size:
-            fits = [g for g in (128, 64, 32) if common % g == 0]
+        if group_size is not None and width % group_size:
             raise ExportError(f"group size {group_size} does not divide the input width {width} of "
                               f"model.layers.*.{name}; " + (f"--group-size {fits[0]} divides every width"
                               if fits else f"every width is a multiple of {common}"))
+    return group_size or fits[0]
 
 
 def effective_in_features(module: nn.Module) -> int:
@@ -213,15 +218,15 @@ def output_tensors(model: Transformer, quantizer: LayerQuantizer, dtype: torch.d
 
 
 def save_w4a16(model: Transformer, tokenizer: Any, out: Path, method: str, scheme: str,
-               group_size: int = DEFAULT_GROUP_SIZE, calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+               group_size: int | None = None, calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
                generation_config: dict[str, Any] | None = None, max_shard_size: int = 5 * 1000**3) -> Path:
     """Write the folder `out`; `calibration`: (ids [B, L], positions [B, L]) of the run's own rows,
-    None for generic chat text."""
+    None for generic chat text; `group_size` None: 128, or 64 or 32 where 128 does not divide."""
     if method not in DEFAULT_SCHEME:
         raise ExportError(f"unknown 4-bit method {method!r}; choose awq or gptq")
     if scheme not in SCHEMES:
         raise ExportError(f"unknown scheme {scheme!r} for --to {method}; choose one of {', '.join(SCHEMES)}")
-    check_model(model, group_size)
+    group_size = check_model(model, group_size)
     dtype = storage_dtype(model)
     with torch.no_grad():
         quantizer = quantize_layers(model, tokenizer, method, SCHEMES[scheme], group_size, dtype, calibration)

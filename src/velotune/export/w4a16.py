@@ -14,7 +14,7 @@ choice below is judged by H (computed in `serving.py`), never by the weights alo
   not yet rounded through the inverse Hessian's Cholesky factor (Frantar et al. 2022), the grid
   of a group fitted when its first column is reached, to the weights as compensated so far.
 - `awq_scales`: per input channel scales s = a^alpha / sqrt(max * min) (a = RMS of the channel's
-  input), alpha searched over 0, 0.05, .. 1 for the lowest output error of all linears reading
+  input), alpha searched over 0, 0.1, .. 1 for the lowest output error of all linears reading
   that input, each quantized as W diag(s) and read with inputs X diag(1/s) (Lin et al. 2023).
   The caller folds 1/s into whatever produced X (a norm's weight, the rows of up_proj or v_proj).
 Everything is torch, on whatever device the weights are: a GPU runs the same code.
@@ -28,7 +28,7 @@ import torch
 from velotune.export.packing import QMAX, QMIN, dequantize
 
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
-ALPHAS = tuple(i / 20 for i in range(21))
+ALPHAS = tuple(i / 10 for i in range(11))
 GPTQ_BLOCK = 128          # columns per lazy-update block
 
 
@@ -64,14 +64,15 @@ def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Te
 
 
 def fit_grid(w: torch.Tensor, group: int, symmetric: bool, dtype: torch.dtype,
-             importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             importance: torch.Tensor | None = None, shrinks: tuple[float, ...] = SHRINKS
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grids of w [out, in] per group: (scale, zero) [out, in / group] float32, scale exactly
     representable in `dtype`. `importance` [in]: how much each column's error counts."""
     out, cols = w.shape
     g = w.float().reshape(out, cols // group, group)
     imp = (torch.ones(cols, device=w.device) if importance is None else importance.float()).reshape(1, -1, group)
     best_scale = best_zero = best_err = None
-    for shrink in SHRINKS:
+    for shrink in shrinks:
         scale, zero = _grid(g * shrink, symmetric, dtype)
         err = (((_round(g, scale, zero) - zero[..., None]) * scale[..., None] - g) ** 2 * imp).sum(dim=-1)
         if best_err is None:
@@ -85,9 +86,9 @@ def fit_grid(w: torch.Tensor, group: int, symmetric: bool, dtype: torch.dtype,
 
 
 def rtn(w: torch.Tensor, group: int, symmetric: bool, dtype: torch.dtype,
-        importance: torch.Tensor | None = None) -> Quantized:
-    """Round-to-nearest on fitted grids (`importance=None`: plain min/max-error grids)."""
-    scale, zero = fit_grid(w, group, symmetric, dtype, importance)
+        importance: torch.Tensor | None = None, shrinks: tuple[float, ...] = SHRINKS) -> Quantized:
+    """Round-to-nearest on fitted grids; `shrinks=(1.0,)`: plain min/max grids, the baseline."""
+    scale, zero = fit_grid(w, group, symmetric, dtype, importance, shrinks)
     out, cols = w.shape
     codes = _round(w.float().reshape(out, cols // group, group), scale, zero).reshape(out, cols)
     return _pack(codes, scale, zero, symmetric, dtype)
@@ -143,18 +144,19 @@ def output_error(w: torch.Tensor, q: Quantized, hessian: torch.Tensor, inverse_s
     deq = q.dequantized().to(w.device)
     if inverse_scale is not None:
         deq = deq * inverse_scale[None, :]
-    d = (w.float() - deq).double()
-    return float(((d @ hessian.to(d.device, torch.float64)) * d).sum())
+    d = w.float() - deq
+    return float(((d @ hessian.to(d.device, torch.float32)) * d).sum())
 
 
 def awq_scales(weights: list[torch.Tensor], hessian: torch.Tensor, group: int, symmetric: bool,
                dtype: torch.dtype, magnitude: torch.Tensor | None = None) -> torch.Tensor:
     """Per input channel scales [in] (float32) for linears that read one input with H [in, in]:
     the alpha of s = a^alpha with the lowest summed output error after round-to-nearest of
-    W diag(s). alpha = 0 (s = 1) is among the candidates, so the search never does worse than
+    W diag(s) on min/max grids (the clipping search comes after, on the chosen s, as in AWQ).
+    alpha = 0 (s = 1) is among the candidates, so the search never does worse than
     plain rounding on the calibration inputs. `magnitude` [in]: a of each channel when not the
     RMS that H's diagonal gives (heads sharing one v row pool theirs)."""
-    h = hessian.to(weights[0].device, torch.float64)
+    h = hessian.to(weights[0].device, torch.float32)
     diag = torch.diagonal(h).float().clamp(min=0)
     magnitude = diag.sqrt() if magnitude is None else magnitude.float()
     magnitude = torch.where(magnitude > 0, magnitude, magnitude[magnitude > 0].min() if (magnitude > 0).any()
@@ -163,7 +165,7 @@ def awq_scales(weights: list[torch.Tensor], hessian: torch.Tensor, group: int, s
     for alpha in ALPHAS:
         s = magnitude ** alpha
         s = s / (s.max() * s.min()).sqrt()
-        err = sum(output_error(w, rtn(w.float() * s[None, :], group, symmetric, dtype, diag / s**2), h, 1.0 / s)
+        err = sum(output_error(w, rtn(w.float() * s[None, :], group, symmetric, dtype, shrinks=(1.0,)), h, 1.0 / s)
                   for w in weights)
         if err < best_err:
             best, best_err = s, err
