@@ -44,6 +44,7 @@ from velotune.safetensors_file import save_safetensors
 # scheme name (compressed-tensors' preset names) -> symmetric grids
 SCHEMES = {"w4a16": True, "w4a16_asym": False}
 DEFAULT_SCHEME = {"awq": "w4a16_asym", "gptq": "w4a16"}
+BASELINE = "rtn"      # plain min/max round-to-nearest, written the same way: what the benchmark compares with
 GROUP_SIZES = (128, 64, 32)   # the default: the largest that divides every width (vLLM's kernels take these)
 IGNORED = ["lm_head"]
 
@@ -125,6 +126,8 @@ class LayerQuantizer:
             h = hessians[path]
             if self.method == "gptq":
                 q = gptq(weight, h, self.group, self.symmetric, self.dtype)
+            elif self.method == BASELINE:
+                q = rtn(weight, self.group, self.symmetric, self.dtype, shrinks=(1.0,))
             else:
                 q = rtn(weight, self.group, self.symmetric, self.dtype, torch.diagonal(h).float())
             self.quantized[prefix + path] = Quantized(q.codes.cpu(), q.scale.cpu(), None if q.zero is None else
@@ -222,7 +225,7 @@ def save_w4a16(model: Transformer, tokenizer: Any, out: Path, method: str, schem
                generation_config: dict[str, Any] | None = None, max_shard_size: int = 5 * 1000**3) -> Path:
     """Write the folder `out`; `calibration`: (ids [B, L], positions [B, L]) of the run's own rows,
     None for generic chat text; `group_size` None: 128, or 64 or 32 where 128 does not divide."""
-    if method not in DEFAULT_SCHEME:
+    if method not in (*DEFAULT_SCHEME, BASELINE):
         raise ExportError(f"unknown 4-bit method {method!r}; choose awq or gptq")
     if scheme not in SCHEMES:
         raise ExportError(f"unknown scheme {scheme!r} for --to {method}; choose one of {', '.join(SCHEMES)}")
