@@ -81,9 +81,9 @@ def test_gptq_codes_and_grids_are_in_range():
     assert q.scale.dtype == torch.float16 and q.scale.shape == (24, 4) and q.zero.shape == (24, 4)
 
 
-def dequantized_folder(folder: Path, out: Path) -> Path:
-    """A plain 16-bit HF folder of the export, dequantized with our unpacking: what velotune's
-    dequantized model is."""
+def dequantized_folder(folder: Path, out: Path, scale_dtype: torch.dtype | None = None) -> Path:
+    """A plain float32 HF folder of the export, dequantized with our unpacking: velotune's
+    dequantized model. `scale_dtype`: multiply in that dtype instead of the stored scales' own."""
     out.mkdir()
     tensors = load_file(str(folder / "model.safetensors"))
     plain = {}
@@ -92,7 +92,8 @@ def dequantized_folder(folder: Path, out: Path) -> Path:
             prefix = name[: -len("_packed")]
             rows, cols = tensors[prefix + "_shape"].tolist()
             zero = tensors.get(prefix + "_zero_point")
-            plain[prefix] = dequantize(unpack_rows(value, cols), tensors[prefix + "_scale"],
+            scale = tensors[prefix + "_scale"]
+            plain[prefix] = dequantize(unpack_rows(value, cols), scale.to(scale_dtype or scale.dtype),
                                        None if zero is None else unpack_columns(zero, rows), torch.float32)
         elif not name.endswith(("_scale", "_zero_point", "_shape")):
             plain[name] = value.float()
@@ -103,18 +104,41 @@ def dequantized_folder(folder: Path, out: Path) -> Path:
     return out
 
 
-def assert_transformers_runs_dequantized(folder: Path, tmp_path: Path, vocab: int) -> None:
-    ours, _ = velotune.load_model(dequantized_folder(folder, tmp_path / "dequantized"), dtype=torch.float32,
-                                  device="cpu")
-    names = load_file(str(folder / "model.safetensors")).keys()
-    assert "model.layers.0.mlp.down_proj.weight_packed" in names and "model.layers.0.mlp.down_proj.weight" not in names
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+def assert_same_logits(ours, ref, vocab: int) -> None:
     ids = sample_ids(vocab)
     with torch.no_grad():
         expected = ours.eval()(ids).logits
         got = ref(ids).logits
     scale = expected.abs().max()
-    assert (got - expected).abs().max() <= 1e-4 * scale, float((got - expected).abs().max() / scale)
+    assert (got - expected).abs().max() <= 1e-5 * scale, float((got - expected).abs().max() / scale)
+
+
+def assert_transformers_runs_dequantized(folder: Path, tmp_path: Path, vocab: int) -> None:
+    """transformers loads the folder decompressed (compressed-tensors' own unpacking: weights
+    bit for bit ours, logits ours); a symmetric one also in its run-compressed form, whose float32
+    products are our float32 dequantization's."""
+    names = load_file(str(folder / "model.safetensors")).keys()
+    assert "model.layers.0.mlp.down_proj.weight_packed" in names and "model.layers.0.mlp.down_proj.weight" not in names
+    plain = dequantized_folder(folder, tmp_path / "dequantized")
+    ours, _ = velotune.load_model(plain, dtype=torch.float32, device="cpu")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, quantization_config=transformers.CompressedTensorsConfig(dequantize=True)).eval()
+    weights = load_file(str(plain / "model.safetensors"))
+    checked = 0
+    for name, p in ref.named_parameters():
+        if name.endswith("_proj.weight") and ".layers." in name:
+            assert torch.equal(p, weights[name]), name
+            checked += 1
+    assert checked >= 8
+    assert_same_logits(ours, ref, vocab)
+    symmetric = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"][
+        "group_0"]["weights"]["symmetric"]
+    # transformers 5.25 with compressed-tensors 0.20.1 builds its run-compressed skeleton with unpacked zero
+    # points, so zero-point checkpoints load there (vLLM loads them) only decompressed
+    if symmetric:
+        ours32, _ = velotune.load_model(dequantized_folder(folder, tmp_path / "dequantized32", torch.float32),
+                                        dtype=torch.float32, device="cpu")
+        assert_same_logits(ours32, transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), vocab)
 
 
 @pytest.mark.parametrize("to,quant,config_class,extra", [

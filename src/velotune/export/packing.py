@@ -54,12 +54,14 @@ def unpack_columns(words: torch.Tensor, rows: int) -> torch.Tensor:
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(q - zero) * scale per group: codes [out, in], scale and zero [out, in / group]."""
+    """(q - zero) * scale per group: codes [out, in], scale and zero [out, in / group]. The
+    product is rounded to the scale's dtype, as the readers compute it (q - zero is an integer
+    of at most 5 bits, exact in any float type)."""
     group = codes.shape[1] // scale.shape[1]
     q = codes.to(torch.float32)
     if zero is not None:
         q = q - zero.to(torch.float32).repeat_interleave(group, dim=1)
-    return (q * scale.to(torch.float32).repeat_interleave(group, dim=1)).to(dtype)
+    return (q.to(scale.dtype) * scale.repeat_interleave(group, dim=1)).to(dtype)
 
 
 def quantization_config(symmetric: bool, group_size: int, ignore: list[str]) -> dict[str, Any]:
