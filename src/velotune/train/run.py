@@ -212,6 +212,8 @@ def export_result(model, tokenizer, out: Path, entry: str, say, calibration=None
     say(f"exported {entry}: {path}")
     if to in ("hf", "awq", "gptq"):
         say(f"  transformers: AutoModelForCausalLM.from_pretrained('{path}')")
+        if to != "hf":
+            say(f"  vLLM: vllm serve {path}")
     elif to == "gguf":
         say(f"  llama.cpp: llama-cli -m {path} -cnv")
     else:
