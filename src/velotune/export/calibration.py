@@ -6,8 +6,9 @@ delta straight back to (or near) the base's grid point and erase the fine-tune, 
 base itself came from a 4-bit file. What matters is not each weight but each layer's output on
 real inputs, so here the rounding minimises that instead:
 
-- `LayerStatistics` runs a few generic calibration conversations (the model's own chat template,
-  text disjoint from any benchmark prompt; models/calibration.py) through the model one decoder layer at a time and
+- `LayerStatistics` runs the run's training rows when the caller has them (`velotune export RUN`,
+  the trainer's exports), else a few generic calibration conversations (the model's own chat
+  template, text disjoint from any benchmark prompt; models/calibration.py) through the model one decoder layer at a time and
   accumulates H = X^T X of every linear layer's input, so memory holds one layer's statistics and
   the calibration hidden states, never every layer's.
 - `gptq_quantize` keeps the block format's grid (fitted per block, with the input channels'
@@ -38,10 +39,12 @@ class LayerStatistics:
     at a time as the export asks for that layer's tensors (in layer order)."""
 
     def __init__(self, model: Transformer, tokenizer: Any,
-                 conversations: Sequence[tuple[str, str]] = CALIBRATION_CONVERSATIONS) -> None:
+                 conversations: Sequence[tuple[str, str]] = CALIBRATION_CONVERSATIONS,
+                 calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """`calibration`: (ids [B, L], positions [B, L]) of the run's training rows, used instead
+        of the generic `conversations` when given."""
         self.model = model
-        ids, positions = calibration_ids(tokenizer, conversations)
-        self.tokens = ids.shape[1]
+        ids, positions = calibration if calibration is not None else calibration_ids(tokenizer, conversations)
         self.layer_args = layer_arguments(model, ids, positions)
         self.hidden: torch.Tensor = self.layer_args[0][0]
         self.layer = -1

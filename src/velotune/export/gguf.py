@@ -27,6 +27,7 @@ architectures have none): outputs differ only past the window.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,12 +40,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileTy
 
 from velotune.export.blockgrid import LEGACY
 from velotune.export.calibration import LayerStatistics, gptq_quantize
+from velotune.export.dynamic import choose_types, fisher_diagonals
 from velotune.export.errors import ExportError
 from velotune.export.gguf_tokenizer import add_tokenizer, gguf_tokenizer
 from velotune.export.kquants import K_QUANTS
 from velotune.export.progress import track
 from velotune.export.weights import PlannedTensor, export_config, plan_tensors
 from velotune.loaders.gguf import GEMMA3_LOCAL_ROPE_THETA, ROPE_FREQS, SMOLLM3_NOPE_INTERVAL, llama3_divisors
+from velotune.models.calibration import calibration_ids
 from velotune.models.config import ModelConfig
 from velotune.models.families import FAMILIES, GGUF_BARE_PARAMETERS, GGUF_GLOBAL_NAMES
 from velotune.models.transformer import Transformer
@@ -63,10 +66,12 @@ GGUF_QUANTS: dict[str, tuple[Q, LlamaFileType]] = {
     "q4_k_s": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
     "q4_1": (Q.Q4_1, LlamaFileType.MOSTLY_Q4_1),
     "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "dynamic": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),   # per-weight types within Q4_K_M's size (dynamic.py)
 }
+DYNAMIC, DYNAMIC_BUDGET = "dynamic", "q4_k_m"   # the mix whose size the dynamic one keeps to
 # Types whose export rounds with calibration unless asked not to: at 4 bits round-to-nearest
 # loses a fine-tune (benchmarks/quantized_answers.py measures it).
-CALIBRATED_BY_DEFAULT = ("q4_k_m", "q4_k_s", "q4_1", "q4_0")
+CALIBRATED_BY_DEFAULT = ("q4_k_m", "q4_k_s", "q4_1", "q4_0", DYNAMIC)
 # llama.cpp's replacement for a type whose block does not divide the row length
 FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 CODECS = {**LEGACY, **K_QUANTS}
@@ -202,7 +207,9 @@ def use_more_bits(layer: int, layers: int) -> bool:
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str, tied: bool, layers: int) -> Q:
-    """The GGUF type of one tensor in a `quant` export, following llama-quantize's mix."""
+    """The GGUF type of one tensor in a `quant` export, following llama-quantize's mix (the
+    dynamic mix starts from Q4_K_M's)."""
+    quant = DYNAMIC_BUDGET if quant == DYNAMIC else quant
     qtype, _ = GGUF_QUANTS[quant]
     if len(shape) < 2 or gguf_name.endswith(("norm.weight", ".bias")) or ".ffn_gate_inp." in gguf_name:
         return Q.F32     # like llama-quantize, the experts' router and the (stacked) biases stay f32
@@ -224,6 +231,18 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str, tied: bool, 
     return qtype
 
 
+def gguf_layout(config: ModelConfig, hf_name: str, w: torch.Tensor) -> torch.Tensor:
+    """A Hugging Face tensor as llama.cpp stores it: q/k rows interleaved, norms shifted."""
+    row = FAMILIES[config.model_type]
+    if row.gguf_qk_interleaved and ".self_attn.q_proj." in hf_name:
+        return interleave_rows(w, config.num_attention_heads)
+    if row.gguf_qk_interleaved and ".self_attn.k_proj." in hf_name:
+        return interleave_rows(w, config.num_key_value_heads)
+    if row.gguf_norm_shift and hf_name.endswith("norm.weight"):
+        return w + row.gguf_norm_shift
+    return w
+
+
 def plan_gguf(model: Transformer, quant: str) -> list[GGUFTensor]:
     config = export_config(model)
     check_architecture(config)
@@ -231,16 +250,7 @@ def plan_gguf(model: Transformer, quant: str) -> list[GGUFTensor]:
     row = FAMILIES[family]
 
     def converted(t: PlannedTensor) -> Callable[[], np.ndarray]:
-        def read() -> np.ndarray:
-            w = t.read()
-            if row.gguf_qk_interleaved and ".self_attn.q_proj." in t.name:
-                w = interleave_rows(w, config.num_attention_heads)
-            elif row.gguf_qk_interleaved and ".self_attn.k_proj." in t.name:
-                w = interleave_rows(w, config.num_key_value_heads)
-            elif row.gguf_norm_shift and t.name.endswith("norm.weight"):
-                w = w + row.gguf_norm_shift
-            return w.numpy()
-        return read
+        return lambda: gguf_layout(config, t.name, t.read()).numpy()
 
     planned = plan_tensors(model, "gguf")
     if row.gguf_untied_head and config.tie_word_embeddings:   # the head written as a tensor of its own
@@ -336,6 +346,16 @@ def encode(t: GGUFTensor, statistics: LayerStatistics | None = None) -> np.ndarr
     return data
 
 
+def dynamic_mix(model: Transformer, tokenizer: Any, config: ModelConfig, tensors: list[GGUFTensor],
+                calibration: tuple[torch.Tensor, torch.Tensor] | None) -> list[GGUFTensor]:
+    """The tensors with the dynamic mix's types (`dynamic.py`), within the Q4_K_M file's bytes."""
+    ids, positions = calibration if calibration is not None else calibration_ids(tokenizer)
+    fisher = fisher_diagonals(model, ids, positions)
+    budget = sum(t.nbytes for t in tensors)         # planned with Q4_K_M's types
+    chosen = choose_types(tensors, fisher, budget, lambda name, value: gguf_layout(config, name, value))
+    return [dataclasses.replace(t, qtype=chosen.get(t.name, t.qtype)) for t in tensors]
+
+
 def check_calibrate(quant: str, calibrate: bool | None) -> bool:
     """Whether a `quant` export rounds with calibration (None: the type's default)."""
     if quant not in GGUF_QUANTS:
@@ -346,10 +366,10 @@ def check_calibrate(quant: str, calibrate: bool | None) -> bool:
 
 
 def save_gguf(model: Transformer, tokenizer: Any, out: Path, quant: str = "f16", name: str | None = None,
-              calibrate: bool | None = None) -> Path:
+              calibrate: bool | None = None, calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
     """Write `out` (a .gguf file) from the model as it computes (adapters merged). `calibrate`:
     round with calibration statistics (`calibration.py`); None picks the type's default
-    (on for the 4-bit types)."""
+    (on for the 4-bit types); `calibration`: the run's training rows (ids, positions), else generic text."""
     calibrate = check_calibrate(quant, calibrate)
     config = export_config(model)
     arch = check_architecture(config)
@@ -357,6 +377,8 @@ def save_gguf(model: Transformer, tokenizer: Any, out: Path, quant: str = "f16",
         raise ExportError("a GGUF needs the tokenizer (llama.cpp cannot run a file without its vocabulary)")
     vocabulary = gguf_tokenizer(tokenizer, config)
     tensors = plan_gguf(model, quant)
+    if quant == DYNAMIC:
+        tensors = dynamic_mix(model, tokenizer, config, tensors, calibration)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(str(out), arch)
@@ -373,7 +395,7 @@ def save_gguf(model: Transformer, tokenizer: Any, out: Path, quant: str = "f16",
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     with torch.no_grad():
-        statistics = LayerStatistics(model, tokenizer) if calibrate else None
+        statistics = LayerStatistics(model, tokenizer, calibration=calibration) if calibrate else None
         for t in track(tensors, len(tensors), f"GGUF {quant}" + (" (calibrated)" if calibrate else "")):
             writer.write_tensor_data(encode(t, statistics))
     writer.close()

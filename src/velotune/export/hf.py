@@ -171,7 +171,15 @@ def save_hf(model: Transformer, tokenizer: Any, out: Path, dtype: torch.dtype,
         index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX_FILE).write_text(json.dumps(index_json, indent=2) + "\n", encoding="utf-8")
 
-    (out / "config.json").write_text(json.dumps(config_json(config, dtype), indent=2) + "\n", encoding="utf-8")
+    write_sidecars(out, config_json(config, dtype), config, generation_config, tokenizer)
+    return out
+
+
+def write_sidecars(out: Path, cfg: dict[str, Any], config: ModelConfig, generation_config: dict[str, Any] | None,
+                   tokenizer: Any) -> None:
+    """config.json (`cfg`), generation_config.json (with the config's BOS/EOS/pad ids) and the
+    tokenizer files, beside the weights."""
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     generation = dict(generation_config or {})
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if generation.get(key) is None and getattr(config, key) is not None:
@@ -180,4 +188,3 @@ def save_hf(model: Transformer, tokenizer: Any, out: Path, dtype: torch.dtype,
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save(out)
-    return out

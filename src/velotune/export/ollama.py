@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from velotune.export.chat_format import ChatFormat, detect_chat_format
 from velotune.export.errors import ExportError
 from velotune.export.gguf import save_gguf
@@ -57,11 +59,11 @@ def modelfile(fmt: ChatFormat, tokenizer: Any, generation_config: dict[str, Any]
 
 def save_ollama(model: Transformer, tokenizer: Any, out: Path, quant: str = "q8_0",
                 generation_config: dict[str, Any] | None = None, name: str | None = None,
-                calibrate: bool | None = None) -> Path:
+                calibrate: bool | None = None, calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
     """Write out/model.gguf and out/Modelfile; returns the Modelfile's path."""
     fmt = chat_format_of(tokenizer)
     text = modelfile(fmt, tokenizer, generation_config or {})
-    save_gguf(model, tokenizer, out / GGUF_NAME, quant, name=name, calibrate=calibrate)
+    save_gguf(model, tokenizer, out / GGUF_NAME, quant, name=name, calibrate=calibrate, calibration=calibration)
     path = out / "Modelfile"
     path.write_text(text, encoding="utf-8")
     return path

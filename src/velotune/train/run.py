@@ -198,23 +198,29 @@ def finish(result: RunResult, model, tokenizer, config: TrainConfig, trainer: Tr
             saved={"adapter" if config.uses_lora else "model": str(result.output)}, samples=result.samples)
         result.report = write_report(out, summary, read_metrics(out))
         say(f"report: {result.report}")
-    for entry in config.export:
-        result.exports.append(export_result(model, tokenizer, out, entry, say))
+    if config.export:
+        from velotune.train.export_calibration import rows_calibration
+
+        calibration = rows_calibration([e.input_ids for e in data.train]) if isinstance(data, TrainData) else None
+        for entry in config.export:
+            result.exports.append(export_result(model, tokenizer, out, entry, say, calibration))
 
 
-def export_result(model, tokenizer, out: Path, entry: str, say) -> Path:
+def export_result(model, tokenizer, out: Path, entry: str, say, calibration=None) -> Path:
     """Export the trained model (adapters merged on the fly, the live model untouched) and say how
-    to run what was written."""
+    to run what was written. `calibration`: the run's training rows, for calibrated exports."""
     from velotune.export import export
 
     to, _, quant = entry.partition(":")
     target = out / (f"export-{to}-{quant}" if quant else f"export-{to}")
     if to == "gguf":
         target = target / "model.gguf"
-    path = export(model, to=to, quant=quant or None, out=target, tokenizer=tokenizer)
+    path = export(model, to=to, quant=quant or None, out=target, tokenizer=tokenizer, calibration=calibration)
     say(f"exported {entry}: {path}")
-    if to == "hf":
+    if to in ("hf", "awq", "gptq"):
         say(f"  transformers: AutoModelForCausalLM.from_pretrained('{path}')")
+        if to != "hf":
+            say(f"  vLLM: vllm serve {path}")
     elif to == "gguf":
         say(f"  llama.cpp: llama-cli -m {path} -cnv")
     else:

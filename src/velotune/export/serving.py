@@ -1,0 +1,262 @@
+"""AWQ and GPTQ exports: 4-bit weights (W4A16) in the compressed-tensors layout vLLM and transformers load.
+
+    export("runs/chat", to="awq")                      # zero-point grids (w4a16_asym), group 128
+    export("runs/chat", to="gptq", quant="w4a16")      # symmetric grids, GPTQ rounding
+
+The folder is the merged Hugging Face folder (`hf.py`: config.json, tokenizer, generation
+config) with every decoder linear replaced by its packed 4-bit form (`packing.py`); embeddings,
+norms, biases and the head stay in the model's 16-bit dtype (the head is in `ignore`, as
+llm-compressor leaves it).
+
+How: calibration rows (the run's own training rows when the caller passes them, else generic
+chat text) go through the model one decoder layer at a time (`models/calibration.py`); for each
+layer, H = X^T X of every linear's input, then
+- awq: per input channel scales searched on H for each set of linears reading one input
+  (q/k/v, gate/up, down from up, o from v -- the v row a head's o columns read, so grouped-query
+  heads share one scale), folded into the producer: the norm's weight (its offset kept, Gemma's
+  1 + w), the rows (and bias) of up_proj or v_proj; then round-to-nearest with H-weighted
+  clipping. Only exact rewrites are made, so the 16-bit model computes the same function;
+- gptq: GPTQ rounding under H (`w4a16.gptq`).
+The next layer's input is the 16-bit layer's output. Phi-3's fused qkv/gate_up are quantized per
+part and joined (rows), as the packing allows.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from velotune.export.errors import ExportError
+from velotune.export.hf import INDEX_FILE, config_json, write_sidecars
+from velotune.export.packing import pack_columns, pack_rows, quantization_config
+from velotune.export.progress import track
+from velotune.export.w4a16 import Quantized, awq_scales, gptq, rtn
+from velotune.export.weights import FUSED, FUSED_FAMILIES, effective_linear, export_config, parameter, plan_tensors
+from velotune.models.calibration import calibration_ids, layer_arguments, run_with_input_statistics
+from velotune.models.transformer import Transformer
+from velotune.safetensors_file import save_safetensors
+
+# scheme name (compressed-tensors' preset names) -> symmetric grids
+SCHEMES = {"w4a16": True, "w4a16_asym": False}
+DEFAULT_SCHEME = {"awq": "w4a16_asym", "gptq": "w4a16"}
+BASELINE = "rtn"      # plain min/max round-to-nearest, written the same way: what the benchmark compares with
+GROUP_SIZES = (128, 64, 32)   # the default: the largest that divides every width (vLLM's kernels take these)
+IGNORED = ["lm_head"]
+
+
+def is_decoder_linear(name: str, _module: nn.Module) -> bool:
+    """A decoder layer's linear, by its path in the layer ("self_attn.q_proj", "mlp.down_proj")."""
+    return name.count(".") == 1 and name.endswith("_proj")
+
+
+def check_model(model: Transformer, group_size: int | None) -> int:
+    """Before anything is computed: a dense model whose every decoder linear is whole groups
+    wide; the group size (None: the largest of GROUP_SIZES that fits)."""
+    config = export_config(model)
+    if config.num_experts:
+        raise ExportError(f"{config.model_type}: AWQ/GPTQ export of mixture-of-experts models is not supported "
+                          "(export --to hf or gguf)")
+    if group_size is not None and group_size <= 0:
+        raise ExportError(f"group size must be a positive number of input columns, got {group_size}")
+    widths = {name: effective_in_features(module) for name, module in model.model.layers[0].named_modules()
+              if is_decoder_linear(name, module)}
+    common = math.gcd(*widths.values())
+    fits = [g for g in GROUP_SIZES if common % g == 0]
+    if group_size is None and not fits:
+        raise ExportError(f"no group size of {', '.join(map(str, GROUP_SIZES))} divides the input widths "
+                          f"{sorted(set(widths.values()))}; give --group-size (a divisor of {common})")
+    for name, width in widths.items():
+        if group_size is not None and width % group_size:
+            raise ExportError(f"group size {group_size} does not divide the input width {width} of "
+                              f"model.layers.*.{name}; " + (f"--group-size {fits[0]} divides every width"
+                              if fits else f"every width is a multiple of {common}"))
+    return group_size or fits[0]
+
+
+def effective_in_features(module: nn.Module) -> int:
+    base = getattr(module, "base_layer", module)
+    return int(base.in_features)
+
+
+def storage_dtype(model: Transformer) -> torch.dtype:
+    """Scales and unquantized tensors: the checkpoint's 16-bit dtype, else bfloat16."""
+    source = export_config(model).source or {}
+    name = source.get("torch_dtype") or source.get("dtype")
+    return torch.float16 if name == "float16" else torch.bfloat16
+
+
+def _producers(layer: nn.Module, config: Any) -> list[tuple[str, list[str], torch.Tensor | None]]:
+    """(what makes the input, the linears reading it, consumer column -> producer channel) of the
+    AWQ scale sets of one decoder layer."""
+    mlp_norm = "pre_feedforward_layernorm" if getattr(layer, "sandwich", False) else "post_attention_layernorm"
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    column = torch.arange(heads * head_dim)
+    v_row = (column // head_dim) // (heads // kv_heads) * head_dim + column % head_dim
+    return [("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], None),
+            (mlp_norm, ["mlp.gate_proj", "mlp.up_proj"], None),
+            ("mlp.up_proj", ["mlp.down_proj"], None),
+            ("self_attn.v_proj", ["self_attn.o_proj"], v_row)]
+
+
+class LayerQuantizer:
+    """Quantizes the decoder layers one by one; keeps the packed linears and the 16-bit tensors
+    AWQ rewrote (norms, producer biases), by Hugging Face name."""
+
+    def __init__(self, model: Transformer, method: str, symmetric: bool, group_size: int, dtype: torch.dtype):
+        self.model, self.method, self.symmetric, self.group, self.dtype = model, method, symmetric, group_size, dtype
+        self.config = export_config(model)
+        self.quantized: dict[str, Quantized] = {}          # linear path -> 4-bit weight
+        self.replaced: dict[str, torch.Tensor] = {}        # HF name -> float32 value
+
+    def layer(self, index: int, hessians: dict[str, torch.Tensor]) -> None:
+        layer = self.model.model.layers[index]
+        prefix = f"model.layers.{index}."
+        device = next(iter(hessians.values())).device
+        linears = {path: [t if t is None else t.to(device) for t in effective_linear(layer.get_submodule(path),
+                                                                                      prefix + path)]
+                   for path in hessians}
+        if self.method == "awq":
+            self._fold_scales(layer, prefix, linears, hessians)
+        for path, (weight, bias) in linears.items():
+            h = hessians[path]
+            if self.method == "gptq":
+                q = gptq(weight, h, self.group, self.symmetric, self.dtype)
+            elif self.method == BASELINE:
+                q = rtn(weight, self.group, self.symmetric, self.dtype, shrinks=(1.0,))
+            else:
+                q = rtn(weight, self.group, self.symmetric, self.dtype, torch.diagonal(h).float())
+            self.quantized[prefix + path] = Quantized(q.codes.cpu(), q.scale.cpu(), None if q.zero is None else
+                                                      q.zero.cpu())
+            if bias is not None:
+                self.replaced[f"{prefix}{path}.bias"] = bias.cpu()
+
+    def _fold_scales(self, layer: nn.Module, prefix: str, linears: dict[str, list], hessians: dict[str, torch.Tensor]
+                     ) -> None:
+        for producer, consumers, expand in _producers(layer, self.config):
+            if any(c not in linears for c in consumers):
+                raise ExportError(f"{prefix}{consumers[0]}: no calibration input reached it")
+            h = hessians[consumers[0]]
+            if expand is None:
+                s = awq_scales([linears[c][0] for c in consumers], h, self.group, self.symmetric, self.dtype)
+                s_producer = s
+            else:
+                s_producer = self._grouped_scales(linears[consumers[0]][0], h, expand.to(h.device))
+                s = s_producer[expand.to(h.device)]
+            for c in consumers:
+                linears[c][0] = linears[c][0] * s[None, :]
+                hessians[c] = hessians[c] / s.double()[:, None] / s.double()[None, :]
+            if producer in linears:                      # a linear's rows (and bias) divided by s
+                weight, bias = linears[producer]
+                linears[producer] = [weight / s_producer[:, None], None if bias is None else bias / s_producer]
+            else:                                        # a norm: (offset + w) / s - offset
+                norm = layer.get_submodule(producer)
+                name = f"{prefix}{producer}.weight"
+                w = parameter(self.model, name).to(s_producer.device)
+                self.replaced[name] = ((w + norm.offset) / s_producer - norm.offset).cpu()
+
+    def _grouped_scales(self, weight: torch.Tensor, h: torch.Tensor, expand: torch.Tensor) -> torch.Tensor:
+        """AWQ scales for o_proj, one per v_proj row: the search runs on o's columns with the
+        scale of the v row each column reads (heads sharing a kv head share it)."""
+        channels = int(expand.max()) + 1
+        diag = torch.diagonal(h).float().clamp(min=0)
+        pooled = torch.zeros(channels, device=h.device).index_add_(0, expand, diag)
+        pooled = pooled / torch.bincount(expand, minlength=channels).float()
+        s = awq_scales([weight], h, self.group, self.symmetric, self.dtype, pooled[expand].sqrt())
+        # s is a function of the pooled magnitudes alone, so columns of one v row got one value
+        return torch.zeros(channels, device=h.device).index_copy_(0, expand, s.float())
+
+
+def quantize_layers(model: Transformer, tokenizer: Any, method: str, symmetric: bool, group_size: int,
+                    dtype: torch.dtype, calibration: tuple[torch.Tensor, torch.Tensor] | None) -> LayerQuantizer:
+    if calibration is None:
+        if tokenizer is None:
+            raise ExportError("AWQ/GPTQ calibration needs the tokenizer (for generic text) or calibration rows")
+        calibration = calibration_ids(tokenizer)
+    ids, positions = calibration
+    args = layer_arguments(model, ids, positions)
+    hidden = args[0][0]
+    quantizer = LayerQuantizer(model, method, symmetric, group_size, dtype)
+    layers = model.model.layers
+    for index in track(range(len(layers)), len(layers), f"{method.upper()} W4A16 layers"):
+        hidden, hessians = run_with_input_statistics(layers[index], hidden, args[index], is_decoder_linear,
+                                                     torch.float64)
+        quantizer.layer(index, hessians)
+    return quantizer
+
+
+def _join(parts: Sequence[Quantized]) -> Quantized:
+    zeros = [p.zero for p in parts]
+    return Quantized(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                     None if zeros[0] is None else torch.cat(zeros))   # type: ignore[arg-type]
+
+
+def output_tensors(model: Transformer, quantizer: LayerQuantizer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder, by name, in the family's checkpoint order."""
+    family = model.config.model_type
+    tensors: dict[str, torch.Tensor] = {}
+    for t in plan_tensors(model):
+        path, kind = t.name.rsplit(".", 1)
+        parent, module = path.rsplit(".", 1) if "." in path else ("", path)
+        parts = [f"{parent}.{p}" for p in FUSED[module]] if family in FUSED_FAMILIES and module in FUSED else [path]
+        if kind == "weight" and all(p in quantizer.quantized for p in parts):
+            q = _join([quantizer.quantized[p] for p in parts])
+            tensors[f"{path}.weight_packed"] = pack_rows(q.codes)
+            tensors[f"{path}.weight_scale"] = q.scale.contiguous()
+            if q.zero is not None:
+                tensors[f"{path}.weight_zero_point"] = pack_columns(q.zero)
+            tensors[f"{path}.weight_shape"] = torch.tensor(t.shape, dtype=torch.int64)
+            continue
+        names = [f"{p}.{kind}" for p in parts]
+        if all(n in quantizer.replaced for n in names):
+            value = torch.cat([quantizer.replaced[n] for n in names])
+        else:
+            value = t.read()
+        tensors[t.name] = value.to(dtype).contiguous()
+    return tensors
+
+
+def save_w4a16(model: Transformer, tokenizer: Any, out: Path, method: str, scheme: str,
+               group_size: int | None = None, calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+               generation_config: dict[str, Any] | None = None, max_shard_size: int = 5 * 1000**3) -> Path:
+    """Write the folder `out`; `calibration`: (ids [B, L], positions [B, L]) of the run's own rows,
+    None for generic chat text; `group_size` None: 128, or 64 or 32 where 128 does not divide."""
+    if method not in (*DEFAULT_SCHEME, BASELINE):
+        raise ExportError(f"unknown 4-bit method {method!r}; choose awq or gptq")
+    if scheme not in SCHEMES:
+        raise ExportError(f"unknown scheme {scheme!r} for --to {method}; choose one of {', '.join(SCHEMES)}")
+    group_size = check_model(model, group_size)
+    dtype = storage_dtype(model)
+    with torch.no_grad():
+        quantizer = quantize_layers(model, tokenizer, method, SCHEMES[scheme], group_size, dtype, calibration)
+        tensors = output_tensors(model, quantizer, dtype)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for name, value in tensors.items():
+        size = value.numel() * value.element_size()
+        if shards[-1] and used + size > max_shard_size:
+            shards.append({})
+            used = 0
+        shards[-1][name] = value
+        used += size
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    for shard, file in zip(shards, files):
+        save_safetensors(shard, out / file, metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        weight_map = {name: file for shard, file in zip(shards, files) for name in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    config = export_config(model)
+    cfg = config_json(config, dtype)
+    cfg["quantization_config"] = quantization_config(SCHEMES[scheme], group_size, IGNORED)
+    write_sidecars(out, cfg, config, generation_config, tokenizer)
+    return out
