@@ -16,7 +16,6 @@ from velotune.models.checkpointing import (
     auto_offload,
     choose_checkpointed_layers,
     configure_training_memory,
-    host_holds_layer_inputs,
     resident_bytes,
     training_method,
 )
@@ -182,17 +181,24 @@ def test_configure_training_memory_sets_the_model_and_reports_auto():
         model(torch.randint(0, 61, (1, 5)))
 
 
-def test_offload_auto_offloads_only_checkpointed_layers_on_a_gpu_with_host_room(monkeypatch):
+def test_offload_auto_offloads_when_the_memory_plan_needs_it_and_the_host_has_room(monkeypatch):
     model = tiny_model()
     assert load_train_config(None, []).offload_checkpoints == "auto"
-    configure_training_memory(model, checkpointing=True, offload="auto")
+    configure_training_memory(model, checkpointing=True, offload="auto", batch=4, seq=64)
     assert model.offload_checkpoints is False                        # the CPU: nothing to free
-    assert not auto_offload(model, True, 4096) and not auto_offload(model, False, 4096)
-    layer_inputs = model.config.num_hidden_layers * 4096 * model.config.hidden_size * 2
-    monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs)
-    assert host_holds_layer_inputs(model.config, 4096, 2)
+    monkeypatch.setattr(checkpointing_module, "_on_cuda", lambda weight: True)
+    monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: 10 * GIB)
+    assert not auto_offload(model, True, 4, 64, budget_gib=10.0)     # fits with the inputs on the GPU
+    assert auto_offload(model, True, 4, 64, budget_gib=1e-6)         # does not: park them
+    assert auto_offload(model, "auto", 4, 64, budget_gib=1e-6)
+    assert not auto_offload(model, False, 4, 64, budget_gib=1e-6)    # nothing checkpointed, nothing parked
+    configure_training_memory(model, checkpointing=True, offload="auto", batch=4, seq=64, budget_gib=1e-6)
+    assert model.offload_checkpoints is True
+    layer_inputs = model.config.num_hidden_layers * 256 * model.config.hidden_size * 4
     monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs - 1)
-    assert not host_holds_layer_inputs(model.config, 4096, 2)       # the host cannot hold them
+    assert not auto_offload(model, True, 4, 64, budget_gib=1e-6)     # the host cannot hold them
+    monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs)
+    assert auto_offload(model, True, 4, 64, budget_gib=1e-6)
 
 
 def test_train_config_keys(tmp_path):

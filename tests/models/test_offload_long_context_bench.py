@@ -161,7 +161,11 @@ def test_bench_runs_on_the_gpu_with_a_tiny_config(bench, tiny_config):
     rows = bench.run(args)
     assert [r["outcome"] for r in rows] == ["ok", "ok"]
     assert all(r["alloc_gib"] is not None and r["alloc_gib"] > 0 for r in rows)
-    assert rows[1]["host_offloaded_gib"] == pytest.approx(3 * PARKED_PER_TOKEN * 8192 * 2 / 2**30)   # three pieces
+    # the placement plan keeps attention outputs (and their log-sum-exp, float32 per head) beside
+    # each whole parked input rather than parking pieces (models/kept_attention.py)
+    assert "keep attention" in rows[1]["placement"]
+    per_token = (64 + 64) * 2 + 4 * 4
+    assert rows[1]["host_offloaded_gib"] == pytest.approx(3 * per_token * 8192 / 2**30)
 
 
 def test_the_unsloth_comparison_row_gives_the_speed_ratio(bench, tmp_path):

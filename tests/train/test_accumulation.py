@@ -96,3 +96,21 @@ def test_packed_rows_laid_flat_and_bucketed_equal_the_padded_batch(tiny_model_di
     flat = [batches.collate(list(range(i, min(i + 2, len(batches.rows))))) for i in range(0, len(batches.rows), 2)]
     assert all(b["input_ids"].shape == (1, 256) for b in flat)
     assert_same(step_grads(trainer, flat), padded)
+
+
+def test_padding_free_needs_a_head_size_the_flash_kernel_takes():
+    """A flat batch's attention must run in the flash kernel on a GPU: the reference reads document
+    offsets on the host, which failed the CUDA graph capture of a model with 12-wide heads."""
+    from velotune.models.config import ModelConfig
+    from velotune.models.transformer import Transformer
+    from velotune.train.sft import padding_free
+
+    def model(head_dim: int) -> Transformer:
+        return Transformer(ModelConfig(model_type="llama", vocab_size=32, hidden_size=4 * head_dim,
+                                       intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=head_dim))
+
+    cuda = torch.device("cuda")
+    assert padding_free(model(16), cuda, torch.bfloat16)
+    assert not padding_free(model(12), cuda, torch.bfloat16)
+    assert not padding_free(model(16), torch.device("cpu"), torch.bfloat16)

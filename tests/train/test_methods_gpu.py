@@ -40,11 +40,19 @@ def test_cuda_graphs_give_eager_losses(tmp_path, method):
 
 
 def test_trainable_modules_under_autocast(tmp_path):
+    """(Four steps on four different batches of random tokens need not lower the loss, as the
+    first run of this test on an H100 showed: what is checked is that the float32 modules train.)"""
     save_tiny("qwen2", tmp_path / "tiny")
+    start, _ = velotune.load_model(tmp_path / "tiny", device="cpu", dtype=torch.float32)
     got, trainer = losses(tmp_path / "tiny", tmp_path, "lora", trainable_modules=["embed_tokens", "lm_head"],
                           trainable_modules_lr=1e-2, cuda_graphs=False)
-    assert all(torch.isfinite(torch.tensor(got))) and got[-1] < got[0]
-    assert trainer.model.lm_head.weight.dtype == torch.float32 and trainer.amp_dtype == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(got)))
+    model = trainer.model
+    assert model.lm_head.weight.dtype == torch.float32 and trainer.amp_dtype == torch.bfloat16
+    for name in ("lm_head", "model.embed_tokens"):
+        before = start.get_submodule(name).weight
+        after = model.get_submodule(name).weight.detach().float().cpu()
+        assert torch.isfinite(after).all() and not torch.equal(after, before), name
 
 
 @pytest.mark.parametrize("method", ["dpo", "grpo"])

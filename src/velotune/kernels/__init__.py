@@ -208,6 +208,12 @@ def linear_cross_entropy(
     return linear_cross_entropy_reference(hidden, weight, labels, softcap=softcap, ignore_index=ignore_index)
 
 
+def varlen_flash_supports(head_dim: int) -> bool:
+    """Whether the variable-length flash kernel takes this head size (at most 256, a multiple of 8);
+    other sizes run the reference, which reads the document offsets on the host."""
+    return head_dim <= 256 and head_dim % 8 == 0
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
                      scale: float, window: int | None = None) -> torch.Tensor:
     """Causal attention inside each packed document (no attention across them): q [N, Hq, D],
@@ -216,7 +222,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     PyTorch's variable-length flash kernel on CUDA in half precision (kernels/ops/varlen_attention.py),
     the masked reference elsewhere."""
     if (q.is_cuda and kernels_enabled() and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0):
+            and varlen_flash_supports(q.shape[-1])):
         from velotune.kernels.ops.varlen_attention import varlen_attention_flash
 
         return varlen_attention_flash(q, k, v, cu_seqlens, max_len, scale, window)

@@ -262,19 +262,35 @@ def run_checkpointed(layer: nn.Module, *args, offloader: LayerInputOffloader | N
         return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
 
 
-def auto_offload(model: nn.Module, checkpointing: bool | str, tokens: int) -> bool:
-    """`offload_checkpoints: auto`: offload when layers are checkpointed on a CUDA device and host
-    memory (MemAvailable past the reserve) holds every layer's input at the longest micro-batch.
+def auto_offload(model: nn.Module, checkpointing: bool | str, batch: int, seq: int, *, mlp_chunk: int = 0,
+                 budget_gib: float | None = None, optimizer_state_bytes: int = ADAMW_STATE_BYTES) -> bool:
+    """`offload_checkpoints: auto`: offload only when the memory plan needs it, i.e. when layers
+    are checkpointed on a CUDA device, the estimated peak of the longest micro-batch (batch x seq)
+    with the checkpointed inputs on the GPU does not fit the budget (`memory_budget_gib`, else
+    the GPU's memory less a margin), and host memory holds every layer input.
 
-    Why on by default: it is what keeps the checkpointed run's memory at or under Unsloth's (whose
-    recommended checkpointing offloads too), and it costs no speed once its host buffers exist.
-    On an H100 (2026-12-07, `velotune train`, Llama-3.1-8B LoRA, micro-batch 4 of rows of varying
-    length) the replayed steps ran in the same time with and without it (1 x 1,536 tokens: 114 vs
-    119 ms), while it took 1.5 GiB off the peak."""
+    Why not always: on an H100 (2026-12-07, `velotune train`, Llama-3.1-8B LoRA, micro-batch 4 of
+    rows of varying length, one 68-step epoch, benchmarks/RESULTS.md) offloading gave a 15.4 GiB
+    peak (0.96x Unsloth's) but 4,306 real tokens/s, against 6,135 without it (at 18.5 GiB, measured
+    before train/graphed_step.py stopped holding 1.6 GiB of per-shape workspaces and buffers): the
+    first step at each new micro-batch width ran 1.5-5x slower with offload, and the epoch has
+    twelve widths. A run that fits wants the speed."""
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if parse_checkpointing(checkpointing) is False or weight is None or weight.device.type != "cuda":
+    if parse_checkpointing(checkpointing) is False or weight is None or not _on_cuda(weight):
         return False
-    return host_holds_layer_inputs(model.config, tokens, weight.element_size())
+    budget = MemoryBudget.of_model(model, budget_gib, optimizer_state_bytes)
+    layers = model.config.num_hidden_layers
+    if checkpointing == "auto":
+        on_gpu = choose_checkpointed_layers(model.config, budget, batch, seq, mlp_chunk=mlp_chunk).peak_bytes
+    else:
+        on_gpu = budget.resident_bytes + activation_peak(model.config, budget, batch, seq, layers, mlp_chunk=mlp_chunk)
+    if on_gpu <= budget.total_bytes:
+        return False
+    return host_holds_layer_inputs(model.config, batch * seq, weight.element_size())
+
+
+def _on_cuda(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cuda"
 
 
 def host_holds_layer_inputs(config: ModelConfig, tokens: int, itemsize: int) -> bool:
@@ -291,7 +307,8 @@ def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, of
     forward then chooses again for its own length, so shorter batches checkpoint fewer layers."""
     model.gradient_checkpointing = parse_checkpointing(checkpointing)
     if offload == "auto":
-        offload = auto_offload(model, checkpointing, batch * seq)
+        offload = auto_offload(model, checkpointing, batch, seq, mlp_chunk=mlp_chunk_size(mlp_chunk_tokens, batch * seq),
+                               budget_gib=budget_gib, optimizer_state_bytes=optimizer_state_bytes)
     model.offload_checkpoints = offload
     model.mlp_chunk_tokens = mlp_chunk_tokens
     if checkpointing != "auto":

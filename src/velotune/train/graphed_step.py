@@ -33,7 +33,12 @@ What a capture needs, and how it is met:
 - The loss scale (1 / target tokens of the whole optimizer step, which makes accumulation exact)
   is an input buffer too.
 The first call for a shape runs eagerly on a side stream (Triton compiles, cuBLAS picks its
-kernels: nothing lazy may happen during a capture); the second captures and replays.
+kernels: nothing lazy may happen during a capture); the second captures and replays. Both are that
+micro-batch's real work. Replays were measured no slower than eager steps at every shape tried:
+on an H100, Llama-3.1-8B LoRA micro-batch 1 x 2,048 went from 313 to 180 ms per step and
+micro-batch 4 x 2,048, which is not launch-bound, from 702 to 671 ms; so no shape is timed eagerly
+before it is captured (which cost one more eager step per width). If a capture fails,
+`GraphCaptureError` stops the run with the cause and the key that turns graphs off.
 
 Memory that does not grow with the number of shapes (measured with benchmarks/memory_sites.py on an
 H100, 2026-12-07, `velotune train` of Llama-3.1-8B LoRA over 300 rows of varying length, 12 shapes):
@@ -43,13 +48,9 @@ H100, 2026-12-07, `velotune train` of Llama-3.1-8B LoRA over 300 rows of varying
 - `max_tokens` (the most tokens a micro-batch can hold, which the trainer knows): the input
   embeddings of every shape are views of one buffer of that size (0.41 GiB of per-shape buffers
   at the same peak), and offloaded checkpoints lease host buffers of the largest size from the
-  first step on (`PinnedHostPool.max_tokens`), so a wider shape later in the run does not
-  pin new host memory: pinning 32 new buffers made such steps 1.5-2.7 s instead of 0.3-0.5 s. Both are that
-micro-batch's real work. Replays were measured no slower than eager steps at every shape tried:
-on an H100, Llama-3.1-8B LoRA micro-batch 1 x 2,048 went from 313 to 180 ms per step and
-micro-batch 4 x 2,048, which is not launch-bound, from 702 to 671 ms; so no shape is timed eagerly
-before it is captured (which cost one more eager step per width). If a capture fails,
-`GraphCaptureError` stops the run with the cause and the key that turns graphs off.
+  first step on (`PinnedHostPool.max_tokens`), so a wider shape later in the run does not pin new
+  host memory. (Steps at a new width ran 1.5-5x slower with offload; this took the epoch only
+  from 27.7 to 25.7 s, so most of that cost lies elsewhere, not yet found.)
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from velotune import distributed
+from velotune import distributed, kernels
 from velotune.data import Example
 from velotune.data.batching import Batch
 from velotune.distributed import World
@@ -28,10 +28,13 @@ def padding_free(model: nn.Module, device: torch.device, amp_dtype: torch.dtype 
     precision, where attention over packed documents is flash's variable-length kernel, for a
     dense model whose attention takes it (`ModelConfig.varlen_attention`: soft-capped or sink
     attention runs explicitly over a whole-row mask, where a long flat row costs more than
-    padding). Mixture-of-experts models keep padded rows: their load-balancing loss is per row."""
+    padding) and whose head size the flash kernel takes (`kernels.varlen_flash_supports`: the
+    reference path reads document offsets on the host, which a CUDA graph capture cannot).
+    Mixture-of-experts models keep padded rows: their load-balancing loss is per row."""
     config = getattr(model, "config", None)
     return (device.type == "cuda" and amp_dtype in (torch.bfloat16, torch.float16) and config is not None
-            and getattr(config, "varlen_attention", False) and not getattr(config, "num_experts", 0))
+            and getattr(config, "varlen_attention", False) and not getattr(config, "num_experts", 0)
+            and kernels.varlen_flash_supports(config.head_dim))
 
 
 def batch_documents(batch: Batch, device: torch.device) -> DocumentSpans | None:
