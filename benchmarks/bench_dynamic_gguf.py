@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_w4a16 import chat_rows, generic_rows
+from common import append_row
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def log_probs(llama_cpp, path: Path, rows: list[list[int]], n_ctx: int) -> list[np.ndarray]:
@@ -95,15 +95,15 @@ def main() -> None:
                 kl = mean_kl(reference[text], log_probs(llama_cpp, path, token_rows, n_ctx))
                 size = path.stat().st_size
                 print(f"{label:18s} {text:20s} KL {kl:.5f}  {size / 2**20:.2f} MiB")
-                rows.append(f"| {datetime.date.today()} | {machine} | {name} | {label} | {text} "
-                            f"({sum(len(r) for r in token_rows)} tokens) | {kl:.5f} | {size / 2**20:.2f} | "
-                            f"{seconds[label]:.0f} |")
-    print("\n".join(rows))
+                rows.append([str(datetime.date.today()), machine, name, label,
+                             f"{text} ({sum(len(r) for r in token_rows)} tokens)", f"{kl:.5f}",
+                             f"{size / 2**20:.2f}", f"{seconds[label]:.0f}"])
+    print("\n".join(" | ".join(row) for row in rows))
     if not args.no_write:
-        with RESULTS.open("a", encoding="utf-8") as f:
-            f.write("\n## Dynamic GGUF mix vs llama.cpp's Q4_K_M, KL to f16 run by llama.cpp, "
-                    "benchmarks/bench_dynamic_gguf.py\n\n| date | machine | model | file | text | KL(f16 \\|\\| q) | "
-                    "MiB | quantize s |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+        columns = ["date", "machine", "model", "file", "text", "KL(f16 \\|\\| q)", "MiB", "quantize s"]
+        for row in rows:
+            append_row("Dynamic GGUF mix vs llama.cpp's Q4_K_M, KL to f16 run by llama.cpp, "
+                       "benchmarks/bench_dynamic_gguf.py", columns, row)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import append_row
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 GENERIC_MODULES = ("textwrap", "argparse", "json", "collections", "functools", "itertools", "pathlib",
                    "logging", "unittest", "csv", "heapq", "bisect", "difflib", "shutil", "random", "statistics")
 
@@ -104,16 +104,18 @@ def main() -> None:
             for text in texts:
                 rtn = ppl.get("rtn", {}).get(text)
                 vs_rtn = "" if rtn is None or method == "rtn" else f"{100 * (ppl[method][text] / rtn - 1):+.2f}%"
-                rows.append(f"| {datetime.date.today()} | {device}; torch {torch.__version__}; transformers "
-                            f"{transformers.__version__}; velotune {commit} | {name} | {method} {scheme} g{group} | "
-                            f"{text} ({len(texts[text])} rows) | {base[text]:.3f} | {ppl[method][text]:.3f} | "
-                            f"{100 * (ppl[method][text] / base[text] - 1):+.2f}% | {vs_rtn} | {seconds:.0f} |")
-    print("\n".join(rows))
+                rows.append([str(datetime.date.today()),
+                             f"{device}; torch {torch.__version__}; transformers {transformers.__version__}; "
+                             f"velotune {commit}", name, f"{method} {scheme} g{group}",
+                             f"{text} ({len(texts[text])} rows)", f"{base[text]:.3f}", f"{ppl[method][text]:.3f}",
+                             f"{100 * (ppl[method][text] / base[text] - 1):+.2f}%", vs_rtn, f"{seconds:.0f}"])
+    print("\n".join(" | ".join(row) for row in rows))
     if not args.no_write:
-        with RESULTS.open("a", encoding="utf-8") as f:
-            f.write("\n## W4A16 exports (AWQ / GPTQ vs 16-bit and round-to-nearest), benchmarks/bench_w4a16.py\n\n"
-                    "| date | machine | model | export | text | 16-bit ppl | 4-bit ppl | vs 16-bit | vs RTN | "
-                    "export s |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+        columns = ["date", "machine", "model", "export", "text", "16-bit ppl", "4-bit ppl", "vs 16-bit", "vs RTN",
+                   "export s"]
+        for row in rows:
+            append_row("W4A16 exports (AWQ / GPTQ vs 16-bit and round-to-nearest), benchmarks/bench_w4a16.py",
+                       columns, row)
 
 
 if __name__ == "__main__":
