@@ -187,18 +187,19 @@ def test_offload_auto_offloads_when_the_memory_plan_needs_it_and_the_host_has_ro
     configure_training_memory(model, checkpointing=True, offload="auto", batch=4, seq=64)
     assert model.offload_checkpoints is False                        # the CPU: nothing to free
     monkeypatch.setattr(checkpointing_module, "_on_cuda", lambda weight: True)
+    roomy, tight = MemoryBudget.of_model(model, 10.0), MemoryBudget.of_model(model, 1e-6)
     monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: 10 * GIB)
-    assert not auto_offload(model, True, 4, 64, budget_gib=10.0)     # fits with the inputs on the GPU
-    assert auto_offload(model, True, 4, 64, budget_gib=1e-6)         # does not: park them
-    assert auto_offload(model, "auto", 4, 64, budget_gib=1e-6)
-    assert not auto_offload(model, False, 4, 64, budget_gib=1e-6)    # nothing checkpointed, nothing parked
+    assert not auto_offload(model, True, roomy, 4, 64)     # fits with the inputs on the GPU
+    assert auto_offload(model, True, tight, 4, 64)         # does not: park them
+    assert auto_offload(model, "auto", tight, 4, 64)
+    assert not auto_offload(model, False, tight, 4, 64)    # nothing checkpointed, nothing parked
     configure_training_memory(model, checkpointing=True, offload="auto", batch=4, seq=64, budget_gib=1e-6)
     assert model.offload_checkpoints is True
     layer_inputs = model.config.num_hidden_layers * 256 * model.config.hidden_size * 4
     monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs - 1)
-    assert not auto_offload(model, True, 4, 64, budget_gib=1e-6)     # the host cannot hold them
+    assert not auto_offload(model, True, tight, 4, 64)     # the host cannot hold them
     monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs)
-    assert auto_offload(model, True, 4, 64, budget_gib=1e-6)
+    assert auto_offload(model, True, tight, 4, 64)
 
 
 def test_train_config_keys(tmp_path):

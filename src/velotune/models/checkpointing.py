@@ -262,12 +262,12 @@ def run_checkpointed(layer: nn.Module, *args, offloader: LayerInputOffloader | N
         return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
 
 
-def auto_offload(model: nn.Module, checkpointing: bool | str, batch: int, seq: int, *, mlp_chunk: int = 0,
-                 budget_gib: float | None = None, optimizer_state_bytes: int = ADAMW_STATE_BYTES) -> bool:
+def auto_offload(model: nn.Module, checkpointing: bool | str, budget: MemoryBudget, batch: int, seq: int, *,
+                 mlp_chunk: int = 0) -> bool:
     """`offload_checkpoints: auto`: offload only when the memory plan needs it, i.e. when layers
     are checkpointed on a CUDA device, the estimated peak of the longest micro-batch (batch x seq)
     with the checkpointed inputs on the GPU does not fit the budget (`memory_budget_gib`, else
-    the GPU's memory less a margin), and host memory holds every layer input.
+    the GPU's memory less a margin: `budget`), and host memory holds every layer input.
 
     Why not always: on an H100 (2026-12-07, `velotune train`, Llama-3.1-8B LoRA, micro-batch 4 of
     rows of varying length, one 68-step epoch, benchmarks/RESULTS.md) offloading gave a 15.4 GiB
@@ -278,7 +278,6 @@ def auto_offload(model: nn.Module, checkpointing: bool | str, batch: int, seq: i
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if parse_checkpointing(checkpointing) is False or weight is None or not _on_cuda(weight):
         return False
-    budget = MemoryBudget.of_model(model, budget_gib, optimizer_state_bytes)
     layers = model.config.num_hidden_layers
     if checkpointing == "auto":
         on_gpu = choose_checkpointed_layers(model.config, budget, batch, seq, mlp_chunk=mlp_chunk).peak_bytes
@@ -306,15 +305,16 @@ def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, of
     returns the choice at the longest micro-batch (batch x seq) as a line for the run log; each
     forward then chooses again for its own length, so shorter batches checkpoint fewer layers."""
     model.gradient_checkpointing = parse_checkpointing(checkpointing)
+    mlp_chunk = mlp_chunk_size(mlp_chunk_tokens, batch * seq)
+    budget = (MemoryBudget.of_model(model, budget_gib, optimizer_state_bytes)
+              if "auto" in (offload, checkpointing) else None)
     if offload == "auto":
-        offload = auto_offload(model, checkpointing, batch, seq, mlp_chunk=mlp_chunk_size(mlp_chunk_tokens, batch * seq),
-                               budget_gib=budget_gib, optimizer_state_bytes=optimizer_state_bytes)
+        offload = auto_offload(model, checkpointing, budget, batch, seq, mlp_chunk=mlp_chunk)
     model.offload_checkpoints = offload
     model.mlp_chunk_tokens = mlp_chunk_tokens
     if checkpointing != "auto":
         model.memory_budget = None
         return None
-    model.memory_budget = MemoryBudget.of_model(model, budget_gib, optimizer_state_bytes)
-    choice = choose_checkpointed_layers(model.config, model.memory_budget, batch, seq, offload=offload,
-                                        mlp_chunk=mlp_chunk_size(mlp_chunk_tokens, batch * seq))
+    model.memory_budget = budget
+    choice = choose_checkpointed_layers(model.config, budget, batch, seq, offload=offload, mlp_chunk=mlp_chunk)
     return choice.describe()
