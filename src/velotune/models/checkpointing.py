@@ -78,13 +78,16 @@ def resident_bytes(model: nn.Module, optimizer_state_bytes: int = ADAMW_STATE_BY
     seen: set[int] = set()
     total = 0
     for tensor in (*model.parameters(), *model.buffers()):
-        storage = tensor.untyped_storage()
+        # A sharded (FSDP2) parameter is a DTensor: this rank holds its local shard only.
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        storage = local.untyped_storage()
         if storage.data_ptr() not in seen:      # tied weights and fused-then-split views count once
             seen.add(storage.data_ptr())
             total += storage.nbytes()
     for p in model.parameters():
         if p.requires_grad:
-            total += p.numel() * (p.element_size() + optimizer_state_bytes)
+            local = p.to_local() if hasattr(p, "to_local") else p
+            total += local.numel() * (local.element_size() + optimizer_state_bytes)
     return total
 
 
