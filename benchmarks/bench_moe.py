@@ -46,14 +46,14 @@ def bench_ms(fn, reps: int = 20) -> float:
 
 
 # ------------------------------------------------------------------ (a) the kernel
-def kernel_inputs(tokens=2048, hidden=2048, inter=768, experts=128, k=8, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    logits = torch.randn(tokens, experts, device="cuda", generator=g)
+def kernel_inputs(tokens=2048, hidden=2048, inter=768, experts=128, k=8, seed=0, device="cuda", dtype=torch.bfloat16):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=g).requires_grad_()
+    logits = torch.randn(tokens, experts, device=device, generator=g)
     top, ids = torch.topk(torch.softmax(logits, -1), k)
-    weights = (top / top.sum(-1, keepdim=True)).to(torch.bfloat16).requires_grad_()
-    w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16, generator=g) * hidden ** -0.5
-    w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16, generator=g) * inter ** -0.5
+    weights = (top / top.sum(-1, keepdim=True)).to(dtype).requires_grad_()
+    w13 = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype, generator=g) * hidden ** -0.5
+    w2 = torch.randn(experts, hidden, inter, device=device, dtype=dtype, generator=g) * inter ** -0.5
     return x, ids, weights, w13, w2
 
 

@@ -269,6 +269,70 @@ def measure(system: str, folder: Path, seq: int, steps: int, device: str) -> dic
     return result
 
 
+# ------------------------------------------------------------------ the expert kernel of a peer
+KERNEL_SECTION = ("MoE grouped experts, Qwen3-30B-A3B sizes (2,048 tokens x top-8 of 128 experts of 768, bf16, "
+                  "fwd+bwd, frozen experts)")                  # bench_moe.py's table: the rows sit together
+
+
+def peer_experts(system: str, hidden: int, inter: int, experts: int, w13, w2):
+    """transformers 5's `Qwen3MoeExperts` holding `w13`/`w2` (frozen): with `system` "hf" its
+    grouped_mm implementation (transformers' default on a GPU), with "unsloth" whatever forward
+    `import unsloth` patched in (its MoE backend)."""
+    import torch
+    import transformers
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    cfg = transformers.Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts,
+                                      num_experts_per_tok=8)
+    if system == "hf":
+        cfg._experts_implementation = "grouped_mm"
+    with torch.device("meta"):
+        module = Qwen3MoeExperts(cfg)
+    module.gate_up_proj = torch.nn.Parameter(w13, requires_grad=False)
+    module.down_proj = torch.nn.Parameter(w2, requires_grad=False)
+    return module
+
+
+def kernel_step(system: str, device: str = "cuda", sizes: dict | None = None) -> dict:
+    """Forward + backward (dx and routing-weight gradients) of a peer's expert module at bench_moe.py's
+    kernel sizes, checked against velotune's kernel on the same inputs, timed with do_bench on a GPU."""
+    import torch
+
+    from bench_moe import bench_ms, kernel_inputs, velotune_kernel
+
+    sizes = sizes or dict(tokens=2048, hidden=2048, inter=768, experts=128, k=8)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, ids, weights, w13, w2 = kernel_inputs(**sizes, device=device, dtype=dtype)
+    result: dict = {"system": system}
+    try:
+        module = peer_experts(system, sizes["hidden"], sizes["inter"], sizes["experts"], w13, w2)
+        forward = type(module).forward
+        result["forward"] = f"{forward.__module__}.{forward.__qualname__}"
+        if system == "unsloth":
+            result["moe_backend"] = unsloth_backend()
+        with torch.no_grad():
+            want = velotune_kernel(x, ids, weights, w13, w2).float()
+        got = module(x, ids, weights).detach().float()
+        result["rel_diff"] = float((got - want).norm() / want.norm())
+        dy = torch.randn_like(x)
+
+        def step():
+            torch.autograd.grad(module(x, ids, weights), (x, weights), dy)
+        step()
+        result.update(ms=bench_ms(step) if device == "cuda" else None, outcome="ok")
+    except Exception as exc:  # noqa: BLE001  (reported: the parent writes the row)
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        result["outcome"] = f"{type(exc).__name__}: {first}"
+    return result
+
+
+def kernel_name(r: dict) -> str:
+    name = {"unsloth": "Unsloth experts forward", "hf": "transformers 5 experts (grouped_mm)"}[r["system"]]
+    if r.get("moe_backend"):
+        name += f", backend {r['moe_backend']}"
+    return name if r.get("outcome") == "ok" else f"{name}: {r.get('outcome')}"
+
+
 # ------------------------------------------------------------------ the call: every system, rows
 def ratio(ours: float | None, base: float | None) -> str:
     return f"{ours / base:.2f}x" if ours and base else "n/a"
@@ -313,6 +377,26 @@ def run_system(system: str, folder: Path, seq: int, steps: int, device: str, tim
     return result
 
 
+def run_kernels(systems: list[str], timeout: float, results: Path | None, where: str) -> None:
+    from common import append_row, today
+
+    for system in [s for s in ("unsloth", "hf") if s in systems]:
+        args = [sys.executable, str(Path(__file__).resolve()), "kernel", f"--system={system}"]
+        try:
+            done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **PEER_ENV},
+                                  timeout=max(timeout, 1))
+            lines = [line for line in done.stdout.splitlines() if line.startswith("KERNEL ")]
+            r = json.loads(lines[-1][7:]) if lines else {
+                "system": system, "outcome": f"exit {done.returncode}: {(done.stderr.strip().splitlines() or ['-'])[-1][:200]}"}
+        except subprocess.TimeoutExpired:
+            r = {"system": system, "outcome": f"timed out after {timeout:.0f} s"}
+        ms = f"{r['ms']:.3f}" if r.get("ms") else "-"
+        print(f"  {kernel_name(r):60s} fwd+bwd {ms} ms  (rel. diff to velotune {r.get('rel_diff', float('nan')):.1e}; "
+              f"forward {r.get('forward')})")
+        append_row(KERNEL_SECTION, ["date", "machine", "implementation", "ms"], [today(), where, kernel_name(r), ms],
+                   results)
+
+
 def run(args: argparse.Namespace) -> None:
     import torch
 
@@ -327,6 +411,10 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit("moe_peer.py run: no CUDA GPU (give --device cpu for the velotune/hf smoke run)")
     where = machine()
     print(where)
+    results_file = Path(args.results) if args.results else None
+    if args.kernels:
+        print("grouped experts, Qwen3-30B-A3B sizes, peers:")
+        run_kernels(args.systems, min(120.0, deadline - time.monotonic()), results_file, where)
     table = models()
     for key in args.models:
         name, full = table[key]
@@ -346,7 +434,7 @@ def run(args: argparse.Namespace) -> None:
         section = (f"MoE QLoRA training vs Unsloth, same call (micro-batch 1 x {args.seq}, random weights, "
                    f"{args.steps} timed steps after {WARMUP} warm-up)")
         for row in format_rows(results, label(name, cfg, full), today(), where):
-            append_row(section, COLUMNS, row, Path(args.results) if args.results else None)
+            append_row(section, COLUMNS, row, results_file)
         if "velotune" in results and "unsloth" in results:
             print(f"  velotune vs Unsloth: speed {ratio(results['velotune'].get('tokens_per_s'), results['unsloth'].get('tokens_per_s'))}, "
                   f"memory {ratio(results['velotune'].get('peak_gib'), results['unsloth'].get('peak_gib'))}")
@@ -369,14 +457,22 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--steps", type=int, default=4)
     c.add_argument("--budget-s", type=float, default=540, help="systems not started by then are skipped")
     c.add_argument("--results", default=None, help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
+    c.add_argument("--kernels", action="store_true",
+                   help="first the peers' expert kernels beside bench_moe.py's rows (Unsloth's, transformers' grouped_mm)")
     s = sub.add_parser("step")
     s.add_argument("--system", choices=SYSTEMS, required=True)
     s.add_argument("--model", required=True)
     s.add_argument("--seq", type=int, default=2048)
     s.add_argument("--steps", type=int, default=4)
     s.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    k = sub.add_parser("kernel")
+    k.add_argument("--system", choices=("unsloth", "hf"), required=True)
     args = p.parse_args(argv)
-    if args.command == "step":
+    if args.command == "kernel":
+        if args.system == "unsloth":
+            import unsloth  # noqa: F401  (before transformers: its import patches the experts' forward)
+        print("KERNEL " + json.dumps(kernel_step(args.system)), flush=True)
+    elif args.command == "step":
         if args.system == "unsloth":
             import unsloth  # noqa: F401  (before transformers, as it requires)
         print("MOE " + json.dumps(measure(args.system, Path(args.model), args.seq, args.steps, args.device)),
