@@ -244,7 +244,9 @@ def measure(system: str, folder: Path, seq: int, steps: int, device: str) -> dic
         model.train()
         result.update(load_s=time.perf_counter() - started, **storage(model))
         if system == "unsloth":
-            result["moe_backend"] = unsloth_backend()
+            result["note"] = f"MoE backend {unsloth_backend()}"
+        elif system == "hf":
+            result["note"] = f"experts {getattr(model.config, '_experts_implementation', None)}"
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
         vocab = model.config.vocab_size
@@ -349,7 +351,7 @@ def format_rows(results: dict[str, dict], model: str, day: str, machine: str) ->
                      f"{r['expert_gib']:.2f}" if "expert_gib" in r else "-",
                      ratio(r.get("tokens_per_s"), base.get("tokens_per_s")) if ok else "n/a",
                      ratio(r.get("peak_gib"), base.get("peak_gib")) if ok else "n/a",
-                     r.get("outcome", "?") + (f"; MoE backend {r['moe_backend']}" if r.get("moe_backend") else "")])
+                     r.get("outcome", "?") + (f"; {r['note']}" if r.get("note") else "")])
     return rows
 
 
