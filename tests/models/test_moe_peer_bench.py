@@ -1,7 +1,8 @@
-"""benchmarks/moe_peer.py on the CPU: the cut configs, the random folder, the rows and their ratios,
-velotune's and transformers + PEFT's steps on the same tiny folder (same adapters, same loss), the
-peers' expert module against velotune's kernel, and the whole call with velotune alone. Unsloth
-imports only with a GPU: its step and kernel are the gpu-marked tests at the end."""
+"""benchmarks/bench_moe_peers.py (the call) and moe_peer.py (one system) on the CPU: the cut
+configs, the random folder, the rows and their ratios, velotune's and transformers + PEFT's steps
+on the same tiny folder (same adapters, same loss), the peers' expert module against velotune's
+kernel, and the whole call with velotune alone. Unsloth imports only with a GPU: its step and
+kernel are the gpu-marked test at the end."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,6 +16,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
+import bench_moe_peers as call  # noqa: E402
 import moe_peer  # noqa: E402
 
 TOKENIZER = Path(__file__).resolve().parents[2] / ".bench" / "tokenizer"
@@ -25,70 +27,70 @@ def tiny_folders(tmp_path_factory):
     """Each architecture at toy widths, 2 layers, written as the benchmark writes it."""
     root = tmp_path_factory.mktemp("moe_peer")
     out = {}
-    for key, (_, full) in moe_peer.models().items():
-        cfg = moe_peer.truncated(full, 2, tiny=True)
-        out[key] = moe_peer.write_folder(cfg, moe_peer.folder_for(cfg, root), None, "cpu")
+    for key, (_, full) in call.models().items():
+        cfg = call.truncated(full, 2, tiny=True)
+        out[key] = call.write_folder(cfg, call.folder_for(cfg, root), None, "cpu")
     return out
 
 
 def test_truncated_keeps_every_other_field_and_gpt_oss_layer_pattern():
-    table = moe_peer.models()
+    table = call.models()
     name, qwen = table["qwen"]
-    cut = moe_peer.truncated(qwen, 8)
+    cut = call.truncated(qwen, 8)
     assert cut["num_hidden_layers"] == 8 and {k: v for k, v in cut.items() if k != "num_hidden_layers"} == \
         {k: v for k, v in qwen.items() if k != "num_hidden_layers"}
-    assert moe_peer.label(name, cut, qwen) == "Qwen3-30B-A3B (8 of 48 layers)"
-    assert moe_peer.truncated(qwen, 0) == qwen and moe_peer.label(name, qwen, qwen) == "Qwen3-30B-A3B"
+    assert call.label(name, cut, qwen) == "Qwen3-30B-A3B (8 of 48 layers)"
+    assert call.truncated(qwen, 0) == qwen and call.label(name, qwen, qwen) == "Qwen3-30B-A3B"
     with pytest.raises(SystemExit, match="1..48"):
-        moe_peer.truncated(qwen, 49)
+        call.truncated(qwen, 49)
     name, oss = table["gptoss"]
-    cut = moe_peer.truncated(oss, 5)
+    cut = call.truncated(oss, 5)
     assert cut["layer_types"] == ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
-    assert moe_peer.hf_config(cut).layer_types == cut["layer_types"]
-    toy = moe_peer.truncated(oss, 3, tiny=True)
+    assert call.hf_config(cut).layer_types == cut["layer_types"]
+    toy = call.truncated(oss, 3, tiny=True)
     assert toy["hidden_size"] == 64 and toy["num_local_experts"] == 8 and "num_experts" not in toy
-    assert moe_peer.label(name, toy, oss) == "gpt-oss-20b at toy widths (3 of 24 layers)"
+    assert call.label(name, toy, oss) == "gpt-oss-20b at toy widths (3 of 24 layers)"
 
 
 def test_folder_sizes_are_the_published_models():
-    table = moe_peer.models()
-    assert 30.4e9 < moe_peer.bf16_bytes(table["qwen"][1]) / 2 < 30.6e9     # Qwen3-30B-A3B: 30.5B parameters
-    assert 20.8e9 < moe_peer.bf16_bytes(table["gptoss"][1]) / 2 < 21.0e9   # gpt-oss-20b: 20.9B
-    cut = moe_peer.bf16_bytes(moe_peer.truncated(table["qwen"][1], 8))
+    table = call.models()
+    assert 30.4e9 < call.bf16_bytes(table["qwen"][1]) / 2 < 30.6e9     # Qwen3-30B-A3B: 30.5B parameters
+    assert 20.8e9 < call.bf16_bytes(table["gptoss"][1]) / 2 < 21.0e9   # gpt-oss-20b: 20.9B
+    cut = call.bf16_bytes(call.truncated(table["qwen"][1], 8))
     assert 11e9 < cut < 11.5e9
 
 
 def test_write_folder_reuses_a_complete_one_and_checks_the_disk(tmp_path, monkeypatch):
     import shutil
 
-    _, full = moe_peer.models()["qwen"]
-    cfg = moe_peer.truncated(full, 1, tiny=True)
+    _, full = call.models()["qwen"]
+    cfg = call.truncated(full, 1, tiny=True)
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "tokenizer.json").write_text("{}")
-    folder = moe_peer.write_folder(cfg, tmp_path / "q", tok, "cpu")
+    folder = call.write_folder(cfg, tmp_path / "q", tok, "cpu")
     saved = json.loads((folder / "config.json").read_text())
     assert saved["num_hidden_layers"] == 1 and saved.get("num_experts", saved.get("num_local_experts")) == 8 and (folder / "tokenizer.json").exists()
     assert not folder.with_name("q.partial").exists()
     stamp = (folder / "config.json").stat().st_mtime_ns
-    moe_peer.write_folder(cfg, tmp_path / "q", tok, "cpu")
+    call.write_folder(cfg, tmp_path / "q", tok, "cpu")
     assert (folder / "config.json").stat().st_mtime_ns == stamp
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000))
     with pytest.raises(SystemExit, match="GB is free"):
-        moe_peer.write_folder(moe_peer.truncated(full, 2, tiny=True), tmp_path / "other", None, "cpu")
+        call.write_folder(call.truncated(full, 2, tiny=True), tmp_path / "other", None, "cpu")
 
 
 def test_rows_carry_the_ratios_to_unsloth_and_every_failure():
     results = {"unsloth": dict(outcome="ok", tokens_per_s=1000.0, peak_gib=10.0, expert_gib=2.0, note="MoE backend grouped_mm"),
                "velotune": dict(outcome="ok", tokens_per_s=1600.0, peak_gib=8.0, expert_gib=1.9),
                "hf": dict(outcome="GPU OOM (tried to allocate)")}
-    rows = moe_peer.format_rows(results, "Qwen3-30B-A3B (8 of 48 layers)", "2026-12-07", "H100")
+    rows = call.format_rows(results, "Qwen3-30B-A3B (8 of 48 layers)", "2026-12-07", "H100")
     assert [r[3] for r in rows] == ["unsloth", "velotune", "hf"]
-    assert all(len(r) == len(moe_peer.COLUMNS) for r in rows)
+    assert all(len(r) == len(call.COLUMNS) for r in rows)
     assert rows[0][5:] == ["1000", "10.00", "2.00", "1.00x", "1.00x", "ok; MoE backend grouped_mm"]
     assert rows[1][5:] == ["1600", "8.00", "1.90", "1.60x", "0.80x", "ok"]
     assert rows[2][5:] == ["-", "-", "-", "n/a", "n/a", "GPU OOM (tried to allocate)"]
-    alone = moe_peer.format_rows({"velotune": results["velotune"]}, "m", "d", "x")
+    alone = call.format_rows({"velotune": results["velotune"]}, "m", "d", "x")
     assert alone[0][8:10] == ["n/a", "n/a"]
 
 
@@ -116,12 +118,12 @@ def test_failures_become_outcomes_not_crashes(tmp_path):
 def test_transformers_experts_module_matches_velotunes_kernel():
     r = moe_peer.kernel_step("hf", "cpu", dict(tokens=40, hidden=32, inter=16, experts=5, k=2))
     assert r["outcome"] == "ok" and r["rel_diff"] < 1e-5, r
-    assert moe_peer.kernel_name(r) == "transformers 5 experts (grouped_mm)"
+    assert call.kernel_name(r) == "transformers 5 experts (grouped_mm)"
 
 
 def test_the_call_on_the_cpu_appends_velotunes_rows(tmp_path):
     results = tmp_path / "RESULTS.md"
-    done = subprocess.run([sys.executable, str(BENCH / "moe_peer.py"), "run", "--tiny", "--layers", "1",
+    done = subprocess.run([sys.executable, str(BENCH / "bench_moe_peers.py"), "run", "--tiny", "--layers", "1",
                            "--device", "cpu", "--systems", "velotune", "--models", "qwen", "--seq", "16",
                            "--steps", "1", "--workdir", str(tmp_path / "w"), "--tokenizer", "none",
                            "--results", str(results)], capture_output=True, text=True, timeout=600,
@@ -135,7 +137,7 @@ def test_the_call_on_the_cpu_appends_velotunes_rows(tmp_path):
 
 def test_unsloth_needs_the_tokenizer_before_anything_is_written(tmp_path):
     with pytest.raises(SystemExit, match="tokenizer"):
-        moe_peer.main(["run", "--tokenizer", "none", "--workdir", str(tmp_path)])
+        call.main(["run", "--tokenizer", "none", "--workdir", str(tmp_path)])
     assert not any(tmp_path.iterdir())
 
 
@@ -149,12 +151,12 @@ def test_unsloth_kernel_and_step_run_at_a_small_size(tmp_path):
     its step trains a 2-layer Qwen3-MoE at toy widths (the folder with SmolLM2's tokenizer)."""
     if not (TOKENIZER / "tokenizer.json").exists():
         pytest.skip("needs .bench/tokenizer (bench_e2e.py prepare)")
-    env = {**__import__("os").environ, **moe_peer.PEER_ENV}
+    env = {**__import__("os").environ, **call.PEER_ENV}
     done = subprocess.run([sys.executable, str(BENCH / "moe_peer.py"), "kernel", "--system=unsloth"],
                           capture_output=True, text=True, env=env, timeout=400)
     kernel = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("KERNEL "))[7:])
     assert kernel["outcome"] == "ok" and kernel["rel_diff"] < 2e-2, kernel
-    _, full = moe_peer.models()["qwen"]
-    folder = moe_peer.write_folder(moe_peer.truncated(full, 2, tiny=True), tmp_path / "q", TOKENIZER, "cuda")
-    r = moe_peer.run_system("unsloth", folder, 64, 1, "cuda", 400)
+    _, full = call.models()["qwen"]
+    folder = call.write_folder(call.truncated(full, 2, tiny=True), tmp_path / "q", TOKENIZER, "cuda")
+    r = call.run_system("unsloth", folder, 64, 1, "cuda", 400)
     assert r["outcome"] == "ok" and r["trainable"] > 0, r
