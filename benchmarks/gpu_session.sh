@@ -18,6 +18,12 @@
 #   bash benchmarks/gpu_session.sh vision  # vision-language LoRA vs transformers+PEFT (Gemma-3-4B, LLaVA-1.5-7B)
 #   bash benchmarks/gpu_session.sh e2e     # velotune train vs Unsloth+TRL (and transformers+PEFT+TRL) on
 #                                          # variable-length rows: E2E_ARGS are bench_e2e.py run's options
+#   bash benchmarks/gpu_session.sh moe     # MoE, about 8-9 min (bounded at 575 s): the expert kernels (velotune's
+#                                          # Triton, torch._grouped_mm, Unsloth's and transformers' experts), then
+#                                          # Qwen3-30B-A3B and gpt-oss-20b cut to 8 layers, QLoRA r16 mb1 x 2048:
+#                                          # Unsloth, velotune, transformers+PEFT in their own processes (carry .whl
+#                                          # from fetch_peers.sh and .bench); MOE_ARGS: bench_moe_peers.py run's options
+#   bash benchmarks/gpu_session.sh moe-full  # velotune alone at full depth, built on the GPU (Qwen3-30B-A3B, gpt-oss-20b)
 # Run from the repository root on the device machine. Wheels carried in .whl/ (bitsandbytes,
 # gguf) are installed into /tmp/site first. RESULTS.md is copied to $OUT at the end.
 set -uo pipefail
@@ -47,6 +53,12 @@ case "${1:-tests}" in
     python3 benchmarks/bench_train.py --model Llama-3.1-8B --batch 1 4 --seq 2048 --steps 3 --qlora 2>&1 | grep -v -i warn | tail -6 ;;
   e2e)
     python3 benchmarks/bench_e2e.py run ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | grep -v -i warn | grep -E "tok/s|vs Unsloth|failed|Error|error|graph|data:" | tail -40 ;;
+  moe)
+    python3 benchmarks/bench_moe.py --parts kernel 2>&1 | grep -v -i warn | tail -3
+    python3 benchmarks/bench_moe_peers.py run --kernels --budget-s $((575 - SECONDS)) ${MOE_ARGS:-} 2>&1 \
+      | tee "$OUT/moe.log" | grep -E "^  |GB\)|skipped|Error|error|printed no result" | tail -40 ;;
+  moe-full)
+    python3 benchmarks/bench_moe.py --parts qwen gptoss 2>&1 | grep -v -i warn | tail -4 ;;
   vision)
     python3 benchmarks/bench_vision.py --model gemma-3-4b --batch 1 4 --seq 2048 2>&1 | grep -v -i warn | tail -3
     python3 benchmarks/bench_vision.py --model llava-1.5-7b --batch 1 4 --seq 2048 2>&1 | grep -v -i warn | tail -3 ;;
