@@ -74,6 +74,7 @@ def load_unsloth(folder: Path, seq: int, device: str):
                                          full_finetuning=False)
     model = FastModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=PEER_TARGETS,
                                      bias="none", use_gradient_checkpointing="unsloth", random_state=0)
+    FastModel.for_training(model)      # training mode, keeping the checkpointing get_peft_model chose
     return model, peer_step
 
 
