@@ -13,8 +13,9 @@
     python benchmarks/bench_moe.py --parts kernel --system hf
 
 `--system velotune|hf` picks whose path runs; `velotune_train_step(config, ...)` and
-`velotune_kernel(...)` are plain functions so another system's process (Unsloth) can be timed
-beside them with the same shapes. `--system hf` for the model parts runs transformers + PEFT LoRA
+`velotune_kernel(...)` are plain functions so another system's process can be timed beside them
+with the same shapes: bench_moe_peers.py does so for Unsloth and transformers (their expert
+modules, and QLoRA training on a layer-cut folder all three load). `--system hf` for the model parts runs transformers + PEFT LoRA
 r16 in bf16 (QLoRA through bitsandbytes needs a saved checkpoint, which this script avoids).
 """
 from __future__ import annotations
