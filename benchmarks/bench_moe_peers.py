@@ -227,20 +227,22 @@ def run(args: argparse.Namespace) -> None:
     from common import append_row, machine, today
 
     deadline = time.monotonic() + args.budget_s
+    table = models()
+    cfgs = {key: truncated(table[key][1], args.layers, args.tiny) for key in args.models}
     tokenizer = None if args.tokenizer in ("", "none") else Path(args.tokenizer)
     if "unsloth" in args.systems and (tokenizer is None or not (tokenizer / "tokenizer.json").exists()):
         raise SystemExit(f"Unsloth loads a tokenizer with the model: {tokenizer} has no tokenizer.json "
                          "(run `python benchmarks/bench_e2e.py prepare` here and carry .bench)")
+    if args.kernels and args.device != "cuda":
+        raise SystemExit("--kernels times the peers' expert kernels on the GPU (leave it out with --device cpu)")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("moe_peer.py run: no CUDA GPU (give --device cpu for the velotune/hf smoke run)")
+        raise SystemExit("bench_moe_peers.py run: no CUDA GPU (give --device cpu for the velotune/hf smoke run)")
     where = machine()
     print(where)
     results_file = Path(args.results) if args.results else None
     if args.kernels:
         print("grouped experts, Qwen3-30B-A3B sizes, peers:")
-        run_kernels(args.systems, min(120.0, deadline - time.monotonic()), results_file, where)
-    table = models()
-    cfgs = {key: truncated(table[key][1], args.layers, args.tiny) for key in args.models}
+        run_kernels(args.systems, min(150.0, deadline - time.monotonic()), results_file, where)
     workdir = choose_workdir(args.workdir, sum(bf16_bytes(cfg) for cfg in cfgs.values()))
     for key, cfg in cfgs.items():
         name, full = table[key]
