@@ -171,13 +171,14 @@ def format_rows(results: dict[str, dict], model: str, day: str, machine: str) ->
         rows.append([day, machine, model, system, RECIPES[system],
                      f"{r['tokens_per_s']:.0f}" if ok else "-", f"{r['peak_gib']:.2f}" if ok else "-",
                      f"{r['expert_gib']:.2f}" if "expert_gib" in r else "-",
+                     f"{r['trainable'] / 1e6:.2f}M" if "trainable" in r else "-",
                      ratio(r.get("tokens_per_s"), base.get("tokens_per_s")) if ok else "n/a",
                      ratio(r.get("peak_gib"), base.get("peak_gib")) if ok else "n/a",
                      r.get("outcome", "?") + (f"; {r['note']}" if r.get("note") else "")])
     return rows
 
 
-COLUMNS = ["date", "machine", "model", "system", "recipe", "tokens/s", "peak GiB", "expert GiB",
+COLUMNS = ["date", "machine", "model", "system", "recipe", "tokens/s", "peak GiB", "expert GiB", "adapters",
            "speed vs Unsloth", "memory vs Unsloth", "outcome"]
 
 

@@ -81,17 +81,18 @@ def test_write_folder_reuses_a_complete_one_and_checks_the_disk(tmp_path, monkey
 
 
 def test_rows_carry_the_ratios_to_unsloth_and_every_failure():
-    results = {"unsloth": dict(outcome="ok", tokens_per_s=1000.0, peak_gib=10.0, expert_gib=2.0, note="MoE backend grouped_mm"),
-               "velotune": dict(outcome="ok", tokens_per_s=1600.0, peak_gib=8.0, expert_gib=1.9),
+    results = {"unsloth": dict(outcome="ok", tokens_per_s=1000.0, peak_gib=10.0, expert_gib=2.0, trainable=3_370_000,
+                               note="MoE backend grouped_mm"),
+               "velotune": dict(outcome="ok", tokens_per_s=1600.0, peak_gib=8.0, expert_gib=1.9, trainable=3_370_000),
                "hf": dict(outcome="GPU OOM (tried to allocate)")}
     rows = call.format_rows(results, "Qwen3-30B-A3B (8 of 48 layers)", "2026-12-07", "H100")
     assert [r[3] for r in rows] == ["unsloth", "velotune", "hf"]
     assert all(len(r) == len(call.COLUMNS) for r in rows)
-    assert rows[0][5:] == ["1000", "10.00", "2.00", "1.00x", "1.00x", "ok; MoE backend grouped_mm"]
-    assert rows[1][5:] == ["1600", "8.00", "1.90", "1.60x", "0.80x", "ok"]
-    assert rows[2][5:] == ["-", "-", "-", "n/a", "n/a", "GPU OOM (tried to allocate)"]
+    assert rows[0][5:] == ["1000", "10.00", "2.00", "3.37M", "1.00x", "1.00x", "ok; MoE backend grouped_mm"]
+    assert rows[1][5:] == ["1600", "8.00", "1.90", "3.37M", "1.60x", "0.80x", "ok"]
+    assert rows[2][5:] == ["-", "-", "-", "-", "n/a", "n/a", "GPU OOM (tried to allocate)"]
     alone = call.format_rows({"velotune": results["velotune"]}, "m", "d", "x")
-    assert alone[0][8:10] == ["n/a", "n/a"]
+    assert alone[0][9:11] == ["n/a", "n/a"]
 
 
 def test_velotune_and_hf_train_the_same_adapters_on_the_same_folder(tiny_folders):
@@ -132,7 +133,7 @@ def test_the_call_on_the_cpu_appends_velotunes_rows(tmp_path):
     text = results.read_text()
     assert "## MoE QLoRA training vs Unsloth, same call (micro-batch 1 x 16" in text
     row = next(line for line in text.splitlines() if "| velotune |" in line)
-    assert "Qwen3-30B-A3B at toy widths (1 of 48 layers)" in row and row.endswith("| n/a | n/a | ok |")
+    assert "Qwen3-30B-A3B at toy widths (1 of 48 layers)" in row and row.endswith("| n/a | n/a | ok |") and "| 0.04M |" in row
 
 
 def test_unsloth_needs_the_tokenizer_before_anything_is_written(tmp_path):
