@@ -245,30 +245,36 @@ def run(args: argparse.Namespace) -> None:
         print("grouped experts, Qwen3-30B-A3B sizes, peers:")
         run_kernels(args.systems, min(150.0, deadline - time.monotonic()), results_file, where)
     workdir = choose_workdir(args.workdir, sum(bf16_bytes(cfg) for cfg in cfgs.values()))
+    folders = {}
     for key, cfg in cfgs.items():
-        name, full = table[key]
-        folder = folder_for(cfg, workdir)
         if deadline - time.monotonic() < 90:
-            print(f"{label(name, cfg, full)}: skipped, the call's time budget ran out")
+            print(f"{label(table[key][0], cfg, table[key][1])}: skipped, the call's time budget ran out")
             continue
         started = time.perf_counter()
-        write_folder(cfg, folder, tokenizer, args.device)
-        print(f"{label(name, cfg, full)}: folder {folder} ({bf16_bytes(cfg) / 1e9:.1f} GB) "
+        folders[key] = write_folder(cfg, folder_for(cfg, workdir), tokenizer, args.device)
+        print(f"{label(table[key][0], cfg, table[key][1])}: folder {folders[key]} ({bf16_bytes(cfg) / 1e9:.1f} GB) "
               f"in {time.perf_counter() - started:.0f} s")
-        results = {}
-        for system in [s for s in SYSTEMS if s in args.systems]:
-            results[system] = run_system(system, folder, args.seq, args.steps, args.device,
-                                         deadline - time.monotonic())
-            r = results[system]
-            print(f"  {system:9s} {r.get('tokens_per_s', 0):8.0f} tokens/s  peak {r.get('peak_gib', 0):6.2f} GiB  "
-                  f"experts {r.get('expert_gib', 0):6.2f} GiB  load {r.get('load_s', 0):5.0f} s  {r['outcome']}")
-        section = (f"MoE QLoRA training vs Unsloth, same call (micro-batch 1 x {args.seq}, random weights, "
-                   f"{args.steps} timed steps after {WARMUP} warm-up)")
-        for row in format_rows(results, label(name, cfg, full), today(), where):
+    # Unsloth and velotune on every model before transformers on any: the ratios come first
+    order = [(system, key) for phase in (("unsloth", "velotune"), ("hf",)) for key in folders
+             for system in phase if system in args.systems]
+    results: dict[str, dict[str, dict]] = {key: {} for key in folders}
+    for system, key in order:
+        r = results[key][system] = run_system(system, folders[key], args.seq, args.steps, args.device,
+                                              deadline - time.monotonic())
+        print(f"  {key:6s} {system:9s} {r.get('tokens_per_s', 0):8.0f} tokens/s  peak {r.get('peak_gib', 0):6.2f} GiB  "
+              f"experts {r.get('expert_gib', 0):6.2f} GiB  load {r.get('load_s', 0):5.0f} s  {r['outcome']}")
+    section = (f"MoE QLoRA training vs Unsloth, same call (micro-batch 1 x {args.seq}, random weights, "
+               f"{args.steps} timed steps after {WARMUP} warm-up)")
+    for key, by_system in results.items():
+        name, full = table[key]
+        cfg = cfgs[key]
+        ordered = {s: by_system[s] for s in SYSTEMS if s in by_system}
+        for row in format_rows(ordered, label(name, cfg, full), today(), where):
             append_row(section, COLUMNS, row, results_file)
-        if "velotune" in results and "unsloth" in results:
-            print(f"  velotune vs Unsloth: speed {ratio(results['velotune'].get('tokens_per_s'), results['unsloth'].get('tokens_per_s'))}, "
-                  f"memory {ratio(results['velotune'].get('peak_gib'), results['unsloth'].get('peak_gib'))}")
+        if "velotune" in ordered and "unsloth" in ordered:
+            print(f"  {label(name, cfg, full)}: velotune vs Unsloth speed "
+                  f"{ratio(ordered['velotune'].get('tokens_per_s'), ordered['unsloth'].get('tokens_per_s'))}, memory "
+                  f"{ratio(ordered['velotune'].get('peak_gib'), ordered['unsloth'].get('peak_gib'))}")
 
 
 def main(argv: list[str] | None = None) -> None:

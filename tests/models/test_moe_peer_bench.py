@@ -122,18 +122,22 @@ def test_transformers_experts_module_matches_velotunes_kernel():
     assert call.kernel_name(r) == "transformers 5 experts (grouped_mm)"
 
 
-def test_the_call_on_the_cpu_appends_velotunes_rows(tmp_path):
+def test_the_call_on_the_cpu_appends_a_row_per_model_and_system(tmp_path):
     results = tmp_path / "RESULTS.md"
     done = subprocess.run([sys.executable, str(BENCH / "bench_moe_peers.py"), "run", "--tiny", "--layers", "1",
-                           "--device", "cpu", "--systems", "velotune", "--models", "qwen", "--seq", "16",
-                           "--steps", "1", "--workdir", str(tmp_path / "w"), "--tokenizer", "none",
-                           "--results", str(results)], capture_output=True, text=True, timeout=600,
-                          cwd=BENCH.parent)
+                           "--device", "cpu", "--systems", "hf", "velotune", "--seq", "16", "--steps", "1",
+                           "--workdir", str(tmp_path / "w"), "--tokenizer", "none", "--results", str(results)],
+                          capture_output=True, text=True, timeout=600, cwd=BENCH.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     text = results.read_text()
-    assert "## MoE QLoRA training vs Unsloth, same call (micro-batch 1 x 16" in text
-    row = next(line for line in text.splitlines() if "| velotune |" in line)
-    assert "Qwen3-30B-A3B at toy widths (1 of 48 layers)" in row and row.endswith("| n/a | n/a | ok |") and "| 0.04M |" in row
+    assert text.count("## MoE QLoRA training vs Unsloth, same call (micro-batch 1 x 16") == 1
+    rows = [line.split(" | ") for line in text.splitlines() if " | velotune | " in line or " | hf | " in line]
+    assert [(r[2], r[3]) for r in rows] == [("Qwen3-30B-A3B at toy widths (1 of 48 layers)", "velotune"),
+                                            ("Qwen3-30B-A3B at toy widths (1 of 48 layers)", "hf"),
+                                            ("gpt-oss-20b at toy widths (1 of 24 layers)", "velotune"),
+                                            ("gpt-oss-20b at toy widths (1 of 24 layers)", "hf")]
+    assert all(r[-3:] == ["n/a", "n/a", r[-1]] and r[-1].startswith("ok") for r in rows)
+    assert rows[0][8] == rows[1][8] == "0.04M"                       # the same adapters on both systems
 
 
 def test_unsloth_needs_the_tokenizer_before_anything_is_written(tmp_path):
