@@ -10,8 +10,9 @@ its own process (Unsloth patches transformers when imported); rows with velotune
 Estimated on an H100 (nothing here has run on one yet): per model, the folder (about 10 s into
 /dev/shm, 45-60 s onto a disk), Unsloth 90-120 s (its import and patching, the load with NF4
 quantization, its compiles), velotune and transformers 40-60 s each; the peers' kernels about a
-minute: 6-8 minutes in all. `--budget-s` bounds it: a system that cannot start in time gets a
-"skipped" row, one that overruns a "timed out" one, and the rows so far are written either way.
+minute: 6-8 minutes in all. Unsloth and velotune run on both models before transformers on either,
+so the ratios come first. `--budget-s` bounds the whole: a system that cannot start in time gets a
+"skipped" row, one that overruns a "timed out" one, and every row is written before the budget ends.
 
 Why the models are cut in depth (`--layers`, default 8: 8 of 48 layers of Qwen3-30B-A3B, 8 of 24 of
 gpt-oss-20b; every other field is the real config, and the row names the depth): Unsloth and
@@ -46,6 +47,10 @@ TOKENIZER = HERE.parent / ".bench" / "tokenizer"      # SmolLM2's, from `bench_e
 SYSTEMS = ("unsloth", "velotune", "hf")               # run in this order: Unsloth's row is the ratios' base
 PEER_ENV = {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false", "UNSLOTH_COMPILE_LOCATION": "/tmp/unsloth_compiled_cache"}
+PEER = HERE / "moe_peer.py"
+WARMUP = 2                                            # moe_peer.py's warm-up steps
+KERNEL_SECTION = ("MoE grouped experts, Qwen3-30B-A3B sizes (2,048 tokens x top-8 of 128 experts of 768, bf16, "
+                  "fwd+bwd, frozen experts)")                  # bench_moe.py's table: the rows sit together
 RECIPES = {
     "velotune": "NF4 attention + experts, LoRA r16 q/k/v/o + per-expert, checkpointing",
     "unsloth": "FastModel load_in_4bit, r16 q/k/v/o/gate/up/down, checkpointing 'unsloth'",
@@ -144,12 +149,9 @@ def write_folder(cfg: dict, folder: Path, tokenizer: Path | None, device: str) -
             shutil.copy(f, partial / f.name)
     partial.rename(folder)
     return folder
-PEER = HERE / "moe_peer.py"
-WARMUP = 2                                            # moe_peer.py's warm-up steps
-KERNEL_SECTION = ("MoE grouped experts, Qwen3-30B-A3B sizes (2,048 tokens x top-8 of 128 experts of 768, bf16, "
-                  "fwd+bwd, frozen experts)")                  # bench_moe.py's table: the rows sit together
 
 
+# ------------------------------------------------------------------ rows
 def kernel_name(r: dict) -> str:
     name = {"unsloth": "Unsloth experts forward", "hf": "transformers 5 experts (grouped_mm)"}[r["system"]]
     if r.get("moe_backend"):
@@ -157,7 +159,6 @@ def kernel_name(r: dict) -> str:
     return name if r.get("outcome") == "ok" else f"{name}: {r.get('outcome')}"
 
 
-# ------------------------------------------------------------------ the call: every system, rows
 def ratio(ours: float | None, base: float | None) -> str:
     return f"{ours / base:.2f}x" if ours and base else "n/a"
 
@@ -182,6 +183,7 @@ COLUMNS = ["date", "machine", "model", "system", "recipe", "tokens/s", "peak GiB
            "speed vs Unsloth", "memory vs Unsloth", "outcome"]
 
 
+# ------------------------------------------------------------------ the call: every system, each in its process
 def run_system(system: str, folder: Path, seq: int, steps: int, device: str, timeout: float) -> dict:
     if timeout < 30:
         return {"system": system, "outcome": "skipped: the call's time budget ran out"}
