@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> None:
     results: dict[str, dict[str, dict]] = {key: {} for key in folders}
     for system, key in order:
         r = results[key][system] = run_system(system, folders[key], args.seq, args.steps, args.device,
-                                              deadline - time.monotonic())
+                                              min(args.system_timeout_s, deadline - time.monotonic()))
         print(f"  {key:6s} {system:9s} {r.get('tokens_per_s', 0):8.0f} tokens/s  peak {r.get('peak_gib', 0):6.2f} GiB  "
               f"experts {r.get('expert_gib', 0):6.2f} GiB  load {r.get('load_s', 0):5.0f} s  {r['outcome']}")
     section = (f"MoE QLoRA training vs Unsloth, same call (micro-batch 1 x {args.seq}, random weights, "
@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--seq", type=int, default=2048)
     c.add_argument("--steps", type=int, default=4)
     c.add_argument("--budget-s", type=float, default=540, help="systems not started by then are skipped")
+    c.add_argument("--system-timeout-s", type=float, default=240, help="one system on one model at most")
     c.add_argument("--results", default=None, help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
     c.add_argument("--kernels", action="store_true",
                    help="first the peers' expert kernels beside bench_moe.py's rows (Unsloth's, transformers' grouped_mm)")
