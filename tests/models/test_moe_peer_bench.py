@@ -114,6 +114,9 @@ def test_gpt_oss_step_runs_on_the_cpu(tiny_folders):
 def test_failures_become_outcomes_not_crashes(tmp_path):
     r = moe_peer.measure("velotune", tmp_path / "missing", seq=8, steps=1, device="cpu")
     assert r["outcome"] != "ok" and "missing" in r["outcome"]
+    through = call.run_system("velotune", tmp_path / "missing", 8, 1, "cpu", 300)     # its own process
+    assert through["outcome"] == r["outcome"]
+    assert call.run_system("velotune", tmp_path, 8, 1, "cpu", 20)["outcome"].startswith("skipped")
 
 
 def test_transformers_experts_module_matches_velotunes_kernel():
