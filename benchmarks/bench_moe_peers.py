@@ -191,8 +191,10 @@ def run_system(system: str, folder: Path, seq: int, steps: int, device: str, tim
             f"--seq={seq}", f"--steps={steps}", f"--device={device}"]
     try:
         done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **PEER_ENV}, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"system": system, "outcome": f"timed out after {timeout:.0f} s"}
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        lines = [line for line in out.splitlines() if line.startswith("MOE ")]
+        return json.loads(lines[-1][4:]) if lines else {"system": system, "outcome": f"timed out after {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("MOE ")]
     if not lines:
         print(f"{system} printed no result (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
