@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 TOKENIZER = HERE.parent / ".bench" / "tokenizer"      # SmolLM2's, from `bench_e2e.py prepare`
 SYSTEMS = ("unsloth", "velotune", "hf")               # run in this order: Unsloth's row is the ratios' base
 PEER_ENV = {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "UNSLOTH_COMPILE_LOCATION": "/tmp/unsloth_compiled_cache"}
+            "TOKENIZERS_PARALLELISM": "false"}          # as bench_e2e.py runs its peers
 PEER = HERE / "moe_peer.py"
 WARMUP = 2                                            # moe_peer.py's warm-up steps
 KERNEL_SECTION = ("MoE grouped experts, Qwen3-30B-A3B sizes (2,048 tokens x top-8 of 128 experts of 768, bf16, "
