@@ -26,6 +26,13 @@ projector uses the exact one; relative differences near 1e-3), and it resizes im
 square `image_size` (LLaVA: padded to a square first) rather than by the processor's shortest-edge
 resize and centre crop; on an image already at `image_size` both see the same pixels, which is how
 tests/export/test_mmproj.py compares llama.cpp's image embeddings with ours.
+
+A known llama.cpp defect affects CLIP towers (those with a class token, LLaVA's usual one): its
+LLaVA graph appends the class embedding after the patches while still adding position rows and
+picking output rows as if it came first (ggml-org/llama.cpp#25814; a one-line fix is proposed in
+#25844), so patch 0 is dropped and the class token reaches the decoder. The file is laid out as
+llama.cpp's converter lays out its own LLaVA files (the defect hits those alike); the test accepts
+either order, so it keeps passing once llama.cpp is fixed. SigLIP towers (Gemma 3) are unaffected.
 """
 from __future__ import annotations
 
