@@ -1,0 +1,302 @@
+"""GGUF export of a vision-language model: the decoder's GGUF plus llama.cpp's mmproj file.
+
+Tiny random LLaVA (CLIP tower) and Gemma 3 (SigLIP tower) models, their vision weights made random
+so every tensor matters. Without llama.cpp: the mmproj file read back with gguf-py holds every
+tower and projector weight under llama.cpp's name, in its layout, with the metadata llama.cpp
+requires (values from the model folder's config.json and preprocessor_config.json); the decoder's
+file holds no vision tensor; what llama.cpp cannot compute is refused before any file exists; the
+Ollama Modelfile names the projector. With llama.cpp (`make test-llamacpp`): libmtmd loads the
+two files, encodes a real photograph (scikit-image's astronaut, at the tower's size so both sides
+see the same pixels) to the image embeddings our tower and projector compute, and the decoder
+generates from a prompt holding the image.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+
+import numpy as np
+import pytest
+import torch
+from tests.vision.vlm_helpers import make_gemma3_vlm, make_vlm_model
+
+import velotune
+from velotune.cli import main
+from velotune.export import ExportError, export
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("transformers")
+pytest.importorskip("skimage")
+
+MAKERS = {"llava": make_vlm_model, "gemma3": make_gemma3_vlm}
+LAYER_NAMES = {"layer_norm1": "ln1", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.out_proj": "attn_out", "layer_norm2": "ln2",
+               "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+
+
+def vision_language_model(tmp_path, family: str, **options):
+    """(model folder, model, tokenizer): a GGUF-able tokenizer, the vision weights made random."""
+    folder = MAKERS[family](tmp_path / f"{family}-model", gpt2_split=True, **options)
+    model, tokenizer = velotune.load_model(folder, dtype=torch.float32, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("vision_tower.", "multi_modal_projector.")):
+                p.add_(torch.randn(p.shape, generator=generator) * (0.2 if p.ndim == 1 else 0.1))
+    return folder, model.eval(), tokenizer
+
+
+def expected_tensors(model) -> dict[str, np.ndarray]:
+    """llama.cpp's name -> the value the mmproj file must hold, spelled out per parameter."""
+    v = model.config.vision
+    params = {n: p.detach().numpy() for n, p in model.named_parameters()}
+    out = {"v.patch_embd.weight": params["vision_tower.embeddings.patch_embedding.weight"],
+           "v.position_embd.weight": params["vision_tower.embeddings.position_embedding.weight"]}
+    for i in range(v.num_hidden_layers):
+        for ours, theirs in LAYER_NAMES.items():
+            for kind in ("weight", "bias"):
+                out[f"v.blk.{i}.{theirs}.{kind}"] = params[f"vision_tower.encoder.layers.{i}.{ours}.{kind}"]
+    if v.projector == "mlp":   # CLIP: class token and pre-norm; its post-norm is never applied to features
+        out["v.class_embd"] = params["vision_tower.embeddings.class_embedding"]
+        for kind in ("weight", "bias"):
+            out[f"v.pre_ln.{kind}"] = params[f"vision_tower.pre_layrnorm.{kind}"]
+            out[f"mm.0.{kind}"] = params[f"multi_modal_projector.linear_1.{kind}"]
+            out[f"mm.2.{kind}"] = params[f"multi_modal_projector.linear_2.{kind}"]
+    else:                      # SigLIP: patch bias and post-norm; Gemma's (1 + w) norm and [vision, text] matrix
+        out["v.patch_embd.bias"] = params["vision_tower.embeddings.patch_embedding.bias"]
+        for kind in ("weight", "bias"):
+            out[f"v.post_ln.{kind}"] = params[f"vision_tower.post_layernorm.{kind}"]
+        out["mm.soft_emb_norm.weight"] = 1.0 + params["multi_modal_projector.mm_soft_emb_norm.weight"]
+        out["mm.input_projection.weight"] = params["multi_modal_projector.mm_input_projection.weight"].T
+    return out
+
+
+def fields(reader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16"])
+@pytest.mark.parametrize("family", sorted(MAKERS))
+def test_mmproj_holds_every_vision_weight_and_the_keys_llama_cpp_reads(tmp_path, family, quant):
+    folder, model, tokenizer = vision_language_model(tmp_path, family)
+    text = export(model, to="gguf", quant=quant, out=tmp_path / "out" / "model.gguf", tokenizer=tokenizer)
+    mmproj = tmp_path / "out" / "model-mmproj.gguf"
+    assert sorted(p.name for p in text.parent.iterdir()) == ["model-mmproj.gguf", "model.gguf"]
+
+    reader = gguf.GGUFReader(mmproj)
+    want = expected_tensors(model)
+    got = {t.name: t for t in reader.tensors}
+    assert set(got) == set(want)
+    for name, value in want.items():
+        t = got[name]
+        data = np.asarray(t.data).reshape(value.shape)
+        matrix = value.ndim == 2 and (".blk." in name or name.startswith("mm.")) and name.endswith("weight")
+        assert t.tensor_type.name == ("F16" if matrix and quant == "f16" else "F32"), name
+        if data.dtype == np.float32:
+            np.testing.assert_array_equal(data, value, err_msg=name)
+        else:
+            np.testing.assert_array_equal(data, value.astype(np.float16), err_msg=name)
+
+    cfg = json.loads((folder / "config.json").read_text())
+    vision, text_cfg = cfg["vision_config"], cfg["text_config"]
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    meta = fields(reader)
+    assert meta["general.architecture"] == "clip" and meta["clip.has_vision_encoder"] is True
+    assert meta["clip.projector_type"] == {"llava": "mlp", "gemma3": "gemma3"}[family]
+    for key, value in (("image_size", vision["image_size"]), ("patch_size", vision["patch_size"]),
+                       ("embedding_length", vision["hidden_size"]), ("block_count", vision["num_hidden_layers"]),
+                       ("feed_forward_length", vision["intermediate_size"]),
+                       ("attention.head_count", vision["num_attention_heads"]),
+                       ("projection_dim", text_cfg["hidden_size"])):
+        assert meta[f"clip.vision.{key}"] == value, key
+    assert meta["clip.vision.attention.layer_norm_epsilon"] == pytest.approx(vision["layer_norm_eps"])
+    assert meta["clip.vision.image_mean"] == pytest.approx(processor["image_mean"])
+    assert meta["clip.vision.image_std"] == pytest.approx(processor["image_std"])
+    assert meta["clip.use_gelu"] is (vision["hidden_act"] != "quick_gelu")
+    assert "clip.vision.feature_layer" not in meta        # LLaVA's default layer is llama.cpp's default
+    if family == "gemma3":   # 8 x 8 patches pooled to 4 x 4 tokens
+        assert meta["clip.vision.projector.scale_factor"] == 2
+
+    decoder = gguf.GGUFReader(text)
+    assert not [t.name for t in decoder.tensors if t.name.startswith(("v.", "mm."))]
+    assert fields(decoder)["general.architecture"] == {"llava": "llama", "gemma3": "gemma3"}[family]
+
+
+def test_feature_layer_other_than_llavas_default_is_written(tmp_path):
+    _, model, tokenizer = vision_language_model(tmp_path, "llava", feature_layer=-1)
+    export(model, to="gguf", out=tmp_path / "m.gguf", tokenizer=tokenizer)
+    assert fields(gguf.GGUFReader(tmp_path / "m-mmproj.gguf"))["clip.vision.feature_layer"] == [2]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(select="full"), "vision_feature_select_strategy full"),
+])
+def test_what_llama_cpp_cannot_compute_is_refused_before_any_file(tmp_path, options, message):
+    _, model, tokenizer = vision_language_model(tmp_path, "llava", **options)
+    with pytest.raises(ExportError, match=message):
+        export(model, to="gguf", out=tmp_path / "out" / "m.gguf", tokenizer=tokenizer)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("projector_act", "silu", "uses GELU"),
+    ("projector_bias", False, "multimodal_projector_bias=false"),
+])
+def test_projector_llama_cpp_has_no_graph_for_is_refused(tmp_path, field, value, message):
+    _, model, tokenizer = vision_language_model(tmp_path, "llava")
+    setattr(model.config.vision, field, value)
+    with pytest.raises(ExportError, match=message):
+        export(model, to="gguf", out=tmp_path / "out" / "m.gguf", tokenizer=tokenizer)
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_image_processor_settings_it_is_refused(tmp_path):
+    _, model, tokenizer = vision_language_model(tmp_path, "gemma3")
+    tokenizer.image_processor = None
+    with pytest.raises(ExportError, match="preprocessor_config.json"):
+        export(model, to="gguf", out=tmp_path / "out" / "m.gguf", tokenizer=tokenizer)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_and_ollama_write_the_projector(tmp_path, capsys):
+    folder, _, _ = vision_language_model(tmp_path, "gemma3")
+    assert main(["export", str(folder), "--to", "gguf", "--out", str(tmp_path / "g")]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'g' / 'model-f16-mmproj.gguf'}" in printed
+    modelfile = export(folder, to="ollama", out=tmp_path / "ollama")
+    lines = modelfile.read_text().splitlines()
+    assert lines[:2] == ["FROM ./model.gguf", "FROM ./model-mmproj.gguf"]
+    assert fields(gguf.GGUFReader(tmp_path / "ollama" / "model-mmproj.gguf"))["general.architecture"] == "clip"
+
+
+# ---------------------------------------------------------------- llama.cpp itself
+
+@pytest.fixture(scope="module")
+def mtmd():
+    try:
+        import llama_cpp
+        from llama_cpp import mtmd_cpp
+    except ImportError:
+        pytest.skip("llama_cpp is not importable: build it with `make test-llamacpp`")
+    return llama_cpp, mtmd_cpp
+
+
+class LlamaCppVision:
+    """The decoder GGUF in llama.cpp and the mmproj file in libmtmd, on the CPU."""
+
+    def __init__(self, mtmd, text, mmproj):
+        self.llama_cpp, self.m = mtmd
+        self.llm = self.llama_cpp.Llama(model_path=str(text), n_ctx=512, n_threads=2, verbose=False)
+        params = self.m.mtmd_context_params_default()
+        params.use_gpu, params.n_threads, params.warmup, params.print_timings = False, 2, False, False
+        self.ctx = self.m.mtmd_init_from_file(str(mmproj).encode(), self.llm.model, params)
+        assert self.ctx, f"libmtmd could not load {mmproj}"
+
+    def chunks(self, text: str, image: np.ndarray):
+        """The prompt (mtmd's marker where the image goes) tokenized with the image's chunk."""
+        m = self.m
+        pixels = np.ascontiguousarray(image, dtype=np.uint8)
+        self.bitmap = m.mtmd_bitmap_init(image.shape[1], image.shape[0],
+                                         pixels.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+        self.prompt = text.encode()
+        request = m.mtmd_input_text(self.prompt, len(self.prompt), False, True)
+        chunks = m.mtmd_input_chunks_init()
+        assert m.mtmd_tokenize(self.ctx, chunks, ctypes.byref(request), (m.mtmd_bitmap_p_ctypes * 1)(self.bitmap), 1) == 0
+        return chunks
+
+    def image_embeddings(self, image: np.ndarray, width: int) -> np.ndarray:
+        m = self.m
+        chunks = self.chunks(m.mtmd_default_marker().decode(), image)
+        for i in range(m.mtmd_input_chunks_size(chunks)):
+            chunk = m.mtmd_input_chunks_get(chunks, i)
+            if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                assert m.mtmd_encode_chunk(self.ctx, chunk) == 0
+                n = m.mtmd_input_chunk_get_n_tokens(chunk)
+                out = np.ctypeslib.as_array(m.mtmd_get_output_embd(self.ctx), shape=(n * width,))
+                return out.reshape(n, width).copy()
+        raise AssertionError("no image chunk")
+
+    def generate(self, text: str, image: np.ndarray, count: int) -> list[int]:
+        """Greedy tokens after the prompt with the image, llama.cpp evaluating every chunk."""
+        m, llm = self.m, self.llm
+        chunks = self.chunks(text, image)
+        n_past = self.llama_cpp.llama_pos(0)
+        assert m.mtmd_helper_eval_chunks(self.ctx, llm._ctx.ctx, chunks, 0, 0, llm.n_batch, True,
+                                         ctypes.byref(n_past)) == 0
+        vocabulary = llm.n_vocab()
+        logits = np.ctypeslib.as_array(self.llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(vocabulary,))
+        out = [int(logits.argmax())]
+        llm.n_tokens = n_past.value
+        while len(out) < count:
+            llm.eval([out[-1]])
+            out.append(int(np.asarray(llm.scores[llm.n_tokens - 1]).argmax()))
+        return out
+
+    def close(self):
+        self.m.mtmd_free(self.ctx)
+        self.llm.close()
+
+
+def photograph(size: int) -> np.ndarray:
+    """scikit-image's astronaut at the tower's size (llama.cpp and the processor then leave it as it is)."""
+    import PIL.Image
+    import skimage.data
+
+    image = PIL.Image.fromarray(skimage.data.astronaut()).resize((size, size), PIL.Image.Resampling.BICUBIC)
+    return np.asarray(image)
+
+
+def class_token_last(model, pixels: torch.Tensor) -> torch.Tensor:
+    """What llama.cpp's LLaVA graph computes for a CLIP tower (ggml-org/llama.cpp#25814): the class
+    embedding after the patches, position rows in order, the output rows 1..patches."""
+    tower, v = model.vision_tower, model.config.vision
+    x = tower.embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
+    x = torch.cat([x, tower.embeddings.class_embedding.expand(1, 1, -1)], dim=1)
+    x = tower.pre_layrnorm(x + tower.embeddings.position_embedding.weight)
+    for layer in tower.encoder.layers[:v.feature_layer % (v.num_hidden_layers + 1)]:
+        x = layer(x)
+    return model.multi_modal_projector(x[:, 1:])
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("family, quant, options, tolerance", [
+    ("gemma3", "f32", {}, 2e-3), ("gemma3", "f16", {}, 5e-3),
+    ("llava", "f32", {}, 2e-3), ("llava", "f16", {}, 5e-3), ("llava", "f32", dict(feature_layer=-1), 2e-3),
+])
+def test_llama_cpp_computes_our_image_embeddings(tmp_path, mtmd, family, quant, options, tolerance):
+    """libmtmd's image embeddings for a real photograph equal our tower + projector's on the same
+    pixels, within f32/f16 rounding and ggml's tanh-approximated GELU."""
+    _, model, tokenizer = vision_language_model(tmp_path, family, **options)
+    text = export(model, to="gguf", quant=quant, out=tmp_path / "m.gguf", tokenizer=tokenizer)
+    runner = LlamaCppVision(mtmd, text, tmp_path / "m-mmproj.gguf")
+    try:
+        image = photograph(model.config.vision.image_size)
+        theirs = runner.image_embeddings(image, model.config.hidden_size)
+    finally:
+        runner.close()
+    import PIL.Image
+
+    pixels = tokenizer.image_processor.preprocess(PIL.Image.fromarray(image))[None]
+    with torch.no_grad():
+        ours = [model.multi_modal_projector(model.vision_tower(pixels))[0].numpy()]
+        if model.config.vision.class_token:     # either order passes: llama.cpp's defect, or once it is fixed
+            ours.append(class_token_last(model, pixels)[0].numpy())
+    errors = [np.abs(o - theirs).max() / np.abs(o).max() for o in ours]
+    assert theirs.shape == ours[0].shape
+    assert min(errors) <= tolerance, errors
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("family", sorted(MAKERS))
+def test_llama_cpp_generates_from_a_prompt_with_an_image(tmp_path, mtmd, family):
+    _, model, tokenizer = vision_language_model(tmp_path, family)
+    text = export(model, to="gguf", quant="f16", out=tmp_path / "m.gguf", tokenizer=tokenizer)
+    runner = LlamaCppVision(mtmd, text, tmp_path / "m-mmproj.gguf")
+    try:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = prompt.replace(tokenizer.image_processor.marker, runner.m.mtmd_default_marker().decode())
+        tokens = runner.generate(prompt, photograph(model.config.vision.image_size), count=4)
+    finally:
+        runner.close()
+    assert len(tokens) == 4 and all(0 <= t < model.config.vocab_size for t in tokens)
