@@ -56,16 +56,19 @@ def expected_tensors(model) -> dict[str, np.ndarray]:
         for ours, theirs in LAYER_NAMES.items():
             for kind in ("weight", "bias"):
                 out[f"v.blk.{i}.{theirs}.{kind}"] = params[f"vision_tower.encoder.layers.{i}.{ours}.{kind}"]
-    if v.projector == "mlp":   # CLIP: class token and pre-norm; its post-norm is never applied to features
+    if v.class_token:          # CLIP
         out["v.class_embd"] = params["vision_tower.embeddings.class_embedding"]
-        for kind in ("weight", "bias"):
+    if v.patch_bias:           # SigLIP
+        out["v.patch_embd.bias"] = params["vision_tower.embeddings.patch_embedding.bias"]
+    for kind in ("weight", "bias"):
+        if v.pre_norm:         # CLIP
             out[f"v.pre_ln.{kind}"] = params[f"vision_tower.pre_layrnorm.{kind}"]
+        if v.post_norm_on_features and v.feature_layer in (-1, v.num_hidden_layers):   # SigLIP read at the end
+            out[f"v.post_ln.{kind}"] = params[f"vision_tower.post_layernorm.{kind}"]
+        if v.projector == "mlp":
             out[f"mm.0.{kind}"] = params[f"multi_modal_projector.linear_1.{kind}"]
             out[f"mm.2.{kind}"] = params[f"multi_modal_projector.linear_2.{kind}"]
-    else:                      # SigLIP: patch bias and post-norm; Gemma's (1 + w) norm and [vision, text] matrix
-        out["v.patch_embd.bias"] = params["vision_tower.embeddings.patch_embedding.bias"]
-        for kind in ("weight", "bias"):
-            out[f"v.post_ln.{kind}"] = params[f"vision_tower.post_layernorm.{kind}"]
+    if v.projector == "pool_norm_linear":   # Gemma's (1 + w) norm and [vision, text] matrix
         out["mm.soft_emb_norm.weight"] = 1.0 + params["multi_modal_projector.mm_soft_emb_norm.weight"]
         out["mm.input_projection.weight"] = params["multi_modal_projector.mm_input_projection.weight"].T
     return out
@@ -76,9 +79,10 @@ def fields(reader) -> dict:
 
 
 @pytest.mark.parametrize("quant", ["f32", "f16"])
-@pytest.mark.parametrize("family", sorted(MAKERS))
-def test_mmproj_holds_every_vision_weight_and_the_keys_llama_cpp_reads(tmp_path, family, quant):
-    folder, model, tokenizer = vision_language_model(tmp_path, family)
+@pytest.mark.parametrize("family, options", [("llava", {}), ("llava", dict(siglip=True, select="full", feature_layer=-1)),
+                                             ("gemma3", {})])
+def test_mmproj_holds_every_vision_weight_and_the_keys_llama_cpp_reads(tmp_path, family, options, quant):
+    folder, model, tokenizer = vision_language_model(tmp_path, family, **options)
     text = export(model, to="gguf", quant=quant, out=tmp_path / "out" / "model.gguf", tokenizer=tokenizer)
     mmproj = tmp_path / "out" / "model-mmproj.gguf"
     assert sorted(p.name for p in text.parent.iterdir()) == ["model-mmproj.gguf", "model.gguf"]
@@ -113,7 +117,11 @@ def test_mmproj_holds_every_vision_weight_and_the_keys_llama_cpp_reads(tmp_path,
     assert meta["clip.vision.image_mean"] == pytest.approx(processor["image_mean"])
     assert meta["clip.vision.image_std"] == pytest.approx(processor["image_std"])
     assert meta["clip.use_gelu"] is (vision["hidden_act"] != "quick_gelu")
-    assert "clip.vision.feature_layer" not in meta        # LLaVA's default layer is llama.cpp's default
+    if family == "llava":   # its default layer (the second-to-last) is llama.cpp's default; others are written
+        assert meta.get("clip.vision.feature_layer", [vision["num_hidden_layers"] - 1]) == [
+            cfg["vision_feature_layer"] % (vision["num_hidden_layers"] + 1)]
+    else:                   # llama.cpp's Gemma 3 graph runs every layer
+        assert "clip.vision.feature_layer" not in meta
     if family == "gemma3":   # 8 x 8 patches pooled to 4 x 4 tokens
         assert meta["clip.vision.projector.scale_factor"] == 2
 
@@ -129,7 +137,8 @@ def test_feature_layer_other_than_llavas_default_is_written(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(select="full"), "vision_feature_select_strategy full"),
+    (dict(select="full"), "vision_feature_select_strategy full"),      # keeps CLIP's class token
+    (dict(siglip=True), "vision_feature_select_strategy default"),     # drops a SigLIP patch
 ])
 def test_what_llama_cpp_cannot_compute_is_refused_before_any_file(tmp_path, options, message):
     _, model, tokenizer = vision_language_model(tmp_path, "llava", **options)
@@ -139,6 +148,7 @@ def test_what_llama_cpp_cannot_compute_is_refused_before_any_file(tmp_path, opti
 
 
 @pytest.mark.parametrize("field, value, message", [
+    ("projector", "patch_merger", "only for LLaVA"),     # a kind with no llama.cpp graph here
     ("projector_act", "silu", "uses GELU"),
     ("projector_bias", False, "multimodal_projector_bias=false"),
 ])
@@ -277,6 +287,8 @@ def class_token_last(model, pixels: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("family, quant, options, tolerance", [
     ("gemma3", "f32", {}, 2e-3), ("gemma3", "f16", {}, 5e-3),
     ("llava", "f32", {}, 2e-3), ("llava", "f16", {}, 5e-3), ("llava", "f32", dict(feature_layer=-1), 2e-3),
+    ("llava", "f32", dict(siglip=True, select="full", feature_layer=-1), 2e-3),    # post-norm applied
+    ("llava", "f16", dict(siglip=True, select="full"), 5e-3),                      # second-to-last, no post-norm
 ])
 def test_llama_cpp_computes_our_image_embeddings(tmp_path, mtmd, family, quant, options, tolerance):
     """libmtmd's image embeddings for a real photograph equal our tower + projector's on the same

@@ -39,8 +39,10 @@ def write_samples(folder: Path) -> dict[str, Path]:
 
 
 def make_vlm_model(folder: Path, seed: int = 0, image_size: int = 28, patch_size: int = 7,
-                   select: str = "default", feature_layer: int = -2, gpt2_split: bool = False) -> Path:
-    """`gpt2_split`: a tokenizer a GGUF can carry (tests/cli/cli_helpers.byte_tokenizer)."""
+                   select: str = "default", feature_layer: int = -2, gpt2_split: bool = False,
+                   siglip: bool = False) -> Path:
+    """`gpt2_split`: a tokenizer a GGUF can carry (tests/cli/cli_helpers.byte_tokenizer); `siglip`: a
+    SigLIP tower (no class token) instead of CLIP's."""
     import transformers
 
     tokenizer = byte_tokenizer(gpt2_split)
@@ -51,10 +53,11 @@ def make_vlm_model(folder: Path, seed: int = 0, image_size: int = 28, patch_size
         vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.1)
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=image_size, patch_size=patch_size,
-                                           projection_dim=32, initializer_range=0.1)
-    patches = (image_size // patch_size) ** 2
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 image_size=image_size, patch_size=patch_size)
+    vision = (transformers.SiglipVisionConfig(**shape, vision_use_head=False) if siglip else
+              transformers.CLIPVisionConfig(**shape, projection_dim=32, initializer_range=0.1))
+    patches = (image_size // patch_size) ** 2 - int(siglip)   # `default` drops the first position
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
                                       image_seq_length=patches + (select == "full"),
                                       vision_feature_select_strategy=select, vision_feature_layer=feature_layer)
