@@ -79,8 +79,8 @@ def fields(reader) -> dict:
 
 
 @pytest.mark.parametrize("quant", ["f32", "f16"])
-@pytest.mark.parametrize("family, options", [("llava", {}), ("llava", dict(siglip=True, select="full", feature_layer=-1)),
-                                             ("gemma3", {})])
+@pytest.mark.parametrize("family, options", [
+    ("llava", {}), ("llava", dict(siglip=True, select="full", feature_layer=-1)), ("gemma3", {})])
 def test_mmproj_holds_every_vision_weight_and_the_keys_llama_cpp_reads(tmp_path, family, options, quant):
     folder, model, tokenizer = vision_language_model(tmp_path, family, **options)
     text = export(model, to="gguf", quant=quant, out=tmp_path / "out" / "model.gguf", tokenizer=tokenizer)
@@ -211,7 +211,8 @@ class LlamaCppVision:
         self.prompt = text.encode()
         request = m.mtmd_input_text(self.prompt, len(self.prompt), False, True)
         chunks = m.mtmd_input_chunks_init()
-        assert m.mtmd_tokenize(self.ctx, chunks, ctypes.byref(request), (m.mtmd_bitmap_p_ctypes * 1)(self.bitmap), 1) == 0
+        bitmaps = (m.mtmd_bitmap_p_ctypes * 1)(self.bitmap)
+        assert m.mtmd_tokenize(self.ctx, chunks, ctypes.byref(request), bitmaps, 1) == 0
         return chunks
 
     def image_embeddings(self, image: np.ndarray, width: int) -> np.ndarray:
