@@ -15,12 +15,12 @@ the second file the way llama.cpp's converter lays it out, with gguf-py's writer
 - types: the 2-D matrices of the attention, MLP and projector in f16 (f32 for an f32 export),
   everything else (patch convolution, position and class embeddings, norms, biases) in f32;
 - metadata: the tower's shape, the image size, mean and std (from the model's processor), the
-  activation (`clip.use_gelu`: true for GELU, absent for CLIP's quick GELU), Gemma 3's pooling
+  activation (`clip.use_gelu`: true for GELU, false for CLIP's quick GELU), Gemma 3's pooling
   factor, and the feature layer where LLaVA's default (the second-to-last layer) is not the one.
 
 What llama.cpp's graphs cannot express is refused before anything is written: a projector kind
-without a llama.cpp graph here, LLaVA's `full` feature strategy (llama.cpp reads the patch rows
-only), a bias-free or non-GELU MLP, a Gemma 3 tower read before its last layer. Two differences
+without a llama.cpp graph here, a LLaVA feature strategy that keeps a class token or drops a
+patch (llama.cpp drops the class token exactly when the tower has one), a bias-free or non-GELU MLP, a Gemma 3 tower read before its last layer. Two differences
 are inherent to llama.cpp and not refused: it computes GELU with the tanh approximation (LLaVA's
 projector uses the exact one; relative differences near 1e-3), and it resizes images itself to the
 square `image_size` (LLaVA: padded to a square first) rather than by the processor's shortest-edge
@@ -30,9 +30,9 @@ tests/export/test_mmproj.py compares llama.cpp's image embeddings with ours.
 A known llama.cpp defect affects CLIP towers (those with a class token, LLaVA's usual one): its
 LLaVA graph appends the class embedding after the patches while still adding position rows and
 picking output rows as if it came first (ggml-org/llama.cpp#25814; a one-line fix is proposed in
-#25844), so patch 0 is dropped and the class token reaches the decoder. The file is laid out as
-llama.cpp's converter lays out its own LLaVA files (the defect hits those alike); the test accepts
-either order, so it keeps passing once llama.cpp is fixed. SigLIP towers (Gemma 3) are unaffected.
+#25844), so patch 0 is dropped and the class token reaches the decoder. The defect is in the graph,
+not the file: the issue reproduces it with the LLaVA files llama.cpp's own tests download. The test
+accepts either order, so it keeps passing once llama.cpp is fixed; SigLIP towers are unaffected.
 """
 from __future__ import annotations
 
