@@ -13,6 +13,12 @@ Both: per-device batch and max_length as given, one epoch, the same learning rat
 warm-up as velotune, `packing` as given (TRL's best-fit packing, padding-free). Unsloth is imported
 before transformers, as it requires.
 
+On the CPU (`--device=cpu`, the accuracy runs) TRL 1.15's SFTTrainer still routes its loss
+through a Triton kernel (trl/kernels/chunked_logprob.py, patched onto the model unconditionally),
+which has no CPU driver and, under TRITON_INTERPRET, ran one 512-token step in over ten minutes;
+there `cpu_log_probs` stands in for it: the same per-token outputs (log-probability, entropy, whether
+the target is the arg-max) from the full logits in float32, differentiated by autograd.
+
 Real tokens are the tokenized training rows' lengths (TRL's own tokenization); the train-loop time
 is trainer.train()'s wall time; the eval loss is computed here, token-weighted over the eval rows one
 by one, as velotune computes its own.
@@ -48,6 +54,29 @@ if args.system == "unsloth":
 import torch  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+
+
+def cpu_log_probs(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
+                  outputs=("log_probs",)):
+    """TRL's ChunkedLogProbFunction.apply, computed from whole logits (CPU only, see the docstring)."""
+    z = (hidden.float() @ weight.float().t() + (0 if bias is None else bias.float())) * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    log_p = torch.log_softmax(z / temperature, dim=-1)
+    picked = log_p.gather(-1, targets[:, None]).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1) if "entropy" in outputs else None
+    top1 = (log_p.argmax(-1) == targets) if "is_top1" in outputs else None
+    return picked, entropy, None, None, top1
+
+
+if args.device == "cpu":
+    import trl.trainer.utils as trl_utils
+
+    class _CpuLogProbs:
+        apply = staticmethod(cpu_log_probs)
+
+    trl_utils._ChunkedLogProbFunction = _CpuLogProbs
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 qlora = args.method == "qlora"

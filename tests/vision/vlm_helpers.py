@@ -39,10 +39,13 @@ def write_samples(folder: Path) -> dict[str, Path]:
 
 
 def make_vlm_model(folder: Path, seed: int = 0, image_size: int = 28, patch_size: int = 7,
-                   select: str = "default", feature_layer: int = -2) -> Path:
+                   select: str = "default", feature_layer: int = -2, gpt2_split: bool = False,
+                   siglip: bool = False) -> Path:
+    """`gpt2_split`: a tokenizer a GGUF can carry (tests/cli/cli_helpers.byte_tokenizer); `siglip`: a
+    SigLIP tower (no class token) instead of CLIP's."""
     import transformers
 
-    tokenizer = byte_tokenizer()
+    tokenizer = byte_tokenizer(gpt2_split)
     tokenizer.add_special_tokens([IMAGE])
     tokenizer.chat_template = CHATML_IMAGES
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
@@ -50,10 +53,11 @@ def make_vlm_model(folder: Path, seed: int = 0, image_size: int = 28, patch_size
         vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.1)
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=image_size, patch_size=patch_size,
-                                           projection_dim=32, initializer_range=0.1)
-    patches = (image_size // patch_size) ** 2
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 image_size=image_size, patch_size=patch_size)
+    vision = (transformers.SiglipVisionConfig(**shape, vision_use_head=False) if siglip else
+              transformers.CLIPVisionConfig(**shape, projection_dim=32, initializer_range=0.1))
+    patches = (image_size // patch_size) ** 2 - int(siglip)   # `default` drops the first position
     config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
                                       image_seq_length=patches + (select == "full"),
                                       vision_feature_select_strategy=select, vision_feature_layer=feature_layer)
@@ -88,8 +92,9 @@ GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>",
 TEMPLATES = Path(__file__).parent.parent / "fixtures" / "chat_templates"
 
 
-def gemma_byte_tokenizer():
-    """Gemma 3's special tokens (image ones included) over 256 byte tokens, with its real chat template."""
+def gemma_byte_tokenizer(gpt2_split: bool = False):
+    """Gemma 3's special tokens (image ones included) over 256 byte tokens, with its real chat template;
+    `gpt2_split`: split GPT-2's way first, with one merge (a tokenizer a GGUF can carry)."""
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers
@@ -98,8 +103,11 @@ def gemma_byte_tokenizer():
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {token: i for i, token in enumerate(GEMMA_SPECIALS + sorted(alphabet))}
-    backend = Backend(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    merges = []
+    if gpt2_split:
+        vocab["Ġt"], merges = len(vocab), [("Ġ", "t")]
+    backend = Backend(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=gpt2_split)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in GEMMA_SPECIALS])
     return Tokenizer(backend, chat_template=(TEMPLATES / "gemma3.jinja").read_text(), bos_token="<bos>",
@@ -107,12 +115,12 @@ def gemma_byte_tokenizer():
 
 
 def make_gemma3_vlm(folder: Path, seed: int = 0, image_size: int = 32, patch_size: int = 4,
-                    tokens_per_image: int = 16) -> Path:
+                    tokens_per_image: int = 16, gpt2_split: bool = False) -> Path:
     """A random Gemma 3 (3 decoder layers, a sliding window of 8, so images cross it) with a 2-layer
     SigLIP tower, and the Pillow Gemma 3 processor's settings."""
     import transformers
 
-    tokenizer = gemma_byte_tokenizer()
+    tokenizer = gemma_byte_tokenizer(gpt2_split)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in GEMMA_SPECIALS}
     text = transformers.Gemma3TextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,

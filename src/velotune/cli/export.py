@@ -17,6 +17,7 @@ import sys
 from velotune.export import (CALIBRATED_TARGETS, DEFAULT_QUANT, QUANTS, ExportError, check_request, export,
                              resolve_source)
 from velotune.export.gguf import check_calibrate
+from velotune.export.mmproj import mmproj_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,4 +74,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"velotune export: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {written}")
+    projector = mmproj_path(written)
+    if args.to == "gguf" and projector.is_file():     # a vision-language model's tower and projector
+        print(f"wrote {projector}")
     return 0

@@ -22,6 +22,9 @@ Everything that can fail is checked before the file is opened (quant type, archi
 features a GGUF of that architecture cannot express); the tensor table is written first and the
 data streamed after it, one tensor at a time, so memory stays near one layer.
 
+A vision-language model's decoder is written here like any text model; its vision tower and
+projector go to llama.cpp's separate mmproj file (`mmproj.py`).
+
 Like llama.cpp, a sliding window on Mistral/Qwen2/Qwen3 is not written (their llama.cpp
 architectures have none): outputs differ only past the window.
 """
@@ -44,6 +47,7 @@ from velotune.export.dynamic import choose_types, fisher_diagonals
 from velotune.export.errors import ExportError
 from velotune.export.gguf_tokenizer import add_tokenizer, gguf_tokenizer
 from velotune.export.kquants import K_QUANTS
+from velotune.export.mmproj import VISION_PREFIXES, check_mmproj, mmproj_path, save_mmproj
 from velotune.export.progress import track
 from velotune.export.weights import PlannedTensor, export_config, plan_tensors
 from velotune.loaders.gguf import GEMMA3_LOCAL_ROPE_THETA, ROPE_FREQS, SMOLLM3_NOPE_INTERVAL, llama3_divisors
@@ -109,9 +113,6 @@ def check_architecture(config: ModelConfig) -> str:
     """The llama.cpp architecture for this config, or an ExportError naming what a GGUF of that
     architecture cannot hold."""
     family = config.model_type
-    if config.multimodal_type is not None:
-        raise ExportError(f"{config.multimodal_type}: GGUF export of a vision-language model (the decoder plus "
-                          "llama.cpp's separate mmproj file) is not written yet; export --to hf")
     arch = ARCHITECTURES.get(family)
     if arch is None:
         raise ExportError(f"architecture {family!r} cannot be exported to GGUF; supported: "
@@ -252,7 +253,8 @@ def plan_gguf(model: Transformer, quant: str) -> list[GGUFTensor]:
     def converted(t: PlannedTensor) -> Callable[[], np.ndarray]:
         return lambda: gguf_layout(config, t.name, t.read()).numpy()
 
-    planned = plan_tensors(model, "gguf")
+    # a vision-language model's tower and projector go to the separate mmproj file (mmproj.py)
+    planned = [t for t in plan_tensors(model, "gguf") if not t.name.startswith(VISION_PREFIXES)]
     if row.gguf_untied_head and config.tie_word_embeddings:   # the head written as a tensor of its own
         embedding = next(t for t in planned if t.name == "model.embed_tokens.weight")
         planned.append(PlannedTensor("lm_head.weight", embedding.shape, embedding.read))
@@ -369,12 +371,16 @@ def save_gguf(model: Transformer, tokenizer: Any, out: Path, quant: str = "f16",
               calibrate: bool | None = None, calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
     """Write `out` (a .gguf file) from the model as it computes (adapters merged). `calibrate`:
     round with calibration statistics (`calibration.py`); None picks the type's default
-    (on for the 4-bit types); `calibration`: the run's training rows (ids, positions), else generic text."""
+    (on for the 4-bit types); `calibration`: the run's training rows (ids, positions), else generic text.
+    A vision-language model's tower and projector go to llama.cpp's mmproj file beside it
+    (`<name>-mmproj.gguf`, mmproj.py), checked before either file is written."""
     calibrate = check_calibrate(quant, calibrate)
     config = export_config(model)
     arch = check_architecture(config)
     if tokenizer is None:
         raise ExportError("a GGUF needs the tokenizer (llama.cpp cannot run a file without its vocabulary)")
+    if config.multimodal_type is not None:
+        check_mmproj(config, getattr(tokenizer, "image_processor", None))
     vocabulary = gguf_tokenizer(tokenizer, config)
     tensors = plan_gguf(model, quant)
     if quant == DYNAMIC:
@@ -399,4 +405,6 @@ def save_gguf(model: Transformer, tokenizer: Any, out: Path, quant: str = "f16",
         for t in track(tensors, len(tensors), f"GGUF {quant}" + (" (calibrated)" if calibrate else "")):
             writer.write_tensor_data(encode(t, statistics))
     writer.close()
+    if config.multimodal_type is not None:
+        save_mmproj(model, tokenizer, mmproj_path(out), quant, name=name)
     return out

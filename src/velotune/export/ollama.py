@@ -6,6 +6,12 @@ template's default system prompt as SYSTEM (Ollama then inserts it exactly where
 template does), PARAMETER stop for the end-of-turn token and EOS (and any other stop token the
 tokenizer names), and the sampling defaults of generation_config.json (temperature, top_p,
 top_k). The template is recognised before the GGUF is written, so an unknown one fails at once.
+
+A vision-language model's projector (llama.cpp's mmproj file, `mmproj.py`) is written beside
+model.gguf and named by a second FROM line: Ollama's `create` takes a GGUF of architecture "clip"
+as the model's projector (the way its own documentation and issue tracker describe importing a
+LLaVA; ollama/ollama#9780). Whether Ollama's newer engine then runs a given family from the two
+files is Ollama's to decide; the files are the ones llama.cpp runs.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch
 from velotune.export.chat_format import ChatFormat, detect_chat_format
 from velotune.export.errors import ExportError
 from velotune.export.gguf import save_gguf
+from velotune.export.mmproj import mmproj_path
 from velotune.models.transformer import Transformer
 
 GGUF_NAME = "model.gguf"
@@ -41,13 +48,15 @@ def quoted(text: str, what: str) -> str:
     return f'"""{text}"""'
 
 
-def modelfile(fmt: ChatFormat, tokenizer: Any, generation_config: dict[str, Any]) -> str:
+def modelfile(fmt: ChatFormat, tokenizer: Any, generation_config: dict[str, Any], projector: bool = False) -> str:
+    """`projector`: a vision-language model, whose mmproj file Ollama takes as a second FROM line."""
     stops = list(fmt.stop_words)
     for token_id in tokenizer.stop_token_ids:
         text = tokenizer.decode([token_id])
         if text and text not in stops:
             stops.append(text)
-    lines = [f"FROM ./{GGUF_NAME}", f"TEMPLATE {quoted(fmt.go_template(), 'the chat template')}"]
+    lines = [f"FROM ./{GGUF_NAME}"] + ([f"FROM ./{mmproj_path(Path(GGUF_NAME))}"] if projector else [])
+    lines += [f"TEMPLATE {quoted(fmt.go_template(), 'the chat template')}"]
     if fmt.default_system:
         lines.append(f"SYSTEM {quoted(fmt.default_system, 'the default system prompt')}")
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
@@ -62,7 +71,7 @@ def save_ollama(model: Transformer, tokenizer: Any, out: Path, quant: str = "q8_
                 calibrate: bool | None = None, calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
     """Write out/model.gguf and out/Modelfile; returns the Modelfile's path."""
     fmt = chat_format_of(tokenizer)
-    text = modelfile(fmt, tokenizer, generation_config or {})
+    text = modelfile(fmt, tokenizer, generation_config or {}, projector=model.config.multimodal_type is not None)
     save_gguf(model, tokenizer, out / GGUF_NAME, quant, name=name, calibrate=calibrate, calibration=calibration)
     path = out / "Modelfile"
     path.write_text(text, encoding="utf-8")
