@@ -1,8 +1,8 @@
 """benchmarks/bench_moe_peers.py (the call) and moe_peer.py (one system) on the CPU: the cut
 configs, the random folder, the rows and their ratios, velotune's and transformers + PEFT's steps
 on the same tiny folder (same adapters, same loss), the peers' expert module against velotune's
-kernel, and the whole call with velotune alone. Unsloth imports only with a GPU: its step and
-kernel are the gpu-marked test at the end."""
+kernel, and the whole call without Unsloth. Unsloth imports only with a GPU: its step and
+kernel, and the GPU paths of the other two, are the gpu-marked tests at the end."""
 from __future__ import annotations
 
 import importlib.util
@@ -147,6 +147,18 @@ def test_unsloth_needs_the_tokenizer_before_anything_is_written(tmp_path):
     with pytest.raises(SystemExit, match="tokenizer"):
         call.main(["run", "--tokenizer", "none", "--workdir", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.gpu
+def test_velotune_and_hf_steps_and_the_transformers_kernel_on_the_gpu(tiny_folders):
+    """The GPU paths the call takes, at toy widths (bf16, peak memory read) and, for the kernel,
+    at the benchmark's sizes."""
+    for key in ("qwen", "gptoss"):
+        for system in ("velotune", "hf"):
+            r = moe_peer.measure(system, tiny_folders[key], seq=64, steps=1, device="cuda")
+            assert r["outcome"] == "ok" and r["peak_gib"] > 0 and r["tokens_per_s"] > 0, (key, r)
+    kernel = moe_peer.kernel_step("hf")
+    assert kernel["outcome"] == "ok" and kernel["rel_diff"] < 2e-2 and kernel["ms"] > 0, kernel
 
 
 UNSLOTH = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="needs the Unsloth wheels")
