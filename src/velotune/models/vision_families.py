@@ -68,15 +68,16 @@ def to_ours(name: str) -> tuple[str, bool]:
 
 
 def _renamed(name: str, prefixes: tuple[tuple[str, str], ...], inner: tuple[tuple[str, str], ...]) -> str:
-    """`name` with its first matching prefix and every matching inner piece replaced (pairs are
-    (from, to))."""
+    """`name` (a parameter or a module path) with its first matching prefix and every matching
+    inner piece replaced (pairs are (from, to), each ending in a dot)."""
+    name += "."
     for old, new in prefixes:
         if name.startswith(old):
             name = new + name[len(old):]
             break
     for old, new in inner:
         name = name.replace(old, new)
-    return name
+    return name[:-1]
 
 
 def _flipped(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
@@ -108,7 +109,7 @@ def transformers_name(name: str, family: VisionFamily | None = None) -> str:
     """Our parameter or module path as transformers 5 names it in a vision-language model's memory;
     `to_ours` reads it back."""
     if family is not None and family.visual_prefix and name.startswith(("vision_tower.", "multi_modal_projector.")):
-        return "model." + VISUAL + _renamed(name + ".", _flipped(QWEN_VISUAL), _flipped(QWEN_BLOCK))[:-1]
+        return "model." + VISUAL + _renamed(name, _flipped(QWEN_VISUAL), _flipped(QWEN_BLOCK))
     for prefix, hf in IN_MEMORY_PREFIXES:
         if name.startswith(prefix):
             return hf + name[len(prefix):]
