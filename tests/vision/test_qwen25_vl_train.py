@@ -121,3 +121,26 @@ def test_row_errors_name_file_and_row(tmp_path):
         tokenize_chat(row(str(tmp_path / "missing.png")), tokenizer)
     with pytest.raises(DataError, match=r"rows.jsonl line 7: the row's 1 image\(s\) take 9 tokens .* max_seq_length=8"):
         tokenize_samples([row(str(files["astronaut"]))], tokenizer, max_seq_length=8, workers=1)
+
+
+def test_padding_free_batch_equals_padded(tmp_path):
+    """Rows laid end to end (M-RoPE ids restarting with each document, its images' shifts kept
+    inside it) give the padded batch's loss, in float32 on the CPU."""
+    from velotune.data.batching import collate_flat, collate_padded
+    from velotune.data.files import read_rows
+    from velotune.data.formats import convert_rows
+    from velotune.models.masks import DocumentSpans
+
+    folder = make_qwen25_vlm(tmp_path / "model")
+    files = write_samples(tmp_path / "data")
+    model, tokenizer = velotune.load_model(folder, dtype=torch.float32, device="cpu")
+    rows = convert_rows(read_rows(write_rows(tmp_path / "data" / "rows.jsonl", image_rows(files))))
+    examples, _ = tokenize_samples(rows, tokenizer, max_seq_length=128, workers=1)
+    padded, flat = collate_padded(examples, tokenizer.pad_token_id), collate_flat(examples, tokenizer.pad_token_id)
+    assert torch.equal(padded["image_grid_thw"], flat["image_grid_thw"])
+    want = model(padded["input_ids"], labels=padded["labels"], pixel_values=padded["pixel_values"],
+                 image_grid_thw=padded["image_grid_thw"], return_logits=False).loss
+    got = model(flat["input_ids"], position_ids=flat["position_ids"], labels=flat["labels"],
+                pixel_values=flat["pixel_values"], image_grid_thw=flat["image_grid_thw"], return_logits=False,
+                documents=DocumentSpans(flat["cu_seqlens"], int(flat["max_document_length"]))).loss
+    assert abs(got.item() - want.item()) <= 1e-5 * want.item()
