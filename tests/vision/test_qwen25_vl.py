@@ -124,3 +124,27 @@ def test_parameter_count_from_the_config(tmp_path):
     vision = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("vision_tower.", "multi_modal_projector.")))
     assert model.config.vision.num_parameters() == vision
     assert model.config.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+def test_hub_config_layout_reads_the_same(tmp_path):
+    """The Hub's Qwen2.5-VL config.json keeps the decoder's keys at the top and M-RoPE as
+    rope_scaling {"type": "mrope"} (transformers 4); it reads as transformers 5's nested one."""
+    import json
+
+    from velotune.errors import ConfigError
+    from velotune.models.config import ModelConfig
+
+    nested = json.loads((make_qwen25_vlm(tmp_path / "model") / "config.json").read_text())
+    text = dict(nested["text_config"])
+    rope = text.pop("rope_parameters")
+    flat = {**{k: v for k, v in nested.items() if k != "text_config"}, **text, "model_type": "qwen2_5_vl",
+            "rope_theta": rope["rope_theta"], "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
+    a, b = ModelConfig.from_hf_config(nested), ModelConfig.from_hf_config(flat)
+    assert a.mrope_section == b.mrope_section == [2, 3, 3] and a.rope_scaling is None is b.rope_scaling
+    assert a.vision == b.vision and (a.hidden_size, a.num_hidden_layers, a.qkv_bias) == (b.hidden_size, 2, True)
+    flat["rope_scaling"]["mrope_section"] = [2, 2, 2]
+    with pytest.raises(ConfigError, match=r"mrope_section \[2, 2, 2\] does not cover half the rotary dimension 16"):
+        ModelConfig.from_hf_config(flat)
+    nested["vision_config"]["fullatt_block_indexes"] = [5]
+    with pytest.raises(ConfigError, match="fullatt_block_indexes"):
+        ModelConfig.from_hf_config(nested)

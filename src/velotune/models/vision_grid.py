@@ -81,7 +81,7 @@ def mrope_positions(input_ids: torch.Tensor, positions: torch.Tensor, grid: torc
     grids = grid.tolist()
     used = 0
     for row in range(input_ids.shape[0]):
-        flags = slots[row].tolist()
+        flags, starts_here = slots[row].tolist(), restarts[row].tolist()
         start = 0
         while start < len(flags):
             if not flags[start]:
@@ -101,7 +101,7 @@ def mrope_positions(input_ids: torch.Tensor, positions: torch.Tensor, grid: torc
             ids = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij"))
             out[:, row, start:end] = first + ids.reshape(3, -1).to(out.device)
             stop = end
-            while stop < len(flags) and not restarts[row, stop]:
+            while stop < len(flags) and not starts_here[stop]:
                 stop += 1
             shift[row, end:stop] += max(gh, gw) - gh * gw
             used += 1
