@@ -144,3 +144,18 @@ def test_padding_free_batch_equals_padded(tmp_path):
                 pixel_values=flat["pixel_values"], image_grid_thw=flat["image_grid_thw"], return_logits=False,
                 documents=DocumentSpans(flat["cu_seqlens"], int(flat["max_document_length"]))).loss
     assert abs(got.item() - want.item()) <= 1e-5 * want.item()
+
+
+def test_generate_command_with_images(tmp_path, capsys):
+    """`velotune generate --image A --image B` answers as `Transformer.generate` with both images
+    (their own token counts and grids) does."""
+    model = make_qwen25_vlm(tmp_path / "model")
+    files = write_samples(tmp_path / "data")
+    loaded, tokenizer = velotune.load_model(model, dtype=torch.float32, device="cpu")
+    ids, images = prompt(tokenizer, files, ["chelsea", "camera"])
+    out = loaded.generate(ids, max_new_tokens=8, stop_token_ids=tokenizer.stop_token_ids, **images)
+    want = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).strip()
+    capsys.readouterr()
+    assert main(["generate", "--model", str(model), "--device", "cpu", "--image", str(files["chelsea"]),
+                 "--image", str(files["camera"]), "--prompt", "What is in the picture?", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() == want
