@@ -9,11 +9,11 @@ from velotune.kernels import varlen_attention
 from velotune.kernels.reference import varlen_attention_reference
 
 
-def explicit(q, k, v, lengths, scale, window=None):
-    """Softmax over an explicit [N x N] mask: same document, not after the query, within the window."""
+def explicit(q, k, v, lengths, scale, window=None, causal=True):
+    """Softmax over an explicit [N x N] mask: same document, not after the query (causal), within the window."""
     doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     index = torch.arange(q.shape[0])
-    allowed = (doc[:, None] == doc[None, :]) & (index[None, :] <= index[:, None])
+    allowed = (doc[:, None] == doc[None, :]) & ((index[None, :] <= index[:, None]) | (not causal))
     if window is not None:
         allowed &= index[:, None] - index[None, :] < window
     groups = q.shape[1] // k.shape[1]
@@ -42,6 +42,21 @@ def test_reference_equals_explicit_masked_attention(lengths, window):
     wants = torch.autograd.grad(want.square().sum(), (q, k, v))
     for g, w in zip(grads, wants):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("lengths", [[5, 1, 9], [7, 0, 4, 0], [64, 16, 64, 3]])
+def test_two_way_reference_equals_explicit_masked_attention(lengths):
+    """causal=False (a vision tower's images and windows): every token of a segment sees all of it."""
+    torch.manual_seed(2)
+    q, k, v, offsets = inputs(lengths, dtype=torch.float64)
+    out = varlen_attention(q, k, v, offsets, max(lengths), 0.3, causal=False)
+    want = explicit(q, k, v, lengths, 0.3, causal=False)
+    torch.testing.assert_close(out, want)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    wants = torch.autograd.grad(want.square().sum(), (q, k, v))
+    for g, w in zip(grads, wants):
+        torch.testing.assert_close(g, w)
+    assert (out - varlen_attention(q, k, v, offsets, max(lengths), 0.3)).abs().max() > 1e-3
 
 
 def test_reference_refuses_offsets_that_miss_tokens():
@@ -104,3 +119,24 @@ def test_flash_replays_inside_a_cuda_graph_with_new_offsets():
     graph.replay()
     want = varlen_attention_reference(*[x.detach().float() for x in static], offsets, 0.125)
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[64, 64, 16, 256, 3], [1024, 80]])
+def test_two_way_flash_matches_reference(lengths):
+    """Qwen2.5-VL's tower: 16 heads of 80, windows of 64 patches and whole images, in bf16."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    torch.manual_seed(0)
+    q, k, v, offsets = inputs(lengths, heads=16, kv_heads=16, dim=80, dtype=torch.bfloat16, device="cuda")
+    out = varlen_attention(q, k, v, offsets, max(lengths), 80 ** -0.5, causal=False)
+    assert type(out.grad_fn).__name__ == "VarlenFlashAttentionBackward"
+    ref = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    want = varlen_attention_reference(*ref, offsets, 80 ** -0.5, causal=False)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    wants = torch.autograd.grad(want, ref, dout.float())
+    tol = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), want, **tol)
+    for g, w in zip(grads, wants):
+        torch.testing.assert_close(g.float(), w, **tol)

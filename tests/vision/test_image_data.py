@@ -64,7 +64,7 @@ def test_examples_equal_llava_processor(vlm):
                   for m in row["messages"] if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image"]
         want = reference(text=text, images=images, return_tensors="pt")
         assert example.input_ids == want["input_ids"][0].tolist()
-        assert torch.equal(example.pixel_values, want["pixel_values"])
+        assert torch.equal(example.image_inputs()["pixel_values"], want["pixel_values"])
         trained = tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
         answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
         assert trained == "".join(a + "<|im_end|>" for a in answers)
@@ -91,7 +91,7 @@ def test_gemma3_examples_equal_its_processor(tmp_path):
         path = files["coffee"].parent / row["messages"][0]["content"][0]["path"]
         want = reference(text=text, images=[PIL.open(path)], return_tensors="pt")
         assert example.input_ids == want["input_ids"][0].tolist()
-        assert torch.equal(example.pixel_values, want["pixel_values"])
+        assert torch.equal(example.image_inputs()["pixel_values"], want["pixel_values"])
         trained = tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
         assert trained == row["messages"][1]["content"] + "<end_of_turn>"
 
@@ -104,7 +104,7 @@ def test_examples_keep_no_pixels(vlm):
     _, files, tokenizer = vlm
     [example], _ = examples(write_rows(files["coffee"].parent / "lean.jsonl", image_rows(files)[:1]), tokenizer)
     assert not any(isinstance(getattr(example, f.name), torch.Tensor) for f in dataclasses.fields(example))
-    assert example.image_processor is tokenizer.image_processor and example.pixel_values.shape == (1, 3, 28, 28)
+    assert example.image_processor is tokenizer.image_processor and example.image_inputs()["pixel_values"].shape == (1, 3, 28, 28)
 
 
 def test_collations_keep_placeholder_order(vlm):
@@ -113,7 +113,7 @@ def test_collations_keep_placeholder_order(vlm):
     rows[1]["messages"][0]["content"].append({"type": "image", "path": "coins.png"})
     got, _ = examples(write_rows(files["coffee"].parent / "order.jsonl", rows), tokenizer)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
-    want = torch.cat([e.pixel_values for e in got])
+    want = torch.cat([e.image_inputs()["pixel_values"] for e in got])
     for batch in (collate_padded(got, 0), collate_packed([got[:2], got[2:]], 0), collate_flat(got, 0)):
         assert torch.equal(batch["pixel_values"], want)
         assert int((batch["input_ids"] == image_id).sum()) == want.shape[0] * 16

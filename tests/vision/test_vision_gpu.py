@@ -1,5 +1,5 @@
-"""Vision-language training on a GPU (`-m gpu`): `velotune train` on the tiny LLaVA and Gemma 3
-with real photographs, where the trainer lays micro-batches end to end (padding-free, bf16
+"""Vision-language training on a GPU (`-m gpu`): `velotune train` on the tiny LLaVA, Gemma 3 and
+Qwen2.5-VL (its tower through the two-way flash kernel) with real photographs, where the trainer lays micro-batches end to end (padding-free, bf16
 autocast) and images ride along; the loss of such a batch against the float32 CPU padded one."""
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import json
 import pytest
 import torch
 from tests.cli.cli_helpers import write_config
-from tests.vision.vlm_helpers import image_rows, make_gemma3_vlm, make_vlm_model, write_rows, write_samples
+from tests.vision.vlm_helpers import (
+    image_rows,
+    make_gemma3_vlm,
+    make_qwen25_vlm,
+    make_vlm_model,
+    write_rows,
+    write_samples,
+)
 
 import velotune
 from velotune.cli import main
@@ -22,7 +29,7 @@ from velotune.models.masks import DocumentSpans
 pytestmark = pytest.mark.gpu
 pytest.importorskip("skimage")          # the photographs (carry its wheel and Pillow's to the device)
 pytest.importorskip("transformers")     # writes the tiny models
-MAKERS = {"llava": make_vlm_model, "gemma3": make_gemma3_vlm}
+MAKERS = {"llava": make_vlm_model, "gemma3": make_gemma3_vlm, "qwen2_5_vl": make_qwen25_vlm}
 
 
 @pytest.fixture(autouse=True)
@@ -55,12 +62,13 @@ def test_flat_bf16_loss_near_the_float32_padded_one(tmp_path, family):
     examples, _ = tokenize_samples(rows, load_tokenizer(folder), max_seq_length=128)
     cpu, tokenizer = velotune.load_model(folder, dtype=torch.float32, device="cpu")
     padded = collate_padded(examples, tokenizer.pad_token_id)
+    grid = {"image_grid_thw": padded["image_grid_thw"]} if "image_grid_thw" in padded else {}
     want = cpu(padded["input_ids"], labels=padded["labels"], pixel_values=padded["pixel_values"],
-               return_logits=False).loss.item()
+               return_logits=False, **grid).loss.item()
     gpu, _ = velotune.load_model(folder, dtype=torch.bfloat16, device="cuda")
     flat = collate_flat(examples, tokenizer.pad_token_id)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got = gpu(flat["input_ids"].cuda(), position_ids=flat["position_ids"].cuda(), labels=flat["labels"].cuda(),
-                  pixel_values=flat["pixel_values"].cuda(), return_logits=False,
+                  pixel_values=flat["pixel_values"].cuda(), return_logits=False, **grid,
                   documents=DocumentSpans(flat["cu_seqlens"].cuda(), int(flat["max_document_length"]))).loss.item()
     assert abs(got - want) <= 3e-2 * want

@@ -137,3 +137,44 @@ def make_gemma3_vlm(folder: Path, seed: int = 0, image_size: int = 32, patch_siz
     tokenizer.save(folder)
     transformers.Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder
+
+
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2.5-VL's chat template, as far as images and turns go (it writes QWEN_IMAGE per image part)
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_qwen25_vlm(folder: Path, seed: int = 0, min_pixels: int = 28 * 28 * 4, max_pixels: int = 28 * 28 * 12,
+                    window_size: int = 56) -> Path:
+    """A random Qwen2.5-VL (2 decoder layers with M-RoPE sections [2, 3, 3]; a 3-block tower at
+    patch 14 with 2 x 2 merge-block windows and block 1 attending fully), the byte tokenizer with
+    its vision tokens, and the Pillow Qwen 2 processor bounding images to 4..12 decoder tokens."""
+    import transformers
+
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens(QWEN_SPECIALS)
+    tokenizer.chat_template = QWEN_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=window_size, fullatt_block_indexes=[1])
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                initializer_range=0.1)
+    config = transformers.Qwen2_5_VLConfig(
+        vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    transformers.Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save(folder)
+    transformers.Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(folder)
+    return folder

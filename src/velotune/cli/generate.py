@@ -61,7 +61,8 @@ def load_or_report(args: argparse.Namespace, command: str):
 
 
 def image_prompts(tokenizer, args: argparse.Namespace):
-    """(prompt ids, pixels of every prompt's images in order) for prompts shown `args.image`."""
+    """(prompt ids, the image arguments of every prompt's images in order) for prompts shown
+    `args.image`."""
     import torch
 
     processor = getattr(tokenizer, "image_processor", None)
@@ -70,7 +71,8 @@ def image_prompts(tokenizer, args: argparse.Namespace):
     if args.raw:
         raise ValueError("--image goes into the chat template's user message; it cannot be used with --raw")
     parts = [{"type": "image", "path": path} for path in args.image]
-    pixels = processor.pixel_values(args.image, "--image")
+    images = processor.inputs(args.image, "--image")
+    counts = [processor.tokens_for(processor.open(path, "--image")) for path in args.image]
     prompts = []
     for text in args.prompt:
         messages = with_system(args.system, [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}])
@@ -78,9 +80,10 @@ def image_prompts(tokenizer, args: argparse.Namespace):
         if rendered.count(processor.marker) != len(args.image):
             raise ValueError(f"the chat template wrote {rendered.count(processor.marker)} image marker(s) "
                              f"{processor.marker!r} for {len(args.image)} image(s)")
-        prompts.append(tokenizer.encode(rendered.replace(processor.marker, processor.image_text()),
-                                        add_special_tokens=False))
-    return prompts, torch.cat([pixels] * len(args.prompt))
+        pieces = rendered.split(processor.marker)
+        expanded = pieces[0] + "".join(processor.image_text(n) + piece for n, piece in zip(counts, pieces[1:]))
+        prompts.append(tokenizer.encode(expanded, add_special_tokens=False))
+    return prompts, {key: torch.cat([value] * len(args.prompt)) for key, value in images.items()}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,10 +105,10 @@ def run(args: argparse.Namespace) -> int:
     if loaded is None:
         return 2
     model, tokenizer, params = loaded
-    pixels = None
+    images: dict = {}
     try:
         if args.image:
-            prompts, pixels = image_prompts(tokenizer, args)
+            prompts, images = image_prompts(tokenizer, args)
         elif args.raw:
             prompts = [tokenizer.encode(text) for text in args.prompt]
         else:
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     except (ChatTemplateError, ValueError) as exc:   # a template that refuses or runs past its limits; a bad image
         print(f"velotune generate: error: {exc}", file=sys.stderr)
         return 2
-    completions = generate(model, tokenizer, prompts, params, pixel_values=pixels)
+    completions = generate(model, tokenizer, prompts, params, **images)
     for text, completion in zip(args.prompt, completions):
         if len(args.prompt) > 1:
             print(f"### {text}")

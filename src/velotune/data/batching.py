@@ -28,7 +28,8 @@ doubling, at most 12.5% padding above 2,048) with a pad "document", and `cu_seql
 number of slots with empty documents.
 
 Rows with images (vision-language models) carry their pixels: every collation returns
-`pixel_values`, the images of its examples concatenated in the order the examples are laid out,
+`pixel_values` (and `image_grid_thw` for dynamic resolution, one patch grid per image), the images
+of its examples concatenated in the order the examples are laid out,
 which is the order of their placeholder tokens in the batch (None without images); the files are
 read and preprocessed here, batch by batch, rather than kept in memory for the whole run.
 
@@ -104,7 +105,7 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> Batch:
         attention_mask[row, :n] = 1
     position_ids = torch.arange(width).expand(len(examples), width).clone()
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "position_ids": position_ids, "num_target_tokens": _targets(labels), "pixel_values": pixels(examples)}
+            "position_ids": position_ids, "num_target_tokens": _targets(labels), **image_inputs(examples)}
 
 
 def pack(lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
@@ -155,14 +156,17 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, width: int | 
         position_ids[r, cursor:] = torch.arange(width - cursor)     # padding: its own document
     return {"input_ids": input_ids, "labels": labels, "attention_mask": None,
             "position_ids": position_ids, "num_target_tokens": _targets(labels),
-            "pixel_values": pixels([example for row in rows for example in row])}
+            **image_inputs([example for row in rows for example in row])}
 
 
-def pixels(examples: Sequence[Example]) -> torch.Tensor | None:
-    """The images of examples laid out in this order, in the order of their placeholder tokens
-    (what `Transformer.embed_with_images` fills them in by); None without images."""
-    found = [example.pixel_values for example in examples if example.images]
-    return torch.cat(found) if found else None
+def image_inputs(examples: Sequence[Example]) -> dict[str, torch.Tensor | None]:
+    """{"pixel_values": the images of examples laid out in this order, in the order of their
+    placeholder tokens (what `Transformer.embed_with_images` fills them in by), None without
+    images} and, for dynamic-resolution images, their "image_grid_thw" in the same order."""
+    found = [example.image_inputs() for example in examples if example.images]
+    if not found:
+        return {"pixel_values": None}
+    return {key: torch.cat([f[key] for f in found]) for key in found[0]}
 
 
 def _targets(labels: torch.Tensor) -> int:
@@ -223,4 +227,4 @@ def collate_flat(examples: Sequence[Example], pad_id: int, *, width: int | None 
         cursor += n
     return {"input_ids": input_ids, "labels": labels, "attention_mask": None, "position_ids": position_ids,
             "cu_seqlens": cu_seqlens, "max_document_length": max(lengths) if max_len is None else max_len,
-            "num_target_tokens": _targets(labels), "pixel_values": pixels(examples)}
+            "num_target_tokens": _targets(labels), **image_inputs(examples)}

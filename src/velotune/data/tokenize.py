@@ -75,12 +75,12 @@ class Example:
     # or unreadable file fails then, naming its row, before the model loads.
     image_processor: Any = field(default=None, repr=False, compare=False)
 
-    @property
-    def pixel_values(self) -> torch.Tensor | None:
-        """The images' pixels [images, C, H, W], read and preprocessed now (None without images)."""
+    def image_inputs(self) -> dict[str, torch.Tensor]:
+        """The images' model arguments, read and preprocessed now ({} without images): pixels
+        [images, C, H, W], or flat patches and `image_grid_thw` for dynamic resolution."""
         if not self.images:
-            return None
-        return self.image_processor.pixel_values(list(self.images), self.where)
+            return {}
+        return self.image_processor.inputs(list(self.images), self.where)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -280,12 +280,11 @@ def tokenize_chat(sample: ChatSample, tokenizer: ChatTokenizer) -> Example:
         sample = with_part_lists(sample)
     text, spans = assistant_spans(sample, tokenizer)
     if processor is not None:
-        text, spans = expand_images(text, spans, processor, len(images), sample.where)
-        try:
-            for path in images:         # read now, so a bad file fails here and names its row
-                processor.open(path, sample.where)
+        try:                            # read now, so a bad file fails here and names its row
+            counts = [processor.tokens_for(processor.open(path, sample.where)) for path in images]
         except ValueError as error:     # ImageError: a missing or unreadable file, named with the row
             raise DataError(str(error)) from None
+        text, spans = expand_images(text, spans, processor, counts, sample.where)
     ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=False)
     return Example(list(ids), label_spans(ids, offsets, spans), sample.where, tuple(images),
                    processor if images else None)
@@ -299,22 +298,25 @@ def with_part_lists(sample: ChatSample) -> ChatSample:
     return ChatSample(messages, sample.where, sample.metadata)
 
 
-def expand_images(text: str, spans: list[tuple[int, int]], processor, images: int, where: str
+def expand_images(text: str, spans: list[tuple[int, int]], processor, counts: list[int], where: str
                   ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text with each image marker the template wrote replaced by the image's
-    tokens (`ImageProcessor.image_text`), and the assistant spans moved to match."""
-    marker, replacement = processor.marker, processor.image_text()
+    tokens (`ImageProcessor.image_text`, `counts[i]` tokens for the i-th image), and the
+    assistant spans moved to match."""
+    marker = processor.marker
     found = text.count(marker)
-    if found != images:
+    if found != len(counts):
         raise DataError(f"{where}: the chat template wrote {found} image marker(s) {marker!r} for the row's "
-                        f"{images} image(s) (is {marker!r} typed in the text, or does the template drop images?)")
+                        f"{len(counts)} image(s) (is {marker!r} typed in the text, or does the template drop images?)")
     starts = [m.start() for m in re.finditer(re.escape(marker), text)]
-    grow = len(replacement) - len(marker)
+    replacements = [processor.image_text(count) for count in counts]
 
     def moved(p: int) -> int:
-        return p + grow * sum(1 for at in starts if at < p)
+        return p + sum(len(r) - len(marker) for at, r in zip(starts, replacements) if at < p)
 
-    return text.replace(marker, replacement), [(moved(a), moved(b)) for a, b in spans]
+    pieces = text.split(marker)
+    expanded = pieces[0] + "".join(r + piece for r, piece in zip(replacements, pieces[1:]))
+    return expanded, [(moved(a), moved(b)) for a, b in spans]
 
 
 def check_image_tokens_kept(example: Example, tokenizer: ChatTokenizer, max_seq_length: int) -> None:
@@ -324,8 +326,9 @@ def check_image_tokens_kept(example: Example, tokenizer: ChatTokenizer, max_seq_
     image_id = tokenizer.encode(processor.image_token, add_special_tokens=False)
     last = max(i for i, t in enumerate(example.input_ids) if [t] == image_id)
     if last >= max_seq_length:
+        taken = sum(1 for t in example.input_ids if [t] == image_id)
         raise DataError(f"{example.where}: the row's {len(example.images)} image(s) take "
-                        f"{len(example.images) * processor.tokens_per_image} tokens and end at token {last + 1:,}, "
+                        f"{taken:,} tokens and end at token {last + 1:,}, "
                         f"past max_seq_length={max_seq_length}; raise max_seq_length or use fewer images per row")
 
 

@@ -100,9 +100,11 @@ def config_json(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
 def vision_language_config_json(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     """The config.json it was read from, the decoder's tie flag and the dtype updated."""
     cfg = dict(config.source)
-    text = dict(cfg.get("text_config") or {})
-    text["tie_word_embeddings"] = config.tie_word_embeddings
-    cfg.update(text_config=text, tie_word_embeddings=config.tie_word_embeddings,
+    if "text_config" in cfg or "hidden_size" not in cfg:   # (the Hub's Qwen2.5-VL configs keep the decoder at the top)
+        text = dict(cfg.get("text_config") or {})
+        text["tie_word_embeddings"] = config.tie_word_embeddings
+        cfg["text_config"] = text
+    cfg.update(tie_word_embeddings=config.tie_word_embeddings,
                model_type=config.multimodal_type,
                architectures=[VISION_FAMILIES[config.multimodal_type].architecture])   # type: ignore[index]
     cfg["dtype" if "dtype" in cfg else "torch_dtype"] = DTYPE_NAMES[dtype]

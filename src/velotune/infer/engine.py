@@ -74,7 +74,7 @@ class GenerationRun:
 
     def __init__(self, model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  params: SamplingParams, stop_token_ids: Sequence[int], tokenizer: Any | None = None,
-                 pixel_values: torch.Tensor | None = None) -> None:
+                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None) -> None:
         self.model, self.params, self.tokenizer = model, params, tokenizer
         if params.stop_strings and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer to decode with")
@@ -102,16 +102,20 @@ class GenerationRun:
         length = t + params.max_new_tokens
         self.cache = KVCache(model.config, b, length, dtype, device)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.next_pos = positions[:, -1:] + 1
+        # M-RoPE (Qwen2.5-VL): an image advances the positions by its larger side, not its token
+        # count; the generated tokens continue after the prompt's largest position id.
+        rope = None if pixel_values is None else model.rope_positions(input_ids, positions, image_grid_thw)
+        self.next_pos = positions[:, -1:] + 1 if rope is None else rope.amax(dim=(0, 2))[:, None] + 1
         self.done = torch.zeros(b, dtype=torch.bool, device=device)
         self.stopped_by_string = [False] * b
         self.columns: list[torch.Tensor] = []
         self._host_columns: list[list[int]] = [[] for _ in range(b)]  # columns copied to the host
         with torch.no_grad():  # prefill stays dynamic: one forward over the padded prompts
-            embeds = None if pixel_values is None else model.embed_with_images(input_ids, pixel_values)
+            embeds = None if pixel_values is None else model.embed_with_images(input_ids, pixel_values, image_grid_thw)
             blocks = None if pixel_values is None else model.image_blocks(input_ids)
             hidden = model.hidden_states(input_ids, self.mask, positions, self.cache, embeds,
-                                         embeds_scaled=embeds is not None, image_blocks=blocks)[:, -1]
+                                         embeds_scaled=embeds is not None, image_blocks=blocks,
+                                         rope_positions=rope)[:, -1]
             self.logits = model.logits_from_hidden(hidden)
         mode = decode_mode(params.decode, device)
         self.decoder: StaticDecoder | None = None
@@ -207,14 +211,15 @@ def decode_mode(requested: str, device: torch.device) -> str:
 def generate_tensor(model: Transformer, input_ids: torch.Tensor, params: SamplingParams, *,
                     attention_mask: torch.Tensor | None = None, stop_token_ids: Sequence[int] | None = None,
                     pad_token_id: int | None = None, tokenizer: Any | None = None,
-                    pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+                    pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
     """[B, prompt + generated] ids; rows that stopped early are filled with the pad id.
-    `pixel_values`: the prompts' images, for a vision-language model (read by the prefill)."""
+    `pixel_values` (and `image_grid_thw` for patch grids): the prompts' images, for a
+    vision-language model (read by the prefill)."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     stops = stop_ids(model, tokenizer, stop_token_ids)
     with eval_mode(model):
-        run = GenerationRun(model, input_ids, attention_mask, params, stops, tokenizer, pixel_values)
+        run = GenerationRun(model, input_ids, attention_mask, params, stops, tokenizer, pixel_values, image_grid_thw)
         if pad_token_id is not None:
             run.pad_id = pad_token_id
         while run.step() is not None:
@@ -223,10 +228,11 @@ def generate_tensor(model: Transformer, input_ids: torch.Tensor, params: Samplin
 
 
 def generate(model: Transformer, tokenizer: Any, prompts: Sequence[Sequence[int] | str],
-             params: SamplingParams | None = None, pixel_values: torch.Tensor | None = None) -> list[Completion]:
+             params: SamplingParams | None = None, pixel_values: torch.Tensor | None = None,
+             image_grid_thw: torch.Tensor | None = None) -> list[Completion]:
     """Completions for a batch of prompts (token ids, or strings encoded without chat template);
     `pixel_values`: the prompts' images in the order of their placeholder tokens (vision-language
-    models)."""
+    models), with their patch grids for a dynamic-resolution tower."""
     params = params or SamplingParams()
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     device = next(model.parameters()).device
@@ -234,7 +240,7 @@ def generate(model: Transformer, tokenizer: Any, prompts: Sequence[Sequence[int]
     input_ids, mask = left_pad(ids, stops[0] if stops else 0, device)
     with eval_mode(model):
         run = GenerationRun(model, input_ids, mask, params, stops, tokenizer,
-                            None if pixel_values is None else pixel_values.to(device))
+                            None if pixel_values is None else pixel_values.to(device), image_grid_thw)
         while run.step() is not None:
             pass
     return [Completion(ids[r], run.token_ids(r), run.text(r), run.finish_reason(r)) for r in range(len(ids))]

@@ -215,18 +215,19 @@ def varlen_flash_supports(head_dim: int) -> bool:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                     scale: float, window: int | None = None) -> torch.Tensor:
+                     scale: float, window: int | None = None, causal: bool = True) -> torch.Tensor:
     """Causal attention inside each packed document (no attention across them): q [N, Hq, D],
     k/v [N, Hk, D], cu_seqlens int32 [n + 1] the documents' start offsets and N; `max_len` bounds
     the longest document; `window` a sliding window (a query sees itself and window - 1 keys back).
     PyTorch's variable-length flash kernel on CUDA in half precision (kernels/ops/varlen_attention.py),
-    the masked reference elsewhere."""
+    the masked reference elsewhere. `causal=False` (no window): each segment attends both ways,
+    as a vision tower's images and attention windows do."""
     if (q.is_cuda and kernels_enabled() and q.dtype in (torch.float16, torch.bfloat16)
             and varlen_flash_supports(q.shape[-1])):
         from velotune.kernels.ops.varlen_attention import varlen_attention_flash
 
-        return varlen_attention_flash(q, k, v, cu_seqlens, max_len, scale, window)
-    return varlen_attention_reference(q, k, v, cu_seqlens, scale, window)
+        return varlen_attention_flash(q, k, v, cu_seqlens, max_len, scale, window, causal)
+    return varlen_attention_reference(q, k, v, cu_seqlens, scale, window, causal)
 
 
 def moe_experts(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: Experts) -> torch.Tensor:

@@ -118,11 +118,12 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
 
 
 def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                               scale: float, window: int | None = None) -> torch.Tensor:
+                               scale: float, window: int | None = None, causal: bool = True) -> torch.Tensor:
     """Causal attention within each packed document: q [N, Hq, D], k/v [N, Hk, D]; document j is
     the tokens cu_seqlens[j] <= i < cu_seqlens[j + 1] (empty documents allowed, cu_seqlens[-1] == N).
     One SDPA call per document, so memory stays that of the longest document, not [N x N]: the
-    CPU path and the oracle of the flash path. Reads the offsets on the host (never in a capture)."""
+    CPU path and the oracle of the flash path. Reads the offsets on the host (never in a capture).
+    `causal=False`: every token of a segment sees all of it (a vision tower's images and windows)."""
     groups = q.shape[1] // k.shape[1]
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != q.shape[0]:
@@ -135,9 +136,9 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         qd, kd, vd = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))
         kd, vd = kd.repeat_interleave(groups, dim=1), vd.repeat_interleave(groups, dim=1)
         mask = None
-        if window is not None and end - start > window:
+        if causal and window is not None and end - start > window:
             index = torch.arange(end - start, device=q.device)
             mask = (index[None, :] <= index[:, None]) & (index[:, None] - index[None, :] < window)
-        out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, is_causal=mask is None, scale=scale)
+        out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
         pieces.append(out[0].transpose(0, 1))
     return torch.cat(pieces)

@@ -27,9 +27,10 @@ HEAD = "lm_head"
 EXPERTS, ROUTER = "experts", "router"     # mixture-of-experts layers (lora/experts.py)
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTOR_LINEARS = ("linear_1", "linear_2", "mm_input_projection")       # models/vision.py:Projector
-VISION_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # models/vision.py:VisionLayer
+# models/vision.py:VisionLayer (CLIP/SigLIP; Qwen2.5-VL's fused qkv and gated MLP)
+VISION_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "qkv", *MLP_PROJECTIONS)
 PROJECTOR, VISION_TOWER = "multi_modal_projector.", "vision_tower."
-KNOWN_TARGETS = (*PROJECTIONS, EMBEDDING, HEAD, EXPERTS, ROUTER, *PROJECTOR_LINEARS, *VISION_LINEARS[3:])
+KNOWN_TARGETS = (*PROJECTIONS, EMBEDDING, HEAD, EXPERTS, ROUTER, *PROJECTOR_LINEARS, "out_proj", "fc1", "fc2", "qkv")
 ALL_LINEAR = "all-linear"
 INITS = (True, False, "gaussian")
 

@@ -85,6 +85,10 @@ class ModelConfig:
     multimodal_type: str | None = None
     image_token_id: int | None = None
     bidirectional_images: bool = False     # Gemma 3: an image's tokens see each other both ways
+    # Qwen2.5-VL's M-RoPE: the rotary frequencies split into temporal, height and width sections
+    # (counts of frequencies, summing to rotary_dim / 2), each turned by its own position id
+    # (models/vision_grid.py:mrope_positions); text tokens carry three equal ids.
+    mrope_section: list[int] | None = None
     # The config.json this was read from, kept so that exports can write it back faithfully.
     source: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -95,6 +99,9 @@ class ModelConfig:
             )
         if isinstance(self.vision, dict):   # a config rebuilt from `to_dict`
             self.vision = VisionConfig(**self.vision)
+        if self.mrope_section is not None and 2 * sum(self.mrope_section) != self.rotary_dim:
+            raise ConfigError(f"mrope_section {self.mrope_section} sums to {sum(self.mrope_section)}, not half the "
+                              f"rotary dimension {self.rotary_dim}")
         if not self.layer_types:
             kind = "sliding_attention" if self.sliding_window else "full_attention"
             self.layer_types = [kind] * self.num_hidden_layers
@@ -242,12 +249,21 @@ class ModelConfig:
         the tower and projector from the family row (models/vision_families.py)."""
         family = VISION_FAMILIES[model_type]
         text = cfg.get("text_config")
+        if text is None and family.text_aliases:   # the Hub's Qwen2.5-VL configs keep the decoder's keys at the top
+            text = {k: v for k, v in cfg.items() if k not in ("vision_config", "architectures")}
         if not isinstance(text, dict):
             raise ConfigError(f"{path}: a {model_type} config needs a text_config")
         text = {"model_type": family.text_model_type, **text}
+        text["model_type"] = dict(family.text_aliases).get(text["model_type"], text["model_type"])
         if "tie_word_embeddings" in cfg and "tie_word_embeddings" not in text:
             text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+        mrope = _pop_mrope(text) if family.mrope else None
         config = cls.from_hf_config(text, f"{path} text_config")
+        if family.mrope:
+            config.mrope_section = mrope or [16, 24, 24]   # transformers' default
+            if 2 * sum(config.mrope_section) != config.rotary_dim:
+                raise ConfigError(f"{path}: mrope_section {config.mrope_section} does not cover half the "
+                                  f"rotary dimension {config.rotary_dim}")
         config.vision = family.vision_config(cfg, config.hidden_size, path)
         config.multimodal_type = model_type
         config.image_token_id = image_token_id(cfg, family)
@@ -257,6 +273,22 @@ class ModelConfig:
                               f"of {config.vocab_size}")
         config.source = dict(cfg)
         return config
+
+
+def _pop_mrope(text: dict[str, Any]) -> list[int] | None:
+    """M-RoPE's sections out of a text config's rope settings (transformers 5's `rope_parameters`
+    or 4's `rope_scaling` of type "mrope"), leaving the plain RoPE they scale nothing of."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = text.get(key)
+        if isinstance(params, dict) and "mrope_section" in params:
+            params = dict(params)
+            section = [int(n) for n in params.pop("mrope_section")]
+            if params.get("type") == "mrope" or params.get("rope_type") == "mrope":
+                params.pop("type", None)
+                params["rope_type"] = "default"
+            text[key] = params
+            return section
+    return None
 
 
 def _read_rope(cfg: dict[str, Any], path: str) -> tuple[float, dict[str, Any] | None]:

@@ -50,6 +50,7 @@ from velotune.models.sinks import attend_with_sinks
 from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_room_bytes
 from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
 from velotune.models.vision import Projector, VisionTower
+from velotune.models.vision_grid import mrope_positions
 from velotune.models.token_logps import token_logps
 from velotune.models.kept_attention import KeptAttention, with_kept_attention
 from velotune.models.long_context import working_bytes
@@ -87,7 +88,8 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """cos/sin tables for per-token position ids (so packed sequences restart cleanly); one table
-    per kind of layer ("global", Gemma 3's "local"; NoPE layers get none)."""
+    per kind of layer ("global", Gemma 3's "local"; NoPE layers get none). Position ids [3, B, T]
+    are M-RoPE's (`ModelConfig.mrope_section`); [B, T] ones mean the same id on all three axes."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -102,6 +104,9 @@ class Rotary(nn.Module):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
                 kind: str = "global") -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device, kind)
+        if position_ids.dim() == 3:   # M-RoPE [3, B, T]: each frequency section turned by its own axis
+            sections = self.config.mrope_section
+            freqs = torch.cat([part[i % 3] for i, part in enumerate(freqs.split(sections, dim=-1))], dim=-1)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         if kind == "global" and (factor := rope_attention_factor(self.config)) != 1.0:
@@ -444,6 +449,7 @@ class Transformer(nn.Module):
         documents: DocumentSpans | None = None,
         return_token_logps: bool = False,
         pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
     ) -> ModelOutput:
         """`inputs_embeds` [B, T, H], when given, replaces the embedding lookup of `input_ids` (the
         CUDA-graph step looks up a host-memory table outside its graph: train/graphed_step.py).
@@ -452,20 +458,23 @@ class Transformer(nn.Module):
         position ids. With labels, `return_token_logps` gives each target's log-probability
         (`token_logps`) instead of the summed loss: what the preference and RL objectives read.
         `pixel_values` [images, C, H, W] (vision-language models): the images of the batch in the
-        order their placeholder tokens appear, row by row (`embed_with_images`)."""
+        order their placeholder tokens appear, row by row (`embed_with_images`); for a
+        dynamic-resolution tower (Qwen2.5-VL) their flat patches, with each image's patch grid in
+        `image_grid_thw` [images, 3], which also sets the decoder's M-RoPE positions."""
         experts = [m for m in self.modules() if isinstance(m, MoE)]
         balance = (labels is not None and not return_token_logps and self.training and torch.is_grad_enabled()
                    and bool(experts) and self.config.router_aux_loss_coef > 0)
         for moe in experts:
             moe.collect_aux, moe.aux_statistics = balance, []
-        scaled, blocks = False, None
+        scaled, blocks, rope = False, None, None
         if pixel_values is not None:
             if inputs_embeds is not None:
                 raise ValueError("pass pixel_values or inputs_embeds, not both")
-            inputs_embeds, scaled = self.embed_with_images(input_ids, pixel_values), True
+            inputs_embeds, scaled = self.embed_with_images(input_ids, pixel_values, image_grid_thw), True
             blocks = self.image_blocks(input_ids)
+            rope = self.rope_positions(input_ids, position_ids, image_grid_thw)
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds, documents,
-                                    embeds_scaled=scaled, image_blocks=blocks)
+                                    embeds_scaled=scaled, image_blocks=blocks, rope_positions=rope)
         out = ModelOutput(hidden_states=hidden)
         if labels is not None and return_token_logps:
             out.token_logps = self.token_logps_from_hidden(hidden, labels)
@@ -486,11 +495,13 @@ class Transformer(nn.Module):
                       position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                       inputs_embeds: torch.Tensor | None = None,
                       documents: DocumentSpans | None = None, *, embeds_scaled: bool = False,
-                      image_blocks: torch.Tensor | None = None) -> torch.Tensor:
+                      image_blocks: torch.Tensor | None = None,
+                      rope_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, H]. `embeds_scaled`: `inputs_embeds` already carry the
         family's embedding multiplier (`embed_with_images` scales the text rows, not the images').
         `image_blocks` [B, T] (`masks.image_blocks`): each image's tokens see each other both ways
-        (Gemma 3), which takes an explicit mask."""
+        (Gemma 3), which takes an explicit mask. `rope_positions` [3, B, T]: M-RoPE position ids
+        (`rope_positions`) for the rotary tables; `position_ids` still say where documents start."""
         c = self.config
         b, t = input_ids.shape
         offset = cache.length if cache is not None else 0
@@ -518,7 +529,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if c.embedding_multiplier != 1.0 and not embeds_scaled:
             x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
-        ropes = self.model.rotary.per_layer(position_ids, x.dtype)
+        ropes = self.model.rotary.per_layer(position_ids if rope_positions is None else rope_positions, x.dtype)
         windows = {c.sliding_window if c.is_sliding(i) else None for i in range(c.num_hidden_layers)}
         masks: dict[int | None, Mask] = {
             window: (documents.windowed(window) if documents is not None
@@ -563,7 +574,8 @@ class Transformer(nn.Module):
             cache.advance(t)
         return self.model.norm.add_and_normalize(x, pending)[0]
 
-    def embed_with_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    def embed_with_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                          image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings [B, T, H] (scaled by the embedding multiplier) whose image placeholder
         positions hold the projected image features, image after image in reading order, as the
         Hugging Face models merge them. The vision tower runs in the model's dtype."""
@@ -573,13 +585,27 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if c.embedding_multiplier != 1.0:
             x = x * torch.tensor(c.embedding_multiplier, dtype=x.dtype)
-        features = self.image_features(pixel_values).to(x.dtype)
+        features = self.image_features(pixel_values, image_grid_thw).to(x.dtype)
         slots = input_ids == c.image_token_id
-        placeholders, given = int(slots.sum()), features.shape[0] * features.shape[1]
+        placeholders, given = int(slots.sum()), features.numel() // features.shape[-1]
         if placeholders != given:
-            raise ValueError(f"the batch has {placeholders} image placeholder tokens, its {features.shape[0]} "
-                             f"image(s) give {given} ({features.shape[1]} each)")
+            images = len(image_grid_thw) if image_grid_thw is not None else features.shape[0]
+            each = "" if image_grid_thw is not None else f" ({features.shape[1]} each)"
+            raise ValueError(f"the batch has {placeholders} image placeholder tokens, its {images} "
+                             f"image(s) give {given}{each}")
         return x.masked_scatter(slots[..., None], features)
+
+    def rope_positions(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                       image_grid_thw: torch.Tensor | None) -> torch.Tensor | None:
+        """M-RoPE position ids [3, B, T] of a batch with images (models/vision_grid.py), from its
+        ordinary positions (arange where not given); None for families without M-RoPE."""
+        c = self.config
+        if c.mrope_section is None or image_grid_thw is None:
+            return None
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return mrope_positions(input_ids, position_ids, image_grid_thw, c.image_token_id,   # type: ignore[arg-type]
+                               c.vision.spatial_merge_size)   # type: ignore[union-attr]
 
     def image_blocks(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Each image's run of tokens where the family lets them see each other both ways
@@ -588,9 +614,10 @@ class Transformer(nn.Module):
             return None
         return image_blocks(input_ids == self.config.image_token_id)
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image features [images, image_tokens, H] of preprocessed pixels."""
-        return self.multi_modal_projector(self.vision_tower(pixel_values))
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected image features [images, image_tokens, H] of preprocessed pixels ([tokens, H]
+        for patch grids)."""
+        return self.multi_modal_projector(self.vision_tower(pixel_values, image_grid_thw))
 
     def plan_placement(self, x: torch.Tensor, checkpointed: int, span: int | None = None) -> Placement:
         """Where this forward's checkpointed layer inputs go (`velotune.placement`): with
@@ -669,11 +696,12 @@ class Transformer(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0, *,
                  attention_mask: torch.Tensor | None = None, stop_token_ids: list[int] | None = None,
                  pad_token_id: int | None = None, pixel_values: torch.Tensor | None = None,
-                 **sampling) -> torch.Tensor:
+                 image_grid_thw: torch.Tensor | None = None, **sampling) -> torch.Tensor:
         """Prompt + generated ids [B, T + n] (greedy at temperature 0). Batched prompts are
         left-padded with `attention_mask`; stop tokens default to the config's EOS. Other keyword
         arguments are `SamplingParams` fields (top_k, top_p, min_p, repetition_penalty, seed).
         `pixel_values`: the prompts' images (vision-language models), as `forward` takes them."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
         return generate_tensor(self, input_ids, params, attention_mask=attention_mask,
-                               stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, pixel_values=pixel_values)
+                               stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, pixel_values=pixel_values,
+                               image_grid_thw=image_grid_thw)

@@ -252,9 +252,11 @@ def transformers_names(model: nn.Module):
     """Our parameter name -> the transformers model's, for a vision-language model (None: equal)."""
     if getattr(model.config, "multimodal_type", None) is None:
         return None
-    from velotune.models.vision_families import transformers_name
+    from functools import partial
 
-    return transformers_name
+    from velotune.models.vision_families import VISION_FAMILIES, transformers_name
+
+    return partial(transformers_name, family=VISION_FAMILIES[model.config.multimodal_type])
 
 
 def save_result(model: nn.Module, tokenizer, config: TrainConfig, folder: Path | None = None) -> Path:

@@ -18,6 +18,7 @@ warnings training would print (empty answers, repeated rows, cut rows).
 """
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -57,9 +58,9 @@ def with_images_named(text: str, tokenizer, files: Iterator[str]) -> str:
     processor = getattr(tokenizer, "image_processor", None)
     if processor is None:
         return text
-    pieces = text.split(processor.image_token * processor.tokens_per_image)
-    return pieces[0] + "".join(f"{processor.image_token} x {processor.tokens_per_image:,} "
-                               f"({Path(next(files, '?')).name}){piece}" for piece in pieces[1:])
+    token = processor.image_token
+    return re.sub(f"(?:{re.escape(token)})+", lambda run: f"{token} x {len(run.group()) // len(token):,} "
+                  f"({Path(next(files, '?')).name})", text)
 
 
 def render_example(example: Example, tokenizer, *, markers: bool) -> Text:

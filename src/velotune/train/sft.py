@@ -46,9 +46,12 @@ def batch_documents(batch: Batch, device: torch.device) -> DocumentSpans | None:
 
 
 def batch_images(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-    """{"pixel_values": the batch's images on `device`} for a batch with images, else {}."""
-    pixels = batch.get("pixel_values")
-    return {} if pixels is None else {"pixel_values": pixels.to(device, non_blocking=True)}   # type: ignore[union-attr]
+    """{"pixel_values": the batch's images on `device`, and "image_grid_thw" where the images
+    are patch grids} for a batch with images, else {}."""
+    if batch.get("pixel_values") is None:
+        return {}
+    return {key: batch[key].to(device, non_blocking=True)   # type: ignore[union-attr]
+            for key in ("pixel_values", "image_grid_thw") if batch.get(key) is not None}
 
 
 class SFTObjective:
