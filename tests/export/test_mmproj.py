@@ -18,7 +18,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.vision.vlm_helpers import make_gemma3_vlm, make_vlm_model
+from tests.vision.vlm_helpers import make_gemma3_vlm, make_qwen25_vlm, make_vlm_model
 
 import velotune
 from velotune.cli import main
@@ -156,6 +156,15 @@ def test_projector_llama_cpp_has_no_graph_for_is_refused(tmp_path, field, value,
     _, model, tokenizer = vision_language_model(tmp_path, "llava")
     setattr(model.config.vision, field, value)
     with pytest.raises(ExportError, match=message):
+        export(model, to="gguf", out=tmp_path / "out" / "m.gguf", tokenizer=tokenizer)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_family_without_an_mmproj_writer_is_refused_by_name(tmp_path):
+    """Qwen2.5-VL's merger is an "mlp" projector like LLaVA's, over a tower LLaVA's graph cannot run."""
+    model, tokenizer = velotune.load_model(make_qwen25_vlm(tmp_path / "qwen"), dtype=torch.float32, device="cpu")
+    assert model.config.vision.projector == "mlp"
+    with pytest.raises(ExportError, match="qwen2_5_vl: velotune writes llama.cpp's mmproj file only for LLaVA"):
         export(model, to="gguf", out=tmp_path / "out" / "m.gguf", tokenizer=tokenizer)
     assert not (tmp_path / "out").exists()
 

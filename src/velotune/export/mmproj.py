@@ -54,6 +54,9 @@ from velotune.models.vision import VisionConfig
 
 Q = GGMLQuantizationType
 MMPROJ_ARCH = "clip"
+# The families whose tower llama.cpp's graph computes as ours does (the projector kind alone does not
+# tell: Qwen2.5-VL's merger is an "mlp" too, over a windowed tower with 2-D RoPE that the LLaVA graph lacks).
+MMPROJ_FAMILIES = ("llava", "gemma3")
 # our projector kind (models/vision.py) -> llama.cpp's clip.projector_type
 PROJECTOR_TYPES = {"mlp": "mlp", "pool_norm_linear": "gemma3"}
 FEATURE_LAYER_KEY = "clip.vision.feature_layer"    # not among gguf-py's constants
@@ -86,6 +89,10 @@ def check_mmproj(config: ModelConfig, processor: Any) -> str:
     kind, vision = config.multimodal_type, config.vision
     if vision is None:
         raise ExportError(f"{config.model_type}: not a vision-language model; there is no projector to write")
+    if kind not in MMPROJ_FAMILIES:
+        raise ExportError(f"{kind}: velotune writes llama.cpp's mmproj file only for LLaVA and Gemma 3 models "
+                          f"(their towers are the ones llama.cpp's graphs here compute as velotune does); "
+                          "export --to hf")
     if vision.projector not in PROJECTOR_TYPES:
         raise ExportError(f"{kind}: velotune writes llama.cpp's mmproj only for LLaVA (mlp) and Gemma 3 "
                           f"projectors, not {vision.projector!r}; export --to hf")
