@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
+from velotune.export.gptq import sweep
 from velotune.export.packing import QMAX, QMIN, dequantize
 
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 ALPHAS = tuple(i / 10 for i in range(11))
-GPTQ_BLOCK = 128          # columns per lazy-update block
 
 
 @dataclass
@@ -100,41 +100,21 @@ def _pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, symmetri
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, symmetric: bool, dtype: torch.dtype,
-         damp: float = 0.01) -> Quantized:
-    """GPTQ rounding of w [out, in] under H = X^T X [in, in]."""
+         damp: float = 0.01, act_order: bool = False) -> Quantized:
+    """GPTQ rounding of w [out, in] under H = X^T X [in, in] (`gptq.sweep`), each group's grid
+    fitted (`fit_grid`, H's diagonal as importance) to the weights as compensated so far."""
     out, cols = w.shape
-    device = w.device
-    h = hessian.to(device=device, dtype=torch.float64).clone()
-    diag = torch.diagonal(h)
-    dead = diag == 0
-    h[dead, dead] = 1.0
-    importance = torch.diagonal(h).float()
-    h += damp * float(diag.mean()) * torch.eye(cols, dtype=torch.float64, device=device)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    u = torch.linalg.cholesky(inverse, upper=True).float()
-
-    weights = w.float().clone()
-    weights[:, dead] = 0.0
-    codes = torch.empty((out, cols), dtype=torch.float32, device=device)
-    scales = torch.empty((out, cols // group), dtype=torch.float32, device=device)
+    diag = torch.diagonal(hessian).to(w.device, torch.float32)
+    importance = torch.where(diag > 0, diag, torch.ones_like(diag))
+    scales = torch.empty((out, cols // group), dtype=torch.float32, device=w.device)
     zeros = torch.empty_like(scales)
-    span = max(1, GPTQ_BLOCK // group) * group
-    for start in range(0, cols, span):
-        end = min(start + span, cols)
-        part = weights[:, start:end].clone()
-        errors = torch.zeros_like(part)
-        for i in range(end - start):
-            col = start + i
-            if col % group == 0:
-                scale, zero = fit_grid(part[:, i:i + group], group, symmetric, dtype, importance[col:col + group])
-                scales[:, col // group], zeros[:, col // group] = scale[:, 0], zero[:, 0]
-            s, z = scales[:, col // group], zeros[:, col // group]
-            q = (torch.round(part[:, i] / s) + z).clamp(QMIN, QMAX)
-            codes[:, col] = q
-            err = (part[:, i] - (q - z) * s) / u[col, col]
-            part[:, i:] -= err[:, None] * u[col, col:end][None, :]
-            errors[:, i] = err
-        weights[:, end:] -= errors @ u[start:end, end:]
+
+    def fit(index: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, zero = fit_grid(values, group, symmetric, dtype, importance[index * group:(index + 1) * group])
+        scales[:, index], zeros[:, index] = scale[:, 0], zero[:, 0]
+        return scale.expand(-1, group), (-zero * scale).expand(-1, group)
+
+    codes = sweep(w, hessian, group, fit, QMIN, QMAX, damp, act_order)
     return _pack(codes, scales, zeros, symmetric, dtype)
 
 
