@@ -16,7 +16,7 @@ import velotune
 from velotune.export import ExportError, export
 from velotune.export.packing import (dequantize, pack_columns, pack_rows, quantization_config, unpack_columns,
                                      unpack_rows)
-from velotune.export.serving import LayerQuantizer, check_model
+from velotune.export.serving import RECIPES, LayerQuantizer, check_model
 from velotune.export.w4a16 import awq_scales, gptq, output_error, rtn
 from velotune.lora import LoraConfig, apply_lora
 from velotune.models.calibration import calibration_ids, layer_arguments, run_with_input_statistics
@@ -179,7 +179,7 @@ def test_awq_rewrites_keep_the_16bit_function():
     with torch.no_grad():
         expected, hessians = run_with_input_statistics(layer, args[0][0], args[0], lambda n, m: n.endswith("_proj")
                                                        and n.count(".") == 1, torch.float64)
-        quantizer = LayerQuantizer(model, "awq", False, 32, torch.float32)
+        quantizer = LayerQuantizer(model, RECIPES["awq"], False, 32, torch.float32)
         linears = {p: [layer.get_submodule(p).weight.clone(), None] for p in hessians}
         quantizer._fold_scales(layer, "model.layers.0.", linears, dict(hessians))
         assert any(not torch.allclose(w, layer.get_submodule(p).weight) for p, (w, _) in linears.items())

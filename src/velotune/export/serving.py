@@ -22,9 +22,11 @@ part and joined (rows), as the packing allows.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from velotune.export.errors import ExportError
 from velotune.export.hf import INDEX_FILE, config_json, write_sidecars
 from velotune.export.packing import pack_columns, pack_rows, quantization_config
 from velotune.export.progress import track
-from velotune.export.w4a16 import Quantized, awq_scales, gptq, rtn
+from velotune.export.w4a16 import Quantized, awq_scales, diagonal_blocks, gptq, rtn
 from velotune.export.weights import FUSED, FUSED_FAMILIES, effective_linear, export_config, parameter, plan_tensors
 from velotune.models.calibration import calibration_ids, layer_arguments, run_with_input_statistics
 from velotune.models.transformer import Transformer
@@ -45,6 +47,20 @@ from velotune.safetensors_file import save_safetensors
 SCHEMES = {"w4a16": True, "w4a16_asym": False}
 DEFAULT_SCHEME = {"awq": "w4a16_asym", "gptq": "w4a16"}
 BASELINE = "rtn"      # plain min/max round-to-nearest, written the same way: what the benchmark compares with
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a method chooses the 4-bit weights of a layer."""
+    awq: bool                  # activation-aware scales, folded into each input's producer
+    gptq: bool                 # GPTQ rounding (else round-to-nearest)
+    clip: bool = True          # each group's range searched for the lowest H-weighted error (else min/max)
+    act_order: bool = False    # GPTQ visits the columns loudest input first
+    sequential: bool = False   # each layer calibrated on the outputs of the 4-bit layers before it
+
+
+RECIPES = {"awq": Recipe(awq=True, gptq=False), "gptq": Recipe(awq=False, gptq=True),
+           BASELINE: Recipe(awq=False, gptq=False, clip=False)}
 GROUP_SIZES = (128, 64, 32)   # the default: the largest that divides every width (vLLM's kernels take these)
 IGNORED = ["lm_head"]
 
@@ -107,8 +123,8 @@ class LayerQuantizer:
     """Quantizes the decoder layers one by one; keeps the packed linears and the 16-bit tensors
     AWQ rewrote (norms, producer biases), by Hugging Face name."""
 
-    def __init__(self, model: Transformer, method: str, symmetric: bool, group_size: int, dtype: torch.dtype):
-        self.model, self.method, self.symmetric, self.group, self.dtype = model, method, symmetric, group_size, dtype
+    def __init__(self, model: Transformer, recipe: Recipe, symmetric: bool, group_size: int, dtype: torch.dtype):
+        self.model, self.recipe, self.symmetric, self.group, self.dtype = model, recipe, symmetric, group_size, dtype
         self.config = export_config(model)
         self.quantized: dict[str, Quantized] = {}          # linear path -> 4-bit weight
         self.replaced: dict[str, torch.Tensor] = {}        # HF name -> float32 value
@@ -120,16 +136,17 @@ class LayerQuantizer:
         linears = {path: [t if t is None else t.to(device) for t in effective_linear(layer.get_submodule(path),
                                                                                       prefix + path)]
                    for path in hessians}
-        if self.method == "awq":
+        recipe = self.recipe
+        if recipe.awq:
             self._fold_scales(layer, prefix, linears, hessians)
         for path, (weight, bias) in linears.items():
             h = hessians[path]
-            if self.method == "gptq":
-                q = gptq(weight, h, self.group, self.symmetric, self.dtype)
-            elif self.method == BASELINE:
-                q = rtn(weight, self.group, self.symmetric, self.dtype, shrinks=(1.0,))
+            if recipe.gptq:
+                q = gptq(weight, h, self.group, self.symmetric, self.dtype, act_order=recipe.act_order)
+            elif recipe.clip:
+                q = rtn(weight, self.group, self.symmetric, self.dtype, diagonal_blocks(h, self.group))
             else:
-                q = rtn(weight, self.group, self.symmetric, self.dtype, torch.diagonal(h).float())
+                q = rtn(weight, self.group, self.symmetric, self.dtype, shrinks=(1.0,))
             self.quantized[prefix + path] = Quantized(q.codes.cpu(), q.scale.cpu(), None if q.zero is None else
                                                       q.zero.cpu())
             if bias is not None:
@@ -171,8 +188,34 @@ class LayerQuantizer:
         return torch.zeros(channels, device=h.device).index_copy_(0, expand, s.float())
 
 
-def quantize_layers(model: Transformer, tokenizer: Any, method: str, symmetric: bool, group_size: int,
-                    dtype: torch.dtype, calibration: tuple[torch.Tensor, torch.Tensor] | None) -> LayerQuantizer:
+    def quantized_layer(self, index: int) -> nn.Module:
+        """A copy of decoder layer `index` computing with its 4-bit weights (dequantized) and the
+        tensors AWQ rewrote: what a reader of the folder runs."""
+        prefix = f"model.layers.{index}."
+        layer = copy.deepcopy(self.model.model.layers[index])
+        dtype = next(layer.parameters()).dtype
+        for name, q in self.quantized.items():
+            if not name.startswith(prefix):
+                continue
+            path = name[len(prefix):]
+            parent, child = path.rsplit(".", 1)
+            old = layer.get_submodule(path)
+            device = next(old.parameters()).device
+            bias = self.replaced.get(f"{name}.bias")
+            linear = nn.Linear(q.codes.shape[1], q.codes.shape[0], bias=bias is not None, device=device, dtype=dtype)
+            linear.weight.copy_(q.dequantized())
+            if bias is not None:
+                linear.bias.copy_(bias)
+            setattr(layer.get_submodule(parent), child, linear)
+        for name, value in self.replaced.items():
+            if name.startswith(prefix) and not name.endswith("_proj.bias"):
+                layer.get_parameter(name[len(prefix):]).copy_(value)
+        return layer
+
+
+def quantize_layers(model: Transformer, tokenizer: Any, recipe: Recipe, symmetric: bool, group_size: int,
+                    dtype: torch.dtype, calibration: tuple[torch.Tensor, torch.Tensor] | None,
+                    label: str = "W4A16") -> LayerQuantizer:
     if calibration is None:
         if tokenizer is None:
             raise ExportError("AWQ/GPTQ calibration needs the tokenizer (for generic text) or calibration rows")
@@ -180,12 +223,15 @@ def quantize_layers(model: Transformer, tokenizer: Any, method: str, symmetric: 
     ids, positions = calibration
     args = layer_arguments(model, ids, positions)
     hidden = args[0][0]
-    quantizer = LayerQuantizer(model, method, symmetric, group_size, dtype)
+    quantizer = LayerQuantizer(model, recipe, symmetric, group_size, dtype)
     layers = model.model.layers
-    for index in track(range(len(layers)), len(layers), f"{method.upper()} W4A16 layers"):
-        hidden, hessians = run_with_input_statistics(layers[index], hidden, args[index], is_decoder_linear,
-                                                     torch.float64)
+    for index in track(range(len(layers)), len(layers), f"{label} layers"):
+        out, hessians = run_with_input_statistics(layers[index], hidden, args[index], is_decoder_linear,
+                                                  torch.float64)
         quantizer.layer(index, hessians)
+        if recipe.sequential:
+            out = quantizer.quantized_layer(index)(hidden, *args[index][1:])
+        hidden = out
     return quantizer
 
 
@@ -232,7 +278,8 @@ def save_w4a16(model: Transformer, tokenizer: Any, out: Path, method: str, schem
     group_size = check_model(model, group_size)
     dtype = storage_dtype(model)
     with torch.no_grad():
-        quantizer = quantize_layers(model, tokenizer, method, SCHEMES[scheme], group_size, dtype, calibration)
+        quantizer = quantize_layers(model, tokenizer, RECIPES[method], SCHEMES[scheme], group_size, dtype, calibration,
+                                    f"{method.upper()} W4A16")
         tensors = output_tensors(model, quantizer, dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
     used = 0

@@ -5,14 +5,14 @@ q in [-8, 7] (`packing.py`); symmetric grids have zero = 0. The error that count
 output error on calibration inputs X, tr(D H D^T) with D = W - deq(Q) and H = X^T X, so every
 choice below is judged by H (computed in `serving.py`), never by the weights alone.
 
-- `fit_grid`: min/max (or absmax) of each group, then a shrink of that range (0.70 .. 1.00)
-  chosen per group to minimise the squared error weighted by each column's mean squared input
-  (H's diagonal) -- the clipping search AWQ and llm-compressor's MSE observer both do. Scales are
+- `fit_grid`: min/max of each group (symmetric: the smallest scale whose -8 and 7 ends reach
+  the group's extremes), then a shrink of that range (0.50 .. 1.00) chosen per group to minimise
+  the output error of the group on its own, d H_g d^T with H_g the group's diagonal block of H
+  (or, cheaper, the squared error weighted by H's diagonal) -- AWQ's clipping search. Scales are
   rounded to the dtype they are stored in before the codes are chosen, so what a reader
   dequantizes is exactly what was optimised.
-- `gptq`: codes chosen column by column, each column's rounding error spread over the columns
-  not yet rounded through the inverse Hessian's Cholesky factor (Frantar et al. 2022), the grid
-  of a group fitted when its first column is reached, to the weights as compensated so far.
+- `gptq`: GPTQ's column sweep (`gptq.py`, Frantar et al. 2022), each group's grid fitted when
+  its first column is reached, to the weights as compensated so far; optionally in act order.
 - `awq_scales`: per input channel scales s = a^alpha / sqrt(max * min) (a = RMS of the channel's
   input), alpha searched over 0, 0.1, .. 1 for the lowest output error of all linears reading
   that input, each quantized as W diag(s) and read with inputs X diag(1/s) (Lin et al. 2023).
@@ -28,7 +28,7 @@ import torch
 from velotune.export.gptq import sweep
 from velotune.export.packing import QMAX, QMIN, dequantize
 
-SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+SHRINKS = tuple(1.0 - i / 20 for i in range(11))     # 1.0 .. 0.5, as AWQ's clipping search
 ALPHAS = tuple(i / 10 for i in range(11))
 
 
@@ -46,9 +46,9 @@ class Quantized:
 
 def _grid(w: torch.Tensor, symmetric: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., group] float32 -> (scale [...] in `dtype`'s values as float32, zero [...] float32)."""
-    if symmetric:
-        peak = w.abs().amax(dim=-1)
-        scale = (peak / QMAX).to(dtype).float()
+    if symmetric:   # the grid's ends are -8 s and 7 s: the smallest s reaching both extremes
+        peak = torch.maximum(w.amax(dim=-1) / QMAX, w.amin(dim=-1) / QMIN)
+        scale = peak.to(dtype).float()
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return scale, torch.zeros_like(scale)
     lo = w.amin(dim=-1).clamp(max=0.0)
@@ -67,14 +67,19 @@ def fit_grid(w: torch.Tensor, group: int, symmetric: bool, dtype: torch.dtype,
              importance: torch.Tensor | None = None, shrinks: tuple[float, ...] = SHRINKS
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grids of w [out, in] per group: (scale, zero) [out, in / group] float32, scale exactly
-    representable in `dtype`. `importance` [in]: how much each column's error counts."""
+    representable in `dtype`. `importance`: how much each column's error counts, [in] (H's
+    diagonal: errors weighted one column at a time), or [in / group, group, group] (H's diagonal
+    blocks: the output error of a group's error vector d, d H_g d^T, cross terms included)."""
     out, cols = w.shape
     g = w.float().reshape(out, cols // group, group)
-    imp = (torch.ones(cols, device=w.device) if importance is None else importance.float()).reshape(1, -1, group)
+    blocks = importance is not None and importance.dim() == 3
+    imp = (torch.ones(cols, device=w.device) if importance is None else importance.float())
+    imp = imp if blocks else imp.reshape(1, -1, group)
     best_scale = best_zero = best_err = None
     for shrink in shrinks:
         scale, zero = _grid(g * shrink, symmetric, dtype)
-        err = (((_round(g, scale, zero) - zero[..., None]) * scale[..., None] - g) ** 2 * imp).sum(dim=-1)
+        d = (_round(g, scale, zero) - zero[..., None]) * scale[..., None] - g
+        err = torch.einsum("ogi,gij,ogj->og", d, imp, d) if blocks else (d ** 2 * imp).sum(dim=-1)
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
         else:
@@ -116,6 +121,14 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, symmetric: bool, dt
 
     codes = sweep(w, hessian, group, fit, QMIN, QMAX, damp, act_order)
     return _pack(codes, scales, zeros, symmetric, dtype)
+
+
+def diagonal_blocks(hessian: torch.Tensor, group: int) -> torch.Tensor:
+    """H [in, in] -> its diagonal blocks [in / group, group, group] float32: each group's own
+    share of the output error, the clipping search's measure."""
+    n = hessian.shape[0] // group
+    h = hessian.float().reshape(n, group, n, group)
+    return h[torch.arange(n), :, torch.arange(n), :]
 
 
 def output_error(w: torch.Tensor, q: Quantized, hessian: torch.Tensor, inverse_scale: torch.Tensor | None = None
