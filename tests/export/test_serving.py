@@ -5,6 +5,7 @@ beating round-to-nearest on a layer's output error, and the errors for bad reque
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ import velotune
 from velotune.export import ExportError, export
 from velotune.export.packing import (dequantize, pack_columns, pack_rows, quantization_config, unpack_columns,
                                      unpack_rows)
-from velotune.export.serving import RECIPES, LayerQuantizer, check_model
+from velotune.export.serving import (RECIPES, LayerQuantizer, Recipe, check_model, quantize_layers, save_w4a16,
+                                      storage_dtype)
 from velotune.export.w4a16 import awq_scales, gptq, output_error, rtn
 from velotune.lora import LoraConfig, apply_lora
 from velotune.models.calibration import calibration_ids, layer_arguments, run_with_input_statistics
@@ -213,3 +215,32 @@ def test_bad_requests(tmp_path, bpe_tokenizer):
     with pytest.raises(ExportError, match="mixture-of-experts"):
         check_model(tiny_model("qwen3_moe", 160), None)
     assert not (tmp_path / "a").exists()
+
+
+def test_sequential_calibration_runs_the_layers_the_folder_holds(tmp_path, bpe_tokenizer):
+    """With `sequential`, each layer is calibrated on the outputs of the 4-bit layers before it:
+    the layer it runs computes what the written folder's layer computes (AWQ's norm and v_proj
+    rewrites, biases), and layer 1's codes differ from those calibrated on 16-bit outputs."""
+    model = hf_source("Qwen2Config", tmp_path / "base", intermediate_size=96, tie_word_embeddings=True)
+    ids = torch.randint(3, 160, (2, 40), generator=torch.Generator().manual_seed(5))
+    calibration = (ids, torch.arange(40).expand(2, 40))
+    sequential = Recipe(awq=True, gptq=True, act_order=True, sequential=True)
+    dtype = storage_dtype(model)
+    with torch.no_grad():
+        quantizer = quantize_layers(model, None, sequential, False, 32, dtype, calibration)
+        plain = quantize_layers(model, None, replace(sequential, sequential=False), False, 32, dtype, calibration)
+    assert torch.equal(quantizer.quantized["model.layers.0.mlp.down_proj"].codes,
+                       plain.quantized["model.layers.0.mlp.down_proj"].codes)
+    assert not torch.equal(quantizer.quantized["model.layers.1.mlp.down_proj"].codes,
+                           plain.quantized["model.layers.1.mlp.down_proj"].codes)
+    folder = save_w4a16(model, None, tmp_path / "awq", "awq", "w4a16_asym", 32, calibration, recipe=sequential)
+    written, _ = velotune.load_model(dequantized_folder(folder, tmp_path / "plain"), dtype=torch.float32,
+                                     device="cpu")
+    args = layer_arguments(written, ids, calibration[1])
+    hidden = args[0][0]
+    with torch.no_grad():
+        for index, layer in enumerate(written.model.layers):
+            expected = layer(hidden, *args[index][1:])
+            got = quantizer.quantized_layer(index)(hidden, *args[index][1:])
+            assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), float((got - expected).abs().max())
+            hidden = expected

@@ -189,8 +189,9 @@ class LayerQuantizer:
 
 
     def quantized_layer(self, index: int) -> nn.Module:
-        """A copy of decoder layer `index` computing with its 4-bit weights (dequantized) and the
-        tensors AWQ rewrote: what a reader of the folder runs."""
+        """A copy of decoder layer `index` computing with its 4-bit weights (dequantized), the
+        tensors AWQ rewrote, and every tensor rounded to the storage dtype: what a reader of the
+        folder runs."""
         prefix = f"model.layers.{index}."
         layer = copy.deepcopy(self.model.model.layers[index])
         dtype = next(layer.parameters()).dtype
@@ -210,6 +211,8 @@ class LayerQuantizer:
         for name, value in self.replaced.items():
             if name.startswith(prefix) and not name.endswith("_proj.bias"):
                 layer.get_parameter(name[len(prefix):]).copy_(value)
+        for p in layer.parameters():                     # the folder's 16-bit tensors
+            p.copy_(p.to(self.dtype).to(p.dtype))
         return layer
 
 
@@ -268,9 +271,11 @@ def output_tensors(model: Transformer, quantizer: LayerQuantizer, dtype: torch.d
 
 def save_w4a16(model: Transformer, tokenizer: Any, out: Path, method: str, scheme: str,
                group_size: int | None = None, calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
-               generation_config: dict[str, Any] | None = None, max_shard_size: int = 5 * 1000**3) -> Path:
+               generation_config: dict[str, Any] | None = None, max_shard_size: int = 5 * 1000**3,
+               recipe: Recipe | None = None) -> Path:
     """Write the folder `out`; `calibration`: (ids [B, L], positions [B, L]) of the run's own rows,
-    None for generic chat text; `group_size` None: 128, or 64 or 32 where 128 does not divide."""
+    None for generic chat text; `group_size` None: 128, or 64 or 32 where 128 does not divide;
+    `recipe`: other than the method's (`RECIPES`), for comparisons."""
     if method not in (*DEFAULT_SCHEME, BASELINE):
         raise ExportError(f"unknown 4-bit method {method!r}; choose awq or gptq")
     if scheme not in SCHEMES:
@@ -278,7 +283,7 @@ def save_w4a16(model: Transformer, tokenizer: Any, out: Path, method: str, schem
     group_size = check_model(model, group_size)
     dtype = storage_dtype(model)
     with torch.no_grad():
-        quantizer = quantize_layers(model, tokenizer, RECIPES[method], SCHEMES[scheme], group_size, dtype, calibration,
+        quantizer = quantize_layers(model, tokenizer, recipe or RECIPES[method], SCHEMES[scheme], group_size, dtype, calibration,
                                     f"{method.upper()} W4A16")
         tensors = output_tensors(model, quantizer, dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
