@@ -17,7 +17,7 @@ import velotune
 from velotune.export import ExportError, export
 from velotune.export.packing import (dequantize, pack_columns, pack_rows, quantization_config, unpack_columns,
                                      unpack_rows)
-from velotune.export.serving import (RECIPES, LayerQuantizer, Recipe, check_model, quantize_layers, save_w4a16,
+from velotune.export.serving import (DEFAULT_SCHEME, RECIPES, LayerQuantizer, Recipe, check_model, quantize_layers, save_w4a16,
                                       storage_dtype)
 from velotune.export.w4a16 import awq_scales, gptq, output_error, rtn
 from velotune.lora import LoraConfig, apply_lora
@@ -165,7 +165,7 @@ def test_transformers_loads_the_export(tmp_path, bpe_tokenizer, to, quant, confi
         assert torch.equal(p, before[n]), n
     config = json.loads((folder / "config.json").read_text())
     scheme = config["quantization_config"]["config_groups"]["group_0"]["weights"]
-    assert scheme["symmetric"] == ((quant or {"awq": "w4a16_asym", "gptq": "w4a16"}[to]) == "w4a16")
+    assert scheme["symmetric"] == ((quant or DEFAULT_SCHEME[to]) == "w4a16")
     assert scheme["group_size"] == 32
     assert_transformers_runs_dequantized(folder, tmp_path, 160)
 
@@ -195,7 +195,7 @@ def test_awq_rewrites_keep_the_16bit_function():
 
 def test_generic_text_when_no_rows(tmp_path, bpe_tokenizer):
     model = tiny_model("llama", bpe_tokenizer.vocab_size)
-    folder = export(model, to="gptq", out=tmp_path / "g", tokenizer=bpe_tokenizer)
+    folder = export(model, to="gptq", quant="w4a16", out=tmp_path / "g", tokenizer=bpe_tokenizer)
     tensors = load_file(str(folder / "model.safetensors"))
     assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (64, 96 // 32)   # 128, 64 do not divide 96
     assert "model.layers.0.mlp.down_proj.weight_zero_point" not in tensors

@@ -45,7 +45,7 @@ from velotune.safetensors_file import save_safetensors
 
 # scheme name (compressed-tensors' preset names) -> symmetric grids
 SCHEMES = {"w4a16": True, "w4a16_asym": False}
-DEFAULT_SCHEME = {"awq": "w4a16_asym", "gptq": "w4a16"}
+DEFAULT_SCHEME = {"awq": "w4a16_asym", "gptq": "w4a16_asym"}
 BASELINE = "rtn"      # plain min/max round-to-nearest, written the same way: what the benchmark compares with
 
 
@@ -59,7 +59,8 @@ class Recipe:
     sequential: bool = False   # each layer calibrated on the outputs of the 4-bit layers before it
 
 
-RECIPES = {"awq": Recipe(awq=True, gptq=False), "gptq": Recipe(awq=False, gptq=True),
+RECIPES = {"awq": Recipe(awq=True, gptq=True, act_order=True, sequential=True),
+           "gptq": Recipe(awq=False, gptq=True, act_order=True, sequential=True),
            BASELINE: Recipe(awq=False, gptq=False, clip=False)}
 GROUP_SIZES = (128, 64, 32)   # the default: the largest that divides every width (vLLM's kernels take these)
 IGNORED = ["lm_head"]
