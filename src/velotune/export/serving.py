@@ -1,7 +1,7 @@
 """AWQ and GPTQ exports: 4-bit weights (W4A16) in the compressed-tensors layout vLLM and transformers load.
 
     export("runs/chat", to="awq")                      # zero-point grids (w4a16_asym), group 128
-    export("runs/chat", to="gptq", quant="w4a16")      # symmetric grids, GPTQ rounding
+    export("runs/chat", to="gptq", quant="w4a16")      # symmetric grids, GPTQ rounding alone
 
 The folder is the merged Hugging Face folder (`hf.py`: config.json, tokenizer, generation
 config) with every decoder linear replaced by its packed 4-bit form (`packing.py`); embeddings,
@@ -10,15 +10,20 @@ llm-compressor leaves it).
 
 How: calibration rows (the run's own training rows when the caller passes them, else generic
 chat text) go through the model one decoder layer at a time (`models/calibration.py`); for each
-layer, H = X^T X of every linear's input, then
-- awq: per input channel scales searched on H for each set of linears reading one input
+layer, H = X^T X of every linear's input, then, as the method's `Recipe` says:
+- AWQ scales: per input channel scales searched on H for each set of linears reading one input
   (q/k/v, gate/up, down from up, o from v -- the v row a head's o columns read, so grouped-query
   heads share one scale), folded into the producer: the norm's weight (its offset kept, Gemma's
-  1 + w), the rows (and bias) of up_proj or v_proj; then round-to-nearest with H-weighted
-  clipping. Only exact rewrites are made, so the 16-bit model computes the same function;
-- gptq: GPTQ rounding under H (`w4a16.gptq`).
-The next layer's input is the 16-bit layer's output. Phi-3's fused qkv/gate_up are quantized per
-part and joined (rows), as the packing allows.
+  1 + w), the rows (and bias) of up_proj or v_proj. Only exact rewrites are made, so the 16-bit
+  model computes the same function;
+- rounding: GPTQ under H (`w4a16.gptq`), in act order, or round-to-nearest with the clipping
+  search on H's diagonal blocks.
+--to awq is AWQ's scales followed by GPTQ's rounding (the combination llm-compressor's recipes
+use), --to gptq GPTQ alone; plain min/max round-to-nearest (`rtn`) is the benchmark's baseline.
+Sequential calibration: the next layer's input is the output of this layer as the folder holds
+it (`LayerQuantizer.quantized_layer`), so each layer's rounding also corrects for the error the
+layers before it made. Phi-3's fused qkv/gate_up are quantized per part and joined (rows), as the
+packing allows.
 """
 from __future__ import annotations
 
