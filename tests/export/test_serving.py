@@ -19,7 +19,7 @@ from velotune.export.packing import (dequantize, pack_columns, pack_rows, quanti
                                      unpack_rows)
 from velotune.export.serving import (DEFAULT_SCHEME, RECIPES, LayerQuantizer, Recipe, check_model, quantize_layers, save_w4a16,
                                       storage_dtype)
-from velotune.export.w4a16 import awq_scales, gptq, output_error, rtn
+from velotune.export.w4a16 import awq_scales, diagonal_blocks, gptq, output_error, rtn
 from velotune.lora import LoraConfig, apply_lora
 from velotune.models.calibration import calibration_ids, layer_arguments, run_with_input_statistics
 
@@ -69,10 +69,13 @@ def test_awq_and_gptq_beat_round_to_nearest(symmetric):
     clipped = output_error(w, rtn(w, 32, symmetric, torch.bfloat16, torch.diagonal(h).float()), h)
     s = awq_scales([w], h, 32, symmetric, torch.bfloat16)
     scaled = output_error(w, rtn(w * s, 32, symmetric, torch.bfloat16, torch.diagonal(h).float() / s**2), h, 1 / s)
+    block_clipped = output_error(w, rtn(w, 32, symmetric, torch.bfloat16, diagonal_blocks(h, 32)), h)
     hessian_rounded = output_error(w, gptq(w, h, 32, symmetric, torch.bfloat16), h)
-    assert clipped <= plain
+    act_order = output_error(w, gptq(w, h, 32, symmetric, torch.bfloat16, act_order=True), h)
+    assert clipped <= plain and block_clipped <= plain
     assert scaled < 0.9 * plain, (scaled, plain)
     assert hessian_rounded < 0.9 * plain, (hessian_rounded, plain)
+    assert act_order < 0.9 * plain, (act_order, plain)
 
 
 def test_gptq_codes_and_grids_are_in_range():
@@ -244,3 +247,12 @@ def test_sequential_calibration_runs_the_layers_the_folder_holds(tmp_path, bpe_t
             got = quantizer.quantized_layer(index)(hidden, *args[index][1:])
             assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), float((got - expected).abs().max())
             hidden = expected
+
+
+def test_symmetric_grid_reaches_both_ends():
+    """A symmetric grid's codes run -8..7: a group whose largest magnitude is negative takes the
+    -8 end (scale |min| / 8), not |min| / 7, so values on that grid round back exactly."""
+    w = torch.tensor([[-0.8, -0.3, 0.0, 0.2, 0.5, 0.7, -0.1, 0.4]]) * 0.5
+    q = rtn(w, 8, True, torch.float32, shrinks=(1.0,))
+    assert float(q.scale) == pytest.approx(0.05) and int(q.codes.min()) == -8
+    assert torch.allclose(q.dequantized(), w, atol=1e-7)
