@@ -58,7 +58,8 @@ def sweep(w: torch.Tensor, hessian: torch.Tensor, group: int, fit: Fit, qmin: in
     weights = w.float()[:, order].clone()
     scale = torch.empty_like(weights)
     offset = torch.empty_like(weights)
-    fitted = torch.zeros(cols // group, dtype=torch.bool)
+    group_of = (order // group).tolist()              # the sweep's place -> its column's group
+    fitted: set[int] = set()
     codes = torch.empty_like(weights)
     span = max(1, BLOCK // group) * group
     for start in range(0, cols, span):
@@ -67,8 +68,8 @@ def sweep(w: torch.Tensor, hessian: torch.Tensor, group: int, fit: Fit, qmin: in
         errors = torch.zeros_like(part)
         for i in range(end - start):
             col = start + i
-            index = int(order[col]) // group
-            if not fitted[index]:
+            index = group_of[col]
+            if index not in fitted:
                 places = position[index * group:(index + 1) * group]
                 inside = places < end
                 values = torch.empty((rows, group), device=device)
@@ -77,7 +78,7 @@ def sweep(w: torch.Tensor, hessian: torch.Tensor, group: int, fit: Fit, qmin: in
                 values[:, ~inside] = weights[:, later] - errors[:, :i] @ u[start:col, later]
                 s, o = fit(index, values)
                 scale[:, places], offset[:, places] = s, o
-                fitted[index] = True
+                fitted.add(index)
             s, o = scale[:, col], offset[:, col]
             q = torch.where(s == 0, 0.0, torch.round((part[:, i] - o) / torch.where(s == 0, 1.0, s)))
             q = q.clamp(qmin, qmax)
