@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["rtn", "awq", "gptq"])
     parser.add_argument("--schemes", nargs="+", default=["w4a16_asym", "w4a16"])
     parser.add_argument("--generic-length", type=int, default=256)
+    parser.add_argument("--texts", nargs="+", choices=["chat", "generic"], default=["chat", "generic"],
+                        help="which texts to measure (held-out chat rows, generic prose)")
     parser.add_argument("--no-write", action="store_true", help="print rows without appending them")
     args = parser.parse_args()
 
@@ -74,15 +76,16 @@ def main() -> None:
 
     import velotune
     from velotune.export.serving import check_model, save_w4a16
-    from velotune.train.export_calibration import rows_calibration
+    from velotune.train.export_calibration import W4A16_TOKENS, rows_calibration
 
     model, tokenizer = velotune.load_model(args.model, dtype=torch.float32, device=args.device)
     model.eval()
     group = check_model(model, args.group_size)
     train, held_out = chat_rows(tokenizer)
     generic = generic_rows(tokenizer, args.generic_length)
-    calibration = rows_calibration(train)
-    texts = {"held-out chat rows": held_out, "generic text": generic}
+    calibration = rows_calibration(train, W4A16_TOKENS)
+    texts = {name: rows for key, name, rows in (("chat", "held-out chat rows", held_out),
+                                                ("generic", "generic text", generic)) if key in args.texts}
     base = {name: perplexity(lambda ids: model(ids).logits, rows, args.device) for name, rows in texts.items()}
     print(f"16-bit: {base}")
     name = args.model or "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"

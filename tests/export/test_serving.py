@@ -5,6 +5,7 @@ beating round-to-nearest on a layer's output error, and the errors for bad reque
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,9 @@ import velotune
 from velotune.export import ExportError, export
 from velotune.export.packing import (dequantize, pack_columns, pack_rows, quantization_config, unpack_columns,
                                      unpack_rows)
-from velotune.export.serving import LayerQuantizer, check_model
-from velotune.export.w4a16 import awq_scales, gptq, output_error, rtn
+from velotune.export.serving import (DEFAULT_SCHEME, RECIPES, LayerQuantizer, Recipe, check_model, quantize_layers, save_w4a16,
+                                      storage_dtype)
+from velotune.export.w4a16 import awq_scales, diagonal_blocks, gptq, output_error, rtn
 from velotune.lora import LoraConfig, apply_lora
 from velotune.models.calibration import calibration_ids, layer_arguments, run_with_input_statistics
 
@@ -67,10 +69,13 @@ def test_awq_and_gptq_beat_round_to_nearest(symmetric):
     clipped = output_error(w, rtn(w, 32, symmetric, torch.bfloat16, torch.diagonal(h).float()), h)
     s = awq_scales([w], h, 32, symmetric, torch.bfloat16)
     scaled = output_error(w, rtn(w * s, 32, symmetric, torch.bfloat16, torch.diagonal(h).float() / s**2), h, 1 / s)
+    block_clipped = output_error(w, rtn(w, 32, symmetric, torch.bfloat16, diagonal_blocks(h, 32)), h)
     hessian_rounded = output_error(w, gptq(w, h, 32, symmetric, torch.bfloat16), h)
-    assert clipped <= plain
+    act_order = output_error(w, gptq(w, h, 32, symmetric, torch.bfloat16, act_order=True), h)
+    assert clipped <= plain and block_clipped <= plain
     assert scaled < 0.9 * plain, (scaled, plain)
     assert hessian_rounded < 0.9 * plain, (hessian_rounded, plain)
+    assert act_order < 0.9 * plain, (act_order, plain)
 
 
 def test_gptq_codes_and_grids_are_in_range():
@@ -163,7 +168,7 @@ def test_transformers_loads_the_export(tmp_path, bpe_tokenizer, to, quant, confi
         assert torch.equal(p, before[n]), n
     config = json.loads((folder / "config.json").read_text())
     scheme = config["quantization_config"]["config_groups"]["group_0"]["weights"]
-    assert scheme["symmetric"] == ((quant or {"awq": "w4a16_asym", "gptq": "w4a16"}[to]) == "w4a16")
+    assert scheme["symmetric"] == ((quant or DEFAULT_SCHEME[to]) == "w4a16")
     assert scheme["group_size"] == 32
     assert_transformers_runs_dequantized(folder, tmp_path, 160)
 
@@ -179,7 +184,7 @@ def test_awq_rewrites_keep_the_16bit_function():
     with torch.no_grad():
         expected, hessians = run_with_input_statistics(layer, args[0][0], args[0], lambda n, m: n.endswith("_proj")
                                                        and n.count(".") == 1, torch.float64)
-        quantizer = LayerQuantizer(model, "awq", False, 32, torch.float32)
+        quantizer = LayerQuantizer(model, RECIPES["awq"], False, 32, torch.float32)
         linears = {p: [layer.get_submodule(p).weight.clone(), None] for p in hessians}
         quantizer._fold_scales(layer, "model.layers.0.", linears, dict(hessians))
         assert any(not torch.allclose(w, layer.get_submodule(p).weight) for p, (w, _) in linears.items())
@@ -193,7 +198,7 @@ def test_awq_rewrites_keep_the_16bit_function():
 
 def test_generic_text_when_no_rows(tmp_path, bpe_tokenizer):
     model = tiny_model("llama", bpe_tokenizer.vocab_size)
-    folder = export(model, to="gptq", out=tmp_path / "g", tokenizer=bpe_tokenizer)
+    folder = export(model, to="gptq", quant="w4a16", out=tmp_path / "g", tokenizer=bpe_tokenizer)
     tensors = load_file(str(folder / "model.safetensors"))
     assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (64, 96 // 32)   # 128, 64 do not divide 96
     assert "model.layers.0.mlp.down_proj.weight_zero_point" not in tensors
@@ -213,3 +218,41 @@ def test_bad_requests(tmp_path, bpe_tokenizer):
     with pytest.raises(ExportError, match="mixture-of-experts"):
         check_model(tiny_model("qwen3_moe", 160), None)
     assert not (tmp_path / "a").exists()
+
+
+def test_sequential_calibration_runs_the_layers_the_folder_holds(tmp_path, bpe_tokenizer):
+    """With `sequential`, each layer is calibrated on the outputs of the 4-bit layers before it:
+    the layer it runs computes what the written folder's layer computes (AWQ's norm and v_proj
+    rewrites, biases), and layer 1's codes differ from those calibrated on 16-bit outputs."""
+    model = hf_source("Qwen2Config", tmp_path / "base", intermediate_size=96, tie_word_embeddings=True)
+    ids = torch.randint(3, 160, (2, 40), generator=torch.Generator().manual_seed(5))
+    calibration = (ids, torch.arange(40).expand(2, 40))
+    sequential = Recipe(awq=True, gptq=True, act_order=True, sequential=True)
+    dtype = storage_dtype(model)
+    with torch.no_grad():
+        quantizer = quantize_layers(model, None, sequential, False, 32, dtype, calibration)
+        plain = quantize_layers(model, None, replace(sequential, sequential=False), False, 32, dtype, calibration)
+    assert torch.equal(quantizer.quantized["model.layers.0.mlp.down_proj"].codes,
+                       plain.quantized["model.layers.0.mlp.down_proj"].codes)
+    assert not torch.equal(quantizer.quantized["model.layers.1.mlp.down_proj"].codes,
+                           plain.quantized["model.layers.1.mlp.down_proj"].codes)
+    folder = save_w4a16(model, None, tmp_path / "awq", "awq", "w4a16_asym", 32, calibration, recipe=sequential)
+    written, _ = velotune.load_model(dequantized_folder(folder, tmp_path / "plain"), dtype=torch.float32,
+                                     device="cpu")
+    args = layer_arguments(written, ids, calibration[1])
+    hidden = args[0][0]
+    with torch.no_grad():
+        for index, layer in enumerate(written.model.layers):
+            expected = layer(hidden, *args[index][1:])
+            got = quantizer.quantized_layer(index)(hidden, *args[index][1:])
+            assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), float((got - expected).abs().max())
+            hidden = expected
+
+
+def test_symmetric_grid_reaches_both_ends():
+    """A symmetric grid's codes run -8..7: a group whose largest magnitude is negative takes the
+    -8 end (scale |min| / 8), not |min| / 7, so values on that grid round back exactly."""
+    w = torch.tensor([[-0.8, -0.3, 0.0, 0.2, 0.5, 0.7, -0.1, 0.4]]) * 0.5
+    q = rtn(w, 8, True, torch.float32, shrinks=(1.0,))
+    assert float(q.scale) == pytest.approx(0.05) and int(q.codes.min()) == -8
+    assert torch.allclose(q.dequantized(), w, atol=1e-7)

@@ -32,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", metavar="TYPE",
                    help=f"weight type: {', '.join(QUANTS['hf'])} for hf (default: the model's dtype); "
                         f"{', '.join(QUANTS['gguf'])} for gguf (default f16) and ollama (default q8_0); "
-                        f"{', '.join(QUANTS['awq'])} for awq (default w4a16_asym, zero points) and gptq "
-                        "(default w4a16, symmetric)")
+                        f"{', '.join(QUANTS['awq'])} for awq and gptq (default w4a16_asym, zero points; "
+                        "w4a16: symmetric)")
     p.add_argument("--out", help="output folder (or .gguf file for --to gguf); default RUN_DIR/export-FORMAT")
     p.add_argument("--group-size", type=int, metavar="N",
                    help="awq/gptq: input columns per scale (default 128, or 64/32 where 128 does not divide "
@@ -58,14 +58,14 @@ def run(args: argparse.Namespace) -> int:
         if calibrated(args.to, args.quant, args.calibrate):
             from velotune.errors import LoadError
             from velotune.loaders import load_tokenizer
-            from velotune.train.export_calibration import run_calibration
+            from velotune.train.export_calibration import calibration_tokens, run_calibration
 
             source = resolve_source(args.run_dir)
             try:
                 tokenizer = load_tokenizer(source)
             except LoadError:
                 tokenizer = None     # the export itself names what is wrong with the source
-            calibration, note = run_calibration(source, tokenizer)
+            calibration, note = run_calibration(source, tokenizer, calibration_tokens(args.to))
             print(note if calibration is not None else f"note: {note}; calibrating on generic chat text",
                   file=sys.stderr)
         written = export(args.run_dir, to=args.to, quant=args.quant, out=args.out, calibrate=args.calibrate,

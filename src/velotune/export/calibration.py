@@ -13,8 +13,8 @@ real inputs, so here the rounding minimises that instead:
   the calibration hidden states, never every layer's.
 - `gptq_quantize` keeps the block format's grid (fitted per block, with the input channels'
   mean squared activation as importance, as llama.cpp's imatrix does) and chooses codes column by
-  column, spreading each column's rounding error over the columns not yet rounded through the
-  inverse Hessian (GPTQ, Frantar et al. 2022), which minimises ||X W^T - X Q^T||.
+  column with GPTQ's sweep (`gptq.py`, shared with the W4A16 export), which minimises
+  ||X W^T - X Q^T||.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES
 
-from velotune.export.blockgrid import Codec, interleave
+from velotune.export.blockgrid import Codec, Grid, interleave
+from velotune.export.gptq import sweep
 from velotune.models.calibration import (CALIBRATION_CONVERSATIONS, calibration_ids, layer_arguments,
                                          run_with_input_statistics)
 from velotune.models.transformer import Transformer
@@ -76,45 +77,24 @@ class LayerStatistics:
 def gptq_quantize(w: np.ndarray, hessian: torch.Tensor, codec: Codec, damp: float = 0.01,
                   use_importance: bool = True) -> np.ndarray:
     """Quantize `w` [rows, cols] (float32) to `codec`'s bytes [rows, row bytes], choosing codes
-    with GPTQ's error compensation under H = X^T X [cols, cols]."""
+    with GPTQ's error compensation under H = X^T X [cols, cols] (`gptq.sweep`), each block's
+    grid fitted to the weights as compensated so far."""
     rows, cols = w.shape
     if cols % codec.block:
         raise ValueError(f"rows of {cols} values are not whole {codec.qtype.name} blocks of {codec.block}")
-    h = hessian.to(torch.float64).clone()
-    diag = torch.diagonal(h)
+    diag = torch.diagonal(hessian).to(torch.float64)
     importance = (diag / max(float(diag.max()), 1e-30)).float().numpy() if use_importance else None
-    dead = diag == 0
-    h[dead, dead] = 1.0
-    h += damp * float(torch.mean(torch.diagonal(h))) * torch.eye(cols, dtype=torch.float64)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    u = torch.linalg.cholesky(inverse, upper=True).float()  # rows of the inverse's Cholesky factor
+    grids: dict[int, Grid] = {}
 
-    weights = torch.from_numpy(np.array(w, dtype=np.float32))
-    codes = torch.empty((rows, cols), dtype=torch.int32)
-    grids = []
-    span = max(1, 128 // codec.block) * codec.block  # lazy-update span: whole blocks
-    for start in range(0, cols, span):
-        end = min(start + span, cols)
-        part = weights[:, start:end].clone()
-        errors = torch.zeros_like(part)
-        for i in range(end - start):
-            col = start + i
-            if col % codec.block == 0:  # fit the block's grid to the weights as compensated so far
-                imp = None if importance is None else np.broadcast_to(importance[col:col + codec.block],
-                                                                      (rows, codec.block))
-                grid = codec.fit(part[:, i:i + codec.block].numpy(), imp)
-                grids.append(grid)
-                scales, offsets = torch.from_numpy(grid.scale), torch.from_numpy(grid.offset)
-            sub = (col % codec.block) // codec.sub
-            s, o = scales[:, sub], offsets[:, sub]
-            q = torch.where(s == 0, 0.0, torch.round((part[:, i] - o) / torch.where(s == 0, 1.0, s)))
-            q = q.clamp(codec.qmin, codec.qmax)
-            codes[:, col] = q.to(torch.int32)
-            err = (part[:, i] - (s * q + o)) / u[col, col]
-            part[:, i:] -= err[:, None] * u[col, col:end][None, :]
-            errors[:, i] = err
-        weights[:, end:] -= errors @ u[start:end, end:]
+    def fit(index: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        columns = slice(index * codec.block, (index + 1) * codec.block)
+        imp = None if importance is None else np.broadcast_to(importance[columns], (rows, codec.block))
+        grid = grids[index] = codec.fit(values.numpy(), imp)
+        return (torch.from_numpy(grid.scale).repeat_interleave(codec.sub, dim=1),
+                torch.from_numpy(grid.offset).repeat_interleave(codec.sub, dim=1))
 
-    grid = interleave(grids)
-    data = codec.pack(codes.numpy().reshape(-1, codec.block), grid)
+    codes = sweep(torch.from_numpy(np.array(w, dtype=np.float32)), hessian, codec.block, fit, codec.qmin,
+                  codec.qmax, damp)
+    grid = interleave([grids[i] for i in range(len(grids))])
+    data = codec.pack(codes.numpy().astype(np.int32).reshape(-1, codec.block), grid)
     return data.reshape(rows, cols // codec.block * GGML_QUANT_SIZES[codec.qtype][1])

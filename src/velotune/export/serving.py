@@ -1,7 +1,7 @@
 """AWQ and GPTQ exports: 4-bit weights (W4A16) in the compressed-tensors layout vLLM and transformers load.
 
     export("runs/chat", to="awq")                      # zero-point grids (w4a16_asym), group 128
-    export("runs/chat", to="gptq", quant="w4a16")      # symmetric grids, GPTQ rounding
+    export("runs/chat", to="gptq", quant="w4a16")      # symmetric grids, GPTQ rounding alone
 
 The folder is the merged Hugging Face folder (`hf.py`: config.json, tokenizer, generation
 config) with every decoder linear replaced by its packed 4-bit form (`packing.py`); embeddings,
@@ -10,21 +10,28 @@ llm-compressor leaves it).
 
 How: calibration rows (the run's own training rows when the caller passes them, else generic
 chat text) go through the model one decoder layer at a time (`models/calibration.py`); for each
-layer, H = X^T X of every linear's input, then
-- awq: per input channel scales searched on H for each set of linears reading one input
+layer, H = X^T X of every linear's input, then, as the method's `Recipe` says:
+- AWQ scales: per input channel scales searched on H for each set of linears reading one input
   (q/k/v, gate/up, down from up, o from v -- the v row a head's o columns read, so grouped-query
   heads share one scale), folded into the producer: the norm's weight (its offset kept, Gemma's
-  1 + w), the rows (and bias) of up_proj or v_proj; then round-to-nearest with H-weighted
-  clipping. Only exact rewrites are made, so the 16-bit model computes the same function;
-- gptq: GPTQ rounding under H (`w4a16.gptq`).
-The next layer's input is the 16-bit layer's output. Phi-3's fused qkv/gate_up are quantized per
-part and joined (rows), as the packing allows.
+  1 + w), the rows (and bias) of up_proj or v_proj. Only exact rewrites are made, so the 16-bit
+  model computes the same function;
+- rounding: GPTQ under H (`w4a16.gptq`), in act order, or round-to-nearest with the clipping
+  search on H's diagonal blocks.
+--to awq is AWQ's scales followed by GPTQ's rounding (the combination llm-compressor's recipes
+use), --to gptq GPTQ alone; plain min/max round-to-nearest (`rtn`) is the benchmark's baseline.
+Sequential calibration: the next layer's input is the output of this layer as the folder holds
+it (`LayerQuantizer.quantized_layer`), so each layer's rounding also corrects for the error the
+layers before it made. Phi-3's fused qkv/gate_up are quantized per part and joined (rows), as the
+packing allows.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,7 @@ from velotune.export.errors import ExportError
 from velotune.export.hf import INDEX_FILE, config_json, write_sidecars
 from velotune.export.packing import pack_columns, pack_rows, quantization_config
 from velotune.export.progress import track
-from velotune.export.w4a16 import Quantized, awq_scales, gptq, rtn
+from velotune.export.w4a16 import Quantized, awq_scales, diagonal_blocks, gptq, rtn
 from velotune.export.weights import FUSED, FUSED_FAMILIES, effective_linear, export_config, parameter, plan_tensors
 from velotune.models.calibration import calibration_ids, layer_arguments, run_with_input_statistics
 from velotune.models.transformer import Transformer
@@ -43,8 +50,23 @@ from velotune.safetensors_file import save_safetensors
 
 # scheme name (compressed-tensors' preset names) -> symmetric grids
 SCHEMES = {"w4a16": True, "w4a16_asym": False}
-DEFAULT_SCHEME = {"awq": "w4a16_asym", "gptq": "w4a16"}
+DEFAULT_SCHEME = {"awq": "w4a16_asym", "gptq": "w4a16_asym"}
 BASELINE = "rtn"      # plain min/max round-to-nearest, written the same way: what the benchmark compares with
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a method chooses the 4-bit weights of a layer."""
+    awq: bool                  # activation-aware scales, folded into each input's producer
+    gptq: bool                 # GPTQ rounding (else round-to-nearest)
+    clip: bool = True          # each group's range searched for the lowest H-weighted error (else min/max)
+    act_order: bool = False    # GPTQ visits the columns loudest input first
+    sequential: bool = False   # each layer calibrated on the outputs of the 4-bit layers before it
+
+
+RECIPES = {"awq": Recipe(awq=True, gptq=True, act_order=True, sequential=True),
+           "gptq": Recipe(awq=False, gptq=True, act_order=True, sequential=True),
+           BASELINE: Recipe(awq=False, gptq=False, clip=False)}
 GROUP_SIZES = (128, 64, 32)   # the default: the largest that divides every width (vLLM's kernels take these)
 IGNORED = ["lm_head"]
 
@@ -107,8 +129,8 @@ class LayerQuantizer:
     """Quantizes the decoder layers one by one; keeps the packed linears and the 16-bit tensors
     AWQ rewrote (norms, producer biases), by Hugging Face name."""
 
-    def __init__(self, model: Transformer, method: str, symmetric: bool, group_size: int, dtype: torch.dtype):
-        self.model, self.method, self.symmetric, self.group, self.dtype = model, method, symmetric, group_size, dtype
+    def __init__(self, model: Transformer, recipe: Recipe, symmetric: bool, group_size: int, dtype: torch.dtype):
+        self.model, self.recipe, self.symmetric, self.group, self.dtype = model, recipe, symmetric, group_size, dtype
         self.config = export_config(model)
         self.quantized: dict[str, Quantized] = {}          # linear path -> 4-bit weight
         self.replaced: dict[str, torch.Tensor] = {}        # HF name -> float32 value
@@ -120,16 +142,17 @@ class LayerQuantizer:
         linears = {path: [t if t is None else t.to(device) for t in effective_linear(layer.get_submodule(path),
                                                                                       prefix + path)]
                    for path in hessians}
-        if self.method == "awq":
+        recipe = self.recipe
+        if recipe.awq:
             self._fold_scales(layer, prefix, linears, hessians)
         for path, (weight, bias) in linears.items():
             h = hessians[path]
-            if self.method == "gptq":
-                q = gptq(weight, h, self.group, self.symmetric, self.dtype)
-            elif self.method == BASELINE:
-                q = rtn(weight, self.group, self.symmetric, self.dtype, shrinks=(1.0,))
+            if recipe.gptq:
+                q = gptq(weight, h, self.group, self.symmetric, self.dtype, act_order=recipe.act_order)
+            elif recipe.clip:
+                q = rtn(weight, self.group, self.symmetric, self.dtype, diagonal_blocks(h, self.group))
             else:
-                q = rtn(weight, self.group, self.symmetric, self.dtype, torch.diagonal(h).float())
+                q = rtn(weight, self.group, self.symmetric, self.dtype, shrinks=(1.0,))
             self.quantized[prefix + path] = Quantized(q.codes.cpu(), q.scale.cpu(), None if q.zero is None else
                                                       q.zero.cpu())
             if bias is not None:
@@ -171,8 +194,37 @@ class LayerQuantizer:
         return torch.zeros(channels, device=h.device).index_copy_(0, expand, s.float())
 
 
-def quantize_layers(model: Transformer, tokenizer: Any, method: str, symmetric: bool, group_size: int,
-                    dtype: torch.dtype, calibration: tuple[torch.Tensor, torch.Tensor] | None) -> LayerQuantizer:
+    def quantized_layer(self, index: int) -> nn.Module:
+        """A copy of decoder layer `index` computing with its 4-bit weights (dequantized), the
+        tensors AWQ rewrote, and every tensor rounded to the storage dtype: what a reader of the
+        folder runs."""
+        prefix = f"model.layers.{index}."
+        layer = copy.deepcopy(self.model.model.layers[index])
+        dtype = next(layer.parameters()).dtype
+        for name, q in self.quantized.items():
+            if not name.startswith(prefix):
+                continue
+            path = name[len(prefix):]
+            parent, child = path.rsplit(".", 1)
+            old = layer.get_submodule(path)
+            device = next(old.parameters()).device
+            bias = self.replaced.get(f"{name}.bias")
+            linear = nn.Linear(q.codes.shape[1], q.codes.shape[0], bias=bias is not None, device=device, dtype=dtype)
+            linear.weight.copy_(q.dequantized())
+            if bias is not None:
+                linear.bias.copy_(bias)
+            setattr(layer.get_submodule(parent), child, linear)
+        for name, value in self.replaced.items():
+            if name.startswith(prefix) and not name.endswith("_proj.bias"):
+                layer.get_parameter(name[len(prefix):]).copy_(value)
+        for p in layer.parameters():                     # the folder's 16-bit tensors
+            p.copy_(p.to(self.dtype).to(p.dtype))
+        return layer
+
+
+def quantize_layers(model: Transformer, tokenizer: Any, recipe: Recipe, symmetric: bool, group_size: int,
+                    dtype: torch.dtype, calibration: tuple[torch.Tensor, torch.Tensor] | None,
+                    label: str = "W4A16") -> LayerQuantizer:
     if calibration is None:
         if tokenizer is None:
             raise ExportError("AWQ/GPTQ calibration needs the tokenizer (for generic text) or calibration rows")
@@ -180,12 +232,15 @@ def quantize_layers(model: Transformer, tokenizer: Any, method: str, symmetric: 
     ids, positions = calibration
     args = layer_arguments(model, ids, positions)
     hidden = args[0][0]
-    quantizer = LayerQuantizer(model, method, symmetric, group_size, dtype)
+    quantizer = LayerQuantizer(model, recipe, symmetric, group_size, dtype)
     layers = model.model.layers
-    for index in track(range(len(layers)), len(layers), f"{method.upper()} W4A16 layers"):
-        hidden, hessians = run_with_input_statistics(layers[index], hidden, args[index], is_decoder_linear,
-                                                     torch.float64)
+    for index in track(range(len(layers)), len(layers), f"{label} layers"):
+        out, hessians = run_with_input_statistics(layers[index], hidden, args[index], is_decoder_linear,
+                                                  torch.float64)
         quantizer.layer(index, hessians)
+        if recipe.sequential:
+            out = quantizer.quantized_layer(index)(hidden, *args[index][1:])
+        hidden = out
     return quantizer
 
 
@@ -222,9 +277,11 @@ def output_tensors(model: Transformer, quantizer: LayerQuantizer, dtype: torch.d
 
 def save_w4a16(model: Transformer, tokenizer: Any, out: Path, method: str, scheme: str,
                group_size: int | None = None, calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
-               generation_config: dict[str, Any] | None = None, max_shard_size: int = 5 * 1000**3) -> Path:
+               generation_config: dict[str, Any] | None = None, max_shard_size: int = 5 * 1000**3,
+               recipe: Recipe | None = None) -> Path:
     """Write the folder `out`; `calibration`: (ids [B, L], positions [B, L]) of the run's own rows,
-    None for generic chat text; `group_size` None: 128, or 64 or 32 where 128 does not divide."""
+    None for generic chat text; `group_size` None: 128, or 64 or 32 where 128 does not divide;
+    `recipe`: other than the method's (`RECIPES`), for comparisons."""
     if method not in (*DEFAULT_SCHEME, BASELINE):
         raise ExportError(f"unknown 4-bit method {method!r}; choose awq or gptq")
     if scheme not in SCHEMES:
@@ -232,7 +289,8 @@ def save_w4a16(model: Transformer, tokenizer: Any, out: Path, method: str, schem
     group_size = check_model(model, group_size)
     dtype = storage_dtype(model)
     with torch.no_grad():
-        quantizer = quantize_layers(model, tokenizer, method, SCHEMES[scheme], group_size, dtype, calibration)
+        quantizer = quantize_layers(model, tokenizer, recipe or RECIPES[method], SCHEMES[scheme], group_size, dtype, calibration,
+                                    f"{method.upper()} W4A16")
         tensors = output_tensors(model, quantizer, dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
     used = 0

@@ -5,14 +5,14 @@ q in [-8, 7] (`packing.py`); symmetric grids have zero = 0. The error that count
 output error on calibration inputs X, tr(D H D^T) with D = W - deq(Q) and H = X^T X, so every
 choice below is judged by H (computed in `serving.py`), never by the weights alone.
 
-- `fit_grid`: min/max (or absmax) of each group, then a shrink of that range (0.70 .. 1.00)
-  chosen per group to minimise the squared error weighted by each column's mean squared input
-  (H's diagonal) -- the clipping search AWQ and llm-compressor's MSE observer both do. Scales are
+- `fit_grid`: min/max of each group (symmetric: the smallest scale whose -8 and 7 ends reach
+  the group's extremes), then a shrink of that range (0.50 .. 1.00) chosen per group to minimise
+  the output error of the group on its own, d H_g d^T with H_g the group's diagonal block of H
+  (or, cheaper, the squared error weighted by H's diagonal) -- AWQ's clipping search. Scales are
   rounded to the dtype they are stored in before the codes are chosen, so what a reader
   dequantizes is exactly what was optimised.
-- `gptq`: codes chosen column by column, each column's rounding error spread over the columns
-  not yet rounded through the inverse Hessian's Cholesky factor (Frantar et al. 2022), the grid
-  of a group fitted when its first column is reached, to the weights as compensated so far.
+- `gptq`: GPTQ's column sweep (`gptq.py`, Frantar et al. 2022), each group's grid fitted when
+  its first column is reached, to the weights as compensated so far; optionally in act order.
 - `awq_scales`: per input channel scales s = a^alpha / sqrt(max * min) (a = RMS of the channel's
   input), alpha searched over 0, 0.1, .. 1 for the lowest output error of all linears reading
   that input, each quantized as W diag(s) and read with inputs X diag(1/s) (Lin et al. 2023).
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
+from velotune.export.gptq import sweep
 from velotune.export.packing import QMAX, QMIN, dequantize
 
-SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+SHRINKS = tuple(1.0 - i / 20 for i in range(11))     # 1.0 .. 0.5, as AWQ's clipping search
 ALPHAS = tuple(i / 10 for i in range(11))
-GPTQ_BLOCK = 128          # columns per lazy-update block
 
 
 @dataclass
@@ -46,9 +46,9 @@ class Quantized:
 
 def _grid(w: torch.Tensor, symmetric: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., group] float32 -> (scale [...] in `dtype`'s values as float32, zero [...] float32)."""
-    if symmetric:
-        peak = w.abs().amax(dim=-1)
-        scale = (peak / QMAX).to(dtype).float()
+    if symmetric:   # the grid's ends are -8 s and 7 s: the smallest s reaching both extremes
+        peak = torch.maximum(w.amax(dim=-1) / QMAX, w.amin(dim=-1) / QMIN)
+        scale = peak.to(dtype).float()
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return scale, torch.zeros_like(scale)
     lo = w.amin(dim=-1).clamp(max=0.0)
@@ -67,14 +67,19 @@ def fit_grid(w: torch.Tensor, group: int, symmetric: bool, dtype: torch.dtype,
              importance: torch.Tensor | None = None, shrinks: tuple[float, ...] = SHRINKS
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grids of w [out, in] per group: (scale, zero) [out, in / group] float32, scale exactly
-    representable in `dtype`. `importance` [in]: how much each column's error counts."""
+    representable in `dtype`. `importance`: how much each column's error counts, [in] (H's
+    diagonal: errors weighted one column at a time), or [in / group, group, group] (H's diagonal
+    blocks: the output error of a group's error vector d, d H_g d^T, cross terms included)."""
     out, cols = w.shape
     g = w.float().reshape(out, cols // group, group)
-    imp = (torch.ones(cols, device=w.device) if importance is None else importance.float()).reshape(1, -1, group)
+    blocks = importance is not None and importance.dim() == 3
+    imp = (torch.ones(cols, device=w.device) if importance is None else importance.float())
+    imp = imp if blocks else imp.reshape(1, -1, group)
     best_scale = best_zero = best_err = None
     for shrink in shrinks:
         scale, zero = _grid(g * shrink, symmetric, dtype)
-        err = (((_round(g, scale, zero) - zero[..., None]) * scale[..., None] - g) ** 2 * imp).sum(dim=-1)
+        d = (_round(g, scale, zero) - zero[..., None]) * scale[..., None] - g
+        err = torch.einsum("ogi,gij,ogj->og", d, imp, d) if blocks else (d ** 2 * imp).sum(dim=-1)
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
         else:
@@ -100,42 +105,30 @@ def _pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, symmetri
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, group: int, symmetric: bool, dtype: torch.dtype,
-         damp: float = 0.01) -> Quantized:
-    """GPTQ rounding of w [out, in] under H = X^T X [in, in]."""
+         damp: float = 0.01, act_order: bool = False) -> Quantized:
+    """GPTQ rounding of w [out, in] under H = X^T X [in, in] (`gptq.sweep`), each group's grid
+    fitted (`fit_grid`, H's diagonal as importance) to the weights as compensated so far."""
     out, cols = w.shape
-    device = w.device
-    h = hessian.to(device=device, dtype=torch.float64).clone()
-    diag = torch.diagonal(h)
-    dead = diag == 0
-    h[dead, dead] = 1.0
-    importance = torch.diagonal(h).float()
-    h += damp * float(diag.mean()) * torch.eye(cols, dtype=torch.float64, device=device)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    u = torch.linalg.cholesky(inverse, upper=True).float()
-
-    weights = w.float().clone()
-    weights[:, dead] = 0.0
-    codes = torch.empty((out, cols), dtype=torch.float32, device=device)
-    scales = torch.empty((out, cols // group), dtype=torch.float32, device=device)
+    diag = torch.diagonal(hessian).to(w.device, torch.float32)
+    importance = torch.where(diag > 0, diag, torch.ones_like(diag))
+    scales = torch.empty((out, cols // group), dtype=torch.float32, device=w.device)
     zeros = torch.empty_like(scales)
-    span = max(1, GPTQ_BLOCK // group) * group
-    for start in range(0, cols, span):
-        end = min(start + span, cols)
-        part = weights[:, start:end].clone()
-        errors = torch.zeros_like(part)
-        for i in range(end - start):
-            col = start + i
-            if col % group == 0:
-                scale, zero = fit_grid(part[:, i:i + group], group, symmetric, dtype, importance[col:col + group])
-                scales[:, col // group], zeros[:, col // group] = scale[:, 0], zero[:, 0]
-            s, z = scales[:, col // group], zeros[:, col // group]
-            q = (torch.round(part[:, i] / s) + z).clamp(QMIN, QMAX)
-            codes[:, col] = q
-            err = (part[:, i] - (q - z) * s) / u[col, col]
-            part[:, i:] -= err[:, None] * u[col, col:end][None, :]
-            errors[:, i] = err
-        weights[:, end:] -= errors @ u[start:end, end:]
+
+    def fit(index: int, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, zero = fit_grid(values, group, symmetric, dtype, importance[index * group:(index + 1) * group])
+        scales[:, index], zeros[:, index] = scale[:, 0], zero[:, 0]
+        return scale.expand(-1, group), (-zero * scale).expand(-1, group)
+
+    codes = sweep(w, hessian, group, fit, QMIN, QMAX, damp, act_order)
     return _pack(codes, scales, zeros, symmetric, dtype)
+
+
+def diagonal_blocks(hessian: torch.Tensor, group: int) -> torch.Tensor:
+    """H [in, in] -> its diagonal blocks [in / group, group, group] float32: each group's own
+    share of the output error, the clipping search's measure."""
+    n = hessian.shape[0] // group
+    h = hessian.float().reshape(n, group, n, group)
+    return h[torch.arange(n), :, torch.arange(n), :]
 
 
 def output_error(w: torch.Tensor, q: Quantized, hessian: torch.Tensor, inverse_scale: torch.Tensor | None = None

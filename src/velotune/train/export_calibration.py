@@ -23,15 +23,26 @@ from velotune.train import methods
 from velotune.train.run_folder import CONFIG_FILE
 
 Calibration = tuple[torch.Tensor, torch.Tensor]
+# AWQ/GPTQ fit H = X^T X [in, in] of every linear, up to the MLP's width; 4,096 tokens leave it
+# poorly determined (GPTQ fits the calibration text, not the model), and a W4A16 export has no
+# per-row backward pass that would make more rows costly (the dynamic GGUF mix has).
+W4A16_TOKENS = 16384
 
 
-def rows_calibration(rows: Sequence[Sequence[int]]) -> Calibration | None:
-    """(ids [B, L], positions [B, L]) of training token rows, or None when there are none."""
+def calibration_tokens(to: str) -> int:
+    """Training tokens a calibrated export to `to` runs through the model."""
+    return W4A16_TOKENS if to in ("awq", "gptq") else methods.CALIBRATION_TOKENS
+
+
+def rows_calibration(rows: Sequence[Sequence[int]], tokens: int = methods.CALIBRATION_TOKENS) -> Calibration | None:
+    """(ids [B, L], positions [B, L]) of up to `tokens` of training token rows, or None when there
+    are none."""
     rows = [row for row in rows if row]
-    return methods.calibration_rows(rows) if rows else None
+    return methods.calibration_rows(rows, tokens) if rows else None
 
 
-def run_calibration(run_dir: str | Path, tokenizer: Any) -> tuple[Calibration | None, str]:
+def run_calibration(run_dir: str | Path, tokenizer: Any, tokens: int = methods.CALIBRATION_TOKENS
+                    ) -> tuple[Calibration | None, str]:
     """(calibration batch or None, one line saying where it came from or why there is none)."""
     from velotune.train.config import load_config
     from velotune.train.data import TrainData
@@ -50,7 +61,7 @@ def run_calibration(run_dir: str | Path, tokenizer: Any) -> tuple[Calibration | 
         return None, f"{config_file}: its training data could not be read ({str(exc).splitlines()[0]})"
     if not isinstance(data, TrainData):
         return None, f"{config_file}: method {config.method}'s data are not token rows"
-    calibration = rows_calibration([e.input_ids for e in data.train])
+    calibration = rows_calibration([e.input_ids for e in data.train], tokens)
     if calibration is None:
         return None, f"{config_file}: the training data holds no rows"
     ids = calibration[0]

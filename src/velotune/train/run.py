@@ -199,10 +199,11 @@ def finish(result: RunResult, model, tokenizer, config: TrainConfig, trainer: Tr
         result.report = write_report(out, summary, read_metrics(out))
         say(f"report: {result.report}")
     if config.export:
-        from velotune.train.export_calibration import rows_calibration
+        from velotune.train.export_calibration import calibration_tokens, rows_calibration
 
-        calibration = rows_calibration([e.input_ids for e in data.train]) if isinstance(data, TrainData) else None
+        rows = [e.input_ids for e in data.train] if isinstance(data, TrainData) else []
         for entry in config.export:
+            calibration = rows_calibration(rows, calibration_tokens(entry.partition(":")[0]))
             result.exports.append(export_result(model, tokenizer, out, entry, say, calibration))
 
 
