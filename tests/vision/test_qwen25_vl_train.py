@@ -6,12 +6,10 @@ the same logits and greedy tokens; PEFT reads the adapter onto transformers' mod
 and `velotune data` carry images of different token counts; errors name the row."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from tests.cli.cli_helpers import write_config
-from tests.vision.vlm_helpers import image_rows, make_qwen25_vlm, write_rows, write_samples
+from tests.vision.vlm_helpers import image_rows, make_qwen25_vlm, train_on_photos, write_rows, write_samples
 
 import velotune
 from velotune.cli import main
@@ -37,24 +35,11 @@ def prompt(tokenizer, files, names):
 
 def test_train_generate_and_export(tmp_path, capsys):
     model = make_qwen25_vlm(tmp_path / "model")
-    files = write_samples(tmp_path / "data")
-    data = write_rows(tmp_path / "data" / "train.jsonl", image_rows(files, repeat=2))
-    run = tmp_path / "run"
-    config = write_config(tmp_path / "run.yaml", model=str(model), dataset=str(data), output_dir=str(run),
-                          method="lora", lora_r=8, lora_alpha=16, max_steps=12, micro_batch_size=4,
-                          learning_rate=1e-2, warmup_steps=0, max_seq_length=96, sample_prompts=0,
-                          eval_split=0.0, save_steps=0, seed=0)
-    assert main(["train", str(config), "--no-progress"]) == 0
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
-
+    run, files = train_on_photos(tmp_path, model)
     trained, tokenizer = velotune.load_model(run / "adapter", dtype=torch.float32, device="cpu")
     adapted = {n.rsplit(".lora_", 1)[0] for n, _ in trained.named_parameters() if ".lora_A" in n}
     assert {"multi_modal_projector.linear_1", "multi_modal_projector.linear_2"} <= adapted
     assert not any(n.startswith("vision_tower.") for n in adapted)
-    base, _ = velotune.load_model(model, dtype=torch.float32, device="cpu")
-    for name, value in base.vision_tower.state_dict().items():   # the tower stayed frozen
-        assert torch.equal(trained.vision_tower.state_dict()[name], value)
 
     assert main(["export", str(run), "--to", "hf"]) == 0
     merged = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(run / "export-hf",

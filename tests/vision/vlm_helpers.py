@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from tests.cli.cli_helpers import byte_tokenizer
+from tests.cli.cli_helpers import byte_tokenizer, write_config
 
 IMAGE = "<image>"
 CHATML_IMAGES = (
@@ -178,3 +178,26 @@ def make_qwen25_vlm(folder: Path, seed: int = 0, min_pixels: int = 28 * 28 * 4, 
     tokenizer.save(folder)
     transformers.Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(folder)
     return folder
+
+
+def train_on_photos(tmp_path: Path, model: Path) -> tuple[Path, dict[str, Path]]:
+    """`velotune train` (LoRA r8 on decoder and projector, 12 steps) on the photographs, asserting
+    the loss falls and the tower stays frozen; returns the run folder and the photographs."""
+    import velotune
+    from velotune.cli import main
+
+    files = write_samples(tmp_path / "data")
+    data = write_rows(tmp_path / "data" / "train.jsonl", image_rows(files, repeat=2))
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", model=str(model), dataset=str(data), output_dir=str(run),
+                          method="lora", lora_r=8, lora_alpha=16, max_steps=12, micro_batch_size=4,
+                          learning_rate=1e-2, warmup_steps=0, max_seq_length=96, sample_prompts=0,
+                          eval_split=0.0, save_steps=0, seed=0)
+    assert main(["train", str(config), "--no-progress"]) == 0
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
+    trained, _ = velotune.load_model(run / "adapter", dtype=torch.float32, device="cpu")
+    base, _ = velotune.load_model(model, dtype=torch.float32, device="cpu")
+    for name, value in base.vision_tower.state_dict().items():
+        assert torch.equal(trained.vision_tower.state_dict()[name], value), name
+    return run, files
