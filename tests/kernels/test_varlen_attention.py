@@ -72,6 +72,21 @@ def test_cpu_dispatch_takes_the_reference():
                                varlen_attention_reference(q, k, v, offsets, 0.25))
 
 
+def assert_flash_matches_reference(q, k, v, offsets, max_len: int, scale: float, **options) -> None:
+    """The GPU flash path (forward and the q/k/v gradients) against the float32 reference."""
+    out = varlen_attention(q, k, v, offsets, max_len, scale, **options)
+    assert type(out.grad_fn).__name__ == "VarlenFlashAttentionBackward"
+    ref = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    want = varlen_attention_reference(*ref, offsets, scale, **options)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    wants = torch.autograd.grad(want, ref, dout.float())
+    tol = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), want, **tol)
+    for g, w in zip(grads, wants):
+        torch.testing.assert_close(g.float(), w, **tol)
+
+
 GPU_CASES = [([37, 1, 130, 64], None, 130), ([300, 0, 45, 0, 0], None, 512), ([200, 57], 64, 256),
              ([1000, 24], None, 1024)]
 
@@ -84,17 +99,7 @@ def test_flash_matches_reference(dtype, lengths, window, max_len):
         pytest.skip("needs CUDA")
     torch.manual_seed(0)
     q, k, v, offsets = inputs(lengths, heads=8, kv_heads=2, dim=64, dtype=dtype, device="cuda")
-    out = varlen_attention(q, k, v, offsets, max_len, 0.125, window)
-    assert type(out.grad_fn).__name__ == "VarlenFlashAttentionBackward"
-    ref = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    want = varlen_attention_reference(*ref, offsets, 0.125, window)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    wants = torch.autograd.grad(want, ref, dout.float())
-    tol = dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(out.float(), want, **tol)
-    for g, w in zip(grads, wants):
-        torch.testing.assert_close(g.float(), w, **tol)
+    assert_flash_matches_reference(q, k, v, offsets, max_len, 0.125, window=window)
 
 
 @pytest.mark.gpu
@@ -129,14 +134,4 @@ def test_two_way_flash_matches_reference(lengths):
         pytest.skip("needs CUDA")
     torch.manual_seed(0)
     q, k, v, offsets = inputs(lengths, heads=16, kv_heads=16, dim=80, dtype=torch.bfloat16, device="cuda")
-    out = varlen_attention(q, k, v, offsets, max(lengths), 80 ** -0.5, causal=False)
-    assert type(out.grad_fn).__name__ == "VarlenFlashAttentionBackward"
-    ref = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    want = varlen_attention_reference(*ref, offsets, 80 ** -0.5, causal=False)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    wants = torch.autograd.grad(want, ref, dout.float())
-    tol = dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(out.float(), want, **tol)
-    for g, w in zip(grads, wants):
-        torch.testing.assert_close(g.float(), w, **tol)
+    assert_flash_matches_reference(q, k, v, offsets, max(lengths), 80 ** -0.5, causal=False)
