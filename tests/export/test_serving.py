@@ -205,6 +205,26 @@ def test_generic_text_when_no_rows(tmp_path, bpe_tokenizer):
     assert calibration_ids(bpe_tokenizer)[0].numel() > 100
 
 
+def test_sharded_folder_holds_the_one_file_folders_tensors(tmp_path, bpe_tokenizer):
+    """A small `max_shard_size` splits the folder (with transformers' index) into the same tensors
+    the one-file folder holds; writing again into a folder drops the earlier export's files."""
+    model = tiny_model("llama", bpe_tokenizer.vocab_size)
+    calibration = (torch.randint(3, 100, (1, 24), generator=torch.Generator().manual_seed(0)),
+                   torch.arange(24)[None])
+    one = save_w4a16(model, bpe_tokenizer, tmp_path / "one", "gptq", "w4a16", 32, calibration)
+    whole = load_file(str(one / "model.safetensors"))
+    sharded = save_w4a16(model, bpe_tokenizer, tmp_path / "one", "gptq", "w4a16", 32, calibration,
+                         max_shard_size=20_000)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files = sorted(sharded.glob("model*.safetensors"))
+    assert len(files) > 2 and not (sharded / "model.safetensors").exists()
+    assert sorted(set(index["weight_map"].values())) == [f.name for f in files]
+    parts = {name: value for f in files for name, value in load_file(str(f)).items()}
+    assert parts.keys() == whole.keys() == index["weight_map"].keys()
+    assert all(torch.equal(parts[name], whole[name]) for name in whole)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in whole.values())
+
+
 def test_bad_requests(tmp_path, bpe_tokenizer):
     model = tiny_model("llama", bpe_tokenizer.vocab_size)
     with pytest.raises(ExportError, match="group size 48 does not divide the input width 64 .*--group-size 32"):

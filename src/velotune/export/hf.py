@@ -15,8 +15,9 @@ before the shard is written, so memory holds one shard, not the model twice.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -34,6 +35,7 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 ARCHITECTURE_NAMES = {f.model_type: f.architecture for f in FAMILIES.values()}
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 INDEX_FILE = "model.safetensors.index.json"
+T = TypeVar("T")
 
 
 def composed_config(c: ModelConfig) -> dict[str, Any]:
@@ -125,18 +127,34 @@ def checkpoint_names(config: ModelConfig, tensors: list[PlannedTensor]) -> list[
     return renamed
 
 
-def shard_plan(tensors: list[PlannedTensor], dtype: torch.dtype, max_bytes: int) -> list[list[PlannedTensor]]:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    shards: list[list[PlannedTensor]] = [[]]
+def shard_plan(items: Sequence[T], sizes: Sequence[int], max_bytes: int) -> list[list[T]]:
+    """`items` in order, split where the next one would take a shard past `max_bytes` (an item
+    larger than that gets a shard of its own)."""
+    shards: list[list[T]] = [[]]
     used = 0
-    for t in tensors:
-        size = itemsize * int(torch.Size(t.shape).numel())
+    for item, size in zip(items, sizes):
         if shards[-1] and used + size > max_bytes:
             shards.append([])
             used = 0
-        shards[-1].append(t)
+        shards[-1].append(item)
         used += size
     return shards
+
+
+def weight_files(out: Path, shards: int) -> list[str]:
+    """Creates `out`, deletes the weight files and index of an earlier export there (a smaller
+    model must not leave stale shards beside its own), and names the `shards` files."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    return ["model.safetensors"] if shards == 1 else [f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+                                                      for i in range(shards)]
+
+
+def write_index(out: Path, weight_map: dict[str, str], total: int) -> None:
+    """model.safetensors.index.json: which shard holds each tensor (written for sharded folders)."""
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index_json, indent=2) + "\n", encoding="utf-8")
 
 
 def save_hf(model: Transformer, tokenizer: Any, out: Path, dtype: torch.dtype,
@@ -148,12 +166,9 @@ def save_hf(model: Transformer, tokenizer: Any, out: Path, dtype: torch.dtype,
         raise ExportError(f"max_shard_size must be positive, got {max_shard_size}")
     config = export_config(model)
     tensors = checkpoint_names(config, plan_tensors(model))
-    shards = shard_plan(tensors, dtype, max_shard_size)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
-        stale.unlink(missing_ok=True)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards = shard_plan(tensors, [itemsize * int(torch.Size(t.shape).numel()) for t in tensors], max_shard_size)
+    names = weight_files(out, len(shards))
 
     weight_map: dict[str, str] = {}
     total = 0
@@ -170,8 +185,7 @@ def save_hf(model: Transformer, tokenizer: Any, out: Path, dtype: torch.dtype,
                 save_safetensors(pending, str(out / names[index]), metadata={"format": "pt"})
                 pending = {}
     if len(shards) > 1:
-        index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / INDEX_FILE).write_text(json.dumps(index_json, indent=2) + "\n", encoding="utf-8")
+        write_index(out, weight_map, total)
 
     write_sidecars(out, config_json(config, dtype), config, generation_config, tokenizer)
     return out

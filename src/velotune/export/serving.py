@@ -28,7 +28,6 @@ packing allows.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +38,8 @@ import torch
 from torch import nn
 
 from velotune.export.errors import ExportError
-from velotune.export.hf import INDEX_FILE, config_json, write_sidecars
+from velotune.export.hf import (DEFAULT_SHARD_BYTES, config_json, shard_plan, weight_files, write_index,
+                                write_sidecars)
 from velotune.export.packing import pack_columns, pack_rows, quantization_config
 from velotune.export.progress import track
 from velotune.export.w4a16 import Quantized, awq_scales, diagonal_blocks, gptq, rtn
@@ -193,7 +193,6 @@ class LayerQuantizer:
         # s is a function of the pooled magnitudes alone, so columns of one v row got one value
         return torch.zeros(channels, device=h.device).index_copy_(0, expand, s.float())
 
-
     def quantized_layer(self, index: int) -> nn.Module:
         """A copy of decoder layer `index` computing with its 4-bit weights (dequantized), the
         tensors AWQ rewrote, and every tensor rounded to the storage dtype: what a reader of the
@@ -277,7 +276,7 @@ def output_tensors(model: Transformer, quantizer: LayerQuantizer, dtype: torch.d
 
 def save_w4a16(model: Transformer, tokenizer: Any, out: Path, method: str, scheme: str,
                group_size: int | None = None, calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
-               generation_config: dict[str, Any] | None = None, max_shard_size: int = 5 * 1000**3,
+               generation_config: dict[str, Any] | None = None, max_shard_size: int = DEFAULT_SHARD_BYTES,
                recipe: Recipe | None = None) -> Path:
     """Write the folder `out`; `calibration`: (ids [B, L], positions [B, L]) of the run's own rows,
     None for generic chat text; `group_size` None: 128, or 64 or 32 where 128 does not divide;
@@ -289,30 +288,17 @@ def save_w4a16(model: Transformer, tokenizer: Any, out: Path, method: str, schem
     group_size = check_model(model, group_size)
     dtype = storage_dtype(model)
     with torch.no_grad():
-        quantizer = quantize_layers(model, tokenizer, recipe or RECIPES[method], SCHEMES[scheme], group_size, dtype, calibration,
-                                    f"{method.upper()} W4A16")
+        quantizer = quantize_layers(model, tokenizer, recipe or RECIPES[method], SCHEMES[scheme], group_size, dtype,
+                                    calibration, f"{method.upper()} W4A16")
         tensors = output_tensors(model, quantizer, dtype)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    used = 0
-    for name, value in tensors.items():
-        size = value.numel() * value.element_size()
-        if shards[-1] and used + size > max_shard_size:
-            shards.append({})
-            used = 0
-        shards[-1][name] = value
-        used += size
-    files = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
-        stale.unlink(missing_ok=True)
+    items = list(tensors.items())
+    shards = shard_plan(items, [v.numel() * v.element_size() for _, v in items], max_shard_size)
+    files = weight_files(out, len(shards))
     for shard, file in zip(shards, files):
-        save_safetensors(shard, out / file, metadata={"format": "pt"})
+        save_safetensors(dict(shard), out / file, metadata={"format": "pt"})
     if len(shards) > 1:
-        total = sum(v.numel() * v.element_size() for v in tensors.values())
-        weight_map = {name: file for shard, file in zip(shards, files) for name in shard}
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        total = sum(v.numel() * v.element_size() for _, v in items)
+        write_index(out, {name: file for shard, file in zip(shards, files) for name, _ in shard}, total)
     config = export_config(model)
     cfg = config_json(config, dtype)
     cfg["quantization_config"] = quantization_config(SCHEMES[scheme], group_size, IGNORED)
