@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from velotune.export import (CALIBRATED_TARGETS, DEFAULT_QUANT, QUANTS, ExportError, check_request, export,
-                             resolve_source)
-from velotune.export.gguf import check_calibrate
+from velotune.export import QUANTS, ExportError, calibrates, check_request, export, resolve_source
 from velotune.export.mmproj import mmproj_path
 
 
@@ -45,17 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def calibrated(to: str, quant: str | None, calibrate: bool | None) -> bool:
-    if to in CALIBRATED_TARGETS:
-        return True
-    return to in ("gguf", "ollama") and check_calibrate(quant or DEFAULT_QUANT[to], calibrate)
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         check_request(args.to, args.quant, args.calibrate, args.group_size)
         calibration = None
-        if calibrated(args.to, args.quant, args.calibrate):
+        if calibrates(args.to, args.quant, args.calibrate):
             from velotune.errors import LoadError
             from velotune.loaders import load_tokenizer
             from velotune.train.export_calibration import calibration_tokens, run_calibration

@@ -44,7 +44,7 @@ DEFAULT_QUANT = {"gguf": "f16", "ollama": "q8_0", **DEFAULT_SCHEME}
 CALIBRATED_TARGETS = tuple(DEFAULT_SCHEME)          # calibrated always
 RUN_SUBFOLDERS = ("adapter", "model")
 
-__all__ = ["ExportError", "QUANTS", "export", "resolve_source"]
+__all__ = ["ExportError", "QUANTS", "calibrates", "export", "resolve_source"]
 
 
 def check_request(to: str, quant: str | None, calibrate: bool | None = None,
@@ -99,6 +99,14 @@ def load_source(path: Path, quant: str | None) -> tuple[Transformer, Any, dict[s
 def default_out(source: Path, to: str) -> Path:
     folder = source.parent if source.is_file() or source.name in RUN_SUBFOLDERS else source
     return folder / f"export-{to}"
+
+
+def calibrates(to: str, quant: str | None, calibrate: bool | None = None) -> bool:
+    """Whether an export to `to` rounds on calibration rows, so a caller holding training rows
+    should pass them (awq/gptq always; GGUF and Ollama by the type's default or `calibrate`)."""
+    if to in CALIBRATED_TARGETS:
+        return True
+    return to in ("gguf", "ollama") and check_calibrate(quant or DEFAULT_QUANT[to], calibrate)
 
 
 def export(source: Transformer | str | Path, to: str = "hf", quant: str | None = None,

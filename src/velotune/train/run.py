@@ -199,11 +199,13 @@ def finish(result: RunResult, model, tokenizer, config: TrainConfig, trainer: Tr
         result.report = write_report(out, summary, read_metrics(out))
         say(f"report: {result.report}")
     if config.export:
+        from velotune.export import calibrates
         from velotune.train.export_calibration import calibration_tokens, rows_calibration
 
         rows = [e.input_ids for e in data.train] if isinstance(data, TrainData) else []
         for entry in config.export:
-            calibration = rows_calibration(rows, calibration_tokens(entry.partition(":")[0]))
+            to, _, quant = entry.partition(":")
+            calibration = rows_calibration(rows, calibration_tokens(to)) if calibrates(to, quant or None) else None
             result.exports.append(export_result(model, tokenizer, out, entry, say, calibration))
 
 
