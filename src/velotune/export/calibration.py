@@ -27,8 +27,8 @@ from gguf import GGML_QUANT_SIZES
 
 from velotune.export.blockgrid import Codec, Grid, interleave
 from velotune.export.gptq import sweep
-from velotune.models.calibration import (CALIBRATION_CONVERSATIONS, calibration_ids, layer_arguments,
-                                         run_with_input_statistics)
+from velotune.models.calibration import (CALIBRATION_CONVERSATIONS, calibration_ids, is_decoder_linear,
+                                         layer_arguments, run_with_input_statistics)
 from velotune.models.transformer import Transformer
 
 # Phi-3 exports fuse these; their input is that of the first part.
@@ -56,7 +56,7 @@ class LayerStatistics:
         self.layer += 1
         self.hidden, hessians = run_with_input_statistics(
             self.model.model.layers[self.layer], self.hidden, self.layer_args[self.layer],
-            lambda name, _m: name.count(".") == 1 and name.endswith("_proj"), torch.float64)
+            is_decoder_linear, torch.float64)
         self.hessians = {path: h.cpu() for path, h in hessians.items()}
 
     def hessian(self, hf_name: str) -> torch.Tensor | None:

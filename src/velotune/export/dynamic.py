@@ -32,7 +32,7 @@ from torch import nn
 
 from velotune.export.kquants import K_QUANTS
 from velotune.export.progress import track
-from velotune.models.calibration import pre_hooks
+from velotune.models.calibration import is_decoder_linear
 from velotune.models.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def fisher_diagonals(model: Transformer, ids: torch.Tensor, positions: torch.Ten
     """Hugging Face weight name of each decoder linear -> diagonal Fisher [out, in] (float32, CPU),
     from calibration rows (ids, positions [B, L]) split into rows of at most FISHER_ROW_TOKENS."""
     linears = {f"model.layers.{i}.{path}": module for i, layer in enumerate(model.model.layers)
-               for path, module in layer.named_modules() if path.count(".") == 1 and path.endswith("_proj")}
+               for path, module in layer.named_modules() if is_decoder_linear(path)}
     fisher: dict[str, torch.Tensor] = {}
     inputs: dict[str, torch.Tensor] = {}
 

@@ -44,7 +44,8 @@ from velotune.export.packing import pack_columns, pack_rows, quantization_config
 from velotune.export.progress import track
 from velotune.export.w4a16 import Quantized, awq_scales, diagonal_blocks, gptq, rtn
 from velotune.export.weights import FUSED, FUSED_FAMILIES, effective_linear, export_config, parameter, plan_tensors
-from velotune.models.calibration import calibration_ids, layer_arguments, run_with_input_statistics
+from velotune.models.calibration import (calibration_ids, is_decoder_linear, layer_arguments,
+                                         run_with_input_statistics)
 from velotune.models.transformer import Transformer
 from velotune.safetensors_file import save_safetensors
 
@@ -69,11 +70,6 @@ RECIPES = {"awq": Recipe(awq=True, gptq=True, act_order=True, sequential=True),
            BASELINE: Recipe(awq=False, gptq=False, clip=False)}
 GROUP_SIZES = (128, 64, 32)   # the default: the largest that divides every width (vLLM's kernels take these)
 IGNORED = ["lm_head"]
-
-
-def is_decoder_linear(name: str, _module: nn.Module) -> bool:
-    """A decoder layer's linear, by its path in the layer ("self_attn.q_proj", "mlp.down_proj")."""
-    return name.count(".") == 1 and name.endswith("_proj")
 
 
 def check_model(model: Transformer, group_size: int | None) -> int:

@@ -100,6 +100,12 @@ def layer_arguments(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor
     return args
 
 
+def is_decoder_linear(path: str, _module: nn.Module | None = None) -> bool:
+    """A decoder layer's linear, by its path in the layer ("self_attn.q_proj", "mlp.down_proj"):
+    what the calibrated exports measure and round (`run_with_input_statistics`' `select`)."""
+    return path.count(".") == 1 and path.endswith("_proj")
+
+
 def run_with_input_statistics(layer: nn.Module, hidden: torch.Tensor, args: tuple[Any, ...],
                               select: Callable[[str, nn.Module], bool], dtype: torch.dtype,
                               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
