@@ -99,9 +99,7 @@ class ModelConfig:
             )
         if isinstance(self.vision, dict):   # a config rebuilt from `to_dict`
             self.vision = VisionConfig(**self.vision)
-        if self.mrope_section is not None and 2 * sum(self.mrope_section) != self.rotary_dim:
-            raise ConfigError(f"mrope_section {self.mrope_section} sums to {sum(self.mrope_section)}, not half the "
-                              f"rotary dimension {self.rotary_dim}")
+        self.check_mrope()
         if not self.layer_types:
             kind = "sliding_attention" if self.sliding_window else "full_attention"
             self.layer_types = [kind] * self.num_hidden_layers
@@ -131,6 +129,12 @@ class ModelConfig:
     @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def check_mrope(self, where: str = "") -> None:
+        """M-RoPE's sections must split the rotary frequencies (half the rotary dimension) exactly."""
+        if self.mrope_section is not None and 2 * sum(self.mrope_section) != self.rotary_dim:
+            raise ConfigError(f"{where}mrope_section {self.mrope_section} does not cover half the rotary "
+                              f"dimension {self.rotary_dim}")
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == "sliding_attention" and self.sliding_window is not None
@@ -261,9 +265,7 @@ class ModelConfig:
         config = cls.from_hf_config(text, f"{path} text_config")
         if family.mrope:
             config.mrope_section = mrope or [16, 24, 24]   # transformers' default
-            if 2 * sum(config.mrope_section) != config.rotary_dim:
-                raise ConfigError(f"{path}: mrope_section {config.mrope_section} does not cover half the "
-                                  f"rotary dimension {config.rotary_dim}")
+            config.check_mrope(f"{path}: ")
         config.vision = family.vision_config(cfg, config.hidden_size, path)
         config.multimodal_type = model_type
         config.image_token_id = image_token_id(cfg, family)
