@@ -46,6 +46,7 @@ from velotune.models.masks import (
     spans_from_positions,
 )
 from velotune.models.moe import MoE
+from velotune.models.norms import RMSNorm
 from velotune.models.sinks import attend_with_sinks
 from velotune.models.offload import LayerInputOffloader, OffloadStats, PinnedHostPool, host_room_bytes
 from velotune.models.tiled_mlp import mlp_chunk_size, tiled_mlp
@@ -66,24 +67,6 @@ class ModelOutput:
     hidden_states: torch.Tensor | None = None   # final-norm output, [B, T, H]
     aux_loss_sum: torch.Tensor | None = None    # load balancing, summed over rows by target count (models/moe.py)
     token_logps: torch.Tensor | None = None     # [B, T-1] log p(labels[:, 1:]), 0 where ignored
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
-        super().__init__()
-        # Gemma stores w and scales by (1 + w): its neutral weight is zero.
-        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
-        self.eps, self.offset = eps, offset
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps, self.offset)
-
-    def add_and_normalize(self, residual: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(residual + delta), residual + delta) in one pass (`kernels.add_rms_norm`): a
-        residual add fused with the norm that reads its sum. No delta: (norm(residual), residual)."""
-        if delta is None:
-            return self(residual), residual
-        return kernels.add_rms_norm(delta, residual, self.weight, self.eps, self.offset)
 
 
 class Rotary(nn.Module):

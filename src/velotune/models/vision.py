@@ -35,6 +35,7 @@ from torch import nn
 
 from velotune import kernels
 from velotune.errors import ConfigError
+from velotune.models.norms import RMSNorm
 from velotune.models.vision_grid import image_segments, patch_positions, window_order
 
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu")
@@ -246,20 +247,8 @@ class VisionMLP(nn.Module):
         return self.fc2(activation(self.act, self.fc1(x)))
 
 
-class VisionRMSNorm(nn.Module):
-    """RMSNorm over the last dimension (`kernels.rms_norm`), with the LayerNorm's constructor."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps, 0.0)
-
-
 def vision_norm(c: VisionConfig) -> nn.Module:
-    return VisionRMSNorm(c.hidden_size, c.layer_norm_eps) if c.norm == "rms" else nn.LayerNorm(c.hidden_size,
+    return RMSNorm(c.hidden_size, c.layer_norm_eps) if c.norm == "rms" else nn.LayerNorm(c.hidden_size,
                                                                                                  eps=c.layer_norm_eps)
 
 
@@ -359,7 +348,7 @@ class Projector(nn.Module):
         if c.projector == "mlp":
             inner = c.projector_hidden_size or c.text_hidden_size
             if c.projector_norm:
-                self.norm = VisionRMSNorm(c.hidden_size, c.projector_norm_eps)
+                self.norm = RMSNorm(c.hidden_size, c.projector_norm_eps)
             self.linear_1 = nn.Linear(c.merged_dim, inner, bias=c.projector_bias)
             self.linear_2 = nn.Linear(inner, c.text_hidden_size, bias=c.projector_bias)
         else:
