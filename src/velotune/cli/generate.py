@@ -80,9 +80,7 @@ def image_prompts(tokenizer, args: argparse.Namespace):
         if rendered.count(processor.marker) != len(args.image):
             raise ValueError(f"the chat template wrote {rendered.count(processor.marker)} image marker(s) "
                              f"{processor.marker!r} for {len(args.image)} image(s)")
-        pieces = rendered.split(processor.marker)
-        expanded = pieces[0] + "".join(processor.image_text(n) + piece for n, piece in zip(counts, pieces[1:]))
-        prompts.append(tokenizer.encode(expanded, add_special_tokens=False))
+        prompts.append(tokenizer.encode(processor.expand(rendered, counts), add_special_tokens=False))
     return prompts, {key: torch.cat([value] * len(args.prompt)) for key, value in images.items()}
 
 

@@ -314,9 +314,7 @@ def expand_images(text: str, spans: list[tuple[int, int]], processor, counts: li
     def moved(p: int) -> int:
         return p + sum(len(r) - len(marker) for at, r in zip(starts, replacements) if at < p)
 
-    pieces = text.split(marker)
-    expanded = pieces[0] + "".join(r + piece for r, piece in zip(replacements, pieces[1:]))
-    return expanded, [(moved(a), moved(b)) for a, b in spans]
+    return processor.expand(text, counts), [(moved(a), moved(b)) for a, b in spans]
 
 
 def check_image_tokens_kept(example: Example, tokenizer: ChatTokenizer, max_seq_length: int) -> None:

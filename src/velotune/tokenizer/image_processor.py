@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,11 @@ class ImageProcessor:
     def image_text(self, tokens: int | None = None) -> str:
         """The prompt text one image's marker becomes (`tokens`: its count, for dynamic resolution)."""
         return self.expansion.format(tokens=self.image_token * (self.tokens_per_image if tokens is None else tokens))
+
+    def expand(self, text: str, counts: Sequence[int]) -> str:
+        """`text` with its i-th image marker replaced by the i-th image's tokens (`counts[i]` of them)."""
+        pieces = text.split(self.marker)
+        return pieces[0] + "".join(self.image_text(n) + piece for n, piece in zip(counts, pieces[1:]))
 
     def tokens_for(self, image) -> int:
         """Decoder tokens of this Pillow image."""
