@@ -80,15 +80,16 @@ def _renamed(name: str, prefixes: tuple[tuple[str, str], ...], inner: tuple[tupl
     return name[:-1]
 
 
-def _flipped(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    return tuple((b, a) for a, b in pairs)
+def _visual_name(name: str) -> str:
+    """Our tower or projector path under Qwen2.5-VL's `visual.` names (`to_ours` read backwards)."""
+    return _renamed(name, tuple((b, a) for a, b in QWEN_VISUAL), tuple((b, a) for a, b in QWEN_BLOCK))
 
 
 def to_hf(name: str, family: VisionFamily) -> tuple[str, bool]:
     """(transformers 5.25's checkpoint name for the family, whether to write the tensor
     transposed) of ours."""
     if family.visual_prefix and name.startswith(("vision_tower.", "multi_modal_projector.")):
-        return family.visual_prefix + _renamed(name, _flipped(QWEN_VISUAL), _flipped(QWEN_BLOCK)), False
+        return family.visual_prefix + _visual_name(name), False
     transposed = {ours: hf for hf, ours in TRANSPOSED.items()}
     if name in transposed:
         name, flip = transposed[name], True
@@ -109,7 +110,7 @@ def transformers_name(name: str, family: VisionFamily | None = None) -> str:
     """Our parameter or module path as transformers 5 names it in a vision-language model's memory;
     `to_ours` reads it back."""
     if family is not None and family.visual_prefix and name.startswith(("vision_tower.", "multi_modal_projector.")):
-        return "model." + VISUAL + _renamed(name, _flipped(QWEN_VISUAL), _flipped(QWEN_BLOCK))
+        return "model." + VISUAL + _visual_name(name)
     for prefix, hf in IN_MEMORY_PREFIXES:
         if name.startswith(prefix):
             return hf + name[len(prefix):]
