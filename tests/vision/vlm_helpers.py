@@ -201,3 +201,12 @@ def train_on_photos(tmp_path: Path, model: Path) -> tuple[Path, dict[str, Path]]
     for name, value in base.vision_tower.state_dict().items():
         assert torch.equal(trained.vision_tower.state_dict()[name], value), name
     return run, files
+
+
+def backward_after_equal_outputs(got, want, real: torch.Tensor) -> None:
+    """Our forward's logits (on the `real` tokens) and loss within 1e-5 of transformers', then both
+    losses backpropagated for the gradient comparison that follows."""
+    assert (got.logits[real] - want.logits[real]).abs().max() <= 1e-5 * want.logits.abs().max()
+    assert abs(got.loss.item() - want.loss.item()) <= 1e-5 * want.loss.item()
+    want.loss.backward()
+    got.loss.backward()
