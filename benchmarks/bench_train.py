@@ -297,13 +297,13 @@ def vs_unsloth(args: argparse.Namespace, cfg: dict) -> None:
         found = {system: run_peer(peer_command(system, folder, batch, args, device), "LOOP", system,
                                   deadline - time.monotonic()) for system in ("unsloth", "velotune")}
         config = (f"{name} {'QLoRA' if args.qlora else 'LoRA'} r16 seq {args.seq} micro-batch {batch}, "
-                  f"{args.steps} timed steps after {WARMUP}")
+                  f"{WARMUP} warm-up + {args.steps} timed steps")
         for row in loop_rows(found, config, today(), where):
             append_row(LOOP_SECTION, LOOP_COLUMNS, row, results)
             print("  " + " | ".join(row[2:4] + row[6:]), flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Llama-3.1-8B")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
@@ -325,6 +325,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget-s", type=float, default=3600,
                    help="--vs-unsloth: seconds for the whole run; a system that cannot start by then is skipped")
     p.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
     args = p.parse_args(argv)
     cfg = hf_config(args.model)
     if args.smoke and not args.vs_unsloth:

@@ -77,8 +77,9 @@ def load_velotune(folder: Path, args: argparse.Namespace, result: dict):
     checkpointing = {"on": True, "off": False, "auto": "auto"}[args.checkpointing]
     configure_training_memory(model, checkpointing=checkpointing, offload=True if args.offload else "auto",
                               batch=args.batch, seq=args.seq)   # after the adapters and embeddings, as the trainer
+    base = "NF4" if args.qlora else str(model.lm_head.weight.dtype).removeprefix("torch.")
     result.update(version=f"velotune {velotune.__version__}", setup=(
-        f"eager (no CUDA graphs), {'NF4' if args.qlora else 'bf16'} base, float32 adapters r16 alpha 16, "
+        f"eager (no CUDA graphs), {base} base, float32 adapters r16 alpha 16, "
         f"checkpointing {args.checkpointing}, offload_checkpoints {'true' if args.offload else 'auto'}: "
         f"{'on' if model.offload_checkpoints else 'off'}, input embeddings in "
         f"{'host memory' if on_host(model) else 'device memory'}"))
@@ -108,7 +109,7 @@ def measure_system(folder: Path, args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system", choices=tuple(OPTIMIZERS), required=True)
     p.add_argument("--model", type=Path, required=True, help="the random-weight Hugging Face folder")
@@ -120,7 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpointing", choices=("on", "off", "auto"), default="on", help="velotune's")
     p.add_argument("--offload", action="store_true", help="velotune: offload_checkpoints true (default auto)")
     p.add_argument("--no-offload-embeddings", action="store_true", help="velotune: offload_embeddings false")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse()
     print("LOOP " + json.dumps(measure_system(args.model, args)), flush=True)
     sys.stderr.flush()
     os._exit(0)   # the line is out: no waiting on compile workers or other threads a peer left behind
