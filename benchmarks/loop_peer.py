@@ -7,7 +7,8 @@ optimizer and set-up it ran, and `outcome` ("ok", or the error that ended it, ou
 
 Both systems read the same random-weight folder (bench_train.py writes it) and run bench_train's
 `measure`: the same random tokens from the host, forward with labels, backward, optimizer step,
-3 warm-up steps then `--steps` timed, peak `torch.cuda.max_memory_allocated` over the loop.
+3 warm-up steps then `--steps` timed, peak `torch.cuda.max_memory_allocated` over the loop; no
+autocast on either side (bf16 weights, as a user's own loop calls the model).
 - unsloth, with its recommended settings: `FastLanguageModel.from_pretrained(DIR, max_seq_length,
   dtype=bf16, load_in_4bit=qlora)`, `get_peft_model(r=16, lora_alpha=16, dropout 0, the seven
   projections, bias "none", use_gradient_checkpointing="unsloth")`, `FastLanguageModel.for_training`,
@@ -47,6 +48,8 @@ def adamw_8bit(params: list):
 
 
 def load_unsloth(folder: Path, args: argparse.Namespace, result: dict):
+    import bitsandbytes
+    import peft
     import torch
     import unsloth
     from unsloth import FastLanguageModel
@@ -56,7 +59,8 @@ def load_unsloth(folder: Path, args: argparse.Namespace, result: dict):
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                              bias="none", use_gradient_checkpointing="unsloth", random_state=0)
     FastLanguageModel.for_training(model)      # training mode, keeping the checkpointing get_peft_model chose
-    result.update(version=f"Unsloth {unsloth.__version__}", setup="FastLanguageModel bf16" + (
+    result.update(version=f"Unsloth {unsloth.__version__} (peft {peft.__version__}, bitsandbytes "
+                          f"{bitsandbytes.__version__})", setup="FastLanguageModel bf16" + (
         " load_in_4bit" if args.qlora else "") + ", LoRA r16 alpha 16, checkpointing 'unsloth'")
 
     def step(ids):

@@ -47,7 +47,7 @@ def test_truncated_keeps_every_other_field_and_gpt_oss_layer_pattern():
     name, oss = table["gptoss"]
     cut = call.truncated(oss, 5)
     assert cut["layer_types"] == ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
-    assert call.transformers_config(cut).layer_types == cut["layer_types"]
+    assert common.transformers_config(cut).layer_types == cut["layer_types"]
     toy = call.truncated(oss, 3, tiny=True)
     assert toy["hidden_size"] == 64 and toy["num_local_experts"] == 8 and "num_experts" not in toy
     assert call.label(name, toy, oss) == "gpt-oss-20b at toy widths (3 of 24 layers)"
