@@ -34,19 +34,15 @@ Each system's recipe is in moe_peer.py's docstring.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import bf16_bytes, choose_workdir, folder_for, run_peer, write_folder
+
 HERE = Path(__file__).resolve().parent
 TOKENIZER = HERE.parent / ".bench" / "tokenizer"      # SmolLM2's, from `bench_e2e.py prepare`
 SYSTEMS = ("unsloth", "velotune", "hf")               # run in this order: Unsloth's row is the ratios' base
-PEER_ENV = {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false"}          # as bench_e2e.py runs its peers
 PEER = HERE / "moe_peer.py"
 WARMUP = 2                                            # moe_peer.py's warm-up steps
 KERNEL_SECTION = ("MoE grouped experts, Qwen3-30B-A3B sizes (2,048 tokens x top-8 of 128 experts of 768, bf16, "
@@ -89,68 +85,6 @@ def label(name: str, cfg: dict, full: dict) -> str:
     return name if n == of else f"{name} ({n} of {of} layers)"
 
 
-def folder_for(cfg: dict, workdir: str | Path) -> Path:
-    return Path(workdir) / f"{cfg['model_type']}-{cfg['num_hidden_layers']}L-h{cfg['hidden_size']}"
-
-
-def choose_workdir(workdir: str, need: int) -> Path:
-    """"auto": /dev/shm when it holds the folders with 8 GB to spare (host memory writes and reads
-    back several GB/s, a disk about 0.27), else /tmp/velotune-moe."""
-    if workdir != "auto":
-        return Path(workdir)
-    shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free > 1.1 * need + 8e9:
-        return shm / "velotune-moe"
-    return Path("/tmp/velotune-moe")
-
-
-def bf16_bytes(cfg: dict) -> int:
-    from velotune.models.config import ModelConfig
-
-    return 2 * ModelConfig.from_hf_config(cfg, "moe_peer").num_parameters()
-
-
-def hf_config(cfg: dict):
-    import transformers
-
-    kind = {"qwen3_moe": "Qwen3MoeConfig", "gpt_oss": "GptOssConfig"}[cfg["model_type"]]
-    return getattr(transformers, kind)(**{k: v for k, v in cfg.items() if k != "model_type"})
-
-
-def write_folder(cfg: dict, folder: Path, tokenizer: Path | None, device: str) -> Path:
-    """Random bf16 weights (transformers' own initialisation, seed 0) saved as a Hugging Face folder,
-    with `tokenizer`'s files beside them. A complete folder of the same config is kept (a warm
-    machine's second call); the weights go to `folder`.partial first, renamed when whole."""
-    import torch
-    import transformers
-
-    done = folder / "config.json"
-    if done.exists() and all(json.loads(done.read_text()).get(k) == cfg[k]
-                             for k in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")):
-        return folder
-    need = bf16_bytes(cfg)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder.parent).free
-    if need * 1.05 > free:
-        raise SystemExit(f"{folder}: the random bf16 folder needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB is free "
-                         "(give fewer --layers or another --workdir)")
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.bfloat16)
-    model.save_pretrained(partial)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    if tokenizer is not None:
-        for f in tokenizer.iterdir():
-            shutil.copy(f, partial / f.name)
-    partial.rename(folder)
-    return folder
-
-
 # ------------------------------------------------------------------ rows
 def kernel_name(r: dict) -> str:
     name = {"unsloth": "Unsloth experts forward", "hf": "transformers 5 experts (grouped_mm)"}[r["system"]]
@@ -185,40 +119,15 @@ COLUMNS = ["date", "machine", "model", "system", "recipe", "tokens/s", "peak GiB
 
 # ------------------------------------------------------------------ the call: every system, each in its process
 def run_system(system: str, folder: Path, seq: int, steps: int, device: str, timeout: float) -> dict:
-    if timeout < 30:
-        return {"system": system, "outcome": "skipped: the call's time budget ran out"}
-    args = [sys.executable, str(PEER), "step", f"--system={system}", f"--model={folder}",
-            f"--seq={seq}", f"--steps={steps}", f"--device={device}"]
-    try:
-        done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **PEER_ENV}, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        lines = [line for line in out.splitlines() if line.startswith("MOE ")]
-        return json.loads(lines[-1][4:]) if lines else {"system": system, "outcome": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("MOE ")]
-    if not lines:
-        print(f"{system} printed no result (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        return {"system": system, "outcome": f"exit {done.returncode}: {tail}"}
-    result = json.loads(lines[-1][4:])
-    if result.get("outcome") != "ok":
-        print(f"{system}: {result['outcome']}\n{done.stderr[-3000:]}")
-    return result
+    return run_peer([sys.executable, str(PEER), "step", f"--system={system}", f"--model={folder}", f"--seq={seq}",
+                     f"--steps={steps}", f"--device={device}"], "MOE", system, timeout)
 
 
 def run_kernels(systems: list[str], timeout: float, results: Path | None, where: str) -> None:
     from common import append_row, today
 
     for system in [s for s in ("unsloth", "hf") if s in systems]:
-        args = [sys.executable, str(PEER), "kernel", f"--system={system}"]
-        try:
-            done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **PEER_ENV},
-                                  timeout=max(timeout, 1))
-            lines = [line for line in done.stdout.splitlines() if line.startswith("KERNEL ")]
-            r = json.loads(lines[-1][7:]) if lines else {
-                "system": system, "outcome": f"exit {done.returncode}: {(done.stderr.strip().splitlines() or ['-'])[-1][:200]}"}
-        except subprocess.TimeoutExpired:
-            r = {"system": system, "outcome": f"timed out after {timeout:.0f} s"}
+        r = run_peer([sys.executable, str(PEER), "kernel", f"--system={system}"], "KERNEL", system, timeout)
         ms = f"{r['ms']:.3f}" if r.get("ms") else "-"
         print(f"  {kernel_name(r):60s} fwd+bwd {ms} ms  (rel. diff to velotune {r.get('rel_diff', float('nan')):.1e}; "
               f"forward {r.get('forward')})")
@@ -248,7 +157,7 @@ def run(args: argparse.Namespace) -> None:
     if args.kernels:
         print("grouped experts, Qwen3-30B-A3B sizes, peers:")
         run_kernels(args.systems, min(150.0, deadline - time.monotonic()), results_file, where)
-    workdir = choose_workdir(args.workdir, sum(bf16_bytes(cfg) for cfg in cfgs.values()))
+    workdir = choose_workdir(args.workdir, sum(bf16_bytes(cfg) for cfg in cfgs.values()), "velotune-moe")
     folders = {}
     for key, cfg in cfgs.items():
         if deadline - time.monotonic() < 90:
@@ -307,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             name, full = models()[key]
             cfg = truncated(full, args.layers, args.tiny)
             tok = None if args.tokenizer in ("", "none") else Path(args.tokenizer)
-            folder = write_folder(cfg, folder_for(cfg, choose_workdir(args.workdir, bf16_bytes(cfg))),
+            folder = write_folder(cfg, folder_for(cfg, choose_workdir(args.workdir, bf16_bytes(cfg), "velotune-moe")),
                                   tok if tok is not None and tok.exists() else None, args.device)
             print(f"{label(name, cfg, full)}: {folder}")
     else:

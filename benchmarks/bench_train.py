@@ -33,22 +33,43 @@ too) change velotune's side only; transformers keeps checkpointing on. Those row
 estimator comparison. `--workdir DIR` keeps the random QLoRA checkpoint for the next run.
 
     python benchmarks/bench_train.py --model Llama-3.1-8B --batch 4 --checkpointing auto
+
+`--vs-unsloth` compares velotune with Unsloth instead, each system in its own process
+(benchmarks/loop_peer.py; Unsloth's import patches transformers and torch), in this same loop on
+the same random-weight folder (written once on the GPU with SmolLM2's tokenizer from .bench/, into
+/dev/shm where it fits, and kept for the next call) and the same tokens. velotune runs eagerly (no
+CUDA graphs: the model a user's own loop calls) with its trainer's defaults, Unsloth with its
+recommended settings and optimizer; loop_peer.py's docstring lists both. Rows go to "Plain
+training loop vs Unsloth" with velotune's speed and memory as ratios to Unsloth's; `--budget-s`
+skips what cannot start in time. `--smoke` runs it all on the CPU at toy widths.
+
+    python benchmarks/bench_train.py --vs-unsloth --model Llama-3.1-8B --batch 1 4 [--qlora] --budget-s 550
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from common import append_row, bf16_matmul_tflops, machine, require_cuda, today, train_flops_per_token
+from common import (append_row, bf16_bytes, bf16_matmul_tflops, choose_workdir, folder_for, machine, require_cuda,
+                    run_peer, today, train_flops_per_token, transformers_config, write_folder)
 
 WARMUP = 3   # steps before timing, for every system
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEER = Path(__file__).with_name("loop_peer.py")                          # --vs-unsloth: one system per process
+TOKENIZER = Path(__file__).resolve().parent.parent / ".bench" / "tokenizer"  # SmolLM2's (bench_e2e.py prepare)
+# --smoke: the named architecture at toy widths (vocabulary, rope and tying kept), on the CPU
+TOY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           head_dim=16)
+LOOP_SECTION = "Plain training loop vs Unsloth (eager, each system in its own process)"
+LOOP_COLUMNS = ["date", "device", "config", "system", "set-up", "optimizer", "tokens/s", "ms/step", "peak alloc GiB",
+                "speed vs Unsloth", "memory vs Unsloth", "outcome"]
 
 
 def hf_config(name: str) -> dict:
@@ -58,13 +79,6 @@ def hf_config(name: str) -> dict:
     if found is None:
         raise SystemExit(f"unknown model {name!r}; see velotune/models/known_configs.py")
     return dict(found[1]["config"])
-
-
-def transformers_config(cfg: dict):
-    import transformers
-
-    rest = {k: v for k, v in cfg.items() if k != "model_type"}
-    return transformers.AutoConfig.for_model(cfg["model_type"], **rest)
 
 
 def save_random_checkpoint(cfg: dict, folder: Path) -> Path:
@@ -84,16 +98,18 @@ def save_random_checkpoint(cfg: dict, folder: Path) -> Path:
     return folder
 
 
-def velotune_system(cfg: dict, qlora: bool, folder: Path | None = None, checkpointing: str = "on",
-                    offload: bool = False, graphs: bool = True, host_embeddings: bool = True):
+def velotune_system(cfg: dict | None, qlora: bool, folder: Path | None = None, checkpointing: str = "on",
+                    offload: bool = False, graphs: bool = True, host_embeddings: bool = True, device: str = "cuda"):
+    """velotune's model, its step and its config: loaded from `folder` when given (its loader's
+    dtype for `device`: bf16 on a GPU), else built in bf16 on the GPU from `cfg`."""
     import velotune
     from velotune.lora import LoraConfig, apply_lora
     from velotune.models.config import ModelConfig
     from velotune.models.transformer import Transformer
     from velotune.train.graphed_step import GraphedMicroStep, graph_blockers
 
-    if qlora:  # quantized layer by layer while the saved checkpoint streams in
-        model, _ = velotune.load_model(folder, dtype=torch.bfloat16, device="cuda", load_in_4bit=True)
+    if folder is not None:  # qlora: quantized layer by layer while the saved checkpoint streams in
+        model, _ = velotune.load_model(folder, device=device, load_in_4bit=qlora)
         config = model.config
     else:
         config = ModelConfig.from_hf_config(cfg, "bench")
@@ -124,7 +140,7 @@ def velotune_system(cfg: dict, qlora: bool, folder: Path | None = None, checkpoi
                 print(graphed.describe())
                 step.graph_told = True
         else:
-            ids = ids.to("cuda", non_blocking=True)
+            ids = ids.to(device, non_blocking=True)
             out = model(ids, labels=ids, return_logits=False)
             (out.loss_sum / out.num_targets).backward()
         if model.checkpoint_choice is not None and not getattr(step, "announced", False):
@@ -162,7 +178,14 @@ def transformers_system(cfg: dict, qlora: bool, folder: Path | None = None):
     return model, step
 
 
-def measure(build, batch: int, seq: int, vocab: int, steps: int) -> dict:
+def fused_adamw(params: list) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+
+def measure(build, batch: int, seq: int, vocab: int, steps: int, optimizer=fused_adamw, device: str = "cuda") -> dict:
+    """`build()`'s model and step in the plain loop (host batches, step, `optimizer` step): WARMUP
+    steps, then `steps` timed; peak memory on a GPU (0 on the CPU, the smoke runs)."""
+    cuda = device == "cuda"
     gc.collect()
     torch.cuda.empty_cache()
     # Memory still held when this system starts (nothing, unless an earlier system leaked) is
@@ -177,20 +200,24 @@ def measure(build, batch: int, seq: int, vocab: int, steps: int) -> dict:
     # transformers checkpoints only in training mode (the first QLoRA reference rows, made
     # without this, ran with checkpointing silently off).
     model.train()
-    torch.cuda.reset_peak_memory_stats()  # the loop's peak, not the one-off construction's
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # the loop's peak, not the one-off construction's
+    opt = optimizer([p for p in model.parameters() if p.requires_grad])
     # On the host, as a data loader delivers them; each system copies them to the GPU itself.
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (batch, seq), generator=g).pin_memory() for _ in range(steps + WARMUP)]
+    batches = [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(steps + WARMUP)]
+    batches = [ids.pin_memory() for ids in batches] if cuda else batches
     try:
         for i, ids in enumerate(batches):
             if i == WARMUP:  # compilation, autotuning, allocator growth, velotune's graph choice
-                torch.cuda.synchronize()
+                if cuda:
+                    torch.cuda.synchronize()
                 start = time.perf_counter()
             step(ids)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / steps
         return dict(ms=seconds * 1e3, tok_s=batch * seq / seconds,
                     alloc=(torch.cuda.max_memory_allocated() - leftover) / 2**30,
@@ -214,8 +241,69 @@ def estimator_row(config, method: str, batch: int, seq: int, measured_gib: float
     return predicted, f"{measured_gib / predicted:.3f}" if measured_gib == measured_gib else "OOM"
 
 
-def main() -> None:
-    require_cuda()
+def peer_command(system: str, folder: Path, batch: int, args: argparse.Namespace, device: str) -> list[str]:
+    """loop_peer.py's command line for `system`; velotune's memory options go to velotune only."""
+    command = [sys.executable, str(PEER), f"--system={system}", f"--model={folder}", f"--batch={batch}",
+               f"--seq={args.seq}", f"--steps={args.steps}", f"--device={device}", *(["--qlora"] if args.qlora else [])]
+    if system == "velotune":
+        command += [f"--checkpointing={args.checkpointing}", *(["--offload"] if args.offload else []),
+                    *(["--no-offload-embeddings"] if args.no_offload_embeddings else [])]
+    return command
+
+
+def ratio_to(ours: dict, base: dict, key: str, digits: int) -> str:
+    ok = ours.get("outcome") == base.get("outcome") == "ok" and base.get(key)
+    return f"{ours[key] / base[key]:.{digits}f}x" if ok else "n/a"
+
+
+def loop_rows(results: dict[str, dict], config: str, day: str, where: str) -> list[list[str]]:
+    """One row per system in `results` (Unsloth's first); velotune's speed and memory as ratios to
+    Unsloth's, where both ran (memory to three decimals: the target is a limit, at most 1x)."""
+    base = results.get("unsloth", {})
+    rows = []
+    for system, r in results.items():
+        ok = r.get("outcome") == "ok"
+        ours = system == "velotune"
+        rows.append([day, where, config, r.get("version", system), r.get("setup", "-"), r.get("optimizer", "-"),
+                     f"{r['tok_s']:,.0f}" if ok else "-", f"{r['ms']:.0f}" if ok else "-",
+                     f"{r['alloc']:.2f}" if ok else "-", ratio_to(r, base, "tok_s", 2) if ours else "-",
+                     ratio_to(r, base, "alloc", 3) if ours else "-", r.get("outcome", "?")])
+    return rows
+
+
+def vs_unsloth(args: argparse.Namespace, cfg: dict) -> None:
+    """--vs-unsloth: the random bf16 folder written once (on the GPU, into /dev/shm where it fits),
+    then for each micro-batch Unsloth and velotune, each in its own process (loop_peer.py), and
+    their rows. `--smoke`: the same on the CPU at toy widths (rows into WORKDIR/RESULTS.md unless
+    --results), where Unsloth's failure is the row's outcome."""
+    deadline = time.monotonic() + args.budget_s
+    device = "cpu" if args.smoke else "cuda"
+    tokenizer = TOKENIZER if (TOKENIZER / "tokenizer.json").exists() else None
+    if args.smoke:
+        cfg = {**cfg, **TOY}
+    elif tokenizer is None:
+        raise SystemExit(f"Unsloth loads a tokenizer with the model: {TOKENIZER} has no tokenizer.json "
+                         "(run `python benchmarks/bench_e2e.py prepare` here and carry .bench)")
+    else:
+        require_cuda()
+    workdir = choose_workdir(str(args.workdir or "auto"), bf16_bytes(cfg), "velotune-loop")
+    started = time.perf_counter()
+    folder = write_folder(cfg, folder_for(cfg, workdir), tokenizer, device)
+    print(f"folder {folder} ({bf16_bytes(cfg) / 1e9:.1f} GB) in {time.perf_counter() - started:.0f} s", flush=True)
+    results = args.results or (workdir / "RESULTS.md" if args.smoke else None)
+    where = machine()
+    name = f"{args.model} at toy widths" if args.smoke else args.model
+    for batch in args.batch:
+        found = {system: run_peer(peer_command(system, folder, batch, args, device), "LOOP", system,
+                                  deadline - time.monotonic()) for system in ("unsloth", "velotune")}
+        config = (f"{name} {'QLoRA' if args.qlora else 'LoRA'} r16 seq {args.seq} micro-batch {batch}, "
+                  f"{WARMUP} warm-up + {args.steps} timed steps")
+        for row in loop_rows(found, config, today(), where):
+            append_row(LOOP_SECTION, LOOP_COLUMNS, row, results)
+            print("  " + " | ".join(row[2:4] + row[6:]), flush=True)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Llama-3.1-8B")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
@@ -229,9 +317,27 @@ def main() -> None:
     p.add_argument("--no-offload-embeddings", action="store_true",
                    help="velotune: keep the input embedding table on the GPU")
     p.add_argument("--workdir", type=Path, default=None,
-                   help="--qlora: where the random bf16 checkpoint is saved (default: a temporary folder, removed after)")
-    args = p.parse_args()
+                   help="--qlora: where the random bf16 checkpoint is saved (default: a temporary folder, removed after); "
+                        "--vs-unsloth: where its folder is written and kept (default: /dev/shm where it fits, else /tmp)")
+    p.add_argument("--vs-unsloth", action="store_true",
+                   help="velotune eager and Unsloth, each in its own process (loop_peer.py), one random folder")
+    p.add_argument("--smoke", action="store_true", help="--vs-unsloth on the CPU at toy widths")
+    p.add_argument("--budget-s", type=float, default=3600,
+                   help="--vs-unsloth: seconds for the whole run; a system that cannot start by then is skipped")
+    p.add_argument("--results", type=Path, default=None, help="RESULTS.md to append to (default benchmarks/RESULTS.md)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
     cfg = hf_config(args.model)
+    if args.smoke and not args.vs_unsloth:
+        p.error("--smoke is the CPU run of --vs-unsloth: give both")
+    if args.vs_unsloth:
+        vs_unsloth(args, cfg)
+        return
+    require_cuda()
     peak = bf16_matmul_tflops()
     from velotune.models.config import ModelConfig
 
@@ -263,14 +369,14 @@ def main() -> None:
                 mem = f"{ours['alloc'] / ref['alloc']:.3f}x" if name == "velotune" and ref["tok_s"] else "1.000x"
                 row = [today(), machine(), config, name, f"{r['tok_s']:,.0f}", f"{r['ms']:.0f}", f"{r['alloc']:.2f}",
                        f"{r['reserved']:.1f}", f"{mfu:.1%}", ratio, mem]
-                append_row(f"Training throughput ({method})", cols, row)
+                append_row(f"Training throughput ({method})", cols, row, args.results)
                 print(" | ".join(row[2:]))
             if args.checkpointing != "on" or args.offload:
                 continue   # the estimator's rows are for its own setting: every layer checkpointed, on the GPU
             predicted, est_ratio = estimator_row(model_config, method.lower(), batch, args.seq, ours["alloc"],
                                                   not args.no_offload_embeddings)
             est = [today(), machine(), f"velotune {config}", f"{ours['alloc']:.2f}", f"{predicted:.2f}", est_ratio]
-            append_row("Estimator vs measured peak", est_cols, est)
+            append_row("Estimator vs measured peak", est_cols, est, args.results)
             print(" | ".join(est[2:]))
     finally:
         if args.workdir is None:

@@ -23,6 +23,9 @@
 #                                          # Qwen3-30B-A3B and gpt-oss-20b cut to 8 layers, QLoRA r16 mb1 x 2048:
 #                                          # Unsloth, velotune, transformers+PEFT in their own processes (carry .whl
 #                                          # from fetch_peers.sh and .bench); MOE_ARGS: bench_moe_peers.py run's options
+#   bash benchmarks/gpu_session.sh loop    # the plain loop against Unsloth (issue 18), bounded at 585 s: velotune
+#                                          # eager and Unsloth each in its own process on one random folder, 8B LoRA
+#                                          # mb1 and mb4, 8B QLoRA mb4, 1B LoRA mb8 (carry .whl from fetch_peers.sh and .bench)
 #   bash benchmarks/gpu_session.sh moe-full  # velotune alone at full depth, built on the GPU (Qwen3-30B-A3B, gpt-oss-20b)
 # Run from the repository root on the device machine. Wheels carried in .whl/ (bitsandbytes,
 # gguf) are installed into /tmp/site first. RESULTS.md is copied to $OUT at the end.
@@ -57,6 +60,11 @@ case "${1:-tests}" in
     python3 benchmarks/bench_moe.py --parts kernel 2>&1 | grep -v -i warn | tail -3
     python3 benchmarks/bench_moe_peers.py run --kernels --budget-s $((575 - SECONDS)) ${MOE_ARGS:-} 2>&1 \
       | tee "$OUT/moe.log" | grep -E "^  |GB\)|skipped|Error|error|printed no result" | tail -40 ;;
+  loop)
+    for rows in "--model Llama-3.1-8B --batch 1 4" "--model Llama-3.1-8B --batch 4 --qlora" "--model Llama-3.2-1B --batch 8"; do
+      python3 benchmarks/bench_train.py --vs-unsloth $rows --seq 2048 --steps 3 --budget-s $((585 - SECONDS)) 2>&1 \
+        | tee -a "$OUT/loop.log" | grep -E "r16 seq|^folder|printed no result|^(unsloth|velotune): " | tail -8
+    done ;;
   moe-full)
     python3 benchmarks/bench_moe.py --parts qwen gptoss 2>&1 | grep -v -i warn | tail -4 ;;
   vision)

@@ -62,7 +62,8 @@ def system(cfg: dict, method: str, checkpointing: bool, folder: Path):
     """(model, step) for one row: eager, no offload, embeddings on the GPU."""
     if method == "full":
         return full_system(cfg, checkpointing)
-    model, step, _ = velotune_system(cfg, method == "qlora", folder, "on" if checkpointing else "off",
+    qlora = method == "qlora"     # the folder is QLoRA's; LoRA builds its bf16 model on the GPU
+    model, step, _ = velotune_system(cfg, qlora, folder if qlora else None, "on" if checkpointing else "off",
                                      offload=False, graphs=False, host_embeddings=False)
     return model, step
 

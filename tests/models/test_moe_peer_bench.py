@@ -17,6 +17,7 @@ import torch
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import bench_moe_peers as call  # noqa: E402
+import common  # noqa: E402
 import moe_peer  # noqa: E402
 
 TOKENIZER = Path(__file__).resolve().parents[2] / ".bench" / "tokenizer"
@@ -46,7 +47,7 @@ def test_truncated_keeps_every_other_field_and_gpt_oss_layer_pattern():
     name, oss = table["gptoss"]
     cut = call.truncated(oss, 5)
     assert cut["layer_types"] == ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
-    assert call.hf_config(cut).layer_types == cut["layer_types"]
+    assert common.transformers_config(cut).layer_types == cut["layer_types"]
     toy = call.truncated(oss, 3, tiny=True)
     assert toy["hidden_size"] == 64 and toy["num_local_experts"] == 8 and "num_experts" not in toy
     assert call.label(name, toy, oss) == "gpt-oss-20b at toy widths (3 of 24 layers)"
@@ -171,7 +172,7 @@ def test_unsloth_kernel_and_step_run_at_a_small_size(tmp_path):
     its step trains a 2-layer Qwen3-MoE at toy widths (the folder with SmolLM2's tokenizer)."""
     if not (TOKENIZER / "tokenizer.json").exists():
         pytest.skip("needs .bench/tokenizer (bench_e2e.py prepare)")
-    env = {**__import__("os").environ, **call.PEER_ENV}
+    env = {**__import__("os").environ, **common.PEER_ENV}
     done = subprocess.run([sys.executable, str(BENCH / "moe_peer.py"), "kernel", "--system=unsloth"],
                           capture_output=True, text=True, env=env, timeout=400)
     kernel = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("KERNEL "))[7:])
