@@ -329,6 +329,7 @@ def class_token_last(model, pixels: torch.Tensor) -> torch.Tensor:
     ("llava", "f32", dict(siglip=True, select="full", feature_layer=-1), 2e-3),    # post-norm applied
     ("llava", "f16", dict(siglip=True, select="full"), 5e-3),                      # second-to-last, no post-norm
     ("qwen2_5_vl", "f32", {}, 2e-3), ("qwen2_5_vl", "f16", {}, 5e-3),             # windows, edge windows, full block
+    ("qwen2_5_vl", "f32", dict(window_size=0), 2e-3),                              # no windows (n_wa_pattern 0)
 ])
 def test_llama_cpp_computes_our_image_embeddings(tmp_path, mtmd, family, quant, options, tolerance):
     """libmtmd's image embeddings for a real photograph equal our tower + projector's on the same
