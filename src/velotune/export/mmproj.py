@@ -80,7 +80,8 @@ MMPROJ_TYPES = {"llava": ("mlp", "mlp"), "gemma3": ("pool_norm_linear", "gemma3"
 QWEN25_VL = MMPROJ_TYPES["qwen2_5_vl"][1]
 FEATURE_LAYER_KEY = "clip.vision.feature_layer"    # not among gguf-py's constants
 GELU_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh")   # llama.cpp's ggml_gelu (tanh approximation)
-TOWER_ACTIVATIONS = ("quick_gelu", "silu", *GELU_ACTIVATIONS)   # clip.use_gelu / clip.use_silu / neither
+# quick GELU (llama.cpp's default), SiLU (clip.use_silu), GELU (clip.use_gelu)
+TOWER_ACTIVATIONS = ("quick_gelu", "silu", *GELU_ACTIVATIONS)
 # What llama.cpp's Qwen2.5-VL graph fixes: 2 x 2 merging, the rotary base, the window in pixels,
 # two frames per patch (two kernels).
 QWEN_MERGE, QWEN_ROPE_THETA, QWEN_WINDOW, QWEN_FRAMES = 2, 10000.0, 112, 2
