@@ -2,7 +2,8 @@
 read back with gguf-py holds every tower and merger weight in llama.cpp's pieces (q/k/v rows apart,
 one patch kernel per frame, the merger's norm as v.post_ln), with the metadata libmtmd reads
 (values from config.json and preprocessor_config.json; the window pattern from
-fullatt_block_indexes); the decoder is llama.cpp's qwen2vl with the M-RoPE sections; what llama.cpp's
+fullatt_block_indexes), adapters on the tower and merger merged in; the decoder is llama.cpp's
+qwen2vl with the M-RoPE sections; what llama.cpp's
 graph fixes and the model does otherwise is refused before any file exists; Ollama's Modelfile names
 the projector. llama.cpp running the two files: test_mmproj.py (`make test-llamacpp`)."""
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tests.export.test_mmproj import fields, vision_language_model
 
 import velotune
 from velotune.export import ExportError, export
+from velotune.lora import LoraConfig, apply_lora, merged_linear
 from velotune.export.mmproj import window_pattern
 from velotune.models.vision import VisionConfig
 
@@ -93,6 +95,28 @@ def test_mmproj_holds_every_tower_and_merger_weight_and_the_keys_llama_cpp_reads
     meta = fields(decoder)
     assert meta["general.architecture"] == "qwen2vl"                  # llama.cpp's M-RoPE Qwen 2
     assert meta["qwen2vl.rope.dimension_sections"] == cfg["text_config"]["rope_parameters"]["mrope_section"] + [0]
+
+
+def test_adapters_on_the_tower_and_merger_are_merged_into_the_pieces(tmp_path):
+    """LoRA on every tower and merger linear (init=False: the adapters change the weights): the
+    file's q/k/v thirds, MLP and merger matrices are the merged weights, not the base ones."""
+    _, model, tokenizer = vision_language_model(tmp_path, FAMILY)
+    apply_lora(model, LoraConfig(r=4, target_modules="all-linear", init=False, vision_tower=True))
+    export(model, to="gguf", quant="f32", out=tmp_path / "m.gguf", tokenizer=tokenizer)
+    got = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "m-mmproj.gguf").tensors}
+    for path, pieces in (("vision_tower.encoder.layers.2.self_attn.qkv", ("v.blk.2.attn_q", "v.blk.2.attn_k",
+                                                                           "v.blk.2.attn_v")),
+                         ("vision_tower.encoder.layers.0.mlp.gate_proj", ("v.blk.0.ffn_gate",)),
+                         ("multi_modal_projector.linear_1", ("mm.0",))):
+        module = model.get_submodule(path)
+        merged = merged_linear(module)
+        assert merged is not None, path
+        weight = merged[0].detach().numpy()
+        assert not np.allclose(weight, module.base_layer.weight.detach().numpy()), path    # the adapter matters
+        rows = weight.shape[0] // len(pieces)
+        for i, name in enumerate(pieces):
+            np.testing.assert_allclose(got[f"{name}.weight"].reshape(rows, -1), weight[i * rows:(i + 1) * rows],
+                                       rtol=0, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("full, layers, window, pattern", [
