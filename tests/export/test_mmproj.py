@@ -1,18 +1,23 @@
 """GGUF export of a vision-language model: the decoder's GGUF plus llama.cpp's mmproj file.
 
-Tiny random LLaVA (CLIP tower) and Gemma 3 (SigLIP tower) models, their vision weights made random
-so every tensor matters. Without llama.cpp: the mmproj file read back with gguf-py holds every
+Tiny random LLaVA (CLIP tower), Gemma 3 (SigLIP tower) and Qwen2.5-VL models, their vision weights
+made random so every tensor matters (Qwen2.5-VL's own file contents, metadata and refusals:
+test_mmproj_qwen25_vl.py). Without llama.cpp: the mmproj file read back with gguf-py holds every
 tower and projector weight under llama.cpp's name, in its layout, with the metadata llama.cpp
 requires (values from the model folder's config.json and preprocessor_config.json); the decoder's
 file holds no vision tensor; what llama.cpp cannot compute is refused before any file exists; the
 Ollama Modelfile names the projector. With llama.cpp (`make test-llamacpp`): libmtmd loads the
-two files, encodes a real photograph (scikit-image's astronaut, at the tower's size so both sides
-see the same pixels) to the image embeddings our tower and projector compute, and the decoder
-answers a prompt holding the image (Gemma 3: with velotune's logits and greedy tokens).
+two files, encodes a real photograph (scikit-image's astronaut, at a size both sides leave as it
+is, so both see the same pixels: the tower's square for LLaVA and Gemma 3; 224 x 168 for
+Qwen2.5-VL, multiples of 28 pixels giving 48 image tokens, inside llama.cpp's 8..4096 and the test
+processor's 4..64) to the image embeddings our tower and projector compute, and the decoder answers
+a prompt holding the image (Gemma 3 and Qwen2.5-VL, whose towers llama.cpp computes as we do: with
+velotune's logits and greedy tokens; Qwen2.5-VL's decoder with its M-RoPE positions for the image).
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 
 import numpy as np
@@ -28,7 +33,10 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 pytest.importorskip("skimage")
 
-MAKERS = {"llava": make_vlm_model, "gemma3": make_gemma3_vlm}
+# Qwen2.5-VL with llama.cpp's fixed 112-pixel windows and room for the 48-token photograph
+MAKERS = {"llava": make_vlm_model, "gemma3": make_gemma3_vlm,
+          "qwen2_5_vl": functools.partial(make_qwen25_vlm, window_size=112, max_pixels=28 * 28 * 64)}
+QWEN_PHOTO = (224, 168)    # width, height: 16 x 12 patches, 8 x 6 tokens, windows of 4 x 4 tokens and edge ones
 LAYER_NAMES = {"layer_norm1": "ln1", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "self_attn.v_proj": "attn_v", "self_attn.out_proj": "attn_out", "layer_norm2": "ln2",
                "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
@@ -148,11 +156,13 @@ def test_what_llama_cpp_cannot_compute_is_refused_before_any_file(tmp_path, opti
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("projector", "patch_merger", "only for LLaVA"),     # a kind with no llama.cpp graph here
+    ("projector", "patch_merger", "graph takes the 'mlp' projector, not 'patch_merger'"),   # not the family's kind
     ("projector_act", "silu", "uses GELU"),
     ("projector_bias", False, "multimodal_projector_bias=false"),
+    ("hidden_act", "relu", "no 'relu' activation"),
+    ("intermediate_size", 32, "ffn_up and ffn_down swapped"),    # as wide as the tower (32)
 ])
-def test_projector_llama_cpp_has_no_graph_for_is_refused(tmp_path, field, value, message):
+def test_tower_or_projector_llama_cpp_cannot_run_is_refused(tmp_path, field, value, message):
     _, model, tokenizer = vision_language_model(tmp_path, "llava")
     setattr(model.config.vision, field, value)
     with pytest.raises(ExportError, match=message):
@@ -160,11 +170,13 @@ def test_projector_llama_cpp_has_no_graph_for_is_refused(tmp_path, field, value,
     assert not (tmp_path / "out").exists()
 
 
-def test_a_family_without_an_mmproj_writer_is_refused_by_name(tmp_path):
-    """Qwen2.5-VL's merger is an "mlp" projector like LLaVA's, over a tower LLaVA's graph cannot run."""
-    model, tokenizer = velotune.load_model(make_qwen25_vlm(tmp_path / "qwen"), dtype=torch.float32, device="cpu")
-    assert model.config.vision.projector == "mlp"
-    with pytest.raises(ExportError, match="qwen2_5_vl: velotune writes llama.cpp's mmproj file only for LLaVA"):
+def test_a_family_without_a_llama_cpp_graph_is_refused_by_name(tmp_path):
+    """A family the writer has no llama.cpp graph for (here a LLaVA relabelled as one) is refused by
+    name even where its projector kind is one llama.cpp runs, since the tower may not be."""
+    _, model, tokenizer = vision_language_model(tmp_path, "llava")
+    model.config.multimodal_type = "some_vlm"
+    with pytest.raises(ExportError, match="some_vlm: velotune writes llama.cpp's mmproj file only for LLaVA, "
+                                          "Gemma 3 and Qwen2.5-VL"):
         export(model, to="gguf", out=tmp_path / "out" / "m.gguf", tokenizer=tokenizer)
     assert not (tmp_path / "out").exists()
 
@@ -272,13 +284,30 @@ class LlamaCppVision:
         self.llm.close()
 
 
-def photograph(size: int) -> np.ndarray:
-    """scikit-image's astronaut at the tower's size (llama.cpp and the processor then leave it as it is)."""
+def photograph(width: int, height: int) -> np.ndarray:
+    """scikit-image's astronaut at a size llama.cpp and the processor then leave as it is."""
     import PIL.Image
     import skimage.data
 
-    image = PIL.Image.fromarray(skimage.data.astronaut()).resize((size, size), PIL.Image.Resampling.BICUBIC)
+    image = PIL.Image.fromarray(skimage.data.astronaut()).resize((width, height), PIL.Image.Resampling.BICUBIC)
     return np.asarray(image)
+
+
+def photograph_for(model) -> np.ndarray:
+    """The tower's square, or for a dynamic-resolution tower QWEN_PHOTO."""
+    size = model.config.vision.image_size
+    return photograph(*(QWEN_PHOTO if model.config.vision.rotary else (size, size)))
+
+
+def image_arguments(processor, image: np.ndarray) -> dict[str, torch.Tensor]:
+    """Our model's image arguments for the photograph: pixel_values, and a patch grid's image_grid_thw."""
+    import PIL.Image
+
+    picture = PIL.Image.fromarray(image)
+    if not processor.dynamic:
+        return {"pixel_values": processor.preprocess(picture)[None]}
+    pixels, grid = processor.patches(picture)
+    return {"pixel_values": pixels, "image_grid_thw": torch.tensor([grid])}
 
 
 def class_token_last(model, pixels: torch.Tensor) -> torch.Tensor:
@@ -299,6 +328,8 @@ def class_token_last(model, pixels: torch.Tensor) -> torch.Tensor:
     ("llava", "f32", {}, 2e-3), ("llava", "f16", {}, 5e-3), ("llava", "f32", dict(feature_layer=-1), 2e-3),
     ("llava", "f32", dict(siglip=True, select="full", feature_layer=-1), 2e-3),    # post-norm applied
     ("llava", "f16", dict(siglip=True, select="full"), 5e-3),                      # second-to-last, no post-norm
+    ("qwen2_5_vl", "f32", {}, 2e-3), ("qwen2_5_vl", "f16", {}, 5e-3),             # windows, edge windows, full block
+    ("qwen2_5_vl", "f32", dict(window_size=0), 2e-3),                              # no windows (n_wa_pattern 0)
 ])
 def test_llama_cpp_computes_our_image_embeddings(tmp_path, mtmd, family, quant, options, tolerance):
     """libmtmd's image embeddings for a real photograph equal our tower + projector's on the same
@@ -306,18 +337,16 @@ def test_llama_cpp_computes_our_image_embeddings(tmp_path, mtmd, family, quant, 
     _, model, tokenizer = vision_language_model(tmp_path, family, **options)
     text = export(model, to="gguf", quant=quant, out=tmp_path / "m.gguf", tokenizer=tokenizer)
     runner = LlamaCppVision(mtmd, text, tmp_path / "m-mmproj.gguf")
+    image = photograph_for(model)
     try:
-        image = photograph(model.config.vision.image_size)
         theirs = runner.image_embeddings(image, model.config.hidden_size)
     finally:
         runner.close()
-    import PIL.Image
-
-    pixels = tokenizer.image_processor.preprocess(PIL.Image.fromarray(image))[None]
+    arguments = image_arguments(tokenizer.image_processor, image)
     with torch.no_grad():
-        ours = [model.multi_modal_projector(model.vision_tower(pixels))[0].numpy()]
+        ours = [model.image_features(**arguments).reshape(-1, model.config.hidden_size).numpy()]
         if model.config.vision.class_token:     # either order passes: llama.cpp's defect, or once it is fixed
-            ours.append(class_token_last(model, pixels)[0].numpy())
+            ours.append(class_token_last(model, arguments["pixel_values"])[0].numpy())
     errors = [np.abs(o - theirs).max() / np.abs(o).max() for o in ours]
     assert theirs.shape == ours[0].shape
     assert min(errors) <= tolerance, errors
@@ -327,34 +356,36 @@ def test_llama_cpp_computes_our_image_embeddings(tmp_path, mtmd, family, quant, 
 @pytest.mark.parametrize("family", sorted(MAKERS))
 def test_llama_cpp_generates_from_a_prompt_with_an_image(tmp_path, mtmd, family):
     """The two files answer a prompt holding a photograph, from the same prompt tokens as velotune's.
-    Gemma 3 (whose tower llama.cpp computes as we do): the same next-token logits after the prompt
-    and the same greedy answer; LLaVA's CLIP tower meets llama.cpp's class-token defect (above), so
+    Gemma 3 and Qwen2.5-VL (whose towers llama.cpp computes as we do): the same next-token logits
+    after the prompt and the same greedy answer (Qwen2.5-VL: the image's tokens at M-RoPE's 2-D
+    positions on both sides); LLaVA's CLIP tower meets llama.cpp's class-token defect (above), so
     its answer is only checked to be made of real tokens."""
-    import PIL.Image
-
     _, model, tokenizer = vision_language_model(tmp_path, family)
     text = export(model, to="gguf", quant="f32", out=tmp_path / "m.gguf", tokenizer=tokenizer)
     runner = LlamaCppVision(mtmd, text, tmp_path / "m-mmproj.gguf")
-    processor, image = tokenizer.image_processor, photograph(model.config.vision.image_size)
+    processor, image = tokenizer.image_processor, photograph_for(model)
+    arguments = image_arguments(processor, image)
+    import PIL.Image
+
+    count = processor.tokens_for(PIL.Image.fromarray(image))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ours = tokenizer.encode(prompt.replace(processor.marker, processor.image_text()), add_special_tokens=False)
-    # libmtmd frames a Gemma 3 image with <start_of_image> ... <end_of_image> itself; the processor
-    # also puts a blank line either side
+    ours = tokenizer.encode(prompt.replace(processor.marker, processor.image_text(count)), add_special_tokens=False)
+    # libmtmd frames the image itself: Gemma 3's with <start_of_image> ... <end_of_image> (the
+    # processor also puts a blank line either side), Qwen2.5-VL's with <|vision_start|> ... <|vision_end|>
     marker = runner.m.mtmd_default_marker().decode()
+    theirs_marker = {"gemma3": f"\n\n{marker}\n\n"}.get(family, marker)
     try:
-        chunks = runner.chunks(prompt.replace(processor.marker, f"\n\n{marker}\n\n" if family == "gemma3" else marker),
-                               image)
+        chunks = runner.chunks(prompt.replace(processor.marker, theirs_marker), image)
         assert runner.prompt_tokens(chunks, model.config.image_token_id) == ours
         theirs, logits = runner.generate(chunks, count=6)
     finally:
         runner.close()
-    pixels = processor.preprocess(PIL.Image.fromarray(image))[None]
     ids = torch.tensor([ours])
-    answer = model.generate(ids, max_new_tokens=6, pixel_values=pixels)[0, len(ours):].tolist()
+    answer = model.generate(ids, max_new_tokens=6, **arguments)[0, len(ours):].tolist()
     assert len(theirs) == 6 and all(0 <= t < model.config.vocab_size for t in theirs)
-    if family == "gemma3":
+    if not model.config.vision.class_token:
         with torch.no_grad():
-            want = model(ids, pixel_values=pixels).logits[0, -1].numpy()
+            want = model(ids, **arguments).logits[0, -1].numpy()
         assert np.abs(logits - want).max() <= 2e-3 * np.abs(want).max()
         assert theirs == answer

@@ -152,13 +152,14 @@ QWEN_TEMPLATE = (
 
 
 def make_qwen25_vlm(folder: Path, seed: int = 0, min_pixels: int = 28 * 28 * 4, max_pixels: int = 28 * 28 * 12,
-                    window_size: int = 56) -> Path:
+                    window_size: int = 56, gpt2_split: bool = False) -> Path:
     """A random Qwen2.5-VL (2 decoder layers with M-RoPE sections [2, 3, 3]; a 3-block tower at
     patch 14 with 2 x 2 merge-block windows and block 1 attending fully), the byte tokenizer with
-    its vision tokens, and the Pillow Qwen 2 processor bounding images to 4..12 decoder tokens."""
+    its vision tokens, and the Pillow Qwen 2 processor bounding images to 4..12 decoder tokens.
+    `gpt2_split`: a tokenizer a GGUF can carry."""
     import transformers
 
-    tokenizer = byte_tokenizer()
+    tokenizer = byte_tokenizer(gpt2_split)
     tokenizer.add_special_tokens(QWEN_SPECIALS)
     tokenizer.chat_template = QWEN_TEMPLATE
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}

@@ -23,7 +23,9 @@ features a GGUF of that architecture cannot express); the tensor table is writte
 data streamed after it, one tensor at a time, so memory stays near one layer.
 
 A vision-language model's decoder is written here like any text model; its vision tower and
-projector go to llama.cpp's separate mmproj file (`mmproj.py`).
+projector go to llama.cpp's separate mmproj file (`mmproj.py`). A decoder with M-RoPE
+(Qwen2.5-VL's) is written as llama.cpp's M-RoPE variant of its architecture (`qwen2vl`), its
+sections as `rope.dimension_sections`, so libmtmd gives image tokens their 2-D positions.
 
 Like llama.cpp, a sliding window on Mistral/Qwen2/Qwen3 is not written (their llama.cpp
 architectures have none): outputs differ only past the window.
@@ -81,6 +83,10 @@ FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 CODECS = {**LEGACY, **K_QUANTS}
 # model_type -> llama.cpp general.architecture, for the families a GGUF can hold (models/families.py)
 ARCHITECTURES = {f.model_type: f.gguf_arch for f in FAMILIES.values() if f.gguf_arch}
+# llama.cpp's architecture for such a decoder whose rotary positions are M-RoPE (Qwen2.5-VL's Qwen 2:
+# the same tensors, `rope.dimension_sections`, and libmtmd giving image tokens 2-D positions)
+MROPE_ARCHITECTURES = {"qwen2": "qwen2vl"}
+MROPE_SECTIONS = 4    # llama.cpp's rope.dimension_sections length (temporal, height, width, unused)
 # llama.cpp's gpt-oss: its clamped SwiGLU's constants are fixed in its graph, and it loads every
 # bias and an output head of its own
 GPT_OSS_SWIGLU = (1.702, 7.0)
@@ -117,6 +123,10 @@ def check_architecture(config: ModelConfig) -> str:
     if arch is None:
         raise ExportError(f"architecture {family!r} cannot be exported to GGUF; supported: "
                           f"{', '.join(ARCHITECTURES)}")
+    if config.mrope_section is not None:
+        if arch not in MROPE_ARCHITECTURES:
+            raise ExportError(f"{family}: llama.cpp has no M-RoPE (mrope_section) variant of its {arch} architecture")
+        arch = MROPE_ARCHITECTURES[arch]
     if arch in ("qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "smollm3") and (config.qkv_bias or config.o_bias):
         raise ExportError(f"{family}: attention biases cannot be expressed in a llama.cpp {arch} GGUF")
     if arch != "llama" and config.mlp_bias:
@@ -317,6 +327,9 @@ def architecture_metadata(config: ModelConfig, arch: str, quant: str) -> dict[st
         meta[p + "rope.scaling.yarn_beta_slow"] = float(scaling.get("beta_slow", 1.0))
     if arch == "phi3" and (original := config.source.get("original_max_position_embeddings")):
         meta[p + "rope.scaling.original_context_length"] = int(original)
+    if config.mrope_section is not None:
+        sections = list(config.mrope_section)
+        meta[p + "rope.dimension_sections"] = sections + [0] * (MROPE_SECTIONS - len(sections))
     return meta
 
 
@@ -328,6 +341,8 @@ def write_metadata(writer: GGUFWriter, meta: dict[str, Any]) -> None:
             writer.add_uint32(key, value)
         elif isinstance(value, float):
             writer.add_float32(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
         else:
             writer.add_string(key, value)
 
