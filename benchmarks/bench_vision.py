@@ -53,7 +53,7 @@ PEER = Path(__file__).with_name("vision_peer.py")
 PEER_SYSTEMS = ("unsloth", "velotune", "hf")          # run in this order: Unsloth's row is the ratios' base
 NAMES = {"unsloth": "Unsloth", "velotune": "velotune", "hf": "transformers+PEFT"}
 PEER_COLUMNS = ["date", "device", "model", "batch x seq", "system", "optimizer", "tokens/s", "ms/step", "peak GiB",
-                "adapters", "speed vs Unsloth", "memory vs Unsloth", "speed vs transformers", "outcome", "versions"]
+                "adapter parameters", "speed vs Unsloth", "memory vs Unsloth", "speed vs transformers", "outcome", "versions"]
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 GEMMA3_4B = {
@@ -261,7 +261,7 @@ def peer_rows(results: dict[str, dict], rows: int, want: str, label: str, seq: i
         table.append([day, where, label, f"{rows} x {seq}", NAMES[system], results[system].get("optimizer", "-"),
                       f"{rows * seq / run['seconds']:,.0f}" if run else "-",
                       f"{run['seconds'] * 1e3:.0f}" if run else "-", f"{run['peak_gib']:.2f}" if run else "-",
-                      f"{trainable / 1e6:.1f}M" if trainable else "-", vs("unsloth", "seconds"),
+                      f"{trainable:,}" if trainable else "-", vs("unsloth", "seconds"),
                       vs("unsloth", "peak_gib"), vs("hf", "seconds"), why, packages])
     return table
 
