@@ -25,9 +25,10 @@ M-RoPE inputs its processor makes (`image_grid_thw`, `mm_token_type_ids`).
 `--vs-unsloth` (Qwen2.5-VL): Unsloth's vision fine-tuning as its notebooks set it up, velotune and
 transformers + PEFT, each in its own process (vision_peer.py, whose docstring gives each recipe) on
 one model folder written here once (vision_inputs.py: random weights, offline tokenizer and
-processor files) and the same batch (each process's digest checked against this one's); rows give
-each system's tokens/s, peak, optimizer and adapter count, and its speed and memory against
-Unsloth's and transformers':
+processor files) and the same batch (each process's digest checked against this one's). There all
+three adapt the decoder's projections only, since Unsloth's recommended `finetune_vision_layers=
+False` leaves the patch merger out. Rows give each system's tokens/s, peak, optimizer and adapter
+count, and its speed and memory against Unsloth's and transformers':
 
     python benchmarks/bench_vision.py --model qwen2.5-vl-7b --batch 1 4 --seq 2048 --vs-unsloth
     python benchmarks/bench_vision.py --smoke --model qwen2.5-vl-7b --vs-unsloth --systems velotune hf

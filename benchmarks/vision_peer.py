@@ -40,9 +40,6 @@ import sys
 import time
 from pathlib import Path
 
-SYSTEMS = ("unsloth", "velotune", "hf")
-
-
 def load_unsloth(folder: Path, seq: int, device):
     import bitsandbytes
     import torch
@@ -118,7 +115,7 @@ def measure(system: str, folder: Path, batches: list[int], seq: int, steps: int,
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--system", choices=SYSTEMS, required=True)
+    p.add_argument("--system", choices=tuple(LOADERS), required=True)
     p.add_argument("--model", type=Path, required=True, help="a folder vision_inputs.write_folder wrote")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--seq", type=int, default=2048)
