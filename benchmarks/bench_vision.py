@@ -54,7 +54,8 @@ PEER = Path(__file__).with_name("vision_peer.py")
 PEER_SYSTEMS = ("unsloth", "velotune", "hf")          # run in this order: Unsloth's row is the ratios' base
 NAMES = {"unsloth": "Unsloth", "velotune": "velotune", "hf": "transformers+PEFT"}
 PEER_COLUMNS = ["date", "device", "model", "batch x seq", "system", "optimizer", "tokens/s", "ms/step", "peak GiB",
-                "adapter parameters", "speed vs Unsloth", "memory vs Unsloth", "speed vs transformers", "outcome", "versions"]
+                "adapter parameters", "speed vs Unsloth", "memory vs Unsloth", "speed vs transformers", "outcome",
+                "versions"]
 DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 GEMMA3_4B = {
@@ -282,7 +283,8 @@ def vs_unsloth(args: argparse.Namespace, device: torch.device) -> None:
         left = args.budget_s - (time.monotonic() - started)
         results[system] = (run_peer(system, folder, args, device.type, left) if left > 30
                            else {"outcome": "skipped: the time budget ran out"})
-        print(f"  {NAMES[system]}: {results[system].get('outcome', 'ran')}, load {results[system].get('load_s', 0):.0f} s, "
+        r = results[system]
+        print(f"  {NAMES[system]}: {r.get('outcome', 'ran')}, load {r.get('load_s', 0):.0f} s, "
               f"{time.monotonic() - started:.0f} s in", flush=True)
     where, day = machine(), today()
     packages = versions("unsloth", "unsloth_zoo", "peft", "bitsandbytes")

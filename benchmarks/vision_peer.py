@@ -45,8 +45,8 @@ def load_unsloth(folder: Path, seq: int, device):
     import torch
     from unsloth import FastVisionModel
 
-    model, _ = FastVisionModel.from_pretrained(str(folder), max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=False,
-                                               use_gradient_checkpointing="unsloth")
+    model, _ = FastVisionModel.from_pretrained(str(folder), max_seq_length=seq, dtype=torch.bfloat16,
+                                               load_in_4bit=False, use_gradient_checkpointing="unsloth")
     model = FastVisionModel.get_peft_model(model, finetune_vision_layers=False, finetune_language_layers=True,
                                            finetune_attention_modules=True, finetune_mlp_modules=True, r=16,
                                            lora_alpha=16, lora_dropout=0, bias="none", random_state=3407)
@@ -74,8 +74,9 @@ def load_hf(folder: Path, seq: int, device):
 
     from bench_vision import hf_lora
 
+    place = {"": 0 if device.type == "cuda" else "cpu"}
     model = transformers.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16,
-                                                                     attn_implementation="sdpa", device_map={"": device})
+                                                                     attn_implementation="sdpa", device_map=place)
     model = hf_lora(model, projector=False)
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"
