@@ -22,7 +22,7 @@ LoRA also adapts Qwen2.5-VL's patch merger (its two linears; PEFT adapts them as
 `visual.merger.mlp.0/2`), as velotune's default `lora_projector` does; transformers is given the
 M-RoPE inputs its processor makes (`image_grid_thw`, `mm_token_type_ids`).
 
-`--vs-unsloth` (Qwen2.5-VL): Unsloth's vision fine-tuning as its notebooks set it up, velotune and
+`--vs-unsloth` (Qwen2.5-VL, Gemma 3): Unsloth's vision fine-tuning as its notebooks set it up, velotune and
 transformers + PEFT, each in its own process (vision_peer.py, whose docstring gives each recipe) on
 one model folder written here once (vision_inputs.py: random weights, offline tokenizer and
 processor files) and the same batch (each process's digest checked against this one's). There all
@@ -31,6 +31,7 @@ False` leaves the patch merger out. Rows give each system's tokens/s, peak, opti
 count, and its speed and memory against Unsloth's and transformers':
 
     python benchmarks/bench_vision.py --model qwen2.5-vl-7b --batch 1 4 --seq 2048 --vs-unsloth
+    python benchmarks/bench_vision.py --model gemma-3-4b --batch 1 4 --seq 2048 --vs-unsloth
     python benchmarks/bench_vision.py --smoke --model qwen2.5-vl-7b --vs-unsloth --systems velotune hf
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ from pathlib import Path
 import torch
 
 from common import PEER_ENV, append_row, machine, scratch_dir, today, versions
-from vision_inputs import PREPROCESSOR, batch, digest, write_folder
+from vision_inputs import SPECIALS, batch, digest, write_folder
 
 WARMUP = 2
 PEER = Path(__file__).with_name("vision_peer.py")
@@ -65,7 +66,8 @@ GEMMA3_4B = {
                     "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
                     "query_pre_attn_scalar": 256, "sliding_window": 1024, "max_position_embeddings": 131072,
                     "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
-                    "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rms_norm_eps": 1e-6},
+                    "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rms_norm_eps": 1e-6,
+                    "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2},
     "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
                       "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14,
                       "layer_norm_eps": 1e-6, "vision_use_head": False},
@@ -86,7 +88,8 @@ SMOKE = {
     "image_token_index": 299, "boi_token_index": 297, "eoi_token_index": 298,
     "text_config": {"model_type": "gemma3_text", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-                    "query_pre_attn_scalar": 16, "sliding_window": 32, "max_position_embeddings": 512},
+                    "query_pre_attn_scalar": 16, "sliding_window": 32, "max_position_embeddings": 512,
+                    "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2},
     "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
                       "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 4,
                       "vision_use_head": False},
@@ -219,6 +222,10 @@ def run(system: str, config: dict, inputs: dict, steps: int, device: torch.devic
     return seconds, peak
 
 
+def label(args: argparse.Namespace) -> str:
+    return f"{args.model} ({args.image_side} px images)" if "qwen" in args.model else args.model
+
+
 def run_peer(system: str, folder: Path, args: argparse.Namespace, device: str, timeout: float) -> dict:
     """vision_peer.py's result for `system`; a process that prints none becomes an `outcome`, with its
     output printed."""
@@ -246,7 +253,7 @@ def batch_run(result: dict, rows: int, want: str) -> tuple[dict | None, str]:
     return (run, "ok") if run["outcome"] == "ok" else (None, run["outcome"])
 
 
-def peer_rows(results: dict[str, dict], rows: int, want: str, label: str, seq: int, day: str, where: str,
+def peer_rows(results: dict[str, dict], rows: int, want: str, model: str, seq: int, day: str, where: str,
               packages: str) -> list[list[str]]:
     """One row per system at `rows` rows; speed (tokens/s over the other's) and memory (peak over the
     other's) against Unsloth and transformers where both ran."""
@@ -260,7 +267,7 @@ def peer_rows(results: dict[str, dict], rows: int, want: str, label: str, seq: i
             return f"{theirs[key] / run[key]:.2f}x" if key == "seconds" else f"{run[key] / theirs[key]:.2f}x"
 
         trainable = results[system].get("trainable")
-        table.append([day, where, label, f"{rows} x {seq}", NAMES[system], results[system].get("optimizer", "-"),
+        table.append([day, where, model, f"{rows} x {seq}", NAMES[system], results[system].get("optimizer", "-"),
                       f"{rows * seq / run['seconds']:,.0f}" if run else "-",
                       f"{run['seconds'] * 1e3:.0f}" if run else "-", f"{run['peak_gib']:.2f}" if run else "-",
                       f"{trainable:,}" if trainable else "-", vs("unsloth", "seconds"),
@@ -288,9 +295,8 @@ def vs_unsloth(args: argparse.Namespace, device: torch.device) -> None:
               f"{time.monotonic() - started:.0f} s in", flush=True)
     where, day = machine(), today()
     packages = versions("unsloth", "unsloth_zoo", "peft", "bitsandbytes")
-    label = f"{args.model} ({args.image_side} px images)"
     for rows in args.batch:
-        for row in peer_rows(results, rows, want[rows], label, args.seq, day, where, packages):
+        for row in peer_rows(results, rows, want[rows], label(args), args.seq, day, where, packages):
             print("  " + " | ".join(row[2:-1]))
             if not args.smoke:
                 append_row("Vision-language LoRA vs Unsloth (each system in its own process, bench_vision.py "
@@ -321,9 +327,9 @@ def main() -> None:
     device = torch.device("cpu" if args.smoke else "cuda")
     config = MODELS[args.model]
     if args.vs_unsloth:
-        if config["model_type"] not in PREPROCESSOR:
+        if config["model_type"] not in SPECIALS:
             parser.error(f"--vs-unsloth: {args.model} has no offline tokenizer and processor files here yet "
-                         f"(model types {', '.join(PREPROCESSOR)})")
+                         f"(model types {', '.join(SPECIALS)})")
         vs_unsloth(args, device)
         return
     for rows in args.batch:
@@ -331,8 +337,7 @@ def main() -> None:
         results = {system: run(system, config, inputs, args.steps, device) for system in ("velotune", "transformers")}
         (ours, our_peak), (theirs, their_peak) = results["velotune"], results["transformers"]
         tokens = rows * args.seq
-        label = f"{args.model} ({args.image_side} px images)" if "qwen" in args.model else args.model
-        line = (f"{label} LoRA r16, batch {rows} x {args.seq}: velotune {tokens / ours:,.0f} tok/s "
+        line = (f"{label(args)} LoRA r16, batch {rows} x {args.seq}: velotune {tokens / ours:,.0f} tok/s "
                 f"({ours * 1e3:.0f} ms, {our_peak:.2f} GiB), transformers+PEFT {tokens / theirs:,.0f} tok/s "
                 f"({theirs * 1e3:.0f} ms, {their_peak:.2f} GiB): {theirs / ours:.2f}x speed, "
                 f"{our_peak / their_peak:.2f}x memory")
@@ -341,7 +346,7 @@ def main() -> None:
             append_row("Vision-language LoRA (velotune vs transformers+PEFT, bench_vision.py)",
                        ["date", "machine", "model", "batch x seq", "velotune tok/s", "velotune GiB",
                         "transformers+PEFT tok/s", "transformers+PEFT GiB", "speed", "memory"],
-                       [today(), machine(), label, f"{rows} x {args.seq}", f"{tokens / ours:,.0f}",
+                       [today(), machine(), label(args), f"{rows} x {args.seq}", f"{tokens / ours:,.0f}",
                         f"{our_peak:.2f}", f"{tokens / theirs:,.0f}", f"{their_peak:.2f}",
                         f"{theirs / ours:.2f}x", f"{our_peak / their_peak:.2f}x"])
 

@@ -10,14 +10,14 @@ so every process builds the same tensors; bench_vision.py checks the digests aga
 Every system runs bench_vision.py's plain loop (bf16 autocast, backward, optimizer step; 2 warm-up
 steps, then the timed ones) on LoRA r16 alpha 16 over the decoder's seven projections only, the
 vision tower and projector frozen (what Unsloth's `finetune_vision_layers=False` selects):
-- unsloth: as its Qwen2.5-VL vision notebook: `FastVisionModel.from_pretrained(DIR, load_in_4bit=
+- unsloth: as its Qwen2.5-VL and Gemma 3 vision notebooks: `FastVisionModel.from_pretrained(DIR, load_in_4bit=
   False (16-bit LoRA, as the others), use_gradient_checkpointing="unsloth", dtype=bf16,
   max_seq_length)`, `FastVisionModel.get_peft_model(finetune_vision_layers=False,
   finetune_language_layers=True, finetune_attention_modules=True, finetune_mlp_modules=True, r=16,
   lora_alpha=16, lora_dropout=0, bias="none", random_state=3407)`, `FastVisionModel.for_training`;
   optimizer bitsandbytes AdamW8bit (the notebooks' `optim="adamw_8bit"`); its defaults otherwise
   (embedding offload, compiled loss). Called with transformers' arguments, as its data collator's
-  batches are (image_grid_thw, and mm_token_type_ids as transformers' processor makes them).
+  batches are (Qwen2.5-VL: image_grid_thw and mm_token_type_ids; Gemma 3: token_type_ids).
 - velotune: `load_model(DIR, dtype=bf16)`, apply_lora (projector off), gradient checkpointing, its
   default optimizer (torch AdamW, fused on a GPU).
 - hf: `AutoModelForImageTextToText.from_pretrained(DIR, bf16, sdpa)`, PEFT LoRA on the same modules,
@@ -27,9 +27,10 @@ All at lr 1e-4. A batch size that runs out of memory gets its own outcome; the s
 Assumptions about Unsloth 2026.10.9, read from its wheel (it does not import without a GPU, so none
 of this has run here): FastVisionModel is FastModel's subclass and its from_pretrained opens a local
 folder offline (HF_HUB_OFFLINE=1) with AutoProcessor; get_peft_model takes the keywords above and
-builds its regex from them (the language model's attention and MLP linears); the patched
-Qwen2.5-VL forward takes input_ids, labels, pixel_values, image_grid_thw and mm_token_type_ids and
-returns `.loss`; `import unsloth` must precede transformers, peft and trl.
+builds its regex from them (the language model's attention and MLP linears: not the tower, and not
+the merger or Gemma 3's projector matrix); the patched forwards take the arguments above and return
+`.loss`; `import unsloth` must precede transformers, peft and trl. The gpu-marked test in
+tests/vision/test_vision_peer_bench.py checks these on the tiny folders before the 7B run.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """`benchmarks/bench_vision.py --vs-unsloth` and vision_peer.py on the CPU, on the tiny Qwen2.5-VL
-of the smoke run: the folder opens offline (transformers' tokenizer and image processor, velotune's
-loader), each process builds the parent's batch (digests), velotune and transformers + PEFT train
-the same adapters in their own processes, the rows and their ratios, and a failing peer's message.
-Unsloth imports only with a GPU: its run on the tiny folder, and transformers' whole AutoProcessor
-(it needs torchvision, which the device has), are the gpu-marked tests at the end."""
+and Gemma 3 of the smoke runs: the folders open offline (transformers' tokenizer and processor,
+velotune's loader) and the processor's output matches the batch's shapes, each process builds the
+parent's batch (digests), velotune and transformers + PEFT train the same adapters in their own
+processes, the rows and their ratios, and a failing peer's message. Unsloth imports only with a
+GPU: its run on the tiny folders, and Qwen2.5-VL's whole AutoProcessor (it needs torchvision, which
+the device has), are the gpu-marked tests at the end."""
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,19 @@ import vision_inputs  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 TINY = bench_vision.SMOKE_QWEN
+TINIES = {"qwen2_5_vl": TINY, "gemma3": bench_vision.SMOKE}
 SIDE, SEQ = 112, 64
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return vision_inputs.write_folder(TINY, tmp_path_factory.mktemp("vision_peer") / "tiny", "cpu")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vision_peer")
+    return {family: vision_inputs.write_folder(cfg, root / family, "cpu") for family, cfg in TINIES.items()}
+
+
+@pytest.fixture
+def folder(folders):
+    return folders["qwen2_5_vl"]
 
 
 def peer_args(**kw) -> argparse.Namespace:
@@ -58,15 +66,47 @@ def test_folder_opens_offline_as_the_processor_reads_it(folder, monkeypatch):
     assert tok.image_processor is not None and model.config.image_token_id == TINY["image_token_id"]
 
 
-def test_real_config_tokenizer_keeps_qwen_ids(tmp_path):
-    vision_inputs.write_tokenizer(bench_vision.QWEN25_VL_7B, tmp_path)
+def test_gemma3_folder_opens_offline_with_its_processor(folders, monkeypatch):
+    from PIL import Image
+
+    import velotune
+
+    cfg = TINIES["gemma3"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    processor = transformers.AutoProcessor.from_pretrained(folders["gemma3"])
+    assert type(processor).__name__ == "Gemma3Processor" and processor.image_seq_length == cfg["mm_tokens_per_image"]
+    got = processor(text=["ab <start_of_image> cd"], images=[Image.new("RGB", (50, 40), (9, 99, 199))],
+                    return_tensors="pt")
+    ours = vision_inputs.batch(cfg, 1, SEQ, "cpu", SIDE)
+    assert got["pixel_values"].shape == ours["pixel_values"].shape
+    assert int(got["token_type_ids"].sum()) == int(ours["token_type_ids"].sum()) == cfg["mm_tokens_per_image"]
+    assert int((got["input_ids"] == cfg["image_token_index"]).sum()) == cfg["mm_tokens_per_image"]
+    model, tok = velotune.load_model(folders["gemma3"], dtype=torch.float32, device="cpu")
+    assert tok.image_processor is not None and model.config.image_token_id == cfg["image_token_index"]
+
+
+@pytest.mark.parametrize("config, ids", [
+    (bench_vision.QWEN25_VL_7B, {"<|endoftext|>": 151643, "<|im_end|>": 151645, "<|image_pad|>": 151655,
+                                 "<|video_pad|>": 151656}),
+    (bench_vision.GEMMA3_4B, {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<start_of_image>": 255999,
+                              "<end_of_image>": 256000, "<image_soft_token>": 262144})])
+def test_real_config_tokenizers_keep_the_published_ids(tmp_path, config, ids):
+    vision_inputs.write_tokenizer(config, tmp_path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    assert len(tokenizer) == 151657 <= bench_vision.QWEN25_VL_7B["text_config"]["vocab_size"]
-    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>"]) == \
-        [151643, 151645, 151655, 151656]
-    bad = {**TINY, "image_token_id": 7}
-    with pytest.raises(SystemExit, match="above 255"):
-        vision_inputs.write_tokenizer(bad, tmp_path / "bad")
+    assert len(tokenizer) == max(ids.values()) + 1 <= config["text_config"]["vocab_size"]
+    assert tokenizer.convert_tokens_to_ids(list(ids)) == list(ids.values())
+    assert tokenizer.decode(tokenizer("a b").input_ids) == "a b"
+
+
+def test_tokenizer_ids_that_cannot_be_laid_out_fail_naming_them(tmp_path):
+    small = {**TINY, "text_config": {"bos_token_id": 5, "eos_token_id": 6}, "image_token_id": 7, "video_token_id": 8,
+             "vision_start_token_id": 9, "vision_end_token_id": 10}
+    with pytest.raises(SystemExit, match=r"'<\|image_pad\|>': 7.* room below the highest for the 256 bytes"):
+        vision_inputs.write_tokenizer(small, tmp_path)
+    with pytest.raises(SystemExit, match=r"'<\|im_end\|>': None"):
+        vision_inputs.write_tokenizer({**TINY, "text_config": {"bos_token_id": 294}}, tmp_path)
+    with pytest.raises(SystemExit, match=r"'<\|video_pad\|>': 296.*distinct"):
+        vision_inputs.write_tokenizer({**TINY, "video_token_id": TINY["image_token_id"]}, tmp_path)
 
 
 def test_write_folder_keeps_a_complete_one_and_rewrites_another_config(folder):
@@ -80,10 +120,12 @@ def test_write_folder_keeps_a_complete_one_and_rewrites_another_config(folder):
     assert not folder.with_name("tiny.partial").exists()
 
 
-def test_peers_build_the_parents_batch_and_train_the_same_adapters(folder):
-    want = {rows: vision_inputs.digest(vision_inputs.batch(TINY, rows, SEQ, "cpu", SIDE)) for rows in (1, 2)}
+@pytest.mark.parametrize("family", sorted(TINIES))
+def test_peers_build_the_parents_batch_and_train_the_same_adapters(folders, family):
+    cfg = TINIES[family]
+    want = {rows: vision_inputs.digest(vision_inputs.batch(cfg, rows, SEQ, "cpu", SIDE)) for rows in (1, 2)}
     assert want[1] != want[2]
-    results = {system: bench_vision.run_peer(system, folder, peer_args(), "cpu", 300) for system in ("velotune", "hf")}
+    results = {s: bench_vision.run_peer(s, folders[family], peer_args(), "cpu", 300) for s in ("velotune", "hf")}
     for result in results.values():
         assert [r["digest"] for r in result["runs"]] == [want[1], want[2]], result
         assert all(r["outcome"] == "ok" and 5.0 < r["loss"] < 6.5 for r in result["runs"])   # ln(300) = 5.7
@@ -120,9 +162,10 @@ def test_a_failing_peer_is_reported_with_its_error(tmp_path, capsys):
 
 
 def test_vs_unsloth_names_the_families_it_can_write():
-    done = subprocess.run([sys.executable, str(BENCH / "bench_vision.py"), "--vs-unsloth", "--model", "gemma-3-4b"],
+    done = subprocess.run([sys.executable, str(BENCH / "bench_vision.py"), "--vs-unsloth", "--model", "llava-1.5-7b"],
                           capture_output=True, text=True)
-    assert done.returncode == 2 and "gemma-3-4b has no offline tokenizer and processor files" in done.stderr
+    assert done.returncode == 2 and "llava-1.5-7b has no offline tokenizer and processor files" in done.stderr
+    assert "qwen2_5_vl, gemma3" in done.stderr
 
 
 @pytest.mark.gpu
@@ -134,11 +177,13 @@ def test_transformers_processor_opens_the_folder(folder, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_unsloth_trains_the_tiny_folder_on_the_parents_batch(folder):
+@pytest.mark.parametrize("family", sorted(TINIES))
+def test_unsloth_trains_the_tiny_folder_on_the_parents_batch(folders, family):
     if not torch.cuda.is_available() or importlib.util.find_spec("unsloth") is None:
         pytest.skip("needs a CUDA GPU and Unsloth (carry its wheels in .whl)")
-    want = vision_inputs.digest(vision_inputs.batch(TINY, 2, SEQ, "cpu", SIDE))
-    results = {s: bench_vision.run_peer(s, folder, peer_args(batch=[2]), "cuda", 400) for s in ("unsloth", "velotune")}
+    want = vision_inputs.digest(vision_inputs.batch(TINIES[family], 2, SEQ, "cpu", SIDE))
+    results = {s: bench_vision.run_peer(s, folders[family], peer_args(batch=[2]), "cuda", 400)
+               for s in ("unsloth", "velotune")}
     for system, result in results.items():
         run, why = bench_vision.batch_run(result, 2, want)
         assert why == "ok" and 5.0 < run["loss"] < 6.5, (system, result)
