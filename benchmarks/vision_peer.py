@@ -41,8 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+
 def load_unsloth(folder: Path, seq: int, device):
-    import bitsandbytes
     import torch
     from unsloth import FastVisionModel
 
@@ -51,9 +51,7 @@ def load_unsloth(folder: Path, seq: int, device):
     model = FastVisionModel.get_peft_model(model, finetune_vision_layers=False, finetune_language_layers=True,
                                            finetune_attention_modules=True, finetune_mlp_modules=True, r=16,
                                            lora_alpha=16, lora_dropout=0, bias="none", random_state=3407)
-    FastVisionModel.for_training(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return model, bitsandbytes.optim.AdamW8bit(params, lr=1e-4), "AdamW8bit (bitsandbytes)"
+    return FastVisionModel.for_training(model)
 
 
 def load_velotune(folder: Path, seq: int, device):
@@ -63,10 +61,7 @@ def load_velotune(folder: Path, seq: int, device):
     from bench_vision import velotune_lora
 
     model, _ = velotune.load_model(folder, dtype=torch.bfloat16, device=device, max_seq_length=seq)
-    model = velotune_lora(model, projector=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
-    return model, torch.optim.AdamW(params, lr=1e-4, fused=fused), f"AdamW (torch{', fused' if fused else ''})"
+    return velotune_lora(model, projector=False)
 
 
 def load_hf(folder: Path, seq: int, device):
@@ -78,13 +73,23 @@ def load_hf(folder: Path, seq: int, device):
     place = {"": 0 if device.type == "cuda" else "cpu"}
     model = transformers.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16,
                                                                      attn_implementation="sdpa", device_map=place)
-    model = hf_lora(model, projector=False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
-    return model, torch.optim.AdamW(params, lr=1e-4, fused=fused), f"AdamW (torch{', fused' if fused else ''})"
+    return hf_lora(model, projector=False)
 
 
 LOADERS = {"unsloth": load_unsloth, "velotune": load_velotune, "hf": load_hf}
+
+
+def optimizer_for(system: str, model, device):
+    """(optimizer, its name): Unsloth's notebooks' `optim="adamw_8bit"`, else torch AdamW (velotune's default)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if system == "unsloth":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=1e-4), "AdamW8bit (bitsandbytes)"
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=1e-4, fused=fused), f"AdamW (torch{', fused' if fused else ''})"
 
 
 def measure(system: str, folder: Path, batches: list[int], seq: int, steps: int, image_side: int,
@@ -97,7 +102,8 @@ def measure(system: str, folder: Path, batches: list[int], seq: int, steps: int,
     device = torch.device(device_name)
     config = json.loads((folder / "velotune_bench.json").read_text())
     started = time.perf_counter()
-    model, optimizer, optimizer_name = LOADERS[system](folder, seq, device)
+    model = LOADERS[system](folder, seq, device)
+    optimizer, optimizer_name = optimizer_for(system, model, device)
     result = {"system": system, "optimizer": optimizer_name, "load_s": time.perf_counter() - started,
               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "runs": []}
     for rows in batches:
