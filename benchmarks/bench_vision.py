@@ -38,16 +38,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import PEER_ENV, append_row, machine, scratch_dir, today, versions
+from common import append_row, choose_workdir, machine, run_peer, today, versions
 from vision_inputs import SPECIALS, batch, digest, write_folder
 
 WARMUP = 2
@@ -226,28 +223,18 @@ def label(args: argparse.Namespace) -> str:
     return f"{args.model} ({args.image_side} px images)" if "qwen" in args.model else args.model
 
 
-def run_peer(system: str, folder: Path, args: argparse.Namespace, device: str, timeout: float) -> dict:
-    """vision_peer.py's result for `system`; a process that prints none becomes an `outcome`, with its
-    output printed."""
-    cmd = [sys.executable, str(PEER), f"--system={system}", f"--model={folder}", "--batch", *map(str, args.batch),
-           f"--seq={args.seq}", f"--steps={args.steps}", f"--image-side={args.image_side}", f"--device={device}"]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **PEER_ENV}, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"outcome": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("VISION ")]
-    if done.returncode == 0 and lines:
-        return json.loads(lines[-1].removeprefix("VISION "))
-    print(f"{NAMES[system]} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"outcome": f"exit {done.returncode}: {last[:200]}"}
+def peer_command(system: str, folder: Path, args: argparse.Namespace, device: str) -> list[str]:
+    """vision_peer.py's command line for `system` on `folder` with this run's batch sizes and shapes."""
+    return [sys.executable, str(PEER), f"--system={system}", f"--model={folder}", "--batch", *map(str, args.batch),
+            f"--seq={args.seq}", f"--steps={args.steps}", f"--image-side={args.image_side}", f"--device={device}"]
 
 
 def batch_run(result: dict, rows: int, want: str) -> tuple[dict | None, str]:
     """A system's run at `rows` rows if it ran, on the batch whose digest is `want`; else None and why."""
     run = next((r for r in result.get("runs", []) if r["batch"] == rows), None)
     if run is None:
-        return None, result.get("outcome", "not run")
+        why = result.get("outcome", "not run")
+        return None, "not run" if why == "ok" else why
     if run["digest"] != want:
         return None, f"ran on another batch (digest {run['digest']}, this process's {want})"
     return (run, "ok") if run["outcome"] == "ok" else (None, run["outcome"])
@@ -282,16 +269,14 @@ def vs_unsloth(args: argparse.Namespace, device: torch.device) -> None:
     started = time.monotonic()
     config = MODELS[args.model]
     need = 2 * ModelConfig.from_hf_config(config).num_parameters()
-    folder = write_folder(config, scratch_dir(args.workdir, "velotune-vision", need) / args.model, device.type)
+    folder = write_folder(config, choose_workdir(args.workdir, need, "velotune-vision") / args.model, device.type)
     print(f"{args.model}: folder {folder} ({need / 1e9:.1f} GB) after {time.monotonic() - started:.0f} s")
     want = {rows: digest(batch(config, rows, args.seq, "cpu", args.image_side)) for rows in args.batch}
     results = {}
     for system in [s for s in PEER_SYSTEMS if s in args.systems]:
         left = args.budget_s - (time.monotonic() - started)
-        results[system] = (run_peer(system, folder, args, device.type, left) if left > 30
-                           else {"outcome": "skipped: the time budget ran out"})
-        r = results[system]
-        print(f"  {NAMES[system]}: {r.get('outcome', 'ran')}, load {r.get('load_s', 0):.0f} s, "
+        r = results[system] = run_peer(peer_command(system, folder, args, device.type), "VISION", system, left)
+        print(f"  {NAMES[system]}: {r['outcome']}, load {r.get('load_s', 0):.0f} s, "
               f"{time.monotonic() - started:.0f} s in", flush=True)
     where, day = machine(), today()
     packages = versions("unsloth", "unsloth_zoo", "peft", "bitsandbytes")

@@ -73,7 +73,7 @@ case "${1:-tests}" in
   vision)
     python3 benchmarks/bench_vision.py --model qwen2.5-vl-7b --batch 1 4 --seq 2048 --vs-unsloth \
       --budget-s $((560 - SECONDS)) 2>&1 | tee "$OUT/vision.log" | grep -v -i warn \
-      | grep -E "^  |folder|failed|Error|error" | tail -30
+      | grep -E "^  |folder|no result|Error|error" | tail -30
     for model in gemma-3-4b llava-1.5-7b qwen2.5-vl-7b; do
       if [ $SECONDS -gt 420 ]; then echo "$model vs transformers: skipped, the call's time ran out"; continue; fi
       timeout $((585 - SECONDS)) python3 benchmarks/bench_vision.py --model $model --batch 1 4 --seq 2048 2>&1 \
@@ -82,7 +82,7 @@ case "${1:-tests}" in
   vision-gemma)
     python3 benchmarks/bench_vision.py --model gemma-3-4b --batch 1 4 --seq 2048 --vs-unsloth \
       --budget-s $((560 - SECONDS)) 2>&1 | tee "$OUT/vision-gemma.log" | grep -v -i warn \
-      | grep -E "^  |folder|failed|Error|error" | tail -30 ;;
+      | grep -E "^  |folder|no result|Error|error" | tail -30 ;;
   memory)
     for a in "--model Llama-3.1-8B --batch 4" "--model Llama-3.1-8B --batch 1 --offload" \
              "--model Llama-3.2-1B --batch 8 --offload"; do

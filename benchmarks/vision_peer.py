@@ -3,8 +3,9 @@
 
     python benchmarks/vision_peer.py --system unsloth --model DIR --batch 1 4 [--seq 2048 --steps 3]
 
-prints one line `VISION {json}`: the optimizer, the trainable count, and per batch size the
-batch's digest, seconds per step, peak allocated GiB and the last loss. DIR is the folder
+prints one line `VISION {json}`: outcome "ok" (it loaded), the optimizer, the trainable count, and per
+batch size the batch's digest, seconds per step, peak allocated GiB and the last loss (or the
+outcome that ended that size, out of memory). DIR is the folder
 vision_inputs.write_folder wrote (its velotune_bench.json is the config the batch is built from,
 so every process builds the same tensors; bench_vision.py checks the digests against its own).
 Every system runs bench_vision.py's plain loop (bf16 autocast, backward, optimizer step; 2 warm-up
@@ -104,7 +105,7 @@ def measure(system: str, folder: Path, batches: list[int], seq: int, steps: int,
     started = time.perf_counter()
     model = LOADERS[system](folder, seq, device)
     optimizer, optimizer_name = optimizer_for(system, model, device)
-    result = {"system": system, "optimizer": optimizer_name, "load_s": time.perf_counter() - started,
+    result = {"system": system, "outcome": "ok", "optimizer": optimizer_name, "load_s": time.perf_counter() - started,
               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "runs": []}
     for rows in batches:
         inputs = batch(config, rows, seq, device, image_side)

@@ -21,6 +21,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import bench_vision  # noqa: E402
 import vision_inputs  # noqa: E402
+from common import run_peer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 TINY = bench_vision.SMOKE_QWEN
@@ -41,6 +42,10 @@ def folder(folders):
 
 def peer_args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{"batch": [1, 2], "seq": SEQ, "steps": 1, "image_side": SIDE, **kw})
+
+
+def peer(system: str, folder: Path, args: argparse.Namespace, device: str) -> dict:
+    return run_peer(bench_vision.peer_command(system, folder, args, device), "VISION", system, 400)
 
 
 def test_folder_opens_offline_as_the_processor_reads_it(folder, monkeypatch):
@@ -125,7 +130,7 @@ def test_peers_build_the_parents_batch_and_train_the_same_adapters(folders, fami
     cfg = TINIES[family]
     want = {rows: vision_inputs.digest(vision_inputs.batch(cfg, rows, SEQ, "cpu", SIDE)) for rows in (1, 2)}
     assert want[1] != want[2]
-    results = {s: bench_vision.run_peer(s, folders[family], peer_args(), "cpu", 300) for s in ("velotune", "hf")}
+    results = {s: peer(s, folders[family], peer_args(), "cpu") for s in ("velotune", "hf")}
     for result in results.values():
         assert [r["digest"] for r in result["runs"]] == [want[1], want[2]], result
         assert all(r["outcome"] == "ok" and 5.0 < r["loss"] < 6.5 for r in result["runs"])   # ln(300) = 5.7
@@ -149,16 +154,18 @@ def test_rows_ratios_and_failures():
     assert rows["velotune"][6:13] == ["8,192", "1000", "15.00", "1,000", "2.00x", "0.75x", "-"]
     assert rows["Unsloth"][10:13] == ["-", "-", "-"]
     assert rows["transformers+PEFT"][6] == "-" and rows["transformers+PEFT"][13] == "GPU OOM (x)"
-    skipped = bench_vision.peer_rows({"unsloth": {"outcome": "skipped: the time budget ran out"}}, 4, "d", "m", 2048,
-                                     "day", "H100", "")
-    assert skipped[0][13] == "skipped: the time budget ran out" and len(skipped[0]) == len(bench_vision.PEER_COLUMNS)
+    budget = "skipped: the call's time budget ran out"
+    skipped = bench_vision.peer_rows({"unsloth": {"outcome": budget}}, 4, "d", "m", 2048, "day", "H100", "")
+    assert skipped[0][13] == budget and len(skipped[0]) == len(bench_vision.PEER_COLUMNS)
 
 
 def test_a_failing_peer_is_reported_with_its_error(tmp_path, capsys):
-    got = bench_vision.run_peer("velotune", tmp_path, peer_args(), "cpu", 300)
-    assert got == {"outcome": f"exit 1: {tmp_path}: not a folder bench_vision.py wrote (no velotune_bench.json)"}
-    assert "velotune failed (exit 1)" in capsys.readouterr().out
-    assert bench_vision.run_peer("velotune", tmp_path, peer_args(), "cpu", 0.01) == {"outcome": "timed out after 0 s"}
+    got = peer("velotune", tmp_path, peer_args(), "cpu")
+    assert got == {"system": "velotune",
+                   "outcome": f"exit 1: {tmp_path}: not a folder bench_vision.py wrote (no velotune_bench.json)"}
+    assert "velotune printed no result (exit 1)" in capsys.readouterr().out
+    rows = bench_vision.peer_rows({"velotune": got}, 1, "d", "m", SEQ, "day", "cpu", "")
+    assert rows[0][6] == "-" and rows[0][13] == got["outcome"]
 
 
 def test_vs_unsloth_names_the_families_it_can_write():
@@ -182,8 +189,7 @@ def test_unsloth_trains_the_tiny_folder_on_the_parents_batch(folders, family):
     if not torch.cuda.is_available() or importlib.util.find_spec("unsloth") is None:
         pytest.skip("needs a CUDA GPU and Unsloth (carry its wheels in .whl)")
     want = vision_inputs.digest(vision_inputs.batch(TINIES[family], 2, SEQ, "cpu", SIDE))
-    results = {s: bench_vision.run_peer(s, folders[family], peer_args(batch=[2]), "cuda", 400)
-               for s in ("unsloth", "velotune")}
+    results = {s: peer(s, folders[family], peer_args(batch=[2]), "cuda") for s in ("unsloth", "velotune")}
     for system, result in results.items():
         run, why = bench_vision.batch_run(result, 2, want)
         assert why == "ok" and 5.0 < run["loss"] < 6.5, (system, result)
