@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -31,6 +32,17 @@ def machine() -> str:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
     return (f"{name}; torch {torch.__version__}; triton {triton.__version__}; "
             f"transformers {transformers.__version__}; CUDA {torch.version.cuda}")
+
+
+def versions(*packages: str) -> str:
+    """"name version" of each installed package (read from its metadata, so nothing is imported)."""
+    found = []
+    for name in packages:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return ", ".join(found)
 
 
 def bf16_matmul_tflops(n: int = 8192, reps: int = 50) -> float:

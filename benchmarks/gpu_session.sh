@@ -15,7 +15,10 @@
 #     call) and returns after ~9.5 minutes; long-wait waits up to ~9.5 minutes more for it and
 #     returns its log and RESULTS.md (rows appended to a copy in /tmp/long: the working tree is
 #     copied afresh at each call). The machine stays warm 30 s after a call: call again at once.
-#   bash benchmarks/gpu_session.sh vision  # vision-language LoRA vs transformers+PEFT (Gemma-3-4B, LLaVA-1.5-7B, Qwen2.5-VL-7B)
+#   bash benchmarks/gpu_session.sh vision  # Qwen2.5-VL-7B LoRA mb1/mb4 x 2048: Unsloth, velotune, transformers+PEFT
+#                                          # in their own processes (carry .whl); then, while the call has time,
+#                                          # velotune vs transformers+PEFT in one process: Gemma-3-4B, LLaVA-1.5-7B, Qwen2.5-VL-7B
+#   bash benchmarks/gpu_session.sh vision-gemma  # the same three-process comparison on Gemma-3-4B (carry .whl)
 #   bash benchmarks/gpu_session.sh e2e     # velotune train vs Unsloth+TRL (and transformers+PEFT+TRL) on
 #                                          # variable-length rows: E2E_ARGS are bench_e2e.py run's options
 #   bash benchmarks/gpu_session.sh moe     # MoE, about 8-9 min (bounded at 575 s): the expert kernels (velotune's
@@ -68,9 +71,18 @@ case "${1:-tests}" in
   moe-full)
     python3 benchmarks/bench_moe.py --parts qwen gptoss 2>&1 | grep -v -i warn | tail -4 ;;
   vision)
-    python3 benchmarks/bench_vision.py --model gemma-3-4b --batch 1 4 --seq 2048 2>&1 | grep -v -i warn | tail -3
-    python3 benchmarks/bench_vision.py --model llava-1.5-7b --batch 1 4 --seq 2048 2>&1 | grep -v -i warn | tail -3
-    python3 benchmarks/bench_vision.py --model qwen2.5-vl-7b --batch 1 4 --seq 2048 2>&1 | grep -v -i warn | tail -3 ;;
+    python3 benchmarks/bench_vision.py --model qwen2.5-vl-7b --batch 1 4 --seq 2048 --vs-unsloth \
+      --budget-s $((560 - SECONDS)) 2>&1 | tee "$OUT/vision.log" | grep -v -i warn \
+      | grep -E "^  |folder|no result|Error|error" | tail -30
+    for model in gemma-3-4b llava-1.5-7b qwen2.5-vl-7b; do
+      if [ $SECONDS -gt 420 ]; then echo "$model vs transformers: skipped, the call's time ran out"; continue; fi
+      timeout $((585 - SECONDS)) python3 benchmarks/bench_vision.py --model $model --batch 1 4 --seq 2048 2>&1 \
+        | grep -v -i warn | tail -3
+    done ;;
+  vision-gemma)
+    python3 benchmarks/bench_vision.py --model gemma-3-4b --batch 1 4 --seq 2048 --vs-unsloth \
+      --budget-s $((560 - SECONDS)) 2>&1 | tee "$OUT/vision-gemma.log" | grep -v -i warn \
+      | grep -E "^  |folder|no result|Error|error" | tail -30 ;;
   memory)
     for a in "--model Llama-3.1-8B --batch 4" "--model Llama-3.1-8B --batch 1 --offload" \
              "--model Llama-3.2-1B --batch 8 --offload"; do
