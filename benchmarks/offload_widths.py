@@ -29,6 +29,19 @@ def timed(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def describe(model) -> str:
+    """Where the last forward put its checkpoints and what its offloader pinned."""
+    placement, stats = getattr(model, "placement", None), getattr(model, "offload_stats", None)
+    if placement is None:
+        return "no placement"
+    text = (f"{placement.offloaded} layers to host in pieces {sorted(set(placement.pieces))}, "
+            f"{sum(placement.kept)} kept attention outputs, host {placement.host_bytes / 2**30:.2f} GiB")
+    if stats is not None and placement.offloaded:
+        text += (f"; offloaded {stats.offloaded}, pooled {stats.reused}, pinned {stats.allocated} "
+                 f"({stats.allocated_bytes / 2**30:.2f} GiB in {stats.allocation_seconds * 1e3:.0f} ms)")
+    return text
+
+
 def main() -> None:
     require_cuda()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,7 +70,7 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        times = []
+        times, moved = [], []
         for i in range(3):
             if i == 0 and width == args.profile_width:
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -65,11 +78,14 @@ def main() -> None:
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
             else:
                 times.append(timed(call))
+            if i < 2:   # the warm-up's and the capture's forward (replays run no Python)
+                moved.append(describe(model))
         pool = getattr(model, "offload_pool", None)
         held = f"; host buffers {len(pool.buffers)}, {pool.held_bytes / 2**30:.2f} GiB" if pool is not None else ""
         print(f"width {width}: warm-up {times[0]:.0f} ms, capture+replay {times[1]:.0f} ms, "
               f"replay {times[2]:.0f} ms; allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, "
-              f"reserved {torch.cuda.memory_reserved() / 2**30:.2f} GiB{held}", flush=True)
+              f"reserved {torch.cuda.memory_reserved() / 2**30:.2f} GiB{held}\n  warm-up: {moved[0]}\n"
+              f"  capture: {moved[1]}", flush=True)
     print(f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
