@@ -106,8 +106,8 @@ def run_trial(system: str, args: argparse.Namespace, folder: Path | None) -> Cal
 
     def trial(new: int, seconds_left: float) -> dict:
         r = run_peer(peer_command(system, new, args, folder), "GRPO", system, seconds_left)
-        print(f"  {system:8s} N={new:7,}  {r['outcome'][:100]:100s} {r.get('seconds', 0):6.1f} s  "
-              f"peak {r.get('peak_gib') or 0:5.1f} GiB", flush=True)
+        print(f"  {system:8s} N={new:7,}  {r.get('seconds', 0):6.1f} s  peak {r.get('peak_gib') or 0:5.1f} GiB  "
+              f"{r['outcome'][:160]}", flush=True)
         return r
     return trial
 
@@ -184,8 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, Search]:
         share = (deadline - time.monotonic()) / (len(args.systems) - i)
         searches[system] = search(system, run_trial(system, args, folder), args.start, args.grain,
                                   time.monotonic() + share)
-        print(f"{system}: longest {searches[system].longest_ok() and searches[system].longest_ok()['new']}, "
-              f"ended: {searches[system].ended}", flush=True)
+        best = searches[system].longest_ok()
+        print(f"{system}: longest N trained {best['new'] if best else 'none'}, ended: {searches[system].ended}",
+              flush=True)
     config = (f"{Path(args.config).stem} arch, random weights, QLoRA NF4 r16, 1 prompt of {args.prompt} tokens, "
               f"{args.group} completions, update micro-batch {args.micro_batch}, {args.device}")
     for row in rows(searches, config, today(), where):
