@@ -11,8 +11,9 @@ Every trial is its own process (grpo_peer.py, through common.run_peer), so an ou
 cannot leave the next trial a fragmented allocator. Only a memory failure (GPU or host out of
 memory) bounds the search from above; any other error ends that system's search, as does the time:
 the call's --budget-s is shared, Unsloth's search gets half of what is left after its folder is
-written and velotune the rest, and a trial that outlives its system's share is recorded as timed
-out (so a row can say "at least N" rather than the limit). Time grows faster than N (8 completions
+written and velotune the rest; a trial that the last one to train predicts to outlast the share is
+not started (its time goes to the next system), and one that outlives it is recorded as timed out
+(so a row can say "at least N" rather than the limit). Time grows faster than N (8 completions
 decoded one token at a time with a KV cache that grows, then 8 forward+backward passes of P+N
 tokens), so --start lets a later call begin where an earlier one was stopped by the time.
 
@@ -71,13 +72,22 @@ def search(system: str, trial: Callable[[int, float], dict], start: int, grain: 
            clock: Callable[[], float] = time.monotonic) -> Search:
     """Double N from `start` while `trial(N, seconds left)` trains; then bisect between the longest that
     trained and the shortest that ran out of memory until they are `grain` apart. Ends early at a
-    trial that was skipped or timed out (the time is spent) or failed otherwise (not a memory limit)."""
+    trial that was skipped or timed out (the time is spent) or failed otherwise (not a memory limit),
+    and before a trial the last one that trained predicts to outlast the time left (its wall seconds
+    scaled by the lengths: a lower bound, decoding grows faster than N), leaving that time to the
+    next system."""
     if start % grain:
         raise ValueError(f"--start {start} must be a multiple of --grain {grain}")
     found = Search(system)
     lo, hi, n = 0, None, start
     while True:
-        r = trial(n, deadline - clock())
+        left = deadline - clock()
+        best = found.longest_ok()
+        if best is not None and best.get("wall_s") and best["wall_s"] * n / best["new"] > left:
+            found.ended = (f"N={n:,} not started: predicted over {best['wall_s'] * n / best['new']:.0f} s, "
+                           f"{left:.0f} s left")
+            return found
+        r = trial(n, left)
         found.trials.append({**r, "new": n})
         if r["outcome"] == "ok":
             lo = n
@@ -105,7 +115,9 @@ def run_trial(system: str, args: argparse.Namespace, folder: Path | None) -> Cal
     from common import run_peer
 
     def trial(new: int, seconds_left: float) -> dict:
+        started = time.monotonic()
         r = run_peer(peer_command(system, new, args, folder), "GRPO", system, seconds_left)
+        r["wall_s"] = time.monotonic() - started   # the process's whole life: imports and loading included
         print(f"  {system:8s} N={new:7,}  {r.get('seconds', 0):6.1f} s  peak {r.get('peak_gib') or 0:5.1f} GiB  "
               f"{r['outcome'][:160]}", flush=True)
         return r

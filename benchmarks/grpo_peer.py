@@ -76,7 +76,8 @@ def velotune_config(name: str) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     found = known_config(name)
     if found is None:
-        raise SystemExit(f"--config {name!r}: neither a config.json nor a bundled config (velotune/models/known_configs.py)")
+        raise SystemExit(f"--config {name!r}: neither a config.json nor a bundled config "
+                         "(velotune/models/known_configs.py)")
     return dict(found[1]["config"])
 
 

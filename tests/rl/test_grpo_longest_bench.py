@@ -22,7 +22,8 @@ TINY_QWEN3 = dict(model_type="qwen3", vocab_size=97, hidden_size=64, intermediat
                   eos_token_id=2)
 
 
-def fake(limit: int, seconds_per_token: float = 0.0, clock: list[float] | None = None, error_at: int | None = None):
+def fake(limit: int, seconds_per_token: float = 0.0, clock: list[float] | None = None, error_at: int | None = None,
+         wall: bool = False):
     """A trial that trains up to `limit` tokens, runs out of GPU memory above, and spends simulated time."""
     asked = []
 
@@ -40,7 +41,8 @@ def fake(limit: int, seconds_per_token: float = 0.0, clock: list[float] | None =
             return {"system": "x", "outcome": "exit 1: ImportError: no module named vllm"}
         if new > limit:
             return {"system": "x", "outcome": "GPU OOM (CUDA out of memory. Tried to allocate 2.00 GiB)"}
-        return {"system": "x", "outcome": "ok", "seconds": cost, "peak_gib": new / 1000, "version": "sys 1.0"}
+        return {"system": "x", "outcome": "ok", "seconds": cost, "peak_gib": new / 1000, "version": "sys 1.0",
+                **({"wall_s": cost} if wall else {})}
     return trial, asked
 
 
@@ -78,6 +80,16 @@ def test_the_budget_ends_the_search_with_the_trial_that_outlived_it():
     trial, asked = fake(limit=10**6, seconds_per_token=0.01, clock=clock)
     found = bench.search("velotune", trial, 1024, 512, deadline=100.0, clock=lambda: clock[0])
     assert asked == [1024, 2048, 4096, 8192] and found.ended.startswith("skipped")  # 10+20+41 s, 29 s left
+
+
+def test_a_trial_predicted_to_outlast_the_time_left_is_not_started():
+    clock = [0.0]
+    # the first trials report their wall time: 4096's 205 s predicts 410 s for 8192, with 142 s left
+    trial, asked = fake(limit=10**6, seconds_per_token=0.05, clock=clock, wall=True)
+    found = bench.search("velotune", trial, 1024, 512, deadline=500.0, clock=lambda: clock[0])
+    assert asked == [1024, 2048, 4096] and clock[0] == pytest.approx(358.4)
+    assert found.ended == "N=8,192 not started: predicted over 410 s, 142 s left"
+
 
 
 def test_an_error_that_is_not_memory_ends_the_search_without_bounding_it():
@@ -168,6 +180,8 @@ def test_the_smoke_call_searches_velotune_on_the_cpu_and_appends_its_row(tmp_pat
                            "--budget-s", "45", "--results", str(results)])
     found = searches["velotune"]
     assert found.trials[0] == {**found.trials[0], "new": 8, "outcome": "ok"}
-    assert found.ended.startswith(("skipped", "timed out"))  # no memory limit on the CPU: the time ends it
+    assert found.trials[0]["wall_s"] > found.trials[0]["seconds"] > 0
+    # no memory limit on the CPU: the time ends it (a trial predicted too long, skipped or timed out)
+    assert "not started: predicted over" in found.ended or found.ended.startswith(("skipped", "timed out"))
     text = results.read_text()
     assert bench.SECTION in text and "config arch, random weights" in text and "| velotune " in text
