@@ -108,7 +108,9 @@ def search(system: str, trial: Callable[[int, float], dict], start: int, grain: 
 def peer_command(system: str, new: int, args: argparse.Namespace, folder: Path | None) -> list[str]:
     command = [sys.executable, str(PEER), f"--system={system}", f"--new={new}", f"--group={args.group}",
                f"--prompt={args.prompt}", f"--micro-batch={args.micro_batch}", f"--device={args.device}"]
-    return command + ([f"--model={folder}"] if system == "unsloth" else [f"--config={args.config}"])
+    if system == "unsloth":
+        return command + [f"--model={folder}"]
+    return command + [f"--generation-batch={args.generation_batch}", f"--config={args.config}"]
 
 
 def run_trial(system: str, args: argparse.Namespace, folder: Path | None) -> Callable[[int, float], dict]:
@@ -168,6 +170,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--group", type=int, default=8, help="completions per prompt")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--micro-batch", type=int, default=1, help="completions per forward/backward in the update")
+    p.add_argument("--generation-batch", type=int, default=0,
+                   help="velotune only: completions decoded at once (0, its default: the whole group, as TRL does)")
     p.add_argument("--start", type=int, default=1024, help="the first N tried")
     p.add_argument("--grain", type=int, default=512, help="bisection stops when the limit is this close")
     p.add_argument("--budget-s", type=float, default=560, help="the whole call, folder included")
@@ -200,7 +204,9 @@ def main(argv: list[str] | None = None) -> dict[str, Search]:
         print(f"{system}: longest N trained {best['new'] if best else 'none'}, ended: {searches[system].ended}",
               flush=True)
     config = (f"{Path(args.config).stem} arch, random weights, QLoRA NF4 r16, 1 prompt of {args.prompt} tokens, "
-              f"{args.group} completions, update micro-batch {args.micro_batch}, {args.device}")
+              f"{args.group} completions, update micro-batch {args.micro_batch}"
+              + (f", velotune decodes {args.generation_batch} at a time" if args.generation_batch else "")
+              + f", {args.device}")
     for row in rows(searches, config, today(), where):
         print(" | ".join(row[3:]), flush=True)
         if not args.no_record:

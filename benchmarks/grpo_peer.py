@@ -59,12 +59,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, required=True)
     p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--generation-batch", type=int, default=0,
+                   help="velotune: completions decoded at once (generation_batch_size; 0: the whole group)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: velotune only (the smoke test)")
     args = p.parse_args(argv)
     if args.group % args.micro_batch:
         p.error(f"--micro-batch {args.micro_batch} must divide --group {args.group}")
-    if args.system == "unsloth" and (args.model is None or args.device != "cuda"):
-        p.error("--system unsloth needs --model DIR and a CUDA GPU")
+    if args.system == "unsloth" and (args.model is None or args.device != "cuda" or args.generation_batch):
+        p.error("--system unsloth needs --model DIR and a CUDA GPU, and decodes the whole group "
+                "(TRL has no --generation-batch)")
     return args
 
 
@@ -88,7 +91,8 @@ def run_velotune(args: argparse.Namespace, result: dict) -> None:
     result["version"] = f"velotune {velotune.__version__}"
     with tempfile.TemporaryDirectory(prefix="grpo-longest-") as workdir:
         r = run(velotune_config(args.config), group=args.group, prompt=args.prompt, new=args.new,
-                micro_batch=args.micro_batch, device=args.device, offload=args.device == "cuda", workdir=workdir)
+                micro_batch=args.micro_batch, device=args.device, offload=args.device == "cuda", workdir=workdir,
+                generation_batch=args.generation_batch)
     gen, upd = r["generation"], r["update"]
     peak = None if gen.peak_allocated_gib is None else max(gen.peak_allocated_gib, upd.peak_allocated_gib)
     # run() raises unless every completion had exactly --new tokens

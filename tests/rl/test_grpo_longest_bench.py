@@ -119,13 +119,17 @@ def test_rows_give_each_systems_limit_its_failure_and_the_ratio():
 
 
 def test_peer_commands_parse_and_give_unsloth_the_folder_and_velotune_the_config(tmp_path):
-    args = bench.parser().parse_args(["--prompt", "64", "--micro-batch", "2", "--config", "Qwen3-8B"])
+    args = bench.parser().parse_args(["--prompt", "64", "--micro-batch", "2", "--config", "Qwen3-8B",
+                                      "--generation-batch", "2"])
     theirs = grpo_peer.parse(bench.peer_command("unsloth", 4096, args, tmp_path)[2:])
     ours = grpo_peer.parse(bench.peer_command("velotune", 4096, args, None)[2:])
     for peer, system in ((theirs, "unsloth"), (ours, "velotune")):
         assert (peer.system, peer.new, peer.group, peer.prompt, peer.micro_batch, peer.device) == \
             (system, 4096, 8, 64, 2, "cuda")
     assert theirs.model == tmp_path and ours.model is None and ours.config == "Qwen3-8B"
+    assert (theirs.generation_batch, ours.generation_batch) == (0, 2)  # TRL decodes the whole group
+    with pytest.raises(SystemExit):
+        grpo_peer.parse(["--system", "unsloth", "--new", "8", "--model", str(tmp_path), "--generation-batch", "2"])
     with pytest.raises(SystemExit):
         grpo_peer.parse(["--system", "unsloth", "--new", "8", "--device", "cpu", "--model", str(tmp_path)])
     with pytest.raises(SystemExit):
@@ -161,7 +165,7 @@ def test_velotune_trial_process_trains_a_tiny_qwen3_on_the_cpu(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_QWEN3))
     args = bench.parser().parse_args(["--systems", "velotune", "--device", "cpu", "--config", str(config),
-                                      "--group", "4", "--prompt", "9", "--micro-batch", "2"])
+                                      "--group", "4", "--prompt", "9", "--micro-batch", "2", "--generation-batch", "2"])
     r = common.run_peer(bench.peer_command("velotune", 16, args, None), "GRPO", "velotune", 300)
     assert r["outcome"] == "ok", r
     assert (r["system"], r["new"], r["min_length"], r["prompt_tokens"]) == ("velotune", 16, 16, 9)
