@@ -58,6 +58,10 @@ class Search:
         ok = [t for t in self.trials if t["outcome"] == "ok"]
         return max(ok, key=lambda t: t["new"]) if ok else None
 
+    def limit_found(self) -> bool:
+        """Whether the search closed in on a memory limit (not stopped by the time or an error)."""
+        return self.ended.startswith(("limit within", "N=")) and "not started" not in self.ended
+
     def first_failed(self) -> dict | None:
         failed = [t for t in self.trials if memory_failure(t["outcome"])]
         return min(failed, key=lambda t: t["new"]) if failed else None
@@ -126,6 +130,17 @@ def run_trial(system: str, args: argparse.Namespace, folder: Path | None) -> Cal
     return trial
 
 
+def ratio_text(ratio: float, ours_found: bool, theirs_found: bool) -> str:
+    """The ratio of longest lengths, as a bound where a search was stopped before its memory limit."""
+    if ours_found and theirs_found:
+        return f"{ratio:.2f}x"
+    if ours_found:
+        return f"<= {ratio:.2f}x (Unsloth's limit not reached)"
+    if theirs_found:
+        return f">= {ratio:.2f}x (velotune's limit not reached)"
+    return f"{ratio:.2f}x (neither limit reached)"
+
+
 def trial_text(t: dict) -> str:
     said = "ok" if t["outcome"] == "ok" else t["outcome"].split(" (")[0].split(":")[0]
     return f"{t['new']:,} {said}" + (f" {t['seconds']:.0f} s" if t.get("seconds") else "")
@@ -141,7 +156,9 @@ def rows(searches: dict[str, Search], config: str, day: str, where: str) -> list
         ratio = "-"
         if system == "velotune":
             ours, theirs = longest.get("velotune"), longest.get("unsloth")
-            ratio = f"{ours['new'] / theirs['new']:.2f}x" if ours and theirs else "n/a"
+            ratio = "n/a"
+            if ours and theirs and "unsloth" in searches:
+                ratio = ratio_text(ours["new"] / theirs["new"], found.limit_found(), searches["unsloth"].limit_found())
         peak = "-" if not best or best.get("peak_gib") is None else f"{best['peak_gib']:.1f}"
         out.append([day, where, config, version, f"{best['new']:,}" if best else "none",
                     f"{best['seconds']:.0f} / {peak}" if best else "-",

@@ -112,6 +112,13 @@ def test_rows_give_each_systems_limit_its_failure_and_the_ratio():
                             "2.00 GiB)", "limit within 512"]
     assert rows[0][8] == "1,024 ok; 2,048 ok; 4,096 GPU OOM; 3,072 GPU OOM; 2,560 ok" and rows[0][9] == "-"
     assert rows[1][4] == "8,704" and rows[1][9] == "3.40x"
+    clock = [0.0]
+    slow, _ = fake(limit=10**6, seconds_per_token=0.05, clock=clock)   # Unsloth stopped by the time at 4,096
+    searches["unsloth"] = bench.search("unsloth", slow, 1024, 512, 500.0, lambda: clock[0])
+    assert not searches["unsloth"].limit_found() and searches["velotune"].limit_found()
+    assert bench.rows(searches, "c", "d", "x")[1][9] == "<= 2.12x (Unsloth's limit not reached)"
+    assert bench.ratio_text(2.0, False, True) == ">= 2.00x (velotune's limit not reached)"
+    assert bench.ratio_text(2.0, False, False) == "2.00x (neither limit reached)"
     stuck, _ = fake(limit=10**6, error_at=1024)
     searches["unsloth"] = bench.search("unsloth", stuck, 1024, 512, 1e9, lambda: 0.0)
     rows = bench.rows(searches, "c", "d", "x")
