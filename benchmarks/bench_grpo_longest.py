@@ -25,7 +25,16 @@ with fast_inference=False because vLLM is not on the device, reading a random-we
 written once (common.write_folder, SmolLM2's tokenizer from .bench/tokenizer). Both update
 --micro-batch completions per forward/backward (default 1) and sample the whole group at once.
 One row per system goes to RESULTS.md: the longest N that trained (its seconds and peak GiB), the
-first N that failed and why, how the search ended, every trial, and velotune/Unsloth.
+first N that failed and why, how the search ended, every trial, and velotune/Unsloth, written as a
+bound (">=", "<=") where one search was stopped by the time before its memory limit.
+
+What one call can reach (not yet measured): decoding is one token per step for the whole group, so
+a trial costs about N decode steps plus loading. The only velotune figure so far (RESULTS.md, GRPO
+memory, Llama-3.1-8B QLoRA, 8 x 512) is 18.3 s of generation, ~36 ms a step; at that rate N=8,192
+takes ~5 minutes and N=16,384 more than one call's 600 s, while the memory limits lie further out
+(the group's KV cache alone, 36 layers x 2 x 8 heads x 128 x 2 B = 144 KiB a token for Qwen3-8B,
+is 8 x 144 KiB x N: 72 GiB at N=65,536). Rows of one call therefore bound the ratio rather than
+measure it unless a system runs out of memory within the call's time.
 """
 from __future__ import annotations
 
