@@ -15,7 +15,8 @@ included), the step's seconds, peak allocated GiB, the completions' shortest len
   `FastLanguageModel.from_pretrained(DIR, max_seq_length=P+N, load_in_4bit=True)`,
   `get_peft_model(r=16, lora_alpha=16, the seven projections, use_gradient_checkpointing="unsloth")`,
   TRL's `GRPOTrainer` with `GRPOConfig(num_generations=G, max_completion_length=N, max_steps=1,
-  optim="adamw_8bit", learning_rate=5e-6, weight_decay=0.01, temperature=1.0,
+  optim="adamw_8bit", learning_rate=5e-6, weight_decay=0.01, temperature=1.0, beta=0.04 (velotune's
+  default KL weight, so both make the same reference pass with the adapters off; TRL's default is 0),
   per_device_train_batch_size=M, gradient_accumulation_steps=G/M)`, so TRL samples the whole group
   at once (steps_per_generation = G/M) and updates M completions per micro-batch, as velotune's
   `--micro-batch`. The reward is the number of distinct completion ids, as velotune's.
@@ -48,6 +49,7 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GRPO_BETA = 0.04   # velotune's default grpo_beta (TrainConfig); TRL 1.15's default is 0, no reference pass
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -133,7 +135,7 @@ def run_unsloth(args: argparse.Namespace, result: dict) -> None:
                             optim="adamw_8bit", logging_steps=1, per_device_train_batch_size=args.micro_batch,
                             gradient_accumulation_steps=args.group // args.micro_batch,
                             num_generations=args.group, max_completion_length=args.new, max_steps=1,
-                            temperature=1.0, save_strategy="no", report_to="none", seed=0,
+                            temperature=1.0, beta=GRPO_BETA, save_strategy="no", report_to="none", seed=0,
                             generation_kwargs={"suppress_tokens": suppressed_ids(tokenizer, model)})
         trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[distinct_ids], args=config,
                               train_dataset=Dataset.from_list([{"prompt": prompt}] * args.group))

@@ -196,3 +196,9 @@ def test_the_smoke_call_searches_velotune_on_the_cpu_and_appends_its_row(tmp_pat
     assert "not started: predicted over" in found.ended or found.ended.startswith(("skipped", "timed out"))
     text = results.read_text()
     assert bench.SECTION in text and "config arch, random weights" in text and "| velotune " in text
+
+
+def test_both_systems_weigh_the_kl_term_alike():
+    from velotune.train import TrainConfig
+
+    assert grpo_peer.GRPO_BETA == TrainConfig.grpo_beta
