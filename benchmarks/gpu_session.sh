@@ -29,6 +29,10 @@
 #   bash benchmarks/gpu_session.sh loop    # the plain loop against Unsloth (issue 18), bounded at 585 s: velotune
 #                                          # eager and Unsloth each in its own process on one random folder, 8B LoRA
 #                                          # mb1 and mb4, 8B QLoRA mb4, 1B LoRA mb8 (carry .whl from fetch_peers.sh and .bench)
+#   bash benchmarks/gpu_session.sh grpo-long  # longest GRPO completion, Qwen3-8B arch QLoRA r16, 8 completions: Unsloth
+#                                          # then velotune, one process per trial, bounded at 570 s (carry .whl and .bench);
+#                                          # GRPO_ARGS: bench_grpo_longest.py's options (--systems, --start N: where a
+#                                          # later call resumes the doubling)
 #   bash benchmarks/gpu_session.sh moe-full  # velotune alone at full depth, built on the GPU (Qwen3-30B-A3B, gpt-oss-20b)
 # Run from the repository root on the device machine. Wheels carried in .whl/ (bitsandbytes,
 # gguf) are installed into /tmp/site first. RESULTS.md is copied to $OUT at the end.
@@ -68,6 +72,9 @@ case "${1:-tests}" in
       python3 benchmarks/bench_train.py --vs-unsloth $rows --seq 2048 --steps 3 --budget-s $((585 - SECONDS)) 2>&1 \
         | tee -a "$OUT/loop.log" | grep -E "r16 seq|^folder|printed no result|^(unsloth|velotune): " | tail -8
     done ;;
+  grpo-long)
+    python3 benchmarks/bench_grpo_longest.py --budget-s $((570 - SECONDS)) ${GRPO_ARGS:-} 2>&1 \
+      | tee "$OUT/grpo-long.log" | grep -E "N=|longest|\| |printed no result|Error|error" | tail -40 ;;
   moe-full)
     python3 benchmarks/bench_moe.py --parts qwen gptoss 2>&1 | grep -v -i warn | tail -4 ;;
   vision)
