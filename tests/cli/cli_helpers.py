@@ -55,3 +55,10 @@ def write_config(path: Path, **values) -> Path:
 
     path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
     return path
+
+
+def train_losses(output_dir: Path) -> list[float]:
+    """The training losses a run logged to its metrics file, in step order."""
+    from velotune.train.metrics import read_metrics
+
+    return [r["loss"] for r in read_metrics(output_dir) if "loss" in r]

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from tests.cli.cli_helpers import make_chat_model, write_config
+from tests.cli.cli_helpers import make_chat_model, train_losses, write_config
 
 import velotune
 from velotune.cli import main
@@ -47,7 +47,7 @@ def test_train_and_export(family, tmp_path):
                           learning_rate=2e-2, warmup_steps=0, max_seq_length=64, sample_prompts=0,
                           eval_split=0.0, save_steps=0, seed=0)
     assert main(["train", str(config), "--no-progress"]) == 0
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = train_losses(run)
     assert len(losses) == 6 and losses[-1] < losses[0], losses
     trained, tokenizer = velotune.load_model(run / "adapter", dtype=torch.float32, device="cpu")
     ids = torch.tensor([tokenizer.encode("What is 3 plus 3?")])

@@ -88,12 +88,6 @@ def write_chat_data(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
-def train_losses(output_dir: Path) -> list[float]:
-    from velotune.train.metrics import read_metrics
-
-    return [r["loss"] for r in read_metrics(output_dir) if "loss" in r]
-
-
 def eval_losses(output_dir: Path) -> dict[int, float]:
     from velotune.train.metrics import read_metrics
 

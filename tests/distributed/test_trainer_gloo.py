@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.cli.cli_helpers import make_chat_model
-from tests.distributed.gloo_helpers import (eval_losses, quiet, run_on_ranks, train_job, train_losses,
-                                           write_chat_data)
+from tests.cli.cli_helpers import make_chat_model, train_losses
+from tests.distributed.gloo_helpers import eval_losses, quiet, run_on_ranks, train_job, write_chat_data
 
 from velotune.train import checkpoint as ckpt
 from velotune.train.config import TrainConfig

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from tests.cli.cli_helpers import byte_tokenizer, write_config
+from tests.cli.cli_helpers import byte_tokenizer, train_losses, write_config
 
 IMAGE = "<image>"
 CHATML_IMAGES = (
@@ -195,7 +195,7 @@ def train_on_photos(tmp_path: Path, model: Path) -> tuple[Path, dict[str, Path]]
                           learning_rate=1e-2, warmup_steps=0, max_seq_length=96, sample_prompts=0,
                           eval_split=0.0, save_steps=0, seed=0)
     assert main(["train", str(config), "--no-progress"]) == 0
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = train_losses(run)
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
     trained, _ = velotune.load_model(run / "adapter", dtype=torch.float32, device="cpu")
     base, _ = velotune.load_model(model, dtype=torch.float32, device="cpu")
