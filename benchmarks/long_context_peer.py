@@ -14,6 +14,8 @@ import argparse
 import json
 import time
 
+from peer_report import failure
+
 p = argparse.ArgumentParser()
 p.add_argument("--model", required=True, help="a Hugging Face folder (random weights will do)")
 p.add_argument("--seq", type=int, required=True)
@@ -45,8 +47,6 @@ try:
     torch.cuda.synchronize()
     result.update(seconds=time.perf_counter() - start, loss=float(loss.detach()),
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30, outcome="ok")
-except torch.OutOfMemoryError as exc:
-    result.update(outcome=f"GPU OOM ({str(exc).splitlines()[0][:120]})")
 except Exception as exc:  # noqa: BLE001  (reported, not raised: the parent records the row)
-    result.update(outcome=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    result.update(outcome=failure(exc))
 print("PEER " + json.dumps(result), flush=True)

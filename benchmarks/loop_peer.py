@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
+
+from peer_report import emit, failure
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OPTIMIZERS = {"unsloth": "bitsandbytes AdamW 8-bit (adamw_8bit)", "velotune": "torch AdamW, fused (adamw)"}
@@ -106,10 +106,8 @@ def measure_system(folder: Path, args: argparse.Namespace) -> dict:
             result["outcome"] = "GPU OOM in the loop"
         else:
             result.update(found, outcome="ok")
-    except Exception as exc:  # noqa: BLE001  (reported, not raised: the parent records the row)
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
-        oom = type(exc).__name__ == "OutOfMemoryError"       # torch's, while loading (measure catches the loop's)
-        result["outcome"] = f"GPU OOM ({first[:120]})" if oom else f"{type(exc).__name__}: {first}"
+    except Exception as exc:  # noqa: BLE001  (reported, not raised: the parent records the row; an OOM
+        result["outcome"] = failure(exc)   # here is the load's, measure catches the loop's)
     return result
 
 
@@ -130,9 +128,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
-    print("LOOP " + json.dumps(measure_system(args.model, args)), flush=True)
-    sys.stderr.flush()
-    os._exit(0)   # the line is out: no waiting on compile workers or other threads a peer left behind
+    emit("LOOP", measure_system(args.model, args))
 
 
 if __name__ == "__main__":

@@ -30,11 +30,10 @@ velotune's kernel on the same inputs, then forward + backward timed with do_benc
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
+
+from peer_report import emit, failure
 
 PEER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -156,11 +155,8 @@ def measure(system: str, folder: Path, seq: int, steps: int, device: str) -> dic
         seconds = time.perf_counter() - started
         result.update(tokens_per_s=steps * seq / seconds, loss=losses[-1], outcome="ok",
                       peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
-    except torch.OutOfMemoryError as exc:
-        result["outcome"] = f"GPU OOM ({str(exc).splitlines()[0][:120]})"
     except Exception as exc:  # noqa: BLE001  (reported, not raised: the parent records the row)
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
-        result["outcome"] = f"{type(exc).__name__}: {first}"
+        result["outcome"] = failure(exc)
     return result
 
 
@@ -212,8 +208,7 @@ def kernel_step(system: str, device: str = "cuda", sizes: dict | None = None) ->
         step()
         result.update(ms=bench_ms(step) if device == "cuda" else None, outcome="ok")
     except Exception as exc:  # noqa: BLE001  (reported: the parent writes the row)
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
-        result["outcome"] = f"{type(exc).__name__}: {first}"
+        result["outcome"] = failure(exc)
     return result
 
 
@@ -232,12 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.system == "unsloth":
         import unsloth  # noqa: F401  (before transformers, as it requires; its import patches the experts)
     if args.command == "kernel":
-        print("KERNEL " + json.dumps(kernel_step(args.system)), flush=True)
-    else:
-        print("MOE " + json.dumps(measure(args.system, Path(args.model), args.seq, args.steps, args.device)),
-              flush=True)
-    sys.stderr.flush()
-    os._exit(0)   # the line is out: no waiting on compile workers or other threads a peer left behind
+        emit("KERNEL", kernel_step(args.system))
+    emit("MOE", measure(args.system, Path(args.model), args.seq, args.steps, args.device))
 
 
 if __name__ == "__main__":

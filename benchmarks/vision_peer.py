@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
+
+from peer_report import emit, failure
 
 
 def load_unsloth(folder: Path, seq: int, device):
@@ -115,7 +115,7 @@ def measure(system: str, folder: Path, batches: list[int], seq: int, steps: int,
                                         optimizer, steps, device)
             run.update(seconds=seconds, peak_gib=peak, loss=loss, outcome="ok")
         except torch.OutOfMemoryError as exc:
-            run["outcome"] = f"GPU OOM ({str(exc).splitlines()[0][:120]})"
+            run["outcome"] = failure(exc)
             optimizer.zero_grad(set_to_none=True)
         result["runs"].append(run)
         del inputs
@@ -137,9 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.model / "velotune_bench.json").is_file():
         raise SystemExit(f"{args.model}: not a folder bench_vision.py wrote (no velotune_bench.json)")
     result = measure(args.system, args.model, args.batch, args.seq, args.steps, args.image_side, args.device)
-    print("VISION " + json.dumps(result), flush=True)
-    sys.stderr.flush()
-    os._exit(0)   # the line is out: no waiting on compile workers or other threads a peer left behind
+    emit("VISION", result)
 
 
 if __name__ == "__main__":
