@@ -13,7 +13,7 @@ import torch
 
 from tests.train.train_helpers import load_tiny, make_examples
 from velotune.data import Example
-from velotune.data.batching import collate_packed
+from velotune.data.batching import bucket_width, collate_packed
 from velotune.lora import LoraConfig, apply_lora, lora_named_parameters
 from velotune.models.config import ModelConfig
 from velotune.models.transformer import Transformer
@@ -213,7 +213,8 @@ def flat_training(graphed: bool, lengths_per_step, offload: bool = False):
     model.offload_checkpoints = offload
     params = [p for _, p in lora_named_parameters(model)]
     opt = torch.optim.AdamW(params, lr=1e-2)
-    step = GraphedMicroStep(model, params, amp_dtype=torch.bfloat16, max_shapes=64) if graphed else None
+    step = (GraphedMicroStep(model, params, amp_dtype=torch.bfloat16, max_shapes=64,
+                             max_tokens=bucket_width(2 * 300)) if graphed else None)   # as the trainer sizes it
     losses, cursor = [], 0
     for lengths in lengths_per_step * 2:       # every width seen again: warm-up, then capture, replay
         micro = []
@@ -256,8 +257,10 @@ def test_variable_length_padding_free_steps_replay_as_eager():
 
 @pytest.mark.gpu
 def test_variable_length_steps_with_offloaded_checkpoints_share_host_buffers():
-    """Offloaded checkpoints under graphs of several widths: later captures lease the buffers
-    earlier graphs hold, so host memory is one set, and training still matches eager."""
+    """Offloaded checkpoints under graphs of several widths: later captures, and the eager
+    warm-ups of later widths, lease the buffers earlier graphs hold, so host memory is the one
+    set the first warm-up pinned (sized for the longest micro-batch), and training still matches
+    eager."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     lengths = [[17, 250, 3, 90], [120, 40, 300, 7], [64, 64, 64, 64], [9, 280, 150, 33]]
@@ -267,6 +270,9 @@ def test_variable_length_steps_with_offloaded_checkpoints_share_host_buffers():
     assert len(captured) >= 2 and step.replays >= 8, step.describe()
     held = {id(b) for e in captured for b in e.host_buffers}
     assert len(held) < sum(len(e.host_buffers) for e in captured)   # shared, not one set per width
+    pool = step.model.offload_pool
+    assert all(b.graph_held for b in pool.buffers)      # no set pinned for a warm-up alone
+    assert len(pool.buffers) == max(len(e.host_buffers) for e in captured)
     assert_matches_eager(graph_losses, graph_w, eager_losses, eager_w)
 
 

@@ -196,8 +196,11 @@ class PinnedHostPool:
 
     @contextmanager
     def recording(self) -> Iterator[list[HostBuffer]]:
-        """Collects every buffer leased inside the block. A CUDA graph captured there copies into
-        those buffers on every replay, so its owner then `hold`s them for as long as it lives."""
+        """Collects every buffer leased inside the block, where the buffers graphs hold may be
+        leased too (`take`). The caller promises that the forwards begun in the block have run
+        their backward before any graph replays (a graphed step's warm-up, capture or eager
+        micro-batch). A CUDA graph captured there copies into the buffers it leased on every
+        replay, so its owner then `hold`s them for as long as it lives."""
         log: list[HostBuffer] = []
         with self._lock:
             self._logs.append(log)
@@ -208,10 +211,12 @@ class PinnedHostPool:
                 self._logs.remove(log)
 
     def hold(self, buffers: list[HostBuffer]) -> None:
-        """Lease `buffers` to captured graphs for as long as they live: no eager step leases or
-        releases them. Another capture may lease them too: graphs replay one at a time, each
-        writing its offloaded inputs in its forward before its backward reads them, so graphs of
-        several micro-batch shapes share one set of host buffers instead of one set per shape."""
+        """Lease `buffers` to captured graphs for as long as they live: no step outside a
+        `recording` leases or releases them. Inside one, another capture or an eager micro-batch
+        of the graphed step may lease them too: graphs replay one at a time, each writing its
+        offloaded inputs in its forward before its backward reads them, and the eager steps run
+        their backward before the next replay, so graphs of several micro-batch shapes and their
+        warm-ups share one set of host buffers instead of one set per shape."""
         with self._lock:
             for buffer in buffers:
                 buffer.in_use = buffer.graph_held = True
@@ -221,8 +226,8 @@ class PinnedHostPool:
         return sum(b.nbytes for b in self.buffers)
 
     def take(self, nbytes: int) -> HostBuffer | None:
-        """Lease the smallest free buffer of at least `nbytes` (inside a capture, also one that
-        graphs hold and this capture has not leased yet), or None."""
+        """Lease the smallest free buffer of at least `nbytes` (inside a `recording`, also one
+        that graphs hold and the recording has not leased yet), or None."""
         with self._lock:
             def free(b: HostBuffer) -> bool:
                 if not b.in_use:

@@ -49,8 +49,11 @@ H100, 2026-12-07, `velotune train` of Llama-3.1-8B LoRA over 300 rows of varying
   embeddings of every shape are views of one buffer of that size (0.41 GiB of per-shape buffers
   at the same peak), and offloaded checkpoints lease host buffers of the largest size from the
   first step on (`PinnedHostPool.max_tokens`), so a wider shape later in the run does not pin new
-  host memory. (Steps at a new width ran 1.5-5x slower with offload; this took the epoch only
-  from 27.7 to 25.7 s, so most of that cost lies elsewhere, not yet found.)
+  host memory.
+- every micro-batch run here leases held host buffers (`_leasing`), the eager warm-ups too. Until
+  that, a new width's warm-up could not lease the buffers the earlier graphs held and pinned a
+  set of its own: measured on an H100 (benchmarks/offload_widths.py, 8B micro-batch 4, 2026-12-07),
+  7 GiB pinned twice at 3.8-4.3 s each, most of what offloaded checkpoints cost a 300-row epoch.
 """
 from __future__ import annotations
 
@@ -157,7 +160,7 @@ class GraphedMicroStep:
                                                      max_document_length)
             self._fill(entry, ids, labels, position_ids, cu_seqlens)
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(self.stream), self._leasing():
                 loss = self._forward_backward(entry)
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
             self.eager_calls += 1
@@ -240,7 +243,16 @@ class GraphedMicroStep:
         entry = self._buffers(ids.shape, positions is not None, cu_seqlens, max_document_length)
         self._fill(entry, ids, labels, positions, cu_seqlens)
         self.eager_calls += 1
-        return self._forward_backward(entry)
+        with self._leasing():
+            return self._forward_backward(entry)
+
+    def _leasing(self) -> contextlib.AbstractContextManager[list]:
+        """Offloaded checkpoints of a micro-batch run here (a warm-up, a capture, or an eager step
+        past `max_shapes`) lease from the model's pool inside a recording: its forward and backward
+        both run before any graph replays again, so they may copy into the buffers the graphs hold
+        instead of pinning a set of their own (which took about 4 s per 7 GiB on an H100)."""
+        pool = getattr(self.model, "offload_pool", None)
+        return pool.recording() if pool is not None else contextlib.nullcontext([])
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -258,10 +270,8 @@ class GraphedMicroStep:
 
     def _capture(self, entry: _Captured) -> torch.Tensor:
         graph = torch.cuda.CUDAGraph()
-        pool = getattr(self.model, "offload_pool", None)
-        recording = pool.recording() if pool is not None else contextlib.nullcontext([])
         try:   # (entering the capture synchronises and empties the allocator's cache of freed blocks)
-            with recording as leased, torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            with self._leasing() as leased, torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 entry.loss_sum = self._forward_backward(entry)
         except RuntimeError as error:
             # Not a fallback to eager: on an H100 (torch 2.11) a process whose capture failed ran
@@ -271,7 +281,7 @@ class GraphedMicroStep:
                                     "printed or tested GPU value, a hook); set cuda_graphs: false to train "
                                     "without graphs") from error
         if leased:   # every replay copies the offloaded checkpoints into these host buffers
-            pool.hold(leased)
+            self.model.offload_pool.hold(leased)
             entry.host_buffers = leased
         if self.pool is None:
             self.pool = graph.pool()
