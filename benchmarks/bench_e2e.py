@@ -37,9 +37,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE.parent / ".bench"
-# velotune as a user runs it (since 2026-12-07 its default offload_checkpoints: auto parks the
-# checkpointed layer inputs in pinned host memory, as Unsloth's recommended checkpointing does), and
-# with that setting turned off (every earlier row's "velotune"), or forced on (earlier rows' "velotune-offload")
+# velotune as a user runs it (its default offload_checkpoints: auto parks the checkpointed layer
+# inputs in pinned host memory when the micro-batches replay as CUDA graphs, as Unsloth's recommended
+# checkpointing always does), and with that setting turned off or forced on
 VELOTUNE_VARIANTS = {"velotune": (), "velotune-no-offload": ("--offload_checkpoints=false",),
                      "velotune-offload": ("--offload_checkpoints=true",)}
 LR = dict(learning_rate=2e-4, warmup_steps=5, lr_scheduler="linear", lora_r=16, lora_alpha=16, seed=0)

@@ -202,6 +202,27 @@ def test_offload_auto_offloads_when_the_memory_plan_needs_it_and_the_host_has_ro
     assert auto_offload(model, True, tight, 4, 64)
 
 
+def test_offload_auto_offloads_graphed_steps_whenever_the_host_has_room(monkeypatch):
+    """A replayed graph pays none of the offload's per-layer host work: graphed steps offload
+    even when the inputs would fit on the GPU, as long as the host holds them; eager ones not."""
+    model = tiny_model()
+    monkeypatch.setattr(checkpointing_module, "_on_cuda", lambda weight: True)
+    roomy = MemoryBudget.of_model(model, 10.0)
+    layer_inputs = model.config.num_hidden_layers * 256 * model.config.hidden_size * 4
+    monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs)
+    assert auto_offload(model, True, roomy, 4, 64, graphed=True)
+    assert auto_offload(model, "auto", roomy, 4, 64, graphed=True)
+    assert not auto_offload(model, True, roomy, 4, 64)            # eager, and it fits: keep them
+    assert not auto_offload(model, False, roomy, 4, 64, graphed=True)   # nothing checkpointed
+    monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs - 1)
+    assert not auto_offload(model, True, roomy, 4, 64, graphed=True)    # the host cannot hold them
+    monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs)
+    configure_training_memory(model, checkpointing=True, offload="auto", batch=4, seq=64, graphed=True)
+    assert model.offload_checkpoints is True
+    configure_training_memory(model, checkpointing=True, offload=False, batch=4, seq=64, graphed=True)
+    assert model.offload_checkpoints is False                     # an explicit setting wins
+
+
 def test_train_config_keys(tmp_path):
     cfg = load_train_config(None, ["--gradient_checkpointing=auto", "--offload_checkpoints=true",
                                    "--mlp_chunk_tokens=4096", "--memory_budget_gib=70"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.train.train_helpers import load_tiny, make_examples
+from velotune import load_model
 from velotune.data import Example
 from velotune.data.batching import bucket_width, collate_packed
 from velotune.lora import LoraConfig, apply_lora, lora_named_parameters
@@ -90,6 +91,24 @@ def test_trainer_cuda_graphs_true_says_what_blocks_it(tiny_model_dir, tmp_path):
     auto = Trainer(load_tiny(tiny_model_dir("llama")), TrainConfig(method="full", output_dir=str(tmp_path / "b")),
                    make_examples(4, seed=1), show_progress=False)
     assert auto.graphed is None
+
+
+@pytest.mark.gpu
+def test_a_graphed_trainer_offloads_checkpoints_by_default(tiny_model_dir, tmp_path):
+    """`offload_checkpoints: auto` offloads the checkpointed inputs of a graphed run (the replay
+    pays none of its host work) and leaves them on the GPU in an eager run that fits."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+    def trainer(name: str, **keys) -> Trainer:
+        model, _ = load_model(tiny_model_dir("llama"), dtype=torch.bfloat16, device="cuda")
+        config = TrainConfig(method="full", gradient_checkpointing=True, output_dir=str(tmp_path / name), **keys)
+        return Trainer(model, config, make_examples(8, seed=1), show_progress=False)
+
+    graphed = trainer("graphed")
+    assert graphed.graphed is not None and graphed.model.offload_checkpoints is True
+    eager = trainer("eager", cuda_graphs=False)
+    assert eager.graphed is None and eager.model.offload_checkpoints is False
 
 
 def test_collate_packed_fixed_width_pads_and_refuses_overflow():

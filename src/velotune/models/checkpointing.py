@@ -266,21 +266,27 @@ def run_checkpointed(layer: nn.Module, *args, offloader: LayerInputOffloader | N
 
 
 def auto_offload(model: nn.Module, checkpointing: bool | str, budget: MemoryBudget, batch: int, seq: int, *,
-                 mlp_chunk: int = 0) -> bool:
-    """`offload_checkpoints: auto`: offload only when the memory plan needs it, i.e. when layers
-    are checkpointed on a CUDA device, the estimated peak of the longest micro-batch (batch x seq)
-    with the checkpointed inputs on the GPU does not fit the budget (`memory_budget_gib`, else
-    the GPU's memory less a margin: `budget`), and host memory holds every layer input.
+                 mlp_chunk: int = 0, graphed: bool = False) -> bool:
+    """`offload_checkpoints: auto`, for layers checkpointed on a CUDA device whose inputs host
+    memory holds: under CUDA graphs (`graphed`: the trainer replays its micro-batches), always;
+    otherwise only when the memory plan needs it, i.e. when the estimated peak of the longest
+    micro-batch (batch x seq) with the checkpointed inputs on the GPU does not fit the budget
+    (`memory_budget_gib`, else the GPU's memory less a margin: `budget`).
 
-    Why not always: on an H100 (2026-12-07, `velotune train`, Llama-3.1-8B LoRA, micro-batch 4 of
-    rows of varying length, one 68-step epoch, benchmarks/RESULTS.md) offloading gave a 15.4 GiB
-    peak (0.96x Unsloth's) but 4,306 real tokens/s, against 6,135 without it (at 18.5 GiB, measured
-    before train/graphed_step.py stopped holding 1.6 GiB of per-shape workspaces and buffers): the
-    first step at each new micro-batch width ran 1.5-5x slower with offload, and the epoch has
-    twelve widths. A run that fits wants the speed."""
+    Why graphs decide it: offloading adds host work to every checkpointed layer (hooks, copies,
+    events), which a replayed graph does not pay and an eager step does. Measured on H100s
+    (benchmarks/RESULTS.md): Llama-3.1-8B LoRA micro-batch 4 x 2,048 with graphs ran 612-647 ms a
+    step offloaded against 646-657 ms not (a layer parked in pieces skips recomputing its attention
+    projections), and the default `velotune train` run over rows of varying length peaked at 15.42
+    GiB offloaded against 17.01 not (Unsloth: 16.09); eager micro-batch 1 went from 0.66x to
+    0.99x Unsloth's speed when it stopped offloading. The offloaded epoch was slower until
+    train/graphed_step.py let each new width's warm-up lease the held host buffers (it pinned a
+    second 7 GiB set, about 4 s)."""
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if parse_checkpointing(checkpointing) is False or weight is None or not _on_cuda(weight):
         return False
+    if graphed:
+        return host_holds_layer_inputs(model.config, batch * seq, weight.element_size())
     layers = model.config.num_hidden_layers
     if checkpointing == "auto":
         on_gpu = choose_checkpointed_layers(model.config, budget, batch, seq, mlp_chunk=mlp_chunk).peak_bytes
@@ -302,17 +308,18 @@ def host_holds_layer_inputs(config: ModelConfig, tokens: int, itemsize: int) -> 
 
 def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, offload: bool | str = False,
                               mlp_chunk_tokens: int | None = None, budget_gib: float | None = None,
-                              batch: int = 1, seq: int = 2048,
+                              batch: int = 1, seq: int = 2048, graphed: bool = False,
                               optimizer_state_bytes: int = ADAMW_STATE_BYTES) -> str | None:
-    """Set a `Transformer`'s checkpointing, offload and MLP tiling for training. With `auto`,
-    returns the choice at the longest micro-batch (batch x seq) as a line for the run log; each
-    forward then chooses again for its own length, so shorter batches checkpoint fewer layers."""
+    """Set a `Transformer`'s checkpointing, offload and MLP tiling for training (`graphed`: the
+    micro-batches replay as CUDA graphs, see `auto_offload`). With `auto`, returns the choice at
+    the longest micro-batch (batch x seq) as a line for the run log; each forward then chooses
+    again for its own length, so shorter batches checkpoint fewer layers."""
     model.gradient_checkpointing = parse_checkpointing(checkpointing)
     mlp_chunk = mlp_chunk_size(mlp_chunk_tokens, batch * seq)
     budget = (MemoryBudget.of_model(model, budget_gib, optimizer_state_bytes)
               if "auto" in (offload, checkpointing) else None)
     if offload == "auto":
-        offload = auto_offload(model, checkpointing, budget, batch, seq, mlp_chunk=mlp_chunk)
+        offload = auto_offload(model, checkpointing, budget, batch, seq, mlp_chunk=mlp_chunk, graphed=graphed)
     model.offload_checkpoints = offload
     model.mlp_chunk_tokens = mlp_chunk_tokens
     if checkpointing != "auto":

@@ -133,7 +133,8 @@ class TrainConfig:
     # Memory and numerics.
     gradient_checkpointing: bool | str = False  # true | false | auto (only as many layers as memory needs)
     # checkpointed layer inputs to pinned CPU memory, back before backward: true | false | auto
-    # (auto: on a GPU when layers are checkpointed and the memory plan needs it, host memory allowing)
+    # (auto: on a GPU when layers are checkpointed, host memory allowing, and either the micro-batches
+    # replay as CUDA graphs or the memory plan needs it)
     offload_checkpoints: bool | str = "auto"
     offload_embeddings: bool | str = "auto"  # true | false | auto: frozen untied input embeddings in host memory
     mlp_chunk_tokens: int | None = None      # MLP tiled over the sequence: null = above 16k tokens, 0 = never

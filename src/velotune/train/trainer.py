@@ -194,7 +194,8 @@ class Trainer:
         memory_note = configure_training_memory(
             model, checkpointing=config.gradient_checkpointing, offload=config.offload_checkpoints,
             mlp_chunk_tokens=config.mlp_chunk_tokens, budget_gib=config.memory_budget_gib,
-            batch=config.micro_batch_size * self.objective.rows_per_unit, seq=config.max_seq_length)
+            batch=config.micro_batch_size * self.objective.rows_per_unit, seq=config.max_seq_length,
+            graphed=self.graphed is not None)
         self.metrics: dict[str, float] = {}      # the last step's method metrics
         for note in (memory_note, embeddings_note):
             if note:
