@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Device calls, one part per call (each fits the 600 s limit of one call):
-#   bash benchmarks/gpu_session.sh tests   # every gpu-marked test, then the LoRA block micro-benchmark
+#   bash benchmarks/gpu_session.sh tests   # every gpu-marked test (GPU_TESTS="paths": those only; all of them
+#                                          # take more than one call), then the LoRA block micro-benchmark
 #   bash benchmarks/gpu_session.sh train   # LoRA training throughput 1B mb8, 8B mb1/mb4; decode throughput
 #   bash benchmarks/gpu_session.sh rl      # GRPO memory (8B QLoRA); checkpointing auto (8B LoRA mb4)
 #   bash benchmarks/gpu_session.sh qlora   # QLoRA vs transformers+PEFT+bitsandbytes (8B, mb1 and mb4)
@@ -8,6 +9,7 @@
 #                                          # offload, 1B mb8 offload), then an offloaded e2e run profiled
 #   bash benchmarks/gpu_session.sh sites   # the e2e 8B LoRA padded run (with and without offloaded
 #                                          # checkpoints) recorded: its peak's allocation sites, step times
+#   bash benchmarks/gpu_session.sh sites-more  # the default padded run's peak allocation sites: 8B QLoRA, 1B LoRA
 #   bash benchmarks/gpu_session.sh long    # longest trainable context (8B QLoRA, batch 1), one call
 #   LONG_ARGS="--seq 500000" bash benchmarks/gpu_session.sh long-start   # a run longer than one call:
 #   bash benchmarks/gpu_session.sh long-wait                             # the next call, at once after
@@ -48,10 +50,12 @@ if [ -n "${TESTS:-}" ]; then   # TESTS="a.py b.py": those gpu-marked tests first
   python3 -m pytest -q -m gpu -o addopts="--import-mode=importlib" -p no:cacheprovider -rfE $TESTS 2>&1 | tail -12
 fi
 case "${1:-tests}" in
-  tests)
-    python3 -m pytest -q -m gpu -o addopts="--import-mode=importlib" -p no:cacheprovider -rfEx tests 2>&1 \
-      | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|ERROR|XFAIL|xfail|Error" | tail -30
-    python3 benchmarks/bench_lora_blocks.py --tokens 2048 8192 2>&1 | tail -8 ;;
+  tests)   # GPU_TESTS: the paths to run (default all; the whole set takes over one call: run it in halves)
+    timeout $((585 - SECONDS)) python3 -m pytest -v -m gpu -o addopts="--import-mode=importlib" -p no:cacheprovider \
+      -rfEx ${GPU_TESTS:-tests} > "$OUT/gpu_tests.log" 2>&1
+    grep -E "FAILED|ERROR|XFAIL| passed| failed" "$OUT/gpu_tests.log" | tail -30
+    echo "$(grep -c PASSED "$OUT/gpu_tests.log") passed so far (t=${SECONDS}s)"
+    if [ $SECONDS -lt 480 ]; then python3 benchmarks/bench_lora_blocks.py --tokens 2048 8192 2>&1 | tail -8; fi ;;
   train)
     python3 benchmarks/bench_train.py --model Llama-3.2-1B --batch 8 --seq 2048 --steps 4 2>&1 | grep -v -i warn | tail -3
     python3 benchmarks/bench_train.py --model Llama-3.1-8B --batch 1 4 --seq 2048 --steps 3 2>&1 | grep -v -i warn | tail -5
@@ -116,6 +120,19 @@ case "${1:-tests}" in
 t=[b['train_seconds']-a['train_seconds'] for a,b in zip(r,r[1:])]; print('step ms:', ' '.join(f'{1e3*x:.0f}' for x in t))
 print('peak GiB by step:', ' '.join(f\"{x['peak_memory_gib']:.2f}\" for x in r[::4]))" | tee -a "$OUT/sites.log"
       rm -rf /tmp/velotune-sites
+    done ;;
+  sites-more)   # the default padded run's peak allocation sites, 8B QLoRA and 1B LoRA (issue 18's memory rows)
+    for spec in "Llama-3.1-8B qlora" "Llama-3.2-1B lora"; do
+      set -- $spec
+      [ -d /tmp/velotune-e2e/$1 ] || python3 benchmarks/bench_e2e.py run --model $1 --methods $2 --rows 300 \
+        --layouts padded --systems velotune 2>&1 | grep -E "tok/s|Error|error" | tail -2
+      echo "== velotune train $1 $2 (defaults)" | tee -a "$OUT/sites-more.log"
+      python3 benchmarks/memory_sites.py --rows 14 -- train --no-progress --model=/tmp/velotune-e2e/$1 \
+        --dataset=/tmp/velotune-e2e/rows-300/train.jsonl --eval_dataset=/tmp/velotune-e2e/rows-300/eval.jsonl \
+        --dataset_format=text --micro_batch_size=4 --max_seq_length=2048 --gradient_checkpointing=true \
+        --num_epochs=1 --method=$2 --output_dir=/tmp/velotune-sites-$1 2>&1 \
+        | grep -E "^sites|rror|offload|CUDA graphs" | tee -a "$OUT/sites-more.log"
+      rm -rf /tmp/velotune-sites-$1
     done ;;
   long)
     python3 benchmarks/bench_long_context.py --seq ${SEQS:-350000} 2>&1 | tee "$OUT/long.log" | grep -v -i warn | tail -12 ;;
