@@ -4,6 +4,7 @@ our quantized blocks as the values we meant."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -165,4 +166,38 @@ def test_new_families_load_in_llama_cpp_and_compute_our_logits(tmp_path, bpe_tok
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
     err = float(np.abs(theirs - ours).max() / np.abs(ours).max())
+    assert err < LLAMA_CPP_TOLERANCE, (family, err)
+
+
+@pytest.mark.parametrize(("family", "fields"), [
+    ("llama", dict(qkv_bias=True, o_bias=True, mlp_bias=True)),
+    ("mistral", dict(qkv_bias=True, o_bias=True, mlp_bias=True)),
+    ("qwen2", {}),
+    ("qwen2", dict(o_bias=True)),
+    ("qwen2", dict(mlp_bias=True)),
+])
+def test_the_gguf_bias_table_is_what_llama_cpp_loads(tmp_path, bpe_tokenizer, llama_cpp, monkeypatch, family, fields):
+    """`GGUF_BIASES` checked against llama.cpp: a file with only the biases the table lists for its
+    architecture loads and computes our logits; one written with a bias the table leaves out (the
+    check lifted) is refused by llama.cpp's loader, so the export's refusal loses nothing."""
+    from conftest import sample_ids
+    from test_gguf_biases import with_fields
+
+    from velotune.export import gguf
+
+    model = with_fields(family, len(bpe_tokenizer), **fields)
+    arch = gguf.check_architecture(dataclasses.replace(model.config, qkv_bias=False, o_bias=False, mlp_bias=False))
+    held = all(name in gguf.GGUF_BIASES[arch] for name, on in fields.items() if on)
+    monkeypatch.setitem(gguf.GGUF_BIASES, arch, frozenset(gguf.BIAS_FIELDS))
+    path = export(model, to="gguf", quant="f32", out=tmp_path / "m.gguf", tokenizer=bpe_tokenizer)
+    if not held:
+        with pytest.raises(ValueError, match="Failed to load model"):
+            llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False)
+        return
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False, logits_all=True)
+    ids = sample_ids(len(bpe_tokenizer), length=10)[0].tolist()
+    llm.eval(ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    err = float(np.abs(np.asarray(llm.scores[:len(ids)]) - ours).max() / np.abs(ours).max())
     assert err < LLAMA_CPP_TOLERANCE, (family, err)

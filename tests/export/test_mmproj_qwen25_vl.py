@@ -8,7 +8,10 @@ graph fixes and the model does otherwise is refused before any file exists; Olla
 the projector. llama.cpp running the two files: test_mmproj.py (`make test-llamacpp`)."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from tests.export.test_mmproj import fields, vision_language_model
 import velotune
 from velotune.export import ExportError, export
 from velotune.lora import LoraConfig, apply_lora, merged_linear
+from velotune.export import mmproj
 from velotune.export.mmproj import window_pattern
 from velotune.models.vision import VisionConfig
 
@@ -117,6 +121,34 @@ def test_adapters_on_the_tower_and_merger_are_merged_into_the_pieces(tmp_path):
         for i, name in enumerate(pieces):
             np.testing.assert_allclose(got[f"{name}.weight"].reshape(rows, -1), weight[i * rows:(i + 1) * rows],
                                        rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_a_tensor_stored_in_pieces_is_read_once_and_the_file_is_unchanged(tmp_path, monkeypatch):
+    """A tower tensor llama.cpp stores as several pieces (the fused q/k/v as three, the two-frame
+    patch kernel as two) is read (its adapter merged) once, not once per piece; the file is byte
+    for byte the one written when every piece reads its source tensor anew."""
+    _, model, tokenizer = vision_language_model(tmp_path, FAMILY)
+    apply_lora(model, LoraConfig(r=4, target_modules="all-linear", init=False, vision_tower=True))
+    reads: Counter[str] = Counter()
+    real_plan = mmproj.plan_tensors
+
+    def counted_plan(*args, **kwargs):
+        def counted(t):
+            reads[t.name] += 1
+            return t.read()
+        return [dataclasses.replace(t, read=functools.partial(counted, t)) for t in real_plan(*args, **kwargs)]
+
+    monkeypatch.setattr(mmproj, "plan_tensors", counted_plan)
+    once = mmproj.save_mmproj(model, tokenizer, tmp_path / "once.gguf").read_bytes()
+    split = {n for n in reads if ".self_attn.qkv." in n or n.endswith("patch_embedding.weight")}
+    assert len(split) == 2 * model.config.vision.num_hidden_layers + 1     # q/k/v weight and bias per block
+    assert set(reads.values()) == {1}, {n: c for n, c in reads.items() if c > 1}
+    reads.clear()
+    monkeypatch.setattr(mmproj, "pieces_reader",
+                        lambda t: lambda i: mmproj.mmproj_layout(t.name, t.read())[i].numpy())
+    each = mmproj.save_mmproj(model, tokenizer, tmp_path / "each.gguf").read_bytes()
+    assert {reads[n] for n in split} == {2, 3}              # the per-piece reader reads them 2 or 3 times
+    assert once == each
 
 
 @pytest.mark.parametrize("full, layers, window, pattern", [

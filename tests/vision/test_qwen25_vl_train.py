@@ -16,6 +16,7 @@ from velotune.cli import main
 from velotune.data.files import DataError
 from velotune.data.formats import ChatSample
 from velotune.data.tokenize import tokenize_chat, tokenize_samples
+from velotune.tokenizer.image_processor import ImageProcessor
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("skimage")
@@ -131,16 +132,29 @@ def test_padding_free_batch_equals_padded(tmp_path):
     assert abs(got.item() - want.item()) <= 1e-5 * want.item()
 
 
-def test_generate_command_with_images(tmp_path, capsys):
+def test_generate_command_with_images(tmp_path, capsys, monkeypatch):
     """`velotune generate --image A --image B` answers as `Transformer.generate` with both images
-    (their own token counts and grids) does."""
+    (their own token counts and grids) does, decoding each file once (its token count and its
+    pixels come from the same opened image)."""
     model = make_qwen25_vlm(tmp_path / "model")
     files = write_samples(tmp_path / "data")
     loaded, tokenizer = velotune.load_model(model, dtype=torch.float32, device="cpu")
     ids, images = prompt(tokenizer, files, ["chelsea", "camera"])
     out = loaded.generate(ids, max_new_tokens=8, stop_token_ids=tokenizer.stop_token_ids, **images)
     want = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).strip()
+    opened: list[str] = []
+    real_open = ImageProcessor.open
+
+    def counted_open(self, path, where):
+        opened.append(str(path))
+        return real_open(self, path, where)
+
+    monkeypatch.setattr(ImageProcessor, "open", counted_open)
     capsys.readouterr()
     assert main(["generate", "--model", str(model), "--device", "cpu", "--image", str(files["chelsea"]),
                  "--image", str(files["camera"]), "--prompt", "What is in the picture?", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip() == want
+    assert opened == [str(files["chelsea"]), str(files["camera"])]
+    assert main(["generate", "--model", str(model), "--device", "cpu", "--image", str(files["chelsea"]),
+                 "--image", str(tmp_path / "gone.png"), "--prompt", "?"]) == 2
+    assert f"--image: image '{tmp_path / 'gone.png'}' does not exist" in capsys.readouterr().err

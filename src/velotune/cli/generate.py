@@ -71,8 +71,9 @@ def image_prompts(tokenizer, args: argparse.Namespace):
     if args.raw:
         raise ValueError("--image goes into the chat template's user message; it cannot be used with --raw")
     parts = [{"type": "image", "path": path} for path in args.image]
-    images = processor.inputs(args.image, "--image")
-    counts = [processor.tokens_for(processor.open(path, "--image")) for path in args.image]
+    opened = [processor.open(path, "--image") for path in args.image]   # each file decoded once
+    images = processor.images_inputs(opened)
+    counts = [processor.tokens_for(image) for image in opened]
     prompts = []
     for text in args.prompt:
         messages = with_system(args.system, [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}])

@@ -87,6 +87,21 @@ ARCHITECTURES = {f.model_type: f.gguf_arch for f in FAMILIES.values() if f.gguf_
 # the same tensors, `rope.dimension_sections`, and libmtmd giving image tokens 2-D positions)
 MROPE_ARCHITECTURES = {"qwen2": "qwen2vl"}
 MROPE_SECTIONS = 4    # llama.cpp's rope.dimension_sections length (temporal, height, width, unused)
+# The bias switches of ModelConfig, by the projections whose biases they put in every layer.
+BIAS_FIELDS = {"qkv_bias": "q/k/v_proj", "o_bias": "o_proj", "mlp_bias": "gate/up/down_proj",
+               "router_bias": "the router", "expert_bias": "the experts"}
+# The biases each llama.cpp architecture's loader reads (its `create_tensor` calls): any other would
+# be written under a name llama.cpp either rejects (a tensor it does not load) or never adds, so
+# the file would not answer as the model does. Qwen 2 (and its M-RoPE qwen2vl) reads the q/k/v
+# biases and no o_proj or MLP bias; Llama (and Mistral, written as llama) reads all three.
+GGUF_BIASES: dict[str, frozenset[str]] = {
+    "llama": frozenset({"qkv_bias", "o_bias", "mlp_bias"}),
+    "qwen2": frozenset({"qkv_bias"}),
+    "qwen2vl": frozenset({"qkv_bias"}),
+    "qwen3": frozenset(), "qwen3moe": frozenset(), "gemma2": frozenset(), "gemma3": frozenset(),
+    "phi3": frozenset(), "smollm3": frozenset(),
+    "gpt-oss": frozenset({"qkv_bias", "o_bias", "router_bias", "expert_bias"}),
+}
 # llama.cpp's gpt-oss: its clamped SwiGLU's constants are fixed in its graph, and it loads every
 # bias and an output head of its own
 GPT_OSS_SWIGLU = (1.702, 7.0)
@@ -127,10 +142,7 @@ def check_architecture(config: ModelConfig) -> str:
         if arch not in MROPE_ARCHITECTURES:
             raise ExportError(f"{family}: llama.cpp has no M-RoPE (mrope_section) variant of its {arch} architecture")
         arch = MROPE_ARCHITECTURES[arch]
-    if arch in ("qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "smollm3") and (config.qkv_bias or config.o_bias):
-        raise ExportError(f"{family}: attention biases cannot be expressed in a llama.cpp {arch} GGUF")
-    if arch != "llama" and config.mlp_bias:
-        raise ExportError(f"{family}: MLP biases cannot be expressed in a llama.cpp {arch} GGUF")
+    _check_biases(config, arch)
     if arch == "gemma2":
         scale = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 46 else config.head_dim
         if (config.query_pre_attn_scalar or config.head_dim) != scale:
@@ -157,6 +169,16 @@ def check_architecture(config: ModelConfig) -> str:
     if config.rope_scaling and arch != "llama" and not scaling_ok:
         raise ExportError(f"{family}: RoPE scaling {config.rope_scaling} is only written for llama GGUFs")
     return arch
+
+
+def _check_biases(config: ModelConfig, arch: str) -> None:
+    """Every bias the config switches on is one llama.cpp's `arch` loads (GGUF_BIASES)."""
+    accepted = GGUF_BIASES[arch]
+    for name, projections in BIAS_FIELDS.items():
+        if getattr(config, name) and name not in accepted:
+            held = ", ".join(BIAS_FIELDS[b] for b in BIAS_FIELDS if b in accepted) or "none"
+            raise ExportError(f"{config.model_type}: {name} (a bias on {projections}) cannot be expressed in a "
+                              f"llama.cpp {arch} GGUF; its {arch} graph has biases on: {held}")
 
 
 def _check_gemma3(config: ModelConfig) -> None:

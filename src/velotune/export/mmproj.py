@@ -54,6 +54,7 @@ accepts either order, so it keeps passing once llama.cpp is fixed; SigLIP towers
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -246,18 +247,32 @@ def plan_mmproj(model: Transformer, quant: str) -> list[tuple[str, tuple[int, ..
     if not (vision.post_norm_on_features and feature_stop(vision) == vision.num_hidden_layers):
         skip = {TOWER + "post_layernorm.weight", TOWER + "post_layernorm.bias"}   # the model never applies it
 
-    def reader(t: PlannedTensor, piece: int) -> Callable[[], np.ndarray]:
-        return lambda: mmproj_layout(t.name, t.read())[piece].numpy()
-
     planned = []
     for t in plan_tensors(model):
         if not t.name.startswith(VISION_PREFIXES) or t.name in skip:
             continue
         names = mmproj_tensor_names(t.name, t.shape)
         shapes = [tuple(p.shape) for p in mmproj_layout(t.name, torch.empty(t.shape, device="meta"))]
+        piece = pieces_reader(t)
         for i, (name, shape) in enumerate(zip(names, shapes, strict=True)):
-            planned.append((name, shape, mmproj_type(name, len(shape), quant), reader(t, i)))
+            planned.append((name, shape, mmproj_type(name, len(shape), quant), functools.partial(piece, i)))
     return planned
+
+
+def pieces_reader(t: PlannedTensor) -> Callable[[int], np.ndarray]:
+    """Piece i of `t` in llama.cpp's layout (`mmproj_layout`). The source tensor is read (adapters
+    merged, a 4-bit base dequantized) once, when a piece not yet laid out is asked for, and each
+    piece is let go when taken: the writer takes a tensor's pieces one after another, so a split
+    tensor (q/k/v, frames) costs one read and memory stays near one tensor."""
+    held: dict[int, np.ndarray] = {}
+
+    def piece(i: int) -> np.ndarray:
+        if i not in held:
+            held.clear()
+            held.update(enumerate(p.numpy() for p in mmproj_layout(t.name, t.read())))
+        return held.pop(i)
+
+    return piece
 
 
 def write_mmproj_metadata(writer: GGUFWriter, config: ModelConfig, projector_type: str, processor: Any,

@@ -197,10 +197,13 @@ class ImageProcessor:
         return frames.reshape(rows * cols, c * t * p * p), [1, rows, cols]
 
     def inputs(self, paths: list[str], where: str) -> dict[str, torch.Tensor]:
-        """The model's image arguments for the files, opened and preprocessed: `pixel_values`
+        """The model's image arguments for the files, opened and preprocessed (`images_inputs`)."""
+        return self.images_inputs([self.open(path, where) for path in paths])
+
+    def images_inputs(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """The model's image arguments for Pillow images already opened: `pixel_values`
         [images, C, H, W], or for dynamic resolution the flat patches of all of them and
         `image_grid_thw` [images, 3]."""
-        images = [self.open(path, where) for path in paths]
         if not self.dynamic:
             return {"pixel_values": torch.stack([self.preprocess(image) for image in images])}
         made = [self.patches(image) for image in images]
