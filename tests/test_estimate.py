@@ -18,6 +18,7 @@ from velotune.estimate import (
     lora_parameters,
     mlp_chunk_bytes,
     nf4_bytes,
+    optimizer_bytes,
     what_fits,
 )
 from velotune.models.config import ModelConfig
@@ -128,6 +129,16 @@ def test_nf4_bytes_match_the_quantizer():
     packed, state = quantize_nf4(torch.randn(n))
     stored = packed.numel() + state.absmax.numel() + 4 * (state.nested_absmax.numel() + 16 + 256)
     assert nf4_bytes(n) == stored
+
+
+def test_adamw8bit_bytes_follow_torchao_rule():
+    """torchao's AdamW8bit (tests/train/test_optim_8bit.py measures its states against these): 8 bits
+    for tensors of at least 4,096 values made of whole 256-value blocks (codes, a float32 scale per
+    block and a 256-entry float32 map, for each moment); float32 moments for any other."""
+    assert optimizer_bytes([4096], "adamw8bit") == 2 * (4096 + 4 * 16 + 4 * 256)
+    assert optimizer_bytes([8192 + 256], "adamw8bit") == 2 * (8448 + 4 * 33 + 4 * 256)
+    for n in (4095, 4224, 4096 + 1):       # too small, not whole blocks (128 x 33), one value over
+        assert optimizer_bytes([n], "adamw8bit") == 8 * n == optimizer_bytes([n], "adamw")
 
 
 @pytest.mark.parametrize("name", sorted(KNOWN_CONFIGS))

@@ -278,8 +278,8 @@ def _resources(f: Facts) -> list[Check]:
         text = f"host memory {f.host_available_gib:.1f} of {f.host_total_gib:.1f} GiB available"
         largest = max((g.memory_gib for g in f.gpus), default=0.0)
         if f.host_available_gib < HOST_WARN_GIB or f.host_available_gib < largest:
-            checks.append(Check("warn", text + ": too little to offload much (offload_checkpoints, offload_embeddings, "
-                                               "fsdp_cpu_offload and paged optimizers keep tensors here)",
+            checks.append(Check("warn", text + ": too little to offload much (offload_checkpoints, offload_embeddings "
+                                               "and fsdp_cpu_offload keep tensors here)",
                                 "leave those options off, or free host memory"))
         else:
             checks.append(Check("ok", text + " (room for offload_checkpoints and offload_embeddings)"))

@@ -22,11 +22,13 @@ as the first layer's input, which the activations already count.
 
 Gradients: bf16 for a full fine-tune (2 B per parameter), float32 for adapters (4 B).
 Optimizer: AdamW keeps two float32 moments (8 B per trainable parameter); 8-bit AdamW
-(bitsandbytes' AdamW8bit, what `optimizer: adamw8bit` trains with) keeps, per trainable tensor,
-two uint8 moments, one float32 absmax per 256 values for each, and its two 256-entry float32
-code tables (2 n + 8 ceil(n / 256) + 2 KiB); a tensor under 4,096 elements keeps float32 moments
-(bitsandbytes' min_8bit_size). Both are assumed fused (no step temporaries), so the optimizer
-step never exceeds the backward peak.
+(torchao's AdamW8bit, what `optimizer: adamw8bit` trains with) keeps, per trainable tensor of n
+elements, two uint8 moments, one float32 scale per 256 values for each, and a 256-entry float32
+code table for each (2 n + 8 n / 256 + 2 KiB), but only for a tensor of at least 4,096 elements
+that is a whole number of 256-value blocks; any other keeps its two moments in the parameter's
+dtype, counted as float32 (adapters are float32; a full fine-tune's AdamW moments are counted as
+float32 too). tests/train/test_optim_8bit.py measures these bytes on the real optimizer. Both are
+assumed fused (no step temporaries), so the optimizer step never exceeds the backward peak.
 
 Activations at the end of the forward pass, T = batch x seq tokens, everything bf16 (2 B) unless
 marked f32 (4 B), h hidden, q = heads x head_dim, kv = kv_heads x head_dim, i intermediate,
@@ -111,7 +113,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 RESERVED_GIB = 1.5
 NF4_BLOCKSIZE, NESTED_BLOCKSIZE = 64, 256
 ADAMW8BIT_BLOCKSIZE = 256
-ADAMW8BIT_MIN_SIZE = 4096      # smaller tensors keep float32 moments (bitsandbytes' min_8bit_size)
+ADAMW8BIT_MIN_SIZE = 4096      # smaller tensors, or ones not a whole number of blocks, keep full-precision moments
 MLP_CHUNK_BYTES = 64 * 2**20   # the fused LoRA MLP's row chunks (lora.fused._MLP_CHUNK_BYTES; a test pins it)
 
 
@@ -266,15 +268,20 @@ def trainable_tensors(config: ModelConfig, setup: Setup) -> list[int]:
     return matrices + [h] * (rest // h) + ([rest % h] if rest % h else [])
 
 
+def eight_bit_state(n: int) -> bool:
+    """Whether 8-bit AdamW keeps a tensor of `n` elements in 8 bits (torchao's rule)."""
+    return n >= ADAMW8BIT_MIN_SIZE and n % ADAMW8BIT_BLOCKSIZE == 0
+
+
 def optimizer_bytes(tensors: list[int], optim: str) -> int:
     if optim == "adamw":
         return 2 * F32 * sum(tensors)
     total = 0
     for n in tensors:
-        if n < ADAMW8BIT_MIN_SIZE:
-            total += 2 * F32 * n
+        if eight_bit_state(n):
+            total += 2 * (n + F32 * (n // ADAMW8BIT_BLOCKSIZE) + F32 * 256)
         else:
-            total += 2 * (n + F32 * -(-n // ADAMW8BIT_BLOCKSIZE) + F32 * 256)
+            total += 2 * F32 * n
     return total
 
 

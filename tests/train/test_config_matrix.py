@@ -130,3 +130,12 @@ def test_refused_before_any_work(tmp_path):
 def test_settings_that_another_setting_makes_meaningless_are_refused(settings, message):
     with pytest.raises(TrainConfigError, match=message):
         check_values(TrainConfig(**settings), "run.yaml")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", ["paged_adamw8bit", "paged_adamw"])
+def test_paged_optimizers_are_refused_naming_the_replacement(method, name):
+    """bitsandbytes' paged optimizers are not offered (train/optim.py says why), for any method."""
+    with pytest.raises(TrainConfigError, match=rf"run\.yaml: key 'optimizer' names bitsandbytes' paged optimizer"
+                                               rf".*use optimizer: adamw8bit.*got '{name}'"):
+        check_values(TrainConfig(method=method, optimizer=name, **BASE.get(method, {})), "run.yaml")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.cli.cli_helpers import make_chat_model
 from tests.distributed.gloo_helpers import quiet, write_chat_data
@@ -85,10 +86,25 @@ def logged(folder: Path) -> list[dict]:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_killed_run_resumes_to_the_same_losses(tmp_path, method):
-    whole = config_for(tmp_path, method, "whole")
+    assert_resumes(tmp_path, method)
+
+
+def test_killed_run_resumes_with_8bit_optimizer_states(tmp_path):
+    """A full fine-tune of the tiny model with `optimizer: adamw8bit`: its 48 x 96 MLP matrices
+    (4,608 values) keep torchao's 8-bit states, which the checkpoint carries across the kill."""
+    pytest.importorskip("torchao.optim")
+    assert_resumes(tmp_path, "full", optimizer="adamw8bit")
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    saved = torch.load(checkpoints / (checkpoints / "latest").read_text().strip() / "optimizer.pt", weights_only=True)
+    kinds = {type(state["exp_avg"]).__name__ for state in saved["state"].values()}
+    assert kinds == {"OptimState8bit", "Tensor"}     # 8-bit matrices, full-precision norms and embeddings
+
+
+def assert_resumes(tmp_path: Path, method: str, **values) -> None:
+    whole = config_for(tmp_path, method, "whole", **values)
     train_from_config(whole, console=quiet(), show_progress=False)
 
-    killed = config_for(tmp_path, method, "killed")
+    killed = config_for(tmp_path, method, "killed", **values)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     done = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(dataclasses.asdict(killed)), "4"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -23,7 +23,7 @@ from velotune.train.metrics import read_metrics
 from velotune.train.run import train_from_config
 from velotune.train.trainer import Trainer
 
-bitsandbytes = pytest.importorskip("bitsandbytes")
+torchao_optim = pytest.importorskip("torchao.optim")
 PAIRS = [{"prompt": f"Question {i}: say {w}", "chosen": w, "rejected": f"not {w}, no"}
          for i, w in enumerate("yes hello green four blue seven ok fine".split())]
 EVAL_KEY = {"grpo": "eval_reward"}
@@ -68,8 +68,9 @@ def test_every_feature_of_a_run(tmp_path, method, monkeypatch):
                          **({} if method == "full" else {"lora_r": 4, "lora_alpha": 8}))
     result = train_from_config(config, console=quiet(), show_progress=False)
     out = tmp_path / "run"
-    # 8-bit optimizer (bitsandbytes; these tiny tensors keep float32 moments below min_8bit_size)
-    assert type(built[0]) is bitsandbytes.optim.AdamW8bit
+    # 8-bit optimizer (torchao's; test_optim_8bit.py checks its states and numerics)
+    assert type(built[0]) is torchao_optim.AdamW8bit
+    assert all(isinstance(r["lr"], float) for r in read_metrics(out) if "lr" in r)
     # checkpoint of the last step, resumable
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-2"
     # eval before and after, in metrics and the report

@@ -46,7 +46,9 @@ DPO_LOSSES = ("sigmoid", "ipo")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")   # rl/losses.py says what each divides by
 IMPORTANCE_SAMPLING = ("token", "sequence")
 SCHEDULERS = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "galore")
+OPTIMIZERS = ("adamw", "adamw8bit", "galore")
+# bitsandbytes' paged optimizers, which velotune does not offer (train/optim.py says why): the refusal names them.
+PAGED_OPTIMIZERS = ("paged_adamw8bit", "paged_adamw")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "text")
 DISTRIBUTED = ("auto", "ddp", "fsdp")
@@ -91,7 +93,7 @@ class TrainConfig:
     max_seq_length: int = 1024
     packing: bool = False
     # Optimizer and schedule.
-    optimizer: str = "adamw"                 # adamw | adamw8bit | paged_adamw8bit | paged_adamw | galore
+    optimizer: str = "adamw"                 # adamw | adamw8bit (torchao's 8-bit states) | galore
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"             # linear | cosine | constant
     warmup_steps: int = 0
@@ -460,6 +462,10 @@ def check_values(config: TrainConfig, origins: dict[str, str] | str) -> None:
     def fail(key: str, message: str) -> None:
         raise TrainConfigError(f"{where(key)}: key {key!r} {message}, got {getattr(config, key)!r}")
 
+    if config.optimizer in PAGED_OPTIMIZERS:
+        fail("optimizer", "names bitsandbytes' paged optimizer, which velotune does not offer (its 8-bit AdamW "
+                          "comes from torchao, which has no paged states): use optimizer: adamw8bit, whose 8-bit "
+                          "states take a quarter of adamw's memory")
     for key, choices in (("method", METHODS), ("lr_scheduler", SCHEDULERS), ("optimizer", OPTIMIZERS),
                          ("dtype", DTYPES), ("dataset_format", DATASET_FORMATS), ("distributed", DISTRIBUTED),
                          ("lora_init", LORA_INITS), ("dpo_loss", DPO_LOSSES), ("loss_type", GRPO_LOSS_TYPES),

@@ -15,8 +15,8 @@ steps, evals or checkpoints becomes a `TrainingOutOfMemory` whose message has th
 
 "Fits" means the estimate is below the device's memory (or `memory_budget_gib`) less the
 estimator's RESERVED_GIB for the CUDA context and fragmentation. Without a device size (the CPU)
-each change is listed with its estimate. Methods the estimator does not model (GaLore, paged
-optimizers, DPO's reference pass) get its nearest setup; the advice names the keys to change.
+each change is listed with its estimate. Methods the estimator does not model (GaLore, DPO's
+reference pass) get its nearest setup; the advice names the keys to change.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def peak(config: ModelConfig, change: Change) -> int:
 def setup_of(config: TrainConfig) -> Setup:
     """The estimator's nearest setup for a training config."""
     method = config.method if config.method in ("full", "qlora") else "lora"
-    optim = "adamw8bit" if config.optimizer in ("adamw8bit", "paged_adamw8bit") else "adamw"
+    optim = "adamw8bit" if config.optimizer == "adamw8bit" else "adamw"
     return Setup(method=method, batch=config.micro_batch_size, seq=config.max_seq_length, optim=optim,
                  checkpointing=config.gradient_checkpointing is not False, lora_r=config.lora_r,
                  offload_embeddings=config.offload_embeddings is True)

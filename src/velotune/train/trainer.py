@@ -347,7 +347,7 @@ class Trainer:
 
     def optimizer_step(self, micro_batches: Sequence[Batch]) -> StepOutcome:
         """One full step: accumulate, clip, update, schedule."""
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])     # a tensor for adamw8bit (torchao keeps lr as one)
         targets, tokens = self.step_counts(micro_batches)
         loss, _ = self.accumulate(micro_batches, targets)
         if self.scaler:
