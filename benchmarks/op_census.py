@@ -13,8 +13,8 @@ How:
   32, intermediate 512, a 1,024-token vocabulary; Llama 3's rope scaling and untied head kept),
   bf16 weights with float32 LoRA r16 adapters on the seven projections and every layer
   checkpointed: bench_train.py's `velotune_system` in the plain loop that `--vs-unsloth` times (no
-  autocast, as a user's own loop calls the model). `--autocast` runs the trainer's way instead (a
-  float32 model under bf16 autocast, as `Trainer.forward_sum` on a GPU... with float32 weights).
+  autocast, as a user's own loop calls the model). `--autocast` runs it the trainer's way on a GPU
+  instead (the same model under bf16 autocast, `Trainer.forward_sum`).
 - The Triton path is forced (`kernels.force_triton` under `TRITON_INTERPRET=1`, as the kernel tests
   run it), so the kernels that run on a GPU run here; their values are not checked (bf16 `tl.dot`
   is not exact in the interpreter), only counted. A `TorchDispatchMode` counts each aten operation
@@ -150,7 +150,7 @@ class Census(TorchDispatchMode):
             KernelInterface.__getitem__ = original
 
 
-def build_model(layers: int, autocast: bool = False, device: str = "cpu") -> torch.nn.Module:
+def build_model(layers: int, device: str = "cpu") -> torch.nn.Module:
     """The toy Llama-3.1-8B of the module docstring with `layers` decoder layers, LoRA applied,
     checkpointing on, in training mode."""
     from velotune.lora import LoraConfig, apply_lora
@@ -160,8 +160,7 @@ def build_model(layers: int, autocast: bool = False, device: str = "cpu") -> tor
 
     cfg = {**known_config("Llama-3.1-8B")[1]["config"], **TOY, "num_hidden_layers": layers}
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_hf_config(cfg, "<census>")).to(
-        device=device, dtype=torch.float32 if autocast else torch.bfloat16)
+    model = Transformer(ModelConfig.from_hf_config(cfg, "<census>")).to(device=device, dtype=torch.bfloat16)
     model.gradient_checkpointing = True
     apply_lora(model, LoraConfig(r=16, alpha=16, dropout=0.0, target_modules=TARGETS), dtype=torch.float32)
     with torch.no_grad():   # B = 0 at init: make the adapters' terms real
@@ -195,8 +194,8 @@ def layer_census(layers: int = 2, seq: int = 64, autocast: bool = False,
     """(per decoder layer, fixed part) of one step's counts, from models of `layers` and
     `layers + 1` decoder layers (see the module docstring)."""
     ids = torch.randint(0, TOY["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    small = step_counts(build_model(layers, autocast, device), ids, autocast)
-    large = step_counts(build_model(layers + 1, autocast, device), ids, autocast)
+    small = step_counts(build_model(layers, device), ids, autocast)
+    large = step_counts(build_model(layers + 1, device), ids, autocast)
     per_layer = large - small
     fixed = Counts()
     for p in PHASES:
@@ -237,14 +236,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2, help="the smaller of the two models (the other has one more)")
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--autocast", action="store_true", help="float32 model under bf16 autocast (the trainer's way)")
+    p.add_argument("--autocast", action="store_true", help="under bf16 autocast (the trainer's way on a GPU)")
     p.add_argument("--device", default="cpu", help="cpu (Triton interpreted) or cuda (compiled kernels)")
     p.add_argument("--json", help="also write the counts to this file")
     args = p.parse_args()
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton")   # the interpreter's bf16 overflows
     per_layer, fixed = layer_census(args.layers, args.seq, args.autocast, args.device)
-    mode = "float32 model under bf16 autocast" if args.autocast else "bf16 model, float32 adapters, no autocast"
-    print(f"op census: toy Llama-3.1-8B, LoRA r16 on {len(TARGETS)} projections, checkpointing on, {mode}, "
+    mode = "bf16 autocast" if args.autocast else "no autocast"
+    print(f"op census: toy Llama-3.1-8B in bf16, float32 LoRA r16 adapters on {len(TARGETS)} projections, "
+          f"checkpointing on, {mode}, "
           f"1 x {args.seq} tokens on {args.device}")
     print(report(per_layer, fixed))
     if args.json:
