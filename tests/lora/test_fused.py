@@ -12,7 +12,7 @@ from tests.live_storages import LiveStorages
 from velotune import kernels
 from velotune.kernels.reference import glu_reference
 from velotune.lora import LoraConfig, apply_lora, disable_adapters, lora_named_parameters
-from velotune.lora import fused
+from velotune.lora import block_adapters, fused
 from velotune.lora.layers import LoraLinear
 from velotune.models.config import ModelConfig
 from velotune.models.transformer import DecoderLayer, Transformer
@@ -444,6 +444,6 @@ def test_fused_layer_saves_less_for_backward(precision):
     assert ratio <= MAX_SAVED_RATIO[precision], f"fused {fused_bytes} B vs unfused {plain_bytes} B ({ratio:.2f})"
     if precision == "float32":
         tokens = 3 * SEQ
-        # each block's adapters copy, every matrix padded to at most `_ALIGN` more elements
-        adapter_copies = sum(p.numel() + fused._ALIGN for name, p in layer.named_parameters() if "lora_" in name) * 4
+        # each block's adapters copy, every matrix padded to at most `ALIGN` more elements
+        adapter_copies = sum(p.numel() + block_adapters.ALIGN for n, p in layer.named_parameters() if "lora_" in n) * 4
         assert plain_bytes - fused_bytes >= 2 * tokens * INTER * 4 - adapter_copies

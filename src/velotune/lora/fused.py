@@ -16,7 +16,7 @@ and for the MLP the gate and up activations; everything else is recomputed or ne
 - Frozen base weights get no gradient; a 4-bit base is dequantized in the forward and again in
   the backward, never kept. Weights are saved as the parameters themselves (no copy); casts to the
   compute dtype happen in forward and again in backward. The adapters are saved as the one
-  tensor the Function was given (below).
+  tensor the Function was given (see below).
 - MLP: g and u are saved, h = act(g)·u is not (it is the MLP's third [tokens, intermediate]
   tensor). Saving g and u rather than only X costs two such tensors but spares re-running the gate
   and up matmuls (4·N·H·I FLOPs, about a third of the MLP's forward) on top of what checkpointing
@@ -26,15 +26,8 @@ and for the MLP the gate and up activations; everything else is recomputed or ne
   and dh in the backward are made a chunk of rows at a time (`_row_chunks`), so beside g and u
   the MLP holds one chunk of that size, not a third whole tensor.
 
-Adapters enter a Function as one tensor: every A and B of the block flattened, concatenated and
-cast to the compute dtype at once (`_run`, `_layout`), carved into views inside. Why: cast one by
-one, the seven adapters of a decoder layer took 14 casts and 2 concatenations (the stacked A
-matrices) in its forward, the same again in a checkpoint's recomputation, and 14 casts of their
-gradients back in the backward: 46 of the 131 operations that launch a kernel in one layer's
-training step (benchmarks/op_census.py), where an eager 8B step at micro-batch 1 waits on the host
-that queues its kernels. Now 3 concatenations and 3 casts each way, and 3 gradient casts; the
-gradients arrive as views of one buffer per block. Every matrix starts aligned in that tensor
-(`_ALIGN`), so each GEMM reads and writes its operands as it did separate tensors: the same bits.
+A block's adapters enter its Function as one tensor, all its A and B matrices cast to the
+compute dtype at once and carved into views inside (`lora/block_adapters.py` says why and how).
 
 Precision: everything runs in one compute dtype, autocast's when it is on, else the input's (the
 dtype of the frozen base). Adapters (float32, as PEFT keeps them) are cast to it outside the
@@ -54,47 +47,24 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._utils import _flatten_dense_tensors
 from torch.autograd.function import once_differentiable
 
 from velotune import kernels
 from velotune.kernels.float32_sum import add_matmul_float32
+from velotune.lora.block_adapters import Projection, a_of, b_of, combined, layout, stacked_a
 from velotune.lora.layers import LoraLinear
 from velotune.quant.linear4bit import Linear4bit
 
 # Each projection passes two tensors to the Functions, in this order (None where absent); its
-# adapter's A and B arrive in the block's one `adapters` tensor (see `_run`).
+# adapter's A and B arrive in the block's one adapters tensor (`lora/block_adapters.py`).
 WEIGHT, BIAS = range(2)
 PER_PROJECTION = 2
-# Where each adapter matrix (or stack of them) starts in a block's adapters tensor: a multiple of
-# this many elements, 256 bytes in bf16. A GEMM operand or output starting there is aligned as a
-# tensor of its own would be, as far as cuBLAS (which looks at up to 256 bytes) and the CPU BLAS
-# look, so they pick the kernels they pick for separate tensors: the same results, bit for bit
-# (a product written at a 4-byte offset on the CPU came out different in its last bits).
-_ALIGN = 128
 # The most bytes of one [tokens, intermediate] chunk the MLP makes besides g and u (`_row_chunks`).
 _MLP_CHUNK_BYTES = 64 * 2**20
-
-
-class Projection(NamedTuple):
-    """What the Functions need to know about one projection besides its tensors (a named tuple:
-    made for every block on every call, where a frozen dataclass took twice as long)."""
-
-    out_features: int
-    adapted: bool                    # an active adapter adds s * (X A^T) B^T
-    scale: float                     # its s (alpha / r, or alpha / sqrt(r))
-    rank: int
-    quantized: Linear4bit | None     # a 4-bit base, dequantized on the fly (its weight slot is None)
-    in_features: int = 0
-    a_offset: int = 0                # where A [rank, in] and B [out, rank] start in `adapters`
-    b_offset: int = 0
-    a_trained: bool = False          # whether A, B get a gradient
-    b_trained: bool = False
 
 
 def project(x: torch.Tensor, *modules: nn.Module, output_needed: bool = True) -> tuple[torch.Tensor, ...]:
@@ -128,13 +98,13 @@ class LoraProjections(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, plan: tuple[Projection, ...], output_needed: bool,  # type: ignore[override]
                 adapters: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         members = range(len(plan))
-        xa = x @ _stacked_a(adapters, plan, members).t()
+        xa = x @ stacked_a(adapters, plan, members).t()
         ctx.plan = plan
         ctx.save_for_backward(x, xa, adapters, *_weights(plan, tensors))
         if not output_needed:
             return tuple(_placeholder(x, p.out_features) for p in plan)
         spans = _spans(plan)
-        return tuple(_projection(x, plan, tensors, i, xa[:, spans[i]], _b(adapters, p)) if p.adapted
+        return tuple(_projection(x, plan, tensors, i, xa[:, spans[i]], b_of(adapters, p)) if p.adapted
                      else _projection(x, plan, tensors, i) for i, p in enumerate(plan))
 
     @staticmethod
@@ -148,7 +118,7 @@ class LoraProjections(torch.autograd.Function):
             _b_grads(plan, members, grads, xa, d_adapters)
             dxa = _xa_grads(plan, members, grads, adapters)
             dx = _input_grad(ctx.needs_input_grad[0], plan, members, weights, grads, x.dtype, dxa,
-                             _stacked_a(adapters, plan, members))
+                             stacked_a(adapters, plan, members))
             _a_grads(plan, members, x, dxa, d_adapters)
         return (dx, None, None, d_adapters, *[None] * (PER_PROJECTION * len(plan)))
 
@@ -165,7 +135,7 @@ class LoraMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, plan: tuple[Projection, ...], activation: str,  # type: ignore[override]
                 output_needed: bool, adapters: torch.Tensor, *tensors: torch.Tensor | None) -> torch.Tensor:
-        a_gu = _stacked_a(adapters, plan, (0, 1))
+        a_gu = stacked_a(adapters, plan, (0, 1))
         xa = None if a_gu is None else x @ a_gu.t()
         # g and u without their adapters' terms: the GLU adds those as it reads them (and the
         # backward's GLU again), so no [tokens, intermediate] tensor is read and rewritten for them.
@@ -175,8 +145,8 @@ class LoraMLP(torch.autograd.Function):
         down = plan[2]
         if not output_needed:
             return _placeholder(x, down.out_features)
-        bs = [_b(adapters, p) for p in plan]
-        a_down = _a(adapters, down)
+        bs = [b_of(adapters, p) for p in plan]
+        a_down = a_of(adapters, down)
         terms = _glu_terms(plan, xa, bs)
         weight, bias = _base_weight(down, tensors, 2, x.dtype), _bias(tensors, 2, x.dtype)
         out = x.new_empty(x.shape[0], down.out_features)
@@ -205,8 +175,8 @@ class LoraMLP(torch.autograd.Function):
         plan: tuple[Projection, ...] = ctx.plan
         x, xa, g, u, adapters, *weights = ctx.saved_tensors
         ha = ctx.ha
-        bs = [_b(adapters, p) for p in plan]
-        a_gu, a_down = _stacked_a(adapters, plan, (0, 1)), _a(adapters, plan[2])
+        bs = [b_of(adapters, p) for p in plan]
+        a_gu, a_down = stacked_a(adapters, plan, (0, 1)), a_of(adapters, plan[2])
         d_adapters = torch.empty_like(adapters) if ctx.needs_input_grad[4] else None
         with _autocast_off(x):
             down = plan[2]
@@ -215,7 +185,7 @@ class LoraMLP(torch.autograd.Function):
             if down.adapted:
                 dha = _scaled_mm(dout, bs[2], down.scale)
                 if d_adapters is not None and down.b_trained:
-                    _scaled_mm(dout.t(), ha, down.scale, out=_b(d_adapters, down))
+                    _scaled_mm(dout.t(), ha, down.scale, out=b_of(d_adapters, down))
             gate_term, up_term = _glu_terms(plan, xa, bs)
             # d(X A^T) of the gate and up adapters, made by the GLU pass as it writes dg and du
             dxa = None if xa is None else torch.empty_like(xa)
@@ -236,7 +206,7 @@ class LoraMLP(torch.autograd.Function):
                 del dh
             del weight
             if da_down is not None:
-                _a(d_adapters, down).copy_(da_down)
+                a_of(d_adapters, down).copy_(da_down)
             dgu = (g, u)
             dx = _input_grad(ctx.needs_input_grad[0], plan, (0, 1), weights, dgu, x.dtype, dxa, a_gu)
             _b_grads(plan, (0, 1), dgu, xa, d_adapters)
@@ -271,32 +241,6 @@ def _spans(plan: Sequence[Projection]) -> dict[int, slice]:
             spans[i] = slice(start, start + p.rank)
             start += p.rank
     return spans
-
-
-def _a(adapters: torch.Tensor, p: Projection) -> torch.Tensor | None:
-    """Projection p's A [rank, in] in a block's adapters tensor (or in its gradient), None when p
-    has no adapter."""
-    return _matrix(adapters, p.a_offset, p.rank, p.in_features) if p.adapted else None
-
-
-def _b(adapters: torch.Tensor, p: Projection) -> torch.Tensor | None:
-    """Projection p's B [out, rank], like `_a`."""
-    return _matrix(adapters, p.b_offset, p.out_features, p.rank) if p.adapted else None
-
-
-def _matrix(flat: torch.Tensor, offset: int, rows: int, cols: int) -> torch.Tensor:
-    """The row-major [rows, cols] matrix at `offset` in the 1-D `flat`, as one view operation."""
-    return flat.as_strided((rows, cols), (cols, 1), flat.storage_offset() + offset)
-
-
-def _stacked_a(adapters: torch.Tensor, plan: Sequence[Projection], members: Sequence[int]) -> torch.Tensor | None:
-    """The A matrices of the adapted `members` stacked [sum r, in] (None when none is adapted): a
-    view, since a block's A matrices lie one after the other in its adapters tensor (`_layout`)
-    and the members sharing an input are the block's first projections."""
-    adapted = [plan[i] for i in members if plan[i].adapted]
-    if not adapted:
-        return None
-    return _matrix(adapters, adapted[0].a_offset, sum(p.rank for p in adapted), adapted[0].in_features)
 
 
 def _projection(x: torch.Tensor, plan: Sequence[Projection], tensors: Sequence[torch.Tensor | None], i: int,
@@ -399,7 +343,7 @@ def _b_grads(plan: Sequence[Projection], members: Sequence[int], grads: Sequence
     spans = _spans(plan)
     for k, i in enumerate(members):
         if plan[i].adapted and plan[i].b_trained:
-            _scaled_mm(grads[k].t(), xa[:, spans[i]], plan[i].scale, out=_b(d_adapters, plan[i]))
+            _scaled_mm(grads[k].t(), xa[:, spans[i]], plan[i].scale, out=b_of(d_adapters, plan[i]))
 
 
 def _xa_grads(plan: Sequence[Projection], members: Sequence[int], grads: Sequence[torch.Tensor],
@@ -413,18 +357,18 @@ def _xa_grads(plan: Sequence[Projection], members: Sequence[int], grads: Sequenc
     first = grads[adapted[0][0]]
     dxa = first.new_empty(first.shape[0], sum(plan[i].rank for _, i in adapted))
     for k, i in adapted:
-        _scaled_mm(grads[k], _b(adapters, plan[i]), plan[i].scale, out=dxa[:, spans[i]])
+        _scaled_mm(grads[k], b_of(adapters, plan[i]), plan[i].scale, out=dxa[:, spans[i]])
     return dxa
 
 
 def _a_grads(plan: Sequence[Projection], members: Sequence[int], x: torch.Tensor, dxa: torch.Tensor | None,
              d_adapters: torch.Tensor | None) -> None:
     """dA = d(XA^T)^T X for all adapters of `members` in one matmul, written where their stacked A
-    lies in `d_adapters` (see `_stacked_a`)."""
+    lies in `d_adapters` (see `block_adapters.stacked_a`)."""
     if dxa is None or d_adapters is None:
         return
     if any(plan[i].adapted and plan[i].a_trained for i in members):
-        torch.mm(dxa.t(), x, out=_stacked_a(d_adapters, plan, members))
+        torch.mm(dxa.t(), x, out=stacked_a(d_adapters, plan, members))
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -484,7 +428,7 @@ def _describe(module: nn.Module) -> tuple[nn.Module, LoraLinear | None] | None:
 class _Parts:
     plan: tuple[Projection, ...]
     bases: list[nn.Module]
-    pieces: list[torch.Tensor]    # what makes the block's adapters tensor (`_layout`)
+    pieces: list[torch.Tensor]    # what makes the block's adapters tensor (`block_adapters.layout`)
     dtype: torch.dtype
 
 
@@ -506,69 +450,20 @@ def _plan(x: torch.Tensor, modules: Sequence[nn.Module], shared: int) -> _Parts 
         if any(type(base) is nn.Linear and base.weight.dtype != x.dtype for base in bases):
             return None
         dtype = x.dtype
-    plan, pieces = _layout(bases, adapters, shared)
+    plan, pieces = layout(bases, adapters, shared)
     return _Parts(plan, bases, pieces, dtype)
-
-
-def _layout(bases: Sequence[nn.Module], adapters: Sequence[LoraLinear | None],
-            shared: int) -> tuple[tuple[Projection, ...], list[torch.Tensor]]:
-    """The block's projections, with where each adapter's A and B lie in the block's adapters
-    tensor, and the matrices that flattened and concatenated make it (`_run`): the A matrices in
-    projection order, then the B matrices. The A matrices of the first `shared` projections (one
-    input) follow each other, forming their stacked A; every other matrix, and that stack, starts
-    on a multiple of `_ALIGN` elements (unwritten padding before it where needed: none when every
-    matrix's size is a multiple of `_ALIGN`, as the ranks and widths of real models make it)."""
-    pieces: list[torch.Tensor] = []
-    at, stacking, placed_a = 0, False, []
-    for i, lora in enumerate(adapters):
-        if lora is None:
-            placed_a.append((None, 0))
-            continue
-        a = lora.a
-        start = _place(pieces, at, a, aligned=i >= shared or not stacking)
-        stacking = stacking or i < shared
-        placed_a.append((a, start))
-        at = start + a.numel()
-    plan = []
-    for base, lora, (a, a_at) in zip(bases, adapters, placed_a):
-        quantized = base if type(base) is Linear4bit else None
-        if lora is None:
-            plan.append(Projection(base.out_features, False, 0.0, 0, quantized))
-            continue
-        b = lora.b
-        b_at = _place(pieces, at, b, aligned=True)
-        at = b_at + b.numel()
-        plan.append(Projection(base.out_features, True, lora.scale, lora.r, quantized, a.shape[1], a_at, b_at,
-                               a.requires_grad, b.requires_grad))
-    return tuple(plan), pieces
-
-
-def _place(pieces: list[torch.Tensor], at: int, matrix: torch.Tensor, aligned: bool) -> int:
-    """Append `matrix` to `pieces`, which hold `at` elements so far, after padding up to a
-    multiple of `_ALIGN` when `aligned`; returns where it starts."""
-    if aligned and at % _ALIGN:
-        pad = _ALIGN - at % _ALIGN
-        pieces.append(matrix.new_empty(pad))
-        at += pad
-    pieces.append(matrix)
-    return at
 
 
 def _run(fn: type[torch.autograd.Function], x: torch.Tensor, parts: _Parts,
          extra: tuple) -> tuple[torch.Tensor, ...]:
-    """Apply `fn` to the block. Its adapters enter as one tensor in the compute dtype: every A,
-    then every B, flattened, concatenated and cast at once (one concatenation and one cast per
-    block instead of a cast per matrix and a concatenation of the A matrices, in the forward and
-    again in a checkpoint's recomputation; the backward's cast of the gradient back to the
-    adapters' dtype is likewise one). Their gradients come back as views of one buffer."""
+    """Apply `fn` to the block, its adapters as one tensor in the compute dtype."""
     tensors: list[torch.Tensor | None] = []
     with _autocast_off(x):
         x2 = x.reshape(-1, x.shape[-1]).to(parts.dtype)
         for base in parts.bases:
             tensors.append(None if type(base) is Linear4bit else base.weight)
             tensors.append(base.bias)
-        # flattened and concatenated in one call (views made in C++, not one Python call each)
-        adapters = _flatten_dense_tensors(parts.pieces).to(parts.dtype)
+        adapters = combined(parts.pieces, parts.dtype)
         outputs = fn.apply(x2, parts.plan, *extra, adapters, *tensors)
     if isinstance(outputs, torch.Tensor):
         outputs = (outputs,)
