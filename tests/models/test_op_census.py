@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import op_census  # noqa: E402
 
-# Kernel launches per decoder layer: forward, recompute, backward (131 per layer, 46 of them
+# Kernel launches per decoder layer: forward, recompute, backward (127 per layer, 46 of them
 # adapter casts and concatenations, before the adapters of a block became one tensor).
 MAX_LAUNCHES = {"forward": 30, "recompute": 23, "backward": 42}
 # The adapters' share: one concatenation and one cast per block (3 blocks), the gradients' casts.

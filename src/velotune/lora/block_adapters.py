@@ -4,13 +4,17 @@ it, how it is made, and the views that carve the matrices (or their gradients) o
 Why one tensor: the fused Functions compute in one dtype (bf16 on a GPU) while the adapters are
 float32, as PEFT keeps them. Cast one by one, the seven adapters of a decoder layer took 14 casts
 and 2 concatenations (the stacked A matrices) in its forward, the same again in a checkpoint's
-recomputation, and 14 casts of their gradients back to float32 in the backward: 46 of the 131
+recomputation, and 14 casts of their gradients back to float32 in the backward: 46 of the 127
 operations that launched a kernel in one layer's training step (benchmarks/op_census.py, toy
 Llama-3.1-8B, 2026-12-07), where the eager 8B step at micro-batch 1 waits on the host that queues
 its kernels (338 ms against 180 ms replayed from a CUDA graph, on an H100). Flattened,
-concatenated and cast at once, a block's adapters cost one concatenation and one cast each way
-and one gradient cast: 9 + 9 + 3 per layer. Autograd splits the float32 gradient back into the
-matrices as views (no copies), so each adapter's `.grad` is a view of its block's buffer.
+concatenated and cast at once, a block's adapters cost one concatenation and one cast in the
+forward, the same in the recomputation, and one gradient cast: 6 + 6 + 3 per layer of three
+blocks (95 launches per layer in all). Autograd splits the float32 gradient back into the
+matrices as views (no copies), so each adapter's `.grad` is a view of its block's buffer. Each
+block also saves 1 tensor for its adapters instead of up to 4 (fewer checkpoint hooks run).
+In float32 (adapters already in the compute dtype) the concatenation is a copy the per-matrix
+path did not make for B and lone A matrices: one block's adapters, small beside its activations.
 
 Layout: the A matrices in projection order, then the B matrices, each row-major. The A matrices of
 the block's first `shared` projections (those reading one input: q, k and v; gate and up) follow
