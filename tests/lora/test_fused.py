@@ -12,7 +12,7 @@ from tests.live_storages import LiveStorages
 from velotune import kernels
 from velotune.kernels.reference import glu_reference
 from velotune.lora import LoraConfig, apply_lora, disable_adapters, lora_named_parameters
-from velotune.lora import fused
+from velotune.lora import block_adapters, fused
 from velotune.lora.layers import LoraLinear
 from velotune.models.config import ModelConfig
 from velotune.models.transformer import DecoderLayer, Transformer
@@ -411,9 +411,10 @@ def saved_bytes(layer: DecoderLayer, x: torch.Tensor, cos, sin) -> int:
 
 # Fused / unfused activation bytes one tiny layer keeps. float32: the fused MLP drops act(g) and h
 # (2 x tokens x intermediate x 4 B, 26 kB of the unfused 103 kB; attention's share is the same on
-# both paths). bf16: the unfused path also keeps a cast copy of its input per adapter (measured
-# 0.48 and 0.50).
-MAX_SAVED_RATIO = {"float32": 0.8, "bf16-autocast": 0.55, "bf16-base-float32-adapters": 0.55}
+# both paths) and keeps each block's adapters as one concatenated copy (`lora.fused._run`; 8 kB
+# with its padding at these widths, a rounding error at real ones; measured 0.825). bf16: the unfused path also
+# keeps a cast copy of its input per adapter (measured 0.48 and 0.50).
+MAX_SAVED_RATIO = {"float32": 0.83, "bf16-autocast": 0.55, "bf16-base-float32-adapters": 0.55}
 
 
 @pytest.mark.parametrize("precision", sorted(MAX_SAVED_RATIO))
@@ -442,5 +443,7 @@ def test_fused_layer_saves_less_for_backward(precision):
     ratio = fused_bytes / plain_bytes
     assert ratio <= MAX_SAVED_RATIO[precision], f"fused {fused_bytes} B vs unfused {plain_bytes} B ({ratio:.2f})"
     if precision == "float32":
-        tokens, stacked_a = 3 * SEQ, (3 + 2) * RANK * TINY["hidden_size"] * 4  # the stacked A copies
-        assert plain_bytes - fused_bytes >= 2 * tokens * INTER * 4 - stacked_a
+        tokens = 3 * SEQ
+        # each block's adapters copy, every matrix padded to at most `ALIGN` more elements
+        adapter_copies = sum(p.numel() + block_adapters.ALIGN for n, p in layer.named_parameters() if "lora_" in n) * 4
+        assert plain_bytes - fused_bytes >= 2 * tokens * INTER * 4 - adapter_copies

@@ -15,7 +15,8 @@ and for the MLP the gate and up activations; everything else is recomputed or ne
   add them as they read the tensors (`kernels.glu_low_rank`), so g and u are saved without them.
 - Frozen base weights get no gradient; a 4-bit base is dequantized in the forward and again in
   the backward, never kept. Weights are saved as the parameters themselves (no copy); casts to the
-  compute dtype happen in forward and again in backward.
+  compute dtype happen in forward and again in backward. The adapters are saved as the one
+  tensor the Function was given (see below).
 - MLP: g and u are saved, h = act(g)·u is not (it is the MLP's third [tokens, intermediate]
   tensor). Saving g and u rather than only X costs two such tensors but spares re-running the gate
   and up matmuls (4·N·H·I FLOPs, about a third of the MLP's forward) on top of what checkpointing
@@ -24,6 +25,9 @@ and for the MLP the gate and up activations; everything else is recomputed or ne
   MLP backward allocates one [tokens, intermediate] tensor (dh) instead of four. h in the forward
   and dh in the backward are made a chunk of rows at a time (`_row_chunks`), so beside g and u
   the MLP holds one chunk of that size, not a third whole tensor.
+
+A block's adapters enter its Function as one tensor, all its A and B matrices cast to the
+compute dtype at once and carved into views inside (`lora/block_adapters.py` says why and how).
 
 Precision: everything runs in one compute dtype, autocast's when it is on, else the input's (the
 dtype of the frozen base). Adapters (float32, as PEFT keeps them) are cast to it outside the
@@ -51,32 +55,23 @@ from torch.autograd.function import once_differentiable
 
 from velotune import kernels
 from velotune.kernels.float32_sum import add_matmul_float32
+from velotune.lora.block_adapters import Projection, a_of, b_of, combined, layout, stacked_a
 from velotune.lora.layers import LoraLinear
 from velotune.quant.linear4bit import Linear4bit
 
-# Each projection passes four tensors to the Functions, in this order (None where absent).
-WEIGHT, BIAS, A, B = range(4)
-PER_PROJECTION = 4
+# Each projection passes two tensors to the Functions, in this order (None where absent); its
+# adapter's A and B arrive in the block's one adapters tensor (`lora/block_adapters.py`).
+WEIGHT, BIAS = range(2)
+PER_PROJECTION = 2
 # The most bytes of one [tokens, intermediate] chunk the MLP makes besides g and u (`_row_chunks`).
 _MLP_CHUNK_BYTES = 64 * 2**20
-
-
-@dataclass(frozen=True)
-class Projection:
-    """What the Functions need to know about one projection besides its tensors."""
-
-    out_features: int
-    adapted: bool                    # an active adapter adds s * (X A^T) B^T
-    scale: float                     # its s (alpha / r, or alpha / sqrt(r))
-    rank: int
-    quantized: Linear4bit | None     # a 4-bit base, dequantized on the fly (its weight slot is None)
 
 
 def project(x: torch.Tensor, *modules: nn.Module, output_needed: bool = True) -> tuple[torch.Tensor, ...]:
     """`tuple(m(x) for m in modules)`, computed by one `LoraProjections` when the modules allow it.
     `output_needed=False` (a checkpoint's recomputation): the fused block saves what it always
     saves and returns placeholders of the outputs' shapes without running the base matmuls."""
-    parts = _plan(x, modules)
+    parts = _plan(x, modules, shared=len(modules))
     if parts is None:
         return tuple(m(x) for m in modules)
     return _run(LoraProjections, x, parts, (output_needed,))
@@ -89,7 +84,7 @@ def mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activa
     and throws the output away: the fused block then skips the GLU and the down projection and
     returns a placeholder of the output's shape (the unfused modules save the down projection's
     input, so they run whole)."""
-    parts = _plan(x, (gate, up, down))
+    parts = _plan(x, (gate, up, down), shared=2)
     if parts is None:
         return down(kernels.glu(gate(x), up(x), activation))
     return _run(LoraMLP, x, parts, (activation, output_needed))[0]
@@ -101,31 +96,31 @@ class LoraProjections(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, plan: tuple[Projection, ...], output_needed: bool,  # type: ignore[override]
-                *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        a_all, xa = _stacked_products(x, plan, tensors, range(len(plan)))
+                adapters: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        members = range(len(plan))
+        xa = x @ stacked_a(adapters, plan, members).t()
         ctx.plan = plan
-        ctx.save_for_backward(x, xa, a_all, *_weights_and_bs(plan, tensors))
+        ctx.save_for_backward(x, xa, adapters, *_weights(plan, tensors))
         if not output_needed:
             return tuple(_placeholder(x, p.out_features) for p in plan)
         spans = _spans(plan)
-        return tuple(_projection(x, plan, tensors, i, xa[:, spans[i]] if p.adapted else None)
-                     for i, p in enumerate(plan))
+        return tuple(_projection(x, plan, tensors, i, xa[:, spans[i]], b_of(adapters, p)) if p.adapted
+                     else _projection(x, plan, tensors, i) for i, p in enumerate(plan))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
         plan: tuple[Projection, ...] = ctx.plan
-        x, xa, a_all, *saved = ctx.saved_tensors
-        weights, bs = saved[:len(plan)], saved[len(plan):]
-        needs = ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]  # drop the plan's and output_needed's slots
+        x, xa, adapters, *weights = ctx.saved_tensors
         members = range(len(plan))
-        out: list[torch.Tensor | None] = [None] * (PER_PROJECTION * len(plan))
+        d_adapters = torch.empty_like(adapters) if ctx.needs_input_grad[3] else None
         with _autocast_off(x):
-            _b_grads(needs, plan, members, grads, xa, out)
-            dxa = _xa_grads(plan, members, grads, bs)
-            dx = _input_grad(needs[0], plan, members, weights, grads, x.dtype, dxa, a_all)
-            _a_grads(needs, plan, members, x, dxa, out)
-        return (dx, None, None, *out)
+            _b_grads(plan, members, grads, xa, d_adapters)
+            dxa = _xa_grads(plan, members, grads, adapters)
+            dx = _input_grad(ctx.needs_input_grad[0], plan, members, weights, grads, x.dtype, dxa,
+                             stacked_a(adapters, plan, members))
+            _a_grads(plan, members, x, dxa, d_adapters)
+        return (dx, None, None, d_adapters, *[None] * (PER_PROJECTION * len(plan)))
 
 
 class LoraMLP(torch.autograd.Function):
@@ -139,17 +134,19 @@ class LoraMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, plan: tuple[Projection, ...], activation: str,  # type: ignore[override]
-                output_needed: bool, *tensors: torch.Tensor | None) -> torch.Tensor:
-        a_gu, xa = _stacked_products(x, plan, tensors, (0, 1))
+                output_needed: bool, adapters: torch.Tensor, *tensors: torch.Tensor | None) -> torch.Tensor:
+        a_gu = stacked_a(adapters, plan, (0, 1))
+        xa = None if a_gu is None else x @ a_gu.t()
         # g and u without their adapters' terms: the GLU adds those as it reads them (and the
         # backward's GLU again), so no [tokens, intermediate] tensor is read and rewritten for them.
-        g, u = (_projection(x, plan, tensors, i, None) for i in (0, 1))
-        bs = [_slot(tensors, i, B) for i in range(3)]
-        down, a_down = plan[2], _slot(tensors, 2, A)
+        g, u = (_projection(x, plan, tensors, i) for i in (0, 1))
         ctx.plan, ctx.activation, ctx.spent, ctx.ha = plan, activation, False, None
-        ctx.save_for_backward(x, xa, a_gu, g, u, a_down, *_weights_and_bs(plan, tensors))
+        ctx.save_for_backward(x, xa, g, u, adapters, *_weights(plan, tensors))
+        down = plan[2]
         if not output_needed:
             return _placeholder(x, down.out_features)
+        bs = [b_of(adapters, p) for p in plan]
+        a_down = a_of(adapters, down)
         terms = _glu_terms(plan, xa, bs)
         weight, bias = _base_weight(down, tensors, 2, x.dtype), _bias(tensors, 2, x.dtype)
         out = x.new_empty(x.shape[0], down.out_features)
@@ -176,23 +173,23 @@ class LoraMLP(torch.autograd.Function):
                                "to use the unfused path for double backward passes")
         ctx.spent = True
         plan: tuple[Projection, ...] = ctx.plan
-        x, xa, a_gu, g, u, a_down, *saved = ctx.saved_tensors
+        x, xa, g, u, adapters, *weights = ctx.saved_tensors
         ha = ctx.ha
-        weights, bs = saved[:3], saved[3:]
-        needs = ctx.needs_input_grad[0], *ctx.needs_input_grad[4:]  # drop the plan, activation and output_needed slots
-        out: list[torch.Tensor | None] = [None] * (PER_PROJECTION * 3)
+        bs = [b_of(adapters, p) for p in plan]
+        a_gu, a_down = stacked_a(adapters, plan, (0, 1)), a_of(adapters, plan[2])
+        d_adapters = torch.empty_like(adapters) if ctx.needs_input_grad[4] else None
         with _autocast_off(x):
             down = plan[2]
             dout = dout.contiguous()
             dha = None
             if down.adapted:
                 dha = _scaled_mm(dout, bs[2], down.scale)
-                if needs[1 + PER_PROJECTION * 2 + B]:
-                    out[PER_PROJECTION * 2 + B] = _scaled_mm(dout.t(), ha, down.scale)
+                if d_adapters is not None and down.b_trained:
+                    _scaled_mm(dout.t(), ha, down.scale, out=b_of(d_adapters, down))
             gate_term, up_term = _glu_terms(plan, xa, bs)
             # d(X A^T) of the gate and up adapters, made by the GLU pass as it writes dg and du
             dxa = None if xa is None else torch.empty_like(xa)
-            need_da = down.adapted and needs[1 + PER_PROJECTION * 2 + A]
+            need_da = down.adapted and d_adapters is not None and down.a_trained
             # the A gradient summed over chunks in float32 and rounded once, as one matmul would
             da_down = torch.zeros(down.rank, g.shape[1], dtype=torch.float32, device=g.device) if need_da else None
             weight = _base_weight(down, weights, 2, x.dtype, stride=1)
@@ -209,12 +206,12 @@ class LoraMLP(torch.autograd.Function):
                 del dh
             del weight
             if da_down is not None:
-                out[PER_PROJECTION * 2 + A] = da_down.to(x.dtype)
+                a_of(d_adapters, down).copy_(da_down)
             dgu = (g, u)
-            dx = _input_grad(needs[0], plan, (0, 1), weights, dgu, x.dtype, dxa, a_gu)
-            _b_grads(needs, plan, (0, 1), dgu, xa, out)
-            _a_grads(needs, plan, (0, 1), x, dxa, out)
-        return (dx, None, None, None, *out)
+            dx = _input_grad(ctx.needs_input_grad[0], plan, (0, 1), weights, dgu, x.dtype, dxa, a_gu)
+            _b_grads(plan, (0, 1), dgu, xa, d_adapters)
+            _a_grads(plan, (0, 1), x, dxa, d_adapters)
+        return (dx, None, None, None, d_adapters, *[None] * (PER_PROJECTION * 3))
 
 
 # ---- shared pieces of the two Functions -------------------------------------------------------
@@ -246,25 +243,15 @@ def _spans(plan: Sequence[Projection]) -> dict[int, slice]:
     return spans
 
 
-def _stacked_products(x: torch.Tensor, plan: Sequence[Projection], tensors: Sequence[torch.Tensor | None],
-                      members: Sequence[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(A of the adapted `members` stacked [sum r, in], X·A^T [N, sum r]); X is read once."""
-    a_list = [_slot(tensors, i, A) for i in members if plan[i].adapted]
-    if not a_list:
-        return None, None
-    a_all = a_list[0] if len(a_list) == 1 else torch.cat(a_list)
-    return a_all, x @ a_all.t()
-
-
 def _projection(x: torch.Tensor, plan: Sequence[Projection], tensors: Sequence[torch.Tensor | None], i: int,
-                xa: torch.Tensor | None) -> torch.Tensor:
-    """X W_i^T + b_i, plus s_i xa B_i^T when projection i is adapted (xa = X A_i^T)."""
+                xa: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
+    """X W_i^T + b_i, plus s_i xa B_i^T when projection i's adapter term is given (xa = X A_i^T)."""
     p = plan[i]
     weight, bias = _base_weight(p, tensors, i, x.dtype), _bias(tensors, i, x.dtype)
     if xa is None:
         return F.linear(x, weight, bias)
     y = x.new_empty(x.shape[0], p.out_features)
-    return _adapter_then_base(y, x, weight, bias, xa, _slot(tensors, i, B), p.scale)
+    return _adapter_then_base(y, x, weight, bias, xa, b, p.scale)
 
 
 def _adapter_then_base(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -284,8 +271,10 @@ def _adapter_then_base(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 
 def _placeholder(x: torch.Tensor, cols: int) -> torch.Tensor:
-    """A [rows of x, cols] stand-in for an output a recomputation discards: one zero, expanded."""
-    return x.new_zeros(1).expand(x.shape[0], cols)
+    """A [rows of x, cols] stand-in for an output a recomputation discards: one element, expanded,
+    never written (nothing reads it: torch's checkpoint stops the recomputation once the saved
+    tensors are made, and without that early stop the layer's output is thrown away)."""
+    return x.new_empty(1).expand(x.shape[0], cols)
 
 
 def _row_chunks(t: torch.Tensor) -> list[slice]:
@@ -321,10 +310,10 @@ def _glu_terms(plan: Sequence[Projection], xa: torch.Tensor | None, bs: Sequence
                  else None for i in (0, 1))  # type: ignore[return-value]
 
 
-def _weights_and_bs(plan: Sequence[Projection], tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """What the backward reads besides activations: the base weights as given (parameters, so
-    saving them copies nothing; None for 4-bit bases) and the B matrices."""
-    return [_slot(tensors, i, WEIGHT) for i in range(len(plan))] + [_slot(tensors, i, B) for i in range(len(plan))]
+def _weights(plan: Sequence[Projection], tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The base weights as given, which the backward reads (parameters, so saving them copies
+    nothing; None for 4-bit bases)."""
+    return [_slot(tensors, i, WEIGHT) for i in range(len(plan))]
 
 
 def _input_grad(needed: bool, plan: Sequence[Projection], members: Sequence[int],
@@ -346,17 +335,19 @@ def _input_grad(needed: bool, plan: Sequence[Projection], members: Sequence[int]
     return dx
 
 
-def _b_grads(needs: Sequence[bool], plan: Sequence[Projection], members: Sequence[int],
-             grads: Sequence[torch.Tensor], xa: torch.Tensor | None, out: list[torch.Tensor | None]) -> None:
-    """Fill each needed dB_i = s dY_i^T (X A_i^T) into `out`."""
+def _b_grads(plan: Sequence[Projection], members: Sequence[int], grads: Sequence[torch.Tensor],
+             xa: torch.Tensor | None, d_adapters: torch.Tensor | None) -> None:
+    """Write each needed dB_i = s dY_i^T (X A_i^T) into its place in `d_adapters`."""
+    if d_adapters is None:
+        return
     spans = _spans(plan)
     for k, i in enumerate(members):
-        if plan[i].adapted and needs[1 + PER_PROJECTION * i + B]:
-            out[PER_PROJECTION * i + B] = _scaled_mm(grads[k].t(), xa[:, spans[i]], plan[i].scale)
+        if plan[i].adapted and plan[i].b_trained:
+            _scaled_mm(grads[k].t(), xa[:, spans[i]], plan[i].scale, out=b_of(d_adapters, plan[i]))
 
 
 def _xa_grads(plan: Sequence[Projection], members: Sequence[int], grads: Sequence[torch.Tensor],
-              bs: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+              adapters: torch.Tensor) -> torch.Tensor | None:
     """The stacked d(X A^T) = s dY_i B_i of the adapted members (None when none is adapted), each
     product written straight into its columns (no concatenation pass)."""
     adapted = [(k, i) for k, i in enumerate(members) if plan[i].adapted]
@@ -366,22 +357,18 @@ def _xa_grads(plan: Sequence[Projection], members: Sequence[int], grads: Sequenc
     first = grads[adapted[0][0]]
     dxa = first.new_empty(first.shape[0], sum(plan[i].rank for _, i in adapted))
     for k, i in adapted:
-        _scaled_mm(grads[k], bs[i], plan[i].scale, out=dxa[:, spans[i]])
+        _scaled_mm(grads[k], b_of(adapters, plan[i]), plan[i].scale, out=dxa[:, spans[i]])
     return dxa
 
 
-def _a_grads(needs: Sequence[bool], plan: Sequence[Projection], members: Sequence[int], x: torch.Tensor,
-             dxa: torch.Tensor | None, out: list[torch.Tensor | None]) -> None:
-    """dA = d(XA^T)^T X for all adapters in one matmul, split per projection into `out`."""
-    if dxa is None:
+def _a_grads(plan: Sequence[Projection], members: Sequence[int], x: torch.Tensor, dxa: torch.Tensor | None,
+             d_adapters: torch.Tensor | None) -> None:
+    """dA = d(XA^T)^T X for all adapters of `members` in one matmul, written where their stacked A
+    lies in `d_adapters` (see `block_adapters.stacked_a`)."""
+    if dxa is None or d_adapters is None:
         return
-    adapted = [i for i in members if plan[i].adapted]
-    if any(needs[1 + PER_PROJECTION * i + A] for i in adapted):
-        da_all = dxa.t() @ x
-        spans = _spans(plan)
-        for i in adapted:
-            if needs[1 + PER_PROJECTION * i + A]:
-                out[PER_PROJECTION * i + A] = da_all[spans[i]]
+    if any(plan[i].adapted and plan[i].a_trained for i in members):
+        torch.mm(dxa.t(), x, out=stacked_a(d_adapters, plan, members))
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -410,8 +397,8 @@ def _frozen_linear(module: nn.Module) -> nn.Module | None:
     change the forward), else None."""
     if type(module) not in (nn.Linear, Linear4bit) or _hooked(module):
         return None
-    if any(p.requires_grad for p in module.parameters(recurse=False)):
-        return None
+    if any(p is not None and p.requires_grad for p in module._parameters.values()):
+        return None   # (its own parameters, as `parameters(recurse=False)` lists them, without the generator's cost)
     return module
 
 
@@ -441,11 +428,13 @@ def _describe(module: nn.Module) -> tuple[nn.Module, LoraLinear | None] | None:
 class _Parts:
     plan: tuple[Projection, ...]
     bases: list[nn.Module]
-    adapters: list[LoraLinear | None]
+    pieces: list[torch.Tensor]    # what makes the block's adapters tensor (`block_adapters.layout`)
     dtype: torch.dtype
 
 
-def _plan(x: torch.Tensor, modules: Sequence[nn.Module]) -> _Parts | None:
+def _plan(x: torch.Tensor, modules: Sequence[nn.Module], shared: int) -> _Parts | None:
+    """How the Functions run `modules` (None: take their own forwards); the first `shared` read
+    the same input, so their A matrices are stacked."""
     if not (torch.is_grad_enabled() and kernels.kernels_enabled() and x.is_floating_point()):
         return None
     described = [_describe(m) for m in modules]
@@ -461,26 +450,23 @@ def _plan(x: torch.Tensor, modules: Sequence[nn.Module]) -> _Parts | None:
         if any(type(base) is nn.Linear and base.weight.dtype != x.dtype for base in bases):
             return None
         dtype = x.dtype
-    plan = tuple(
-        Projection(out_features=base.out_features, adapted=lora is not None,
-                   scale=lora.scale if lora is not None else 0.0, rank=lora.r if lora is not None else 0,
-                   quantized=base if type(base) is Linear4bit else None)
-        for base, lora in zip(bases, adapters))
-    return _Parts(plan, bases, adapters, dtype)
+    plan, pieces = layout(bases, adapters, shared)
+    return _Parts(plan, bases, pieces, dtype)
 
 
 def _run(fn: type[torch.autograd.Function], x: torch.Tensor, parts: _Parts,
          extra: tuple) -> tuple[torch.Tensor, ...]:
+    """Apply `fn` to the block, its adapters as one tensor in the compute dtype."""
     tensors: list[torch.Tensor | None] = []
     with _autocast_off(x):
         x2 = x.reshape(-1, x.shape[-1]).to(parts.dtype)
-        for base, lora in zip(parts.bases, parts.adapters):
+        for base in parts.bases:
             tensors.append(None if type(base) is Linear4bit else base.weight)
             tensors.append(base.bias)
-            tensors.append(None if lora is None else lora.a.to(parts.dtype))
-            tensors.append(None if lora is None else lora.b.to(parts.dtype))
-        outputs = fn.apply(x2, parts.plan, *extra, *tensors)
+        adapters = combined(parts.pieces, parts.dtype)
+        outputs = fn.apply(x2, parts.plan, *extra, adapters, *tensors)
     if isinstance(outputs, torch.Tensor):
         outputs = (outputs,)
     lead = x.shape[:-1]
     return tuple(y.view(*lead, y.shape[-1]) for y in outputs)
+
