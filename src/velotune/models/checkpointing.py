@@ -285,16 +285,21 @@ def auto_offload(model: nn.Module, checkpointing: bool | str, budget: MemoryBudg
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if parse_checkpointing(checkpointing) is False or weight is None or not _on_cuda(weight):
         return False
-    if graphed:
-        return host_holds_layer_inputs(model.config, batch * seq, weight.element_size())
-    layers = model.config.num_hidden_layers
+    if not graphed and _fits_on_gpu(model, checkpointing, budget, batch, seq, mlp_chunk):
+        return False
+    return host_holds_layer_inputs(model.config, batch * seq, weight.element_size())
+
+
+def _fits_on_gpu(model: nn.Module, checkpointing: bool | str, budget: MemoryBudget, batch: int, seq: int,
+                 mlp_chunk: int) -> bool:
+    """Whether the longest micro-batch's estimated peak, the checkpointed inputs kept on the GPU,
+    is within the budget."""
     if checkpointing == "auto":
         on_gpu = choose_checkpointed_layers(model.config, budget, batch, seq, mlp_chunk=mlp_chunk).peak_bytes
     else:
-        on_gpu = budget.resident_bytes + activation_peak(model.config, budget, batch, seq, layers, mlp_chunk=mlp_chunk)
-    if on_gpu <= budget.total_bytes:
-        return False
-    return host_holds_layer_inputs(model.config, batch * seq, weight.element_size())
+        on_gpu = budget.resident_bytes + activation_peak(model.config, budget, batch, seq,
+                                                         model.config.num_hidden_layers, mlp_chunk=mlp_chunk)
+    return on_gpu <= budget.total_bytes
 
 
 def _on_cuda(weight: torch.Tensor) -> bool:
