@@ -41,6 +41,8 @@ def main() -> None:
                    help="what is allocated at the step's peak, grouped by the velotune line that allocated it")
     p.add_argument("--steps", type=int, default=3, help="unprofiled steps averaged for the wall time")
     p.add_argument("--trace", help="write the profiled steps' Chrome trace to this file")
+    p.add_argument("--cprofile", help="also run one step under cProfile and write its pstats to this file "
+                                      "(where the host's Python time goes in a launch-bound step)")
     p.add_argument("--profiled-steps", type=int, default=1,
                    help="steps profiled back to back (more than one shows what lies between steps: "
                         "idle GPU time, or slower replays once the GPU runs at its power limit)")
@@ -82,6 +84,8 @@ def main() -> None:
         memory_phases(model, ids, opt)
     if args.sites:
         memory_sites(one_step, model, opt, args.rows)
+    if args.cprofile:
+        python_profile(one_step, args.cprofile)
     n = args.profiled_steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.shapes) as prof:
         start = time.perf_counter()
@@ -105,6 +109,22 @@ def main() -> None:
         by_shape = prof.key_averages(group_by_input_shape=True)
         print(by_shape.table(sort_by="device_time_total", row_limit=args.rows * 2, max_name_column_width=30,
                              max_shapes_column_width=70))
+
+
+def python_profile(one_step, path: str) -> None:
+    """One step under cProfile, its stats written to `path` and the top functions by own time
+    printed: the host's Python work per step, which torch.profiler's operator table leaves out."""
+    import cProfile
+    import pstats
+
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    one_step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    profiler.dump_stats(path)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
 def memory_phases(model: torch.nn.Module, ids: torch.Tensor, opt: torch.optim.Optimizer) -> None:

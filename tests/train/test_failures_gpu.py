@@ -22,9 +22,11 @@ def test_a_real_out_of_memory_is_explained(tiny_model_dir, tmp_path):
     torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
     try:
         settings = config(tmp_path, micro_batch_size=8192, max_seq_length=128, cuda_graphs=False, save_steps=0)
-        settings.memory_budget_gib = 2.0     # (only gradient_checkpointing: auto reads it; the advice quotes it)
         trainer = Trainer(load_tiny(tiny_model_dir("qwen2")).cuda(), settings,
                           make_examples(8192, min_len=120, max_len=127), show_progress=False)
+        # set after the checks, which refuse a budget without gradient_checkpointing: auto: the
+        # advice then sizes its suggestions to it, as the CPU tests of tests/train/test_oom.py do
+        trainer.config.memory_budget_gib = 2.0
         with pytest.raises(TrainingOutOfMemory) as info:
             trainer.train()
     finally:
