@@ -85,9 +85,17 @@ def load_velotune(folder: Path, args: argparse.Namespace, result: dict):
     result.update(version=f"velotune {velotune.__version__}", setup=(
         f"eager (no CUDA graphs), {base} base, float32 adapters r16 alpha 16, "
         f"checkpointing {args.checkpointing}, offload_checkpoints {'true' if args.offload else 'auto'}: "
-        f"{'on' if model.offload_checkpoints else 'off'}, input embeddings in "
+        f"{offload_words(model)}, input embeddings in "
         f"{'host memory' if on_host(model) else 'device memory'}"))
     return model, step
+
+
+def offload_words(model) -> str:
+    """How `offload_checkpoints` came out for this run's micro-batch: off, on, or on from N tokens."""
+    if not model.offload_checkpoints:
+        return "off"
+    least = getattr(model, "offload_min_tokens", 0)
+    return f"on from {least:,} tokens a micro-batch" if least else "on"
 
 
 def measure_system(folder: Path, args: argparse.Namespace) -> dict:

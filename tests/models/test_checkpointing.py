@@ -14,8 +14,10 @@ from velotune.models.checkpointing import (
     MemoryBudget,
     activation_peak,
     auto_offload,
+    auto_offload_tokens,
     choose_checkpointed_layers,
     configure_training_memory,
+    gpu_bound_tokens,
     resident_bytes,
     training_method,
 )
@@ -200,6 +202,39 @@ def test_offload_auto_offloads_when_the_memory_plan_needs_it_and_the_host_has_ro
     assert not auto_offload(model, True, tight, 4, 64)     # the host cannot hold them
     monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs)
     assert auto_offload(model, True, tight, 4, 64)
+
+
+def test_offload_auto_offloads_eager_forwards_whose_gpu_work_outlasts_the_host_work(monkeypatch):
+    """Eager, the offload's per-layer host work costs speed only while the host sets the pace:
+    8B micro-batch 1 x 2,048 keeps its inputs on the GPU, micro-batch 4 parks them even though
+    they fit; Llama-3.2-1B micro-batch 8 x 2,048 is still host-paced. A run whose longest
+    micro-batch is that large offloads its forwards from that many tokens on, not shorter ones."""
+    llama1b, _ = load_config("Llama-3.2-1B")
+    assert gpu_bound_tokens(LLAMA8B) == 5_502                 # ceil(1.2e12 / 218,103,808 a layer)
+    assert 2048 < gpu_bound_tokens(LLAMA8B) <= 4 * 2048
+    assert 8 * 2048 < gpu_bound_tokens(llama1b) <= 10 * 2048
+    model = tiny_model()
+    monkeypatch.setattr(checkpointing_module, "_on_cuda", lambda weight: True)
+    monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: 10 * GIB)
+    roomy, tight = MemoryBudget.of_model(model, 10.0), MemoryBudget.of_model(model, 1e-6)
+    h, i = model.config.hidden_size, model.config.intermediate_size
+    q = model.config.num_attention_heads * model.config.head_dim
+    kv = model.config.num_key_value_heads * model.config.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i
+    monkeypatch.setattr(checkpointing_module, "GPU_BOUND_TOKEN_PARAMETERS", 200 * per_layer)
+    assert auto_offload_tokens(model, True, roomy, 4, 64) == 200     # 256 tokens: the GPU's pace from 200 on
+    assert auto_offload(model, True, roomy, 4, 64)
+    assert auto_offload_tokens(model, True, roomy, 4, 49) is None    # 196: the host's, and it fits
+    assert auto_offload_tokens(model, True, tight, 4, 49) == 0       # it does not fit: every forward
+    assert auto_offload_tokens(model, True, roomy, 4, 49, graphed=True) == 0
+    assert auto_offload_tokens(model, False, roomy, 4, 64) is None   # nothing checkpointed, nothing parked
+    configure_training_memory(model, checkpointing=True, offload="auto", batch=4, seq=64)
+    assert model.offload_checkpoints is True and model.offload_min_tokens == 200
+    assert model.offloads(200) and model.offloads(256) and not model.offloads(199)
+    configure_training_memory(model, checkpointing=True, offload=True, batch=4, seq=64)
+    assert model.offload_min_tokens == 0 and model.offloads(1)      # an explicit true: every forward
+    monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: 0)
+    assert auto_offload_tokens(model, True, roomy, 4, 64) is None   # the host cannot hold them
 
 
 def test_offload_auto_offloads_graphed_steps_whenever_the_host_has_room(monkeypatch):

@@ -91,6 +91,22 @@ def test_offload_keeps_the_last_checkpoints_on_the_device_when_asked():
     assert all(torch.equal(kept[1][n], g) for n, g in reference[1].items())
 
 
+def test_forwards_shorter_than_the_offload_threshold_keep_their_inputs_on_the_device():
+    """`offload_min_tokens` (set by `offload_checkpoints: auto` for eager runs, see
+    checkpointing.auto_offload_tokens): a micro-batch below it parks nothing, one at it parks
+    every layer's pieces, and both give the checkpointed losses and gradients."""
+    model = tiny_model()
+    short, long = batch(b=2, t=10), batch(b=2, t=11)
+    references = [loss_and_grads(model, *rows, gradient_checkpointing=True, offload_checkpoints=False)
+                  for rows in (short, long)]
+    model.offload_min_tokens = 22
+    for rows, reference, parked in zip((short, long), references, (0, PARKED)):
+        loss, grads = loss_and_grads(model, *rows, gradient_checkpointing=True, offload_checkpoints=True)
+        assert model.offload_stats.offloaded == parked
+        assert torch.equal(loss, reference[0])
+        assert all(torch.equal(grads[n], g) for n, g in reference[1].items())
+
+
 def test_every_forward_counts_afresh_and_eval_offloads_nothing():
     model = tiny_model()
     ids, labels = batch()

@@ -27,6 +27,7 @@ fits, the smallest peak, and says it does not fit.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -48,6 +49,7 @@ from velotune.estimate import (
     layer_kinds,
     mlp_wide_bytes,
     model_terms,
+    projection_shapes,
 )
 from velotune.kernels.dispatch import capturing
 from velotune.models.config import ModelConfig
@@ -267,27 +269,58 @@ def run_checkpointed(layer: nn.Module, *args, offloader: LayerInputOffloader | N
 
 def auto_offload(model: nn.Module, checkpointing: bool | str, budget: MemoryBudget, batch: int, seq: int, *,
                  mlp_chunk: int = 0, graphed: bool = False) -> bool:
-    """`offload_checkpoints: auto`, for layers checkpointed on a CUDA device whose inputs host
-    memory holds: under CUDA graphs (`graphed`: the trainer replays its micro-batches), always;
-    otherwise only when the memory plan needs it, i.e. when the estimated peak of the longest
-    micro-batch (batch x seq) with the checkpointed inputs on the GPU does not fit the budget
-    (`memory_budget_gib`, else the GPU's memory less a margin: `budget`).
+    """Whether `offload_checkpoints: auto` offloads the longest micro-batch (batch x seq); see
+    `auto_offload_tokens`, which also says which shorter ones."""
+    return auto_offload_tokens(model, checkpointing, budget, batch, seq, mlp_chunk=mlp_chunk,
+                               graphed=graphed) is not None
 
-    Why graphs decide it: offloading adds host work to every checkpointed layer (hooks, copies,
-    events), which a replayed graph does not pay and an eager step does. Measured on H100s
-    (benchmarks/RESULTS.md): Llama-3.1-8B LoRA micro-batch 4 x 2,048 with graphs ran 612-647 ms a
-    step offloaded against 646-657 ms not (a layer parked in pieces skips recomputing its attention
-    projections), and the default `velotune train` run over rows of varying length peaked at 15.42
-    GiB offloaded against 17.01 not (Unsloth: 16.09); eager micro-batch 1 went from 0.66x to
-    0.99x Unsloth's speed when it stopped offloading. The offloaded epoch was slower until
-    train/graphed_step.py let each new width's warm-up lease the held host buffers (it pinned a
-    second 7 GiB set, about 4 s)."""
+
+def auto_offload_tokens(model: nn.Module, checkpointing: bool | str, budget: MemoryBudget, batch: int, seq: int,
+                        *, mlp_chunk: int = 0, graphed: bool = False) -> int | None:
+    """`offload_checkpoints: auto`: the fewest tokens a training forward must have for its
+    checkpointed inputs to go to host memory (0: every forward), or None for no offload.
+
+    Only layers checkpointed on a CUDA device whose inputs host memory holds are offloaded, and
+    only where the offload's per-layer host work (hooks, copies, events) costs no speed or memory
+    needs it: every forward under CUDA graphs (`graphed`: a replay does none of that host work) or
+    when the estimated peak of the longest micro-batch (batch x seq) with its inputs on the GPU is
+    over the budget (`memory_budget_gib`, else the GPU's memory less a margin: `budget`); otherwise,
+    eager, the forwards large enough that the GPU, not the host, sets their pace
+    (`gpu_bound_tokens`), whose host work then overlaps the GPU's. A run of varying lengths thus
+    offloads its long micro-batches, which set its peak, and not its short ones, which wait on the host.
+
+    Measured on H100s (benchmarks/RESULTS.md): Llama-3.1-8B LoRA micro-batch 4 x 2,048 with graphs
+    ran 612-647 ms a step offloaded against 646-657 ms not (a layer parked in pieces skips
+    recomputing its attention projections), and the default `velotune train` run over rows of
+    varying length peaked at 15.43 GiB offloaded against 17.01 not (Unsloth: 16.09) at 1.84x
+    Unsloth's speed. Eager, micro-batch 4 offloaded ran 709 ms a step at 16.0 GiB when the graphed
+    step without offload ran 706-735 ms (2026-11-23), while micro-batch 1, whose eager step waits
+    on the host, went from 0.66x to 0.99x Unsloth's speed when it stopped offloading."""
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if parse_checkpointing(checkpointing) is False or weight is None or not _on_cuda(weight):
-        return False
-    if not graphed and _fits_on_gpu(model, checkpointing, budget, batch, seq, mlp_chunk):
-        return False
-    return host_holds_layer_inputs(model.config, batch * seq, weight.element_size())
+        return None
+    if not host_holds_layer_inputs(model.config, batch * seq, weight.element_size()):
+        return None
+    if graphed or not _fits_on_gpu(model, checkpointing, budget, batch, seq, mlp_chunk):
+        return 0
+    least = gpu_bound_tokens(model.config)
+    return least if batch * seq >= least else None
+
+
+# A decoder layer's eager training step on an H100 host takes ~12.8 ms of host work whatever its
+# size (Llama-3.1-8B, micro-batch 1 x 2,048: a 408.8 ms step, 32 layers, the GPU busy 146.7 ms,
+# benchmarks/profile_step.py, 2026-12-08), and its GPU work grows with tokens x the layer's
+# projection parameters (forward, recomputation and input gradients: ~6 FLOPs each, at the
+# ~5.8e14 FLOP/s that step's kernels ran). The two meet near 1.2e12 token-parameters (8B: ~5,500
+# tokens a micro-batch; Llama-3.2-1B: ~20,000); above it the host's offload work hides behind the GPU's.
+GPU_BOUND_TOKEN_PARAMETERS = 1.2e12
+
+
+def gpu_bound_tokens(config: ModelConfig) -> int:
+    """The fewest tokens a micro-batch needs for an eager training step to keep the GPU, not the
+    host, the bottleneck (see `GPU_BOUND_TOKEN_PARAMETERS`)."""
+    per_layer = sum(out * inp for out, inp in projection_shapes(config).values())
+    return math.ceil(GPU_BOUND_TOKEN_PARAMETERS / per_layer)
 
 
 def _fits_on_gpu(model: nn.Module, checkpointing: bool | str, budget: MemoryBudget, batch: int, seq: int,
@@ -316,16 +349,19 @@ def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, of
                               batch: int = 1, seq: int = 2048, graphed: bool = False,
                               optimizer_state_bytes: int = ADAMW_STATE_BYTES) -> str | None:
     """Set a `Transformer`'s checkpointing, offload and MLP tiling for training (`graphed`: the
-    micro-batches replay as CUDA graphs, see `auto_offload`). With `auto`, returns the choice at
+    micro-batches replay as CUDA graphs, see `auto_offload_tokens`). With `auto`, returns the choice at
     the longest micro-batch (batch x seq) as a line for the run log; each forward then chooses
     again for its own length, so shorter batches checkpoint fewer layers."""
     model.gradient_checkpointing = parse_checkpointing(checkpointing)
     mlp_chunk = mlp_chunk_size(mlp_chunk_tokens, batch * seq)
     budget = (MemoryBudget.of_model(model, budget_gib, optimizer_state_bytes)
               if "auto" in (offload, checkpointing) else None)
+    least = 0
     if offload == "auto":
-        offload = auto_offload(model, checkpointing, budget, batch, seq, mlp_chunk=mlp_chunk, graphed=graphed)
+        least = auto_offload_tokens(model, checkpointing, budget, batch, seq, mlp_chunk=mlp_chunk, graphed=graphed)
+        offload = least is not None
     model.offload_checkpoints = offload
+    model.offload_min_tokens = least or 0
     model.mlp_chunk_tokens = mlp_chunk_tokens
     if checkpointing != "auto":
         model.memory_budget = None

@@ -388,6 +388,7 @@ class Transformer(nn.Module):
         # Training memory (models/checkpointing.py, offload.py, tiled_mlp.py):
         self.gradient_checkpointing: bool | str = False   # True, False or "auto" (as the budget needs)
         self.offload_checkpoints = False                   # checkpointed inputs to pinned host memory
+        self.offload_min_tokens = 0                        # ...by forwards of at least this many tokens
         self.checkpoints_kept_on_gpu: int | str = "auto"   # ...except those the host has no room for, or the last N
         self.placement: Placement | None = None            # where the last training forward put them
         self.keep_attention_outputs = True                 # parked layers keep them where room allows
@@ -613,9 +614,9 @@ class Transformer(nn.Module):
         GPU's: its free memory less one recomputed layer's working set at this length,
         `models/long_context.working_bytes`). `span`: the longest stretch a token attends over
         (the sequence, or the longest packed document), which decides pieces against kept outputs."""
-        offload = self.offload_checkpoints and checkpointed > 0
-        room = host_room_bytes() + self.offload_pool.held_bytes if offload else None
         tokens = x.shape[0] * x.shape[1]
+        offload = self.offloads(tokens) and checkpointed > 0
+        room = host_room_bytes() + self.offload_pool.held_bytes if offload else None
 
         def plan(gpu_room: int | None = None) -> Placement:
             return plan_placement(self.config, tokens, x.element_size(), checkpointed, offload=offload,
@@ -632,6 +633,12 @@ class Transformer(nn.Module):
             self.placement = plan(free - working - 2 * x.numel() * x.element_size())
         return self.placement
 
+    def offloads(self, tokens: int) -> bool:
+        """Whether a training forward of `tokens` tokens parks its checkpointed inputs in host
+        memory (`offload_checkpoints`, from `offload_min_tokens` tokens on: see
+        `checkpointing.auto_offload_tokens`)."""
+        return bool(self.offload_checkpoints) and tokens >= self.offload_min_tokens
+
     def checkpointed_layers(self, batch: int, seq: int, mlp_chunk: int = 0) -> int:
         """How many decoder layers (the first ones) a training forward of batch x seq checkpoints."""
         mode = parse_checkpointing(self.gradient_checkpointing, "model.gradient_checkpointing")
@@ -641,9 +648,10 @@ class Transformer(nn.Module):
             return self.config.num_hidden_layers
         if self.memory_budget is None:
             self.memory_budget = MemoryBudget.of_model(self)
-        room = host_room_bytes() + self.offload_pool.held_bytes if self.offload_checkpoints else None
+        offload = self.offloads(batch * seq)
+        room = host_room_bytes() + self.offload_pool.held_bytes if offload else None
         self.checkpoint_choice = choose_checkpointed_layers(self.config, self.memory_budget, batch, seq,
-                                                            offload=self.offload_checkpoints, mlp_chunk=mlp_chunk,
+                                                            offload=offload, mlp_chunk=mlp_chunk,
                                                             host_room=room, kept_on_gpu=self.checkpoints_kept_on_gpu)
         return self.checkpoint_choice.layers
 

@@ -135,8 +135,8 @@ class TrainConfig:
     # Memory and numerics.
     gradient_checkpointing: bool | str = False  # true | false | auto (only as many layers as memory needs)
     # checkpointed layer inputs to pinned CPU memory, back before backward: true | false | auto
-    # (auto: on a GPU when layers are checkpointed, host memory allowing, and either the micro-batches
-    # replay as CUDA graphs or the memory plan needs it)
+    # (auto: on a GPU when layers are checkpointed, host memory allowing: every micro-batch when they
+    # replay as CUDA graphs or the memory plan needs it, else those big enough that the GPU sets an eager step's pace)
     offload_checkpoints: bool | str = "auto"
     offload_embeddings: bool | str = "auto"  # true | false | auto: frozen untied input embeddings in host memory
     mlp_chunk_tokens: int | None = None      # MLP tiled over the sequence: null = above 16k tokens, 0 = never
