@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors
+from torch.autograd.function import once_differentiable
 
 from velotune.lora.layers import LoraLinear
 from velotune.quant.linear4bit import Linear4bit
@@ -100,8 +101,37 @@ def _place(pieces: list[torch.Tensor], at: int, matrix: torch.Tensor, aligned: b
 
 def combined(pieces: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """The adapters tensor in `dtype`: one concatenation (the pieces flattened in C++, not by a
-    Python call each) and one cast, both recorded by autograd."""
-    return _flatten_dense_tensors(pieces).to(dtype)
+    Python call each) and one cast, as one autograd node (`_Combine`)."""
+    return _Combine.apply(dtype, *pieces)
+
+
+class _Combine(torch.autograd.Function):
+    """Flatten, concatenate and cast a block's adapter matrices; the backward casts the gradient
+    back once and hands each matrix its slice of it as a view.
+
+    Why a Function: recorded op by op, the same two operations left autograd a view node per
+    matrix, a concatenation node and a cast node, about 20 nodes per decoder layer in the forward
+    and again in a checkpoint's recomputation, each run by the engine in the backward (about 27 ms
+    of host time a step, profiled, in the eager 8B micro-batch-1 step on an H100, 2026-12-08,
+    benchmarks/RESULTS.md). The values and the gradients are the same bits either way."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *pieces: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.shapes = [piece.shape for piece in pieces]
+        ctx.source_dtype = pieces[0].dtype
+        return _flatten_dense_tensors(pieces).to(dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.to(ctx.source_dtype)
+        grads: list[torch.Tensor | None] = [None]
+        at = 0
+        for shape, needed in zip(ctx.shapes, ctx.needs_input_grad[1:]):
+            n = shape.numel()
+            grads.append(grad[at:at + n].view(shape) if needed else None)
+            at += n
+        return tuple(grads)
 
 
 def a_of(adapters: torch.Tensor, p: Projection) -> torch.Tensor | None:
