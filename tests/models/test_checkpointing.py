@@ -231,8 +231,14 @@ def test_offload_auto_offloads_eager_forwards_whose_gpu_work_outlasts_the_host_w
     configure_training_memory(model, checkpointing=True, offload="auto", batch=4, seq=64)
     assert model.offload_checkpoints is True and model.offload_min_tokens == 200
     assert model.offloads(200) and model.offloads(256) and not model.offloads(199)
+    assert model.offload_pool.max_tokens == 256     # buffers sized for the longest micro-batch at once
     configure_training_memory(model, checkpointing=True, offload=True, batch=4, seq=64)
     assert model.offload_min_tokens == 0 and model.offloads(1)      # an explicit true: every forward
+    fresh = tiny_model()
+    configure_training_memory(fresh, checkpointing=True, offload=True, batch=4, seq=64, graphed=True)
+    assert fresh.offload_pool.max_tokens is None    # a graphed step sets its own (bucketed) figure
+    configure_training_memory(fresh, checkpointing=True, offload=False, batch=4, seq=64)
+    assert fresh.offload_pool.max_tokens is None
     monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: 0)
     assert auto_offload_tokens(model, True, roomy, 4, 64) is None   # the host cannot hold them
 

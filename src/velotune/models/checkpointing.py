@@ -349,7 +349,8 @@ def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, of
                               batch: int = 1, seq: int = 2048, graphed: bool = False,
                               optimizer_state_bytes: int = ADAMW_STATE_BYTES) -> str | None:
     """Set a `Transformer`'s checkpointing, offload and MLP tiling for training (`graphed`: the
-    micro-batches replay as CUDA graphs, see `auto_offload_tokens`). With `auto`, returns the choice at
+    micro-batches replay as CUDA graphs, see `auto_offload_tokens`); batch x seq is the longest
+    micro-batch, for which offloaded inputs' host buffers are sized. With `auto`, returns the choice at
     the longest micro-batch (batch x seq) as a line for the run log; each forward then chooses
     again for its own length, so shorter batches checkpoint fewer layers."""
     model.gradient_checkpointing = parse_checkpointing(checkpointing)
@@ -362,6 +363,11 @@ def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, of
         offload = least is not None
     model.offload_checkpoints = offload
     model.offload_min_tokens = least or 0
+    if offload and not graphed:
+        # Host buffers sized for the longest micro-batch from the first offloaded forward on, so
+        # that a wider one later in a run of varying lengths finds them big enough instead of
+        # pinning a new set (a graphed step sets its own, bucketed, figure: graphed_step.py).
+        model.offload_pool.max_tokens = batch * seq
     model.mlp_chunk_tokens = mlp_chunk_tokens
     if checkpointing != "auto":
         model.memory_budget = None
