@@ -239,6 +239,13 @@ def test_offload_auto_offloads_eager_forwards_whose_gpu_work_outlasts_the_host_w
     assert fresh.offload_pool.max_tokens is None    # a graphed step sets its own (bucketed) figure
     configure_training_memory(fresh, checkpointing=True, offload=False, batch=4, seq=64)
     assert fresh.offload_pool.max_tokens is None
+    layer_inputs = model.config.num_hidden_layers * 256 * model.config.hidden_size * 4
+    monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: 2 * layer_inputs)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert auto_offload_tokens(model, True, roomy, 4, 64) == 200    # two processes, room for both
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert auto_offload_tokens(model, True, roomy, 4, 64) is None   # three: a third each is too little
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: 0)
     assert auto_offload_tokens(model, True, roomy, 4, 64) is None   # the host cannot hold them
 

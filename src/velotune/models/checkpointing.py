@@ -340,8 +340,11 @@ def _on_cuda(weight: torch.Tensor) -> bool:
 
 
 def host_holds_layer_inputs(config: ModelConfig, tokens: int, itemsize: int) -> bool:
-    """Whether host memory has room for every decoder layer's input of `tokens` tokens."""
-    return config.num_hidden_layers * tokens * config.hidden_size * itemsize <= host_room_bytes()
+    """Whether host memory has room for every decoder layer's input of `tokens` tokens, in this
+    process's share of it: each of torchrun's processes on this host (`LOCAL_WORLD_SIZE`) parks
+    its own inputs in the same memory."""
+    share = host_room_bytes() // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return config.num_hidden_layers * tokens * config.hidden_size * itemsize <= share
 
 
 def configure_training_memory(model: nn.Module, *, checkpointing: bool | str, offload: bool | str = False,
