@@ -13,7 +13,6 @@ from velotune.models.checkpointing import (
     GIB,
     MemoryBudget,
     activation_peak,
-    auto_offload,
     auto_offload_tokens,
     choose_checkpointed_layers,
     configure_training_memory,
@@ -191,17 +190,17 @@ def test_offload_auto_offloads_when_the_memory_plan_needs_it_and_the_host_has_ro
     monkeypatch.setattr(checkpointing_module, "_on_cuda", lambda weight: True)
     roomy, tight = MemoryBudget.of_model(model, 10.0), MemoryBudget.of_model(model, 1e-6)
     monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: 10 * GIB)
-    assert not auto_offload(model, True, roomy, 4, 64)     # fits with the inputs on the GPU
-    assert auto_offload(model, True, tight, 4, 64)         # does not: park them
-    assert auto_offload(model, "auto", tight, 4, 64)
-    assert not auto_offload(model, False, tight, 4, 64)    # nothing checkpointed, nothing parked
+    assert auto_offload_tokens(model, True, roomy, 4, 64) is None     # fits with the inputs on the GPU
+    assert auto_offload_tokens(model, True, tight, 4, 64) == 0        # does not: park every forward's
+    assert auto_offload_tokens(model, "auto", tight, 4, 64) == 0
+    assert auto_offload_tokens(model, False, tight, 4, 64) is None    # nothing checkpointed, nothing parked
     configure_training_memory(model, checkpointing=True, offload="auto", batch=4, seq=64, budget_gib=1e-6)
     assert model.offload_checkpoints is True
     layer_inputs = model.config.num_hidden_layers * 256 * model.config.hidden_size * 4
     monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs - 1)
-    assert not auto_offload(model, True, tight, 4, 64)     # the host cannot hold them
+    assert auto_offload_tokens(model, True, tight, 4, 64) is None     # the host cannot hold them
     monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs)
-    assert auto_offload(model, True, tight, 4, 64)
+    assert auto_offload_tokens(model, True, tight, 4, 64) == 0
 
 
 def test_offload_auto_offloads_eager_forwards_whose_gpu_work_outlasts_the_host_work(monkeypatch):
@@ -223,7 +222,6 @@ def test_offload_auto_offloads_eager_forwards_whose_gpu_work_outlasts_the_host_w
     per_layer = h * (q + 2 * kv) + q * h + 3 * h * i
     monkeypatch.setattr(checkpointing_module, "GPU_BOUND_TOKEN_PARAMETERS", 200 * per_layer)
     assert auto_offload_tokens(model, True, roomy, 4, 64) == 200     # 256 tokens: the GPU's pace from 200 on
-    assert auto_offload(model, True, roomy, 4, 64)
     assert auto_offload_tokens(model, True, roomy, 4, 49) is None    # 196: the host's, and it fits
     assert auto_offload_tokens(model, True, tight, 4, 49) == 0       # it does not fit: every forward
     assert auto_offload_tokens(model, True, roomy, 4, 49, graphed=True) == 0
@@ -258,12 +256,12 @@ def test_offload_auto_offloads_graphed_steps_whenever_the_host_has_room(monkeypa
     roomy = MemoryBudget.of_model(model, 10.0)
     layer_inputs = model.config.num_hidden_layers * 256 * model.config.hidden_size * 4
     monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs)
-    assert auto_offload(model, True, roomy, 4, 64, graphed=True)
-    assert auto_offload(model, "auto", roomy, 4, 64, graphed=True)
-    assert not auto_offload(model, True, roomy, 4, 64)            # eager, and it fits: keep them
-    assert not auto_offload(model, False, roomy, 4, 64, graphed=True)   # nothing checkpointed
+    assert auto_offload_tokens(model, True, roomy, 4, 64, graphed=True) == 0
+    assert auto_offload_tokens(model, "auto", roomy, 4, 64, graphed=True) == 0
+    assert auto_offload_tokens(model, True, roomy, 4, 64) is None            # eager, and it fits: keep them
+    assert auto_offload_tokens(model, False, roomy, 4, 64, graphed=True) is None   # nothing checkpointed
     monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs - 1)
-    assert not auto_offload(model, True, roomy, 4, 64, graphed=True)    # the host cannot hold them
+    assert auto_offload_tokens(model, True, roomy, 4, 64, graphed=True) is None    # the host cannot hold them
     monkeypatch.setattr(checkpointing_module, "host_room_bytes", lambda: layer_inputs)
     configure_training_memory(model, checkpointing=True, offload="auto", batch=4, seq=64, graphed=True)
     assert model.offload_checkpoints is True

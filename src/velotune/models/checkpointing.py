@@ -267,14 +267,6 @@ def run_checkpointed(layer: nn.Module, *args, offloader: LayerInputOffloader | N
         return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=rng, **kwargs)
 
 
-def auto_offload(model: nn.Module, checkpointing: bool | str, budget: MemoryBudget, batch: int, seq: int, *,
-                 mlp_chunk: int = 0, graphed: bool = False) -> bool:
-    """Whether `offload_checkpoints: auto` offloads the longest micro-batch (batch x seq); see
-    `auto_offload_tokens`, which also says which shorter ones."""
-    return auto_offload_tokens(model, checkpointing, budget, batch, seq, mlp_chunk=mlp_chunk,
-                               graphed=graphed) is not None
-
-
 def auto_offload_tokens(model: nn.Module, checkpointing: bool | str, budget: MemoryBudget, batch: int, seq: int,
                         *, mlp_chunk: int = 0, graphed: bool = False) -> int | None:
     """`offload_checkpoints: auto`: the fewest tokens a training forward must have for its
