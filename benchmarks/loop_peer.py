@@ -94,7 +94,7 @@ def offload_words(model) -> str:
     """How `offload_checkpoints` came out for this run's micro-batch: off, on, or on from N tokens."""
     if not model.offload_checkpoints:
         return "off"
-    least = getattr(model, "offload_min_tokens", 0)
+    least = model.offload_min_tokens
     return f"on from {least:,} tokens a micro-batch" if least else "on"
 
 
