@@ -37,8 +37,9 @@ estimator comparison. `--workdir DIR` keeps the random QLoRA checkpoint for the 
 `--vs-unsloth` compares velotune with Unsloth instead, each system in its own process
 (benchmarks/loop_peer.py; Unsloth's import patches transformers and torch), in this same loop on
 the same random-weight folder (written once on the GPU with SmolLM2's tokenizer from .bench/, into
-/dev/shm where it fits, and kept for the next call) and the same tokens. velotune runs eagerly (no
-CUDA graphs: the model a user's own loop calls) with its trainer's defaults, Unsloth with its
+/dev/shm where it fits, and kept for the next call) and the same tokens. velotune runs as the model a user's own loop calls (its
+own `cuda_graphs` default, models/loop_graphs.py; `--no-graphs`: eager) with its trainer's
+memory defaults, Unsloth with its
 recommended settings and optimizer; loop_peer.py's docstring lists both. Rows go to "Plain
 training loop vs Unsloth" with velotune's speed and memory as ratios to Unsloth's; `--budget-s`
 skips what cannot start in time. `--smoke` runs it all on the CPU at toy widths.
@@ -67,7 +68,7 @@ TOKENIZER = Path(__file__).resolve().parent.parent / ".bench" / "tokenizer"  # S
 # --smoke: the named architecture at toy widths (vocabulary, rope and tying kept), on the CPU
 TOY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
            head_dim=16)
-LOOP_SECTION = "Plain training loop vs Unsloth (eager, each system in its own process)"
+LOOP_SECTION = "Plain training loop vs Unsloth (a user's own loop, each system in its own process)"
 LOOP_COLUMNS = ["date", "device", "config", "system", "set-up", "optimizer", "tokens/s", "ms/step", "peak alloc GiB",
                 "speed vs Unsloth", "memory vs Unsloth", "outcome"]
 
@@ -99,14 +100,18 @@ def save_random_checkpoint(cfg: dict, folder: Path) -> Path:
 
 
 def velotune_system(cfg: dict | None, qlora: bool, folder: Path | None = None, checkpointing: str = "on",
-                    offload: bool = False, graphs: bool = True, host_embeddings: bool = True, device: str = "cuda"):
+                    offload: bool = False, graphs: bool = True, host_embeddings: bool = True, device: str = "cuda",
+                    loop_graphs: bool = False):
     """velotune's model, its step and its config: loaded from `folder` when given (its loader's
-    dtype for `device`: bf16 on a GPU), else built in bf16 on the GPU from `cfg`."""
+    dtype for `device`: bf16 on a GPU), else built in bf16 on the GPU from `cfg`. `graphs`: the
+    trainer's graphed micro-step (train/graphed_step.py); `loop_graphs`: without it, the model's own
+    graphs of repeated shapes (`Transformer.cuda_graphs`, on by default in a user's loop)."""
     import velotune
     from velotune.lora import LoraConfig, apply_lora
     from velotune.models.config import ModelConfig
     from velotune.models.transformer import Transformer
-    from velotune.train.graphed_step import GraphedMicroStep, graph_blockers
+    from velotune.models.loop_graphs import graph_blockers
+    from velotune.train.graphed_step import GraphedMicroStep
 
     if folder is not None:  # qlora: quantized layer by layer while the saved checkpoint streams in
         model, _ = velotune.load_model(folder, device=device, load_in_4bit=qlora)
@@ -123,6 +128,7 @@ def velotune_system(cfg: dict | None, qlora: bool, folder: Path | None = None, c
     # on | off | auto (as many layers as this GPU's memory needs; the choice is printed)
     model.gradient_checkpointing = {"on": True, "off": False, "auto": "auto"}[checkpointing]
     model.offload_checkpoints = offload
+    model.cuda_graphs = loop_graphs and not graphs
     # float32 adapters over the bf16 base, as PEFT does by default (autocast_adapter_dtype)
     apply_lora(model, LoraConfig(r=16, alpha=16, dropout=0.0, target_modules=TARGETS), dtype=torch.float32)
 
@@ -247,6 +253,7 @@ def peer_command(system: str, folder: Path, batch: int, args: argparse.Namespace
                f"--seq={args.seq}", f"--steps={args.steps}", f"--device={device}", *(["--qlora"] if args.qlora else [])]
     if system == "velotune":
         command += [f"--checkpointing={args.checkpointing}", *(["--offload"] if args.offload else []),
+                    *(["--eager"] if args.no_graphs else []),
                     *(["--no-offload-embeddings"] if args.no_offload_embeddings else [])]
     return command
 
@@ -320,7 +327,7 @@ def parser() -> argparse.ArgumentParser:
                    help="--qlora: where the random bf16 checkpoint is saved (default: a temporary folder, removed after); "
                         "--vs-unsloth: where its folder is written and kept (default: /dev/shm where it fits, else /tmp)")
     p.add_argument("--vs-unsloth", action="store_true",
-                   help="velotune eager and Unsloth, each in its own process (loop_peer.py), one random folder")
+                   help="velotune in a user's own loop and Unsloth, each in its own process (loop_peer.py), one random folder")
     p.add_argument("--smoke", action="store_true", help="--vs-unsloth on the CPU at toy widths")
     p.add_argument("--budget-s", type=float, default=3600,
                    help="--vs-unsloth: seconds for the whole run; a system that cannot start by then is skipped")

@@ -13,11 +13,13 @@ autocast on either side (bf16 weights, as a user's own loop calls the model).
   dtype=bf16, load_in_4bit=qlora)`, `get_peft_model(r=16, lora_alpha=16, dropout 0, the seven
   projections, bias "none", use_gradient_checkpointing="unsloth")`, `FastLanguageModel.for_training`,
   and its notebooks' optimizer `adamw_8bit`: bitsandbytes' AdamW with 8-bit states.
-- velotune, as its trainer sets a model up by default, without CUDA graphs (the eager model a user's
-  own loop calls): `load_model(DIR, load_in_4bit=qlora)` (bf16), float32 adapters r16 alpha 16 on
-  the seven projections, `offload_embeddings: auto`, checkpointing on (`--checkpointing`) with
+- velotune, as its trainer sets a model up by default, in the loop a user writes around the model:
+  `load_model(DIR, load_in_4bit=qlora)` (bf16), float32 adapters r16 alpha 16 on the seven
+  projections, `offload_embeddings: auto`, checkpointing on (`--checkpointing`) with
   `offload_checkpoints: auto` (`--offload`: on) through the trainer's `configure_training_memory`,
-  and its default optimizer `adamw`: torch's fused AdamW.
+  its default optimizer `adamw` (torch's fused AdamW), and the model's own default
+  `cuda_graphs` (models/loop_graphs.py: a repeated shape below the GPU-bound size replays captured
+  graphs; the setup column says how many steps did). `--eager` turns those graphs off.
 
 Assumptions about Unsloth 2026.10.9 (read from its wheel and unsloth_zoo's; it imports only with a
 GPU, so this side has not run where it was written):
@@ -77,13 +79,15 @@ def load_velotune(folder: Path, args: argparse.Namespace, result: dict):
     from velotune.models.host_embedding import on_host
 
     model, step, _ = velotune_system(None, args.qlora, folder, graphs=False, device=args.device,
-                                     host_embeddings=not args.no_offload_embeddings)
+                                     host_embeddings=not args.no_offload_embeddings, loop_graphs=not args.eager)
     checkpointing = {"on": True, "off": False, "auto": "auto"}[args.checkpointing]
     configure_training_memory(model, checkpointing=checkpointing, offload=True if args.offload else "auto",
                               batch=args.batch, seq=args.seq)   # after the adapters and embeddings, as the trainer
     base = "NF4" if args.qlora else str(model.lm_head.weight.dtype).removeprefix("torch.")
+    result["graphs"] = model.loop_graphs.describe   # read after the loop: how many steps replayed
     result.update(version=f"velotune {velotune.__version__}", setup=(
-        f"eager (no CUDA graphs), {base} base, float32 adapters r16 alpha 16, "
+        f"{'eager (cuda_graphs off)' if args.eager else 'own loop, cuda_graphs default'}, {base} base, "
+        f"float32 adapters r16 alpha 16, "
         f"checkpointing {args.checkpointing}, offload_checkpoints {'true' if args.offload else 'auto'}: "
         f"{offload_words(model)}, input embeddings in "
         f"{'host memory' if on_host(model) else 'device memory'}"))
@@ -116,6 +120,9 @@ def measure_system(folder: Path, args: argparse.Namespace) -> dict:
             result.update(found, outcome="ok")
     except Exception as exc:  # noqa: BLE001  (reported, not raised: the parent records the row; an OOM
         result["outcome"] = failure(exc)   # here is the load's, measure catches the loop's)
+    graphs = result.pop("graphs", None)
+    if graphs is not None:
+        result["setup"] += f" ({graphs()})"
     return result
 
 
@@ -131,6 +138,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpointing", choices=("on", "off", "auto"), default="on", help="velotune's")
     p.add_argument("--offload", action="store_true", help="velotune: offload_checkpoints true (default auto)")
     p.add_argument("--no-offload-embeddings", action="store_true", help="velotune: offload_embeddings false")
+    p.add_argument("--eager", action="store_true", help="velotune: model.cuda_graphs off (every step eager)")
     return p.parse_args(argv)
 
 

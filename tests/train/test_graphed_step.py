@@ -19,7 +19,8 @@ from velotune.lora import LoraConfig, apply_lora, lora_named_parameters
 from velotune.models.config import ModelConfig
 from velotune.models.transformer import Transformer
 from velotune.train.config import TrainConfig, TrainConfigError
-from velotune.train.graphed_step import GraphedMicroStep, graph_blockers
+from velotune.models.loop_graphs import graph_blockers
+from velotune.train.graphed_step import GraphedMicroStep
 from velotune.train.trainer import Trainer
 
 VOCAB = 257

@@ -54,6 +54,7 @@ from velotune.models.vision import Projector, VisionTower
 from velotune.models.vision_grid import mrope_positions
 from velotune.models.token_logps import token_logps
 from velotune.models.kept_attention import KeptAttention, with_kept_attention
+from velotune.models.loop_graphs import LoopGraphs
 from velotune.models.long_context import working_bytes
 from velotune.placement import HOST, NONE, Placement, parked_count, plan_placement
 
@@ -398,6 +399,11 @@ class Transformer(nn.Module):
         self.offload_stats = OffloadStats()                # what the last forward's offload moved
         self.offload_pool = PinnedHostPool()               # its host buffers, reused from step to step
         self.max_seq_length = config.max_position_embeddings
+        # A user's own loop (models/loop_graphs.py): a training forward of ids and labels whose shape
+        # was seen before replays captured CUDA graphs. The Trainer turns it off: it graphs whole
+        # micro-batches itself (train/graphed_step.py).
+        self.cuda_graphs = True
+        self.loop_graphs = LoopGraphs()
         if config.vision is not None:   # a vision-language model (models/vision.py)
             self.vision_tower = VisionTower(config.vision)
             self.multi_modal_projector = Projector(config.vision)
@@ -444,7 +450,17 @@ class Transformer(nn.Module):
         `pixel_values` [images, C, H, W] (vision-language models): the images of the batch in the
         order their placeholder tokens appear, row by row (`embed_with_images`); for a
         dynamic-resolution tower (Qwen2.5-VL) their flat patches, with each image's patch grid in
-        `image_grid_thw` [images, 3], which also sets the decoder's M-RoPE positions."""
+        `image_grid_thw` [images, 3], which also sets the decoder's M-RoPE positions.
+        A training forward of ids and labels alone on a GPU may replay a CUDA graph
+        (`cuda_graphs`, models/loop_graphs.py); its output then holds the loss, loss_sum and
+        num_targets only."""
+        plain = (attention_mask is None and position_ids is None and cache is None and not return_logits
+                 and inputs_embeds is None and documents is None and not return_token_logps and pixel_values is None)
+        if labels is not None and self.cuda_graphs:
+            replayed = self.loop_graphs.run(self, input_ids, labels, plain)
+            if replayed is not None:
+                loss_sum, num_targets = replayed
+                return ModelOutput(loss=loss_sum / num_targets.clamp(min=1), loss_sum=loss_sum, num_targets=num_targets)
         # A layer's MLP is where a mixture of experts sits (walking every module instead took
         # milliseconds of Python per step at 8B: a thousand modules under LoRA).
         experts = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]

@@ -18,7 +18,7 @@ What a capture needs, and how it is met:
   position through the loss (ignore_index drops the non-targets), builds packed-document ids
   without testing whether there are any (position ids are passed only for batches found packed
   here), and checkpoints without saving the RNG state. Labels are checked here, before the copy.
-- Nothing random: a model with active dropout is refused (`graph_blockers`).
+- Nothing random: a model with active dropout is refused (`models/loop_graphs.py:graph_blockers`).
 - Checkpoints offloaded to host memory (`offload_checkpoints`): the copies and their events are
   captured; the pinned buffers the capture leased from the model's pool are held for as long as
   its graph lives, and later captures lease them again where sizes allow (graphs replay one at a
@@ -70,20 +70,6 @@ from velotune.models.host_embedding import on_host
 from velotune.models.masks import DocumentSpans, document_ids
 
 IGNORE_INDEX = -100
-
-
-def graph_blockers(model: nn.Module) -> list[str]:
-    """Why this model cannot train under CUDA graphs (empty when it can)."""
-    reasons = []
-    if not torch.cuda.is_available():
-        reasons.append("no CUDA device")
-    dropouts = sorted({name for name, m in model.named_modules()
-                       if isinstance(m, nn.Dropout) and m.p > 0 and m.training})
-    if dropouts:
-        reasons.append(f"dropout is random (e.g. {dropouts[0]}); set it to 0")
-    if getattr(getattr(model, "config", None), "vision", None) is not None:
-        reasons.append("a vision-language model's micro-batches carry a varying number of images")
-    return reasons
 
 
 class GraphCaptureError(RuntimeError):

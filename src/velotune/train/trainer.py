@@ -68,7 +68,8 @@ from velotune.train.checkpoint import (
     write_sharded,
 )
 from velotune.train.config import TrainConfig, TrainConfigError, check_values, config_yaml
-from velotune.train.graphed_step import GraphedMicroStep, graph_blockers
+from velotune.models.loop_graphs import graph_blockers
+from velotune.train.graphed_step import GraphedMicroStep
 from velotune.train.guard import LoopGuard
 from velotune.train.metrics import RunLog, peak_memory_gib
 from velotune.train.methods import build_objective
@@ -154,6 +155,8 @@ class Trainer:
                  device: torch.device | None = None) -> None:
         check_values(config, "config")
         self.model, self.config = model, config
+        if hasattr(model, "cuda_graphs"):   # the model's own loop graphs: the trainer graphs micro-batches itself
+            model.cuda_graphs = False
         self.objective = objective or build_objective(config, pad_id=pad_id)
         self.draws_per_step, units_per_draw = self.objective.sampling(config.micro_batch_size,
                                                                       config.gradient_accumulation_steps)
