@@ -29,7 +29,7 @@ def _model(family: str) -> Transformer:
 
 def _run(model: Transformer, ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor):
     model.zero_grad()
-    out = model(ids, position_ids=position_ids, labels=labels)
+    out = model(ids, position_ids=position_ids, labels=labels, return_logits=True)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     with torch.no_grad():

@@ -53,7 +53,7 @@ def test_logits_and_gradients(tmp_path, window_size):
     labels = ids.masked_fill(mask == 0, -100).masked_fill(ids == image_id, -100)
     types = (ids == image_id).int()
     want = ref(input_ids=ids, attention_mask=mask, labels=labels, mm_token_type_ids=types, **images)
-    got = ours(ids, attention_mask=mask, labels=labels, **images)
+    got = ours(ids, attention_mask=mask, labels=labels, return_logits=True, **images)
     real = mask.bool()
     backward_after_equal_outputs(got, want, real)
     params = dict(ours.named_parameters())

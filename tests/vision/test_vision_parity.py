@@ -63,7 +63,7 @@ def test_logits_and_gradients(tmp_path, case):
     image_tokens = (ids == ours.config.image_token_id).long()   # Gemma 3 reads them as token_type_ids
     extra = {"token_type_ids": image_tokens} if case == "gemma3" else {}
     want = ref(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=labels, **extra)
-    got = ours(ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+    got = ours(ids, attention_mask=mask, pixel_values=pixels, labels=labels, return_logits=True)
     real = mask.bool()
     backward_after_equal_outputs(got, want, real)
     params = dict(ours.named_parameters())

@@ -15,7 +15,7 @@ Design choices:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -61,13 +61,27 @@ from velotune.placement import HOST, NONE, Placement, parked_count, plan_placeme
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None        # summed token losses (for exact accumulation)
     num_targets: torch.Tensor | None = None     # tokens that contributed to loss_sum
     hidden_states: torch.Tensor | None = None   # final-norm output, [B, T, H]
     aux_loss_sum: torch.Tensor | None = None    # load balancing, summed over rows by target count (models/moe.py)
     token_logps: torch.Tensor | None = None     # [B, T-1] log p(labels[:, 1:]), 0 where ignored
+    logits_skipped: bool = False                # labels given and return_logits left at its default
+    _logits: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """[B, T, vocab]; reading it after a forward that skipped them raises, saying how to ask."""
+        if self._logits is None and self.logits_skipped:
+            raise AttributeError("logits were not computed: a forward given labels returns the loss only "
+                                 "(its [tokens x vocab] logits cost memory and time nobody asked for); "
+                                 "pass return_logits=True to get them too")
+        return self._logits
+
+    @logits.setter
+    def logits(self, value: torch.Tensor | None) -> None:
+        self._logits = value
 
 
 class Rotary(nn.Module):
@@ -434,14 +448,17 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None = None,
         *,
         cache: KVCache | None = None,
-        return_logits: bool = True,
+        return_logits: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
         documents: DocumentSpans | None = None,
         return_token_logps: bool = False,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """`inputs_embeds` [B, T, H], when given, replaces the embedding lookup of `input_ids` (the
+        """`return_logits`: None (the default) makes them only when no labels are given, as a forward
+        with labels is a step whose loss the model computes itself (Llama-3.1-8B's logits of 2,048
+        tokens are 0.49 GiB in bf16, plus a [tokens x hidden x vocab] matmul); True always, False never.
+        `inputs_embeds` [B, T, H], when given, replaces the embedding lookup of `input_ids` (the
         CUDA-graph step looks up a host-memory table outside its graph: train/graphed_step.py).
         `documents` (with `position_ids`): the packed documents' spans, as a padding-free batch
         brings them (data/batching.py:collate_flat); without it they are read from restarting
@@ -454,13 +471,17 @@ class Transformer(nn.Module):
         A training forward of ids and labels alone on a GPU may replay a CUDA graph
         (`cuda_graphs`, models/loop_graphs.py); its output then holds the loss, loss_sum and
         num_targets only."""
+        skip_logits = return_logits is None and labels is not None
+        if return_logits is None:
+            return_logits = labels is None
         plain = (attention_mask is None and position_ids is None and cache is None and not return_logits
                  and inputs_embeds is None and documents is None and not return_token_logps and pixel_values is None)
         if labels is not None and self.cuda_graphs:
             replayed = self.loop_graphs.run(self, input_ids, labels, plain)
             if replayed is not None:
                 loss_sum, num_targets = replayed
-                return ModelOutput(loss=loss_sum / num_targets.clamp(min=1), loss_sum=loss_sum, num_targets=num_targets)
+                return ModelOutput(loss=loss_sum / num_targets.clamp(min=1), loss_sum=loss_sum, num_targets=num_targets,
+                                   logits_skipped=skip_logits)
         # A layer's MLP is where a mixture of experts sits (walking every module instead took
         # milliseconds of Python per step at 8B: a thousand modules under LoRA).
         experts = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
@@ -477,7 +498,7 @@ class Transformer(nn.Module):
             rope = self.rope_positions(input_ids, position_ids, image_grid_thw)
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds, documents,
                                     embeds_scaled=scaled, image_blocks=blocks, rope_positions=rope)
-        out = ModelOutput(hidden_states=hidden)
+        out = ModelOutput(hidden_states=hidden, logits_skipped=skip_logits)
         if labels is not None and return_token_logps:
             out.token_logps = self.token_logps_from_hidden(hidden, labels)
         elif labels is not None:
