@@ -147,7 +147,7 @@ def velotune_system(cfg: dict | None, qlora: bool, folder: Path | None = None, c
                 step.graph_told = True
         else:
             ids = ids.to(device, non_blocking=True)
-            out = model(ids, labels=ids, return_logits=False)
+            out = model(ids, labels=ids)   # a user's call: the loss, no logits (return_logits defaults so)
             (out.loss_sum / out.num_targets).backward()
         if model.checkpoint_choice is not None and not getattr(step, "announced", False):
             print(model.checkpoint_choice.describe())

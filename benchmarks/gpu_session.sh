@@ -29,7 +29,8 @@
 #                                          # Unsloth, velotune, transformers+PEFT in their own processes (carry .whl
 #                                          # from fetch_peers.sh and .bench); MOE_ARGS: bench_moe_peers.py run's options
 #   bash benchmarks/gpu_session.sh loop    # the plain loop against Unsloth (issue 18), bounded at 585 s: velotune
-#                                          # eager and Unsloth each in its own process on one random folder, 8B LoRA
+#                                          # as a user's loop calls it (its own cuda_graphs default) and Unsloth,
+#                                          # each in its own process on one random folder, 8B LoRA
 #                                          # mb1 and mb4, 8B QLoRA mb4, 1B LoRA mb8 (carry .whl from fetch_peers.sh and .bench)
 #   bash benchmarks/gpu_session.sh grpo-long  # longest GRPO completion, Qwen3-8B arch QLoRA r16, 8 completions: Unsloth
 #                                          # then velotune, one process per trial, bounded at 570 s (carry .whl and .bench);

@@ -198,12 +198,15 @@ def test_a_second_backward_after_another_forward_is_refused():
     second.backward()
 
 
-def test_a_copied_model_captures_its_own_graphs():
+def test_a_copied_or_pickled_model_captures_its_own_graphs():
     import copy
+    import pickle
 
     model = tiny()
     model.loop_graphs.seen.add(("shape",))
-    assert copy.deepcopy(model).loop_graphs.seen == set()
+    model.loop_graphs.max_shapes = 2
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied.loop_graphs.seen == set() and copied.loop_graphs.max_shapes == 2
 
 
 def test_the_trainer_turns_the_models_own_graphs_off(tmp_path):

@@ -54,7 +54,7 @@ def train(m: Transformer, batches, summed: bool = False):
     step = 2 if summed else 1
     for i in range(0, len(batches), step):
         opt.zero_grad(set_to_none=True)
-        outs = [m(ids, labels=labels, return_logits=False) for ids, labels in batches[i:i + step]]
+        outs = [m(ids, labels=labels) for ids, labels in batches[i:i + step]]   # the default call
         loss = sum(out.loss for out in outs)
         loss.backward()
         opt.step()
@@ -111,9 +111,9 @@ def test_a_loss_dropped_without_backward_lets_the_next_forward_replay():
     m = model(True)
     ids, labels = batch(2, 40, seed=0, masked=False)
     for _ in range(2):   # eager, then captured and replayed
-        m(ids, labels=labels, return_logits=False).loss.backward()
-    m(ids, labels=labels, return_logits=False)   # a loss nobody backpropagates (an evaluation in train mode)
-    out = m(ids, labels=labels, return_logits=False)
+        m(ids, labels=labels).loss.backward()
+    m(ids, labels=labels)   # a loss nobody backpropagates (an evaluation in train mode)
+    out = m(ids, labels=labels)
     assert m.loop_graphs.replays == 3 and out.hidden_states is None
     out.loss.backward()
     assert m.loop_graphs.turn is None

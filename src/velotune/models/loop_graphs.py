@@ -13,12 +13,14 @@ unchanged):
 - a training forward on a CUDA device with gradients recorded, labels given, and nothing else
   that changes from call to call: no attention mask, position ids, packed documents, cache,
   input embeddings, images, logits or per-token log-probabilities asked for; no autocast (its cast
-  cache cannot live in a graph), no process group (DDP and FSDP reduce through host-side hooks);
+  cache cannot live in a graph), no process group (DDP and FSDP reduce through host-side hooks),
+  no torch.compile tracing the model (it makes its own graphs);
 - no dropout, mixture of experts (its router's token counts go to the host) or vision tower;
 - fewer tokens than `checkpointing.gpu_bound_tokens`: above it the GPU is the bottleneck and a
   graph gains little for the memory it holds; and no checkpoint offloaded by this forward;
 - the shape was seen once before: the first call of a shape runs eagerly (Triton compiles, cuBLAS
-  picks kernels), the second captures, at most `max_shapes` shapes are kept;
+  picks kernels); the second warms the capture stream up with one more forward and backward
+  (discarded), captures and replays; at most `max_shapes` shapes are kept;
 - no earlier replayed forward still waits for its backward (see below).
 
 What a replay keeps the same, and how:
@@ -26,7 +28,8 @@ What a replay keeps the same, and how:
   attached at each forward (zeroed after `zero_grad(set_to_none=True)`), so micro-batches
   accumulate and optimizers, clipping and extra loss terms see ordinary `.grad` tensors. The
   upstream gradient of the summed loss (what `out.loss = loss_sum / num_targets` or any other use
-  makes of it) is an input buffer of the backward graph: the same arithmetic as eager, the same bits.
+  makes of it) is an input buffer of the backward graph: the same arithmetic as eager
+  (tests/models/test_loop_graphs_gpu.py asks for the same bits on one shape).
 - The parameters, buffers, adapter switches and hooks the graph was captured with: any change
   (a parameter replaced or frozen, `disable_adapters`, a merge, a hook, `model.to(...)`) drops
   that shape's graphs and the call runs eagerly, as a first sight.
@@ -193,8 +196,8 @@ class LoopGraphs:
         self.pool: tuple | None = None                 # one memory pool for every graph
         self.anchor: torch.Tensor | None = None
 
-    def __deepcopy__(self, memo: dict) -> LoopGraphs:
-        return LoopGraphs(self.max_shapes)   # a copied model captures its own graphs
+    def __reduce__(self) -> tuple:
+        return LoopGraphs, (self.max_shapes,)   # a copied or pickled model captures its own graphs
 
     def reasons(self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None, plain: bool,
                 survey: Survey | None = None) -> list[str]:
@@ -215,6 +218,8 @@ class LoopGraphs:
             reasons.append("a process group is running (DDP and FSDP reduce through host-side hooks)")
         if self.busy or kernels.capturing(input_ids):
             reasons.append("inside a capture or its warm-up")
+        if torch.compiler.is_compiling():
+            reasons.append("torch.compile is tracing the model")
         if any(isinstance(layer.mlp, MoE) for layer in model.model.layers):
             reasons.append("a mixture of experts sends its token counts to the host")
         if model.config.vision is not None:
@@ -242,7 +247,6 @@ class LoopGraphs:
         if survey.dropout is not None or not survey.trainable:
             self.eager_calls += 1
             return None
-        check_label_range(labels, model.config.vocab_size, IGNORE_INDEX, "labels")
         key = (tuple(input_ids.shape), tuple(labels.shape), input_ids.device, model.gradient_checkpointing)
         pair = self.pairs.get(key)
         if pair is not None and pair.stamp != survey.stamp:
@@ -257,6 +261,8 @@ class LoopGraphs:
         if pair is None:
             pair = self.pairs[key] = self._capture(model, input_ids, labels, survey)
         self._fill(model, pair, input_ids, labels)
+        # Last before the replay: the check waits for the GPU, which then idles only until the replay.
+        check_label_range(labels, model.config.vocab_size, IGNORE_INDEX, "labels")
         turn = _Turn(pair, self)
         self.turn = id(turn)
         if self.anchor is None:   # a leaf that requires grad, so the replay's outputs do (it gets none)
