@@ -142,14 +142,18 @@ class StandIn:
         self.work()
 
 
-def replayed_pair(param: torch.nn.Parameter) -> _Pair:
-    """loss_sum = 2 * sum(param) in the 'forward graph'; its 'backward graph' adds upstream * 2 to
+def replayed_pair(start: list[float]) -> tuple[torch.nn.Parameter, LoopGraphs, _Pair]:
+    """A parameter holding `start`, graphs with its .grad buffer attached, and a pair whose 'forward
+    graph' makes loss_sum = 2 * sum(param) and whose 'backward graph' adds upstream * 2 to
     param.grad, as the captured backward adds into the attached buffers."""
+    param = torch.nn.Parameter(torch.tensor(start))
+    graphs = LoopGraphs()
+    graphs.attach_grads([param])
     pair = _Pair((), torch.zeros(1), torch.zeros(1), None, loss_sum=torch.zeros(()),
                  num_targets=torch.tensor(5), upstream=torch.zeros(()))
     pair.forward = StandIn(lambda: pair.loss_sum.copy_(2 * param.detach().sum()))
     pair.backward = StandIn(lambda: param.grad.add_(2 * pair.upstream))
-    return pair
+    return param, graphs, pair
 
 
 def replay(graphs: LoopGraphs, pair: _Pair) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,10 +163,7 @@ def replay(graphs: LoopGraphs, pair: _Pair) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def test_a_replay_backward_adds_the_incoming_gradient_and_hands_the_turn_back():
-    param = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    graphs = LoopGraphs()
-    graphs.attach_grads([param])
-    pair = replayed_pair(param)
+    param, graphs, pair = replayed_pair([1.0, 2.0])
     loss_sum, count = replay(graphs, pair)
     assert float(loss_sum.detach()) == 6.0 and int(count) == 5 and not count.requires_grad
     assert graphs.turn is not None
@@ -174,10 +175,7 @@ def test_a_replay_backward_adds_the_incoming_gradient_and_hands_the_turn_back():
 
 
 def test_a_loss_dropped_without_backward_frees_the_turn():
-    param = torch.nn.Parameter(torch.ones(2))
-    graphs = LoopGraphs()
-    graphs.attach_grads([param])
-    pair = replayed_pair(param)
+    _, graphs, pair = replayed_pair([1.0, 1.0])
     loss_sum, _ = replay(graphs, pair)
     assert graphs.turn is not None
     del loss_sum, _
@@ -186,10 +184,7 @@ def test_a_loss_dropped_without_backward_frees_the_turn():
 
 
 def test_a_second_backward_after_another_forward_is_refused():
-    param = torch.nn.Parameter(torch.ones(2))
-    graphs = LoopGraphs()
-    graphs.attach_grads([param])
-    pair = replayed_pair(param)
+    _, graphs, pair = replayed_pair([1.0, 1.0])
     first, _ = replay(graphs, pair)
     first.backward(retain_graph=True)
     second, _ = replay(graphs, pair)   # its forward wrote over what the first's backward would read

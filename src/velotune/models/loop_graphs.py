@@ -45,6 +45,7 @@ If a capture fails, `LoopGraphError` says so and names `model.cuda_graphs = Fals
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,23 @@ class Survey:
             stack.extend(m for m in own["_modules"].values() if m is not None)
         name = None if dropout is None else next(n for n, m in model.named_modules() if m is dropout)
         return cls(tuple(stamp), trainable, name)
+
+
+def attach_grad_buffers(pairs: Iterable[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Make each parameter's .grad its buffer, which a captured backward adds into: zeroed where
+    the optimizer dropped the gradient (`zero_grad(set_to_none=True)`), the caller's gradient copied
+    in where something replaced it. Shared with the trainer's graphed step."""
+    dropped = []
+    for p, g in pairs:
+        if p.grad is g:
+            continue
+        if p.grad is None:
+            dropped.append(g)
+        else:
+            g.copy_(p.grad)
+        p.grad = g
+    if dropped:
+        torch._foreach_zero_(dropped)
 
 
 @dataclass
@@ -283,17 +301,7 @@ class LoopGraphs:
         if trainable is not None and [id(p) for p in trainable] != list(self.grads):
             old = self.grads
             self.grads = {id(p): (p, old[id(p)][1] if id(p) in old else torch.zeros_like(p)) for p in trainable}
-        dropped = []
-        for p, g in self.grads.values():
-            if p.grad is g:
-                continue
-            if p.grad is None:
-                dropped.append(g)
-            else:
-                g.copy_(p.grad)
-            p.grad = g
-        if dropped:
-            torch._foreach_zero_(dropped)
+        attach_grad_buffers(self.grads.values())
 
     def describe(self) -> str:
         return (f"CUDA graphs of the training loop: {len(self.pairs)} shapes captured, {self.replays} replays, "

@@ -67,6 +67,7 @@ from torch import nn
 
 from velotune.kernels.ops.launch import check_label_range
 from velotune.models.host_embedding import on_host
+from velotune.models.loop_graphs import attach_grad_buffers
 from velotune.models.masks import DocumentSpans, document_ids
 
 IGNORE_INDEX = -100
@@ -178,17 +179,7 @@ class GraphedMicroStep:
 
     def _attach_grads(self) -> None:
         """Make every parameter's .grad the buffer the graph adds into (zeroed when it was dropped)."""
-        dropped = []
-        for p, g in zip(self.params, self.grads):
-            if p.grad is g:
-                continue
-            if p.grad is None:
-                dropped.append(g)
-            else:
-                g.copy_(p.grad)
-            p.grad = g
-        if dropped:
-            torch._foreach_zero_(dropped)
+        attach_grad_buffers(zip(self.params, self.grads))
 
     def _buffers(self, shape: torch.Size, packed: bool, cu_seqlens: torch.Tensor | None,
                  max_document_length: int | None) -> _Captured:
