@@ -213,3 +213,17 @@ def test_the_trainer_turns_the_models_own_graphs_off(tmp_path):
     assert model.cuda_graphs is True
     Trainer(model, TrainConfig(output_dir=str(tmp_path), max_steps=1), make_examples(4), show_progress=False)
     assert model.cuda_graphs is False
+
+
+def test_an_attention_mask_of_ones_counts_as_none(monkeypatch):
+    """What a tokenizer gives for an unpadded batch (`model(**batch)`) may replay; a padded one may not."""
+    model, x = tiny(), ids()
+    asked = []
+    monkeypatch.setattr(model.loop_graphs, "run", lambda m, i, labels, plain: asked.append(plain))
+    ones = torch.ones_like(x)
+    padded = ones.clone()
+    padded[0, -3:] = 0
+    full = model(x, attention_mask=ones, labels=x)
+    model(x, attention_mask=padded, labels=x)
+    assert asked == [True, False]
+    assert torch.equal(full.loss, model(x, labels=x).loss)

@@ -117,3 +117,11 @@ def test_a_loss_dropped_without_backward_lets_the_next_forward_replay():
     assert m.loop_graphs.replays == 3 and out.hidden_states is None
     out.loss.backward()
     assert m.loop_graphs.turn is None
+
+
+def test_a_tokenizers_mask_of_ones_replays():
+    m = model(True)
+    ids, labels = batch(2, 40, seed=0, masked=False)
+    for _ in range(3):   # model(**batch) with an unpadded batch's attention mask
+        m(ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+    assert m.loop_graphs.replays == 2, m.loop_graphs.describe()

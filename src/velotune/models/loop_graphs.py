@@ -11,7 +11,8 @@ never reaches the trainer's graphs; this gives it the same replays without a fla
 When a call replays (`LoopGraphs.reasons` lists what stands in the way; any reason runs it eagerly,
 unchanged):
 - a training forward on a CUDA device with gradients recorded, labels given, and nothing else
-  that changes from call to call: no attention mask, position ids, packed documents, cache,
+  that changes from call to call: no attention mask (one of all ones, as a tokenizer gives an
+  unpadded batch, counts as none), position ids, packed documents, cache,
   input embeddings, images, logits or per-token log-probabilities asked for; no autocast (its cast
   cache cannot live in a graph), no process group (DDP and FSDP reduce through host-side hooks),
   no torch.compile tracing the model (it makes its own graphs);

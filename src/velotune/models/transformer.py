@@ -474,6 +474,9 @@ class Transformer(nn.Module):
         skip_logits = return_logits is None and labels is not None
         if return_logits is None:
             return_logits = labels is None
+        if attention_mask is not None and labels is not None and self.cuda_graphs and self.training \
+                and cache is None and not kernels.capturing(attention_mask) and bool(attention_mask.all()):
+            attention_mask = None   # every token real: the same as no mask (masks.attention_mask_for drops it too)
         plain = (attention_mask is None and position_ids is None and cache is None and not return_logits
                  and inputs_embeds is None and documents is None and not return_token_logps and pixel_values is None)
         if labels is not None and self.cuda_graphs:
