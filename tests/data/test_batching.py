@@ -159,7 +159,7 @@ def test_collate_flat_pads_with_bounded_documents_and_empty_slots():
 
 @pytest.mark.parametrize("tokens", [1, 255, 256, 257, 1400, 2048, 2049, 3000, 4097, 8192, 8193, 100_000])
 def test_bucket_widths_are_few_and_waste_little(tokens):
-    from velotune.data.batching import bucket_width
+    from velotune.widths import bucket_width
 
     width = bucket_width(tokens)
     assert width >= tokens and width % 256 == 0

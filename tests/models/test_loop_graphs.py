@@ -63,17 +63,28 @@ def test_the_reasons_name_what_keeps_a_call_eager(monkeypatch):
     model.cuda_graphs = False
     assert "model.cuda_graphs is off" in reasons_of(model, x)
     model.cuda_graphs = True
-    monkeypatch.setattr(loop_graphs, "gpu_bound_tokens", lambda config: 18)
-    assert "18 tokens keep the GPU busy" in reasons_of(model, x)
+    monkeypatch.setattr(loop_graphs, "gpu_bound_tokens", lambda config: 300)
+    assert "512 tokens keep the GPU busy" in reasons_of(model, x)   # two rows at their bucket width, 256
     assert reasons_of(model, ids(1, 9)) == ""
     model.offload_checkpoints, model.offload_min_tokens = True, 0
     assert "offloads its checkpoints" in reasons_of(model, ids(1, 9))
-    model.offload_min_tokens = 10   # the eager threshold: shorter forwards keep their inputs on the GPU
+    model.offload_min_tokens = 300   # the eager threshold: shorter forwards keep their inputs on the GPU
     assert "offloads" not in reasons_of(model, ids(1, 9))
     model.loop_graphs.turn = 1234
     assert "still waits for its backward" in reasons_of(model, ids(1, 9))
     model.loop_graphs.busy = True
     assert "inside a capture" in reasons_of(model, ids(1, 9))
+
+
+def test_rows_replay_at_their_bucket_width():
+    model = tiny(max_position_embeddings=4096)
+    width = model.loop_graphs.width
+    assert width(model, ids(1, 9), ids(1, 9)) == 256
+    assert width(model, ids(2, 300), ids(2, 300)) == 512
+    assert width(model, ids(1, 2049), ids(1, 2049)) == 2304
+    assert width(model, ids(1, 9), ids(1, 8)) == 9     # labels not shaped like the ids: as they are
+    model.config.max_position_embeddings = 300
+    assert width(model, ids(1, 290), ids(1, 290)) == 290   # the bucket would pass the positions
 
 
 def test_dropout_experts_and_images_keep_the_loop_eager():

@@ -1,8 +1,9 @@
 """A user's own training loop on a GPU (models/loop_graphs.py): with the model's default
-`cuda_graphs` its repeated shapes replay captured graphs, and training ends where the same loop
-with graphs off ends: bit for bit on one shape whose every label trains, within bf16 rounding with
-masked labels and several shapes, with the embedding table in host memory, and when two forwards
-are summed before one backward (the second then runs eagerly)."""
+`cuda_graphs` its repeated shapes (rows at their bucket width) replay captured graphs, and training
+ends where the same loop with graphs off ends: bit for bit on one unpadded shape whose every label
+trains, within rounding with masked labels, several shapes, rows of every length in one bucket,
+the embedding table in host memory, and when two forwards are summed before one backward (the
+second then runs eagerly)."""
 from __future__ import annotations
 
 import pytest
@@ -70,7 +71,7 @@ def assert_close(graphed, eager, rel: float = 1e-3):
 
 
 def test_one_shape_replays_bit_for_bit():
-    data = [batch(2, 40, seed=0, masked=False)] * 6
+    data = [batch(2, 256, seed=0, masked=False)] * 6   # a bucket width itself: nothing padded
     graphed = model(True)
     g_losses, g_w = train(graphed, data)
     e_losses, e_w = train(model(False), data)
@@ -86,6 +87,14 @@ def test_masked_labels_and_several_shapes_match_the_eager_loop():
     graphed = model(True)
     result = train(graphed, data)
     assert graphed.loop_graphs.replays == 5 and len(graphed.loop_graphs.pairs) == 3, graphed.loop_graphs.describe()
+    assert_close(result, train(model(False), data))
+
+
+def test_rows_of_every_length_in_one_bucket_replay_one_graph():
+    data = [batch(1, t, seed=i, masked=True) for i, t in enumerate([40, 57, 100, 200, 255, 130])]
+    graphed = model(True)
+    result = train(graphed, data)
+    assert graphed.loop_graphs.replays == 5 and len(graphed.loop_graphs.pairs) == 1, graphed.loop_graphs.describe()
     assert_close(result, train(model(False), data))
 
 

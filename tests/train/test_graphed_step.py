@@ -14,7 +14,8 @@ import torch
 from tests.train.train_helpers import load_tiny, make_examples
 from velotune import load_model
 from velotune.data import Example
-from velotune.data.batching import bucket_width, collate_packed
+from velotune.data.batching import collate_packed
+from velotune.widths import bucket_width
 from velotune.lora import LoraConfig, apply_lora, lora_named_parameters
 from velotune.models.config import ModelConfig
 from velotune.models.transformer import Transformer

@@ -23,7 +23,7 @@ restarting per example and first labels ignored as in packing, and the batch car
 documents' start offsets (`cu_seqlens`) for variable-length attention
 (`kernels.varlen_attention`). No token is padding, so the loss and gradients are those of the
 padded batch without its wasted work. For CUDA graphs, which need a few fixed shapes, the row is
-padded to a bucket width (`bucket_width`: multiples of 256 to 2,048 tokens, then eight steps per
+padded to a bucket width (`velotune.widths.bucket_width`: multiples of 256 to 2,048 tokens, then eight steps per
 doubling, at most 12.5% padding above 2,048) with a pad "document", and `cu_seqlens` to a fixed
 number of slots with empty documents.
 
@@ -171,14 +171,6 @@ def image_inputs(examples: Sequence[Example]) -> dict[str, torch.Tensor | None]:
 
 def _targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def bucket_width(tokens: int) -> int:
-    """The padded width of a padding-free row of `tokens` tokens: a multiple of 256 up to 2,048,
-    then of 1/8 of the power of two below (2,304, 2,560, ... 4,096, 4,608, ...). Few enough
-    widths that a CUDA graph per width pays off over a run, and no more than 12.5% padding."""
-    step = 256 if tokens <= 2048 else 1 << (max(tokens - 1, 1).bit_length() - 4)
-    return max(step, -(-tokens // step) * step)
 
 
 def document_slots(documents: int) -> int:

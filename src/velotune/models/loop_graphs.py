@@ -17,11 +17,16 @@ unchanged):
   cache cannot live in a graph), no process group (DDP and FSDP reduce through host-side hooks),
   no torch.compile tracing the model (it makes its own graphs);
 - no dropout, mixture of experts (its router's token counts go to the host) or vision tower;
-- fewer tokens than `checkpointing.gpu_bound_tokens`: above it the GPU is the bottleneck and a
-  graph gains little for the memory it holds; and no checkpoint offloaded by this forward;
-- the shape was seen once before: the first call of a shape runs eagerly (Triton compiles, cuBLAS
-  picks kernels); the second warms the capture stream up with one more forward and backward
-  (discarded), captures and replays; at most `max_shapes` shapes are kept;
+- fewer tokens (padded) than `checkpointing.gpu_bound_tokens`: above it the GPU is the bottleneck
+  and a graph gains little for the memory it holds; and no checkpoint offloaded by this forward;
+- the shape was seen once before, rows counted at their bucket width (`widths.bucket_width`:
+  multiples of 256 tokens to 2,048, then at most 12.5% more), so a loop over rows of every length
+  replays a few graphs: the ids are padded on the right with token 0 and the labels with -100,
+  which causal attention keeps from every real token, and the summed loss and target count are
+  those of the unpadded rows (their values within float rounding: matmuls of another length).
+  The first call of a width runs eagerly, unpadded (Triton compiles, cuBLAS picks kernels); the
+  second warms the capture stream up with one more forward and backward (discarded), captures
+  and replays; at most `max_shapes` shapes are kept;
 - no earlier replayed forward still waits for its backward (see below).
 
 What a replay keeps the same, and how:
@@ -57,9 +62,12 @@ from velotune import kernels
 from velotune.kernels.ops.launch import check_label_range
 from velotune.models.checkpointing import gpu_bound_tokens
 from velotune.models.moe import MoE
+from velotune.widths import bucket_width
 
 IGNORE_INDEX = -100
-MAX_SHAPES = 4
+# Bucket widths to 2,048 tokens number 8; a few batch sizes more (a last, smaller batch). Graphs share
+# one memory pool, so more shapes cost capture time (one warm-up step each), not memory.
+MAX_SHAPES = 32
 
 
 class LoopGraphError(RuntimeError):
@@ -243,7 +251,7 @@ class LoopGraphs:
             reasons.append("a mixture of experts sends its token counts to the host")
         if model.config.vision is not None:
             reasons.append("a vision-language model's batches carry a varying number of images")
-        tokens = input_ids.numel()
+        tokens = input_ids.shape[0] * self.width(model, input_ids, labels)
         if tokens >= gpu_bound_tokens(model.config):
             reasons.append(f"{tokens:,} tokens keep the GPU busy without graphs")
         if model.offloads(tokens) and model.gradient_checkpointing is not False:
@@ -253,6 +261,17 @@ class LoopGraphs:
         if survey is not None and survey.dropout is not None:
             reasons.append(f"dropout is random ({survey.dropout})")
         return reasons
+
+    @staticmethod
+    def width(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None) -> int:
+        """The padded length rows of `input_ids` replay at: their bucket width, unless labels are not
+        shaped like the ids or the bucket passes the model's positions (then their own length)."""
+        t = input_ids.shape[-1]
+        width = bucket_width(t)
+        if input_ids.dim() != 2 or labels is None or labels.shape != input_ids.shape \
+                or width > model.config.max_position_embeddings:
+            return t
+        return width
 
     def run(self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None,
             plain: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -266,7 +285,8 @@ class LoopGraphs:
         if survey.dropout is not None or not survey.trainable:
             self.eager_calls += 1
             return None
-        key = (tuple(input_ids.shape), tuple(labels.shape), input_ids.device, model.gradient_checkpointing)
+        shape = (input_ids.shape[0], self.width(model, input_ids, labels))
+        key = (shape, tuple(labels.shape[:-1]), input_ids.device, model.gradient_checkpointing)
         pair = self.pairs.get(key)
         if pair is not None and pair.stamp != survey.stamp:
             del self.pairs[key]   # parameters, switches or hooks changed: this shape is seen afresh
@@ -278,7 +298,7 @@ class LoopGraphs:
             return None
         self.attach_grads(survey.trainable)
         if pair is None:
-            pair = self.pairs[key] = self._capture(model, input_ids, labels, survey)
+            pair = self.pairs[key] = self._capture(model, shape, input_ids, labels, survey)
         self._fill(model, pair, input_ids, labels)
         # Last before the replay: the check waits for the GPU, which then idles only until the replay.
         check_label_range(labels, model.config.vocab_size, IGNORE_INDEX, "labels")
@@ -311,24 +331,31 @@ class LoopGraphs:
     # ---- pieces ------------------------------------------------------------------------------
 
     def _fill(self, model: nn.Module, pair: _Pair, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
-        pair.ids.copy_(input_ids, non_blocking=True)
-        pair.labels.copy_(labels, non_blocking=True)
+        """The call's rows into the input buffers, padded on the right: token 0, label -100 (the
+        embeddings' pad rows keep whatever finite rows they held: no real token attends to them)."""
+        t = input_ids.shape[-1]
+        pair.ids[:, :t].copy_(input_ids, non_blocking=True)
+        pair.ids[:, t:].zero_()
+        pair.labels[:, :t].copy_(labels, non_blocking=True)
+        pair.labels[:, t:].fill_(IGNORE_INDEX)
         if pair.embeds is not None:   # a host-memory table: its gather cannot be captured
-            pair.embeds.copy_(model.model.embed_tokens(input_ids), non_blocking=True)
+            pair.embeds[:, :t].copy_(model.model.embed_tokens(input_ids), non_blocking=True)
 
     def _forward(self, model: nn.Module, pair: _Pair) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(pair.ids, labels=pair.labels, return_logits=False, inputs_embeds=pair.embeds)
         return out.loss_sum, out.num_targets
 
-    def _capture(self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, survey: Survey) -> _Pair:
+    def _capture(self, model: nn.Module, shape: tuple[int, int], input_ids: torch.Tensor, labels: torch.Tensor,
+                 survey: Survey) -> _Pair:
         """Warm the shape up once on the capture stream (its gradients discarded), then capture its
         forward and its backward into the pool every shape shares."""
         device = input_ids.device
         table = model.model.embed_tokens
         embeds = None
         if getattr(table, "gathers_on_host", False):
-            embeds = torch.empty(*input_ids.shape, table.embedding_dim, dtype=table.weight.dtype, device=device)
-        pair = _Pair(survey.stamp, torch.empty_like(input_ids), torch.empty_like(labels), embeds)
+            embeds = torch.zeros(*shape, table.embedding_dim, dtype=table.weight.dtype, device=device)
+        pair = _Pair(survey.stamp, torch.empty(shape, dtype=input_ids.dtype, device=device),
+                     torch.empty(shape, dtype=labels.dtype, device=device), embeds)
         self._fill(model, pair, input_ids, labels)
         if self.stream is None:
             self.stream = torch.cuda.Stream(device)

@@ -25,7 +25,8 @@ from velotune.data import (
     pack_examples,
     tokenize_samples,
 )
-from velotune.data.batching import Batch, bucket_width, collate_flat, document_slots, pad_documents
+from velotune.data.batching import Batch, collate_flat, document_slots, pad_documents
+from velotune.widths import bucket_width
 from velotune.data.mixing import repeat_by_weight
 from velotune.data.tokenize import count_duplicates
 from velotune.train.config import TrainConfig

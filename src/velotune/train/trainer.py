@@ -52,7 +52,8 @@ from rich.console import Console
 from torch import nn
 
 from velotune import distributed
-from velotune.data.batching import Batch, bucket_width
+from velotune.data.batching import Batch
+from velotune.widths import bucket_width
 from velotune.distributed import World
 from velotune.lora.model import disable_adapters
 from velotune.models.checkpointing import configure_training_memory
@@ -83,7 +84,7 @@ from velotune.train.stop import StopOnSignal, StopRequested
 from velotune.train.unit_batches import UnitMicroBatches
 
 
-# Bucketed padding-free widths up to 8 x 2,048 tokens number 24 (data/batching.py:bucket_width);
+# Bucketed padding-free widths up to 8 x 2,048 tokens number 24 (velotune/widths.py:bucket_width);
 # graphs share one GPU memory pool and one set of offload host buffers, so more shapes cost
 # capture time, not memory.
 MAX_GRAPHED_SHAPES = 64
