@@ -160,7 +160,7 @@ def replayed_pair(start: list[float]) -> tuple[torch.nn.Parameter, LoopGraphs, _
     param = torch.nn.Parameter(torch.tensor(start))
     graphs = LoopGraphs()
     graphs.attach_grads([param])
-    pair = _Pair((), torch.zeros(1), torch.zeros(1), None, loss_sum=torch.zeros(()),
+    pair = _Pair((), torch.zeros(1), torch.zeros(1), None, None, loss_sum=torch.zeros(()),
                  num_targets=torch.tensor(5), upstream=torch.zeros(()))
     pair.forward = StandIn(lambda: pair.loss_sum.copy_(2 * param.detach().sum()))
     pair.backward = StandIn(lambda: param.grad.add_(2 * pair.upstream))
@@ -226,15 +226,30 @@ def test_the_trainer_turns_the_models_own_graphs_off(tmp_path):
     assert model.cuda_graphs is False
 
 
-def test_an_attention_mask_of_ones_counts_as_none(monkeypatch):
-    """What a tokenizer gives for an unpadded batch (`model(**batch)`) may replay; a padded one may not."""
+def test_a_padding_mask_goes_to_the_graphs_and_one_of_ones_counts_as_none(monkeypatch):
+    """What a tokenizer gives (`model(**batch)`): an unpadded batch's mask is dropped, a padded
+    one is handed over for its own graphs; either replays where nothing else stands in the way."""
     model, x = tiny(), ids()
     asked = []
-    monkeypatch.setattr(model.loop_graphs, "run", lambda m, i, labels, plain: asked.append(plain))
+    monkeypatch.setattr(model.loop_graphs, "run",
+                        lambda m, i, labels, plain, mask: asked.append((plain, mask)))
     ones = torch.ones_like(x)
     padded = ones.clone()
     padded[0, -3:] = 0
     full = model(x, attention_mask=ones, labels=x)
     model(x, attention_mask=padded, labels=x)
-    assert asked == [True, False]
+    assert asked[0] == (True, None) and asked[1][0] is True and torch.equal(asked[1][1], padded)
     assert torch.equal(full.loss, model(x, labels=x).loss)
+    graphs = LoopGraphs()
+    assert "not shaped like the ids" in " ".join(graphs.reasons(model, x, x, True, attention_mask=padded[:, :4]))
+
+
+def test_a_capture_keeps_a_mask_of_ones(monkeypatch):
+    """Inside a capture the all-ones test cannot run (it waits for the GPU): the mask is applied."""
+    from velotune.models import masks
+
+    ones = torch.ones(2, 5, dtype=torch.long)
+    assert masks.attention_mask_for(5, 0, ones, None, None, torch.device("cpu")) is None
+    monkeypatch.setattr(masks, "capturing", lambda tensor: True)
+    kept = masks.attention_mask_for(5, 0, ones, None, None, torch.device("cpu"))
+    assert kept is not None and torch.equal(kept[0, 0], torch.ones(5, 5, dtype=torch.bool).tril())

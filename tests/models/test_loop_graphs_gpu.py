@@ -55,7 +55,8 @@ def train(m: Transformer, batches, summed: bool = False):
     step = 2 if summed else 1
     for i in range(0, len(batches), step):
         opt.zero_grad(set_to_none=True)
-        outs = [m(ids, labels=labels) for ids, labels in batches[i:i + step]]   # the default call
+        outs = [m(ids, labels=labels, attention_mask=mask[0] if mask else None)   # the default call
+                for ids, labels, *mask in batches[i:i + step]]
         loss = sum(out.loss for out in outs)
         loss.backward()
         opt.step()
@@ -95,6 +96,27 @@ def test_rows_of_every_length_in_one_bucket_replay_one_graph():
     graphed = model(True)
     result = train(graphed, data)
     assert graphed.loop_graphs.replays == 5 and len(graphed.loop_graphs.pairs) == 1, graphed.loop_graphs.describe()
+    assert_close(result, train(model(False), data))
+
+
+def padded(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of `lengths` padded on the right to the longest, as a collator with a tokenizer pads:
+    (ids, labels -100 on the padding, attention mask)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(lengths), max(lengths)), generator=g)
+    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+    ids[mask == 0] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids.cuda(), labels.cuda(), mask.cuda()
+
+
+def test_padded_batches_with_their_masks_replay():
+    data = [padded(lengths, seed=i) for i, lengths in
+            enumerate([[90, 40, 77], [120, 120, 3], [200, 31, 150], [77, 77, 76], [150, 9, 100]])]
+    graphed = model(True)
+    result = train(graphed, data)
+    assert graphed.loop_graphs.replays == 4 and len(graphed.loop_graphs.pairs) == 1, graphed.loop_graphs.describe()
+    assert next(iter(graphed.loop_graphs.pairs.values())).mask is not None
     assert_close(result, train(model(False), data))
 
 

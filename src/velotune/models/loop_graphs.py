@@ -10,9 +10,9 @@ never reaches the trainer's graphs; this gives it the same replays without a fla
 
 When a call replays (`LoopGraphs.reasons` lists what stands in the way; any reason runs it eagerly,
 unchanged):
-- a training forward on a CUDA device with gradients recorded, labels given, and nothing else
-  that changes from call to call: no attention mask (one of all ones, as a tokenizer gives an
-  unpadded batch, counts as none), position ids, packed documents, cache,
+- a training forward on a CUDA device with gradients recorded, labels given, perhaps a padding
+  mask [B, T] (an input buffer of its own graph, padded with zeros; one of all ones, as a tokenizer
+  gives an unpadded batch, counts as none), and nothing else: no position ids, packed documents, cache,
   input embeddings, images, logits or per-token log-probabilities asked for; no autocast (its cast
   cache cannot live in a graph), no process group (DDP and FSDP reduce through host-side hooks),
   no torch.compile tracing the model (it makes its own graphs);
@@ -158,6 +158,7 @@ class _Pair:
     stamp: tuple                              # `Survey.stamp` at capture
     ids: torch.Tensor
     labels: torch.Tensor
+    mask: torch.Tensor | None                 # a padding mask, where the shape's graphs take one
     embeds: torch.Tensor | None               # rows of a host-memory embedding table, looked up outside
     forward: torch.cuda.CUDAGraph | None = None
     backward: torch.cuda.CUDAGraph | None = None
@@ -227,9 +228,10 @@ class LoopGraphs:
         return LoopGraphs, (self.max_shapes,)   # a copied or pickled model captures its own graphs
 
     def reasons(self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None, plain: bool,
-                survey: Survey | None = None) -> list[str]:
+                survey: Survey | None = None, attention_mask: torch.Tensor | None = None) -> list[str]:
         """Why this call runs eagerly (empty: it replays or is captured). `plain`: the call passes
-        nothing but ids and labels; `survey`: the model's (`Survey.of`), for the dropout check."""
+        nothing but ids, labels and `attention_mask`; `survey`: the model's (`Survey.of`), for the
+        dropout check."""
         reasons = []
         if not getattr(model, "cuda_graphs", False):
             reasons.append("model.cuda_graphs is off")
@@ -239,6 +241,8 @@ class LoopGraphs:
             reasons.append("not a training forward (eval mode or no gradients)")
         if labels is None or not plain:
             reasons.append("not a forward of ids and labels alone")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            reasons.append("the attention mask is not shaped like the ids")
         if torch.is_autocast_enabled(input_ids.device.type):
             reasons.append("autocast is on")
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -273,12 +277,13 @@ class LoopGraphs:
             return t
         return width
 
-    def run(self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None,
-            plain: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(loss_sum, num_targets) from a replay, or None: the caller runs the forward eagerly."""
+    def run(self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None, plain: bool,
+            attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(loss_sum, num_targets) from a replay, or None: the caller runs the forward eagerly.
+        `attention_mask`: a padding mask that is not all ones (the caller drops those)."""
         if self.busy:   # our own warm-up and captures run the eager forward
             return None
-        if self.reasons(model, input_ids, labels, plain):   # the cheap checks first: no walk
+        if self.reasons(model, input_ids, labels, plain, attention_mask=attention_mask):   # cheap checks: no walk
             self.eager_calls += 1
             return None
         survey = Survey.of(model)
@@ -286,7 +291,7 @@ class LoopGraphs:
             self.eager_calls += 1
             return None
         shape = (input_ids.shape[0], self.width(model, input_ids, labels))
-        key = (shape, tuple(labels.shape[:-1]), input_ids.device, model.gradient_checkpointing)
+        key = (shape, attention_mask is not None, input_ids.device, model.gradient_checkpointing)
         pair = self.pairs.get(key)
         if pair is not None and pair.stamp != survey.stamp:
             del self.pairs[key]   # parameters, switches or hooks changed: this shape is seen afresh
@@ -298,8 +303,8 @@ class LoopGraphs:
             return None
         self.attach_grads(survey.trainable)
         if pair is None:
-            pair = self.pairs[key] = self._capture(model, shape, input_ids, labels, survey)
-        self._fill(model, pair, input_ids, labels)
+            pair = self.pairs[key] = self._capture(model, shape, input_ids, labels, attention_mask, survey)
+        self._fill(model, pair, input_ids, labels, attention_mask)
         # Last before the replay: the check waits for the GPU, which then idles only until the replay.
         check_label_range(labels, model.config.vocab_size, IGNORE_INDEX, "labels")
         turn = _Turn(pair, self)
@@ -330,23 +335,28 @@ class LoopGraphs:
 
     # ---- pieces ------------------------------------------------------------------------------
 
-    def _fill(self, model: nn.Module, pair: _Pair, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
-        """The call's rows into the input buffers, padded on the right: token 0, label -100 (the
-        embeddings' pad rows keep whatever finite rows they held: no real token attends to them)."""
+    def _fill(self, model: nn.Module, pair: _Pair, input_ids: torch.Tensor, labels: torch.Tensor,
+              attention_mask: torch.Tensor | None) -> None:
+        """The call's rows into the input buffers, padded on the right: token 0, label -100, mask 0
+        (the embeddings' pad rows keep whatever finite rows they held: no real token attends to them)."""
         t = input_ids.shape[-1]
         pair.ids[:, :t].copy_(input_ids, non_blocking=True)
         pair.ids[:, t:].zero_()
         pair.labels[:, :t].copy_(labels, non_blocking=True)
         pair.labels[:, t:].fill_(IGNORE_INDEX)
+        if pair.mask is not None:
+            pair.mask[:, :t].copy_(attention_mask, non_blocking=True)
+            pair.mask[:, t:].zero_()
         if pair.embeds is not None:   # a host-memory table: its gather cannot be captured
             pair.embeds[:, :t].copy_(model.model.embed_tokens(input_ids), non_blocking=True)
 
     def _forward(self, model: nn.Module, pair: _Pair) -> tuple[torch.Tensor, torch.Tensor]:
-        out = model(pair.ids, labels=pair.labels, return_logits=False, inputs_embeds=pair.embeds)
+        out = model(pair.ids, attention_mask=pair.mask, labels=pair.labels, return_logits=False,
+                    inputs_embeds=pair.embeds)
         return out.loss_sum, out.num_targets
 
     def _capture(self, model: nn.Module, shape: tuple[int, int], input_ids: torch.Tensor, labels: torch.Tensor,
-                 survey: Survey) -> _Pair:
+                 attention_mask: torch.Tensor | None, survey: Survey) -> _Pair:
         """Warm the shape up once on the capture stream (its gradients discarded), then capture its
         forward and its backward into the pool every shape shares."""
         device = input_ids.device
@@ -354,9 +364,10 @@ class LoopGraphs:
         embeds = None
         if getattr(table, "gathers_on_host", False):
             embeds = torch.zeros(*shape, table.embedding_dim, dtype=table.weight.dtype, device=device)
+        mask = None if attention_mask is None else torch.empty(shape, dtype=attention_mask.dtype, device=device)
         pair = _Pair(survey.stamp, torch.empty(shape, dtype=input_ids.dtype, device=device),
-                     torch.empty(shape, dtype=labels.dtype, device=device), embeds)
-        self._fill(model, pair, input_ids, labels)
+                     torch.empty(shape, dtype=labels.dtype, device=device), mask, embeds)
+        self._fill(model, pair, input_ids, labels, attention_mask)
         if self.stream is None:
             self.stream = torch.cuda.Stream(device)
         forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()

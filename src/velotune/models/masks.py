@@ -43,7 +43,9 @@ def attention_mask_for(
     `blocks` [B, offset+t] (`image_blocks`): tokens of one image block also see its later tokens,
     the window still applying (Gemma 3's images, as transformers masks them)."""
     s = offset + t
-    if attention_mask is not None and bool(attention_mask[:, :s].all()):
+    # Inside a capture (a padded batch of a user's loop, models/loop_graphs.py) the mask is kept:
+    # the test waits for the GPU, and the graph replays whatever mask later batches bring.
+    if attention_mask is not None and not capturing(attention_mask) and bool(attention_mask[:, :s].all()):
         attention_mask = None
     windowed = window is not None and s > window
     if attention_mask is None and docs is None and blocks is None and not windowed and (t == s or t == 1):

@@ -468,7 +468,7 @@ class Transformer(nn.Module):
         order their placeholder tokens appear, row by row (`embed_with_images`); for a
         dynamic-resolution tower (Qwen2.5-VL) their flat patches, with each image's patch grid in
         `image_grid_thw` [images, 3], which also sets the decoder's M-RoPE positions.
-        A training forward of ids and labels alone on a GPU may replay a CUDA graph
+        A training forward of ids and labels (and a padding mask) on a GPU may replay a CUDA graph
         (`cuda_graphs`, models/loop_graphs.py); its output then holds the loss, loss_sum and
         num_targets only."""
         skip_logits = return_logits is None and labels is not None
@@ -477,10 +477,10 @@ class Transformer(nn.Module):
         if attention_mask is not None and labels is not None and self.cuda_graphs and self.training \
                 and cache is None and not kernels.capturing(attention_mask) and bool(attention_mask.all()):
             attention_mask = None   # every token real: the same as no mask (masks.attention_mask_for drops it too)
-        plain = (attention_mask is None and position_ids is None and cache is None and not return_logits
-                 and inputs_embeds is None and documents is None and not return_token_logps and pixel_values is None)
+        plain = (position_ids is None and cache is None and not return_logits and inputs_embeds is None
+                 and documents is None and not return_token_logps and pixel_values is None)
         if labels is not None and self.cuda_graphs:
-            replayed = self.loop_graphs.run(self, input_ids, labels, plain)
+            replayed = self.loop_graphs.run(self, input_ids, labels, plain, attention_mask)
             if replayed is not None:
                 loss_sum, num_targets = replayed
                 return ModelOutput(loss=loss_sum / num_targets.clamp(min=1), loss_sum=loss_sum, num_targets=num_targets,
