@@ -52,7 +52,7 @@ def reasons_of(model: Transformer, x: torch.Tensor, labels: torch.Tensor | None 
 def test_the_reasons_name_what_keeps_a_call_eager(monkeypatch):
     model, x = tiny(), ids()
     assert reasons_of(model, x) == ""
-    assert "not a forward of ids and labels alone" in reasons_of(model, x, plain=False)
+    assert "not a forward of ids, labels and a padding mask alone" in reasons_of(model, x, plain=False)
     model.eval()
     assert "not a training forward" in reasons_of(model, x)
     model.train()
@@ -79,12 +79,12 @@ def test_the_reasons_name_what_keeps_a_call_eager(monkeypatch):
 def test_rows_replay_at_their_bucket_width():
     model = tiny(max_position_embeddings=4096)
     width = model.loop_graphs.width
-    assert width(model, ids(1, 9), ids(1, 9)) == 256
-    assert width(model, ids(2, 300), ids(2, 300)) == 512
-    assert width(model, ids(1, 2049), ids(1, 2049)) == 2304
-    assert width(model, ids(1, 9), ids(1, 8)) == 9     # labels not shaped like the ids: as they are
+    assert width(model, ids(1, 9)) == 256
+    assert width(model, ids(2, 300)) == 512
+    assert width(model, ids(1, 2049)) == 2304
     model.config.max_position_embeddings = 300
-    assert width(model, ids(1, 290), ids(1, 290)) == 290   # the bucket would pass the positions
+    assert width(model, ids(1, 290)) == 290   # the bucket would pass the positions
+    assert "labels are not shaped like them" in reasons_of(model, ids(1, 9), labels=ids(1, 8))
 
 
 def test_dropout_experts_and_images_keep_the_loop_eager():

@@ -240,7 +240,9 @@ class LoopGraphs:
         if not (model.training and torch.is_grad_enabled()):
             reasons.append("not a training forward (eval mode or no gradients)")
         if labels is None or not plain:
-            reasons.append("not a forward of ids and labels alone")
+            reasons.append("not a forward of ids, labels and a padding mask alone")
+        elif input_ids.dim() != 2 or labels.shape != input_ids.shape:
+            reasons.append("the ids are not [batch, length] or the labels are not shaped like them")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             reasons.append("the attention mask is not shaped like the ids")
         if torch.is_autocast_enabled(input_ids.device.type):
@@ -255,7 +257,7 @@ class LoopGraphs:
             reasons.append("a mixture of experts sends its token counts to the host")
         if model.config.vision is not None:
             reasons.append("a vision-language model's batches carry a varying number of images")
-        tokens = input_ids.shape[0] * self.width(model, input_ids, labels)
+        tokens = input_ids.shape[0] * self.width(model, input_ids)
         if tokens >= gpu_bound_tokens(model.config):
             reasons.append(f"{tokens:,} tokens keep the GPU busy without graphs")
         if model.offloads(tokens) and model.gradient_checkpointing is not False:
@@ -267,15 +269,12 @@ class LoopGraphs:
         return reasons
 
     @staticmethod
-    def width(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None) -> int:
-        """The padded length rows of `input_ids` replay at: their bucket width, unless labels are not
-        shaped like the ids or the bucket passes the model's positions (then their own length)."""
+    def width(model: nn.Module, input_ids: torch.Tensor) -> int:
+        """The padded length rows of `input_ids` replay at: their bucket width, or their own length
+        where the bucket would pass the model's positions."""
         t = input_ids.shape[-1]
         width = bucket_width(t)
-        if input_ids.dim() != 2 or labels is None or labels.shape != input_ids.shape \
-                or width > model.config.max_position_embeddings:
-            return t
-        return width
+        return t if width > model.config.max_position_embeddings else width
 
     def run(self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None, plain: bool,
             attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -290,7 +289,7 @@ class LoopGraphs:
         if survey.dropout is not None or not survey.trainable:
             self.eager_calls += 1
             return None
-        shape = (input_ids.shape[0], self.width(model, input_ids, labels))
+        shape = (input_ids.shape[0], self.width(model, input_ids))
         key = (shape, attention_mask is not None, input_ids.device, model.gradient_checkpointing)
         pair = self.pairs.get(key)
         if pair is not None and pair.stamp != survey.stamp:
