@@ -65,6 +65,7 @@ from velotune.models.moe import MoE
 from velotune.widths import bucket_width
 
 IGNORE_INDEX = -100
+CAPTURE_MODE = "thread_local"
 # Bucket widths to 2,048 tokens number 8; a few batch sizes more (a last, smaller batch). Graphs share
 # one memory pool, so more shapes cost capture time (one warm-up step each), not memory.
 MAX_SHAPES = 32
@@ -377,12 +378,16 @@ class LoopGraphs:
                 loss_sum, _ = self._forward(model, pair)
                 torch.autograd.grad(loss_sum, survey.trainable, allow_unused=True)
             torch.cuda.current_stream(device).wait_stream(self.stream)
-            with torch.cuda.graph(forward, pool=self.pool, stream=self.stream):
+            # "thread_local": a user's loop may run other threads beside the capture (a DataLoader's
+            # pin-memory thread allocating pinned buffers), whose calls the default "global" mode
+            # turns into a failed capture; the capture's own thread is checked as before (torch's
+            # compiled CUDA graphs capture the same way).
+            with torch.cuda.graph(forward, pool=self.pool, stream=self.stream, capture_error_mode=CAPTURE_MODE):
                 loss_sum, num_targets = self._forward(model, pair)
             if self.pool is None:
                 self.pool = forward.pool()
             pair.upstream = torch.zeros((), dtype=loss_sum.dtype, device=device)
-            with torch.cuda.graph(backward, pool=self.pool, stream=self.stream):
+            with torch.cuda.graph(backward, pool=self.pool, stream=self.stream, capture_error_mode=CAPTURE_MODE):
                 loss_sum.backward(pair.upstream)
         except RuntimeError as error:
             # Not a fallback to eager: after a failed capture, later CUDA work in the process can
