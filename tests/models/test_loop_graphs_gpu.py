@@ -156,3 +156,17 @@ def test_a_tokenizers_mask_of_ones_replays():
     for _ in range(3):   # model(**batch) with an unpadded batch's attention mask
         m(ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
     assert m.loop_graphs.replays == 2, m.loop_graphs.describe()
+
+
+def test_a_data_loader_pinning_memory_beside_the_capture():
+    """A user's DataLoader(pin_memory=True) pins the next batches in a thread of its own while the
+    loop captures: the capture must not fail for it."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    rows = TensorDataset(torch.randint(0, VOCAB, (24, 100), generator=g))
+    m = model(True)
+    for (ids,) in DataLoader(rows, batch_size=2, pin_memory=True, num_workers=1):
+        ids = ids.cuda(non_blocking=True)
+        m(ids, labels=ids).loss.backward()
+    assert m.loop_graphs.replays == 11, m.loop_graphs.describe()
