@@ -35,7 +35,8 @@ Function, so autograd's cast returns their gradients in float32: the numerics of
 on the unfused path. Without autocast, a bf16 base with float32 adapters therefore runs its
 low-rank products in bf16 here, where the unfused path runs them in float32.
 
-Dispatch (`project`, `mlp`): the fused path runs when autograd is recording, kernels are enabled
+Dispatch (`project`, `mlp`): the fused path runs when autograd is recording (or inside
+`fused_unrecorded`, a checkpointed layer's first forward), kernels are enabled
 (`VELOTUNE_KERNELS=0` turns it off with the Triton kernels), every projection of the block is a
 frozen nn.Linear / `Linear4bit`, or a `LoraLinear` over one with no dropout and no DoRA, and at
 least one adapter is active. Anything else (dropout, DoRA, trainable bases, forward hooks, a base
@@ -45,7 +46,8 @@ On CUDA the GLU and its in-place backward are Triton kernels; elsewhere their re
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +146,8 @@ class LoraMLP(torch.autograd.Function):
         ctx.save_for_backward(x, xa, g, u, adapters, *_weights(plan, tensors))
         down = plan[2]
         if not output_needed:
+            if _UNRECORDED.given is not None and down.adapted:   # this graph's backward reads h·A_down^T
+                ctx.ha = _UNRECORDED.given.pop(0)
             return _placeholder(x, down.out_features)
         bs = [b_of(adapters, p) for p in plan]
         a_down = a_of(adapters, down)
@@ -162,6 +166,8 @@ class LoraMLP(torch.autograd.Function):
                 torch.addmm(bias, h, weight.t(), out=out[rows])
             del h
         ctx.ha = ha
+        if ha is not None and _UNRECORDED.kept is not None and not torch.is_grad_enabled():
+            _UNRECORDED.kept.append(ha)   # for the recomputation's graph (`recomputation_backpropagated`)
         return out
 
     @staticmethod
@@ -432,10 +438,46 @@ class _Parts:
     dtype: torch.dtype
 
 
+class _Unrecorded(threading.local):
+    kept: list | None = None    # inside `fused_unrecorded`: what the MLPs keep for the backward
+    given: list | None = None   # inside `recomputation_backpropagated`: the same, handed back
+
+
+_UNRECORDED = _Unrecorded()
+
+
+@contextlib.contextmanager
+def fused_unrecorded() -> Iterator[list]:
+    """Within the block the fused Functions run although autograd records nothing: the first
+    forward of a checkpointed layer (models/layer_checkpoint.py) must compute what its
+    recomputation under autograd computes, with the same kernels, to the same bits. Yields the
+    list into which each fused MLP puts its h·A_down^T ([tokens, r]), which its backward reads
+    and a recomputation does not make; hand it to `recomputation_backpropagated`."""
+    outer, _UNRECORDED.kept = _UNRECORDED.kept, []
+    try:
+        yield _UNRECORDED.kept
+    finally:
+        _UNRECORDED.kept = outer
+
+
+@contextlib.contextmanager
+def recomputation_backpropagated(kept: list) -> Iterator[None]:
+    """Within the block a checkpoint's recomputation builds the graph the backward runs on
+    (models/layer_checkpoint.py; torch's checkpoint runs the forward's graph instead): the fused
+    MLPs, which skip their down projection there, take the h·A_down^T their unrecorded forward
+    kept (`fused_unrecorded`), in the same order."""
+    outer, _UNRECORDED.given = _UNRECORDED.given, list(kept)
+    try:
+        yield
+    finally:
+        _UNRECORDED.given = outer
+
+
 def _plan(x: torch.Tensor, modules: Sequence[nn.Module], shared: int) -> _Parts | None:
     """How the Functions run `modules` (None: take their own forwards); the first `shared` read
     the same input, so their A matrices are stacked."""
-    if not (torch.is_grad_enabled() and kernels.kernels_enabled() and x.is_floating_point()):
+    recorded = torch.is_grad_enabled() or _UNRECORDED.kept is not None
+    if not (recorded and kernels.kernels_enabled() and x.is_floating_point()):
         return None
     described = [_describe(m) for m in modules]
     if any(d is None for d in described) or all(d[1] is None for d in described):

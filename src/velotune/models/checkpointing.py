@@ -228,7 +228,8 @@ def recomputing() -> bool:
 
 
 @contextmanager
-def _recomputation() -> Iterator[None]:
+def recomputation() -> Iterator[None]:
+    """Marks the block as a checkpointed layer's recomputation (`recomputing()`)."""
     outer, _PHASE.recomputing = _PHASE.recomputing, True
     try:
         yield
@@ -246,7 +247,7 @@ def _flagging_recomputation(layer: Callable[..., torch.Tensor]) -> Callable[...,
         calls += 1
         if calls == 1:
             return layer(*args, **kwargs)
-        with _recomputation():
+        with recomputation():
             return layer(*args, **kwargs)
     return run
 

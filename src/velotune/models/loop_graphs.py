@@ -376,7 +376,13 @@ class LoopGraphs:
             self.stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(self.stream):
                 loss_sum, _ = self._forward(model, pair)
-                torch.autograd.grad(loss_sum, survey.trainable, allow_unused=True)
+                # a whole backward (every kernel it will capture), into gradients put back after
+                kept = [p.grad for p in survey.trainable]
+                for p in survey.trainable:
+                    p.grad = None
+                loss_sum.backward()
+                for p, g in zip(survey.trainable, kept):
+                    p.grad = g
             torch.cuda.current_stream(device).wait_stream(self.stream)
             # "thread_local": a user's loop may run other threads beside the capture (a DataLoader's
             # pin-memory thread allocating pinned buffers), whose calls the default "global" mode

@@ -27,7 +27,7 @@ from velotune.infer.cache import KVCache
 from velotune.infer.engine import generate_tensor
 from velotune.infer.sampling import SamplingParams
 from velotune.lora import fused as lora_fused
-from velotune.models import host_embedding, kept_attention
+from velotune.models import host_embedding, kept_attention, layer_checkpoint
 from velotune.models.checkpointing import (
     CheckpointChoice,
     MemoryBudget,
@@ -591,6 +591,8 @@ class Transformer(nn.Module):
             elif where == HOST and placement.kept[i]:   # its attention output parked beside its input
                 kept = with_kept_attention(layer, KeptAttention(offloader))
                 x = run_checkpointed(kept, x, cos, sin, mask, cache, mlp_chunk, offloader=offloader)
+            elif where not in (NONE, HOST) and layer_checkpoint.applies(layer, x):   # one autograd node
+                x = layer_checkpoint.checkpointed_layer(layer, x, cos, sin, mask, cache, mlp_chunk)
             elif where != NONE:
                 parked = offloader if where == HOST else None
                 x = run_checkpointed(layer, x, cos, sin, mask, cache, mlp_chunk, offloader=parked)
