@@ -30,7 +30,7 @@ from velotune.estimate_experts import TILE_ROWS
 from velotune.kernels.ops import moe as moe_ops
 from velotune.lora import LoraConfig, apply_lora
 from velotune.models import transformer
-from velotune.models.checkpointing import _recomputation, run_checkpointed
+from velotune.models.checkpointing import recomputation, run_checkpointed
 from velotune.models.config import ModelConfig
 from velotune.quant import quantize_linears
 from velotune.quant.experts4bit import quantize_experts
@@ -169,9 +169,9 @@ def flash_attention_saved(kept: Kept, config: ModelConfig, batch: int, seq: int)
     assert found == wanted, f"attention saved {found}, not flash attention's q, k, v, output and log-sum-exp"
 
 
-@pytest.mark.parametrize("recomputation", [False, True], ids=["forward", "recomputation"])
+@pytest.mark.parametrize("recomputed", [False, True], ids=["forward", "recomputation"])
 @pytest.mark.parametrize(("config", "method"), CASES, ids=[f"{c.model_type}-{m}" for c, m in CASES])
-def test_one_layer_keeps_exactly_the_estimated_bytes(config, method, recomputation, device, monkeypatch):
+def test_one_layer_keeps_exactly_the_estimated_bytes(config, method, recomputed, device, monkeypatch):
     """The layer's forward; or a checkpoint's recomputation of it (its MLP asked for no output),
     which keeps the layer less h @ A_down."""
     model = build(config, method, device)
@@ -179,10 +179,10 @@ def test_one_layer_keeps_exactly_the_estimated_bytes(config, method, recomputati
     for batch, seq in SHAPES:
         x, cos, sin = layer_inputs(model, batch, seq, device)
         kept = Kept(not_activations(model, cos, sin))
-        with recording(kept, monkeypatch), _recomputation() if recomputation else contextlib.nullcontext():
+        with recording(kept, monkeypatch), recomputation() if recomputed else contextlib.nullcontext():
             out = layer(x, cos, sin, None)
         kept.add_ctx_attributes(out)
-        want = expected(config, method, batch, seq, recomputation=recomputation)
+        want = expected(config, method, batch, seq, recomputation=recomputed)
         if not config.attention_sinks:
             flash_attention_saved(kept, config, batch, seq)
             assert kept.total == want, (batch, seq)

@@ -102,3 +102,29 @@ def test_autograd_grad_reaches_the_inputs_and_leaves_the_parameters_alone(monkey
     lora_a = next(p for n, p in model.named_parameters() if "lora_A" in n)
     with pytest.raises(RuntimeError, match="not have been used in the graph"):
         torch.autograd.grad(model(ids, labels=ids).loss, [lora_a])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qlora", [False, True], ids=["lora-bf16", "qlora"])
+def test_same_bits_as_torch_checkpoint_on_the_gpu(qlora, monkeypatch):
+    """The Triton kernels, a bf16 base (and an NF4 one), float32 adapters, as a user's loop runs them."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from velotune.quant import quantize_linears
+
+    results = []
+    for one_node in (True, False):
+        model = build(lora=False).to("cuda", torch.bfloat16)
+        if qlora:
+            quantize_linears(model)
+        apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=TARGETS), dtype=torch.float32)
+        model.cuda_graphs = False
+        monkeypatch.setattr(layer_checkpoint, "applies",
+                            (lambda layer, x: True) if one_node else (lambda layer, x: False))
+        ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1)).cuda()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (want_loss, want) = results
+    assert torch.equal(loss, want_loss)
+    assert all(torch.equal(grads[n], g) for n, g in want.items())
