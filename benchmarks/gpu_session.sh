@@ -72,8 +72,10 @@ case "${1:-tests}" in
     python3 benchmarks/bench_moe.py --parts kernel 2>&1 | grep -v -i warn | tail -3
     python3 benchmarks/bench_moe_peers.py run --kernels --budget-s $((575 - SECONDS)) ${MOE_ARGS:-} 2>&1 \
       | tee "$OUT/moe.log" | grep -E "^  |GB\)|skipped|Error|error|printed no result" | tail -40 ;;
-  loop)   # LOOP_ARGS: more bench_train.py options (--no-graphs: velotune eager, cuda_graphs off)
-    for rows in "--model Llama-3.1-8B --batch 1 4" "--model Llama-3.1-8B --batch 4 --qlora" "--model Llama-3.2-1B --batch 8"; do
+  loop)   # LOOP_ARGS: more bench_train.py options (--no-graphs: velotune eager, cuda_graphs off);
+          # LOOP_ROWS: the rows, ";"-separated (default: 8B mb1 and mb4, 8B QLoRA mb4, 1B mb8)
+    IFS=';' read -ra LOOP_SPECS <<< "${LOOP_ROWS:---model Llama-3.1-8B --batch 1 4;--model Llama-3.1-8B --batch 4 --qlora;--model Llama-3.2-1B --batch 8}"
+    for rows in "${LOOP_SPECS[@]}"; do
       python3 benchmarks/bench_train.py --vs-unsloth $rows ${LOOP_ARGS:-} --seq 2048 --steps 3 --budget-s $((585 - SECONDS)) 2>&1 \
         | tee -a "$OUT/loop.log" | grep -E "r16 seq|^folder|printed no result|^(unsloth|velotune): " | tail -8
     done ;;
