@@ -1,6 +1,6 @@
 """A checkpointed decoder layer as one autograd node (models/layer_checkpoint.py): the same loss
 and the same gradient bits as torch's checkpoint, with LoRA (the fused blocks), dropout (the RNG
-replayed), autocast, a tiled MLP, full fine-tuning and sandwich norms; a forward that records one
+replayed), autocast, a tiled MLP, full fine-tuning, sandwich norms, q/k norms and soft-capped attention; a forward that records one
 node per layer; and torch.autograd.grad, which reaches the inputs and touches no parameter's .grad."""
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ SETUPS = {
     "lora-tiled-mlp": dict(mlp_chunk=5),
     "full": dict(lora=False),
     "sandwich-norms": dict(sandwich_norms=True),
+    "qk-norm-softcap": dict(qk_norm=True, attn_logit_softcapping=30.0),   # explicit attention (Gemma 2)
 }
 
 
