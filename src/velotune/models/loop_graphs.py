@@ -281,8 +281,8 @@ class LoopGraphs:
             attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(loss_sum, num_targets) from a replay, or None: the caller runs the forward eagerly.
         `attention_mask`: a padding mask that is not all ones (the caller drops those)."""
-        if self.busy:   # our own warm-up and captures run the eager forward
-            return None
+        if self.busy or not (model.training and torch.is_grad_enabled()):   # our own warm-ups and
+            return None                                                        # captures; evaluations
         if self.reasons(model, input_ids, labels, plain, attention_mask=attention_mask):   # cheap checks: no walk
             self.eager_calls += 1
             return None
