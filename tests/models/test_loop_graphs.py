@@ -136,10 +136,12 @@ def test_gradient_buffers_follow_the_optimizer():
     trainable[0].grad = torch.full_like(trainable[0], 3.0)   # a gradient the caller put there is copied in
     graphs.attach_grads()
     assert trainable[0].grad is buffers[0] and bool((buffers[0] == 3).all())
-    trainable[0].requires_grad_(False)   # a new trainable set: buffers for it, the rest kept
+    assert graphs.attach_grads(trainable) is False   # the same set: the same buffers
+    trainable[0].requires_grad_(False)   # a new trainable set: new buffers (graphs wrote the old ones)
     fewer = Survey.of(model).trainable
-    graphs.attach_grads(fewer)
-    assert len(graphs.grads) == len(trainable) - 1 and fewer[0].grad is buffers[1]
+    assert graphs.attach_grads(fewer) is True
+    assert len(graphs.grads) == len(trainable) - 1 and all(p.grad is graphs.grads[id(p)][1] for p in fewer)
+    assert fewer[0].grad is not buffers[1] and bool((fewer[0].grad == buffers[1]).all())   # values carried over
 
 
 class StandIn:

@@ -290,6 +290,9 @@ class LoopGraphs:
         if survey.dropout is not None or not survey.trainable:
             self.eager_calls += 1
             return None
+        if self.attach_grads(survey.trainable):   # new .grad buffers: no graph writes the old ones again
+            self.pairs.clear()
+            self.seen.clear()
         shape = (input_ids.shape[0], self.width(model, input_ids))
         key = (shape, attention_mask is not None, input_ids.device, model.gradient_checkpointing)
         pair = self.pairs.get(key)
@@ -301,7 +304,6 @@ class LoopGraphs:
             self.seen.add(key)
             self.eager_calls += 1
             return None
-        self.attach_grads(survey.trainable)
         if pair is None:
             pair = self.pairs[key] = self._capture(model, shape, input_ids, labels, attention_mask, survey)
         self._fill(model, pair, input_ids, labels, attention_mask)
@@ -320,14 +322,15 @@ class LoopGraphs:
         if self.turn == turn:
             self.turn = None
 
-    def attach_grads(self, trainable: list[nn.Parameter] | None = None) -> None:
+    def attach_grads(self, trainable: list[nn.Parameter] | None = None) -> bool:
         """Make each trainable parameter's .grad the buffer the backward graphs add into: zeroed
         where the optimizer dropped it, the caller's gradient copied in where it replaced it.
-        `trainable`: the parameters that train now (a new set replaces the buffers)."""
-        if trainable is not None and [id(p) for p in trainable] != list(self.grads):
-            old = self.grads
-            self.grads = {id(p): (p, old[id(p)][1] if id(p) in old else torch.zeros_like(p)) for p in trainable}
+        `trainable`: the parameters that train now; a new set gets new buffers, and then True."""
+        rebuilt = trainable is not None and [id(p) for p in trainable] != list(self.grads)
+        if rebuilt:
+            self.grads = {id(p): (p, torch.zeros_like(p)) for p in trainable}
         attach_grad_buffers(self.grads.values())
+        return rebuilt
 
     def describe(self) -> str:
         return (f"CUDA graphs of the training loop: {len(self.pairs)} shapes captured, {self.replays} replays, "
