@@ -125,7 +125,8 @@ def test_the_embedding_table_in_host_memory():
     graphed = model(True, host_table=True)
     result = train(graphed, data)
     assert graphed.loop_graphs.replays == 4
-    assert next(iter(graphed.loop_graphs.pairs.values())).embeds is not None
+    embeds = next(iter(graphed.loop_graphs.pairs.values())).embeds
+    assert embeds is not None and embeds.data_ptr() == graphed.loop_graphs.embeds.data_ptr()   # the shared rows
     assert_close(result, train(model(False, host_table=True), data))
 
 

@@ -224,6 +224,7 @@ class LoopGraphs:
         self.stream: torch.cuda.Stream | None = None   # every warm-up and capture (one cuBLAS workspace)
         self.pool: tuple | None = None                 # one memory pool for every graph
         self.anchor: torch.Tensor | None = None
+        self.embeds: torch.Tensor | None = None        # every shape's input-embedding rows (see `_capture`)
 
     def __reduce__(self) -> tuple:
         return LoopGraphs, (self.max_shapes,)   # a copied or pickled model captures its own graphs
@@ -366,7 +367,13 @@ class LoopGraphs:
         table = model.model.embed_tokens
         embeds = None
         if getattr(table, "gathers_on_host", False):
-            embeds = torch.zeros(*shape, table.embedding_dim, dtype=table.weight.dtype, device=device)
+            # One buffer of the most tokens a replayed call can have, every shape's rows a view of
+            # it: replays never overlap (one forward waits for its backward at a time), and 32
+            # shapes of their own would hold up to 32 x 45 MiB at 8B.
+            if self.embeds is None or self.embeds.dtype != table.weight.dtype or self.embeds.device != device:
+                self.embeds = torch.zeros(gpu_bound_tokens(model.config), table.embedding_dim,
+                                          dtype=table.weight.dtype, device=device)
+            embeds = self.embeds[:shape[0] * shape[1]].view(*shape, table.embedding_dim)
         mask = None if attention_mask is None else torch.empty(shape, dtype=attention_mask.dtype, device=device)
         pair = _Pair(survey.stamp, torch.empty(shape, dtype=input_ids.dtype, device=device),
                      torch.empty(shape, dtype=labels.dtype, device=device), mask, embeds)
