@@ -43,7 +43,10 @@ What a replay keeps the same, and how:
   live in it until its backward. A forward that comes while another replayed forward still waits
   (two micro-batches' losses summed before one `backward()`) runs eagerly; a forward whose loss is
   dropped without a backward frees its turn when its autograd graph is freed.
-- Labels are checked against the vocabulary before the copy, as the eager loss does.
+- An input embedding table in host memory (`put_embeddings_on_host`) is looked up eagerly before
+  each replay, into rows every shape's graphs read from one shared buffer (a gather on the host
+  cannot be captured).
+- Labels are checked against the vocabulary before the replay, as the eager loss does.
 Not returned by a replay: `hidden_states` (None); ask for `return_logits=True` or
 `return_token_logps=True`, or set `model.cuda_graphs = False`, to run eagerly.
 If a capture fails, `LoopGraphError` says so and names `model.cuda_graphs = False`.
