@@ -48,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -146,8 +146,8 @@ class LoraMLP(torch.autograd.Function):
         ctx.save_for_backward(x, xa, g, u, adapters, *_weights(plan, tensors))
         down = plan[2]
         if not output_needed:
-            if _UNRECORDED.given is not None and down.adapted:   # this graph's backward reads h·A_down^T
-                ctx.ha = _UNRECORDED.given.pop(0)
+            if _STATE.replaying is not None and down.adapted:   # this graph's backward reads h·A_down^T
+                ctx.ha = _STATE.replaying.ha.pop(0)
             return _placeholder(x, down.out_features)
         bs = [b_of(adapters, p) for p in plan]
         a_down = a_of(adapters, down)
@@ -166,8 +166,8 @@ class LoraMLP(torch.autograd.Function):
                 torch.addmm(bias, h, weight.t(), out=out[rows])
             del h
         ctx.ha = ha
-        if ha is not None and _UNRECORDED.kept is not None and not torch.is_grad_enabled():
-            _UNRECORDED.kept.append(ha)   # for the recomputation's graph (`recomputation_backpropagated`)
+        if ha is not None and _STATE.recording is not None and not torch.is_grad_enabled():
+            _STATE.recording.ha.append(ha)   # for the recomputation's graph (`recomputation_backpropagated`)
         return out
 
     @staticmethod
@@ -438,46 +438,66 @@ class _Parts:
     dtype: torch.dtype
 
 
-class _Unrecorded(threading.local):
-    kept: list | None = None    # inside `fused_unrecorded`: what the MLPs keep for the backward
-    given: list | None = None   # inside `recomputation_backpropagated`: the same, handed back
+@dataclass
+class Unrecorded:
+    """What a checkpointed layer's unrecorded forward keeps for its recomputation, in call order:
+    each block's plan (`_plan`, None where the modules ran their own forwards), so the
+    recomputation does not work them out again, and each fused MLP's h·A_down^T ([tokens, r]),
+    which its backward reads and a recomputation does not make."""
+
+    plans: list = field(default_factory=list)
+    ha: list = field(default_factory=list)
 
 
-_UNRECORDED = _Unrecorded()
+class _State(threading.local):
+    recording: Unrecorded | None = None   # inside `fused_unrecorded`
+    replaying: Unrecorded | None = None   # inside `recomputation_backpropagated` (a copy, consumed)
+
+
+_STATE = _State()
 
 
 @contextlib.contextmanager
-def fused_unrecorded() -> Iterator[list]:
+def fused_unrecorded() -> Iterator[Unrecorded]:
     """Within the block the fused Functions run although autograd records nothing: the first
     forward of a checkpointed layer (models/layer_checkpoint.py) must compute what its
-    recomputation under autograd computes, with the same kernels, to the same bits. Yields the
-    list into which each fused MLP puts its h·A_down^T ([tokens, r]), which its backward reads
-    and a recomputation does not make; hand it to `recomputation_backpropagated`."""
-    outer, _UNRECORDED.kept = _UNRECORDED.kept, []
+    recomputation under autograd computes, with the same kernels, to the same bits. Yields what
+    the blocks keep for the recomputation (hand it to `recomputation_backpropagated`)."""
+    outer, _STATE.recording = _STATE.recording, Unrecorded()
     try:
-        yield _UNRECORDED.kept
+        yield _STATE.recording
     finally:
-        _UNRECORDED.kept = outer
+        _STATE.recording = outer
 
 
 @contextlib.contextmanager
-def recomputation_backpropagated(kept: list) -> Iterator[None]:
+def recomputation_backpropagated(kept: Unrecorded) -> Iterator[None]:
     """Within the block a checkpoint's recomputation builds the graph the backward runs on
-    (models/layer_checkpoint.py; torch's checkpoint runs the forward's graph instead): the fused
-    MLPs, which skip their down projection there, take the h·A_down^T their unrecorded forward
-    kept (`fused_unrecorded`), in the same order."""
-    outer, _UNRECORDED.given = _UNRECORDED.given, list(kept)
+    (models/layer_checkpoint.py; torch's checkpoint runs the forward's graph instead): the blocks
+    take the plans their unrecorded forward made, and the fused MLPs, which skip their down
+    projection there, its h·A_down^T, in the same order."""
+    outer, _STATE.replaying = _STATE.replaying, Unrecorded(list(kept.plans), list(kept.ha))
     try:
         yield
     finally:
-        _UNRECORDED.given = outer
+        _STATE.replaying = outer
 
 
 def _plan(x: torch.Tensor, modules: Sequence[nn.Module], shared: int) -> _Parts | None:
     """How the Functions run `modules` (None: take their own forwards); the first `shared` read
-    the same input, so their A matrices are stacked."""
-    recorded = torch.is_grad_enabled() or _UNRECORDED.kept is not None
-    if not (recorded and kernels.kernels_enabled() and x.is_floating_point()):
+    the same input, so their A matrices are stacked. A recomputation takes the plan its unrecorded
+    forward made (`recomputation_backpropagated`), which that forward keeps (`fused_unrecorded`)."""
+    replaying, recording = _STATE.replaying, _STATE.recording
+    if replaying is not None and replaying.plans:
+        return replaying.plans.pop(0)
+    parts = _worked_out_plan(x, modules, shared, recording is not None)
+    if recording is not None:
+        recording.plans.append(parts)
+    return parts
+
+
+def _worked_out_plan(x: torch.Tensor, modules: Sequence[nn.Module], shared: int, unrecorded: bool) -> _Parts | None:
+    if not ((torch.is_grad_enabled() or unrecorded) and kernels.kernels_enabled() and x.is_floating_point()):
         return None
     described = [_describe(m) for m in modules]
     if any(d is None for d in described) or all(d[1] is None for d in described):

@@ -10,12 +10,13 @@ its output has the same bits, and the recomputation's graph is the one the backw
 kernel launches per layer stay 30/23/42 (forward/recompute/backward, benchmarks/op_census.py);
 views and allocations fall by 3/9/8, and no pack or unpack hook runs. On this project's 2-core CPU
 a host-bound step of a 32-layer toy LoRA model took 167.5 ms against 212.7 ms with torch's
-checkpoint (medians, benchmarks/host_overhead.py, 2026-12-08: 1.27x); on a GPU it is not yet measured.
+checkpoint (medians, benchmarks/host_overhead.py, 2026-12-08: 1.27x; 1.37x once the recomputation
+reused the forward's block plans, `lora.fused.Unrecorded`); on a GPU it is not yet measured.
 
 What it keeps:
 - the same recomputation: `checkpointing.recomputing()` is true while the layer runs again, so the
-  fused MLP still skips its down projection, whose output only the residual add reads, and takes
-  the h·A_down^T its unrecorded forward kept ([tokens, r], as torch's checkpoint keeps it on the
+  fused MLP still skips its down projection, whose output only the residual add reads; the blocks
+  take the plans their unrecorded forward made, and the MLP the h·A_down^T it kept ([tokens, r], as torch's checkpoint keeps it on the
   forward's graph); the layer returns its residual stream and MLP term apart (`defer=True`), and
   the backward starts from both with the incoming gradient, so no add is made for it;
 - the RNG state (dropout draws the same numbers again) and the autocast state of the forward;
