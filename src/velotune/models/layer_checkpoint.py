@@ -16,9 +16,10 @@ reused the forward's block plans, `lora.fused.Unrecorded`); on a GPU it is not y
 What it keeps:
 - the same recomputation: `checkpointing.recomputing()` is true while the layer runs again, so the
   fused MLP still skips its down projection, whose output only the residual add reads; the blocks
-  take the plans their unrecorded forward made, and the MLP the h·A_down^T it kept ([tokens, r], as torch's checkpoint keeps it on the
-  forward's graph); the layer returns its residual stream and MLP term apart (`defer=True`), and
-  the backward starts from both with the incoming gradient, so no add is made for it;
+  take the plans their unrecorded forward made, and the MLP the h·A_down^T it kept ([tokens, r],
+  as torch's checkpoint keeps it on the forward's graph); the layer returns its residual stream
+  and MLP term apart (`defer=True`), and the backward starts from both with the incoming
+  gradient, so no add is made for it;
 - the RNG state (dropout draws the same numbers again) and the autocast state of the forward;
 - gradients: the recomputed graph's backward accumulates the parameters' `.grad` itself and hands
   back the layer input's gradient. Layer 0's input (frozen embeddings) needs none, so the node
