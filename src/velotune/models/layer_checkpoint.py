@@ -86,7 +86,8 @@ class _CheckpointedLayer(torch.autograd.Function):
         needs_input = ctx.needs_input_grad[3]
         inp = x.detach().requires_grad_(needs_input)
         device, enabled, dtype, cache = ctx.autocast
-        with torch.enable_grad(), _rng_restored(ctx, x.device), recomputation(), recomputation_backpropagated(ctx.kept), \
+        with torch.enable_grad(), _rng_restored(ctx, x.device), recomputation(), \
+                recomputation_backpropagated(ctx.kept), \
                 torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache):
             outputs = ctx.layer(inp, *ctx.args, defer=True)   # (residual stream, MLP term): no add
         roots = [out for out in outputs if out.requires_grad]
