@@ -36,8 +36,6 @@ input embeddings), it gets that gradient, and no parameter's `.grad` changes.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -45,6 +43,7 @@ from velotune.kernels.dispatch import capturing
 from velotune.lora.fused import fused_unrecorded, recomputation_backpropagated
 from velotune.models.checkpointing import recomputation
 from velotune.models.moe import MoE
+from velotune.models.rng_replay import RngStates
 
 _ANCHORS: dict[torch.device, torch.Tensor] = {}
 
@@ -69,8 +68,7 @@ class _CheckpointedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer: nn.Module, args: tuple, anchor: torch.Tensor, x: torch.Tensor):  # type: ignore[override]
         ctx.layer, ctx.args = layer, args
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.device_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.rng = RngStates.of(x.device)
         device = x.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
                         torch.is_autocast_cache_enabled())
@@ -86,7 +84,7 @@ class _CheckpointedLayer(torch.autograd.Function):
         needs_input = ctx.needs_input_grad[3]
         inp = x.detach().requires_grad_(needs_input)
         device, enabled, dtype, cache = ctx.autocast
-        with torch.enable_grad(), _rng_restored(ctx, x.device), recomputation(), \
+        with torch.enable_grad(), ctx.rng.replayed(), recomputation(), \
                 recomputation_backpropagated(ctx.kept), \
                 torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache):
             outputs = ctx.layer(inp, *ctx.args, defer=True)   # (residual stream, MLP term): no add
@@ -101,13 +99,3 @@ class _CheckpointedLayer(torch.autograd.Function):
         torch.autograd.backward(roots, [grad] * len(roots))
         return None, None, None, inp.grad if needs_input else None
 
-
-@contextlib.contextmanager
-def _rng_restored(ctx, device: torch.device):
-    """The RNG states of the forward for the recomputation, the current ones back after it."""
-    devices = [device] if ctx.device_rng is not None else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        torch.set_rng_state(ctx.cpu_rng)
-        if ctx.device_rng is not None:
-            torch.cuda.set_rng_state(ctx.device_rng, device)
-        yield

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from velotune.models.rng_replay import RngStates
+
 # Automatic tiling (mlp_chunk_tokens None): chunks of AUTO_CHUNK_TOKENS once a forward has more
 # than AUTO_MIN_TOKENS tokens. Below that the [tokens x intermediate] tensors of one layer are a
 # few GiB at most for 8B-class models and tiling would only add the extra MLP forward.
@@ -77,8 +79,7 @@ class TiledMLP(torch.autograd.Function):
         ctx.mlp, ctx.chunk, ctx.params = mlp, chunk, params
         device = x.device
         ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        ctx.rng = RngStates.of(device)
         ctx.save_for_backward(x)
         if not output_needed:   # the backward reads only x: the chunks are not run at all
             # (the MLP's output joins the residual stream, so it is as wide as x)
@@ -95,11 +96,7 @@ class TiledMLP(torch.autograd.Function):
         grad_x = torch.empty_like(rows) if need_x else None
         grads: list[torch.Tensor | None] = [None] * len(params)
         device_type, autocast_on, autocast_dtype = ctx.autocast
-        cuda_devices = [x.device] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=cuda_devices, device_type="cuda"):
-            torch.set_rng_state(ctx.cpu_rng)       # same dropout masks as the forward, chunk by chunk
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+        with ctx.rng.replayed():   # same dropout masks as the forward, chunk by chunk
             for start in range(0, rows.shape[1], chunk):
                 piece = rows[:, start:start + chunk].detach().requires_grad_(need_x)
                 with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
